@@ -1,0 +1,41 @@
+"""pykimi: a CPU-first, dependency-light inference runtime for Kimi-VL-A3B-Instruct.
+
+    import pykimi
+    model = pykimi.load(pykimi.demo_checkpoint())
+    proc = pykimi.Processor.from_pretrained(pykimi.demo_checkpoint())
+
+See README.md and the tutorials/ notebooks.
+"""
+from __future__ import annotations
+
+import os
+
+from .config import KimiVLConfig, load_config
+from .errors import CheckpointError, ConfigError, InputError, PykimiError, TokenizerError
+from .trace import Trace, trace
+from .weights import Checkpoint
+
+__version__ = "0.1.0"
+
+__all__ = ["load", "Processor", "trace", "Trace", "demo_checkpoint", "Checkpoint", "load_config",
+           "KimiVLConfig", "PykimiError", "CheckpointError", "ConfigError", "InputError", "TokenizerError"]
+
+
+def load(path: str, **options):
+    """Open a Kimi-VL checkpoint directory (HF layout) with memory-mapped weights; see pykimi.model.load."""
+    from .model import load as _load
+
+    return _load(path, **options)
+
+
+def demo_checkpoint() -> str:
+    """The directory of the bundled demo checkpoint (a tiny Kimi-VL trained on a synthetic shapes task)."""
+    return os.path.join(os.path.dirname(os.path.abspath(__file__)), "demo")
+
+
+def __getattr__(name):
+    if name == "Processor":
+        from .processor import Processor
+
+        return Processor
+    raise AttributeError(f"module 'pykimi' has no attribute {name!r}")

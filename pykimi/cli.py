@@ -1,0 +1,448 @@
+"""The ``pykimi`` command: run, chat, info, trace, diff, quantize.
+
+Errors a user can cause exit with status 2 and one line (no traceback) unless ``--debug``.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import sys
+import time
+
+from .errors import PykimiError
+
+DEFAULT_PROMPT = "Describe the image."
+
+
+# --------------------------------------------------------------------------------------------- helpers
+
+def _mem() -> dict:
+    """Peak resident set (includes memory-mapped weights paged in) and current anonymous memory, in MB."""
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    anon = None
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    anon = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return {"peak_rss_mb": round(peak, 1), "anon_mb": None if anon is None else round(anon, 1)}
+
+
+class StreamText:
+    """Turns a growing list of ids into text increments that never split a UTF-8 character."""
+
+    def __init__(self, processor):
+        self.proc = processor
+        self.ids: list[int] = []
+        self.emitted = ""
+
+    def push(self, tok: int) -> str:
+        self.ids.append(int(tok))
+        text = self.proc.decode(self.ids)
+        if text.endswith("\ufffd"):  # an incomplete multibyte character: wait for the next token
+            return ""
+        new = text[len(self.emitted):]
+        self.emitted = text
+        return new
+
+    def flush(self) -> str:
+        text = self.proc.decode(self.ids)
+        new = text[len(self.emitted):]
+        self.emitted = text
+        return new
+
+
+def _model_dir(args) -> str:
+    if args.model:
+        return args.model
+    from . import demo_checkpoint
+
+    d = demo_checkpoint()
+    if not os.path.exists(os.path.join(d, "config.json")):
+        raise PykimiError(f"{d}: the bundled demo checkpoint is missing; pass --model DIR")
+    return d
+
+
+def _load(args):
+    from . import load
+    from .processor import Processor
+
+    t0 = time.perf_counter()
+    path = _model_dir(args)
+    opts = {}
+    if getattr(args, "backend", None):
+        opts["backend"] = args.backend
+    if getattr(args, "threads", None):
+        opts["threads"] = args.threads
+    if getattr(args, "max_context", None):
+        opts["max_context"] = args.max_context
+    model = load(path, **opts)
+    proc = Processor.from_pretrained(path)
+    return model, proc, path, time.perf_counter() - t0
+
+
+def _open_images(paths):
+    from .image import load_image
+
+    return [load_image(p) for p in paths]
+
+
+def _messages(system, prompt, n_images):
+    content = [{"type": "image"} for _ in range(n_images)] + [{"type": "text", "text": prompt}]
+    msgs = []
+    if system:
+        msgs.append({"role": "system", "content": system})
+    msgs.append({"role": "user", "content": content if n_images else prompt})
+    return msgs
+
+
+def _gen_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+
+
+def _generate(model, proc, inputs, args, out=sys.stdout, stream=True):
+    """Run one answer; returns (text, ids, stats). Prints tokens as they come when ``stream``."""
+    import numpy as np
+
+    ids = np.asarray(inputs["input_ids"])
+    pv, grid = inputs.get("pixel_values"), inputs.get("image_grid_hws")
+    t0 = time.perf_counter()
+    st = StreamText(proc)
+    new = []
+    t_first = None
+    it = model.generate(ids, pixel_values=pv, image_grid_hws=grid, stream=True, **_gen_kwargs(args))
+    try:
+        for tok in it:
+            if t_first is None:
+                t_first = time.perf_counter()
+            new.append(int(tok))
+            piece = st.push(tok)
+            if stream and piece:
+                out.write(piece)
+                out.flush()
+    finally:
+        close = getattr(it, "close", None)
+        if close:
+            close()
+    tail = st.flush()
+    if stream and tail:
+        out.write(tail)
+    t_end = time.perf_counter()
+    text = st.emitted
+    stats = getattr(model, "last_stats", None) or {}
+    stats = dict(stats)
+    stats.setdefault("prompt_tokens", int(ids.shape[0]))
+    stats.setdefault("new_tokens", len(new))
+    if t_first is not None:
+        stats.setdefault("first_token_s", t_first - t0)
+        if len(new) > 1:
+            stats.setdefault("decode_tok_s", (len(new) - 1) / max(t_end - t_first, 1e-9))
+    stats["total_s"] = t_end - t0
+    return text, new, stats
+
+
+def _timing_line(load_s, stats) -> str:
+    parts = [f"load {load_s:.2f} s"]
+    if stats.get("encode_s") is not None:
+        parts.append(f"image encode {stats['encode_s']:.2f} s")
+    if stats.get("prefill_s"):
+        parts.append(f"prefill {stats['prompt_tokens']} tok at {stats['prompt_tokens'] / stats['prefill_s']:.1f} tok/s")
+    elif stats.get("first_token_s") is not None:
+        parts.append(f"prompt {stats['prompt_tokens']} tok, first token after {stats['first_token_s']:.2f} s")
+    if stats.get("decode_tok_s"):
+        parts.append(f"decode {stats['new_tokens']} tok at {stats['decode_tok_s']:.1f} tok/s")
+    m = _mem()
+    parts.append(f"peak RSS {m['peak_rss_mb']:.0f} MB" + (f", anon {m['anon_mb']:.0f} MB" if m["anon_mb"] else ""))
+    return "[" + " | ".join(parts) + "]"
+
+
+# --------------------------------------------------------------------------------------------- commands
+
+def cmd_run(args) -> int:
+    model, proc, path, load_s = _load(args)
+    images = _open_images(args.image)
+    prompt = args.prompt
+    scene_path = None
+    if not images and not args.model and prompt is None:
+        # the demo model sees: draw a fresh scene and ask for its description
+        from .scenes import random_scene
+        import numpy as np
+
+        rng = np.random.default_rng(args.seed)
+        img, shapes = random_scene(rng)
+        scene_path = args.save_scene or os.path.join(os.getcwd(), "pykimi_scene.png")
+        img.save(scene_path)
+        images = [img]
+        if not args.json:
+            print(f"(no --image: drew a random scene, saved to {scene_path})", file=sys.stderr)
+    if prompt is None:
+        prompt = DEFAULT_PROMPT
+    msgs = _messages(args.system, prompt, len(images))
+    inputs = proc.prepare(msgs, images=images or None)
+    stream = not args.no_stream and not args.json
+    text, ids, stats = _generate(model, proc, inputs, args, stream=stream)
+    if args.json:
+        print(json.dumps({"model": path, "prompt": prompt, "images": args.image or ([scene_path] if scene_path else []),
+                          "text": text, "ids": ids, "stats": stats, "load_s": load_s, **_mem()}))
+    else:
+        if not stream:
+            sys.stdout.write(text)
+        sys.stdout.write("\n")
+        print(_timing_line(load_s, stats), file=sys.stderr)
+    return 0
+
+
+def cmd_chat(args) -> int:
+    model, proc, path, load_s = _load(args)
+    print(f"pykimi chat on {path} (load {load_s:.1f} s). /image PATH attaches an image, /reset starts over, "
+          f"/quit leaves; Ctrl-C stops an answer.", file=sys.stderr)
+    history: list = []
+    images: list = []
+    pending: list = []
+    if args.system:
+        history.append({"role": "system", "content": args.system})
+    while True:
+        try:
+            sys.stderr.write("> ")
+            sys.stderr.flush()
+            line = sys.stdin.readline()
+        except KeyboardInterrupt:
+            print(file=sys.stderr)
+            continue
+        if not line:
+            break
+        line = line.strip()
+        if not line:
+            continue
+        if line in ("/quit", "/exit"):
+            break
+        if line == "/reset":
+            history = history[:1] if args.system else []
+            images, pending = [], []
+            print("(conversation reset)", file=sys.stderr)
+            continue
+        if line.startswith("/image"):
+            p = line[len("/image"):].strip()
+            try:
+                pending.extend(_open_images([p]))
+                print(f"(attached {p})", file=sys.stderr)
+            except PykimiError as e:
+                print(f"error: {e}", file=sys.stderr)
+            continue
+        content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
+        history.append({"role": "user", "content": content if pending else line})
+        images.extend(pending)
+        pending = []
+        try:
+            inputs = proc.prepare(history, images=images or None)
+            text, ids, stats = _generate(model, proc, inputs, args, stream=True)
+        except KeyboardInterrupt:
+            print("\n(stopped)", file=sys.stderr)
+            history.pop()
+            continue
+        except PykimiError as e:
+            print(f"error: {e}", file=sys.stderr)
+            history.pop()
+            continue
+        sys.stdout.write("\n")
+        sys.stdout.flush()
+        print(_timing_line(0.0, stats), file=sys.stderr)
+        history.append({"role": "assistant", "content": text})
+    return 0
+
+
+def cmd_info(args) -> int:
+    from . import kernels
+
+    if args.backends or not args.dir:
+        print("kernel backends:")
+        avail = kernels.backends() if hasattr(kernels, "backends") else {"numpy": "available"}
+        for name, state in avail.items():
+            print(f"  {name:<6} {state}")
+        print(f"  active: {kernels.backend()}")
+        if not args.dir:
+            return 0
+    from .config import load_config
+
+    cfg = load_config(args.dir)
+    print(cfg.summary())
+    d = args.dir if os.path.isdir(args.dir) else os.path.dirname(args.dir)
+    has_weights = any(f.endswith(".safetensors") for f in os.listdir(d))
+    if has_weights:
+        from collections import Counter
+
+        from .layout import expected_tensors
+        from .weights import Checkpoint
+
+        ck = Checkpoint.open(d)
+        dt = Counter()
+        by = Counter()
+        for n in ck.names():
+            i = ck.info(n)
+            dt[i.dtype] += 1
+            by[i.dtype] += i.nbytes
+        need = {n for n, _ in expected_tensors(cfg)}
+        missing = sorted(n for n in need if not ck.has_weight(n))
+        print(f"  tensors: {len(ck)} in {len(ck._files)} file(s), {ck.total_bytes() / 1e9:.3f} GB; "
+              + ", ".join(f"{k} x{dt[k]} ({by[k] / 1e6:.1f} MB)" for k in sorted(dt)))
+        if ck.metadata.get("pykimi.quant"):
+            print("  quantized: " + str(ck.metadata.get("pykimi.quant.summary", "yes")))
+        print("  complete: yes" if not missing else f"  MISSING {len(missing)} tensors, e.g. {missing[0]}")
+        if args.tensors:
+            for n in ck.names():
+                i = ck.info(n)
+                print(f"    {n:<70} {i.dtype:<5} {list(i.shape)}")
+    else:
+        print("  (no weights in this directory: config only)")
+    return 0
+
+
+def cmd_trace(args) -> int:
+    import numpy as np
+
+    from .trace import trace
+
+    model, proc, path, load_s = _load(args)
+    images = _open_images(args.image)
+    if args.inputs:
+        from .weights import Checkpoint
+
+        ck = Checkpoint.open(args.inputs)
+        inputs = {n: np.array(ck.get(n)) for n in ck.names()}
+    else:
+        msgs = _messages(args.system, args.prompt or DEFAULT_PROMPT, len(images))
+        inputs = proc.prepare(msgs, images=images or None)
+    names = args.names or None
+    with trace(model, names=names) as t:
+        model.forward(inputs["input_ids"], pixel_values=inputs.get("pixel_values"),
+                      image_grid_hws=inputs.get("image_grid_hws"))
+    t.save(args.out, metadata={"model": path})
+    print(f"wrote {len(t)} tensors to {args.out}")
+    return 0
+
+
+def cmd_diff(args) -> int:
+    from .debug import compare, golden_tolerances
+
+    tols = None
+    for p in (args.b, args.a):
+        d = p if os.path.isdir(p) else os.path.dirname(os.path.abspath(p))
+        if os.path.exists(os.path.join(d, "manifest.json")) and not args.rel:
+            tols = golden_tolerances(d)
+            break
+    rep = compare(args.a, args.b, atol=args.atol, rtol=args.rtol, rel_tol=args.rel or 2e-5, tolerances=tols,
+                  names=args.names or None)
+    print(rep.format(all_rows=not args.only_bad))
+    return 0 if rep.ok else 1
+
+
+def cmd_quantize(args) -> int:
+    from .quant import quantize_checkpoint
+
+    quantize_checkpoint(args.src, args.dst, bits=args.bits, what=args.what, progress=not args.quiet)
+    print(f"wrote {args.dst}")
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- parser
+
+def _add_model_args(p):
+    p.add_argument("-m", "--model", help="checkpoint directory (HF layout); default: the bundled demo checkpoint")
+    p.add_argument("-t", "--threads", type=int, help="kernel threads (default: PYKIMI_THREADS or all cores)")
+    p.add_argument("--backend", choices=["numpy", "numba", "c"], help="kernel backend (default: fastest available)")
+    p.add_argument("--max-context", type=int, help="refuse prompts + answers longer than this many tokens")
+
+
+def _add_gen_args(p):
+    p.add_argument("--system", help="system prompt (default: the template's 'You are a helpful assistant')")
+    p.add_argument("-n", "--max-new-tokens", type=int, default=256)
+    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--min-p", type=float, default=0.0)
+    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pykimi", description="Kimi-VL-A3B-Instruct on the CPU")
+    ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = ap.add_subparsers(dest="cmd", required=True)
+
+    p = sub.add_parser("run", help="answer one prompt (with images), streaming")
+    _add_model_args(p)
+    _add_gen_args(p)
+    p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
+    p.add_argument("-p", "--prompt", help=f"the question (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
+    p.add_argument("--json", action="store_true", help="print one JSON object (text, ids, timings)")
+    p.add_argument("--save-scene", help="where the demo's random scene is saved (default ./pykimi_scene.png)")
+    p.set_defaults(fn=cmd_run)
+
+    p = sub.add_parser("chat", help="multi-turn chat in the terminal")
+    _add_model_args(p)
+    _add_gen_args(p)
+    p.set_defaults(fn=cmd_chat)
+
+    p = sub.add_parser("info", help="architecture, parameter counts, tensors, backends")
+    p.add_argument("dir", nargs="?", help="checkpoint directory (or config.json)")
+    p.add_argument("--backends", action="store_true", help="show the kernel backends")
+    p.add_argument("--tensors", action="store_true", help="list every tensor")
+    p.set_defaults(fn=cmd_info)
+
+    p = sub.add_parser("trace", help="record named intermediates of a forward pass to a safetensors dump")
+    _add_model_args(p)
+    p.add_argument("--image", action="append", default=[])
+    p.add_argument("-p", "--prompt")
+    p.add_argument("--system")
+    p.add_argument("--inputs", help="an inputs.safetensors (input_ids, pixel_values, image_grid_hws) instead")
+    p.add_argument("--names", action="append", help="glob of names to keep (repeatable)")
+    p.add_argument("--out", required=True)
+    p.set_defaults(fn=cmd_trace)
+
+    p = sub.add_parser("diff", help="compare two dumps (A under test, B reference) in execution order")
+    p.add_argument("a")
+    p.add_argument("b")
+    p.add_argument("--atol", type=float, default=0.0)
+    p.add_argument("--rtol", type=float, default=0.0)
+    p.add_argument("--rel", type=float, help="scale-relative tolerance (default: B's manifest, else 2e-5)")
+    p.add_argument("--names", action="append")
+    p.add_argument("--only-bad", action="store_true")
+    p.set_defaults(fn=cmd_diff)
+
+    p = sub.add_parser("quantize", help="repack a checkpoint to int8 / int4 (streaming)")
+    p.add_argument("src")
+    p.add_argument("dst")
+    p.add_argument("--bits", type=int, choices=[8, 4], default=8)
+    p.add_argument("--what", choices=["experts", "all"], default="experts")
+    p.add_argument("--quiet", action="store_true")
+    p.set_defaults(fn=cmd_quantize)
+    return ap
+
+
+def main(argv=None) -> int:
+    ap = build_parser()
+    args = ap.parse_args(argv)
+    if getattr(args, "threads", None):
+        os.environ["PYKIMI_THREADS"] = str(args.threads)
+    try:
+        return args.fn(args)
+    except PykimiError as e:
+        if args.debug:
+            raise
+        print(f"pykimi: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("\npykimi: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Recording and editing named intermediates.
+
+Every stage of the model calls ``x = emit(name, x)`` with its checkpoint module path as the name
+(DESIGN.md, Public API). With no trace active, ``emit`` is one global check and returns ``x``. Inside
+``with pykimi.trace(model) as t:`` it records a copy of each matching tensor in execution order, and an
+``edit={name: fn}`` replaces the value, which then flows onward.
+"""
+from __future__ import annotations
+
+import fnmatch
+import json
+from collections import OrderedDict
+from typing import Callable, Iterable
+
+import numpy as np
+
+_ACTIVE: list["Trace"] = []  # the innermost trace is last; the hot path only tests truthiness
+
+
+def active() -> bool:
+    """True when some trace is recording (guard expensive optional captures with it)."""
+    return bool(_ACTIVE)
+
+
+def emit(name: str, value):
+    """Record / edit the intermediate ``name``; always use the returned value."""
+    if not _ACTIVE:
+        return value
+    for t in _ACTIVE:
+        value = t._emit(name, value)
+    return value
+
+
+def emit_record(name: str, record) -> None:
+    """Record a non-array decision record (e.g. a MoE routing record) under ``name``."""
+    if not _ACTIVE:
+        return
+    for t in _ACTIVE:
+        if t._wanted(name):
+            t.records.setdefault(name, []).append(record)
+
+
+def _match_any(name: str, patterns) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class Trace:
+    """A mapping name -> np.ndarray of recorded intermediates, in execution order.
+
+    A name emitted several times in one trace (e.g. a decoder layer during prefill, then at every decode
+    step) keeps every value: ``t[name]`` is the first, ``t.all(name)`` the list, ``t.concat(name)`` them
+    concatenated along the sequence axis.
+    """
+
+    def __init__(self, model=None, names: Iterable[str] | str | None = None,
+                 edit: dict[str, Callable] | None = None, attn_probs: Iterable[str] | str | None = None,
+                 record: bool = True):
+        self.model = model
+        if isinstance(names, str):
+            names = [names]
+        self.names = list(names) if names is not None else None
+        self.edit = dict(edit or {})
+        if isinstance(attn_probs, str):
+            attn_probs = [attn_probs]
+        self.attn_probs = list(attn_probs or [])
+        self.record = record
+        self._values: "OrderedDict[str, list[np.ndarray]]" = OrderedDict()
+        self.records: dict[str, list] = {}
+        self.edited: list[str] = []
+
+    # -- the hook -------------------------------------------------------------------------------
+    def _wanted(self, name: str) -> bool:
+        if name.endswith(".attn_probs"):
+            return _match_any(name[: -len(".attn_probs")], self.attn_probs)
+        return self.names is None or _match_any(name, self.names)
+
+    def _emit(self, name: str, value):
+        fn = self.edit.get(name)
+        if fn is None:
+            for pat, f in self.edit.items():
+                if any(c in pat for c in "*?[") and fnmatch.fnmatchcase(name, pat):
+                    fn = f
+                    break
+        if fn is not None:
+            new = fn(value)
+            if new is not None:
+                value = new
+            self.edited.append(name)
+        if self.record and self._wanted(name):
+            self._values.setdefault(name, []).append(np.array(value, copy=True))
+        return value
+
+    def wants_attn_probs(self, layer_name: str) -> bool:
+        return bool(self.attn_probs) and _match_any(layer_name, self.attn_probs)
+
+    # -- context manager ------------------------------------------------------------------------
+    def __enter__(self):
+        _ACTIVE.append(self)
+        return self
+
+    def __exit__(self, *exc):
+        _ACTIVE.remove(self)
+        return False
+
+    # -- mapping --------------------------------------------------------------------------------
+    def __getitem__(self, name: str) -> np.ndarray:
+        return self._values[name][0]
+
+    def __contains__(self, name) -> bool:
+        return name in self._values
+
+    def __iter__(self):
+        return iter(self._values)
+
+    def __len__(self) -> int:
+        return len(self._values)
+
+    def keys(self):
+        return self._values.keys()
+
+    def items(self):
+        return ((k, v[0]) for k, v in self._values.items())
+
+    def all(self, name: str) -> list:
+        return list(self._values.get(name, []))
+
+    def concat(self, name: str, axis: int = 0) -> np.ndarray:
+        return np.concatenate(self._values[name], axis=axis)
+
+    def save(self, path: str, metadata: dict | None = None) -> None:
+        """Write the first value of every recorded tensor to a safetensors dump (execution order kept
+        in the metadata under "order")."""
+        from .weights import save_file
+
+        tensors = OrderedDict((k, np.ascontiguousarray(v[0])) for k, v in self._values.items())
+        meta = {"producer": "pykimi", "order": json.dumps(list(tensors))}
+        if metadata:
+            meta.update({k: str(v) for k, v in metadata.items()})
+        save_file(tensors, path, metadata=meta)
+
+
+def trace(model=None, names=None, edit=None, attn_probs=None, record=True) -> Trace:
+    """``with pykimi.trace(model, names=["vision_tower.*"]) as t: model.forward(...)``."""
+    return Trace(model, names=names, edit=edit, attn_probs=attn_probs, record=record)

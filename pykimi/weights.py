@@ -1,0 +1,486 @@
+"""Memory-mapped safetensors reader and streaming writer.
+
+The reader parses the header itself (8-byte little-endian length, JSON, then the data) and memory-maps the
+data region: opening a 32.8 GB checkpoint reads only its headers, and ``get(name)`` returns a zero-copy view
+into the page cache. Nothing here ever copies the whole model. bf16 tensors are exposed as their uint16 bits
+and widened to float32 by a 16-bit shift (DESIGN.md, Numerics), in bounded tiles.
+
+Every structural problem is a one-line ``CheckpointError`` naming the file and tensor.
+"""
+from __future__ import annotations
+
+import json
+import mmap
+import os
+import struct
+from dataclasses import dataclass, field
+from typing import Iterable
+
+import numpy as np
+
+from .errors import CheckpointError
+
+# safetensors dtype -> (numpy dtype of the raw view, bytes per element)
+DTYPES: dict[str, np.dtype] = {
+    "F64": np.dtype("<f8"),
+    "F32": np.dtype("<f4"),
+    "F16": np.dtype("<f2"),
+    "BF16": np.dtype("<u2"),  # raw bits; widen with bf16_to_f32
+    "I64": np.dtype("<i8"),
+    "I32": np.dtype("<i4"),
+    "I16": np.dtype("<i2"),
+    "I8": np.dtype("i1"),
+    "U8": np.dtype("u1"),
+    "U16": np.dtype("<u2"),
+    "U32": np.dtype("<u4"),
+    "U64": np.dtype("<u8"),
+    "BOOL": np.dtype("?"),
+}
+_NP_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F16", np.dtype("<i8"): "I64",
+             np.dtype("<i4"): "I32", np.dtype("<i2"): "I16", np.dtype("i1"): "I8", np.dtype("u1"): "U8",
+             np.dtype("<u2"): "U16", np.dtype("<u4"): "U32", np.dtype("<u8"): "U64", np.dtype("?"): "BOOL"}
+
+MAX_HEADER = 100 * 1024 * 1024  # the official library's limit too
+TILE_ELEMS = 1 << 22            # widen at most 4M elements (16 MB of f32) per step
+
+
+# --------------------------------------------------------------------------------------------- bf16
+
+def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """Exact bf16 -> f32: the bf16 bits are the high half of the f32 bits (uint16 -> uint32 << 16)."""
+    bits = np.asarray(bits)
+    if out is None:
+        out = np.empty(bits.shape, dtype=np.float32)
+    o32 = out.view(np.uint32)
+    np.left_shift(bits, 16, out=o32, dtype=np.uint32)
+    return out
+
+
+def f32_to_bf16(x: np.ndarray) -> np.ndarray:
+    """f32 -> bf16 bits with round-to-nearest-even (NaN kept quiet)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    rounded = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+    nan = np.isnan(x)
+    if nan.any():
+        rounded[nan] = 0x7FC0
+    return rounded
+
+
+@dataclass(frozen=True)
+class Stored:
+    """A tensor in its stored form: ``data`` is the raw view (BF16 as uint16 bits), zero-copy when read."""
+
+    name: str
+    dtype: str
+    data: np.ndarray
+
+    @property
+    def shape(self) -> tuple:
+        return tuple(self.data.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.data.nbytes)
+
+    def f32(self) -> np.ndarray:
+        """A new float32 array, widened in bounded tiles (bf16 exact, f16 exact, ints converted)."""
+        src = self.data
+        out = np.empty(src.shape, dtype=np.float32)
+        if src.size == 0:
+            return out
+        flat_src = src.reshape(-1)
+        flat_out = out.reshape(-1)
+        for s in range(0, flat_src.size, TILE_ELEMS):
+            e = min(s + TILE_ELEMS, flat_src.size)
+            if self.dtype == "BF16":
+                bf16_to_f32(flat_src[s:e], out=flat_out[s:e])
+            else:
+                flat_out[s:e] = flat_src[s:e]
+        return out
+
+
+def to_bf16(x: np.ndarray, name: str = "") -> Stored:
+    """Round a float array to bf16 and wrap it for the writer."""
+    return Stored(name, "BF16", f32_to_bf16(x))
+
+
+# --------------------------------------------------------------------------------------------- reader
+
+@dataclass(frozen=True)
+class TensorInfo:
+    name: str
+    shape: tuple
+    dtype: str
+    nbytes: int
+    file: str
+    offset: int  # absolute byte offset in the file
+
+
+class SafetensorsFile:
+    """One .safetensors file: header parsed and validated eagerly, data memory-mapped lazily."""
+
+    def __init__(self, path: str):
+        self.path = path
+        fname = os.path.basename(path)
+        try:
+            size = os.path.getsize(path)
+            fh = open(path, "rb")
+        except FileNotFoundError:
+            raise CheckpointError(f"{path}: shard file is missing") from None
+        except OSError as e:
+            raise CheckpointError(f"{path}: cannot open ({e.strerror})") from None
+        with fh:
+            head = fh.read(8)
+            if len(head) < 8:
+                raise CheckpointError(f"{fname}: truncated file ({size} bytes; a safetensors file starts with an "
+                                      f"8-byte header length)")
+            (hlen,) = struct.unpack("<Q", head)
+            if hlen > MAX_HEADER:
+                raise CheckpointError(f"{fname}: header length {hlen} is over the {MAX_HEADER}-byte limit")
+            if 8 + hlen > size:
+                raise CheckpointError(f"{fname}: header length {hlen} is larger than the file ({size} bytes); "
+                                      f"the file is truncated or not safetensors")
+            raw = fh.read(hlen)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            raise CheckpointError(f"{fname}: header is not valid JSON ({type(e).__name__})") from None
+        if not isinstance(header, dict):
+            raise CheckpointError(f"{fname}: header is a JSON {type(header).__name__}, expected an object")
+        self.metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(self.metadata, dict):
+            raise CheckpointError(f"{fname}: __metadata__ must be an object of strings")
+        self.data_start = 8 + hlen
+        data_len = size - self.data_start
+        self.infos: dict[str, TensorInfo] = {}
+        spans = []
+        for name, ent in header.items():
+            if not isinstance(ent, dict):
+                raise CheckpointError(f"{fname}: tensor {name!r}: header entry is not an object")
+            dt = ent.get("dtype")
+            shape = ent.get("shape")
+            offs = ent.get("data_offsets")
+            if dt not in DTYPES:
+                raise CheckpointError(f"{fname}: tensor {name!r}: unknown dtype {dt!r} (expected one of "
+                                      f"{', '.join(DTYPES)})")
+            if (not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape)):
+                raise CheckpointError(f"{fname}: tensor {name!r}: shape {shape!r} is not a list of non-negative "
+                                      f"integers")
+            if (not isinstance(offs, list) or len(offs) != 2 or not all(type(o) is int for o in offs)
+                    or not 0 <= offs[0] <= offs[1]):
+                raise CheckpointError(f"{fname}: tensor {name!r}: data_offsets {offs!r} must be [begin, end] "
+                                      f"with 0 <= begin <= end")
+            if offs[1] > data_len:
+                raise CheckpointError(f"{fname}: tensor {name!r}: data_offsets {offs} run past the data "
+                                      f"({data_len} bytes); the file is truncated")
+            n = 1
+            for d in shape:
+                n *= d
+            need = n * DTYPES[dt].itemsize
+            if offs[1] - offs[0] != need:
+                raise CheckpointError(f"{fname}: tensor {name!r}: {offs[1] - offs[0]} bytes stored but dtype "
+                                      f"{dt} shape {shape} needs {need}")
+            self.infos[name] = TensorInfo(name, tuple(shape), dt, need, path, self.data_start + offs[0])
+            if need:
+                spans.append((offs[0], offs[1], name))
+        spans.sort()
+        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
+            if b1 < e0:
+                raise CheckpointError(f"{fname}: tensors {n0!r} and {n1!r} overlap in the data")
+        self._mm = None
+        self._size = size
+
+    def _map(self):
+        if self._mm is None:
+            if self._size == 0:
+                raise CheckpointError(f"{os.path.basename(self.path)}: empty file")
+            with open(self.path, "rb") as fh:
+                self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+        return self._mm
+
+    def get(self, name: str) -> np.ndarray:
+        info = self.infos[name]
+        dt = DTYPES[info.dtype]
+        n = info.nbytes // dt.itemsize
+        if n == 0:
+            return np.empty(info.shape, dtype=dt)
+        if os.path.getsize(self.path) != self._size:
+            raise CheckpointError(f"{os.path.basename(self.path)}: file changed size while open")
+        arr = np.frombuffer(self._map(), dtype=dt, count=n, offset=info.offset)
+        return arr.reshape(info.shape)
+
+    def close(self):
+        # views handed out keep the mmap alive through their buffer; closing with live views would raise,
+        # so drop our reference and let the GC unmap it.
+        self._mm = None
+
+
+class Checkpoint:
+    """A checkpoint: one .safetensors file, or a directory with model.safetensors or an index + shards.
+
+    ``read_counter`` counts, per tensor name, the calls that hand out its data (get/tensor/weight/f32):
+    tests use it to prove that experts no token chose are never read.
+    """
+
+    def __init__(self, path: str, files: dict[str, SafetensorsFile], where: dict[str, str], config=None):
+        self.path = path
+        self._files = files
+        self._where = where  # tensor name -> file path
+        self.config = config
+        self.read_counter: dict[str, int] = {}
+        self.metadata: dict[str, str] = {}
+        for f in files.values():
+            self.metadata.update(f.metadata)
+        self._quant = None
+
+    # -- opening ----------------------------------------------------------------------------------
+    @classmethod
+    def open(cls, path: str, load_config: bool = True) -> "Checkpoint":
+        path = os.fspath(path)
+        if not os.path.exists(path):
+            raise CheckpointError(f"{path}: no such checkpoint directory or file")
+        config = None
+        if os.path.isfile(path):
+            f = SafetensorsFile(path)
+            return cls(os.path.dirname(os.path.abspath(path)), {path: f}, {n: path for n in f.infos})
+        if load_config and os.path.exists(os.path.join(path, "config.json")):
+            from .config import load_config as _lc
+            config = _lc(path)
+        index = os.path.join(path, "model.safetensors.index.json")
+        single = os.path.join(path, "model.safetensors")
+        if os.path.exists(index):
+            try:
+                with open(index, encoding="utf-8") as fh:
+                    idx = json.load(fh)
+            except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+                raise CheckpointError(f"{index}: not a readable JSON index ({type(e).__name__})") from None
+            wmap = idx.get("weight_map") if isinstance(idx, dict) else None
+            if not isinstance(wmap, dict) or not all(isinstance(v, str) for v in wmap.values()):
+                raise CheckpointError(f"{index}: expected an object with \"weight_map\": {{tensor: shard file}}")
+            files: dict[str, SafetensorsFile] = {}
+            where = {}
+            for shard in sorted(set(wmap.values())):
+                if os.path.basename(shard) != shard:
+                    raise CheckpointError(f"{index}: shard name {shard!r} must be a plain file name")
+                sp = os.path.join(path, shard)
+                if not os.path.exists(sp):
+                    raise CheckpointError(f"{index}: names shard {shard!r}, which is missing from {path}")
+                files[sp] = SafetensorsFile(sp)
+            for name, shard in wmap.items():
+                sp = os.path.join(path, shard)
+                if name not in files[sp].infos:
+                    raise CheckpointError(f"{index}: names tensor {name!r} in {shard}, but that shard lacks it")
+                where[name] = sp
+            # tensors a shard holds but the index omits are still readable (HF tolerates it too)
+            for sp, f in files.items():
+                for n in f.infos:
+                    where.setdefault(n, sp)
+            return cls(path, files, where, config)
+        if os.path.exists(single):
+            f = SafetensorsFile(single)
+            return cls(path, {single: f}, {n: single for n in f.infos}, config)
+        shards = sorted(p for p in os.listdir(path) if p.endswith(".safetensors"))
+        if not shards:
+            raise CheckpointError(f"{path}: no model.safetensors, model.safetensors.index.json or *.safetensors "
+                                  f"file")
+        files = {os.path.join(path, s): SafetensorsFile(os.path.join(path, s)) for s in shards}
+        where = {}
+        for sp, f in files.items():
+            for n in f.infos:
+                if n in where:
+                    raise CheckpointError(f"{path}: tensor {n!r} is in both {os.path.basename(where[n])} and "
+                                          f"{os.path.basename(sp)}")
+                where[n] = sp
+        return cls(path, files, where, config)
+
+    # -- queries that never touch data -----------------------------------------------------------
+    def names(self) -> list[str]:
+        return sorted(self._where)
+
+    def __contains__(self, name) -> bool:
+        return name in self._where
+
+    def __len__(self) -> int:
+        return len(self._where)
+
+    def info(self, name: str) -> TensorInfo:
+        return self._file(name).infos[name]
+
+    def total_bytes(self) -> int:
+        return sum(self.info(n).nbytes for n in self._where)
+
+    def _file(self, name: str) -> SafetensorsFile:
+        try:
+            return self._files[self._where[name]]
+        except KeyError:
+            raise CheckpointError(f"{self.path}: tensor {name!r} is missing from the checkpoint") from None
+
+    # -- data -------------------------------------------------------------------------------------
+    def _count(self, name: str) -> None:
+        self.read_counter[name] = self.read_counter.get(name, 0) + 1
+
+    def get(self, name: str) -> np.ndarray:
+        """Zero-copy read-only view of the raw stored data (BF16 as uint16 bits)."""
+        self._count(name)
+        return self._file(name).get(name)
+
+    def tensor(self, name: str) -> Stored:
+        f = self._file(name)
+        self._count(name)
+        return Stored(name, f.infos[name].dtype, f.get(name))
+
+    def f32(self, name: str) -> np.ndarray:
+        """A new float32 copy of one tensor, widened in bounded tiles."""
+        return self.tensor(name).f32()
+
+    def weight(self, name: str):
+        """What the kernels take for a linear weight: a quantized weight if the file holds one under this
+        name, else the ``Stored`` tensor."""
+        if name not in self._where:
+            q = self._quantized(name)
+            if q is not None:
+                self._count(name)
+                return q
+        return self.tensor(name)
+
+    def _quantized(self, name: str):
+        if self._quant is None:
+            try:
+                from . import quant
+                self._quant = quant
+            except ImportError:
+                self._quant = False
+        if self._quant is False or not hasattr(self._quant, "load_quantized"):
+            return None
+        return self._quant.load_quantized(self, name)
+
+    def has_weight(self, name: str) -> bool:
+        return name in self._where or self._quantized(name) is not None
+
+    def expect(self, name: str, shape: Iterable[int], dtypes: Iterable[str] | None = None) -> TensorInfo:
+        """Check a tensor the model needs: present, right shape, acceptable dtype (one-line error if not)."""
+        info = self.info(name)
+        if tuple(info.shape) != tuple(shape):
+            raise CheckpointError(f"{os.path.basename(info.file)}: tensor {name!r} has shape {list(info.shape)}, "
+                                  f"expected {list(shape)} from config.json")
+        if dtypes is not None and info.dtype not in dtypes:
+            raise CheckpointError(f"{os.path.basename(info.file)}: tensor {name!r} has dtype {info.dtype}, "
+                                  f"expected one of {sorted(dtypes)}")
+        return info
+
+    def close(self):
+        for f in self._files.values():
+            f.close()
+
+
+def open_checkpoint(path: str) -> Checkpoint:
+    return Checkpoint.open(path)
+
+
+# --------------------------------------------------------------------------------------------- writer
+
+def _as_stored(name: str, value) -> Stored:
+    if isinstance(value, Stored):
+        return value
+    arr = np.asarray(value)
+    dt = _NP_TO_ST.get(arr.dtype.newbyteorder("<") if arr.dtype.byteorder == ">" else arr.dtype)
+    if dt is None:
+        raise CheckpointError(f"tensor {name!r}: cannot store numpy dtype {arr.dtype}")
+    return Stored(name, dt, arr)
+
+
+class SafetensorsWriter:
+    """Streaming safetensors writer.
+
+    Tensors are declared up front (``add`` only records name, dtype and shape when given a ``TensorSpec``)
+    or buffered: to stay streaming with a known header, use ``plan([(name, dtype, shape), ...])`` and then
+    ``write(name, array)`` in the same order; the header is written first and each tensor goes straight to
+    disk. ``add(name, array)`` + ``close()`` is the simple path for small files (it keeps the arrays until
+    close). The file appears under its final name only after ``close()`` succeeds (written to ``path.tmp``).
+    """
+
+    def __init__(self, path: str, metadata: dict | None = None):
+        self.path = os.fspath(path)
+        self.tmp = self.path + ".tmp"
+        self.metadata = {str(k): str(v) for k, v in (metadata or {}).items()}
+        self._pending: list[Stored] = []
+        self._plan: list[tuple[str, str, tuple]] | None = None
+        self._next = 0
+        self._fh = None
+
+    # simple path
+    def add(self, name: str, value) -> None:
+        if self._plan is not None:
+            raise RuntimeError("SafetensorsWriter: add() after plan(); use write()")
+        self._pending.append(_as_stored(name, value))
+
+    # streaming path
+    def plan(self, entries: Iterable[tuple[str, str, tuple]]) -> None:
+        self._plan = [(n, d, tuple(int(s) for s in shp)) for n, d, shp in entries]
+        self._open_and_write_header(self._plan)
+
+    def write(self, name: str, value) -> None:
+        st = _as_stored(name, value)
+        n, d, shp = self._plan[self._next]
+        if n != name or d != st.dtype or tuple(st.shape) != shp:
+            raise CheckpointError(f"{self.path}: writing {name!r} {st.dtype}{list(st.shape)}, but the plan "
+                                  f"expects {n!r} {d}{list(shp)} next")
+        self._fh.write(np.ascontiguousarray(st.data).tobytes(order="C"))
+        self._next += 1
+
+    def _open_and_write_header(self, entries):
+        header: dict = {}
+        if self.metadata:
+            header["__metadata__"] = self.metadata
+        off = 0
+        for n, d, shp in entries:
+            size = int(np.prod(shp, dtype=np.int64)) * DTYPES[d].itemsize
+            header[n] = {"dtype": d, "shape": list(shp), "data_offsets": [off, off + size]}
+            off += size
+        hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
+        hb += b" " * ((8 - len(hb) % 8) % 8)  # align the data to 8 bytes, like the official writer
+        os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
+        self._fh = open(self.tmp, "wb")
+        self._fh.write(struct.pack("<Q", len(hb)))
+        self._fh.write(hb)
+
+    def close(self) -> None:
+        if self._plan is None:
+            self._open_and_write_header([(p.name, p.dtype, p.shape) for p in self._pending])
+            for s in self._pending:
+                self._fh.write(np.ascontiguousarray(s.data).tobytes(order="C"))
+        elif self._next != len(self._plan):
+            self.abort()
+            raise CheckpointError(f"{self.path}: only {self._next} of {len(self._plan)} planned tensors written")
+        self._fh.flush()
+        os.fsync(self._fh.fileno())
+        self._fh.close()
+        self._fh = None
+        os.replace(self.tmp, self.path)
+
+    def abort(self) -> None:
+        if self._fh is not None:
+            self._fh.close()
+            self._fh = None
+        if os.path.exists(self.tmp):
+            os.remove(self.tmp)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, *rest):
+        if exc_type is not None:
+            self.abort()
+            return False
+        self.close()
+        return False
+
+
+def save_file(tensors: dict, path: str, metadata: dict | None = None) -> None:
+    """Write a dict name -> ndarray | Stored to one safetensors file (tmp + rename)."""
+    w = SafetensorsWriter(path, metadata)
+    for name, value in tensors.items():
+        st = _as_stored(name, value)
+        w.add(name, Stored(name, st.dtype, st.data))
+    w.close()
