@@ -12,7 +12,8 @@ import os
 
 from .config import KimiVLConfig, load_config
 from .errors import CheckpointError, ConfigError, InputError, PykimiError, TokenizerError
-from .trace import Trace, trace
+from . import trace
+from .trace import Trace
 from .weights import Checkpoint
 
 __version__ = "0.1.0"

@@ -142,3 +142,17 @@ class Trace:
 def trace(model=None, names=None, edit=None, attn_probs=None, record=True) -> Trace:
     """``with pykimi.trace(model, names=["vision_tower.*"]) as t: model.forward(...)``."""
     return Trace(model, names=names, edit=edit, attn_probs=attn_probs, record=record)
+
+
+# ``pykimi.trace`` is both this module (``trace.emit`` in the model code) and the public context-manager
+# factory (``with pykimi.trace(model): ...``): make the module itself callable so the two names never clash.
+import sys as _sys
+import types as _types
+
+
+class _CallableModule(_types.ModuleType):
+    def __call__(self, model=None, names=None, edit=None, attn_probs=None, record=True) -> Trace:
+        return trace(model, names=names, edit=edit, attn_probs=attn_probs, record=record)
+
+
+_sys.modules[__name__].__class__ = _CallableModule
