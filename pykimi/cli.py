@@ -33,27 +33,21 @@ def _mem() -> dict:
 
 
 class StreamText:
-    """Turns a growing list of ids into text increments that never split a UTF-8 character."""
+    """Token ids in, text increments out, never half a UTF-8 character (the tokenizer's stream decoder)."""
 
     def __init__(self, processor):
-        self.proc = processor
-        self.ids: list[int] = []
+        self.dec = processor.tokenizer.stream_decoder(skip_special=True)
         self.emitted = ""
 
     def push(self, tok: int) -> str:
-        self.ids.append(int(tok))
-        text = self.proc.decode(self.ids)
-        if text.endswith("\ufffd"):  # an incomplete multibyte character: wait for the next token
-            return ""
-        new = text[len(self.emitted):]
-        self.emitted = text
-        return new
+        piece = self.dec.add(int(tok))
+        self.emitted += piece
+        return piece
 
     def flush(self) -> str:
-        text = self.proc.decode(self.ids)
-        new = text[len(self.emitted):]
-        self.emitted = text
-        return new
+        piece = self.dec.flush()
+        self.emitted += piece
+        return piece
 
 
 def _model_dir(args) -> str:

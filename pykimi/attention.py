@@ -1,0 +1,259 @@
+"""MLA -- DeepSeek-V3 Multi-head Latent Attention of the Moonlight LM (spec §8.3).
+
+Two mathematically equal formulations (spec §8.3, last bullet):
+
+* **expanded** (prefill, :func:`mla_prefill`): the cached latent ``c`` of every position is pushed through
+  ``kv_b_proj`` to per-head ``k_nope`` and ``v``; scores are ``q_nope·k_nope + q_pe·k_pe``.
+* **absorbed** (decode, :func:`mla_decode`): ``kv_b_proj`` is folded into the query
+  (``q_lat[h] = W_uk[h]ᵀ q_nope[h]``, a vector in the 512-dim latent space) and into the output
+  (``o[h] = W_uv[h] (Σ_n p[h,n] c_n)``), so attention runs directly over the latent cache and nothing of
+  size ``positions × heads × 256`` is ever built.
+
+Both read and write the same :class:`pykimi.cache.LatentCache`: per position the kv_a_layernorm'ed latent
+(kv_lora_rank) and the rotated shared ``k_pe`` (qk_rope_head_dim), stored side by side in one row, so the
+absorbed score is a single product ``[q_lat, q_pe] · [c, k_pe]``.
+
+Every function here is pure: weights come in as arguments (a :class:`MLAWeights`), linear layers with stored
+weights go through ``pykimi.kernels.matmul`` (x @ W.T).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from . import kernels
+from .rope import apply_rope, lm_inv_freq, lm_rope_angles
+# functions imported from the module: `pykimi.trace` as a package attribute is the trace() context function
+from .trace import _ACTIVE as _TRACES, active as trace_active, emit
+
+
+# ---------------------------------------------------------------------------------------------------------
+# RMSNorm (spec §8.2)
+# ---------------------------------------------------------------------------------------------------------
+def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """``x · rsqrt(mean(x²) + eps)`` with float32 statistics, then times the weight   # [..., D] -> [..., D].
+
+    Spec §8.2: the normalisation is done in fp32 and cast back to the input dtype *before* the weight multiply
+    (a no-op here since activations are fp32). eps is 1e-5 for the layer/final norms, 1e-6 for kv_a_layernorm.
+    """
+    x = np.asarray(x, dtype=np.float32)
+    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)   # [..., 1]
+    y = x * (np.float32(1.0) / np.sqrt(var + np.float32(eps)))
+    return y * np.asarray(w, dtype=np.float32)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in fp32 (rows that are all -inf are not expected: causal rows see >= 1 key)."""
+    m = np.max(x, axis=axis, keepdims=True)
+    e = np.exp(x - m)
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Weights of one attention block -- the one table from checkpoint names to arguments
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class MLAWeights:
+    """Weights of ``language_model.model.layers.{l}.self_attn`` (what kernels.matmul takes for linears).
+
+    q_proj:             [H*qk_head_dim, D]          (None when q_lora_rank is set)
+    q_a_proj:           [q_lora_rank, D]            (q-LoRA path only)
+    q_a_layernorm:      f32[q_lora_rank]            (q-LoRA path only)
+    q_b_proj:           [H*qk_head_dim, q_lora_rank] (q-LoRA path only)
+    kv_a_proj_with_mqa: [kv_lora_rank + rope, D]
+    kv_a_layernorm:     f32[kv_lora_rank]
+    kv_b_proj:          [H*(nope + v), kv_lora_rank]
+    o_proj:             [D, H*v]
+    kv_b_f32:           optional f32 copy of kv_b_proj for the absorbed decode (widened per use otherwise)
+    """
+    kv_a_proj_with_mqa: Any
+    kv_a_layernorm: np.ndarray
+    kv_b_proj: Any
+    o_proj: Any
+    q_proj: Any = None
+    q_a_proj: Any = None
+    q_a_layernorm: np.ndarray | None = None
+    q_b_proj: Any = None
+    kv_b_f32: np.ndarray | None = None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, layer: int, q_lora: bool) -> "MLAWeights":
+        p = f"language_model.model.layers.{layer}.self_attn"
+        kw = dict(
+            kv_a_proj_with_mqa=ckpt.weight(f"{p}.kv_a_proj_with_mqa.weight"),
+            kv_a_layernorm=ckpt.f32(f"{p}.kv_a_layernorm.weight"),
+            kv_b_proj=ckpt.weight(f"{p}.kv_b_proj.weight"),
+            o_proj=ckpt.weight(f"{p}.o_proj.weight"),
+        )
+        if q_lora:
+            kw.update(q_a_proj=ckpt.weight(f"{p}.q_a_proj.weight"),
+                      q_a_layernorm=ckpt.f32(f"{p}.q_a_layernorm.weight"),
+                      q_b_proj=ckpt.weight(f"{p}.q_b_proj.weight"))
+        else:
+            kw.update(q_proj=ckpt.weight(f"{p}.q_proj.weight"))
+        # Note: self_attn.rotary_emb.inv_freq is deliberately never read (bf16-rounded; spec §3, §8.3).
+        return cls(**kw)
+
+
+def _f32(w) -> np.ndarray:
+    """Widen one weight (ndarray, Stored or quantized object) to a float32 ndarray, for this use only."""
+    if isinstance(w, np.ndarray):
+        return w if w.dtype == np.float32 else w.astype(np.float32)
+    if hasattr(w, "f32"):
+        return w.f32()
+    if hasattr(w, "dequantize"):
+        return np.asarray(w.dequantize(), dtype=np.float32)
+    raise TypeError(f"cannot widen weight of type {type(w).__name__}")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Shared front part: projections, latent, RoPE
+# ---------------------------------------------------------------------------------------------------------
+def rope_angles(positions, cfg) -> np.ndarray:
+    """LM RoPE angles for the rope slice: pos · theta^(-2i/rope_dim), fp32 from the config   # [S, rope/2]."""
+    inv = lm_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)
+    return lm_rope_angles(np.asarray(positions), inv)
+
+
+def mla_project(x: np.ndarray, w: MLAWeights, positions, cfg, layer: int | None = None):
+    """Queries and the new cache rows for tokens ``x``   # x [S, D].
+
+    Returns (q_nope [S, H, nope], q_pe [S, H, rope] rotated, c [S, R] normalised latent, k_pe [S, rope] rotated).
+    """
+    S = x.shape[0]
+    H, dn, dr, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.kv_lora_rank
+    if cfg.q_lora_rank:
+        # q-LoRA (DeepSeek-V3 when q_lora_rank is set): q_b(RMSNorm(q_a(x))); the norm is built with the
+        # RMSNorm default eps 1e-6 like kv_a_layernorm.
+        qa = kernels.matmul(x, w.q_a_proj)                                       # [S, q_lora_rank]
+        qa = rms_norm(qa, w.q_a_layernorm, cfg.kv_a_layernorm_eps)
+        q = kernels.matmul(qa, w.q_b_proj)                                       # [S, H*(dn+dr)]
+    else:
+        q = kernels.matmul(x, w.q_proj)                                          # [S, H*(dn+dr)]
+    q = q.reshape(S, H, dn + dr)
+    q_nope, q_pe = q[..., :dn], q[..., dn:]                                      # [S, H, dn], [S, H, dr]
+
+    a = kernels.matmul(x, w.kv_a_proj_with_mqa)                                  # [S, R + dr]
+    c = rms_norm(a[:, :R], w.kv_a_layernorm, cfg.kv_a_layernorm_eps)             # [S, R]  eps 1e-6 (spec §8.2)
+    k_pe = a[:, R:]                                                              # [S, dr] one head, shared
+
+    ang = rope_angles(positions, cfg)                                            # [S, dr/2]
+    q_pe = apply_rope(q_pe, ang[:, None, :])                                     # interleaved pairs (spec §8.3)
+    k_pe = apply_rope(k_pe, ang)
+    if layer is not None:
+        p = f"language_model.model.layers.{layer}.self_attn"
+        q_pe = emit(f"{p}.q_rope", q_pe)
+        k_pe = emit(f"{p}.k_rope", k_pe)
+    return np.ascontiguousarray(q_nope), q_pe, c, k_pe
+
+
+def _causal_mask(q_pos: np.ndarray, n_keys: int) -> np.ndarray:
+    """True where key n is in the future of query s (key positions are 0..n_keys-1)   # [S, N] bool."""
+    return np.arange(n_keys)[None, :] > np.asarray(q_pos)[:, None]
+
+
+def _wants_probs(layer: int | None) -> bool:
+    if layer is None or not trace_active():
+        return False
+    name = f"language_model.model.layers.{layer}.self_attn"
+    return any(t.wants_attn_probs(name) for t in _TRACES if hasattr(t, "wants_attn_probs"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Expanded form (prefill)
+# ---------------------------------------------------------------------------------------------------------
+def mla_prefill(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg,
+                key_block: int = 4096) -> np.ndarray:
+    """MLA over new tokens ``x`` [S, D] at ``positions`` (contiguous, continuing the cache), expanded form.
+
+    Writes the new latent rows into ``cache`` (layer ``layer``), then attends over every cached position.
+    Returns the o_proj output [S, D] (before the residual add). When more than ``key_block`` positions are
+    cached, keys/values are expanded and attended block by block with a running (online) softmax, so memory
+    stays O(S × key_block) instead of O(S × N) scores plus an [N, H, 256] expansion.
+    """
+    positions = np.asarray(positions)
+    S = x.shape[0]
+    H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
+    q_nope, q_pe, c, k_pe = mla_project(x, w, positions, cfg, layer)
+    c_all, kpe_all = cache.append(layer, c, k_pe)                                # [N, R], [N, dr]
+    N = c_all.shape[0]
+    scale = np.float32(cfg.qk_head_dim ** -0.5)                                  # no yarn mscale (spec §8.3)
+    qn = q_nope.transpose(1, 0, 2)                                               # [H, S, dn]
+    qp = q_pe.transpose(1, 0, 2)                                                 # [H, S, dr]
+
+    def block(k0, k1):
+        """Scores [H, S, n] (scaled, causally masked) and values [H, n, dv] of cached positions k0..k1-1."""
+        kv = kernels.matmul(c_all[k0:k1], w.kv_b_proj).reshape(k1 - k0, H, dn + dv)   # [n, H, dn+dv]
+        s = np.matmul(qn, kv[..., :dn].transpose(1, 2, 0))                       # [H, S, n]  q_nope·k_nope
+        s += np.matmul(qp, kpe_all[k0:k1].T)                                     # + q_pe·k_pe (k_pe shared)
+        s *= scale
+        s[:, np.arange(k0, k1)[None, :] > positions[:, None]] = -np.inf          # causal mask
+        return s, kv[..., dn:].transpose(1, 0, 2)                                # [H, n, dv]
+
+    wants = _wants_probs(layer)
+    if N <= key_block or wants:
+        s, v = block(0, N)
+        p = softmax(s)                                                           # fp32, [H, S, N]
+        if wants:
+            p = emit(f"language_model.model.layers.{layer}.self_attn.attn_probs", p)
+        o = np.matmul(p, v)                                                      # [H, S, dv]
+    else:
+        m = np.full((H, S, 1), -np.inf, dtype=np.float32)                        # running max
+        l = np.zeros((H, S, 1), dtype=np.float32)                                # running sum of exp
+        o = np.zeros((H, S, dv), dtype=np.float32)                               # running numerator
+        for k0 in range(0, min(N, int(positions.max()) + 1), key_block):         # fully-future blocks skipped
+            s, v = block(k0, min(N, k0 + key_block))
+            m_new = np.maximum(m, s.max(axis=-1, keepdims=True))                # finite: key 0 is in block 0
+            corr = np.exp(m - m_new)
+            p = np.exp(s - m_new)
+            l = l * corr + p.sum(axis=-1, keepdims=True)
+            o = o * corr + np.matmul(p, v)
+            m = m_new
+        o /= l
+    o = o.transpose(1, 0, 2).reshape(S, H * dv)                                  # [S, H*dv]
+    return kernels.matmul(o, w.o_proj)                                           # [S, D]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Absorbed form (decode)
+# ---------------------------------------------------------------------------------------------------------
+def absorbed_kv_b(w: MLAWeights, cfg):
+    """Split kv_b_proj [H*(dn+dv), R] into W_uk [H, dn, R] and W_uv [H, dv, R] (f32 views of one widening)."""
+    H, dn, dv, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    kvb = w.kv_b_f32 if w.kv_b_f32 is not None else _f32(w.kv_b_proj)
+    kvb = kvb.reshape(H, dn + dv, R)
+    return kvb[:, :dn, :], kvb[:, dn:, :]
+
+
+def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) -> np.ndarray:
+    """MLA for new tokens ``x`` [S, D] (usually S = 1) in the absorbed form over the latent cache.
+
+    q_lat[h] = q_nope[h] · W_uk[h]             (H × R: the query mapped into latent space)
+    score[h, n] = (q_lat[h]·c_n + q_pe[h]·k_pe_n) · qk_head_dim^-0.5, causal softmax
+    o[h] = W_uv[h] · Σ_n p[h, n] c_n           then o_proj.
+    Equal to :func:`mla_prefill` up to float rounding (spec §8.3, "weight absorption").
+    """
+    positions = np.asarray(positions)
+    S = x.shape[0]
+    H, dv, R = cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank
+    q_nope, q_pe, c, k_pe = mla_project(x, w, positions, cfg, layer)
+    cache.append(layer, c, k_pe)
+    rows = cache.rows(layer)                                                     # [N, R + dr]  = [c | k_pe]
+    N = rows.shape[0]
+
+    w_uk, w_uv = absorbed_kv_b(w, cfg)                                           # [H, dn, R], [H, dv, R]
+    q_lat = np.matmul(q_nope.transpose(1, 0, 2), w_uk)                           # [H, S, R]
+    q_cat = np.concatenate([q_lat, q_pe.transpose(1, 0, 2)], axis=-1)           # [H, S, R + dr]
+    s = np.matmul(q_cat, rows.T)                                                 # [H, S, N]
+    s *= np.float32(cfg.qk_head_dim ** -0.5)
+    if S > 1 or positions[-1] < N - 1:
+        s[:, _causal_mask(positions, N)] = -np.inf
+    p = softmax(s)                                                               # [H, S, N]
+    if _wants_probs(layer):
+        p = emit(f"language_model.model.layers.{layer}.self_attn.attn_probs", p)
+    o_lat = np.matmul(p, rows[:, :R])                                            # [H, S, R]
+    o = np.matmul(o_lat, w_uv.transpose(0, 2, 1))                                # [H, S, dv]
+    o = o.transpose(1, 0, 2).reshape(S, H * dv)                                  # [S, H*dv]
+    return kernels.matmul(o, w.o_proj)                                           # [S, D]

@@ -1,0 +1,107 @@
+"""Latent KV cache for MLA (spec §8.3, DESIGN.md "Memory and speed").
+
+Per layer and position the cache keeps only what MLA needs to rebuild keys and values:
+
+    row = [ c (kv_lora_rank, after kv_a_layernorm) | k_pe (qk_rope_head_dim, after RoPE) ]
+
+576 float32 per layer per token for the real model (512 + 64), instead of 16 heads × (192 + 128) for an
+expanded cache. Rows of one layer sit in one preallocated [capacity, R + rope] array, so the absorbed decode
+score is a single product with ``rows.T`` and ``rows[:, :R]`` is the value-side latent.
+
+The arrays are preallocated (``capacity``) and grow geometrically when a write runs past the end (never past
+``max_len``). ``generate`` sizes the cache to prompt + max_new_tokens up front, so decode never reallocates.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import InputError
+
+
+class LatentCache:
+    """Growable per-layer latent cache. Position i of the sequence is row i of every layer."""
+
+    def __init__(self, n_layers: int, kv_lora_rank: int, rope_dim: int, capacity: int = 256,
+                 max_len: int | None = None, dtype=np.float32):
+        self.n_layers = int(n_layers)
+        self.kv_lora_rank = int(kv_lora_rank)
+        self.rope_dim = int(rope_dim)
+        self.width = self.kv_lora_rank + self.rope_dim
+        self.max_len = None if max_len is None else int(max_len)
+        cap = max(1, int(capacity))
+        if self.max_len is not None:
+            cap = min(cap, self.max_len)
+        self.dtype = np.dtype(dtype)
+        self._rows = [np.zeros((cap, self.width), dtype=self.dtype) for _ in range(self.n_layers)]
+        self._len = [0] * self.n_layers
+
+    @classmethod
+    def for_config(cls, text_cfg, capacity: int = 256, max_len: int | None = None) -> "LatentCache":
+        return cls(text_cfg.num_hidden_layers, text_cfg.kv_lora_rank, text_cfg.qk_rope_head_dim,
+                   capacity=capacity, max_len=max_len)
+
+    # -- sizes -------------------------------------------------------------------------------------------
+    @property
+    def capacity(self) -> int:
+        return self._rows[0].shape[0] if self._rows else 0
+
+    def __len__(self) -> int:
+        """Number of positions held (by layer 0; all layers agree between forward passes)."""
+        return self._len[0] if self._len else 0
+
+    def seq_len(self, layer: int) -> int:
+        return self._len[layer]
+
+    def bytes_per_token(self) -> int:
+        """n_layers × (kv_lora_rank + qk_rope_head_dim) × itemsize -- 27 × 576 × 4 = 62208 for the real model."""
+        return self.n_layers * self.width * self.dtype.itemsize
+
+    def nbytes(self) -> int:
+        """Bytes currently allocated (capacity, not length)."""
+        return sum(r.nbytes for r in self._rows)
+
+    # -- access ------------------------------------------------------------------------------------------
+    def rows(self, layer: int) -> np.ndarray:
+        """All cached rows of ``layer``   # [N, R + rope] view (c = [:, :R], k_pe = [:, R:])."""
+        return self._rows[layer][: self._len[layer]]
+
+    def latent(self, layer: int) -> np.ndarray:
+        return self.rows(layer)[:, : self.kv_lora_rank]                     # [N, R]
+
+    def k_pe(self, layer: int) -> np.ndarray:
+        return self.rows(layer)[:, self.kv_lora_rank:]                      # [N, rope]
+
+    def reserve(self, n_total: int) -> None:
+        """Make room for ``n_total`` positions in every layer (at most max_len)."""
+        if self.max_len is not None and n_total > self.max_len:
+            raise InputError(f"sequence of {n_total} tokens exceeds the KV cache limit of {self.max_len}")
+        for i, r in enumerate(self._rows):
+            if r.shape[0] < n_total:
+                new_cap = max(n_total, 2 * r.shape[0])
+                if self.max_len is not None:
+                    new_cap = min(new_cap, self.max_len)
+                grown = np.zeros((new_cap, self.width), dtype=self.dtype)
+                grown[: self._len[i]] = r[: self._len[i]]
+                self._rows[i] = grown
+
+    def append(self, layer: int, c: np.ndarray, k_pe: np.ndarray):
+        """Write rows for new positions of ``layer``   # c [S, R], k_pe [S, rope].
+
+        Returns views (latent [N, R], k_pe [N, rope]) over every cached position of that layer.
+        """
+        S = c.shape[0]
+        n0 = self._len[layer]
+        if n0 + S > self._rows[layer].shape[0]:
+            self.reserve(n0 + S)
+        buf = self._rows[layer]
+        buf[n0:n0 + S, : self.kv_lora_rank] = c
+        buf[n0:n0 + S, self.kv_lora_rank:] = k_pe
+        self._len[layer] = n0 + S
+        return self.latent(layer), self.k_pe(layer)
+
+    def truncate(self, n: int) -> None:
+        """Forget positions >= n in every layer (e.g. to reuse a shared prompt prefix)."""
+        self._len = [min(l, int(n)) for l in self._len]
+
+    def reset(self) -> None:
+        self.truncate(0)

@@ -1,0 +1,390 @@
+"""The Kimi-VL model: embedding + image merge, 27 Moonlight decoder layers, final norm, lm_head (spec §8).
+
+Stage functions are pure and module-level, weights passed as arguments, so a notebook can run any stage by
+hand (``decoder_layer(x, model.layer_weights(5), cache, positions, model.config.text, 5)``):
+
+    embed_and_merge(ids, embed_table, image_features, placeholder_id)  -> [S, D]     (spec §8.1)
+    decoder_layer(x, layer_weights, cache, positions, cfg, layer)     -> [S, D]     (spec §8.2)
+    final_norm(x, w, eps)                                               -> [S, D]
+    lm_head(x, w)                                                       -> [S, V]
+
+:class:`KimiVL` ties them to a memory-mapped :class:`pykimi.weights.Checkpoint`; weights stay in their stored
+dtype and are widened per use by ``pykimi.kernels.matmul``. :func:`load` is ``pykimi.load``.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import numpy as np
+
+from . import kernels
+from .attention import MLAWeights, _f32, mla_decode, mla_prefill, rms_norm
+from .cache import LatentCache
+from .errors import InputError
+from .moe import RoutingRecord  # noqa: F401  (re-exported for notebooks)
+from .moe import dense_mlp, moe_forward, route, route_logits
+from .trace import active as trace_active, emit, emit_record
+from .weights import Checkpoint, Stored, bf16_to_f32
+
+LM = "language_model.model"
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Stage functions
+# ---------------------------------------------------------------------------------------------------------
+def embed_rows(embed_table, ids: np.ndarray) -> np.ndarray:
+    """Rows ``ids`` of the embedding table as float32   # [S] -> [S, D]. Reads only those rows of the mmap."""
+    if isinstance(embed_table, Stored):
+        rows = embed_table.data[ids]                                    # fancy index: copies S rows only
+        if embed_table.dtype == "BF16":
+            return bf16_to_f32(rows)
+        return rows.astype(np.float32)
+    if isinstance(embed_table, np.ndarray):
+        return np.asarray(embed_table[ids], dtype=np.float32)
+    if hasattr(embed_table, "rows_f32"):                                # a quantized table: dequantize rows
+        out = np.empty((ids.size, embed_table.shape[1]), dtype=np.float32)
+        for j, i in enumerate(np.asarray(ids).reshape(-1)):
+            out[j] = embed_table.rows_f32(int(i), int(i) + 1)[0]
+        return out
+    raise TypeError(f"unsupported embedding table type {type(embed_table).__name__}")
+
+
+def embed_and_merge(ids: np.ndarray, embed_table, image_features: np.ndarray | None,
+                    placeholder_id: int) -> np.ndarray:
+    """Token embeddings with image features written, in order, at the placeholder positions (spec §8.1).
+
+    ids [S] int, embed_table [V, D], image_features f32[T, D] or None   -> f32[S, D].
+    The number of placeholders must equal T (one-line InputError otherwise).
+    """
+    ids = np.asarray(ids)
+    x = embed_rows(embed_table, ids)                                    # [S, D]
+    where = np.flatnonzero(ids == placeholder_id)
+    n_feat = 0 if image_features is None else int(image_features.shape[0])
+    if where.size != n_feat:
+        raise InputError(f"input_ids hold {where.size} image placeholder tokens (id {placeholder_id}) but the "
+                         f"images give {n_feat} image tokens; expand each image's placeholder to its token count")
+    if n_feat:
+        if image_features.shape[1] != x.shape[1]:
+            raise InputError(f"image features have width {image_features.shape[1]}, expected {x.shape[1]}")
+        x[where] = image_features                                       # in prompt order
+    return x
+
+
+def final_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
+    """``language_model.model.norm``: RMSNorm (spec §8.2)   # [S, D]."""
+    return rms_norm(x, w, eps)
+
+
+def lm_head(x: np.ndarray, w) -> np.ndarray:
+    """Logits ``x @ W.T`` in fp32   # x [S, D], W [V, D] -> [S, V].
+
+    kernels.matmul reads W in its stored form (GEMV for few rows, bounded widened row tiles otherwise), so
+    nothing of size V × D is ever widened at once (V = 163840 for the real model).
+    """
+    return kernels.matmul(np.asarray(x, dtype=np.float32), w)
+
+
+@dataclass
+class LayerWeights:
+    """Everything decoder layer ``layer`` needs (the one table from checkpoint names to arguments).
+
+    input_layernorm, post_attention_layernorm: f32[D]; attn: MLAWeights;
+    dense layers: mlp = (gate [I, D], up [I, D], down [D, I]);
+    MoE layers: gate_w f32[E, D], gate_bias f32[E] | None, get_expert(e) -> (gate, up, down),
+    shared = (gate, up, down) | None.
+    """
+    layer: int
+    input_layernorm: np.ndarray
+    post_attention_layernorm: np.ndarray
+    attn: MLAWeights
+    mlp: tuple | None = None
+    gate_w: Any = None
+    gate_bias: np.ndarray | None = None
+    get_expert: Callable[[int], tuple] | None = None
+    shared: tuple | None = None
+
+    @property
+    def is_moe(self) -> bool:
+        return self.gate_w is not None
+
+    @classmethod
+    def from_checkpoint(cls, ckpt, cfg, layer: int) -> "LayerWeights":
+        """cfg: the TextConfig. Expert weights are *not* read here: only through get_expert(e)."""
+        p = f"{LM}.layers.{layer}"
+        kw: dict = dict(
+            layer=layer,
+            input_layernorm=ckpt.f32(f"{p}.input_layernorm.weight"),
+            post_attention_layernorm=ckpt.f32(f"{p}.post_attention_layernorm.weight"),
+            attn=MLAWeights.from_checkpoint(ckpt, layer, bool(cfg.q_lora_rank)),
+        )
+
+        def swiglu(prefix):
+            return (ckpt.weight(f"{prefix}.gate_proj.weight"), ckpt.weight(f"{prefix}.up_proj.weight"),
+                    ckpt.weight(f"{prefix}.down_proj.weight"))
+
+        if cfg.is_moe_layer(layer):
+            bias_name = f"{p}.mlp.gate.e_score_correction_bias"
+            kw.update(gate_w=ckpt.f32(f"{p}.mlp.gate.weight"),             # router in fp32 (spec §8.4)
+                      gate_bias=ckpt.f32(bias_name) if bias_name in ckpt else None,
+                      get_expert=lambda e: swiglu(f"{p}.mlp.experts.{e}"),
+                      shared=swiglu(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None)
+        else:
+            kw.update(mlp=swiglu(f"{p}.mlp"))
+        return cls(**kw)
+
+
+def ffn(h: np.ndarray, lw: LayerWeights, cfg) -> np.ndarray:
+    """The FFN of one layer on normalised h [S, D]: dense SwiGLU or routed + shared experts (spec §8.4)."""
+    p = f"{LM}.layers.{lw.layer}.mlp"
+    if not lw.is_moe:
+        return dense_mlp(h, *lw.mlp)
+    rec = route(h, lw.gate_w, lw.gate_bias, cfg)
+    if trace_active():
+        # Expose the decision; an edit of logits re-routes, an edit of ids/weights is used as given.
+        logits = emit(f"{p}.gate.router_logits", rec.logits)
+        if logits is not rec.logits:
+            rec = route_logits(logits, lw.gate_bias, cfg)
+        rec.topk_ids = emit(f"{p}.topk_ids", rec.topk_ids)
+        rec.topk_weights = emit(f"{p}.topk_weights", rec.topk_weights)
+        rec.topk_margin = emit(f"{p}.topk_margin", rec.topk_margin)
+        emit_record(f"{p}.routing", rec)
+    return moe_forward(h, rec, lw.get_expert, lw.shared, n_experts=cfg.n_routed_experts)
+
+
+def decoder_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, positions, cfg, layer: int | None = None,
+                  absorbed: bool = False) -> np.ndarray:
+    """One pre-norm residual layer (spec §8.2)   # x [S, D] -> [S, D].
+
+    x = x + MLA(RMSNorm_in(x));  x = x + FFN(RMSNorm_post(x)).  The new tokens' latent rows go into ``cache``.
+    ``absorbed`` selects the decode formulation of MLA (equal up to rounding).
+    """
+    layer = lw.layer if layer is None else layer
+    p = f"{LM}.layers.{layer}"
+    h = rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps)
+    attn = mla_decode if absorbed else mla_prefill
+    a = attn(h, lw.attn, cache, layer, positions, cfg)                 # [S, D]
+    a = emit(f"{p}.self_attn", a)
+    x = x + a
+    h = rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps)
+    m = emit(f"{p}.mlp", ffn(h, lw, cfg))                         # [S, D]
+    x = x + m
+    return emit(p, x)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The model
+# ---------------------------------------------------------------------------------------------------------
+class KimiVL:
+    """Kimi-VL on a memory-mapped checkpoint. Public API: DESIGN.md "Public API"."""
+
+    def __init__(self, ckpt: Checkpoint, config=None, max_context: int | None = None, prefill_chunk: int = 512,
+                 cache_absorbed: bool = True, vision_cache_weights: bool = False):
+        self.ckpt = ckpt
+        self.config = config if config is not None else ckpt.config
+        if self.config is None:
+            raise InputError(f"{ckpt.path}: config.json is missing; pykimi.load needs a checkpoint directory")
+        self.text = self.config.text
+        if max_context is not None and (not isinstance(max_context, (int, np.integer)) or max_context < 1):
+            raise InputError(f"max_context={max_context!r}: expected a positive integer")
+        self.max_context = int(max_context) if max_context is not None else None
+        self.prefill_chunk = max(1, int(prefill_chunk))
+        self.cache_absorbed = bool(cache_absorbed)
+        self.vision_cache_weights = vision_cache_weights
+        self._kv_b: dict[int, np.ndarray] = {}   # per-layer f32 kv_b_proj for the absorbed decode (small)
+        self._vision = None
+        self.last_stats: dict = {}               # filled by generate(): prompt_tokens, new_tokens, prefill_s, ...
+
+    # -- limits and inputs -------------------------------------------------------------------------------
+    @property
+    def context_limit(self) -> int:
+        lim = self.text.max_position_embeddings
+        return min(lim, self.max_context) if self.max_context is not None else lim
+
+    def check_ids(self, input_ids) -> np.ndarray:
+        """Validate input ids -> int64[S] (a [1, S] batch is accepted)."""
+        try:
+            ids = np.asarray(input_ids)
+        except Exception:
+            raise InputError("input_ids: expected a sequence of integer token ids") from None
+        if ids.ndim == 2 and ids.shape[0] == 1:
+            ids = ids[0]
+        if ids.ndim != 1 or ids.size == 0:
+            raise InputError(f"input_ids: expected a non-empty 1-D sequence of token ids, got shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise InputError(f"input_ids: expected integer token ids, got dtype {ids.dtype}")
+        V = self.text.vocab_size
+        if ids.min() < 0 or ids.max() >= V:
+            bad = int(ids[(ids < 0) | (ids >= V)][0])
+            raise InputError(f"input_ids: token id {bad} is outside the vocabulary [0, {V})")
+        return ids.astype(np.int64)
+
+    def check_length(self, n: int, what: str = "prompt") -> None:
+        lim = self.context_limit
+        if n > lim:
+            src = (f"max_context={self.max_context}" if self.max_context is not None
+                   and self.max_context < self.text.max_position_embeddings
+                   else f"max_position_embeddings={self.text.max_position_embeddings}")
+            raise InputError(f"{what} needs {n} positions, over the context limit of {lim} ({src})")
+
+    # -- weights -----------------------------------------------------------------------------------------
+    def layer_weights(self, layer: int) -> LayerWeights:
+        """The weights of decoder layer ``layer`` (memory-mapped; expert weights fetched lazily)."""
+        lw = LayerWeights.from_checkpoint(self.ckpt, self.text, layer)
+        if self.cache_absorbed:
+            kvb = self._kv_b.get(layer)
+            if kvb is None:
+                kvb = _f32(lw.attn.kv_b_proj)                           # [H*(dn+dv), R]
+                self._kv_b[layer] = kvb
+            lw.attn.kv_b_f32 = kvb
+        return lw
+
+    def embed_table(self):
+        """The embedding table in its stored form (rows are widened on lookup)."""
+        name = f"{LM}.embed_tokens.weight"
+        return self.ckpt.tensor(name) if name in self.ckpt else self.ckpt.weight(name)
+
+    # -- images ------------------------------------------------------------------------------------------
+    @property
+    def vision(self):
+        if self._vision is None:
+            from .vision import VisionTower  # lazy: text-only use never imports or reads the vision tower
+            self._vision = VisionTower(self.ckpt, self.config, cache_weights=self.vision_cache_weights)
+        return self._vision
+
+    def encode_images(self, pixel_values, image_grid_hws) -> np.ndarray:
+        """MoonViT + projector for all images   # pixel_values [N, 3, 14, 14], grid [n_images, 2] -> f32[T, D]."""
+        # the tower emits vision_tower.* and multi_modal_projector itself
+        return np.asarray(self.vision.encode(pixel_values, image_grid_hws), dtype=np.float32)
+
+    def _image_features(self, pixel_values, image_grid_hws, image_features):
+        if image_features is not None:
+            f = np.asarray(image_features, dtype=np.float32)
+            if f.ndim != 2:
+                raise InputError(f"image_features: expected [T, {self.text.hidden_size}], got shape {f.shape}")
+            return f
+        if pixel_values is None:
+            if image_grid_hws is not None and len(image_grid_hws):
+                raise InputError("image_grid_hws given without pixel_values")
+            return None
+        if image_grid_hws is None:
+            raise InputError("pixel_values given without image_grid_hws ([n_images, 2] patch grid per image)")
+        return self.encode_images(pixel_values, image_grid_hws)
+
+    def embed(self, input_ids, pixel_values=None, image_grid_hws=None, image_features=None) -> np.ndarray:
+        """``inputs_embeds``: embeddings with image features merged (spec §8.1)   # [S, D]."""
+        ids = self.check_ids(input_ids)
+        feats = self._image_features(pixel_values, image_grid_hws, image_features)
+        x = embed_and_merge(ids, self.embed_table(), feats, self.config.media_placeholder_token_id)
+        return emit("inputs_embeds", x)
+
+    def new_cache(self, capacity: int = 256) -> LatentCache:
+        return LatentCache.for_config(self.text, capacity=capacity, max_len=self.context_limit)
+
+    # -- running -----------------------------------------------------------------------------------------
+    def run_layers(self, x: np.ndarray, cache: LatentCache, absorbed: bool = False) -> np.ndarray:
+        """All decoder layers + final norm for new tokens x [S, D] continuing ``cache``   -> [S, D]."""
+        t = self.text
+        start = len(cache)
+        positions = np.arange(start, start + x.shape[0])               # plain 0..n-1 positions (spec §8.1)
+        for layer in range(t.num_hidden_layers):
+            x = decoder_layer(x, self.layer_weights(layer), cache, positions, t, layer, absorbed=absorbed)
+        x = final_norm(x, self.ckpt.f32(f"{LM}.norm.weight"), t.rms_norm_eps)
+        return emit(f"{LM}.norm", x)
+
+    def logits(self, h: np.ndarray) -> np.ndarray:
+        return emit("logits", lm_head(h, self.ckpt.weight("language_model.lm_head.weight")))
+
+    def prefill(self, inputs_embeds: np.ndarray, cache: LatentCache, all_logits: bool = True) -> np.ndarray:
+        """Run the prompt through the model in chunks of ``prefill_chunk`` tokens (expanded MLA).
+
+        Returns logits f32[S, V] (all_logits) or f32[V] for the last position only.
+        """
+        S = inputs_embeds.shape[0]
+        self.check_length(len(cache) + S)
+        cache.reserve(len(cache) + S)
+        out = []
+        for c0 in range(0, S, self.prefill_chunk):
+            c1 = min(S, c0 + self.prefill_chunk)
+            h = self.run_layers(inputs_embeds[c0:c1], cache)
+            if all_logits:
+                out.append(self.logits(h))
+            elif c1 == S:
+                out.append(self.logits(h[-1:])[0])
+        return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
+
+    def decode_step(self, token_id: int, cache: LatentCache) -> np.ndarray:
+        """One new token at position len(cache), absorbed MLA over the latent cache   -> logits f32[V]."""
+        self.check_length(len(cache) + 1)
+        ids = np.array([int(token_id)], dtype=np.int64)
+        x = emit("inputs_embeds", embed_rows(self.embed_table(), ids))   # [1, D]
+        h = self.run_layers(x, cache, absorbed=True)
+        return self.logits(h)[0]
+
+    def forward(self, input_ids, pixel_values=None, image_grid_hws=None, image_features=None) -> np.ndarray:
+        """Logits for every position   # input_ids [S] -> f32[S, vocab].
+
+        ``image_features`` (f32[T, D]) may replace pixel_values/image_grid_hws, e.g. a projector dump.
+        """
+        ids = self.check_ids(input_ids)
+        self.check_length(ids.size)
+        x = self.embed(ids, pixel_values, image_grid_hws, image_features)
+        cache = self.new_cache(capacity=ids.size)
+        return self.prefill(x, cache, all_logits=True)
+
+    __call__ = forward
+
+    def generate(self, input_ids, pixel_values=None, image_grid_hws=None, max_new_tokens: int = 256,
+                 temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
+                 repetition_penalty: float = 1.0, seed=None, stream: bool = False, stop_ids=None,
+                 image_features=None):
+        """New token ids (list, or an iterator when stream=True); see :func:`pykimi.generate.generate`."""
+        from .generate import generate
+        return generate(self, input_ids, pixel_values=pixel_values, image_grid_hws=image_grid_hws,
+                        max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
+                        min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stream=stream,
+                        stop_ids=stop_ids, image_features=image_features)
+
+    @property
+    def stop_ids(self) -> list[int]:
+        from .generate import default_stop_ids
+        return default_stop_ids(self)
+
+    def __repr__(self) -> str:
+        return f"KimiVL({self.ckpt.path!r}, backend={kernels.backend()!r})"
+
+
+def load(path, backend: str | None = None, threads: int | None = None, max_context: int | None = None,
+         prefill_chunk: int = 512, cache_absorbed: bool = True, vision_cache_weights: bool = False) -> KimiVL:
+    """``pykimi.load``: open a checkpoint directory (HF layout) -> :class:`KimiVL`.
+
+    Weights stay memory-mapped. backend: 'numpy' | 'numba' | 'c' (default: $PYKIMI_BACKEND or the fastest
+    available); threads: kernel threads; max_context: a user cap on positions (<= max_position_embeddings);
+    prefill_chunk: prompt tokens per chunk; cache_absorbed: keep each layer's kv_b_proj widened to f32 for the
+    absorbed decode (27 × 8 MB for the real model) instead of widening it at every step.
+    """
+    if backend is not None:
+        set_backend = getattr(kernels, "set_backend", None)
+        try:
+            if set_backend is not None:
+                set_backend(backend)
+            elif backend != kernels.backend():
+                raise ValueError(f"only {kernels.backend()!r} is available")
+        except ValueError as e:
+            raise InputError(f"backend={backend!r}: {str(e).splitlines()[0]}") from None
+    if threads is not None:
+        if not isinstance(threads, (int, np.integer)) or threads < 1:
+            raise InputError(f"threads={threads!r}: expected a positive integer")
+        set_threads = getattr(kernels, "set_threads", None)
+        if set_threads is not None:
+            set_threads(int(threads))
+    ckpt = Checkpoint.open(path)
+    cfg = ckpt.config
+    if cfg is None:
+        from .config import load_config
+        cfg = load_config(path)
+    if max_context is not None and max_context > cfg.text.max_position_embeddings:
+        raise InputError(f"max_context={max_context} exceeds max_position_embeddings="
+                         f"{cfg.text.max_position_embeddings} of {path}")
+    return KimiVL(ckpt, cfg, max_context=max_context, prefill_chunk=prefill_chunk,
+                  cache_absorbed=cache_absorbed, vision_cache_weights=vision_cache_weights)
