@@ -134,8 +134,10 @@ def _generate(model, proc, inputs, args, out=sys.stdout, stream=True):
     stats.setdefault("new_tokens", len(new))
     if t_first is not None:
         stats.setdefault("first_token_s", t_first - t0)
-        if len(new) > 1:
-            stats.setdefault("decode_tok_s", (len(new) - 1) / max(t_end - t_first, 1e-9))
+    if stats.get("decode_s") and len(new) > 1:       # the model's own timing of the decode steps
+        stats["decode_tok_s"] = (len(new) - 1) / stats["decode_s"]
+    elif t_first is not None and len(new) > 1:
+        stats["decode_tok_s"] = (len(new) - 1) / max(t_end - t_first, 1e-9)
     stats["total_s"] = t_end - t0
     return text, new, stats
 

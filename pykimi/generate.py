@@ -180,20 +180,24 @@ def generate(model, input_ids, pixel_values=None, image_grid_hws=None, max_new_t
         model.check_length(S, "prompt")
         raise InputError(f"prompt of {S} tokens + max_new_tokens={max_new_tokens} exceeds the context limit of "
                          f"{model.context_limit}; lower max_new_tokens")
+    t_embed = time.perf_counter()
     x = model.embed(ids, pixel_values, image_grid_hws, image_features)     # images encoded and checked now
+    t_embed = time.perf_counter() - t_embed
     stops = set(default_stop_ids(model) if stop_ids is None else (int(s) for s in stop_ids))
     it = _generate_iter(model, ids, x, int(max_new_tokens), float(temperature), float(top_p), int(top_k),
-                        float(min_p), float(repetition_penalty), seed, stops)
+                        float(min_p), float(repetition_penalty), seed, stops, t_embed)
     return it if stream else list(it)
 
 
 def _generate_iter(model, ids, x, max_new_tokens, temperature, top_p, top_k, min_p, penalty, seed,
-                   stops) -> Iterator[int]:
+                   stops, embed_s: float = 0.0) -> Iterator[int]:
     if max_new_tokens == 0:
         return
     rng = np.random.default_rng(seed)
     # timings for the CLI / benchmarks: model.last_stats is replaced at every call and updated while streaming
-    stats = {"prompt_tokens": int(ids.size), "new_tokens": 0, "prefill_s": 0.0, "decode_s": 0.0}
+    # encode_s: token embedding + image encoding (MoonViT + projector), done before the first token
+    stats = {"prompt_tokens": int(ids.size), "new_tokens": 0, "encode_s": embed_s, "prefill_s": 0.0,
+             "decode_s": 0.0}
     model.last_stats = stats
     t0 = time.perf_counter()
     cache = model.new_cache(capacity=ids.size + max_new_tokens)        # preallocated: decode never grows it

@@ -1,0 +1,114 @@
+"""The pykimi command, driven as a subprocess on the tiny checkpoint (plus a synthetic vocabulary)."""
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from cli_helpers import make_tiny_model_dir
+from conftest import GOLDEN, ROOT
+
+IMG = os.path.join(GOLDEN, "one_image", "images", "img0.png")
+
+
+def cli(*args, stdin=None, timeout=300):
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.run([sys.executable, "-m", "pykimi.cli", *args], input=stdin, capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=ROOT)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return make_tiny_model_dir(str(tmp_path_factory.mktemp("cli") / "tiny"))
+
+
+def test_run_json_with_image(model_dir):
+    r = cli("run", "-m", model_dir, "--image", IMG, "-p", "What is this?", "-n", "6", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["ids"]) == 6 and out["stats"]["prompt_tokens"] > 20  # 20 image tokens + the template
+    assert out["stats"]["encode_s"] > 0 and out["peak_rss_mb"] > 0
+
+
+def test_run_streams_and_prints_timing(model_dir):
+    r = cli("run", "-m", model_dir, "-p", "hello", "-n", "5", "--seed", "1", "--temp", "0.8")
+    assert r.returncode == 0, r.stderr
+    timing = r.stderr.strip().splitlines()[-1]
+    assert timing.startswith("[load") and "prefill" in timing and "decode" in timing and "peak RSS" in timing
+
+
+def test_run_greedy_matches_api(model_dir):
+    """The command and the Python API give the same greedy ids for the same prompt."""
+    import pykimi as pk
+
+    r = cli("run", "-m", model_dir, "-p", "abc", "-n", "7", "--json")
+    ids = json.loads(r.stdout)["ids"]
+    proc = pk.Processor.from_pretrained(model_dir)
+    model = pk.load(model_dir)
+    inputs = proc.prepare([{"role": "user", "content": "abc"}])
+    assert model.generate(inputs["input_ids"], max_new_tokens=7) == ids
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["run", "-m", "/nonexistent/dir", "-p", "x"], "/nonexistent/dir"),
+    (["run", "--image", "/nonexistent.png", "-p", "x"], "nonexistent.png"),
+    (["info", "/nonexistent/dir"], "no such checkpoint directory"),
+    (["diff", "/nonexistent_a.safetensors", "/nonexistent_b.safetensors"], "no such dump file"),
+])
+def test_errors_are_one_line_exit_2(model_dir, args, msg):
+    if args[0] == "run" and "-m" not in args:
+        args = args[:1] + ["-m", model_dir] + args[1:]
+    r = cli(*args)
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("pykimi: error:") and msg in lines[0], r.stderr
+
+
+def test_debug_flag_shows_traceback(model_dir):
+    r = cli("--debug", "info", "/nonexistent/dir")
+    assert r.returncode != 0 and "Traceback" in r.stderr
+
+
+def test_info_real_config_and_backends():
+    r = cli("info", os.path.join(ROOT, "pykimi", "data", "reference_config.json"))
+    assert r.returncode == 0, r.stderr
+    assert "total 16.41 B" in r.stdout and "active per token 2.91 B" in r.stdout
+    r = cli("info", "--backends")
+    assert r.returncode == 0 and "active:" in r.stdout and "numpy" in r.stdout
+
+
+def test_info_tiny_lists_tensors(model_dir):
+    r = cli("info", model_dir, "--tensors")
+    assert r.returncode == 0, r.stderr
+    assert "complete: yes" in r.stdout and "language_model.lm_head.weight" in r.stdout
+
+
+def test_chat_multi_turn_with_image_and_reset(model_dir):
+    script = f"hello\n/image {IMG}\nwhat is this?\n/reset\nagain\n/quit\n"
+    r = cli("chat", "-m", model_dir, "-n", "4", stdin=script)
+    assert r.returncode == 0, r.stderr
+    assert "(attached" in r.stderr and "(conversation reset)" in r.stderr
+    assert r.stderr.count("[load") == 3  # one timing line per answer
+
+
+def test_chat_bad_image_keeps_session(model_dir):
+    r = cli("chat", "-m", model_dir, "-n", "2", stdin="/image /nope.png\nhi\n")
+    assert r.returncode == 0 and "error:" in r.stderr and r.stderr.count("[load") == 1
+
+
+def test_trace_and_diff_against_golden(model_dir, tmp_path):
+    out = str(tmp_path / "dump.safetensors")
+    case = os.path.join(GOLDEN, "two_images")
+    r = cli("trace", "-m", model_dir, "--inputs", os.path.join(case, "inputs.safetensors"), "--out", out)
+    assert r.returncode == 0, r.stderr
+    r = cli("diff", out, case)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "all compared tensors agree" in r.stdout and "vision_tower.encoder.blocks.1" in r.stdout
+    r = cli("trace", "-m", model_dir, "--inputs", os.path.join(case, "inputs.safetensors"), "--out", out,
+               "--names", "multi_modal_projector*")
+    from pykimi.weights import Checkpoint
+
+    assert Checkpoint.open(out).names() == ["multi_modal_projector", "multi_modal_projector.linear_1",
+                                            "multi_modal_projector.pre_norm"]
