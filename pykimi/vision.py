@@ -1,0 +1,506 @@
+"""MoonViT vision tower and the multi-modal projector (spec §6-7), in NumPy float32.
+
+Stages, each a pure function with its weights as arguments (shapes on the line):
+
+    patch_embed        f32[L,3,p,p] -> f32[L,C]             one matmul over flattened (C, ky, kx) patches
+    bicubic_resize     f32[H0,W0,C] -> f32[gh*gw,C]         torch bicubic, A=-0.75, align_corners=False
+    vision_block       f32[L,C] -> f32[L,C]                 LN, qkv, 2-D RoPE, block-diagonal attention, MLP
+    patch_merger       f32[L,C] -> f32[T,4,C]               2x2, sub-tokens TL, TR, BL, BR
+    projector          f32[T,4,C] -> f32[T,text_hidden]     per-sub-vector LN, linear_1, erf GELU, linear_2
+
+:class:`VisionTower` strings them together, reading one block's weights at a time from the memory-mapped
+checkpoint, and emits every stage through :mod:`pykimi.trace` under the checkpoint's module names.
+L = total patches of all images (packed), T = L / 4 merged tokens, C = vision hidden, p = patch size.
+"""
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import numpy as np
+
+from .errors import CheckpointError, InputError
+from .rope import apply_rope, vision_rope_angles
+
+from . import trace  # a callable module: trace.emit here, pykimi.trace(model) for users
+
+VT = "vision_tower"
+PROJ = "multi_modal_projector"
+
+# the short names of one block's tensors, under f"vision_tower.encoder.blocks.{i}."
+BLOCK_KEYS = ("norm0.weight", "norm0.bias", "wqkv.weight", "wqkv.bias", "wo.weight", "wo.bias",
+              "norm1.weight", "norm1.bias", "mlp.fc0.weight", "mlp.fc0.bias", "mlp.fc1.weight", "mlp.fc1.bias")
+PROJ_KEYS = ("pre_norm.weight", "pre_norm.bias", "linear_1.weight", "linear_1.bias",
+             "linear_2.weight", "linear_2.bias")
+
+# scores of one query block for all heads stay below this many bytes (spec: peak < 1 GiB at 16,384 patches)
+ATTN_BLOCK_BYTES = 128 << 20
+
+
+# ---------------------------------------------------------------------------------------------------------
+# elementwise pieces
+# ---------------------------------------------------------------------------------------------------------
+def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5) -> np.ndarray:
+    """torch LayerNorm over the last axis (biased variance), float32   # same shape as x."""
+    x = np.asarray(x, dtype=np.float32)
+    mu = x.mean(axis=-1, keepdims=True, dtype=np.float32)
+    d = x - mu
+    var = np.mean(np.square(d), axis=-1, keepdims=True, dtype=np.float32)
+    d *= 1.0 / np.sqrt(var + np.float32(eps))
+    d *= w
+    d += b
+    return d
+
+
+def gelu_tanh(x: np.ndarray) -> np.ndarray:
+    """GELU, tanh approximation (torch approximate='tanh', HF gelu_pytorch_tanh) -- the vision MLP's (§6.3)."""
+    x = np.asarray(x, dtype=np.float32)
+    c = np.float32(math.sqrt(2.0 / math.pi))
+    inner = x * x
+    inner *= np.float32(0.044715)
+    inner += 1.0
+    inner *= x
+    inner *= c
+    np.tanh(inner, out=inner)
+    inner += 1.0
+    inner *= x
+    inner *= np.float32(0.5)
+    return inner
+
+
+# erfc(z), z >= 0, as t*exp(-z^2 + P(t)) with t = 1/(1 + z/2): P is smooth on t in (0, 1], so a degree-16
+# polynomial fitted (at first use, against math.erfc at Chebyshev nodes) is good to ~5e-12 relative.
+_ERFC_ZMAX = 26.5                       # erfc(26.5) ~ 1e-307; beyond it P is evaluated at the clipped t
+_ERFC_T0 = 1.0 / (1.0 + 0.5 * _ERFC_ZMAX)
+_ERFC_POLY: np.ndarray | None = None    # power-basis coefficients in u = affine(t) in [-1, 1]
+
+
+def _erfc_poly() -> np.ndarray:
+    global _ERFC_POLY
+    if _ERFC_POLY is None:
+        from numpy.polynomial import chebyshev as cheb
+        n = 400
+        u = np.cos(np.pi * (np.arange(n) + 0.5) / n)            # Chebyshev nodes in [-1, 1]
+        t = _ERFC_T0 + (1.0 - _ERFC_T0) * (u + 1.0) / 2.0
+        z = 2.0 * (1.0 / t - 1.0)
+        g = np.array([math.log(math.erfc(zz) / tt) + zz * zz for zz, tt in zip(z, t)])
+        _ERFC_POLY = cheb.cheb2poly(cheb.chebfit(u, g, 16))
+    return _ERFC_POLY
+
+
+def _erfc_nonneg(z: np.ndarray) -> np.ndarray:
+    """erfc(z) for z >= 0, float64, relative error < 1e-11."""
+    coef = _erfc_poly()
+    z = np.asarray(z, dtype=np.float64)
+    out = np.empty_like(z)
+    zf, of = z.reshape(-1), out.reshape(-1)
+    a, c = 2.0 / (1.0 - _ERFC_T0), (1.0 + _ERFC_T0) / (1.0 - _ERFC_T0)
+    for s in range(0, zf.size, 1 << 16):            # chunks stay in cache
+        zz = zf[s:s + (1 << 16)]
+        t = 1.0 / (1.0 + 0.5 * zz)
+        u = np.maximum(t, _ERFC_T0) * a - c
+        acc = np.full_like(u, coef[-1])
+        for k in coef[-2::-1]:                      # Horner
+            acc *= u
+            acc += k
+        acc -= zz * zz
+        np.exp(acc, out=acc)
+        acc *= t
+        of[s:s + zz.size] = acc
+    return out
+
+
+def erfc(x: np.ndarray) -> np.ndarray:
+    """Complementary error function, float64 (numpy has none; scipy is not a dependency)."""
+    x = np.asarray(x, dtype=np.float64)
+    r = _erfc_nonneg(np.abs(x))
+    return np.where(x < 0, 2.0 - r, r)
+
+
+def erf(x: np.ndarray) -> np.ndarray:
+    """Error function, float64, absolute error < 1e-11 (relative too, except near 0 where it is ~1e-16/|x|)."""
+    x = np.asarray(x, dtype=np.float64)
+    return np.sign(x) * (1.0 - _erfc_nonneg(np.abs(x)))
+
+
+def gelu_erf(x: np.ndarray) -> np.ndarray:
+    """Exact GELU x*Phi(x) = x/2 * erfc(-x/sqrt 2) (torch GELU(approximate='none')) -- the projector's (§7).
+
+    Computed through erfc in float64 so negative inputs keep full relative precision; returns float32."""
+    x = np.asarray(x, dtype=np.float32)
+    z = x.astype(np.float64) * (-1.0 / math.sqrt(2.0))       # erfc(z) with z = -x/sqrt2
+    r = _erfc_nonneg(np.abs(z))
+    r = np.where(z < 0, 2.0 - r, r)
+    r *= 0.5
+    r *= x
+    return r.astype(np.float32)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# patch embedding and the position table
+# ---------------------------------------------------------------------------------------------------------
+def patch_embed(pixel_values: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Conv2d(3 -> C, kernel p, stride p) on each patch = flatten (C, ky, kx) and one matmul (spec §6.1).
+
+    pixel_values f32[L,3,p,p], w f32[C,3,p,p], b f32[C] -> f32[L,C]."""
+    L = pixel_values.shape[0]
+    C = w.shape[0]
+    x = np.ascontiguousarray(pixel_values, dtype=np.float32).reshape(L, w[0].size)   # [L, 3*p*p]
+    out = x @ w.reshape(C, -1).T                                              # [L, C]
+    out += b
+    return out
+
+
+def _cubic_weights(t: np.ndarray) -> np.ndarray:
+    """Torch's cubic-convolution weights of the taps floor-1 .. floor+2 at fraction t, A = -0.75,
+    evaluated in float32 like torch's get_cubic_upsample_coefficients   # f32[n, 4]."""
+    A = np.float32(-0.75)
+    one = np.float32(1.0)
+
+    def near(x):   # |x| <= 1: ((A+2)x - (A+3)) x^2 + 1
+        return ((A + np.float32(2)) * x - (A + np.float32(3))) * x * x + one
+
+    def far(x):    # 1 < |x| < 2: ((A x - 5A) x + 8A) x - 4A
+        return ((A * x - np.float32(5) * A) * x + np.float32(8) * A) * x - np.float32(4) * A
+
+    t = t.astype(np.float32)
+    s = one - t
+    return np.stack([far(t + one), near(t), near(s), far(s + one)], axis=-1).astype(np.float32)
+
+
+def bicubic_matrix(in_size: int, out_size: int) -> np.ndarray:
+    """The 1-D resampling matrix of torch bicubic (align_corners=False, antialias=False)   # f32[out, in].
+
+    Row o holds the weights of output o: src = (in/out)*(o+0.5) - 0.5 (scale computed in float32 as torch does;
+    the coordinate itself is not clamped), taps floor(src)-1 .. floor(src)+2 with their *indices* clamped to
+    [0, in-1] (so edge taps accumulate), cubic convolution with A = -0.75 (spec §6.2). Equal sizes give the
+    identity exactly."""
+    if in_size < 1 or out_size < 1:
+        raise ValueError(f"bicubic_matrix: sizes must be >= 1, got in={in_size}, out={out_size}")
+    scale = np.float32(in_size) / np.float32(out_size)
+    dst = np.arange(out_size, dtype=np.float32)
+    src = scale * (dst + np.float32(0.5)) - np.float32(0.5)             # [out] float32
+    base = np.floor(src)
+    t = np.clip(src - base, 0.0, 1.0).astype(np.float32)
+    wts = _cubic_weights(t)                                               # [out, 4]
+    idx = base.astype(np.int64)[:, None] + np.arange(-1, 3)[None, :]    # [out, 4]
+    idx = np.clip(idx, 0, in_size - 1)
+    m = np.zeros((out_size, in_size), dtype=np.float64)
+    np.add.at(m, (np.repeat(np.arange(out_size), 4), idx.reshape(-1)), wts.reshape(-1).astype(np.float64))
+    return m.astype(np.float32)
+
+
+def bicubic_resize(table: np.ndarray, out_h: int, out_w: int) -> np.ndarray:
+    """F.interpolate(table.permute(2,0,1)[None], size=(out_h,out_w), mode='bicubic') flattened row-major.
+
+    table f32[H0,W0,C] -> f32[out_h*out_w, C]. Separable: rows with bicubic_matrix(H0,out_h), then columns.
+    Always applied, including at equal size, where it is the identity (spec §6.2, HF's size test never hits)."""
+    H0, W0, C = table.shape
+    mh = bicubic_matrix(H0, out_h).astype(np.float64)                    # [oh, H0]
+    mw = bicubic_matrix(W0, out_w).astype(np.float64)                    # [ow, W0]
+    t = np.asarray(table, dtype=np.float64).reshape(H0, W0 * C)
+    rows = (mh @ t).reshape(out_h, W0, C)                                # [oh, W0, C]   along H
+    cols = mw @ rows.transpose(1, 0, 2).reshape(W0, out_h * C)          # [ow, oh*C]    along W
+    out = cols.reshape(out_w, out_h, C).transpose(1, 0, 2)               # [oh, ow, C]
+    return np.ascontiguousarray(out, dtype=np.float32).reshape(out_h * out_w, C)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# attention
+# ---------------------------------------------------------------------------------------------------------
+def cu_seqlens(grid_hws) -> np.ndarray:
+    """Cumulative patch counts [0, n_0, n_0+n_1, ...]: image k owns rows cu[k]:cu[k+1]   # int64[n_img+1]."""
+    g = np.asarray(grid_hws, dtype=np.int64).reshape(-1, 2)
+    return np.concatenate([[0], np.cumsum(g[:, 0] * g[:, 1])]).astype(np.int64)
+
+
+def rope_angles(grid_hws, head_dim: int, theta: float = 10000.0) -> list[np.ndarray]:
+    """The 2-D RoPE angle table of every image (positions restart at (0,0) per image)   # [f32[n_k, D/2]].
+
+    Pair 2i turns by col*f_i, pair 2i+1 by row*f_i, f_i = theta^(-4i/D) (spec §6.4; pykimi.rope)."""
+    return [vision_rope_angles(int(gh), int(gw), head_dim, theta)
+            for gh, gw in np.asarray(grid_hws, dtype=np.int64).reshape(-1, 2)]
+
+
+def vision_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cu: Sequence[int], block_q: int | None = None,
+                     return_probs: bool = False):
+    """Bidirectional attention restricted to each image's own tokens (block-diagonal over cu_seqlens).
+
+    q, k, v f32[L,H,D] (q, k already rotated) -> f32[L, H*D]; with return_probs also f32[H,L,L] (zero across
+    images). Scores q.k^T/sqrt(D) and the softmax are fp32. Queries are processed in blocks of ``block_q``
+    rows for all heads at once (default: as many as keep H*block_q*n*4 bytes <= ATTN_BLOCK_BYTES), so a
+    16,384-patch image never holds a full n x n score matrix per head."""
+    L, H, D = q.shape
+    scale = np.float32(1.0 / math.sqrt(D))
+    out = np.empty((L, H, D), dtype=np.float32)
+    probs = np.zeros((H, L, L), dtype=np.float32) if return_probs else None
+    cu = [int(c) for c in cu]
+    for s, e in zip(cu[:-1], cu[1:]):
+        n = e - s
+        if n == 0:
+            continue
+        # head-major contiguous copies: every per-head product below is one BLAS gemm
+        qh = np.ascontiguousarray(q[s:e].transpose(1, 0, 2))            # [H, n, D]
+        qh *= scale
+        khT = np.ascontiguousarray(k[s:e].transpose(1, 0, 2)).transpose(0, 2, 1)   # [H, D, n] (view)
+        vh = np.ascontiguousarray(v[s:e].transpose(1, 0, 2))            # [H, n, D]
+        oh = np.empty((H, n, D), dtype=np.float32)
+        bq = min(n, block_q or max(1, ATTN_BLOCK_BYTES // (4 * H * n)))
+        buf = np.empty((H, bq, n), dtype=np.float32)                    # the one score block, reused
+        for a in range(0, n, bq):
+            z = min(n, a + bq)
+            sc = np.matmul(qh[:, a:z], khT, out=buf[:, :z - a])         # [H, b, n] fp32 scores
+            sc -= sc.max(axis=-1, keepdims=True)
+            np.exp(sc, out=sc)
+            den = sc.sum(axis=-1, keepdims=True)                        # [H, b, 1]
+            if probs is not None:
+                sc /= den
+                probs[:, s + a:s + z, s:e] = sc
+                np.matmul(sc, vh, out=oh[:, a:z])
+            else:
+                np.matmul(sc, vh, out=oh[:, a:z])                       # [H, b, D]
+                oh[:, a:z] /= den                                       # normalize after P.V: D << n
+        out[s:e] = oh.transpose(1, 0, 2)
+    out = out.reshape(L, H * D)
+    return (out, probs) if return_probs else out
+
+
+def _wants_attn_probs(name: str) -> bool:
+    return any(t.wants_attn_probs(name) for t in trace._ACTIVE)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the block, the merger, the projector
+# ---------------------------------------------------------------------------------------------------------
+def _vcfg(cfg):
+    return getattr(cfg, "vision", cfg)      # accept KimiVLConfig or VisionConfig
+
+
+def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None = None,
+                 block_q: int | None = None) -> np.ndarray:
+    """One pre-norm MoonViT block (spec §6.3)   f32[L,C] -> f32[L,C].
+
+    w: the block's tensors as float32 arrays keyed by their short checkpoint names (BLOCK_KEYS);
+    angles: per-image RoPE angle tables (rope_angles) or one concatenated f32[L, D/2]; cfg: Kimi-VL or vision
+    config; name: the trace prefix (``vision_tower.encoder.blocks.{i}``) for the optional q/k/probs captures."""
+    vc = _vcfg(cfg)
+    L, C = x.shape
+    H = vc.num_attention_heads
+    D = C // H
+    eps = getattr(vc, "layer_norm_eps", 1e-5)
+    ang = np.concatenate(angles, axis=0) if isinstance(angles, (list, tuple)) else angles   # [L, D/2]
+
+    h = layer_norm(x, w["norm0.weight"], w["norm0.bias"], eps)             # [L, C]
+    qkv = h @ w["wqkv.weight"].T                                            # [L, 3C]
+    qkv += w["wqkv.bias"]
+    q = qkv[:, :C].reshape(L, H, D)                                         # q | k | v contiguous thirds
+    k = qkv[:, C:2 * C].reshape(L, H, D)
+    v = qkv[:, 2 * C:].reshape(L, H, D)
+    q = apply_rope(q, ang[:, None, :])                                      # [L, H, D] pair 2i col, 2i+1 row
+    k = apply_rope(k, ang[:, None, :])
+    if name is not None:
+        q = trace.emit(name + ".q_rope", q)
+        k = trace.emit(name + ".k_rope", k)
+    cu = cu_seqlens(grid_hws)
+    if name is not None and trace.active() and _wants_attn_probs(name):
+        att, probs = vision_attention(q, k, v, cu, block_q=block_q, return_probs=True)
+        trace.emit(name + ".attn_probs", probs)                             # [H, L, L], 0 across images
+    else:
+        att = vision_attention(q, k, v, cu, block_q=block_q)                # [L, C]
+    o = att @ w["wo.weight"].T                                              # [L, C]
+    o += w["wo.bias"]
+    x = x + o
+
+    h = layer_norm(x, w["norm1.weight"], w["norm1.bias"], eps)
+    f = h @ w["mlp.fc0.weight"].T                                           # [L, F]
+    f += w["mlp.fc0.bias"]
+    f = gelu_tanh(f)
+    o = f @ w["mlp.fc1.weight"].T                                           # [L, C]
+    o += w["mlp.fc1.bias"]
+    x += o
+    return x
+
+
+def patch_merger(x: np.ndarray, grid_hws, merge=(2, 2)) -> np.ndarray:
+    """2x2 merge per image (spec §6.6)   f32[L,C] -> f32[T,kh*kw,C].
+
+    Image (gh, gw): view (gh/kh, kh, gw/kw, kw, C) -> (gh/kh, gw/kw, kh, kw, C): sub-tokens TL, TR, BL, BR,
+    merged tokens in raster order of the merged grid; images concatenated in order."""
+    kh, kw = merge
+    C = x.shape[-1]
+    outs = []
+    cu = cu_seqlens(grid_hws)
+    for (gh, gw), s, e in zip(np.asarray(grid_hws, dtype=np.int64).reshape(-1, 2), cu[:-1], cu[1:]):
+        gh, gw = int(gh), int(gw)
+        xi = x[s:e].reshape(gh // kh, kh, gw // kw, kw, C).transpose(0, 2, 1, 3, 4)
+        outs.append(xi.reshape(-1, kh * kw, C))
+    if not outs:
+        return np.zeros((0, kh * kw, C), dtype=np.float32)
+    return np.ascontiguousarray(np.concatenate(outs, axis=0), dtype=np.float32)
+
+
+def projector(merged: np.ndarray, w: dict, eps: float = 1e-5) -> np.ndarray:
+    """KimiVLMultiModalProjector (spec §7)   f32[T,4,C] -> f32[T,text_hidden].
+
+    w keyed by short names (PROJ_KEYS). LayerNorm on each C-sub-vector *before* the concat to 4C, then
+    linear_1, exact erf GELU (not tanh), linear_2. Emits pre_norm, linear_1 and the output."""
+    T, S, C = merged.shape
+    h = layer_norm(merged, w["pre_norm.weight"], w["pre_norm.bias"], eps)  # [T, 4, C]
+    h = trace.emit(f"{PROJ}.pre_norm", h)
+    h = h.reshape(T, S * C)                                                 # [T, 4C] TL|TR|BL|BR
+    h = h @ w["linear_1.weight"].T
+    h += w["linear_1.bias"]
+    h = trace.emit(f"{PROJ}.linear_1", h)                                  # [T, 4C] before the GELU
+    h = gelu_erf(h)
+    out = h @ w["linear_2.weight"].T                                        # [T, text_hidden]
+    out += w["linear_2.bias"]
+    return trace.emit(PROJ, out)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# the tower
+# ---------------------------------------------------------------------------------------------------------
+def _expected_shapes(cfg) -> dict:
+    from .layout import projector_tensors, vision_tensors
+    return dict(vision_tensors(cfg) + projector_tensors(cfg))
+
+
+class VisionTower:
+    """MoonViT + projector on a checkpoint: ``encode(pixel_values, image_grid_hws) -> f32[T, text_hidden]``.
+
+    ckpt: a pykimi.weights.Checkpoint (only ``f32(name)`` is needed, plus ``expect`` for the up-front shape
+    check when present); cfg: KimiVLConfig. Weights are widened from the memory-mapped file one block at a
+    time and dropped after use, unless cache_weights=True keeps them (~1.7 GB for the real tower).
+    """
+
+    def __init__(self, ckpt, cfg, cache_weights: bool = False, block_q: int | None = None):
+        self.ckpt = ckpt
+        self.cfg = cfg
+        self.vcfg = cfg.vision
+        self.cache_weights = cache_weights
+        self.block_q = block_q
+        self._cache: dict[str, np.ndarray] = {}
+        self._shapes = _expected_shapes(cfg)
+        if hasattr(ckpt, "expect"):
+            for name, shape in self._shapes.items():   # a wrong checkpoint fails here, not at block 14
+                ckpt.expect(name, shape)
+
+    # -- weights ------------------------------------------------------------------------------------
+    def _f32(self, name: str) -> np.ndarray:
+        a = self._cache.get(name)
+        if a is None:
+            a = np.asarray(self.ckpt.f32(name), dtype=np.float32)
+            want = self._shapes.get(name)
+            if want is not None and tuple(a.shape) != tuple(want):
+                raise CheckpointError(f"tensor {name!r} has shape {list(a.shape)}, expected {list(want)}")
+            if self.cache_weights:
+                self._cache[name] = a
+        return a
+
+    def block_weights(self, i: int) -> dict:
+        """Block i's tensors as float32, keyed by the short names (BLOCK_KEYS)."""
+        p = f"{VT}.encoder.blocks.{i}."
+        return {k: self._f32(p + k) for k in BLOCK_KEYS}
+
+    def projector_weights(self) -> dict:
+        return {k: self._f32(f"{PROJ}.{k}") for k in PROJ_KEYS}
+
+    def clear_cache(self) -> None:
+        self._cache.clear()
+
+    # -- inputs -------------------------------------------------------------------------------------
+    def check_inputs(self, pixel_values, image_grid_hws):
+        """Validate and normalize: returns (f32[L,3,p,p], int64[n_img,2]); one-line InputError otherwise."""
+        vc = self.vcfg
+        p = vc.patch_size
+        kh, kw = vc.merge_kernel_size
+        limit = getattr(vc, "rope_max_grid", 512)
+        try:
+            g = np.asarray(image_grid_hws)
+        except Exception:
+            raise InputError("image_grid_hws: not an array of (gh, gw) pairs") from None
+        if g.size == 0:
+            g = g.reshape(0, 2)
+        if g.ndim != 2 or g.shape[1] != 2:
+            raise InputError(f"image_grid_hws has shape {list(g.shape)}, expected [n_images, 2] (gh, gw)")
+        if not (np.issubdtype(g.dtype, np.integer) or (np.issubdtype(g.dtype, np.floating)
+                                                         and np.all(np.isfinite(g)) and np.all(g == np.round(g)))):
+            raise InputError(f"image_grid_hws has dtype {g.dtype}, expected integers")
+        g = g.astype(np.int64)
+        for i, (gh, gw) in enumerate(g):
+            if gh <= 0 or gw <= 0:
+                raise InputError(f"image {i}: grid {gh}x{gw} patches, expected positive sizes")
+            if gh % kh or gw % kw:
+                raise InputError(f"image {i}: grid {gh}x{gw} patches is not divisible by the "
+                                 f"{kh}x{kw} merge kernel")
+            if gh >= limit or gw >= limit:
+                raise InputError(f"image {i}: grid {gh}x{gw} patches reaches the {limit}x{limit} 2-D RoPE "
+                                 f"table limit (at most {limit - 1} patches per side)")
+        try:
+            pv = np.asarray(pixel_values)
+        except Exception:
+            raise InputError("pixel_values: not an array") from None
+        if not (np.issubdtype(pv.dtype, np.floating) or np.issubdtype(pv.dtype, np.integer)):
+            raise InputError(f"image 0: pixel_values has dtype {pv.dtype}, expected float32")
+        if pv.ndim != 4:
+            raise InputError(f"image 0: pixel_values has shape {list(pv.shape)}, expected [N, 3, {p}, {p}]")
+        if pv.shape[1] != 3:
+            raise InputError(f"image 0: pixel_values patches have {pv.shape[1]} channels, expected 3 (RGB), "
+                             f"shape {list(pv.shape)} vs [N, 3, {p}, {p}]")
+        if pv.shape[2:] != (p, p):
+            raise InputError(f"image 0: pixel_values patches are {pv.shape[2]}x{pv.shape[3]}, expected the "
+                             f"model's patch size {p}x{p}")
+        cu = cu_seqlens(g)
+        N = pv.shape[0]
+        for i in range(len(g)):
+            if cu[i + 1] > N:
+                raise InputError(f"image {i}: grid {g[i, 0]}x{g[i, 1]} needs patches {cu[i]}..{cu[i + 1] - 1} "
+                                 f"but pixel_values has only {N} patches (grids need {cu[-1]})")
+        if cu[-1] != N:
+            raise InputError(f"image {len(g) - 1}: pixel_values has {N} patches but the {len(g)} grids need "
+                             f"{cu[-1]} ({N - cu[-1]} extra after the last image)")
+        pv = np.ascontiguousarray(pv, dtype=np.float32)
+        for i in range(len(g)):
+            if not np.all(np.isfinite(pv[cu[i]:cu[i + 1]])):
+                raise InputError(f"image {i}: pixel_values contain NaN or inf")
+        return pv, g
+
+    # -- forward ------------------------------------------------------------------------------------
+    def embed(self, pixel_values: np.ndarray, grid_hws: np.ndarray) -> np.ndarray:
+        """Patch embedding + resized position table = the encoder input   # f32[L,C]."""
+        vc = self.vcfg
+        x = patch_embed(pixel_values, self._f32(f"{VT}.patch_embed.proj.weight"),
+                        self._f32(f"{VT}.patch_embed.proj.bias"))                     # [L, C]
+        x = trace.emit(f"{VT}.patch_embed.proj", x)
+        table = self._f32(f"{VT}.patch_embed.pos_emb.weight")                          # [H0, W0, C]
+        pos = [bicubic_resize(table, int(gh), int(gw)) for gh, gw in grid_hws]        # [n_k, C] each
+        pos = np.concatenate(pos, axis=0) if pos else np.zeros((0, vc.hidden_size), np.float32)
+        pos = trace.emit(f"{VT}.patch_embed.pos_emb.interpolated", pos)
+        return trace.emit(f"{VT}.patch_embed", x + pos)
+
+    def tower(self, pixel_values, image_grid_hws) -> np.ndarray:
+        """MoonViT up to the merger   # f32[T, kh*kw, C] (inputs validated)."""
+        pv, g = self.check_inputs(pixel_values, image_grid_hws)
+        vc = self.vcfg
+        x = self.embed(pv, g)                                                          # [L, C]
+        angles = np.concatenate(rope_angles(g, vc.head_dim, vc.rope_theta) or
+                                [np.zeros((0, vc.head_dim // 2), np.float32)], axis=0)  # [L, D/2]
+        angles = trace.emit(f"{VT}.encoder.rope_angles", angles)       # the 2-D RoPE table (extra name)
+        for i in range(vc.num_hidden_layers):
+            name = f"{VT}.encoder.blocks.{i}"
+            x = vision_block(x, self.block_weights(i), g, angles, vc, name=name, block_q=self.block_q)
+            x = trace.emit(name, x)
+        x = layer_norm(x, self._f32(f"{VT}.encoder.final_layernorm.weight"),
+                       self._f32(f"{VT}.encoder.final_layernorm.bias"), vc.layer_norm_eps)
+        x = trace.emit(f"{VT}.encoder.final_layernorm", x)
+        merged = patch_merger(x, g, vc.merge_kernel_size)                               # [T, 4, C]
+        return trace.emit(f"{VT}.merger", merged)
+
+    def project(self, merged: np.ndarray) -> np.ndarray:
+        return projector(merged, self.projector_weights(), 1e-5)   # pre_norm: LayerNorm(C), torch default eps (spec §7)
+
+    def encode(self, pixel_values, image_grid_hws) -> np.ndarray:
+        """All images -> image features   # f32[T, text_hidden], rows in image order (spec §6-7)."""
+        return self.project(self.tower(pixel_values, image_grid_hws))
+
+    __call__ = encode
