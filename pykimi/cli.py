@@ -340,7 +340,8 @@ def cmd_diff(args) -> int:
 def cmd_quantize(args) -> int:
     from .quant import quantize_checkpoint
 
-    quantize_checkpoint(args.src, args.dst, bits=args.bits, what=args.what, progress=not args.quiet)
+    quantize_checkpoint(args.src, args.dst, bits=args.bits, what=args.what, progress=not args.quiet,
+                        overwrite=args.overwrite)
     print(f"wrote {args.dst}")
     return 0
 
@@ -417,6 +418,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bits", type=int, choices=[8, 4], default=8)
     p.add_argument("--what", choices=["experts", "all"], default="experts")
     p.add_argument("--quiet", action="store_true")
+    p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(fn=cmd_quantize)
     return ap
 

@@ -356,7 +356,8 @@ class Checkpoint:
         return self._quant.load_quantized(self, name)
 
     def has_weight(self, name: str) -> bool:
-        return name in self._where or self._quantized(name) is not None
+        """Present as a plain or a quantized tensor (header lookup only: no data view, no read count)."""
+        return name in self._where or (name + ".qweight" in self._where and name + ".scales" in self._where)
 
     def expect(self, name: str, shape: Iterable[int], dtypes: Iterable[str] | None = None) -> TensorInfo:
         """Check a tensor the model needs: present, right shape, acceptable dtype (one-line error if not)."""

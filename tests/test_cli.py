@@ -112,3 +112,15 @@ def test_trace_and_diff_against_golden(model_dir, tmp_path):
 
     assert Checkpoint.open(out).names() == ["multi_modal_projector", "multi_modal_projector.linear_1",
                                             "multi_modal_projector.pre_norm"]
+
+
+def test_quantize_command_and_load(model_dir, tmp_path):
+    dst = str(tmp_path / "q8")
+    r = cli("quantize", model_dir, dst, "--bits", "8", "--what", "all", "--quiet")
+    assert r.returncode == 0, r.stderr
+    r = cli("info", dst)
+    assert r.returncode == 0 and "complete: yes" in r.stdout and "quantized" in r.stdout, r.stdout
+    r = cli("quantize", model_dir, dst, "--bits", "8", "--quiet")          # refuses to overwrite
+    assert r.returncode == 2 and "already exists" in r.stderr
+    r = cli("run", "-m", dst, "-p", "abc", "-n", "4", "--json")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["ids"]) == 4, r.stderr

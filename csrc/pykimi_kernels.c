@@ -1,0 +1,826 @@
+/* pykimi_kernels.c -- y = x @ W^T with W read in its stored form (f32, bf16, Q8_32, Q4_32).
+ *
+ * Plain C99 (+ GNU attributes on x86 for the AVX2/FMA path). Formats and shapes: pykimi_kernels.h.
+ * NumPy twins: pykimi/kernels/ref.py (matmul, widen, dequant) -- the tests hold these to them.
+ *
+ * Why the loop nest looks like this:
+ *  - Decode is a GEMV that reads every weight once, so it is bound by memory bandwidth: the weights are
+ *    decoded (bf16 shift, int8/int4 * scale) in registers and never written back as f32.
+ *  - For a small batch (n up to ~32 rows of x) the same weight row is reused for a tile of up to PK_NT
+ *    rows of x: the row is decoded once per tile and stays in L1 between tiles, so memory traffic is
+ *    still one pass over W.  (Large n goes to BLAS on widened tiles instead; see kernels/__init__.py.)
+ *  - OpenMP splits the output rows (by cost, across all matrices of one call -- see "the drivers"): each
+ *    thread streams its own contiguous slab of W, and a call pays one fork/join however many matrices.
+ *  - int8/int4 weights: the activation row is quantized once per call (int16 for Q8, int8 for Q4) and each
+ *    block of 32 becomes an integer dot product; decoding every weight to f32 instead would make these
+ *    GEMVs compute bound on AVX2 (int4 slower per token than bf16). The f32-decoding kernels stay as the
+ *    exact path (PYKIMI_ACT_QUANT=none).
+ *  - Every kernel has a portable scalar loop; the AVX2/FMA path is chosen at run time with
+ *    __builtin_cpu_supports, so one binary runs on any x86-64 (no -march=native).
+ */
+#include "pykimi_kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+#if (defined(__x86_64__) || defined(__i386__)) && defined(__GNUC__) && !defined(PK_NO_SIMD)
+#define PK_X86 1
+#include <immintrin.h>
+#define PK_AVX2 __attribute__((target("avx2,fma")))
+#define PK_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+#else
+#define PK_X86 0
+#endif
+
+#define PK_NT 4          /* rows of x sharing one decoded weight row */
+#define PK_BLOCK 32      /* quantization block along `in` */
+#define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
+
+enum { F_F32 = 0, F_BF16 = 1, F_Q8 = 2, F_Q4 = 3 };
+
+/* ------------------------------------------------------------------------------------ runtime knobs */
+
+static int pk_threads = 0;        /* 0 = not chosen yet: PYKIMI_THREADS, else every processor */
+static int pk_scalar_forced = 0;  /* tests set this to exercise the portable loops on an AVX2 machine */
+static int pk_cpu_avx2 = -1;      /* -1 = not probed yet */
+
+void pk_set_threads(int n) { pk_threads = n > 0 ? n : 0; }
+
+int pk_get_threads(void) {
+    if (pk_threads <= 0) {
+        const char *e = getenv("PYKIMI_THREADS");
+        int n = e ? atoi(e) : 0;
+        if (n <= 0) {
+#ifdef _OPENMP
+            n = omp_get_num_procs();
+#else
+            n = 1;
+#endif
+        }
+        pk_threads = n;
+    }
+    return pk_threads;
+}
+
+int pk_has_openmp(void) {
+#ifdef _OPENMP
+    return 1;
+#else
+    return 0;
+#endif
+}
+
+static int cpu_avx2(void) {
+    if (pk_cpu_avx2 < 0) {
+#if PK_X86
+        __builtin_cpu_init();
+        pk_cpu_avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma");
+#else
+        pk_cpu_avx2 = 0;
+#endif
+    }
+    return pk_cpu_avx2;
+}
+
+void pk_force_scalar(int on) { pk_scalar_forced = on != 0; }
+
+/* 1 = AVX2+FMA path active, 0 = portable loops. */
+int pk_simd_level(void) { return (!pk_scalar_forced && cpu_avx2()) ? 1 : 0; }
+
+/* ------------------------------------------------------------------------------- scalar decoding */
+
+/* bf16 is the high half of an f32: widen by a 16-bit shift (exact). memcpy is the C99-clean bit cast. */
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, sizeof f);
+    return f;
+}
+
+/* Element i of one weight row, in any format (sc = that row's block scales). */
+static inline float decode1(int fmt, const void *w, const float *sc, int64_t i) {
+    switch (fmt) {
+    case F_F32: return ((const float *)w)[i];
+    case F_BF16: return bf16_to_f32(((const uint16_t *)w)[i]);
+    case F_Q8: return (float)((const int8_t *)w)[i] * sc[i / PK_BLOCK];
+    default: {
+        uint8_t b = ((const uint8_t *)w)[i >> 1];
+        int code = (i & 1) ? (b >> 4) : (b & 15); /* element 2j low nibble, 2j+1 high nibble */
+        return (float)(code - 8) * sc[i / PK_BLOCK];
+    }
+    }
+}
+
+/* Portable loop: nt rows of x (stride in) against one weight row; res[t] = x[t] . w. */
+static inline void row_scalar(int fmt, int nt, const float *x, int64_t in, const void *w, const float *sc,
+                              float *res) {
+    float acc[PK_NT] = {0.0f, 0.0f, 0.0f, 0.0f};
+    int64_t i;
+    int t;
+    for (i = 0; i < in; i++) {
+        float wv = decode1(fmt, w, sc, i); /* decoded once, used by every row of the tile */
+        for (t = 0; t < nt; t++) acc[t] += x[t * in + i] * wv;
+    }
+    for (t = 0; t < nt; t++) res[t] = acc[t];
+}
+
+/* --------------------------------------------------------------------------------- AVX2/FMA path */
+#if PK_X86
+
+PK_AVX2_INLINE float hsum8(__m256 v) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* 8 bf16 -> 8 f32: zero-extend to 32 bits and shift into the high half. */
+PK_AVX2_INLINE __m256 bf16x8(const uint16_t *p) {
+    __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
+    return _mm256_castsi256_ps(_mm256_slli_epi32(u, 16));
+}
+
+/* 8 int8 (low 8 bytes of v) -> 8 f32 */
+PK_AVX2_INLINE __m256 i8x8(__m128i v) { return _mm256_cvtepi32_ps(_mm256_cvtepi8_epi32(v)); }
+
+/* Decode full block `blk` (32 weights) of one row into d[0..3]; scales are folded in here, once per
+ * block, so the inner product per row of x is a plain FMA whatever the format. */
+PK_AVX2_INLINE void decode32(int fmt, const void *w, const float *sc, int64_t blk, __m256 d[4]) {
+    if (fmt == F_F32) {
+        const float *p = (const float *)w + blk * 32;
+        d[0] = _mm256_loadu_ps(p);
+        d[1] = _mm256_loadu_ps(p + 8);
+        d[2] = _mm256_loadu_ps(p + 16);
+        d[3] = _mm256_loadu_ps(p + 24);
+    } else if (fmt == F_BF16) {
+        const uint16_t *p = (const uint16_t *)w + blk * 32;
+        d[0] = bf16x8(p);
+        d[1] = bf16x8(p + 8);
+        d[2] = bf16x8(p + 16);
+        d[3] = bf16x8(p + 24);
+    } else if (fmt == F_Q8) {
+        const int8_t *p = (const int8_t *)w + blk * 32;
+        __m256 s = _mm256_set1_ps(sc[blk]);
+        d[0] = _mm256_mul_ps(i8x8(_mm_loadl_epi64((const __m128i *)p)), s);
+        d[1] = _mm256_mul_ps(i8x8(_mm_loadl_epi64((const __m128i *)(p + 8))), s);
+        d[2] = _mm256_mul_ps(i8x8(_mm_loadl_epi64((const __m128i *)(p + 16))), s);
+        d[3] = _mm256_mul_ps(i8x8(_mm_loadl_epi64((const __m128i *)(p + 24))), s);
+    } else {
+        /* 16 bytes = 32 codes. Split nibbles, then interleave lo/hi back into element order. */
+        const uint8_t *p = (const uint8_t *)w + blk * 16;
+        __m128i b = _mm_loadu_si128((const __m128i *)p);
+        __m128i m = _mm_set1_epi8(0x0F), eight = _mm_set1_epi8(8);
+        __m128i lo = _mm_and_si128(b, m);
+        __m128i hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        __m128i e0 = _mm_sub_epi8(_mm_unpacklo_epi8(lo, hi), eight); /* elements 0..15 as int8 */
+        __m128i e1 = _mm_sub_epi8(_mm_unpackhi_epi8(lo, hi), eight); /* elements 16..31 */
+        __m256 s = _mm256_set1_ps(sc[blk]);
+        d[0] = _mm256_mul_ps(i8x8(e0), s);
+        d[1] = _mm256_mul_ps(i8x8(_mm_srli_si128(e0, 8)), s);
+        d[2] = _mm256_mul_ps(i8x8(e1), s);
+        d[3] = _mm256_mul_ps(i8x8(_mm_srli_si128(e1, 8)), s);
+    }
+}
+
+/* nt rows of x against one weight row. fmt and nt are compile-time constants at every call site
+ * (see row_avx2_dispatch), so the accumulators live in registers. One row of x gets 4 independent
+ * FMA chains (hides the FMA latency in the GEMV); 3-4 rows get 2 each (fits the 16 ymm registers). */
+PK_AVX2_INLINE void row_avx2(int fmt, int nt, const float *x, int64_t in, const void *w, const float *sc,
+                             float *res) {
+    const int nacc = nt <= 2 ? 4 : 2;
+    __m256 acc[PK_NT][4];
+    int64_t nfull = in / 32, b, i;
+    int t, k;
+    for (t = 0; t < nt; t++)
+        for (k = 0; k < 4; k++) acc[t][k] = _mm256_setzero_ps();
+    for (b = 0; b < nfull; b++) {
+        __m256 d[4];
+        decode32(fmt, w, sc, b, d);
+        for (t = 0; t < nt; t++) {
+            const float *xb = x + t * in + b * 32;
+            for (k = 0; k < 4; k++)
+                acc[t][k % nacc] = _mm256_fmadd_ps(_mm256_loadu_ps(xb + 8 * k), d[k], acc[t][k % nacc]);
+        }
+    }
+    for (t = 0; t < nt; t++) {
+        __m256 s = acc[t][0];
+        float r;
+        for (k = 1; k < nacc; k++) s = _mm256_add_ps(s, acc[t][k]);
+        r = hsum8(s);
+        for (i = nfull * 32; i < in; i++) r += x[t * in + i] * decode1(fmt, w, sc, i); /* short last block */
+        res[t] = r;
+    }
+}
+
+/* Turn the run-time (fmt, nt) into constants so row_avx2 is specialised 16 ways. */
+static PK_AVX2 void row_avx2_dispatch(int fmt, int nt, const float *x, int64_t in, const void *w,
+                                      const float *sc, float *res) {
+#define PK_ROW(F)                                                      \
+    switch (nt) {                                                      \
+    case 1: row_avx2(F, 1, x, in, w, sc, res); break;                  \
+    case 2: row_avx2(F, 2, x, in, w, sc, res); break;                  \
+    case 3: row_avx2(F, 3, x, in, w, sc, res); break;                  \
+    default: row_avx2(F, 4, x, in, w, sc, res); break;                 \
+    }
+    switch (fmt) {
+    case F_F32: PK_ROW(F_F32) break;
+    case F_BF16: PK_ROW(F_BF16) break;
+    case F_Q8: PK_ROW(F_Q8) break;
+    default: PK_ROW(F_Q4) break;
+    }
+#undef PK_ROW
+}
+#endif /* PK_X86 */
+
+static void row_scalar_dispatch(int fmt, int nt, const float *x, int64_t in, const void *w, const float *sc,
+                                float *res) {
+    /* Same trick as the AVX2 path: constant fmt lets the compiler drop the format switch per element. */
+    switch (fmt) {
+    case F_F32: row_scalar(F_F32, nt, x, in, w, sc, res); break;
+    case F_BF16: row_scalar(F_BF16, nt, x, in, w, sc, res); break;
+    case F_Q8: row_scalar(F_Q8, nt, x, in, w, sc, res); break;
+    default: row_scalar(F_Q4, nt, x, in, w, sc, res); break;
+    }
+}
+
+/* ---------------------------------------------------- int8 activations x Q8_32 / Q4_32 weights
+ *
+ * Why: decoding int8/int4 weights to f32 costs ~3 vector ops per 8 weights, which makes int4 compute bound
+ * (slower per token than bf16). Quantizing the activation row once per call to int8 blocks of 32 turns each
+ * block into one integer dot product (maddubs + madd), scaled once per block by dx * dw.
+ * Twin: ref.quantize_act + ref.matmul_act_q8 / matmul_act_q4. */
+
+/* One x row -> int8 blocks of 32 (zero-padded to nb * 32) + one f32 scale per block:
+ * d = max|x| / 127, q = round_half_even(x * (1 / d)), clamped to +-127. */
+static void quant_act_row(const float *x, int64_t in, int8_t *xq, float *xd) {
+    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
+    int64_t b, i;
+    for (b = 0; b < nb; b++) {
+        const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+        float amax = 0.0f, d, id;
+        for (i = i0; i < i1; i++) {
+            float a = fabsf(x[i]);
+            if (a > amax) amax = a;
+        }
+        d = amax / 127.0f;
+        id = d > 0.0f ? 1.0f / d : 0.0f;
+        xd[b] = d;
+        for (i = i0; i < i0 + PK_BLOCK; i++) {
+            long v = i < i1 ? lrintf(x[i] * id) : 0; /* lrintf rounds half to even, like np.rint */
+            xq[i] = (int8_t)(v > 127 ? 127 : (v < -127 ? -127 : v));
+        }
+    }
+}
+
+void pk_quant_act(const float *x, int64_t n, int64_t in, int8_t *xq, float *xd) {
+    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
+    int64_t t;
+    for (t = 0; t < n; t++) quant_act_row(x + t * in, in, xq + t * nb * PK_BLOCK, xd + t * nb);
+}
+
+/* Portable loops: exact integer dot per block, then * (dx * dw). Natural element order. */
+static void row_act_scalar(int fmt, int nt, const int8_t *xq, const float *xd, int64_t nb, int64_t in,
+                           const void *w, const float *ws, float *res) {
+    int t;
+    for (t = 0; t < nt; t++) {
+        const int8_t *xr = xq + t * nb * PK_BLOCK;
+        float acc = 0.0f;
+        int64_t b, i;
+        for (b = 0; b < nb; b++) {
+            const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+            int32_t s = 0;
+            if (fmt == F_Q8) {
+                const int8_t *q = (const int8_t *)w;
+                for (i = i0; i < i1; i++) s += (int32_t)xr[i] * q[i];
+            } else {
+                const uint8_t *q = (const uint8_t *)w;
+                for (i = i0; i < i1; i++) {
+                    int code = (i & 1) ? (q[i >> 1] >> 4) : (q[i >> 1] & 15);
+                    s += (int32_t)xr[i] * (code - 8);
+                }
+            }
+            acc += (float)s * (xd[t * nb + b] * ws[b]);
+        }
+        res[t] = acc;
+    }
+}
+
+#if PK_X86
+/* Q8: maddubs wants unsigned x signed, so use |w| and move w's sign onto x (sign_epi8). Pair sums reach
+ * at most 2 * 127 * 127 < 32767: no int16 saturation. Two accumulators (even/odd blocks) per x row. */
+PK_AVX2_INLINE __m256 q8a_block(__m256i aw, __m256i wv, const int8_t *xb, float d, __m256 acc) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xb);
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(aw, _mm256_sign_epi8(xv, wv)), _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc);
+}
+
+/* Q4: the codes (0..15) are already unsigned: dot(x, code - 8) = dot(x, code) - 8 * sum(x). The 16 bytes of
+ * a block become [low nibbles | high nibbles] = elements [0,2,..,30 | 1,3,..,31]; xqp holds x permuted the
+ * same way (built once per call), xs the per-block sums of x. */
+PK_AVX2_INLINE __m256i q4_codes(const uint8_t *p) {
+    __m128i bb = _mm_loadu_si128((const __m128i *)p), m = _mm_set1_epi8(0x0F);
+    __m128i lo = _mm_and_si128(bb, m), hi = _mm_and_si128(_mm_srli_epi16(bb, 4), m);
+    return _mm256_inserti128_si256(_mm256_castsi128_si256(lo), hi, 1);
+}
+
+PK_AVX2_INLINE __m256 q4a_block(__m256i codes, const int8_t *xb, float d, __m256 acc) {
+    __m256i xv = _mm256_loadu_si256((const __m256i *)xb);
+    __m256i p = _mm256_madd_epi16(_mm256_maddubs_epi16(codes, xv), _mm256_set1_epi16(1));
+    return _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), _mm256_set1_ps(d), acc);
+}
+
+PK_AVX2_INLINE void row_act_avx2(int fmt, int nt, const int8_t *xq, const int8_t *xqp, const float *xd,
+                                 const int32_t *xs, int64_t nb, int64_t in, const void *w, const float *ws,
+                                 float *res) {
+    __m256 a0[PK_NT], a1[PK_NT];
+    float corr[PK_NT];
+    const int64_t nfull = in / PK_BLOCK, xstride = nb * PK_BLOCK;
+    int64_t b;
+    int t;
+    for (t = 0; t < nt; t++) {
+        a0[t] = _mm256_setzero_ps();
+        a1[t] = _mm256_setzero_ps();
+        corr[t] = 0.0f;
+    }
+    if (fmt == F_Q8) {
+        const int8_t *q = (const int8_t *)w;
+        for (b = 0; b + 1 < nfull; b += 2) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + b * 32));
+            __m256i w1 = _mm256_loadu_si256((const __m256i *)(q + b * 32 + 32));
+            __m256i aw0 = _mm256_abs_epi8(w0), aw1 = _mm256_abs_epi8(w1);
+            for (t = 0; t < nt; t++) {
+                const int8_t *xb = xq + t * xstride + b * 32;
+                a0[t] = q8a_block(aw0, w0, xb, xd[t * nb + b] * ws[b], a0[t]);
+                a1[t] = q8a_block(aw1, w1, xb + 32, xd[t * nb + b + 1] * ws[b + 1], a1[t]);
+            }
+        }
+        if (b < nfull) {
+            __m256i w0 = _mm256_loadu_si256((const __m256i *)(q + b * 32)), aw0 = _mm256_abs_epi8(w0);
+            for (t = 0; t < nt; t++) a0[t] = q8a_block(aw0, w0, xq + t * xstride + b * 32, xd[t * nb + b] * ws[b], a0[t]);
+        }
+    } else {
+        const uint8_t *q = (const uint8_t *)w;
+        const __m256i m = _mm256_set1_epi8(0x0F);
+        for (b = 0; b + 1 < nfull; b += 2) {
+            /* two blocks (32 bytes) at once: split nibbles on the whole register, then regroup the lanes
+             * into [block b even | block b odd] and [block b+1 even | block b+1 odd] */
+            __m256i bb = _mm256_loadu_si256((const __m256i *)(q + b * 16));
+            __m256i lo = _mm256_and_si256(bb, m), hi = _mm256_and_si256(_mm256_srli_epi16(bb, 4), m);
+            __m256i c0 = _mm256_permute2x128_si256(lo, hi, 0x20), c1 = _mm256_permute2x128_si256(lo, hi, 0x31);
+            for (t = 0; t < nt; t++) {
+                const int8_t *xb = xqp + t * xstride + b * 32;
+                const float d0 = xd[t * nb + b] * ws[b], d1 = xd[t * nb + b + 1] * ws[b + 1];
+                a0[t] = q4a_block(c0, xb, d0, a0[t]);
+                a1[t] = q4a_block(c1, xb + 32, d1, a1[t]);
+                corr[t] += d0 * (float)xs[t * nb + b] + d1 * (float)xs[t * nb + b + 1];
+            }
+        }
+        if (b < nfull) {
+            __m256i c0 = q4_codes(q + b * 16);
+            for (t = 0; t < nt; t++) {
+                const float d0 = xd[t * nb + b] * ws[b];
+                a0[t] = q4a_block(c0, xqp + t * xstride + b * 32, d0, a0[t]);
+                corr[t] += d0 * (float)xs[t * nb + b];
+            }
+        }
+    }
+    for (t = 0; t < nt; t++) {
+        float r = hsum8(_mm256_add_ps(a0[t], a1[t])) - 8.0f * corr[t];
+        if (nfull < nb) { /* short last block: exact integer dot in natural order */
+            const int8_t *xr = xq + t * xstride;
+            int32_t s = 0;
+            int64_t i;
+            for (i = nfull * PK_BLOCK; i < in; i++) {
+                int wv;
+                if (fmt == F_Q8) {
+                    wv = ((const int8_t *)w)[i];
+                } else {
+                    uint8_t byte = ((const uint8_t *)w)[i >> 1];
+                    wv = ((i & 1) ? (byte >> 4) : (byte & 15)) - 8;
+                }
+                s += (int32_t)xr[i] * wv;
+            }
+            r += (float)s * (xd[t * nb + nfull] * ws[nfull]);
+        }
+        res[t] = r;
+    }
+}
+
+static PK_AVX2 void row_act_avx2_dispatch(int fmt, int nt, const int8_t *xq, const int8_t *xqp, const float *xd,
+                                          const int32_t *xs, int64_t nb, int64_t in, const void *w,
+                                          const float *ws, float *res) {
+#define PK_ROWA(F)                                                          \
+    switch (nt) {                                                           \
+    case 1: row_act_avx2(F, 1, xq, xqp, xd, xs, nb, in, w, ws, res); break; \
+    case 2: row_act_avx2(F, 2, xq, xqp, xd, xs, nb, in, w, ws, res); break; \
+    case 3: row_act_avx2(F, 3, xq, xqp, xd, xs, nb, in, w, ws, res); break; \
+    default: row_act_avx2(F, 4, xq, xqp, xd, xs, nb, in, w, ws, res); break; \
+    }
+    if (fmt == F_Q8) {
+        PK_ROWA(F_Q8)
+    } else {
+        PK_ROWA(F_Q4)
+    }
+#undef PK_ROWA
+}
+#endif /* PK_X86 */
+
+/* ------------------------------------------------------------ int16 activations x Q8_32 weights */
+
+static void quant_act16_row(const float *x, int64_t in, int16_t *xq, float *xd) {
+    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
+    int64_t b, i;
+    for (b = 0; b < nb; b++) {
+        const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+        float amax = 0.0f, d, id;
+        for (i = i0; i < i1; i++) {
+            float a = fabsf(x[i]);
+            if (a > amax) amax = a;
+        }
+        d = amax / 32767.0f;
+        id = d > 0.0f ? 1.0f / d : 0.0f;
+        xd[b] = d;
+        for (i = i0; i < i0 + PK_BLOCK; i++) {
+            long v = i < i1 ? lrintf(x[i] * id) : 0;
+            xq[i] = (int16_t)(v > 32767 ? 32767 : (v < -32767 ? -32767 : v));
+        }
+    }
+}
+
+void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *xd) {
+    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
+    int64_t t;
+    for (t = 0; t < n; t++) quant_act16_row(x + t * in, in, xq + t * nb * PK_BLOCK, xd + t * nb);
+}
+
+/* Portable: exact int32 block sums (32 * 32767 * 127 < 2^31), natural order. */
+static void row_q8w_scalar(int nt, const int16_t *xq, const float *xd, int64_t nb, int64_t in, const int8_t *w,
+                           const float *ws, float *res) {
+    int t;
+    for (t = 0; t < nt; t++) {
+        const int16_t *xr = xq + t * nb * PK_BLOCK;
+        float acc = 0.0f;
+        int64_t b, i;
+        for (b = 0; b < nb; b++) {
+            const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+            int32_t s = 0;
+            for (i = i0; i < i1; i++) s += (int32_t)xr[i] * w[i];
+            acc += (float)s * (xd[t * nb + b] * ws[b]);
+        }
+        res[t] = acc;
+    }
+}
+
+#if PK_X86
+/* 32 weights sign-extended to int16 once (w0, w1), then per x row two pmaddwd. Each int32 lane sums 4
+ * products, |.| <= 4 * 32767 * 127 < 2^24, so the conversion to float is exact. */
+PK_AVX2_INLINE void row_q8w_avx2(int nt, const int16_t *xq, const float *xd, int64_t nb, int64_t in,
+                                 const int8_t *w, const float *ws, float *res) {
+    __m256 a0[PK_NT], a1[PK_NT];
+    const int64_t nfull = in / PK_BLOCK, xstride = nb * PK_BLOCK;
+    int64_t b;
+    int t;
+    for (t = 0; t < nt; t++) {
+        a0[t] = _mm256_setzero_ps();
+        a1[t] = _mm256_setzero_ps();
+    }
+    for (b = 0; b < nfull; b++) {
+        __m256i w0 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b * 32)));
+        __m256i w1 = _mm256_cvtepi8_epi16(_mm_loadu_si128((const __m128i *)(w + b * 32 + 16)));
+        for (t = 0; t < nt; t++) {
+            const int16_t *xb = xq + t * xstride + b * 32;
+            __m256i p0 = _mm256_madd_epi16(w0, _mm256_loadu_si256((const __m256i *)xb));
+            __m256i p1 = _mm256_madd_epi16(w1, _mm256_loadu_si256((const __m256i *)(xb + 16)));
+            __m256 d = _mm256_set1_ps(xd[t * nb + b] * ws[b]);
+            /* two chains so the FMA latency overlaps between blocks */
+            if (b & 1) {
+                a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d, a1[t]);
+                a1[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d, a1[t]);
+            } else {
+                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p0), d, a0[t]);
+                a0[t] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p1), d, a0[t]);
+            }
+        }
+    }
+    for (t = 0; t < nt; t++) {
+        float r = hsum8(_mm256_add_ps(a0[t], a1[t]));
+        if (nfull < nb) {
+            const int16_t *xr = xq + t * xstride;
+            int32_t s = 0;
+            int64_t i;
+            for (i = nfull * PK_BLOCK; i < in; i++) s += (int32_t)xr[i] * w[i];
+            r += (float)s * (xd[t * nb + nfull] * ws[nfull]);
+        }
+        res[t] = r;
+    }
+}
+
+static PK_AVX2 void row_q8w_avx2_dispatch(int nt, const int16_t *xq, const float *xd, int64_t nb, int64_t in,
+                                          const int8_t *w, const float *ws, float *res) {
+    switch (nt) {
+    case 1: row_q8w_avx2(1, xq, xd, nb, in, w, ws, res); break;
+    case 2: row_q8w_avx2(2, xq, xd, nb, in, w, ws, res); break;
+    case 3: row_q8w_avx2(3, xq, xd, nb, in, w, ws, res); break;
+    default: row_q8w_avx2(4, xq, xd, nb, in, w, ws, res); break;
+    }
+}
+#endif
+
+/* ------------------------------------------------------------------------------------ the drivers
+ *
+ * A "job" is one product y = x @ W^T. Every entry point builds jobs, prepares the activations once per
+ * job (int8 / int16 quantization when asked), then runs the output rows of ALL its jobs in one OpenMP
+ * region: pk_matmul_many lets the MoE hand over e.g. all selected experts' gate and up projections at once,
+ * so a decode step pays one thread fork/join instead of one per matrix. Rows are split between threads by
+ * cost (n * in per row), so matrices of different widths balance. */
+
+enum { A_F32 = 0, A_I8 = 1, A_I16 = 2 };
+
+typedef struct {
+    int fmt, act;
+    const float *x;
+    int64_t n, in, out, nb, row_bytes;
+    const void *w;
+    const float *scales;
+    float *y;
+    int8_t *xq, *xqp; /* int8 activations (natural order / Q4 nibble order) */
+    int16_t *xq16;    /* int16 activations */
+    float *xd;        /* activation scale per block */
+    int32_t *xs;      /* per-block sums of int8 activations (Q4 offset) */
+} pk_job;
+
+static void job_free(pk_job *j) {
+    free(j->xq);
+    free(j->xqp);
+    free(j->xq16);
+    free(j->xd);
+    free(j->xs);
+    j->xq = j->xqp = NULL;
+    j->xq16 = NULL;
+    j->xd = NULL;
+    j->xs = NULL;
+}
+
+/* Quantize the activations the job's mode needs; on allocation failure fall back to the f32 path. */
+static void job_prepare(pk_job *j, int simd) {
+    const int64_t nb = j->nb, len = j->n * nb * PK_BLOCK;
+    if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
+    if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
+    if (j->act == A_F32) return;
+    j->xd = (float *)malloc((size_t)(j->n * nb) * sizeof(float) + 4);
+    if (j->act == A_I16) {
+        j->xq16 = (int16_t *)malloc((size_t)len * sizeof(int16_t) + 4);
+        if (!j->xq16 || !j->xd) goto fail;
+        pk_quant_act16(j->x, j->n, j->in, j->xq16, j->xd);
+        return;
+    }
+    j->xq = (int8_t *)malloc((size_t)len + 4);
+    if (!j->xq || !j->xd) goto fail;
+    pk_quant_act(j->x, j->n, j->in, j->xq, j->xd);
+    if (j->fmt == F_Q4 && simd) {
+        int64_t r, k;
+        j->xqp = (int8_t *)malloc((size_t)len + 4);
+        j->xs = (int32_t *)malloc((size_t)(j->n * nb) * sizeof(int32_t) + 4);
+        if (!j->xqp || !j->xs) goto fail;
+        for (r = 0; r < j->n * nb; r++) { /* block r of all rows of x */
+            const int8_t *src = j->xq + r * PK_BLOCK;
+            int8_t *dst = j->xqp + r * PK_BLOCK;
+            int32_t s = 0;
+            for (k = 0; k < 16; k++) {
+                dst[k] = src[2 * k];          /* even elements meet the low nibbles */
+                dst[16 + k] = src[2 * k + 1]; /* odd elements meet the high nibbles */
+                s += src[2 * k] + src[2 * k + 1];
+            }
+            j->xs[r] = s;
+        }
+    }
+    return;
+fail:
+    job_free(j);
+    j->act = A_F32;
+}
+
+/* Output rows [o0, o1) of one job, in x tiles of PK_NT rows. */
+static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
+    const int64_t nb = j->nb, in = j->in, xs_stride = nb * PK_BLOCK;
+    int64_t o;
+    (void)simd;
+    for (o = o0; o < o1; o++) {
+        const void *wr = (const char *)j->w + o * j->row_bytes;
+        const float *sr = j->scales ? j->scales + o * nb : NULL;
+        int64_t t0;
+        for (t0 = 0; t0 < j->n; t0 += PK_NT) {
+            int nt = (int)(j->n - t0 < PK_NT ? j->n - t0 : PK_NT), t;
+            float r[PK_NT];
+            if (j->act == A_F32) {
+#if PK_X86
+                if (simd)
+                    row_avx2_dispatch(j->fmt, nt, j->x + t0 * in, in, wr, sr, r);
+                else
+#endif
+                    row_scalar_dispatch(j->fmt, nt, j->x + t0 * in, in, wr, sr, r);
+            } else if (j->act == A_I16) {
+#if PK_X86
+                if (simd)
+                    row_q8w_avx2_dispatch(nt, j->xq16 + t0 * xs_stride, j->xd + t0 * nb, nb, in,
+                                          (const int8_t *)wr, sr, r);
+                else
+#endif
+                    row_q8w_scalar(nt, j->xq16 + t0 * xs_stride, j->xd + t0 * nb, nb, in, (const int8_t *)wr, sr, r);
+            } else {
+#if PK_X86
+                if (simd)
+                    row_act_avx2_dispatch(j->fmt, nt, j->xq + t0 * xs_stride, j->xqp ? j->xqp + t0 * xs_stride : NULL,
+                                          j->xd + t0 * nb, j->xs ? j->xs + t0 * nb : NULL, nb, in, wr, sr, r);
+                else
+#endif
+                    row_act_scalar(j->fmt, nt, j->xq + t0 * xs_stride, j->xd + t0 * nb, nb, in, wr, sr, r);
+            }
+            for (t = 0; t < nt; t++) j->y[(t0 + t) * j->out + o] = r[t];
+        }
+    }
+}
+
+/* The rows of every job whose cost interval [P_j + o*c_j, P_j + (o+1)*c_j) starts in [a, b):
+ * consecutive [a, b) ranges partition all rows exactly once. */
+static void jobs_cost_range(const pk_job *jobs, int count, double a, double b, int simd) {
+    double p = 0.0;
+    int k;
+    for (k = 0; k < count; k++) {
+        const pk_job *j = &jobs[k];
+        const double c = (double)(j->n > 0 ? j->n : 1) * (double)(j->in > 0 ? j->in : 1);
+        const double end = p + c * (double)j->out;
+        if (end > a && p < b) {
+            int64_t o0 = a <= p ? 0 : (int64_t)ceil((a - p) / c);
+            int64_t o1 = b >= end ? j->out : (int64_t)ceil((b - p) / c);
+            if (o0 < 0) o0 = 0;
+            if (o1 > j->out) o1 = j->out;
+            if (o1 > o0) job_rows(j, o0, o1, simd);
+        }
+        p = end;
+    }
+}
+
+static void run_jobs(pk_job *jobs, int count) {
+    const int simd = pk_simd_level();
+    const int nth = pk_get_threads();
+    double total = 0.0;
+    int64_t rows = 0;
+    int k;
+    for (k = 0; k < count; k++) {
+        jobs[k].nb = (jobs[k].in + PK_BLOCK - 1) / PK_BLOCK;
+        job_prepare(&jobs[k], simd);
+        total += (double)(jobs[k].n > 0 ? jobs[k].n : 1) * (double)(jobs[k].in > 0 ? jobs[k].in : 1) * (double)jobs[k].out;
+        rows += jobs[k].out;
+    }
+    if (nth > 1 && rows > 1 && total >= (double)PK_PAR_MIN) {
+        /* 8 chunks per thread, handed out dynamically: on a shared machine a thread that is descheduled
+         * for a while leaves its chunks to the others instead of holding up the whole call. */
+        const int nchunks = (int)(rows < 8 * nth ? rows : 8 * nth);
+        int c;
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+        for (c = 0; c < nchunks; c++)
+            jobs_cost_range(jobs, count, total * c / nchunks, c == nchunks - 1 ? total * 2 : total * (c + 1) / nchunks,
+                            simd);
+    } else {
+        jobs_cost_range(jobs, count, 0.0, total * 2 + 1.0, simd);
+    }
+    for (k = 0; k < count; k++) job_free(&jobs[k]);
+}
+
+static void run_one(int fmt, int act, const float *x, int64_t n, int64_t in, const void *w, int64_t row_bytes,
+                    const float *scales, int64_t out, float *y) {
+    pk_job j;
+    memset(&j, 0, sizeof j);
+    j.fmt = fmt;
+    j.act = act;
+    j.x = x;
+    j.n = n;
+    j.in = in;
+    j.out = out;
+    j.w = w;
+    j.row_bytes = row_bytes;
+    j.scales = scales;
+    j.y = y;
+    run_jobs(&j, 1);
+}
+
+void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_t out, float *y) {
+    run_one(F_F32, A_F32, x, n, in, w, in * 4, NULL, out, y);
+}
+
+void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y) {
+    run_one(F_BF16, A_F32, x, n, in, w, in * 2, NULL, out, y);
+}
+
+void pk_matmul_q8(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales, int64_t out,
+                  float *y) {
+    run_one(F_Q8, A_F32, x, n, in, q, in, scales, out, y);
+}
+
+void pk_matmul_q4(const float *x, int64_t n, int64_t in, const uint8_t *q, const float *scales, int64_t out,
+                  float *y) {
+    run_one(F_Q4, A_F32, x, n, in, q, (in + 1) / 2, scales, out, y);
+}
+
+void pk_matmul_q8a(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales, int64_t out,
+                   float *y) {
+    run_one(F_Q8, A_I8, x, n, in, q, in, scales, out, y);
+}
+
+void pk_matmul_q4a(const float *x, int64_t n, int64_t in, const uint8_t *q, const float *scales, int64_t out,
+                   float *y) {
+    run_one(F_Q4, A_I8, x, n, in, q, (in + 1) / 2, scales, out, y);
+}
+
+void pk_matmul_q8w(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales, int64_t out,
+                   float *y) {
+    run_one(F_Q8, A_I16, x, n, in, q, in, scales, out, y);
+}
+
+int pk_matmul_many(int count, const int *fmts, const int *acts, const float *const *xs, const int64_t *ns,
+                   const int64_t *ins, const void *const *ws, const float *const *scales, const int64_t *outs,
+                   float *const *ys) {
+    pk_job stack[64], *jobs = count <= 64 ? stack : (pk_job *)malloc(sizeof(pk_job) * (size_t)count);
+    int k;
+    if (!jobs) return -1;
+    for (k = 0; k < count; k++) {
+        pk_job *j = &jobs[k];
+        memset(j, 0, sizeof *j);
+        j->fmt = fmts[k];
+        j->act = acts[k];
+        j->x = xs[k];
+        j->n = ns[k];
+        j->in = ins[k];
+        j->out = outs[k];
+        j->w = ws[k];
+        j->scales = scales[k];
+        j->y = ys[k];
+        j->row_bytes = j->fmt == F_F32 ? j->in * 4 : j->fmt == F_BF16 ? j->in * 2 : j->fmt == F_Q8 ? j->in
+                                                                                    : (j->in + 1) / 2;
+        if (j->fmt < F_F32 || j->fmt > F_Q4) {
+            if (jobs != stack) free(jobs);
+            return -2;
+        }
+    }
+    run_jobs(jobs, count);
+    if (jobs != stack) free(jobs);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- widening for the BLAS (prefill) path */
+
+/* Plain loops the compiler vectorises at -O3; parallel because a widened tile is tens of MB. */
+void pk_widen_bf16(const uint16_t *src, float *dst, int64_t count) {
+    uint32_t *d = (uint32_t *)dst; /* write the bit pattern; same size and alignment as float */
+    const int nth = pk_get_threads();
+    int64_t i;
+    (void)nth;
+#pragma omp parallel for schedule(static) num_threads(nth) if (count >= (1 << 20))
+    for (i = 0; i < count; i++) d[i] = (uint32_t)src[i] << 16;
+}
+
+void pk_dequant_q8(const int8_t *q, const float *scales, int64_t rows, int64_t in, float *dst) {
+    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
+    const int nth = pk_get_threads();
+    int64_t r;
+    (void)nth;
+#pragma omp parallel for schedule(static) num_threads(nth) if (rows * in >= (1 << 20))
+    for (r = 0; r < rows; r++) {
+        int64_t b;
+        for (b = 0; b < nb; b++) {
+            const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+            const float s = scales[r * nb + b];
+            const int8_t *qr = q + r * in;
+            float *dr = dst + r * in;
+            int64_t i;
+            for (i = i0; i < i1; i++) dr[i] = (float)qr[i] * s;
+        }
+    }
+}
+
+void pk_dequant_q4(const uint8_t *q, const float *scales, int64_t rows, int64_t in, float *dst) {
+    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK, rb = (in + 1) / 2;
+    const int nth = pk_get_threads();
+    int64_t r;
+    (void)nth;
+#pragma omp parallel for schedule(static) num_threads(nth) if (rows * in >= (1 << 20))
+    for (r = 0; r < rows; r++) {
+        const uint8_t *qr = q + r * rb;
+        float *dr = dst + r * in;
+        int64_t b, j;
+        for (b = 0; b < nb; b++) { /* a block is 16 bytes: one scale, two codes per byte */
+            const float s = scales[r * nb + b];
+            const int64_t j0 = b * (PK_BLOCK / 2), j1 = j0 + PK_BLOCK / 2 < in / 2 ? j0 + PK_BLOCK / 2 : in / 2;
+            for (j = j0; j < j1; j++) {
+                dr[2 * j] = (float)((int)(qr[j] & 15) - 8) * s;
+                dr[2 * j + 1] = (float)((int)(qr[j] >> 4) - 8) * s;
+            }
+        }
+        if (in & 1) dr[in - 1] = (float)((int)(qr[in / 2] & 15) - 8) * scales[r * nb + (in - 1) / PK_BLOCK];
+    }
+}

@@ -1,0 +1,65 @@
+/* pykimi_kernels.h -- the one header of pykimi's C kernels (plain C99).
+ *
+ * Every kernel computes y = x @ W^T in float32 with W read in its STORED form:
+ *   x      f32 [n, in]   row-major, contiguous (n = 1 is the decode GEMV; small n is a batch)
+ *   W      [out, in]     f32, bf16 bits (uint16), Q8_32 or Q4_32 (formats below)
+ *   y      f32 [n, out]  row-major, contiguous
+ *
+ * Weight formats (the NumPy twins are pykimi/kernels/ref.py and pykimi/quant.py):
+ *   bf16   uint16 bits; value = float with those bits in its high half (a 16-bit shift, exact).
+ *   Q8_32  q int8 [out, in], scales f32 [out, nb] with nb = ceil(in / 32):
+ *          W[o, i] = q[o, i] * scales[o, i / 32].  The last block of a row may be short.
+ *   Q4_32  q uint8 [out, ceil(in / 2)], two 4-bit codes per byte: element 2j in the LOW nibble,
+ *          element 2j + 1 in the HIGH nibble (in order, so a row is a plain nibble stream);
+ *          W[o, i] = (code - 8) * scales[o, i / 32], code in 0..15 (value -8..7).
+ *
+ * The block between the CDEF markers is also fed verbatim to cffi (pykimi/kernels/_build.py), so it
+ * must stay plain declarations: no macros, no attributes.
+ */
+#ifndef PYKIMI_KERNELS_H
+#define PYKIMI_KERNELS_H
+
+#include <stdint.h>
+
+/* CDEF BEGIN */
+void pk_set_threads(int n);
+int pk_get_threads(void);
+int pk_has_openmp(void);
+int pk_simd_level(void);
+void pk_force_scalar(int on);
+
+void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_t out, float *y);
+void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y);
+void pk_matmul_q8(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales,
+                  int64_t out, float *y);
+void pk_matmul_q4(const float *x, int64_t n, int64_t in, const uint8_t *q, const float *scales,
+                  int64_t out, float *y);
+
+/* Same products with the activations quantized to int8 per block of 32 (scale = max|x| / 127, round half
+ * to even) and integer block dot products: ~3x less work per weight than decoding to f32, which is what
+ * keeps int8/int4 decode memory bound. NumPy twin: ref.matmul_act_q8. */
+void pk_matmul_q8a(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales,
+                   int64_t out, float *y);
+void pk_matmul_q4a(const float *x, int64_t n, int64_t in, const uint8_t *q, const float *scales,
+                   int64_t out, float *y);
+void pk_quant_act(const float *x, int64_t n, int64_t in, int8_t *xq, float *xd);
+/* Q8_32 weights with int16 activations (scale = max|x| / 32767 per block): the activation rounding
+ * (~1e-5 relative) is far below the int8 weight error, yet the block dot is still two pmaddwd.
+ * NumPy twin: ref.matmul_act16_q8. */
+void pk_matmul_q8w(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales,
+                   int64_t out, float *y);
+void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *xd);
+
+/* Several products in one call (one thread fork/join for all of them). Per job k: fmts[k] 0 = f32,
+ * 1 = bf16, 2 = Q8_32, 3 = Q4_32; acts[k] 0 = f32 activations, 1 = int8, 2 = int16 (Q8 only; Q4 -> int8);
+ * scales[k] may be NULL for f32/bf16. Returns 0, or < 0 for a bad format / no memory. */
+int pk_matmul_many(int count, const int *fmts, const int *acts, const float *const *xs, const int64_t *ns,
+                   const int64_t *ins, const void *const *ws, const float *const *scales, const int64_t *outs,
+                   float *const *ys);
+
+void pk_widen_bf16(const uint16_t *src, float *dst, int64_t count);
+void pk_dequant_q8(const int8_t *q, const float *scales, int64_t rows, int64_t in, float *dst);
+void pk_dequant_q4(const uint8_t *q, const float *scales, int64_t rows, int64_t in, float *dst);
+/* CDEF END */
+
+#endif

@@ -1,0 +1,421 @@
+"""The one dispatch point for pykimi's kernels.
+
+    y = kernels.matmul(x, w)      # x f32 [n, in] (or [in]); w f32 ndarray | Stored | Q8Weight | Q4Weight
+
+Backends: "c" (csrc/ via cffi), "numba", "numpy" (ref.py, the spec). The default is the fastest one that
+imports; ``PYKIMI_BACKEND=numpy|numba|c`` or ``set_backend(name)`` picks one. A missing C extension falls
+back to Numba, then NumPy, with ONE warning saying why.
+
+Routing of matmul (why): decode is memory bound, so for few rows of x (n <= SMALL_N) W is read once in its
+stored form by a GEMV / small-GEMM kernel that widens in registers. Prefill and vision are compute bound,
+so for larger n W is widened in bounded row tiles (at most TILE_ELEMS floats) and multiplied by BLAS.
+f32 ndarrays always go to BLAS (nothing to widen). For int8/int4 weights the C GEMV quantizes the
+activation row once per call and uses integer block dot products (set_act_quant; int16 activations for
+int8 weights by default, so int8 stays numerically the float product). matmul_many(xs, ws) runs several
+products in one C call / one thread fork-join (the MoE's selected experts). The small fused ops (rms_norm,
+softmax, rope, MoE dispatch) use Numba unless the backend is "numpy".
+
+Each fast path has its NumPy twin in ref.py; reference(x, w) names the exact twin of what matmul(x, w)
+computes under the current settings (the tests hold every backend to it).
+"""
+from __future__ import annotations
+
+import os
+import warnings
+
+import numpy as np
+
+from . import ref
+
+BACKENDS = ("numpy", "numba", "c")
+SMALL_N = 32            # rows of x up to which the stored-form kernels beat widen + BLAS (measured: ~28-45)
+TILE_ELEMS = 1 << 22    # widened tile size for the BLAS path (16 MB of f32)
+
+_state = {"backend": None, "threads": None, "warned": False,
+          # int8-quantized activations in the C GEMV, per weight format (see set_act_quant)
+          "act_quant": None}
+_avail: dict[str, tuple[bool, str]] = {}
+_mods: dict[str, object] = {}
+
+
+# --------------------------------------------------------------------------------- availability
+
+def _probe(name: str) -> tuple[bool, str]:
+    if name in _avail:
+        return _avail[name]
+    ok, why = True, ""
+    try:
+        if name == "c":
+            from . import c as mod
+        elif name == "numba":
+            from . import numba_kernels as mod
+        else:
+            mod = ref
+        _mods[name] = mod
+    except Exception as e:  # ImportError, a broken .so, numba/llvmlite mismatch ...
+        ok, why = False, f"{type(e).__name__}: {e}".splitlines()[0]
+        if name == "c" and isinstance(e, ImportError):
+            why = ("C extension pykimi._ckernels not built (pip install . with a C compiler, or "
+                   "python -m pykimi.kernels._build)")
+    _avail[name] = (ok, why)
+    return ok, why
+
+
+def backends() -> dict:
+    """{name: {"available": bool, "reason": str, ...details}} for every backend (for `pykimi info --backends`)."""
+    out = {}
+    for name in BACKENDS:
+        ok, why = _probe(name)
+        d = {"available": ok, "reason": why or "ok"}
+        if ok and name == "c":
+            d.update(_mods["c"].info())
+        if ok and name == "numba":
+            import numba
+            d.update(version=numba.__version__, threads=numba.get_num_threads())
+        out[name] = d
+    out["active"] = backend()
+    return out
+
+
+def _choose(requested: str | None) -> str:
+    if requested:
+        requested = requested.strip().lower()
+        if requested not in BACKENDS:
+            raise ValueError(f"PYKIMI_BACKEND={requested!r}: expected one of {', '.join(BACKENDS)}")
+        ok, why = _probe(requested)
+        if ok:
+            return requested
+        order = BACKENDS[:BACKENDS.index(requested)][::-1]
+        first_why = why
+    else:
+        order = ("c", "numba", "numpy")
+        first_why = None
+    for name in order:
+        ok, why = _probe(name)
+        if ok:
+            if first_why is None and name != "c":
+                first_why = _avail["c"][1]
+            if first_why is not None and not _state["warned"]:
+                _state["warned"] = True
+                warnings.warn(f"pykimi: {first_why}; using the {name} backend (slower)", RuntimeWarning,
+                              stacklevel=3)
+            return name
+        if first_why is None:
+            first_why = why
+    return "numpy"
+
+
+def backend() -> str:
+    """The active backend name."""
+    if _state["backend"] is None:
+        _state["backend"] = _choose(os.environ.get("PYKIMI_BACKEND") or None)
+        _apply_threads()
+    return _state["backend"]
+
+
+def set_backend(name: str) -> str:
+    """Select a backend explicitly; raises ValueError naming the reason if it is unavailable."""
+    name = name.strip().lower()
+    if name not in BACKENDS:
+        raise ValueError(f"unknown backend {name!r}: expected one of {', '.join(BACKENDS)}")
+    ok, why = _probe(name)
+    if not ok:
+        raise ValueError(f"backend {name!r} is unavailable: {why}")
+    _state["backend"] = name
+    _apply_threads()
+    return name
+
+
+# ---------------------------------------------------------------------------------------- threads
+
+def get_threads() -> int:
+    if _state["threads"] is None:
+        try:
+            n = int(os.environ.get("PYKIMI_THREADS", "0"))
+        except ValueError:
+            n = 0
+        _state["threads"] = n if n > 0 else (os.cpu_count() or 1)
+    return _state["threads"]
+
+
+def set_threads(n: int) -> None:
+    """Threads for the C (OpenMP) and Numba kernels (BLAS keeps its own setting)."""
+    n = int(n)
+    if n < 1:
+        raise ValueError(f"threads must be >= 1, got {n}")
+    _state["threads"] = n
+    _apply_threads()
+
+
+def _apply_threads() -> None:
+    n = get_threads()
+    if "c" in _mods:
+        _mods["c"].set_threads(n)
+    if "numba" in _mods:
+        import numba
+        numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
+
+
+_ACT_MODES = {
+    # setting -> how the C GEMV treats the activations per weight format
+    "q4": {"q8_32": "i16", "q4_32": "i8"},    # default
+    "all": {"q8_32": "i8", "q4_32": "i8"},    # fastest, llama.cpp-like
+    "none": {"q8_32": "f32", "q4_32": "f32"},  # exact twins of dequantize-then-matmul
+}
+
+
+def _parse_act_quant(value) -> str:
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    v = str(value).strip().lower()
+    v = {"1": "all", "true": "all", "on": "all", "0": "none", "false": "none", "off": "none", "": "q4",
+         "default": "q4"}.get(v, v)
+    if v not in _ACT_MODES:
+        raise ValueError(f"PYKIMI_ACT_QUANT={value!r}: expected one of {', '.join(_ACT_MODES)}")
+    return v
+
+
+def set_act_quant(value) -> None:
+    """How the C GEMV (n <= SMALL_N) treats activations for quantized weights.
+
+    Why: decoding int4/int8 to f32 in registers costs ~3 vector ops per 8 weights, which makes the quantized
+    GEMVs compute bound (int4 slower per token than bf16). Quantizing the activation row once per call and
+    doing integer block dot products keeps them memory bound.
+      "q4" (default): Q8 weights x int16 activations (rounding ~1e-5 relative: numerically the float
+              product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
+      "all":  int8 activations for both (fastest; like llama.cpp's Q8_0 x Q8_0);
+      "none": no activation quantization (dequantize in registers; exact twin of ref.matmul).
+    Environment: PYKIMI_ACT_QUANT. True/False mean "all"/"none"."""
+    _state["act_quant"] = _parse_act_quant(value)
+
+
+def act_quant() -> str:
+    if _state["act_quant"] is None:
+        _state["act_quant"] = _parse_act_quant(os.environ.get("PYKIMI_ACT_QUANT", "q4"))
+    return _state["act_quant"]
+
+
+def _act_mode(kind: str) -> str:
+    return _ACT_MODES[act_quant()].get(kind, "f32")
+
+
+def reference(x, w) -> np.ndarray:
+    """The NumPy twin of exactly what matmul(x, w) computes under the current settings (for tests)."""
+    kind = ref.weight_kind(w)
+    x = np.asarray(x, dtype=np.float32)
+    n = int(np.prod(x.shape[:-1], dtype=np.int64))
+    mode = _act_mode(kind)
+    if backend() == "c" and mode != "f32" and 0 < n <= SMALL_N:
+        x2 = x.reshape(-1, x.shape[-1])
+        if kind == "q4_32":
+            y = ref.matmul_act_q4(x2, w)
+        else:
+            y = ref.matmul_act16_q8(x2, w) if mode == "i16" else ref.matmul_act_q8(x2, w)
+        return y.reshape(x.shape[:-1] + (w.shape[0],))
+    return ref.matmul(x, w)
+
+
+# ----------------------------------------------------------------------------------------- matmul
+
+_C_KINDS = ("BF16", "q8_32", "q4_32", "F32")
+
+
+def _widen_rows(w, kind: str, r0: int, r1: int, buf: np.ndarray | None) -> np.ndarray:
+    """Rows r0:r1 of W as f32, with the C widen/dequant when available (parallel, one pass)."""
+    cm = _mods.get("c") if _state["backend"] == "c" else None
+    if cm is not None and kind in ("BF16", "q8_32", "q4_32"):
+        dst = buf[: (r1 - r0) * w.shape[1]].reshape(r1 - r0, w.shape[1]) if buf is not None else None
+        if kind == "BF16":
+            return cm.widen_bf16(w.data[r0:r1], out=dst)
+        if kind == "q8_32":
+            return cm.dequant_q8(w.q[r0:r1], w.scales[r0:r1], w.shape[1], out=dst)
+        return cm.dequant_q4(w.q[r0:r1], w.scales[r0:r1], w.shape[1], out=dst)
+    return ref.weight_rows_f32(w, r0, r1)
+
+
+def _matmul_tiled(x2: np.ndarray, w, kind: str) -> np.ndarray:
+    out_f, in_f = w.shape
+    step = max(1, TILE_ELEMS // max(in_f, 1))
+    if step >= out_f:
+        return x2 @ _widen_rows(w, kind, 0, out_f, None).T
+    y = np.empty((x2.shape[0], out_f), dtype=np.float32)
+    buf = np.empty(step * in_f, dtype=np.float32)  # one scratch tile, reused
+    for r0 in range(0, out_f, step):
+        r1 = min(out_f, r0 + step)
+        y[:, r0:r1] = x2 @ _widen_rows(w, kind, r0, r1, buf).T
+    return y
+
+
+def matmul(x, w) -> np.ndarray:
+    """x @ W.T in float32. x [n, in] or [in] (any leading dims are flattened); W [out, in] in any stored form."""
+    x = np.asarray(x)
+    kind = ref.weight_kind(w)
+    out_f, in_f = (int(s) for s in w.shape)
+    if x.shape[-1] != in_f:
+        raise ValueError(f"matmul: x has {x.shape[-1]} features (shape {list(x.shape)}) but weight "
+                         f"{getattr(w, 'name', '') or 'W'} is [{out_f}, {in_f}]")
+    lead = x.shape[:-1]
+    x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype=np.float32)
+    n = x2.shape[0]
+    be = backend()
+    if kind == "f32":
+        y = x2 @ np.asarray(w, dtype=np.float32).T
+    elif be == "numpy" or n > SMALL_N or kind not in _C_KINDS or n == 0:
+        y = _matmul_tiled(x2, w, kind)
+    elif be == "c":
+        cm = _mods["c"]
+        if kind == "BF16":
+            y = cm.matmul_bf16(x2, w.data)
+        elif kind == "q8_32":
+            mode = _act_mode(kind)
+            fn = cm.matmul_q8w if mode == "i16" else (cm.matmul_q8a if mode == "i8" else cm.matmul_q8)
+            y = fn(x2, w.q, w.scales)
+        elif kind == "q4_32":
+            y = (cm.matmul_q4a if _act_mode(kind) == "i8" else cm.matmul_q4)(x2, w.q, w.scales)
+        else:
+            y = cm.matmul_f32(x2, w.data)
+    else:  # numba
+        nm = _mods["numba"]
+        y = np.empty((n, out_f), dtype=np.float32)
+        if kind == "BF16":
+            nm.matmul_bf16(x2, np.ascontiguousarray(w.data), y)
+        elif kind == "q8_32":
+            nm.matmul_q8(x2, np.ascontiguousarray(w.q), np.ascontiguousarray(w.scales), y)
+        elif kind == "q4_32":
+            nm.matmul_q4(x2, np.ascontiguousarray(w.q), np.ascontiguousarray(w.scales), y)
+        else:
+            y = x2 @ np.asarray(w.data, dtype=np.float32).T
+    return y.reshape(lead + (out_f,))
+
+
+def matmul_many(xs, ws) -> list:
+    """[matmul(x, w) for x, w in zip(xs, ws)], computed together when possible.
+
+    With the C backend every product with few rows (n <= SMALL_N) in a stored form goes into ONE kernel call
+    and one thread fork/join (e.g. all selected experts' gate and up projections of a decode step); the rest
+    go through matmul one by one. Same numerics as matmul."""
+    xs, ws = list(xs), list(ws)
+    if len(xs) != len(ws):
+        raise ValueError(f"matmul_many: {len(xs)} inputs but {len(ws)} weights")
+    if backend() != "c" or len(xs) < 2:
+        return [matmul(x, w) for x, w in zip(xs, ws)]
+    out: list = [None] * len(xs)
+    jobs, where, shapes = [], [], []
+    for i, (x, w) in enumerate(zip(xs, ws)):
+        x = np.asarray(x)
+        kind = ref.weight_kind(w)
+        out_f, in_f = (int(s) for s in w.shape)
+        if x.shape[-1] != in_f:
+            raise ValueError(f"matmul_many: x[{i}] has {x.shape[-1]} features (shape {list(x.shape)}) but weight "
+                             f"{getattr(w, 'name', '') or i} is [{out_f}, {in_f}]")
+        x2 = x.reshape(-1, in_f)
+        n = x2.shape[0]
+        if kind not in _C_KINDS or not 0 < n <= SMALL_N:
+            out[i] = matmul(x, w)
+            continue
+        if kind in ("BF16", "F32"):
+            jobs.append((x2, kind, w.data, None, "f32"))
+        else:
+            jobs.append((x2, kind, w.q, w.scales, _act_mode(kind)))
+        where.append(i)
+        shapes.append(x.shape[:-1] + (out_f,))
+    if jobs:
+        for i, shp, y in zip(where, shapes, _mods["c"].matmul_many(jobs)):
+            out[i] = y.reshape(shp)
+    return out
+
+
+# ------------------------------------------------------------------------------ small fused ops
+
+def _nb():
+    """The numba module when the active backend wants it, else None."""
+    if backend() == "numpy":
+        return None
+    ok, _ = _probe("numba")
+    return _mods["numba"] if ok else None
+
+
+def rms_norm(x, weight, eps: float) -> np.ndarray:
+    nb = _nb()
+    if nb is None:
+        return ref.rms_norm(x, weight, eps)
+    x = np.asarray(x, dtype=np.float32)
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty_like(x2)
+    nb.rms_norm(x2, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out)
+    return out.reshape(x.shape)
+
+
+def softmax(x, axis: int = -1) -> np.ndarray:
+    nb = _nb()
+    x = np.asarray(x, dtype=np.float32)
+    if nb is None or axis not in (-1, x.ndim - 1) or x.size == 0:
+        return ref.softmax(x, axis=axis)
+    x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
+    out = np.empty_like(x2)
+    nb.softmax(x2, out)
+    return out.reshape(x.shape)
+
+
+def rope_interleaved(x, angles) -> np.ndarray:
+    nb = _nb()
+    x = np.asarray(x, dtype=np.float32)
+    a = np.asarray(angles, dtype=np.float32)
+    if nb is None or x.ndim not in (2, 3) or a.ndim != 2 or a.shape != (x.shape[0], x.shape[-1] // 2):
+        return ref.rope_interleaved(x, a)
+    x3 = np.ascontiguousarray(x if x.ndim == 3 else x[:, None, :])
+    out = np.empty_like(x3)
+    nb.rope_interleaved(x3, np.ascontiguousarray(a), out)
+    return out.reshape(x.shape)
+
+
+def topk(scores, k: int):
+    nb = _nb()
+    scores = np.asarray(scores, dtype=np.float32)
+    if nb is None or scores.ndim != 2 or not 0 < k <= scores.shape[1]:
+        return ref.topk(scores, k)
+    n = scores.shape[0]
+    ids = np.empty((n, k), dtype=np.int64)
+    vals = np.empty((n, k), dtype=np.float32)
+    nb.topk(np.ascontiguousarray(scores), int(k), ids, vals)
+    return ids, vals
+
+
+def group_by_expert(ids, n_experts: int):
+    nb = _nb()
+    if nb is None:
+        return ref.group_by_expert(ids, n_experts)
+    flat = np.ascontiguousarray(np.asarray(ids).reshape(-1), dtype=np.int64)
+    if flat.size and (flat.min() < 0 or flat.max() >= n_experts):
+        raise ValueError(f"group_by_expert: expert ids must be in [0, {n_experts})")
+    order = np.empty(flat.size, dtype=np.int64)
+    offsets = np.empty(n_experts + 1, dtype=np.int64)
+    nb.group_by_expert(flat, int(n_experts), order, offsets)
+    return order, offsets
+
+
+def gather_rows(x, rows) -> np.ndarray:
+    nb = _nb()
+    if nb is None:
+        return ref.gather_rows(x, rows)
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    rows = np.ascontiguousarray(rows, dtype=np.int64)
+    x2 = x.reshape(x.shape[0], -1)
+    out = np.empty((rows.size, x2.shape[1]), dtype=np.float32)
+    nb.gather_rows(x2, rows, out)
+    return out.reshape((rows.size,) + x.shape[1:])
+
+
+def scatter_add_weighted(out, rows, y, weights) -> np.ndarray:
+    nb = _nb()
+    if nb is None or out.dtype != np.float32 or out.ndim != 2 or not out.flags.c_contiguous:
+        return ref.scatter_add_weighted(out, rows, y, weights)
+    nb.scatter_add_weighted(out, np.ascontiguousarray(rows, dtype=np.int64),
+                            np.ascontiguousarray(y, dtype=np.float32),
+                            np.ascontiguousarray(weights, dtype=np.float32))
+    return out
+
+
+__all__ = ["matmul", "matmul_many", "reference", "set_act_quant", "act_quant", "backend", "backends", "set_backend", "set_threads", "get_threads", "rms_norm", "softmax",
+           "rope_interleaved", "topk", "group_by_expert", "gather_rows", "scatter_add_weighted", "ref",
+           "SMALL_N", "TILE_ELEMS", "BACKENDS"]

@@ -1,0 +1,190 @@
+"""cffi binding of the C kernels (pykimi._ckernels, built from csrc/ by setup.py or
+``python -m pykimi.kernels._build``). Importing this module raises ImportError when the extension is absent.
+
+Each wrapper takes NumPy arrays, makes sure they are C-contiguous float32 (x) / stored dtype (W), and hands
+raw pointers to C: no copies of W ever (memory-mapped views are read in place).
+"""
+import os
+
+import numpy as np
+
+# libgomp reads this once, when it loads. Its default (spin ~300k iterations before sleeping) is made for
+# dedicated cores; on a small shared machine the spinning thread steals the time slice of the one doing the
+# work and a 1 ms GEMV can take 10 ms. A short spin keeps wake-ups fast when the cores are free.
+os.environ.setdefault("GOMP_SPINCOUNT", "10000")
+
+from .. import _ckernels  # noqa: F401  (ImportError here = no C backend)
+
+ffi = _ckernels.ffi
+lib = _ckernels.lib
+
+
+def _ptr(ctype: str, a: np.ndarray):
+    return ffi.from_buffer(ctype, a)
+
+
+def _prep(x: np.ndarray, w_data: np.ndarray, out: int):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    w_data = np.ascontiguousarray(w_data)
+    y = np.empty((x.shape[0], out), dtype=np.float32)
+    return x, w_data, y
+
+
+def matmul_f32(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """x [n, in] @ w.T, w float32 [out, in]."""
+    x, w, y = _prep(x, np.asarray(w, dtype=np.float32), w.shape[0])
+    lib.pk_matmul_f32(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("float[]", w), w.shape[0],
+                      _ptr("float[]", y))
+    return y
+
+
+def matmul_bf16(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """x [n, in] @ W.T, W given as bf16 bits uint16 [out, in]."""
+    x, bits, y = _prep(x, bits, bits.shape[0])
+    lib.pk_matmul_bf16(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("uint16_t[]", bits), bits.shape[0],
+                       _ptr("float[]", y))
+    return y
+
+
+def matmul_q8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    x, q, y = _prep(x, q, q.shape[0])
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    lib.pk_matmul_q8(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("int8_t[]", q), _ptr("float[]", scales),
+                     q.shape[0], _ptr("float[]", y))
+    return y
+
+
+def matmul_q4(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    x, q, y = _prep(x, q, q.shape[0])
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    lib.pk_matmul_q4(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("uint8_t[]", q), _ptr("float[]", scales),
+                     q.shape[0], _ptr("float[]", y))
+    return y
+
+
+def matmul_q8a(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q8_32 weights x int8-quantized activations (twin: ref.matmul_act_q8)."""
+    x, q, y = _prep(x, q, q.shape[0])
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    lib.pk_matmul_q8a(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("int8_t[]", q), _ptr("float[]", scales),
+                      q.shape[0], _ptr("float[]", y))
+    return y
+
+
+def matmul_q4a(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q4_32 weights x int8-quantized activations (twin: ref.matmul_act_q4)."""
+    x, q, y = _prep(x, q, q.shape[0])
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    lib.pk_matmul_q4a(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("uint8_t[]", q), _ptr("float[]", scales),
+                      q.shape[0], _ptr("float[]", y))
+    return y
+
+
+def matmul_q8w(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q8_32 weights x int16-quantized activations (twin: ref.matmul_act16_q8)."""
+    x, q, y = _prep(x, q, q.shape[0])
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    lib.pk_matmul_q8w(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("int8_t[]", q), _ptr("float[]", scales),
+                      q.shape[0], _ptr("float[]", y))
+    return y
+
+
+def quant_act16(x: np.ndarray):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, in_f = x.shape
+    nb = -(-in_f // 32)
+    xq = np.empty((n, nb * 32), dtype=np.int16)
+    xd = np.empty((n, nb), dtype=np.float32)
+    lib.pk_quant_act16(_ptr("float[]", x), n, in_f, _ptr("int16_t[]", xq), _ptr("float[]", xd))
+    return xq, xd
+
+
+def quant_act(x: np.ndarray):
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    n, in_f = x.shape
+    nb = -(-in_f // 32)
+    xq = np.empty((n, nb * 32), dtype=np.int8)
+    xd = np.empty((n, nb), dtype=np.float32)
+    lib.pk_quant_act(_ptr("float[]", x), n, in_f, _ptr("int8_t[]", xq), _ptr("float[]", xd))
+    return xq, xd
+
+
+FMT = {"F32": 0, "f32": 0, "BF16": 1, "q8_32": 2, "q4_32": 3}
+ACT = {"f32": 0, "i8": 1, "i16": 2}
+_CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
+
+
+def matmul_many(jobs):
+    """jobs: list of (x [n, in] f32, kind, wdata, scales or None, act) -> list of y [n, out], in one C call
+    (one OpenMP region for all). kind in FMT; act in ACT."""
+    count = len(jobs)
+    fmts, acts, ns, ins, outs = [], [], [], [], []
+    xs, ws, ss, ys, keep = [], [], [], [], []
+    for x, kind, wdata, scales, act in jobs:
+        f = FMT[kind]
+        x = np.ascontiguousarray(x, dtype=np.float32)
+        wdata = np.ascontiguousarray(wdata)
+        y = np.empty((x.shape[0], wdata.shape[0]), dtype=np.float32)
+        fmts.append(f)
+        acts.append(ACT[act])
+        ns.append(x.shape[0])
+        ins.append(x.shape[1])
+        outs.append(wdata.shape[0])
+        xs.append(_ptr("float[]", x))
+        ws.append(ffi.cast("void *", _ptr(_CT[f], wdata)))
+        if scales is not None:
+            scales = np.ascontiguousarray(scales, dtype=np.float32)
+            ss.append(_ptr("float[]", scales))
+        else:
+            ss.append(ffi.NULL)
+        ys.append(y)
+        keep.append((x, wdata, scales))  # keep the buffers alive through the call
+    rc = lib.pk_matmul_many(count, fmts, acts, xs, ns, ins, ws, ss, outs, [_ptr("float[]", y) for y in ys])
+    if rc != 0:
+        raise MemoryError(f"pk_matmul_many failed ({rc})")
+    return ys
+
+
+def widen_bf16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
+    """bf16 bits -> float32 (same shape), written into `out` when given (must be C-contiguous f32)."""
+    bits = np.ascontiguousarray(bits)
+    if out is None:
+        out = np.empty(bits.shape, dtype=np.float32)
+    lib.pk_widen_bf16(_ptr("uint16_t[]", bits), _ptr("float[]", out), bits.size)
+    return out
+
+
+def dequant_q8(q: np.ndarray, scales: np.ndarray, in_features: int, out: np.ndarray | None = None) -> np.ndarray:
+    q = np.ascontiguousarray(q)
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if out is None:
+        out = np.empty((q.shape[0], in_features), dtype=np.float32)
+    lib.pk_dequant_q8(_ptr("int8_t[]", q), _ptr("float[]", scales), q.shape[0], in_features, _ptr("float[]", out))
+    return out
+
+
+def dequant_q4(q: np.ndarray, scales: np.ndarray, in_features: int, out: np.ndarray | None = None) -> np.ndarray:
+    q = np.ascontiguousarray(q)
+    scales = np.ascontiguousarray(scales, dtype=np.float32)
+    if out is None:
+        out = np.empty((q.shape[0], in_features), dtype=np.float32)
+    lib.pk_dequant_q4(_ptr("uint8_t[]", q), _ptr("float[]", scales), q.shape[0], in_features, _ptr("float[]", out))
+    return out
+
+
+def set_threads(n: int) -> None:
+    lib.pk_set_threads(int(n))
+
+
+def get_threads() -> int:
+    return int(lib.pk_get_threads())
+
+
+def info() -> dict:
+    return {"openmp": bool(lib.pk_has_openmp()), "simd": "avx2+fma" if lib.pk_simd_level() else "portable",
+            "threads": int(lib.pk_get_threads())}
+
+
+def force_scalar(on: bool) -> None:
+    """Tests: run the portable loops even on an AVX2 machine."""
+    lib.pk_force_scalar(1 if on else 0)

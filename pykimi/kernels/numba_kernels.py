@@ -1,0 +1,168 @@
+"""Numba kernels: the fallback GEMVs when the C extension is absent, the sparse MoE dispatch helpers and a
+few fused small ops. Each function has its NumPy twin of the same name in ref.py (the spec); the wrappers
+in kernels/__init__.py reshape/convert the inputs so these see contiguous float32 arrays of fixed rank.
+
+All are compiled lazily on first call (cache=True keeps the machine code across processes).
+"""
+import numpy as np
+from numba import njit, prange
+
+QBLOCK = 32
+
+# ---------------------------------------------------------------------- GEMV / small GEMM (fallback)
+# Same structure as csrc/: one output row per iteration (prange = threads over rows), the row decoded
+# once into a small buffer, then used by every row of x. fastmath lets LLVM vectorise the reduction.
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_bf16(x, w, y):
+    """y[n, out] = x[n, in] @ widen(w[out, in]).T with w bf16 bits (uint16)."""
+    n, nin = x.shape
+    for o in prange(w.shape[0]):
+        row = np.empty(nin, np.uint32)
+        for i in range(nin):
+            row[i] = np.uint32(w[o, i]) << np.uint32(16)
+        rf = row.view(np.float32)
+        for t in range(n):
+            acc = np.float32(0.0)
+            for i in range(nin):
+                acc += x[t, i] * rf[i]
+            y[t, o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q8(x, q, scales, y):
+    """Q8_32: W[o, i] = q[o, i] * scales[o, i // 32]."""
+    n, nin = x.shape
+    for o in prange(q.shape[0]):
+        row = np.empty(nin, np.float32)
+        for i in range(nin):
+            row[i] = np.float32(q[o, i]) * scales[o, i // QBLOCK]
+        for t in range(n):
+            acc = np.float32(0.0)
+            for i in range(nin):
+                acc += x[t, i] * row[i]
+            y[t, o] = acc
+
+
+@njit(parallel=True, fastmath=True, cache=True)
+def matmul_q4(x, q, scales, y):
+    """Q4_32: element 2j = low nibble, 2j+1 = high nibble; W = (code - 8) * scale."""
+    n, nin = x.shape
+    for o in prange(q.shape[0]):
+        row = np.empty(nin, np.float32)
+        for i in range(nin):
+            b = q[o, i >> 1]
+            code = (b >> 4) if (i & 1) else (b & 15)
+            row[i] = np.float32(np.int32(code) - 8) * scales[o, i // QBLOCK]
+        for t in range(n):
+            acc = np.float32(0.0)
+            for i in range(nin):
+                acc += x[t, i] * row[i]
+            y[t, o] = acc
+
+
+# ------------------------------------------------------------------------------------ fused small ops
+
+@njit(fastmath=False, cache=True)
+def rms_norm(x, weight, eps, out):
+    """x [rows, d] -> out = x / sqrt(mean(x^2) + eps) * weight (one pass for the sum, one to write)."""
+    rows, d = x.shape
+    for r in range(rows):
+        s = 0.0  # float64 accumulator: the mean of squares is the one place precision matters
+        for i in range(d):
+            s += np.float64(x[r, i]) * x[r, i]
+        inv = np.float32(1.0) / np.sqrt(np.float32(s / d) + np.float32(eps))
+        for i in range(d):
+            out[r, i] = (x[r, i] * inv) * weight[i]
+
+
+@njit(cache=True)
+def softmax(x, out):
+    """Row softmax over the last axis of a 2-D array, max subtracted first."""
+    rows, d = x.shape
+    for r in range(rows):
+        m = x[r, 0]
+        for i in range(1, d):
+            if x[r, i] > m:
+                m = x[r, i]
+        s = np.float32(0.0)
+        for i in range(d):
+            e = np.exp(x[r, i] - m)
+            out[r, i] = e
+            s += e
+        inv = np.float32(1.0) / s
+        for i in range(d):
+            out[r, i] *= inv
+
+
+@njit(cache=True)
+def rope_interleaved(x, angles, out):
+    """x [S, H, D], angles [S, D//2]: rotate (x[2j], x[2j+1]) by angles[s, j] (cos/sin computed once per s)."""
+    S, H, D = x.shape
+    half = D // 2
+    c = np.empty(half, np.float32)
+    sn = np.empty(half, np.float32)
+    for s in range(S):
+        for j in range(half):
+            c[j] = np.cos(angles[s, j])
+            sn[j] = np.sin(angles[s, j])
+        for h in range(H):
+            for j in range(half):
+                x0 = x[s, h, 2 * j]
+                x1 = x[s, h, 2 * j + 1]
+                out[s, h, 2 * j] = x0 * c[j] - x1 * sn[j]
+                out[s, h, 2 * j + 1] = x0 * sn[j] + x1 * c[j]
+
+
+# ---------------------------------------------------------------------------------- MoE dispatch
+
+@njit(cache=True)
+def topk(scores, k, ids, vals):
+    """Per row, k passes of argmax over the not-yet-taken entries: largest first, ties -> lower index
+    (matches a stable descending argsort). O(k * E), which beats a sort for k=6, E=64."""
+    n, E = scores.shape
+    taken = np.zeros(E, np.bool_)
+    for r in range(n):
+        taken[:] = False
+        for j in range(k):
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or scores[r, e] > scores[r, best]):
+                    best = e
+            taken[best] = True
+            ids[r, j] = best
+            vals[r, j] = scores[r, best]
+
+
+@njit(cache=True)
+def group_by_expert(flat_ids, n_experts, order, offsets):
+    """Counting sort of slot -> expert: offsets[e] = first position of expert e in order (stable)."""
+    counts = np.zeros(n_experts, np.int64)
+    for s in range(flat_ids.shape[0]):
+        counts[flat_ids[s]] += 1
+    offsets[0] = 0
+    for e in range(n_experts):
+        offsets[e + 1] = offsets[e] + counts[e]
+    fill = offsets[:-1].copy()
+    for s in range(flat_ids.shape[0]):
+        e = flat_ids[s]
+        order[fill[e]] = s
+        fill[e] += 1
+
+
+@njit(cache=True)
+def gather_rows(x, rows, out):
+    for r in range(rows.shape[0]):
+        out[r, :] = x[rows[r], :]
+
+
+@njit(cache=True)
+def scatter_add_weighted(out, rows, y, weights):
+    """out[rows[i]] += weights[i] * y[i], sequential in i (deterministic, like np.add.at)."""
+    d = out.shape[1]
+    for i in range(rows.shape[0]):
+        r = rows[i]
+        w = weights[i]
+        for j in range(d):
+            out[r, j] += w * y[i, j]

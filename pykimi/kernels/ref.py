@@ -1,0 +1,198 @@
+"""NumPy reference twins of every kernel: the specification the fast kernels are tested against.
+
+Every function here is plain NumPy, float32 in / float32 out, and is what a Numba or C kernel of the same
+name must reproduce (up to float summation order). Weight formats are described in csrc/pykimi_kernels.h
+and pykimi/quant.py:
+
+  Q8_32: q int8 [out, in], scales f32 [out, ceil(in/32)];   W[o, i] = q[o, i] * scales[o, i // 32]
+  Q4_32: q uint8 [out, ceil(in/2)] (element 2j = low nibble, 2j+1 = high nibble), scales as Q8_32;
+         W[o, i] = (code - 8) * scales[o, i // 32]
+"""
+import numpy as np
+
+QBLOCK = 32  # quantization block along `in`
+
+
+# ------------------------------------------------------------------------------------- weight decoding
+
+def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
+    """bf16 bits (uint16) -> float32, exact: the bits become the high half of the f32 (twin of pk_widen_bf16)."""
+    bits = np.asarray(bits, dtype=np.uint16)
+    return (bits.astype(np.uint32) << 16).view(np.float32)
+
+
+def dequant_q8(q: np.ndarray, scales: np.ndarray, in_features: int | None = None) -> np.ndarray:
+    """Q8_32 -> float32 [rows, in] (twin of pk_dequant_q8)."""
+    q = np.asarray(q)
+    rows, n_in = q.shape
+    scale_per_col = np.repeat(np.asarray(scales, np.float32), QBLOCK, axis=1)[:, :n_in]  # [rows, in]
+    return q.astype(np.float32) * scale_per_col
+
+
+def unpack_q4(q: np.ndarray, in_features: int) -> np.ndarray:
+    """Q4_32 packed bytes [rows, ceil(in/2)] -> int8 values -8..7 [rows, in]."""
+    q = np.asarray(q, dtype=np.uint8)
+    codes = np.empty((q.shape[0], q.shape[1] * 2), dtype=np.int8)
+    codes[:, 0::2] = q & 0x0F  # element 2j: low nibble
+    codes[:, 1::2] = q >> 4    # element 2j+1: high nibble
+    return codes[:, :in_features] - np.int8(8)
+
+
+def dequant_q4(q: np.ndarray, scales: np.ndarray, in_features: int) -> np.ndarray:
+    """Q4_32 -> float32 [rows, in] (twin of pk_dequant_q4)."""
+    vals = unpack_q4(q, in_features)
+    scale_per_col = np.repeat(np.asarray(scales, np.float32), QBLOCK, axis=1)[:, :in_features]
+    return vals.astype(np.float32) * scale_per_col
+
+
+def weight_kind(w) -> str:
+    """'f32' | 'BF16' | 'F16' | ... | 'q8_32' | 'q4_32' -- what matmul has to decode."""
+    if isinstance(w, np.ndarray):
+        return "f32"
+    fmt = getattr(w, "fmt", None)
+    if fmt is not None:
+        return fmt
+    return str(w.dtype)
+
+
+def weight_rows_f32(w, r0: int, r1: int) -> np.ndarray:
+    """Rows r0:r1 of W as a new float32 array [r1-r0, in] (the bounded tile the BLAS path widens)."""
+    kind = weight_kind(w)
+    if kind == "f32":
+        return np.asarray(w[r0:r1], dtype=np.float32)
+    if kind == "q8_32":
+        return dequant_q8(w.q[r0:r1], w.scales[r0:r1], w.shape[1])
+    if kind == "q4_32":
+        return dequant_q4(w.q[r0:r1], w.scales[r0:r1], w.shape[1])
+    if kind == "BF16":
+        return bf16_to_f32(w.data[r0:r1])
+    return np.asarray(w.data[r0:r1], dtype=np.float32)  # F32, F16, ints
+
+
+def weight_f32(w) -> np.ndarray:
+    """All of W as float32 [out, in]."""
+    if isinstance(w, np.ndarray):
+        return w if w.dtype == np.float32 else w.astype(np.float32)
+    return weight_rows_f32(w, 0, w.shape[0])
+
+
+# ------------------------------------------------------------------------------------------- matmul
+
+def matmul(x, w):
+    """x @ W.T for x [n, in] or [in], W [out, in] (ndarray, Stored or quantized weight) -> float32."""
+    return np.asarray(x, dtype=np.float32) @ weight_f32(w).T
+
+
+def quantize_act(x: np.ndarray, bits: int = 8):
+    """Activations f32 [n, in] -> (xq [n, nb*32] zero-padded, xd f32 [n, nb]) per block of 32:
+    d = max|x| / qmax, q = rint(x * (1/d)) clamped to +-qmax, qmax = 127 (int8, twin of pk_quant_act) or
+    32767 (bits=16: int16, twin of pk_quant_act16); all f32 arithmetic."""
+    qmax = 127 if bits == 8 else 32767
+    x = np.asarray(x, dtype=np.float32)
+    n, in_f = x.shape
+    nb = -(-in_f // QBLOCK)
+    xp = np.zeros((n, nb * QBLOCK), dtype=np.float32)
+    xp[:, :in_f] = x
+    b = xp.reshape(n, nb, QBLOCK)
+    d = (np.max(np.abs(b), axis=-1) / np.float32(qmax)).astype(np.float32)
+    inv = np.zeros_like(d)
+    np.divide(np.float32(1), d, out=inv, where=d > 0)
+    q = np.clip(np.rint(b * inv[..., None]), -qmax, qmax).astype(np.int8 if bits == 8 else np.int16)
+    return q.reshape(n, nb * QBLOCK), d
+
+
+def _matmul_act(x, vals: np.ndarray, scales: np.ndarray, bits: int = 8) -> np.ndarray:
+    """sum over blocks of (integer dot of int8 x block with integer weight block) * dx * dw."""
+    x = np.asarray(x, dtype=np.float32)
+    squeeze = x.ndim == 1
+    x2 = x.reshape(1, -1) if squeeze else x
+    n, in_f = x2.shape
+    out_f = vals.shape[0]
+    nb = -(-in_f // QBLOCK)
+    xq, xd = quantize_act(x2, bits)
+    wv = np.zeros((out_f, nb * QBLOCK), dtype=np.int64)
+    wv[:, :in_f] = vals
+    dots = np.einsum("nbk,obk->nob", xq.reshape(n, nb, QBLOCK).astype(np.int64),
+                     wv.reshape(out_f, nb, QBLOCK))                       # exact integers
+    y = np.sum(dots.astype(np.float32) * (xd[:, None, :] * np.asarray(scales, np.float32)[None, :, :]), axis=-1)
+    return y[0] if squeeze else y
+
+
+def matmul_act_q8(x, w) -> np.ndarray:
+    """Twin of pk_matmul_q8a: Q8_32 weights times int8-quantized activations."""
+    return _matmul_act(x, np.asarray(w.q), w.scales)
+
+
+def matmul_act16_q8(x, w) -> np.ndarray:
+    """Twin of pk_matmul_q8w: Q8_32 weights times int16-quantized activations."""
+    return _matmul_act(x, np.asarray(w.q), w.scales, bits=16)
+
+
+def matmul_act_q4(x, w) -> np.ndarray:
+    """Twin of pk_matmul_q4a: Q4_32 weights (values -8..7) times int8-quantized activations."""
+    return _matmul_act(x, unpack_q4(w.q, w.shape[1]), w.scales)
+
+
+# ------------------------------------------------------------------------------------- small fused ops
+
+def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
+    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32 (DeepSeek-V3 RMSNorm)."""
+    x = np.asarray(x, dtype=np.float32)
+    var = np.mean(x * x, axis=-1, keepdims=True)
+    return (x / np.sqrt(var + np.float32(eps))) * np.asarray(weight, dtype=np.float32)
+
+
+def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
+    """Numerically stable softmax in float32 (max subtracted first)."""
+    x = np.asarray(x, dtype=np.float32)
+    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
+    return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def rope_interleaved(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
+    """Rotate interleaved pairs (x[..., 2j], x[..., 2j+1]) by angles[..., j] (same rule as pykimi.rope.apply_rope).
+
+    x: [S, D] or [S, H, D]; angles: [S, D//2] (broadcast over heads)."""
+    x = np.asarray(x, dtype=np.float32)
+    a = np.asarray(angles, dtype=np.float32)
+    if x.ndim == 3 and a.ndim == 2:
+        a = a[:, None, :]
+    cos, sin = np.cos(a), np.sin(a)
+    x0, x1 = x[..., 0::2], x[..., 1::2]
+    out = np.empty_like(x)
+    out[..., 0::2] = x0 * cos - x1 * sin
+    out[..., 1::2] = x0 * sin + x1 * cos
+    return out
+
+
+# -------------------------------------------------------------------------------------- MoE dispatch
+
+def topk(scores: np.ndarray, k: int):
+    """Per row, the k largest scores: (ids int64 [n, k], values f32 [n, k]), largest first, ties -> lower id."""
+    scores = np.asarray(scores, dtype=np.float32)
+    ids = np.argsort(-scores, axis=-1, kind="stable")[:, :k].astype(np.int64)
+    return ids, np.take_along_axis(scores, ids, axis=-1)
+
+
+def group_by_expert(ids: np.ndarray, n_experts: int):
+    """Counting sort of the (token, slot) assignments by expert.
+
+    ids int [n, k] -> (order int64 [n*k], offsets int64 [n_experts+1]): order[offsets[e]:offsets[e+1]] are
+    the flat slot indices s (token = s // k) routed to expert e, in increasing s (stable)."""
+    flat = np.asarray(ids).reshape(-1).astype(np.int64)
+    order = np.argsort(flat, kind="stable").astype(np.int64)
+    offsets = np.zeros(n_experts + 1, dtype=np.int64)
+    np.cumsum(np.bincount(flat, minlength=n_experts), out=offsets[1:])
+    return order, offsets
+
+
+def gather_rows(x: np.ndarray, rows: np.ndarray) -> np.ndarray:
+    """x[rows] as a new contiguous float32 array."""
+    return np.ascontiguousarray(np.asarray(x, dtype=np.float32)[np.asarray(rows, dtype=np.int64)])
+
+
+def scatter_add_weighted(out: np.ndarray, rows: np.ndarray, y: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """out[rows[i]] += weights[i] * y[i], in order of i (in place; returns out)."""
+    contrib = np.asarray(weights, dtype=np.float32)[:, None] * np.asarray(y, dtype=np.float32)
+    np.add.at(out, np.asarray(rows, dtype=np.int64), contrib)
+    return out

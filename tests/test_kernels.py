@@ -1,0 +1,320 @@
+"""Every available kernel backend against its NumPy twin (pykimi/kernels/ref.py) on random shapes,
+including odd sizes, n in {1, 2, 3, 7, 16, 33} and `in` not a multiple of 32. No timing here."""
+import warnings
+
+import numpy as np
+import pytest
+
+import pykimi.kernels as K
+from pykimi.kernels import ref
+from pykimi.quant import Q4Weight, Q8Weight, quantize_q4, quantize_q8
+
+try:
+    from pykimi.weights import Stored, f32_to_bf16
+except ImportError:  # the lead's weights.py not there yet: same fields
+    from dataclasses import dataclass
+
+    @dataclass(frozen=True)
+    class Stored:
+        name: str
+        dtype: str
+        data: np.ndarray
+
+        @property
+        def shape(self):
+            return tuple(self.data.shape)
+
+        def f32(self):
+            return ref.weight_f32(self)
+
+    def f32_to_bf16(x):
+        u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
+        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+
+
+AVAILABLE = [b for b in K.BACKENDS if K.backends()[b]["available"]]
+NS = (1, 2, 3, 7, 16, 33)
+SHAPES = [(1, 1), (5, 31), (37, 101), (64, 64), (50, 97), (33, 2048), (129, 160), (8, 33)]
+
+
+@pytest.fixture
+def use_backend(request):
+    prev = K.backend()
+    K.set_backend(request.param)
+    yield request.param
+    K.set_backend(prev)
+
+
+def _forms(w, rng):
+    bits = f32_to_bf16(w)
+    return {
+        "ndarray": w,
+        "BF16": Stored("t.bf16", "BF16", bits),
+        "F32": Stored("t.f32", "F32", w),
+        "F16": Stored("t.f16", "F16", w.astype(np.float16)),
+        "q8": quantize_q8(w, "t.q8"),
+        "q4": quantize_q4(w, "t.q4"),
+    }
+
+
+def _relerr(y, r):
+    return float(np.max(np.abs(y - r)) / max(np.max(np.abs(r)), 1e-30))
+
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+@pytest.mark.parametrize("out_f,in_f", SHAPES)
+def test_matmul_matches_ref(use_backend, out_f, in_f):
+    rng = np.random.default_rng(out_f * 1000 + in_f)
+    w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+    for form, W in _forms(w, rng).items():
+        for n in NS:
+            x = rng.standard_normal((n, in_f)).astype(np.float32)
+            y, r = K.matmul(x, W), K.reference(x, W)
+            assert y.dtype == np.float32 and y.shape == (n, out_f)
+            err = _relerr(y, r)
+            assert err < 2e-5, f"backend={use_backend} form={form} shape={(out_f, in_f)} n={n}: rel err {err:.2e}"
+            # whatever the path, within the activation-quantization bound of the float product
+            scale = np.abs(x).sum(1).max() * np.abs(ref.weight_f32(W)).max()
+            assert np.max(np.abs(y - ref.matmul(x, W))) / scale < (4e-3 if form == "q4" else 2e-5)
+
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_matmul_vector_and_leading_dims(use_backend):
+    rng = np.random.default_rng(1)
+    w = rng.standard_normal((40, 70)).astype(np.float32)
+    W = Stored("v", "BF16", f32_to_bf16(w))
+    x = rng.standard_normal(70).astype(np.float32)
+    y = K.matmul(x, W)
+    assert y.shape == (40,)
+    np.testing.assert_allclose(y, ref.matmul(x, W), rtol=1e-5, atol=1e-5)
+    x3 = rng.standard_normal((2, 3, 70)).astype(np.float32)
+    assert K.matmul(x3, W).shape == (2, 3, 40)
+    with pytest.raises(ValueError, match="features"):
+        K.matmul(np.zeros((2, 71), np.float32), W)
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "portable"])
+def test_c_kernels_direct(scalar):
+    """The C kernels on every n (also past SMALL_N) and both code paths (AVX2 and the portable loop)."""
+    from pykimi.kernels import c
+    c.force_scalar(scalar)
+    try:
+        rng = np.random.default_rng(7)
+        for out_f, in_f in [(37, 101), (3, 33), (16, 64), (9, 1)]:
+            w = rng.standard_normal((out_f, in_f)).astype(np.float32) * 3
+            bits = f32_to_bf16(w)
+            q8, q4 = quantize_q8(w), quantize_q4(w)
+            for n in NS:
+                x = rng.standard_normal((n, in_f)).astype(np.float32)
+                scale = np.abs(x).sum(1).max() * np.abs(w).max()  # bound on |y|: scale-relative error
+                checks = {
+                    "f32": (c.matmul_f32(x, w), x @ w.T),
+                    "bf16": (c.matmul_bf16(x, bits), x @ ref.bf16_to_f32(bits).T),
+                    "q8": (c.matmul_q8(x, q8.q, q8.scales), x @ q8.f32().T),
+                    "q4": (c.matmul_q4(x, q4.q, q4.scales), x @ q4.f32().T),
+                }
+                for name, (y, r) in checks.items():
+                    err = np.max(np.abs(y - r)) / scale
+                    assert err < 1e-5, f"{name} scalar={scalar} {(out_f, in_f)} n={n}: {err:.2e}"
+            # decoding twins: exact
+            np.testing.assert_array_equal(c.widen_bf16(bits), ref.bf16_to_f32(bits))
+            np.testing.assert_array_equal(c.dequant_q8(q8.q, q8.scales, in_f), q8.f32())
+            np.testing.assert_array_equal(c.dequant_q4(q4.q, q4.scales, in_f), q4.f32())
+    finally:
+        c.force_scalar(False)
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("scalar", [False, True], ids=["simd", "portable"])
+def test_c_act_quant_kernels(scalar):
+    """int8-activation Q8/Q4 kernels vs their twins (ref.quantize_act + integer block dots)."""
+    from pykimi.kernels import c
+    c.force_scalar(scalar)
+    try:
+        rng = np.random.default_rng(8)
+        for out_f, in_f in [(37, 101), (3, 33), (16, 64), (9, 1), (5, 2048), (4, 95)]:
+            w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+            q8, q4 = quantize_q8(w), quantize_q4(w)
+            for n in NS:
+                x = rng.standard_normal((n, in_f)).astype(np.float32) * 5
+                xq, xd = c.quant_act(x)
+                rq, rd = ref.quantize_act(x)
+                np.testing.assert_array_equal(xq, rq)
+                np.testing.assert_array_equal(xd, rd)
+                scale = np.abs(x).sum(1).max() * np.abs(w).max()
+                xq16, xd16 = c.quant_act16(x)
+                rq16, rd16 = ref.quantize_act(x, 16)
+                np.testing.assert_array_equal(xq16, rq16)
+                np.testing.assert_array_equal(xd16, rd16)
+                for y, r in ((c.matmul_q8a(x, q8.q, q8.scales), ref.matmul_act_q8(x, q8)),
+                             (c.matmul_q8w(x, q8.q, q8.scales), ref.matmul_act16_q8(x, q8)),
+                             (c.matmul_q4a(x, q4.q, q4.scales), ref.matmul_act_q4(x, q4))):
+                    assert np.max(np.abs(y - r)) / scale < 1e-6, (out_f, in_f, n)
+                # int16 activations: numerically the float product of the dequantized weight
+                y16 = c.matmul_q8w(x, q8.q, q8.scales)
+                assert np.max(np.abs(y16 - x @ q8.f32().T)) / scale < 2e-5
+        prev = K.act_quant()
+        try:
+            x = rng.standard_normal((2, 101)).astype(np.float32)
+            w = rng.standard_normal((7, 101)).astype(np.float32)
+            twins = {("q8_32", "i16"): ref.matmul_act16_q8, ("q8_32", "i8"): ref.matmul_act_q8,
+                     ("q4_32", "i8"): ref.matmul_act_q4}
+            for setting, modes in (("none", {"q8_32": "f32", "q4_32": "f32"}),
+                                   ("q4", {"q8_32": "i16", "q4_32": "i8"}),
+                                   ("all", {"q8_32": "i8", "q4_32": "i8"})):
+                K.set_act_quant(setting)
+                assert K.act_quant() == setting
+                for W in (quantize_q8(w), quantize_q4(w)):
+                    np.testing.assert_allclose(K.matmul(x, W), K.reference(x, W), rtol=1e-5, atol=1e-5)
+                    twin = twins.get((W.fmt, modes[W.fmt]), ref.matmul) if K.backend() == "c" else ref.matmul
+                    np.testing.assert_allclose(K.reference(x, W), twin(x, W))
+            with pytest.raises(ValueError):
+                K.set_act_quant("sometimes")
+        finally:
+            K.set_act_quant(prev)
+    finally:
+        c.force_scalar(False)
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+def test_c_bf16_gemv_real_width_exactness():
+    """bf16 GEMV at a real width (1408 x 2048) within 1e-5 of the widened reference, scale-relative."""
+    from pykimi.kernels import c
+    rng = np.random.default_rng(3)
+    bits = f32_to_bf16(rng.standard_normal((1408, 2048)).astype(np.float32) * 0.02)
+    x = rng.standard_normal((1, 2048)).astype(np.float32)
+    r = x.astype(np.float64) @ ref.bf16_to_f32(bits).astype(np.float64).T
+    y = c.matmul_bf16(x, bits)
+    scale = np.abs(x).astype(np.float64) @ np.abs(ref.bf16_to_f32(bits)).astype(np.float64).T
+    assert np.max(np.abs(y - r) / scale) < 1e-5
+
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_matmul_many_matches_matmul(use_backend):
+    """One call for many products (mixed formats, widths, n, incl. one past SMALL_N) == one matmul each."""
+    rng = np.random.default_rng(21)
+    xs, ws = [], []
+    for k, (out_f, in_f, n) in enumerate([(37, 101, 1), (64, 64, 3), (9, 33, 7), (70, 96, 2), (5, 31, 40),
+                                          (128, 64, 1), (3, 2048, 16), (50, 97, 1)]):
+        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+        forms = [Stored("b", "BF16", f32_to_bf16(w)), quantize_q8(w), quantize_q4(w), Stored("f", "F32", w), w]
+        ws.append(forms[k % len(forms)])
+        xs.append(rng.standard_normal((n, in_f)).astype(np.float32) if k != 7 else
+                  rng.standard_normal(in_f).astype(np.float32))
+    ys = K.matmul_many(xs, ws)
+    for x, w, y in zip(xs, ws, ys):
+        r = K.matmul(x, w)
+        assert y.shape == r.shape
+        np.testing.assert_allclose(y, r, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError):
+        K.matmul_many([xs[0]], [ws[1]])
+
+
+def test_tiled_blas_path_matches(monkeypatch):
+    """Large n widens W in bounded row tiles: force several tiles and compare."""
+    monkeypatch.setattr(K, "TILE_ELEMS", 100 * 37)
+    rng = np.random.default_rng(5)
+    w = rng.standard_normal((250, 37)).astype(np.float32)
+    x = rng.standard_normal((40, 37)).astype(np.float32)
+    for W in (Stored("b", "BF16", f32_to_bf16(w)), quantize_q8(w), quantize_q4(w)):
+        np.testing.assert_allclose(K.matmul(x, W), ref.matmul(x, W), rtol=1e-5, atol=1e-4)
+
+
+def test_backends_report_and_selection():
+    info = K.backends()
+    assert info["numpy"]["available"] and info["active"] in K.BACKENDS
+    for name in K.BACKENDS:
+        assert "reason" in info[name]
+    with pytest.raises(ValueError):
+        K.set_backend("fortran")
+    prev = K.backend()
+    try:
+        assert K.set_backend("numpy") == "numpy" and K.backend() == "numpy"
+    finally:
+        K.set_backend(prev)
+
+
+def test_missing_c_falls_back_with_one_warning(monkeypatch):
+    monkeypatch.setitem(K._avail, "c", (False, "C extension pykimi._ckernels not built (test)"))
+    monkeypatch.setitem(K._state, "warned", False)
+    monkeypatch.setitem(K._state, "backend", None)
+    monkeypatch.delenv("PYKIMI_BACKEND", raising=False)
+    with warnings.catch_warnings(record=True) as rec:
+        warnings.simplefilter("always")
+        name = K.backend()
+        K._state["backend"] = None
+        K.backend()
+    assert name in ("numba", "numpy")
+    msgs = [str(r.message) for r in rec if "pykimi" in str(r.message)]
+    assert len(msgs) == 1 and "not built" in msgs[0], msgs
+    with pytest.raises(ValueError, match="unavailable"):
+        K.set_backend("c")
+    K._state["backend"] = None  # monkeypatch restores the rest
+
+
+def test_set_threads():
+    prev = K.get_threads()
+    try:
+        K.set_threads(1)
+        assert K.get_threads() == 1
+        if "c" in AVAILABLE:
+            from pykimi.kernels import c
+            assert c.get_threads() == 1
+    finally:
+        K.set_threads(prev)
+    with pytest.raises(ValueError):
+        K.set_threads(0)
+
+
+# ---------------------------------------------------------------------------------- small ops
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_small_ops_match_ref(use_backend):
+    rng = np.random.default_rng(11)
+    for rows, d in [(1, 7), (5, 64), (13, 129)]:
+        x = rng.standard_normal((rows, d)).astype(np.float32) * 3
+        wt = rng.standard_normal(d).astype(np.float32)
+        np.testing.assert_allclose(K.rms_norm(x, wt, 1e-6), ref.rms_norm(x, wt, 1e-6), rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(K.softmax(x), ref.softmax(x), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(K.softmax(x, axis=0), ref.softmax(x, axis=0), rtol=1e-5, atol=1e-7)
+    x3 = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
+    np.testing.assert_allclose(K.rms_norm(x3, np.ones(10, np.float32), 1e-5),
+                               ref.rms_norm(x3, np.ones(10, np.float32), 1e-5), rtol=1e-5, atol=1e-6)
+    for S, H, D in [(1, 1, 2), (6, 3, 64), (9, 16, 64)]:
+        x = rng.standard_normal((S, H, D)).astype(np.float32)
+        ang = rng.uniform(-50, 50, (S, D // 2)).astype(np.float32)
+        np.testing.assert_allclose(K.rope_interleaved(x, ang), ref.rope_interleaved(x, ang), rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(K.rope_interleaved(x[:, 0], ang), ref.rope_interleaved(x[:, 0], ang),
+                                   rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_moe_dispatch_helpers(use_backend):
+    rng = np.random.default_rng(12)
+    for n, E, k in [(1, 64, 6), (7, 64, 6), (33, 9, 3), (4, 5, 5)]:
+        scores = rng.standard_normal((n, E)).astype(np.float32)
+        scores[0, 1] = scores[0, 2] = scores.max() + 1  # a tie: lower id first
+        ids, vals = K.topk(scores, k)
+        rids, rvals = ref.topk(scores, k)
+        np.testing.assert_array_equal(ids, rids)
+        np.testing.assert_array_equal(vals, rvals)
+        assert ids[0, 0] == 1 and ids[0, 1] == 2
+        order, offsets = K.group_by_expert(ids, E)
+        rorder, roffsets = ref.group_by_expert(ids, E)
+        np.testing.assert_array_equal(order, rorder)
+        np.testing.assert_array_equal(offsets, roffsets)
+        flat = ids.reshape(-1)
+        for e in range(E):  # every slot of expert e, in increasing slot order
+            seg = order[offsets[e]:offsets[e + 1]]
+            assert np.all(flat[seg] == e) and np.all(np.diff(seg) > 0)
+        d = 19
+        x = rng.standard_normal((n, d)).astype(np.float32)
+        tok = order // k
+        g = K.gather_rows(x, tok)
+        np.testing.assert_array_equal(g, ref.gather_rows(x, tok))
+        y = rng.standard_normal((tok.size, d)).astype(np.float32)
+        wts = vals.reshape(-1)[order]
+        out1 = K.scatter_add_weighted(np.zeros((n, d), np.float32), tok, y, wts)
+        out2 = ref.scatter_add_weighted(np.zeros((n, d), np.float32), tok, y, wts)
+        np.testing.assert_allclose(out1, out2, rtol=1e-6, atol=1e-6)
