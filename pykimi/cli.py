@@ -257,9 +257,12 @@ def cmd_info(args) -> int:
 
     if args.backends or not args.dir:
         print("kernel backends:")
-        avail = kernels.backends() if hasattr(kernels, "backends") else {"numpy": "available"}
-        for name, state in avail.items():
-            print(f"  {name:<6} {state}")
+        for name, d in kernels.backends().items():
+            if not isinstance(d, dict):
+                continue
+            extra = ", ".join(f"{k}={v}" for k, v in d.items() if k not in ("available", "reason"))
+            print(f"  {name:<6} {'available' if d['available'] else 'unavailable'}: {d['reason']}"
+                  + (f" ({extra})" if extra else ""))
         print(f"  active: {kernels.backend()}")
         if not args.dir:
             return 0

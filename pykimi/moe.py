@@ -165,13 +165,25 @@ def moe_forward(h: np.ndarray, record: RoutingRecord, get_expert: ExpertGetter,
     E = int(n_experts if n_experts is not None else record.logits.shape[1])
     order, offsets = dispatch_plan(record.topk_ids, E)
     flat_w = record.topk_weights.ravel()
-    out = np.zeros((S, D), dtype=np.float32)
-    for e in np.nonzero(offsets[1:] > offsets[:-1])[0]:                     # only experts someone chose
+    chosen = np.nonzero(offsets[1:] > offsets[:-1])[0]                      # only experts someone chose
+    groups = []                                                             # (pairs, tokens, gate, up, down)
+    for e in chosen:
         pairs = order[offsets[e]:offsets[e + 1]]                            # flat (token*k + slot) indices
-        tok = pairs // k                                                    # distinct tokens (ids unique per row)
-        gate_w, up_w, down_w = get_expert(int(e))
-        y = dense_mlp(h[tok], gate_w, up_w, down_w)                         # [n_e, D]
-        out[tok] += flat_w[pairs][:, None] * y                              # weighted scatter-add, fp32
+        groups.append((pairs, pairs // k) + tuple(get_expert(int(e))))      # tokens distinct (ids unique per row)
     if shared is not None:
-        out += dense_mlp(h, *shared)                                        # shared experts, weight 1
+        groups.append((None, slice(None)) + tuple(shared))                  # shared experts: every token
+    # All experts' products go to the kernels together (one C call / one thread fork-join per phase when
+    # the groups are small, as in decode); the arithmetic is exactly dense_mlp's, expert by expert.
+    xs = [h[g[1]] for g in groups]                                          # [n_e, D] each
+    gu = kernels.matmul_many([x for x in xs for _ in (0, 1)],
+                             [w for g in groups for w in (g[2], g[3])])     # gate, up of every group
+    acts = [silu(gu[2 * i]) * gu[2 * i + 1] for i in range(len(groups))]    # [n_e, I]
+    ys = kernels.matmul_many(acts, [g[4] for g in groups])                  # [n_e, D]
+    out = np.zeros((S, D), dtype=np.float32)
+    for g, y in zip(groups, ys):
+        if g[0] is None:
+            continue
+        out[g[1]] += flat_w[g[0]][:, None] * y                              # weighted scatter-add, fp32
+    if shared is not None:
+        out += ys[-1]                                                       # shared experts, weight 1
     return out
