@@ -111,3 +111,32 @@ def is_ignored(name: str) -> bool:
 def stored_dtype(name: str, default: str) -> str:
     """The dtype a checkpoint writer uses for ``name`` (e_score_correction_bias stays f32)."""
     return "F32" if name.endswith(F32_SUFFIXES) else default
+
+
+FLOAT_DTYPES = ("BF16", "F16", "F32")
+
+
+def validate_checkpoint(ckpt, cfg: KimiVLConfig) -> None:
+    """Check, from the headers alone, that every tensor the model reads is present with the shape config.json
+    implies and a float dtype (or as a pykimi-quantized weight), so a wrong checkpoint fails at load time with
+    a one-line CheckpointError naming the tensor -- not at layer 14."""
+    import os
+
+    from .errors import CheckpointError
+
+    qmeta = None
+    for name, shape in expected_tensors(cfg, include_ignored=False):
+        if name in ckpt:
+            ckpt.expect(name, shape, FLOAT_DTYPES)
+            continue
+        if ckpt.has_weight(name):  # stored quantized as NAME.qweight + NAME.scales
+            if qmeta is None:
+                from .quant import _quant_meta
+                qmeta = _quant_meta(ckpt)
+            got = (qmeta.get(name) or {}).get("shape")
+            if got is not None and tuple(got) != tuple(shape):
+                raise CheckpointError(f"{os.path.basename(ckpt.info(name + '.qweight').file)}: quantized tensor "
+                                      f"{name!r} has shape {list(got)}, expected {list(shape)} from config.json")
+            continue
+        raise CheckpointError(f"{ckpt.path}: tensor {name!r} {list(shape)} is missing; the config.json there "
+                              f"needs it (a truncated download, or a checkpoint of another model?)")

@@ -383,6 +383,8 @@ def load(path, backend: str | None = None, threads: int | None = None, max_conte
     if cfg is None:
         from .config import load_config
         cfg = load_config(path)
+    from .layout import validate_checkpoint
+    validate_checkpoint(ckpt, cfg)                      # headers only: a wrong checkpoint fails here
     if max_context is not None and max_context > cfg.text.max_position_embeddings:
         raise InputError(f"max_context={max_context} exceeds max_position_embeddings="
                          f"{cfg.text.max_position_embeddings} of {path}")
