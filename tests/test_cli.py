@@ -124,3 +124,13 @@ def test_quantize_command_and_load(model_dir, tmp_path):
     assert r.returncode == 2 and "already exists" in r.stderr
     r = cli("run", "-m", dst, "-p", "abc", "-n", "4", "--json")
     assert r.returncode == 0 and len(json.loads(r.stdout)["ids"]) == 4, r.stderr
+
+
+def test_run_without_model_uses_demo_and_draws_a_scene(tmp_path):
+    scene = str(tmp_path / "scene.png")
+    r = cli("run", "--json", "-n", "40", "--seed", "3", "--save-scene", scene)
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["model"].endswith(os.path.join("pykimi", "demo")) and out["prompt"] == "Describe the image."
+    assert os.path.exists(scene) and out["images"] == [scene]
+    assert out["text"].startswith("A ") and out["text"].endswith(".")   # the demo's description form
