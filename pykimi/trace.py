@@ -128,11 +128,15 @@ class Trace:
         return np.concatenate(self._values[name], axis=axis)
 
     def save(self, path: str, metadata: dict | None = None) -> None:
-        """Write the first value of every recorded tensor to a safetensors dump (execution order kept
-        in the metadata under "order")."""
+        """Write every recorded tensor to a safetensors dump, in execution order (kept in the metadata under
+        "order"). A name recorded several times (e.g. a layer during prefill and then at every decode step)
+        is stored as ``name`` (the first value) and ``name@1``, ``name@2``, ... for the later ones."""
         from .weights import save_file
 
-        tensors = OrderedDict((k, np.ascontiguousarray(v[0])) for k, v in self._values.items())
+        tensors = OrderedDict()
+        for k, vals in self._values.items():
+            for i, v in enumerate(vals):
+                tensors[k if i == 0 else f"{k}@{i}"] = np.ascontiguousarray(v)
         meta = {"producer": "pykimi", "order": json.dumps(list(tensors))}
         if metadata:
             meta.update({k: str(v) for k, v in metadata.items()})

@@ -71,3 +71,15 @@ def test_nested_traces_both_record():
         with T.trace(None, names="stage.c") as inner:
             pipeline(np.ones(1))
     assert "stage.a" in outer and list(inner.keys()) == ["stage.c"]
+
+
+def test_save_keeps_repeated_values(tmp_path):
+    from pykimi.weights import Checkpoint
+
+    with T.trace(None) as t:
+        pipeline(np.ones(1, np.float32))
+        pipeline(np.ones(1, np.float32) * 2)
+    p = str(tmp_path / "r.safetensors")
+    t.save(p)
+    ck = Checkpoint.open(p)
+    assert "stage.a@1" in ck and float(ck.get("stage.a@1")[0]) == 4.0 and float(ck.get("stage.a")[0]) == 2.0
