@@ -22,21 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pykimi.kernels as K  # noqa: E402
 from pykimi.kernels import ref  # noqa: E402
 from pykimi.quant import Q4Weight, Q8Weight  # noqa: E402
-
-try:
-    from pykimi.weights import Stored
-except ImportError:  # pragma: no cover
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class Stored:
-        name: str
-        dtype: str
-        data: np.ndarray
-
-        @property
-        def shape(self):
-            return tuple(self.data.shape)
+from pykimi.weights import Stored  # noqa: E402
 
 # (label, out, in): an expert's down_proj, kv_b_proj, the lm_head
 SHAPES = [("expert down 2048x1408", 2048, 1408), ("expert up 1408x2048", 1408, 2048),

@@ -8,29 +8,7 @@ import pytest
 import pykimi.kernels as K
 from pykimi.kernels import ref
 from pykimi.quant import Q4Weight, Q8Weight, quantize_q4, quantize_q8
-
-try:
-    from pykimi.weights import Stored, f32_to_bf16
-except ImportError:  # the lead's weights.py not there yet: same fields
-    from dataclasses import dataclass
-
-    @dataclass(frozen=True)
-    class Stored:
-        name: str
-        dtype: str
-        data: np.ndarray
-
-        @property
-        def shape(self):
-            return tuple(self.data.shape)
-
-        def f32(self):
-            return ref.weight_f32(self)
-
-    def f32_to_bf16(x):
-        u = np.ascontiguousarray(x, np.float32).view(np.uint32).astype(np.uint64)
-        return ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
-
+from pykimi.weights import Stored, f32_to_bf16
 
 AVAILABLE = [b for b in K.BACKENDS if K.backends()[b]["available"]]
 NS = (1, 2, 3, 7, 16, 33)
