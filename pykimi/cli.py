@@ -431,6 +431,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if getattr(args, "threads", None):
         os.environ["PYKIMI_THREADS"] = str(args.threads)
+    from . import progress
+
+    progress.enable(not getattr(args, "json", False))   # bars on stderr for long steps (prefill, vision)
     try:
         return args.fn(args)
     except PykimiError as e:

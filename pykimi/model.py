@@ -18,7 +18,7 @@ from typing import Any, Callable
 
 import numpy as np
 
-from . import kernels
+from . import kernels, progress
 from .attention import MLAWeights, _f32, mla_decode, mla_prefill, rms_norm
 from .cache import LatentCache
 from .errors import InputError
@@ -282,13 +282,15 @@ class KimiVL:
         return LatentCache.for_config(self.text, capacity=capacity, max_len=self.context_limit)
 
     # -- running -----------------------------------------------------------------------------------------
-    def run_layers(self, x: np.ndarray, cache: LatentCache, absorbed: bool = False) -> np.ndarray:
+    def run_layers(self, x: np.ndarray, cache: LatentCache, absorbed: bool = False, progress=None) -> np.ndarray:
         """All decoder layers + final norm for new tokens x [S, D] continuing ``cache``   -> [S, D]."""
         t = self.text
         start = len(cache)
         positions = np.arange(start, start + x.shape[0])               # plain 0..n-1 positions (spec §8.1)
         for layer in range(t.num_hidden_layers):
             x = decoder_layer(x, self.layer_weights(layer), cache, positions, t, layer, absorbed=absorbed)
+            if progress is not None:
+                progress.update(1)
         x = final_norm(x, self.ckpt.f32(f"{LM}.norm.weight"), t.rms_norm_eps)
         return emit(f"{LM}.norm", x)
 
@@ -304,13 +306,15 @@ class KimiVL:
         self.check_length(len(cache) + S)
         cache.reserve(len(cache) + S)
         out = []
-        for c0 in range(0, S, self.prefill_chunk):
-            c1 = min(S, c0 + self.prefill_chunk)
-            h = self.run_layers(inputs_embeds[c0:c1], cache)
-            if all_logits:
-                out.append(self.logits(h))
-            elif c1 == S:
-                out.append(self.logits(h[-1:])[0])
+        n_chunks = -(-S // self.prefill_chunk)
+        with progress.bar(n_chunks * self.text.num_hidden_layers, f"prefill {S} tokens", unit="layer") as pb:
+            for c0 in range(0, S, self.prefill_chunk):
+                c1 = min(S, c0 + self.prefill_chunk)
+                h = self.run_layers(inputs_embeds[c0:c1], cache, progress=pb)
+                if all_logits:
+                    out.append(self.logits(h))
+                elif c1 == S:
+                    out.append(self.logits(h[-1:])[0])
         return out[0] if len(out) == 1 else np.concatenate(out, axis=0)
 
     def decode_step(self, token_id: int, cache: LatentCache) -> np.ndarray:

@@ -22,6 +22,7 @@ import numpy as np
 from .errors import CheckpointError, InputError
 from .rope import apply_rope, vision_rope_angles
 
+from . import progress
 from . import trace  # a callable module: trace.emit here, pykimi.trace(model) for users
 
 VT = "vision_tower"
@@ -486,10 +487,12 @@ class VisionTower:
         angles = np.concatenate(rope_angles(g, vc.head_dim, vc.rope_theta) or
                                 [np.zeros((0, vc.head_dim // 2), np.float32)], axis=0)  # [L, D/2]
         angles = trace.emit(f"{VT}.encoder.rope_angles", angles)       # the 2-D RoPE table (extra name)
-        for i in range(vc.num_hidden_layers):
-            name = f"{VT}.encoder.blocks.{i}"
-            x = vision_block(x, self.block_weights(i), g, angles, vc, name=name, block_q=self.block_q)
-            x = trace.emit(name, x)
+        with progress.bar(vc.num_hidden_layers, f"vision tower ({x.shape[0]} patches)", unit="block") as pb:
+            for i in range(vc.num_hidden_layers):
+                name = f"{VT}.encoder.blocks.{i}"
+                x = vision_block(x, self.block_weights(i), g, angles, vc, name=name, block_q=self.block_q)
+                x = trace.emit(name, x)
+                pb.update(1)
         x = layer_norm(x, self._f32(f"{VT}.encoder.final_layernorm.weight"),
                        self._f32(f"{VT}.encoder.final_layernorm.bias"), vc.layer_norm_eps)
         x = trace.emit(f"{VT}.encoder.final_layernorm", x)
