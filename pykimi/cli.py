@@ -95,8 +95,11 @@ def _messages(system, prompt, n_images):
 
 
 def _gen_kwargs(args) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
-                min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+    kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
+              min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+    if getattr(args, "ignore_eos", False):
+        kw["stop_ids"] = []
+    return kw
 
 
 def _generate(model, proc, inputs, args, out=sys.stdout, stream=True):
@@ -131,6 +134,7 @@ def _generate(model, proc, inputs, args, out=sys.stdout, stream=True):
     stats = getattr(model, "last_stats", None) or {}
     stats = dict(stats)
     stats.setdefault("prompt_tokens", int(ids.shape[0]))
+    stats["images"] = 0 if grid is None else int(np.asarray(grid).reshape(-1, 2).shape[0])
     stats.setdefault("new_tokens", len(new))
     if t_first is not None:
         stats.setdefault("first_token_s", t_first - t0)
@@ -144,14 +148,15 @@ def _generate(model, proc, inputs, args, out=sys.stdout, stream=True):
 
 def _timing_line(load_s, stats) -> str:
     parts = [f"load {load_s:.2f} s"]
-    if stats.get("encode_s") is not None:
+    if stats.get("encode_s") is not None and stats.get("images"):
         parts.append(f"image encode {stats['encode_s']:.2f} s")
     if stats.get("prefill_s"):
         parts.append(f"prefill {stats['prompt_tokens']} tok at {stats['prompt_tokens'] / stats['prefill_s']:.1f} tok/s")
     elif stats.get("first_token_s") is not None:
         parts.append(f"prompt {stats['prompt_tokens']} tok, first token after {stats['first_token_s']:.2f} s")
     if stats.get("decode_tok_s"):
-        parts.append(f"decode {stats['new_tokens']} tok at {stats['decode_tok_s']:.1f} tok/s")
+        # the first new token comes from the prefill's logits; the rest are decode steps
+        parts.append(f"decode {stats['new_tokens'] - 1} tok at {stats['decode_tok_s']:.1f} tok/s")
     m = _mem()
     parts.append(f"peak RSS {m['peak_rss_mb']:.0f} MB" + (f", anon {m['anon_mb']:.0f} MB" if m["anon_mb"] else ""))
     return "[" + " | ".join(parts) + "]"
@@ -367,6 +372,7 @@ def _add_gen_args(p):
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--ignore-eos", action="store_true", help="do not stop on [EOS] / <|im_end|> (benchmarks)")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -33,10 +33,10 @@ def test_run_json_with_image(model_dir):
 
 
 def test_run_streams_and_prints_timing(model_dir):
-    r = cli("run", "-m", model_dir, "-p", "hello", "-n", "5", "--seed", "1", "--temp", "0.8")
+    r = cli("run", "-m", model_dir, "-p", "hello", "-n", "5", "--seed", "1", "--temp", "0.8", "--ignore-eos")
     assert r.returncode == 0, r.stderr
     timing = r.stderr.strip().splitlines()[-1]
-    assert timing.startswith("[load") and "prefill" in timing and "decode" in timing and "peak RSS" in timing
+    assert timing.startswith("[load") and "prefill" in timing and "decode 4 tok" in timing and "peak RSS" in timing
 
 
 def test_run_greedy_matches_api(model_dir):
@@ -134,3 +134,24 @@ def test_run_without_model_uses_demo_and_draws_a_scene(tmp_path):
     assert out["model"].endswith(os.path.join("pykimi", "demo")) and out["prompt"] == "Describe the image."
     assert os.path.exists(scene) and out["images"] == [scene]
     assert out["text"].startswith("A ") and out["text"].endswith(".")   # the demo's description form
+
+
+def test_chat_ctrl_c_stops_the_answer_not_the_session(model_dir):
+    import signal
+    import time
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    p = subprocess.Popen([sys.executable, "-m", "pykimi.cli", "chat", "-m", model_dir, "-n", "3000",
+                          "--ignore-eos"],
+                         stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                         env=env, cwd=ROOT)
+    p.stdin.write("tell me a long story\n")
+    p.stdin.flush()
+    time.sleep(4)                        # loaded and generating (3000 tokens take far longer than this)
+    p.send_signal(signal.SIGINT)
+    time.sleep(1)
+    p.stdin.write("/quit\n")
+    p.stdin.flush()
+    out, err = p.communicate(timeout=120)
+    assert p.returncode == 0, err
+    assert "(stopped)" in err, err
