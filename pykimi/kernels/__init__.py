@@ -246,14 +246,20 @@ def _matmul_tiled(x2: np.ndarray, w, kind: str) -> np.ndarray:
     return y
 
 
+def _check_features(x: np.ndarray, w, who: str, label="W") -> tuple[int, int]:
+    """(out, in) of weight w, after checking that x's last axis has `in` features."""
+    out_f, in_f = (int(s) for s in w.shape)
+    if x.shape[-1] != in_f:
+        raise ValueError(f"{who} has {x.shape[-1]} features (shape {list(x.shape)}) but weight "
+                         f"{getattr(w, 'name', '') or label} is [{out_f}, {in_f}]")
+    return out_f, in_f
+
+
 def matmul(x, w) -> np.ndarray:
     """x @ W.T in float32. x [n, in] or [in] (any leading dims are flattened); W [out, in] in any stored form."""
     x = np.asarray(x)
     kind = ref.weight_kind(w)
-    out_f, in_f = (int(s) for s in w.shape)
-    if x.shape[-1] != in_f:
-        raise ValueError(f"matmul: x has {x.shape[-1]} features (shape {list(x.shape)}) but weight "
-                         f"{getattr(w, 'name', '') or 'W'} is [{out_f}, {in_f}]")
+    out_f, in_f = _check_features(x, w, "matmul: x")
     lead = x.shape[:-1]
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype=np.float32)
     n = x2.shape[0]
@@ -304,10 +310,7 @@ def matmul_many(xs, ws) -> list:
     for i, (x, w) in enumerate(zip(xs, ws)):
         x = np.asarray(x)
         kind = ref.weight_kind(w)
-        out_f, in_f = (int(s) for s in w.shape)
-        if x.shape[-1] != in_f:
-            raise ValueError(f"matmul_many: x[{i}] has {x.shape[-1]} features (shape {list(x.shape)}) but weight "
-                             f"{getattr(w, 'name', '') or i} is [{out_f}, {in_f}]")
+        out_f, in_f = _check_features(x, w, f"matmul_many: x[{i}]", i)
         x2 = x.reshape(-1, in_f)
         n = x2.shape[0]
         if kind not in _C_KINDS or not 0 < n <= SMALL_N:

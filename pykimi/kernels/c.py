@@ -46,47 +46,38 @@ def matmul_bf16(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return y
 
 
-def matmul_q8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+def _matmul_blocks(fn, qtype: str, x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """One call of a block-quantized kernel: x [n, in] @ W.T with W = (q [out, ...], scales f32 [out, in/32])."""
     x, q, y = _prep(x, q, q.shape[0])
     scales = np.ascontiguousarray(scales, dtype=np.float32)
-    lib.pk_matmul_q8(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("int8_t[]", q), _ptr("float[]", scales),
-                     q.shape[0], _ptr("float[]", y))
+    fn(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr(qtype, q), _ptr("float[]", scales), q.shape[0],
+       _ptr("float[]", y))
     return y
+
+
+def matmul_q8(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Q8_32 weights, float activations (twin: ref.matmul with a Q8Weight)."""
+    return _matmul_blocks(lib.pk_matmul_q8, "int8_t[]", x, q, scales)
 
 
 def matmul_q4(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
-    x, q, y = _prep(x, q, q.shape[0])
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    lib.pk_matmul_q4(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("uint8_t[]", q), _ptr("float[]", scales),
-                     q.shape[0], _ptr("float[]", y))
-    return y
+    """Q4_32 weights, float activations (twin: ref.matmul with a Q4Weight)."""
+    return _matmul_blocks(lib.pk_matmul_q4, "uint8_t[]", x, q, scales)
 
 
 def matmul_q8a(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Q8_32 weights x int8-quantized activations (twin: ref.matmul_act_q8)."""
-    x, q, y = _prep(x, q, q.shape[0])
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    lib.pk_matmul_q8a(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("int8_t[]", q), _ptr("float[]", scales),
-                      q.shape[0], _ptr("float[]", y))
-    return y
+    return _matmul_blocks(lib.pk_matmul_q8a, "int8_t[]", x, q, scales)
 
 
 def matmul_q4a(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Q4_32 weights x int8-quantized activations (twin: ref.matmul_act_q4)."""
-    x, q, y = _prep(x, q, q.shape[0])
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    lib.pk_matmul_q4a(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("uint8_t[]", q), _ptr("float[]", scales),
-                      q.shape[0], _ptr("float[]", y))
-    return y
+    return _matmul_blocks(lib.pk_matmul_q4a, "uint8_t[]", x, q, scales)
 
 
 def matmul_q8w(x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """Q8_32 weights x int16-quantized activations (twin: ref.matmul_act16_q8)."""
-    x, q, y = _prep(x, q, q.shape[0])
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    lib.pk_matmul_q8w(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("int8_t[]", q), _ptr("float[]", scales),
-                      q.shape[0], _ptr("float[]", y))
-    return y
+    return _matmul_blocks(lib.pk_matmul_q8w, "int8_t[]", x, q, scales)
 
 
 def quant_act16(x: np.ndarray):
