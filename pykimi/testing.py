@@ -67,6 +67,13 @@ def _stream_random(name: str, shape: tuple, dtype: str, seed: int, theta: float 
         yield x if dtype == "F32" else f32_to_bf16(x)
 
 
+def _counted(parts, bar):
+    for part in parts:
+        yield part
+        if bar:
+            bar.update(part.nbytes)
+
+
 def write_checkpoint(out_dir: str, config: dict, tensor_fn: Callable[[str, tuple, str], object] | None = None,
                      dtype: str = "BF16", seed: int = 0, shard_bytes: int = 4 << 30, progress: bool = False,
                      extra_files: dict | None = None) -> str:
@@ -114,12 +121,7 @@ def write_checkpoint(out_dir: str, config: dict, tensor_fn: Callable[[str, tuple
                         bar.update(data.nbytes)
                     continue
                 # stream chunk by chunk straight into the open file
-                parts = _stream_random(n, s, d, seed, theta)
-                for part in parts:
-                    w._fh.write(np.ascontiguousarray(part).tobytes())
-                    if bar:
-                        bar.update(part.nbytes)
-                w._next += 1
+                w.write_parts(n, _counted(_stream_random(n, s, d, seed, theta), bar))
             w.close()
         except BaseException:
             w.abort()

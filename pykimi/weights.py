@@ -430,6 +430,22 @@ class SafetensorsWriter:
         self._fh.write(np.ascontiguousarray(st.data).tobytes(order="C"))
         self._next += 1
 
+    def write_parts(self, name: str, parts) -> None:
+        """Write the next planned tensor from consecutive raw chunks (arrays of its stored dtype), so a tensor
+        larger than memory streams to disk; the chunks must add up to exactly the planned byte count."""
+        n, d, shp = self._plan[self._next]
+        if n != name:
+            raise CheckpointError(f"{self.path}: writing {name!r}, but the plan expects {n!r} next")
+        need = int(np.prod(shp, dtype=np.int64)) * DTYPES[d].itemsize
+        done = 0
+        for part in parts:
+            b = np.ascontiguousarray(part).tobytes()
+            done += len(b)
+            self._fh.write(b)
+        if done != need:
+            raise CheckpointError(f"{self.path}: tensor {name!r}: {done} bytes written, {d}{list(shp)} needs {need}")
+        self._next += 1
+
     def _open_and_write_header(self, entries):
         header: dict = {}
         if self.metadata:

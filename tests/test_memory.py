@@ -25,9 +25,7 @@ SCRIPT = textwrap.dedent("""
     with SafetensorsWriter(path) as w:
         w.plan([("big", "BF16", (120, cols))] + [(f"t{{i}}", "BF16", (1, cols)) for i in range(rows)])
         blk = np.full((8, cols), 0x3F80, np.uint16)        # 1.0 in bf16
-        for _ in range(15):
-            w._fh.write(blk.tobytes())
-        w._next += 1
+        w.write_parts("big", (blk for _ in range(15)))
         for i in range(rows):
             w.write(f"t{{i}}", Stored(f"t{{i}}", "BF16", np.full((1, cols), 0x4000 + i, np.uint16)))
     del blk

@@ -281,3 +281,17 @@ def test_fuzz_parser_raises_only_checkpoint_error(tmp_path, data):
             ck.get(n)
     except CheckpointError:
         pass
+
+
+def test_write_parts_streams_and_checks_bytes(tmp_path):
+    p = str(tmp_path / "parts.safetensors")
+    with SafetensorsWriter(p) as w:
+        w.plan([("a", "F32", (2, 3))])
+        w.write_parts("a", (np.arange(3, dtype=np.float32) + 3 * r for r in range(2)))
+    np.testing.assert_array_equal(Checkpoint.open(p).get("a"), np.arange(6, dtype=np.float32).reshape(2, 3))
+    w = SafetensorsWriter(str(tmp_path / "short.safetensors"))
+    w.plan([("a", "F32", (2, 3))])
+    with pytest.raises(CheckpointError, match="12 bytes written, F32\\[2, 3\\] needs 24"):
+        w.write_parts("a", [np.zeros(3, np.float32)])
+    w.abort()
+    assert not os.listdir(tmp_path / "..") is None and not os.path.exists(str(tmp_path / "short.safetensors"))
