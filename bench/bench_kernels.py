@@ -7,6 +7,11 @@ np.copyto counted as read + write). Small matrices are cycled over enough copies
 as decode does (every expert matrix is touched once per token).
 
     python bench/bench_kernels.py [--threads N] [--backend c|numba|numpy] [--quick] [--batch 4]
+    python bench/bench_kernels.py --quick --no-numpy --simd all     # C SIMD levels side by side
+
+With --simd LEVELS (comma-separated from scalar, avx2, avx512, or "all") the C kernels are timed at each level
+in the same process, in alternating rounds (best round kept), so a busy neighbour slows every level alike and
+the ratio between levels stays meaningful.
 
 Numbers depend on what else runs on the machine; nothing here is asserted.
 """
@@ -68,6 +73,33 @@ def make_weights(kind, out_f, in_f, copies, rng):
     return ws
 
 
+def timeit_levels(fn, levels, rounds=5, min_time=0.1):
+    """{level: seconds per call of fn}: alternating rounds over the SIMD levels, the best round of each."""
+    from pykimi.kernels import c
+    best = {lvl: float("inf") for lvl in levels}
+    try:
+        for _ in range(rounds):
+            for lvl in levels:
+                c.set_simd(lvl)
+                best[lvl] = min(best[lvl], timeit(fn, min_time, 50))
+    finally:
+        c.set_simd(None)
+    return best
+
+
+def parse_levels(spec):
+    """--simd value -> list of C SIMD levels (None = just the current one, not switched)."""
+    if not spec:
+        return [None]
+    from pykimi.kernels import c
+    have = c.simd_levels()
+    levels = have if spec == "all" else [v.strip() for v in spec.split(",") if v.strip()]
+    for lvl in levels:
+        if lvl not in have:
+            raise SystemExit(f"--simd: level {lvl!r} not available here (have {', '.join(have)})")
+    return levels
+
+
 def stored_bytes(w):
     return w.data.nbytes if isinstance(w, Stored) else w.nbytes
 
@@ -82,6 +114,8 @@ def main():
     ap.add_argument("--no-numpy", action="store_true", help="skip the NumPy widen+matmul baseline")
     ap.add_argument("--moe-layers", type=int, default=8, help="distinct MoE layers in the decode-step test")
     ap.add_argument("--act-quant", default=None, help="q4 (default) | all | none (see kernels.set_act_quant)")
+    ap.add_argument("--simd", default=None, help="C SIMD levels side by side: 'all' or e.g. 'avx2,avx512'")
+    ap.add_argument("--forms", default="bf16,q8,q4", help="weight forms to time (default bf16,q8,q4)")
     args = ap.parse_args()
     if args.backend:
         K.set_backend(args.backend)
@@ -89,6 +123,10 @@ def main():
         K.set_threads(args.threads)
     if args.act_quant:
         K.set_act_quant(args.act_quant)
+    if args.simd and K.backend() != "c":
+        raise SystemExit("--simd needs the C backend")
+    levels = parse_levels(args.simd)
+    forms = [f.strip() for f in args.forms.split(",") if f.strip()]
     global MIN_BYTES
     if args.quick:
         MIN_BYTES = 96 << 20
@@ -97,10 +135,13 @@ def main():
           f"act_quant={K.act_quant()} load={os.getloadavg()[0]:.1f}")
     info = K.backends()
     if info["c"]["available"]:
-        print(f"  C: {info['c']['simd']}, openmp={info['c']['openmp']}")
+        print(f"  C: {info['c']['simd']} (levels here: {', '.join(info['c']['simd_levels'])}), "
+              f"openmp={info['c']['openmp']}")
     bw_sum, bw_copy = bandwidth(256 << 20 if args.quick else 1 << 30)
     print(f"memory bandwidth: read (np.sum) {bw_sum:.1f} GB/s, copy (read+write) {bw_copy:.1f} GB/s\n")
     ns = [1] + ([args.batch] if args.batch else [])
+    if levels != [None]:
+        return by_level(args, rng, bw_sum, levels, ns, forms)
     hdr = f"{'shape':24s} {'form':5s} {'n':>3s} {'MB':>8s} {'pykimi ms':>10s} {'GB/s':>7s} {'%bw':>5s} " \
           f"{'numpy ms':>9s} {'GB/s':>7s} {'speedup':>8s}"
     print(hdr)
@@ -108,12 +149,8 @@ def main():
     for label, out_f, in_f in ([] if args.moe_only else SHAPES):
         if args.quick and out_f > 100000:
             continue
-        for kind in ("bf16", "q8", "q4"):
-            one = {"bf16": 2 * out_f * in_f, "q8": out_f * in_f + 4 * out_f * (-(-in_f // 32)),
-                   "q4": out_f * (-(-in_f // 2)) + 4 * out_f * (-(-in_f // 32))}[kind]
-            copies = max(1, min(64, MIN_BYTES // one))
-            ws = make_weights(kind, out_f, in_f, copies, rng)
-            total = sum(stored_bytes(w) for w in ws)
+        for kind in forms:
+            ws, copies, total = weights_for(kind, out_f, in_f, rng)
             for n in ns:
                 x = rng.standard_normal((n, in_f)).astype(np.float32)
                 t = timeit(lambda: [K.matmul(x, w) for w in ws]) / copies
@@ -130,13 +167,49 @@ def main():
     moe_step(args, rng, bw_sum)
 
 
-def moe_step(args, rng, bw_sum):
+def weights_for(kind, out_f, in_f, rng):
+    """Enough copies of one random [out_f, in_f] weight to exceed the caches: (weights, copies, total bytes)."""
+    one = {"bf16": 2 * out_f * in_f, "q8": out_f * in_f + 4 * out_f * (-(-in_f // 32)),
+           "q4": out_f * (-(-in_f // 2)) + 4 * out_f * (-(-in_f // 32))}[kind]
+    copies = max(1, min(64, MIN_BYTES // one))
+    ws = make_weights(kind, out_f, in_f, copies, rng)
+    return ws, copies, sum(stored_bytes(w) for w in ws)
+
+
+def by_level(args, rng, bw_sum, levels, ns, forms):
+    """The shapes table with one GB/s column per C SIMD level, timed in alternating rounds."""
+    hdr = f"{'shape':24s} {'form':5s} {'n':>3s} {'MB':>6s} " + " ".join(f"{lvl + ' GB/s':>12s}" for lvl in levels) \
+        + f" {'%bw':>5s} {levels[-1] + '/' + levels[0]:>12s}"
+    print(hdr)
+    print("-" * len(hdr))
+    for label, out_f, in_f in ([] if args.moe_only else SHAPES):
+        if args.quick and out_f > 100000:
+            continue
+        for kind in forms:
+            ws, copies, total = weights_for(kind, out_f, in_f, rng)
+            for n in ns:
+                x = rng.standard_normal((n, in_f)).astype(np.float32)
+                ts = timeit_levels(lambda: [K.matmul(x, w) for w in ws], levels)
+                gbs = {lvl: total / ts[lvl] / 1e9 for lvl in levels}
+                print(f"{label:24s} {kind:5s} {n:3d} {total / copies / 1e6:6.1f} "
+                      + " ".join(f"{gbs[lvl]:12.1f}" for lvl in levels)
+                      + f" {100 * max(gbs.values()) / bw_sum:5.0f} {gbs[levels[-1]] / gbs[levels[0]]:11.2f}x",
+                      flush=True)
+            del ws
+    moe_step(args, rng, bw_sum, levels, forms)
+
+
+def moe_step(args, rng, bw_sum, levels=(None,), forms=("bf16", "q8", "q4")):
     """One MoE layer of a decode step at the real widths: 6 routed experts + the shared expert (2816 wide),
     gate+up then down, per-matrix matmul calls vs matmul_many (one C call / fork-join per phase)."""
     D, I, S, k = 2048, 1408, 2816, 6
     print(f"\nMoE decode layer (k={k} experts of {I} + shared {S}, D={D}), {args.moe_layers} distinct layers:")
-    print(f"{'form':5s} {'MB/layer':>9s} {'matmul ms':>10s} {'GB/s':>6s} {'many ms':>8s} {'GB/s':>6s}")
-    for kind in ("bf16", "q8", "q4"):
+    if list(levels) != [None]:
+        print(f"{'form':5s} {'MB/layer':>9s} " + " ".join(f"{lvl + ' many GB/s':>17s}" for lvl in levels)
+              + f" {levels[-1] + '/' + levels[0]:>12s}")
+    else:
+        print(f"{'form':5s} {'MB/layer':>9s} {'matmul ms':>10s} {'GB/s':>6s} {'many ms':>8s} {'GB/s':>6s}")
+    for kind in forms:
         layers = []
         for _ in range(args.moe_layers):
             gate = make_weights(kind, I, D, k, rng) + make_weights(kind, S, D, 1, rng)
@@ -158,6 +231,13 @@ def moe_step(args, rng, bw_sum):
                 hs = [a * b for a, b in zip(gu[:len(gate)], gu[len(gate):])]
                 K.matmul_many(hs, down)
 
+        if list(levels) != [None]:
+            ts = timeit_levels(batched, levels)
+            gbs = {lvl: nbytes * len(layers) / ts[lvl] / 1e9 for lvl in levels}
+            print(f"{kind:5s} {nbytes / 1e6:9.1f} " + " ".join(f"{gbs[lvl]:17.1f}" for lvl in levels)
+                  + f" {gbs[levels[-1]] / gbs[levels[0]]:11.2f}x", flush=True)
+            del layers
+            continue
         t1 = timeit(one_by_one) / len(layers)
         t2 = timeit(batched) / len(layers)
         print(f"{kind:5s} {nbytes / 1e6:9.1f} {t1 * 1e3:10.3f} {nbytes / t1 / 1e9:6.1f} {t2 * 1e3:8.3f} "

@@ -25,6 +25,12 @@
 void pk_set_threads(int n);
 int pk_get_threads(void);
 int pk_has_openmp(void);
+/* SIMD level: 0 = portable loops, 1 = AVX2+FMA, 2 = AVX-512 (F/BW/VL + VNNI). The best level the CPU
+ * has runs unless PYKIMI_SIMD=scalar|avx2|avx512 or pk_set_simd(level) asks for a lower one (-1 = best);
+ * a level the CPU lacks is clamped. pk_simd_level / pk_force_scalar are the older on/off knobs. */
+int pk_simd_max(void);
+void pk_set_simd(int level);
+int pk_get_simd(void);
 int pk_simd_level(void);
 void pk_force_scalar(int on);
 

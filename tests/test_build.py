@@ -48,6 +48,8 @@ def test_ckernels_import():
     from pykimi import _ckernels
     assert _ckernels.lib.pk_get_threads() >= 1
     assert _ckernels.lib.pk_simd_level() in (0, 1)
+    # the level in use: 0 portable, 1 AVX2+FMA, 2 AVX-512 (F/BW/VL + VNNI); never above the CPU's
+    assert 0 <= _ckernels.lib.pk_get_simd() <= _ckernels.lib.pk_simd_max() <= 2
 
 
 @needs_cc

@@ -155,6 +155,160 @@ def test_c_act_quant_kernels(scalar):
         c.force_scalar(False)
 
 
+# --------------------------------------------------------------------- every C SIMD level (scalar/avx2/avx512)
+
+def _c_levels():
+    if "c" not in AVAILABLE:
+        return []
+    from pykimi.kernels import c
+    return c.simd_levels()
+
+
+C_LEVELS = _c_levels()
+# widths that hit every branch of the vector loops: 4-block groups (128), pairs of blocks (64), one full
+# block, a short last block, and widths below one block
+LEVEL_SHAPES = [(37, 101), (3, 33), (16, 64), (9, 1), (5, 2048), (4, 95), (7, 128), (6, 160), (11, 257),
+                (13, 384), (3, 1408), (5, 129), (2, 31), (17, 224), (4, 2816)]
+
+
+@pytest.fixture
+def simd_level(request):
+    from pykimi.kernels import c
+    c.set_simd(request.param)
+    assert c.get_simd() == request.param
+    yield request.param
+    c.set_simd(None)
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_matches_twins(simd_level):
+    """Every kernel at every SIMD level this CPU has against its NumPy twin, odd sizes included."""
+    from pykimi.kernels import c
+    rng = np.random.default_rng(31)
+    for out_f, in_f in LEVEL_SHAPES:
+        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+        bits = f32_to_bf16(w)
+        q8, q4 = quantize_q8(w), quantize_q4(w)
+        for n in (1, 2, 3, 4, 5, 7, 9):
+            x = rng.standard_normal((n, in_f)).astype(np.float32) * 5
+            scale = np.abs(x).sum(1).max() * np.abs(w).max()
+            xq, xd = c.quant_act(x)
+            rq, rd = ref.quantize_act(x)
+            np.testing.assert_array_equal(xq, rq)
+            np.testing.assert_array_equal(xd, rd)
+            xq16, xd16 = c.quant_act16(x)
+            rq16, rd16 = ref.quantize_act(x, 16)
+            np.testing.assert_array_equal(xq16, rq16)
+            np.testing.assert_array_equal(xd16, rd16)
+            float_paths = {"f32": (c.matmul_f32(x, w), x @ w.T),
+                           "bf16": (c.matmul_bf16(x, bits), x @ ref.bf16_to_f32(bits).T),
+                           "q8": (c.matmul_q8(x, q8.q, q8.scales), x @ q8.f32().T),
+                           "q4": (c.matmul_q4(x, q4.q, q4.scales), x @ q4.f32().T)}
+            for name, (y, r) in float_paths.items():
+                err = np.max(np.abs(y - r)) / scale
+                assert err < 1e-5, f"{name} level={simd_level} {(out_f, in_f)} n={n}: {err:.2e}"
+            int_paths = {"q8a": (c.matmul_q8a(x, q8.q, q8.scales), ref.matmul_act_q8(x, q8)),
+                         "q8w": (c.matmul_q8w(x, q8.q, q8.scales), ref.matmul_act16_q8(x, q8)),
+                         "q4a": (c.matmul_q4a(x, q4.q, q4.scales), ref.matmul_act_q4(x, q4))}
+            for name, (y, r) in int_paths.items():
+                err = np.max(np.abs(y - r)) / scale
+                assert err < 1e-6, f"{name} level={simd_level} {(out_f, in_f)} n={n}: {err:.2e}"
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_integer_dots_exact(simd_level):
+    """The integer block dots are exact at every level: with activation scales of exactly 1 (each block's
+    max |x| is the format's qmax), weight scales of 1 and sums below 2^24, every float step is exact too,
+    so y must equal the int64 product bit for bit -- the same on scalar, AVX2 and AVX-512."""
+    from pykimi.kernels import c
+    rng = np.random.default_rng(32)
+    for out_f, in_f in LEVEL_SHAPES:
+        nb = -(-in_f // 32)
+        ones = np.ones((out_f, nb), np.float32)
+        for n in (1, 2, 5):
+            for qmax, lim, fns in ((127, 127, ("q8a", "q4a")), (32767, 100, ("q8w",))):
+                x = rng.integers(-lim, lim + 1, (n, in_f)).astype(np.float32)
+                x[:, ::32] = qmax * rng.choice([-1, 1], (n, nb))  # max |x| = qmax in every block: scale 1
+                q8 = rng.integers(-7, 8, (out_f, in_f), dtype=np.int8)
+                q4 = rng.integers(0, 256, (out_f, -(-in_f // 2)), dtype=np.uint8)
+                exact8 = x.astype(np.int64) @ q8.astype(np.int64).T
+                exact4 = x.astype(np.int64) @ ref.unpack_q4(q4, in_f).astype(np.int64).T
+                for fn in fns:
+                    y = {"q8a": lambda: c.matmul_q8a(x, q8, ones), "q8w": lambda: c.matmul_q8w(x, q8, ones),
+                         "q4a": lambda: c.matmul_q4a(x, q4, ones)}[fn]()
+                    want = exact4 if fn == "q4a" else exact8
+                    assert np.abs(want).max() < 2 ** 24
+                    np.testing.assert_array_equal(y, want.astype(np.float32),
+                                                  err_msg=f"{fn} level={simd_level} {(out_f, in_f)} n={n}")
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_matmul_many(simd_level):
+    """pk_matmul_many at every level: mixed formats and activation modes in one call == one call each ==
+    the twins."""
+    from pykimi.kernels import c
+    rng = np.random.default_rng(33)
+    jobs, twins = [], []
+    for k, (out_f, in_f, n) in enumerate([(37, 101, 1), (64, 128, 3), (9, 33, 7), (70, 96, 2), (5, 31, 4),
+                                          (128, 64, 1), (3, 2048, 16), (50, 97, 1), (20, 1408, 1),
+                                          (24, 512, 2), (6, 384, 5), (8, 160, 1)]):
+        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+        x = rng.standard_normal((n, in_f)).astype(np.float32)
+        q8, q4 = quantize_q8(w), quantize_q4(w)
+        forms = [(x, "BF16", f32_to_bf16(w), None, "f32", lambda x=x, w=w: x @ ref.bf16_to_f32(f32_to_bf16(w)).T),
+                 (x, "q8_32", q8.q, q8.scales, "i16", lambda x=x, q=q8: ref.matmul_act16_q8(x, q)),
+                 (x, "q4_32", q4.q, q4.scales, "i8", lambda x=x, q=q4: ref.matmul_act_q4(x, q)),
+                 (x, "q8_32", q8.q, q8.scales, "i8", lambda x=x, q=q8: ref.matmul_act_q8(x, q)),
+                 (x, "F32", w, None, "f32", lambda x=x, w=w: x @ w.T),
+                 (x, "q4_32", q4.q, q4.scales, "f32", lambda x=x, q=q4: x @ q.f32().T),
+                 (x, "q8_32", q8.q, q8.scales, "f32", lambda x=x, q=q8: x @ q.f32().T)]
+        job = forms[k % len(forms)]
+        jobs.append(job[:5])
+        twins.append(job[5])
+    ys = c.matmul_many(jobs)
+    for k, (job, twin, y) in enumerate(zip(jobs, twins, ys)):
+        single = c.matmul_many([job])[0]
+        np.testing.assert_array_equal(y, single)  # same rows, same kernel: identical
+        r = twin()
+        err = np.max(np.abs(y - r)) / max(np.abs(r).max(), 1e-30)
+        assert err < 2e-5, f"job {k} {job[1]}/{job[4]} level={simd_level}: {err:.2e}"
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+def test_c_simd_selection():
+    """set_simd / get_simd / simd_levels, force_scalar on top of them, PYKIMI_SIMD at start-up, and the
+    level in backends()."""
+    import subprocess
+    import sys
+    from pykimi.kernels import c
+    levels = c.simd_levels()
+    assert levels[0] == "scalar" and levels == [lv for lv in c.SIMD_LEVELS if lv in levels]
+    try:
+        for lv in levels:
+            assert c.set_simd(lv) == lv == c.get_simd()
+            assert c.lib.pk_simd_level() == (0 if lv == "scalar" else 1)
+        c.force_scalar(True)
+        assert c.get_simd() == "scalar"
+        c.force_scalar(False)
+        assert c.get_simd() == levels[-1]
+        with pytest.raises(ValueError, match="unknown"):
+            c.set_simd("sse9")
+        for lv in c.SIMD_LEVELS[len(levels):]:
+            with pytest.raises(ValueError, match="not available"):
+                c.set_simd(lv)
+        assert c.set_simd(None) == levels[-1]
+        assert K.backends()["c"]["simd_levels"] == levels
+    finally:
+        c.set_simd(None)
+    for lv in levels:
+        out = subprocess.run([sys.executable, "-c", "from pykimi.kernels import c; print(c.get_simd())"],
+                             env=dict(__import__("os").environ, PYKIMI_SIMD=lv), capture_output=True, text=True)
+        assert out.stdout.strip() == lv, out.stderr
+
+
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 def test_c_bf16_gemv_real_width_exactness():
     """bf16 GEMV at a real width (1408 x 2048) within 1e-5 of the widened reference, scale-relative."""

@@ -7,7 +7,8 @@ Used three ways:
   * ``build_inplace()`` from tests.
 
 Flags: -O3 always; -fopenmp only when a probe compile+link with it succeeds (set PYKIMI_NO_OPENMP=1 to
-skip). No -march=native: the AVX2 path is picked at run time, so the binary stays portable.
+skip). No -march=native: the AVX2 and AVX-512 functions carry their own target attributes and the level is
+picked at run time (csrc/pykimi_kernels.c), so the binary stays portable.
 """
 import os
 import re

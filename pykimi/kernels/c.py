@@ -171,11 +171,40 @@ def get_threads() -> int:
     return int(lib.pk_get_threads())
 
 
+SIMD_LEVELS = ("scalar", "avx2", "avx512")  # index = the C level (pk_get_simd)
+_SIMD_NAMES = {"scalar": "portable", "avx2": "avx2+fma", "avx512": "avx512+vnni"}
+
+
+def simd_levels() -> list:
+    """The levels this CPU can run, lowest first, e.g. ["scalar", "avx2", "avx512"]."""
+    return list(SIMD_LEVELS[: int(lib.pk_simd_max()) + 1])
+
+
+def get_simd() -> str:
+    """The level the kernels run at now: "scalar" | "avx2" | "avx512"."""
+    return SIMD_LEVELS[int(lib.pk_get_simd())]
+
+
+def set_simd(level: str | None) -> str:
+    """Run the kernels at `level` ("scalar" | "avx2" | "avx512"; None or "auto" = the best available).
+    Default: PYKIMI_SIMD, else the best. Raises ValueError for a level this CPU cannot run."""
+    if level is None or str(level).lower() in ("auto", "best", ""):
+        lib.pk_set_simd(-1)
+        return get_simd()
+    name = {"portable": "scalar", "0": "scalar", "1": "avx2", "2": "avx512"}.get(str(level).lower(), str(level).lower())
+    if name not in SIMD_LEVELS:
+        raise ValueError(f"unknown SIMD level {level!r}: expected one of {', '.join(SIMD_LEVELS)} or auto")
+    if name not in simd_levels():
+        raise ValueError(f"SIMD level {name!r} is not available on this CPU/build (have {', '.join(simd_levels())})")
+    lib.pk_set_simd(SIMD_LEVELS.index(name))
+    return get_simd()
+
+
 def info() -> dict:
-    return {"openmp": bool(lib.pk_has_openmp()), "simd": "avx2+fma" if lib.pk_simd_level() else "portable",
-            "threads": int(lib.pk_get_threads())}
+    return {"openmp": bool(lib.pk_has_openmp()), "simd": _SIMD_NAMES[get_simd()],
+            "simd_levels": simd_levels(), "threads": int(lib.pk_get_threads())}
 
 
 def force_scalar(on: bool) -> None:
-    """Tests: run the portable loops even on an AVX2 machine."""
+    """Tests: run the portable loops even on a SIMD machine (off = back to the best level)."""
     lib.pk_force_scalar(1 if on else 0)
