@@ -15,6 +15,7 @@ L = total patches of all images (packed), T = L / 4 merged tokens, C = vision hi
 from __future__ import annotations
 
 import math
+import threading
 from typing import Sequence
 
 import numpy as np
@@ -22,6 +23,7 @@ import numpy as np
 from .errors import CheckpointError, InputError
 from .rope import apply_rope, vision_rope_angles
 
+from . import kernels
 from . import progress
 from . import trace  # a callable module: trace.emit here, pykimi.trace(model) for users
 
@@ -36,6 +38,11 @@ PROJ_KEYS = ("pre_norm.weight", "pre_norm.bias", "linear_1.weight", "linear_1.bi
 
 # scores of one query block for all heads stay below this many bytes (spec: peak < 1 GiB at 16,384 patches)
 ATTN_BLOCK_BYTES = 128 << 20
+# one worker's score tile [block_q, n] (1 MB: it stays in L2 from the q.k^T sgemm through exp to P.V)
+ATTN_TILE_BYTES = 1 << 20
+# rows of x per worker task in the row-local parts of a block (LN, qkv, RoPE, wo, MLP): big enough that
+# single-threaded sgemm runs at full speed (M=128: ~110 GFLOP/s on one AVX-512 core), small enough to share
+ROW_CHUNK = 128
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -147,7 +154,7 @@ def patch_embed(pixel_values: np.ndarray, w: np.ndarray, b: np.ndarray) -> np.nd
     L = pixel_values.shape[0]
     C = w.shape[0]
     x = np.ascontiguousarray(pixel_values, dtype=np.float32).reshape(L, w[0].size)   # [L, 3*p*p]
-    out = x @ w.reshape(C, -1).T                                              # [L, C]
+    out = kernels.matmul(x, w.reshape(C, -1))                                 # [L, C]
     out += b
     return out
 
@@ -227,43 +234,71 @@ def vision_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cu: Sequence[i
                      return_probs: bool = False):
     """Bidirectional attention restricted to each image's own tokens (block-diagonal over cu_seqlens).
 
-    q, k, v f32[L,H,D] (q, k already rotated) -> f32[L, H*D]; with return_probs also f32[H,L,L] (zero across
-    images). Scores q.k^T/sqrt(D) and the softmax are fp32. Queries are processed in blocks of ``block_q``
-    rows for all heads at once (default: as many as keep H*block_q*n*4 bytes <= ATTN_BLOCK_BYTES), so a
-    16,384-patch image never holds a full n x n score matrix per head."""
+    q, k, v f32[L,H,D] (q, k already rotated; any strides with a unit last axis) -> f32[L, H*D]; with
+    return_probs also f32[H,L,L] (zero across images). Scores (q/sqrt(D)).k^T and the softmax are fp32; the
+    softmax is normalised after P.V (D << n). One task per (image, head), shared out to the worker threads
+    (kernels.parallel_for, BLAS single-threaded inside); each walks its queries in tiles of ``block_q`` rows
+    (default: a tile of ATTN_TILE_BYTES, so all threads together stay under ATTN_BLOCK_BYTES) and never holds
+    more than one [block_q, n] score tile: a 16,384-patch image never builds an n x n matrix per head."""
+    L, H, D = q.shape
+    if return_probs:
+        return _vision_attention_probs(q, k, v, cu, block_q)
+    scale = np.float32(1.0 / math.sqrt(D))
+    out = np.empty((L, H, D), dtype=np.float32)
+    cu = [int(c) for c in cu]
+    nt = kernels.get_threads()
+    tasks = [(s, e, h) for s, e in zip(cu[:-1], cu[1:]) if e > s for h in range(H)]
+    bufs = {}
+
+    def task(t):
+        s, e, h = t
+        n = e - s
+        tile = min(ATTN_TILE_BYTES, max(4 * n, ATTN_BLOCK_BYTES // max(1, nt)))
+        bq = max(1, min(n, block_q or tile // (4 * n)))
+        key = (threading.get_ident(), bq, n)
+        buf = bufs.get(key)
+        if buf is None:
+            buf = bufs[key] = np.empty((bq, n), dtype=np.float32)         # this worker's score tile
+        kT = k[s:e, h].T                                                  # [D, n] (strided view, BLAS 'T')
+        vh = v[s:e, h]                                                    # [n, D]
+        for a in range(0, n, bq):
+            z = min(n, a + bq)
+            sc = np.matmul(q[s + a:s + z, h] * scale, kT, out=buf[:z - a])  # [b, n] fp32 scores
+            sc -= sc.max(axis=-1, keepdims=True)
+            np.exp(sc, out=sc)
+            den = sc.sum(axis=-1, keepdims=True)                          # [b, 1]
+            o = out[s + a:s + z, h]                                       # [b, D] rows of the output
+            np.matmul(sc, vh, out=o)
+            o /= den
+
+    kernels.parallel_for(task, tasks)
+    return out.reshape(L, H * D)
+
+
+def _vision_attention_probs(q, k, v, cu, block_q=None):
+    """vision_attention that also returns the probabilities f32[H, L, L] (tracing only: O(L^2) memory)."""
     L, H, D = q.shape
     scale = np.float32(1.0 / math.sqrt(D))
     out = np.empty((L, H, D), dtype=np.float32)
-    probs = np.zeros((H, L, L), dtype=np.float32) if return_probs else None
-    cu = [int(c) for c in cu]
+    probs = np.zeros((H, L, L), dtype=np.float32)
     for s, e in zip(cu[:-1], cu[1:]):
+        s, e = int(s), int(e)
         n = e - s
         if n == 0:
             continue
-        # head-major contiguous copies: every per-head product below is one BLAS gemm
-        qh = np.ascontiguousarray(q[s:e].transpose(1, 0, 2))            # [H, n, D]
-        qh *= scale
-        khT = np.ascontiguousarray(k[s:e].transpose(1, 0, 2)).transpose(0, 2, 1)   # [H, D, n] (view)
-        vh = np.ascontiguousarray(v[s:e].transpose(1, 0, 2))            # [H, n, D]
-        oh = np.empty((H, n, D), dtype=np.float32)
+        qh = np.ascontiguousarray(q[s:e].transpose(1, 0, 2)) * scale      # [H, n, D]
+        khT = k[s:e].transpose(1, 2, 0)                                   # [H, D, n]
+        vh = np.ascontiguousarray(v[s:e].transpose(1, 0, 2))             # [H, n, D]
         bq = min(n, block_q or max(1, ATTN_BLOCK_BYTES // (4 * H * n)))
-        buf = np.empty((H, bq, n), dtype=np.float32)                    # the one score block, reused
         for a in range(0, n, bq):
             z = min(n, a + bq)
-            sc = np.matmul(qh[:, a:z], khT, out=buf[:, :z - a])         # [H, b, n] fp32 scores
+            sc = np.matmul(qh[:, a:z], khT)                               # [H, b, n]
             sc -= sc.max(axis=-1, keepdims=True)
             np.exp(sc, out=sc)
-            den = sc.sum(axis=-1, keepdims=True)                        # [H, b, 1]
-            if probs is not None:
-                sc /= den
-                probs[:, s + a:s + z, s:e] = sc
-                np.matmul(sc, vh, out=oh[:, a:z])
-            else:
-                np.matmul(sc, vh, out=oh[:, a:z])                       # [H, b, D]
-                oh[:, a:z] /= den                                       # normalize after P.V: D << n
-        out[s:e] = oh.transpose(1, 0, 2)
-    out = out.reshape(L, H * D)
-    return (out, probs) if return_probs else out
+            sc /= sc.sum(axis=-1, keepdims=True)
+            probs[:, s + a:s + z, s:e] = sc
+            out[s + a:s + z] = np.matmul(sc, vh).transpose(1, 0, 2)
+    return out.reshape(L, H * D), probs
 
 
 def _wants_attn_probs(name: str) -> bool:
@@ -277,28 +312,50 @@ def _vcfg(cfg):
     return getattr(cfg, "vision", cfg)      # accept KimiVLConfig or VisionConfig
 
 
+def _row_chunks(L: int) -> list:
+    """[(r0, r1)] row ranges of ROW_CHUNK rows. Independent of the thread count on purpose: sgemm's rounding
+    can depend on the number of rows it is given, and the result must not depend on --threads."""
+    return [(r0, min(L, r0 + ROW_CHUNK)) for r0 in range(0, L, ROW_CHUNK)]
+
+
 def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None = None,
                  block_q: int | None = None) -> np.ndarray:
-    """One pre-norm MoonViT block (spec §6.3)   f32[L,C] -> f32[L,C].
+    """One pre-norm MoonViT block (spec §6.3)   f32[L,C] -> f32[L,C] (a new array; x is not modified).
+
+        x1 = x + wo(attn(rope(q), rope(k), v))     q | k | v = wqkv(LN0(x))   (contiguous thirds)
+        out = x1 + fc1(gelu_tanh(fc0(LN1(x1))))
 
     w: the block's tensors as float32 arrays keyed by their short checkpoint names (BLOCK_KEYS);
     angles: per-image RoPE angle tables (rope_angles) or one concatenated f32[L, D/2]; cfg: Kimi-VL or vision
-    config; name: the trace prefix (``vision_tower.encoder.blocks.{i}``) for the optional q/k/probs captures."""
+    config; name: the trace prefix (``vision_tower.encoder.blocks.{i}``) for the optional q/k/probs captures.
+
+    Everything but the attention is row-local, so it runs in chunks of ROW_CHUNK tokens, one worker task each
+    (kernels.parallel_for: single-threaded sgemm + the elementwise ops while the chunk is in cache); the
+    attention runs one task per (image, head). Same operations, in the same order, as the whole-array form."""
     vc = _vcfg(cfg)
     L, C = x.shape
     H = vc.num_attention_heads
     D = C // H
     eps = getattr(vc, "layer_norm_eps", 1e-5)
     ang = np.concatenate(angles, axis=0) if isinstance(angles, (list, tuple)) else angles   # [L, D/2]
+    x = np.asarray(x, dtype=np.float32)
+    chunks = _row_chunks(L)
 
-    h = layer_norm(x, w["norm0.weight"], w["norm0.bias"], eps)             # [L, C]
-    qkv = h @ w["wqkv.weight"].T                                            # [L, 3C]
-    qkv += w["wqkv.bias"]
-    q = qkv[:, :C].reshape(L, H, D)                                         # q | k | v contiguous thirds
-    k = qkv[:, C:2 * C].reshape(L, H, D)
-    v = qkv[:, 2 * C:].reshape(L, H, D)
-    q = apply_rope(q, ang[:, None, :])                                      # [L, H, D] pair 2i col, 2i+1 row
-    k = apply_rope(k, ang[:, None, :])
+    qkv = np.empty((L, 3 * C), dtype=np.float32)                         # q | k | v contiguous thirds
+    q = np.empty((L, H, D), dtype=np.float32)
+    k = np.empty((L, H, D), dtype=np.float32)
+
+    def front(rc):
+        r0, r1 = rc
+        h = layer_norm(x[r0:r1], w["norm0.weight"], w["norm0.bias"], eps)                 # [r, C]
+        t = np.matmul(h, w["wqkv.weight"].T, out=qkv[r0:r1])                              # [r, 3C]
+        t += w["wqkv.bias"]
+        a = ang[r0:r1, None, :]
+        q[r0:r1] = apply_rope(t[:, :C].reshape(-1, H, D), a)          # pair 2i col, 2i+1 row (§6.4)
+        k[r0:r1] = apply_rope(t[:, C:2 * C].reshape(-1, H, D), a)
+
+    kernels.parallel_for(front, chunks)
+    v = qkv[:, 2 * C:].reshape(L, H, D)                                  # [L, H, D] view
     if name is not None:
         q = trace.emit(name + ".q_rope", q)
         k = trace.emit(name + ".k_rope", k)
@@ -308,18 +365,24 @@ def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None
         trace.emit(name + ".attn_probs", probs)                             # [H, L, L], 0 across images
     else:
         att = vision_attention(q, k, v, cu, block_q=block_q)                # [L, C]
-    o = att @ w["wo.weight"].T                                              # [L, C]
-    o += w["wo.bias"]
-    x = x + o
 
-    h = layer_norm(x, w["norm1.weight"], w["norm1.bias"], eps)
-    f = h @ w["mlp.fc0.weight"].T                                           # [L, F]
-    f += w["mlp.fc0.bias"]
-    f = gelu_tanh(f)
-    o = f @ w["mlp.fc1.weight"].T                                           # [L, C]
-    o += w["mlp.fc1.bias"]
-    x += o
-    return x
+    out = np.empty((L, C), dtype=np.float32)
+
+    def back(rc):
+        r0, r1 = rc
+        o = att[r0:r1] @ w["wo.weight"].T                                  # [r, C]
+        o += w["wo.bias"]
+        x1 = np.add(x[r0:r1], o, out=out[r0:r1])                           # residual 1
+        h = layer_norm(x1, w["norm1.weight"], w["norm1.bias"], eps)
+        f = h @ w["mlp.fc0.weight"].T                                      # [r, F]
+        f += w["mlp.fc0.bias"]
+        f = gelu_tanh(f)
+        o = f @ w["mlp.fc1.weight"].T                                      # [r, C]
+        o += w["mlp.fc1.bias"]
+        x1 += o                                                            # residual 2
+
+    kernels.parallel_for(back, chunks)
+    return out
 
 
 def patch_merger(x: np.ndarray, grid_hws, merge=(2, 2)) -> np.ndarray:
@@ -349,11 +412,16 @@ def projector(merged: np.ndarray, w: dict, eps: float = 1e-5) -> np.ndarray:
     h = layer_norm(merged, w["pre_norm.weight"], w["pre_norm.bias"], eps)  # [T, 4, C]
     h = trace.emit(f"{PROJ}.pre_norm", h)
     h = h.reshape(T, S * C)                                                 # [T, 4C] TL|TR|BL|BR
-    h = h @ w["linear_1.weight"].T
+    h = kernels.matmul(h, w["linear_1.weight"])                             # row tiles on the worker threads
     h += w["linear_1.bias"]
     h = trace.emit(f"{PROJ}.linear_1", h)                                  # [T, 4C] before the GELU
-    h = gelu_erf(h)
-    out = h @ w["linear_2.weight"].T                                        # [T, text_hidden]
+    g = np.empty(h.shape, dtype=np.float32)
+
+    def gelu_rows(rc):                                                      # float64 erf: the costly part
+        g[rc[0]:rc[1]] = gelu_erf(h[rc[0]:rc[1]])
+
+    kernels.parallel_for(gelu_rows, _row_chunks(T))
+    out = kernels.matmul(g, w["linear_2.weight"])                           # [T, text_hidden]
     out += w["linear_2.bias"]
     return trace.emit(PROJ, out)
 

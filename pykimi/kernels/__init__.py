@@ -6,10 +6,11 @@ Backends: "c" (csrc/ via cffi), "numba", "numpy" (ref.py, the spec). The default
 imports; ``PYKIMI_BACKEND=numpy|numba|c`` or ``set_backend(name)`` picks one. A missing C extension falls
 back to Numba, then NumPy, with ONE warning saying why.
 
-Routing of matmul (why): decode is memory bound, so for few rows of x (n <= SMALL_N) W is read once in its
+Routing of matmul (why): decode is memory bound, so for few rows of x (n <= SMALL_N, or the per-format
+SMALL_N_ACT when set for the C kernels with quantized activations) W is read once in its
 stored form by a GEMV / small-GEMM kernel that widens in registers. Prefill and vision are compute bound,
-so for larger n W is widened in bounded row tiles (at most TILE_ELEMS floats) and multiplied by BLAS.
-f32 ndarrays always go to BLAS (nothing to widen). For int8/int4 weights the C GEMV quantizes the
+so for larger n W is widened in small row tiles (TASK_ELEMS floats) that worker threads multiply with
+single-threaded BLAS (parallel_for). f32 ndarrays always go to BLAS (nothing to widen). For int8/int4 weights the C GEMV quantizes the
 activation row once per call and uses integer block dot products (set_act_quant; int16 activations for
 int8 weights by default, so int8 stays numerically the float product). matmul_many(xs, ws) runs several
 products in one C call / one thread fork-join (the MoE's selected experts). The small fused ops (rms_norm,
@@ -20,7 +21,11 @@ computes under the current settings (the tests hold every backend to it).
 """
 from __future__ import annotations
 
+import ctypes
+import glob
+import itertools
 import os
+import threading
 import warnings
 
 import numpy as np
@@ -29,7 +34,18 @@ from . import ref
 
 BACKENDS = ("numpy", "numba", "c")
 SMALL_N = 32            # rows of x up to which the stored-form kernels beat widen + BLAS (measured: ~28-45)
-TILE_ELEMS = 1 << 22    # widened tile size for the BLAS path (16 MB of f32)
+# The same crossover for the C kernels with quantized activations, per (weight format, activation mode): their
+# integer block dots cost less per row than f32 sgemm, and dequantizing a tile costs more than widening bf16.
+# Measured with the C backend on a [1408, 2048] expert weight, 2 threads (ms, C vs dequant tiles + sgemm):
+# q8 x int16 n=32 1.8 vs 4.6, n=48 4.8 vs 4.9, n=64 6.2 vs 5.9; q4 x int8 n=64 3.1 vs 6.5, n=128 5.2 vs 9.5
+# (the C cost grows more slowly with n than sgemm's there, so int4 need never go to the tiles; like llama.cpp's
+# Q4_0 x Q8_0 prefill); with MEASURED_SMALL_N_ACT the 128-token int4 prefill ran 1.26x faster (median of 4,
+# same process). Same numerics as decode for these formats (see set_act_quant); reference() returns the twin
+# of whichever path a product takes. PYKIMI_ACT_QUANT=none keeps every quantized product on the exact path.
+MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 48, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62}
+SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
+TILE_ELEMS = 1 << 22    # widened tile size for the BLAS path (16 MB of f32), an upper bound
+TASK_ELEMS = 1 << 18    # widened tile per worker task (1 MB of f32: stays in L2 between widening and sgemm)
 
 _state = {"backend": None, "threads": None, "warned": False,
           # int8-quantized activations in the C GEMV, per weight format (see set_act_quant)
@@ -156,6 +172,110 @@ def _apply_threads() -> None:
         numba.set_num_threads(max(1, min(n, numba.config.NUMBA_NUM_THREADS)))
 
 
+# ----------------------------------------------------------------- worker threads for the BLAS paths
+# Prefill and vision are compute bound and go through BLAS (DESIGN.md "Memory and speed"). Instead of one big
+# multi-threaded BLAS call per product, they cut the work into tasks (weight row tiles, token chunks, heads)
+# that get_threads() Python threads take one at a time, each calling BLAS single-threaded: NumPy's BLAS and
+# ufuncs release the GIL, and dynamic taking balances the cores when one is shared with another process
+# (see _matmul_tiled). NumPy's OpenBLAS is switched to one thread only while such tasks run.
+
+_tls = threading.local()          # .inside: this thread is a worker task (nested parallel_for runs inline)
+_blas_lock = threading.Lock()
+_blas_state = {"probed": False, "set": None, "get": None, "users": 0, "saved": None}
+_pool_state: dict = {"pool": None, "size": 0}
+
+
+def _openblas():
+    """(set_num_threads, get_num_threads) of the OpenBLAS NumPy links (its wheel bundles scipy-openblas), or
+    (None, None) when there is none to find (another BLAS: then tasks run beside its own threads)."""
+    st = _blas_state
+    if not st["probed"]:
+        st["probed"] = True
+        libdir = os.path.join(os.path.dirname(np.__file__), os.pardir, "numpy.libs")
+        for path in sorted(glob.glob(os.path.join(libdir, "*openblas*"))):
+            try:
+                lib = ctypes.CDLL(path)
+            except OSError:
+                continue
+            for pre in ("scipy_openblas_", "openblas_"):
+                for suf in ("64_", ""):
+                    f_set = getattr(lib, f"{pre}set_num_threads{suf}", None)
+                    f_get = getattr(lib, f"{pre}get_num_threads{suf}", None)
+                    if f_set is not None and f_get is not None:
+                        f_get.restype = ctypes.c_int
+                        st["set"], st["get"] = f_set, f_get
+                        return f_set, f_get
+    return st["set"], st["get"]
+
+
+class _blas_single:
+    """Context: NumPy's OpenBLAS single-threaded (restored when the last user leaves)."""
+
+    def __enter__(self):
+        f_set, f_get = _openblas()
+        if f_set is not None:
+            with _blas_lock:
+                if _blas_state["users"] == 0:
+                    _blas_state["saved"] = int(f_get())
+                    f_set(ctypes.c_int(1))
+                _blas_state["users"] += 1
+        return self
+
+    def __exit__(self, *exc):
+        f_set, _ = _openblas()
+        if f_set is not None:
+            with _blas_lock:
+                _blas_state["users"] -= 1
+                if _blas_state["users"] == 0 and _blas_state["saved"]:
+                    f_set(ctypes.c_int(_blas_state["saved"]))
+
+
+def _pool(n: int):
+    if _pool_state["pool"] is None or _pool_state["size"] != n:
+        from concurrent.futures import ThreadPoolExecutor
+        if _pool_state["pool"] is not None:
+            _pool_state["pool"].shutdown(wait=False)
+        _pool_state["pool"] = ThreadPoolExecutor(max_workers=n, thread_name_prefix="pykimi-task")
+        _pool_state["size"] = n
+    return _pool_state["pool"]
+
+
+def parallel_for(fn, items) -> list:
+    """[fn(item) for item in items], run by get_threads() threads (the caller is one of them) that take the
+    items in order, one at a time, with BLAS single-threaded inside. fn must write disjoint outputs.
+    Runs inline with one thread, one item, or when called from inside a task."""
+    items = list(items)
+    nt = min(get_threads(), len(items))
+    if nt <= 1 or getattr(_tls, "inside", False):
+        with _blas_single():
+            return [fn(it) for it in items]
+    results: list = [None] * len(items)
+    ticket = itertools.count()      # next() on a count is atomic under the GIL
+    errors: list = []
+
+    def worker():
+        _tls.inside = True
+        try:
+            while not errors:
+                i = next(ticket)
+                if i >= len(items):
+                    return
+                results[i] = fn(items[i])
+        except BaseException as e:  # noqa: BLE001 -- re-raised in the caller
+            errors.append(e)
+        finally:
+            _tls.inside = False
+
+    with _blas_single():
+        futs = [_pool(nt - 1).submit(worker) for _ in range(nt - 1)]
+        worker()
+        for f in futs:
+            f.result()
+    if errors:
+        raise errors[0]
+    return results
+
+
 _ACT_MODES = {
     # setting -> how the C GEMV treats the activations per weight format
     "q4": {"q8_32": "i16", "q4_32": "i8"},    # default
@@ -199,13 +319,18 @@ def _act_mode(kind: str) -> str:
     return _ACT_MODES[act_quant()].get(kind, "f32")
 
 
+def _small_n(kind: str) -> int:
+    """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
+    return SMALL_N_ACT.get((kind, _act_mode(kind)), SMALL_N)
+
+
 def reference(x, w) -> np.ndarray:
     """The NumPy twin of exactly what matmul(x, w) computes under the current settings (for tests)."""
     kind = ref.weight_kind(w)
     x = np.asarray(x, dtype=np.float32)
     n = int(np.prod(x.shape[:-1], dtype=np.int64))
     mode = _act_mode(kind)
-    if backend() == "c" and mode != "f32" and 0 < n <= SMALL_N:
+    if backend() == "c" and mode != "f32" and 0 < n <= _small_n(kind):
         x2 = x.reshape(-1, x.shape[-1])
         if kind == "q4_32":
             y = ref.matmul_act_q4(x2, w)
@@ -221,28 +346,55 @@ _C_KINDS = ("BF16", "q8_32", "q4_32", "F32")
 
 
 def _widen_rows(w, kind: str, r0: int, r1: int, buf: np.ndarray | None) -> np.ndarray:
-    """Rows r0:r1 of W as f32, with the C widen/dequant when available (parallel, one pass)."""
-    cm = _mods.get("c") if _state["backend"] == "c" else None
-    if cm is not None and kind in ("BF16", "q8_32", "q4_32"):
-        dst = buf[: (r1 - r0) * w.shape[1]].reshape(r1 - r0, w.shape[1]) if buf is not None else None
-        if kind == "BF16":
-            return cm.widen_bf16(w.data[r0:r1], out=dst)
-        if kind == "q8_32":
-            return cm.dequant_q8(w.q[r0:r1], w.scales[r0:r1], w.shape[1], out=dst)
-        return cm.dequant_q4(w.q[r0:r1], w.scales[r0:r1], w.shape[1], out=dst)
-    return ref.weight_rows_f32(w, r0, r1)
+    """Rows r0:r1 of W as f32 into buf (when given), single-threaded: called from the worker tasks of
+    parallel_for, so it must neither fork threads of its own nor hold the GIL (Numba, nogil)."""
+    if kind == "f32":
+        return w[r0:r1]                                  # nothing to widen: a view
+    dst = buf[: (r1 - r0) * w.shape[1]].reshape(r1 - r0, w.shape[1]) if buf is not None else None
+    nb = _nb() if kind in ("BF16", "q8_32", "q4_32") else None
+    if nb is None:
+        t = ref.weight_rows_f32(w, r0, r1)
+        if dst is None:
+            return t
+        dst[...] = t
+        return dst
+    if dst is None:
+        dst = np.empty((r1 - r0, w.shape[1]), dtype=np.float32)
+    if kind == "BF16":
+        nb.widen_bf16(np.ascontiguousarray(w.data[r0:r1]).view(np.uint16), dst)
+    elif kind == "q8_32":
+        nb.dequant_q8(np.ascontiguousarray(w.q[r0:r1]), np.ascontiguousarray(w.scales[r0:r1]), dst)
+    else:
+        nb.dequant_q4(np.ascontiguousarray(w.q[r0:r1]), np.ascontiguousarray(w.scales[r0:r1]), dst)
+    return dst
 
 
 def _matmul_tiled(x2: np.ndarray, w, kind: str) -> np.ndarray:
+    """x2 @ W.T for many rows: W widened in row tiles of at most TASK_ELEMS floats, each tile multiplied by
+    single-threaded BLAS, the tiles shared out to the worker threads (parallel_for).
+
+    Why not one big widen + 2-thread BLAS: OpenBLAS splits every call statically between its threads, so when
+    another process holds one core (the usual state of this machine) each call waits for the descheduled half,
+    and its spinning idle threads steal the core from the next step (measured: 128-token prefill 13 tok/s with
+    2 BLAS threads vs 51 with 1, same minute). Small tiles taken dynamically keep both cores busy when free and
+    degrade to one core's speed, not below, when one is taken; a 1 MB tile is still in L2 when sgemm reads it."""
     out_f, in_f = w.shape
-    step = max(1, TILE_ELEMS // max(in_f, 1))
-    if step >= out_f:
-        return x2 @ _widen_rows(w, kind, 0, out_f, None).T
-    y = np.empty((x2.shape[0], out_f), dtype=np.float32)
-    buf = np.empty(step * in_f, dtype=np.float32)  # one scratch tile, reused
-    for r0 in range(0, out_f, step):
-        r1 = min(out_f, r0 + step)
-        y[:, r0:r1] = x2 @ _widen_rows(w, kind, r0, r1, buf).T
+    n = x2.shape[0]
+    step = max(1, min(TILE_ELEMS, TASK_ELEMS) // max(in_f, 1))
+    y = np.empty((n, out_f), dtype=np.float32)
+    if out_f == 0 or n == 0:
+        return y if in_f else y.fill(0) or y
+    tiles = [(r0, min(out_f, r0 + step)) for r0 in range(0, out_f, step)]
+    bufs = threading.local()
+
+    def task(t):
+        r0, r1 = t
+        buf = getattr(bufs, "buf", None)
+        if buf is None:
+            buf = bufs.buf = np.empty(step * in_f, dtype=np.float32)   # one scratch tile per worker
+        np.matmul(x2, _widen_rows(w, kind, r0, r1, buf).T, out=y[:, r0:r1])
+
+    parallel_for(task, tiles)
     return y
 
 
@@ -264,9 +416,11 @@ def matmul(x, w) -> np.ndarray:
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype=np.float32)
     n = x2.shape[0]
     be = backend()
-    if kind == "f32":
+    if kind == "f32" and n <= SMALL_N:
         y = x2 @ np.asarray(w, dtype=np.float32).T
-    elif be == "numpy" or n > SMALL_N or kind not in _C_KINDS or n == 0:
+    elif kind == "f32":
+        y = _matmul_tiled(x2, np.asarray(w, dtype=np.float32), kind)
+    elif be == "numpy" or kind not in _C_KINDS or n == 0 or n > (_small_n(kind) if be == "c" else SMALL_N):
         y = _matmul_tiled(x2, w, kind)
     elif be == "c":
         cm = _mods["c"]
@@ -313,7 +467,7 @@ def matmul_many(xs, ws) -> list:
         out_f, in_f = _check_features(x, w, f"matmul_many: x[{i}]", i)
         x2 = x.reshape(-1, in_f)
         n = x2.shape[0]
-        if kind not in _C_KINDS or not 0 < n <= SMALL_N:
+        if kind not in _C_KINDS or not 0 < n <= _small_n(kind):
             out[i] = matmul(x, w)
             continue
         if kind in ("BF16", "F32"):
@@ -419,6 +573,6 @@ def scatter_add_weighted(out, rows, y, weights) -> np.ndarray:
     return out
 
 
-__all__ = ["matmul", "matmul_many", "reference", "set_act_quant", "act_quant", "backend", "backends", "set_backend", "set_threads", "get_threads", "rms_norm", "softmax",
+__all__ = ["parallel_for", "matmul", "matmul_many", "reference", "set_act_quant", "act_quant", "backend", "backends", "set_backend", "set_threads", "get_threads", "rms_norm", "softmax",
            "rope_interleaved", "topk", "group_by_expert", "gather_rows", "scatter_add_weighted", "ref",
-           "SMALL_N", "TILE_ELEMS", "BACKENDS"]
+           "SMALL_N", "TILE_ELEMS", "TASK_ELEMS", "BACKENDS"]
