@@ -404,6 +404,39 @@ static void tile_act_scalar(const pk_tile *tl) {
     PK_TILE_ROWS(row_act_scalar(fmt, nt, xq, xd, nb, in, wr, sr, res));
 }
 
+/* Exact int8 dot of the blocks [b0, nb) of one row in natural order (the few blocks that do not fill a
+ * register group, and the short last block), scaled per block. */
+static inline float act_tail(int fmt, const int8_t *xr, const float *xdr, int64_t b0, int64_t nb, int64_t in,
+                             const void *w, const float *ws) {
+    float r = 0.0f;
+    int64_t b, i;
+    for (b = b0; b < nb; b++) {
+        const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+        int32_t s = 0;
+        for (i = i0; i < i1; i++) {
+            int wv;
+            if (fmt == F_Q8) {
+                wv = ((const int8_t *)w)[i];
+            } else {
+                uint8_t byte = ((const uint8_t *)w)[i >> 1];
+                wv = ((i & 1) ? (byte >> 4) : (byte & 15)) - 8;
+            }
+            s += (int32_t)xr[i] * wv;
+        }
+        r += (float)s * (xdr[b] * ws[b]);
+    }
+    return r;
+}
+
+/* Exact int16 x int8 dot of the short last block [i0, in) of one row, scaled by its block scale (the tail
+ * the vector levels leave for the Q8 x int16 kernels). */
+static inline float q8w_tail(const int16_t *xr, const int8_t *w, int64_t i0, int64_t in, float scale) {
+    int32_t s = 0;
+    int64_t i;
+    for (i = i0; i < in; i++) s += (int32_t)xr[i] * w[i];
+    return (float)s * scale;
+}
+
 #if PK_X86
 /* Q8: maddubs wants unsigned x signed, so use |w| and move w's sign onto x (sign_epi8). Pair sums reach
  * at most 2 * 127 * 127 < 32767: no int16 saturation. Two accumulators (even/odd blocks) per x row. */
@@ -485,22 +518,8 @@ PK_AVX2_INLINE void row_act_avx2(int fmt, int nt, const int8_t *xq, const int8_t
     }
     for (t = 0; t < nt; t++) {
         float r = hsum8(_mm256_add_ps(a0[t], a1[t])) - 8.0f * corr[t];
-        if (nfull < nb) { /* short last block: exact integer dot in natural order */
-            const int8_t *xr = xq + t * xstride;
-            int32_t s = 0;
-            int64_t i;
-            for (i = nfull * PK_BLOCK; i < in; i++) {
-                int wv;
-                if (fmt == F_Q8) {
-                    wv = ((const int8_t *)w)[i];
-                } else {
-                    uint8_t byte = ((const uint8_t *)w)[i >> 1];
-                    wv = ((i & 1) ? (byte >> 4) : (byte & 15)) - 8;
-                }
-                s += (int32_t)xr[i] * wv;
-            }
-            r += (float)s * (xd[t * nb + nfull] * ws[nfull]);
-        }
+        if (nfull < nb) /* short last block: exact integer dot in natural order */
+            r += act_tail(fmt, xq + t * xstride, xd + t * nb, nfull, nb, in, w, ws);
         res[t] = r;
     }
 }
@@ -602,13 +621,7 @@ PK_AVX2_INLINE void row_q8w_avx2(int nt, const int16_t *xq, const float *xd, int
     }
     for (t = 0; t < nt; t++) {
         float r = hsum8(_mm256_add_ps(a0[t], a1[t]));
-        if (nfull < nb) {
-            const int16_t *xr = xq + t * xstride;
-            int32_t s = 0;
-            int64_t i;
-            for (i = nfull * PK_BLOCK; i < in; i++) s += (int32_t)xr[i] * w[i];
-            r += (float)s * (xd[t * nb + nfull] * ws[nfull]);
-        }
+        if (nfull < nb) r += q8w_tail(xq + t * xstride, w, nfull * PK_BLOCK, in, xd[t * nb + nfull] * ws[nfull]);
         res[t] = r;
     }
 }
@@ -741,30 +754,6 @@ static PK_AVX512 void tile_avx512(const pk_tile *tl) {
     }
 }
 
-/* Exact int8 dot of the blocks [b0, nb) of one row in natural order (the few blocks that do not fill a
- * register group, and the short last block), scaled per block. */
-static inline float act_tail(int fmt, const int8_t *xr, const float *xdr, int64_t b0, int64_t nb, int64_t in,
-                             const void *w, const float *ws) {
-    float r = 0.0f;
-    int64_t b, i;
-    for (b = b0; b < nb; b++) {
-        const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
-        int32_t s = 0;
-        for (i = i0; i < i1; i++) {
-            int wv;
-            if (fmt == F_Q8) {
-                wv = ((const int8_t *)w)[i];
-            } else {
-                uint8_t byte = ((const uint8_t *)w)[i >> 1];
-                wv = ((i & 1) ? (byte >> 4) : (byte & 15)) - 8;
-            }
-            s += (int32_t)xr[i] * wv;
-        }
-        r += (float)s * (xdr[b] * ws[b]);
-    }
-    return r;
-}
-
 /* Q4 x int8, 4 blocks (64 bytes of codes) per step. xqp: x in the group layout described above; xoff:
  * per block [-8 * sum(x_block), 0, 0, 0] as int32, so the accumulator starts at the offset and the 4 lanes
  * of block k sum to the exact dot(x, code - 8). The 16 lanes are then scaled by [d_k x 4] (d = dx * dw). */
@@ -887,13 +876,7 @@ PK_AVX512_INLINE void row_q8w_avx512(int nt, const int16_t *xq, const float *xd,
     }
     for (t = 0; t < nt; t++) {
         float r = _mm512_reduce_add_ps(_mm512_add_ps(a0[t], a1[t]));
-        if (nfull < nb) {
-            const int16_t *xr = xq + t * xstride;
-            int32_t s = 0;
-            int64_t i;
-            for (i = nfull * PK_BLOCK; i < in; i++) s += (int32_t)xr[i] * w[i];
-            r += (float)s * (xd[t * nb + nfull] * ws[nfull]);
-        }
+        if (nfull < nb) r += q8w_tail(xq + t * xstride, w, nfull * PK_BLOCK, in, xd[t * nb + nfull] * ws[nfull]);
         res[t] = r;
     }
 }
