@@ -17,12 +17,15 @@ pykimi loads like any checkpoint:
 PyTorch (``torch==2.13.0``, CPU) is needed only here, never by pykimi. Everything is
 seeded: the same command reproduces the same checkpoint (up to torch's CPU kernels).
 
-    python tools/train_demo.py --steps 20 --out /tmp/x   # a smoke run
+    python tools/train_demo.py --seed 0                 # the bundled checkpoint's recipe
+    python tools/train_demo.py --vision-steps 5 --steps 20 --out /tmp/x   # a smoke run
     python tools/train_demo.py --export-only --state S --out DIR   # export a saved state
 
-The bundled checkpoint came from four resumed phases (--init-state, --stop-at, --per-seq-loss,
---color-repeat, --copy-drill); the exact commands are in pykimi/demo/README.md. At about 1 s per
-step on one thread (more when the 2-core box is shared), 2000 steps take ~35 min.
+The recipe (the defaults): phase 1 trains the vision tower + projector alone on dense
+training-only targets (aux_labels: which shape covers each merged token, each shape's rank
+from the left, the number of shapes); phase 2 trains everything on the answers (loss on answer
+tokens only, each image's questions packed into one row that computes the shared prefix once,
+see pack_rows) while the auxiliary targets stay on. pykimi/demo/README.md has the numbers.
 
 The model code below is an independent implementation written from
 /work/shared/spec/kimi_vl_spec.md; comments cite its sections.
@@ -433,7 +436,7 @@ def build_model(cfg: dict):
             self.kv_b_proj = nn.Linear(r, nh * (dn + dv), bias=False)
             self.o_proj = nn.Linear(nh * dv, H, bias=False)
 
-        def forward(self, h, cos, sin):
+        def forward(self, h, cos, sin, mask=None):
             B, S, _ = h.shape
             q = self.q_proj(h).reshape(B, S, nh, dn + dr)
             q_nope, q_pe = q.split([dn, dr], dim=-1)
@@ -445,8 +448,12 @@ def build_model(cfg: dict):
             k_pe = rope_interleaved(k_pe[:, :, None, :], cos, sin).expand(B, S, nh, dr)
             q = torch.cat([q_nope, q_pe], -1).transpose(1, 2)
             k = torch.cat([k_nope, k_pe], -1).transpose(1, 2)
-            o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,
-                                               scale=(dn + dr) ** -0.5)
+            if mask is None:
+                o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), is_causal=True,
+                                                   scale=(dn + dr) ** -0.5)
+            else:  # packed rows (training): causal within each branch, see pack_rows
+                o = F.scaled_dot_product_attention(q, k, v.transpose(1, 2), attn_mask=mask,
+                                                   scale=(dn + dr) ** -0.5)
             return self.o_proj(o.transpose(1, 2).reshape(B, S, nh * dv))
 
     class SwiGLU(nn.Module):
@@ -500,8 +507,8 @@ def build_model(cfg: dict):
             moe = i >= tc["first_k_dense_replace"] and i % tc["moe_layer_freq"] == 0
             self.mlp = MoE() if moe else SwiGLU(tc["intermediate_size"])
 
-        def forward(self, x, cos, sin):
-            x = x + self.self_attn(rms_norm(x, self.input_layernorm.weight, eps), cos, sin)
+        def forward(self, x, cos, sin, mask=None):
+            x = x + self.self_attn(rms_norm(x, self.input_layernorm.weight, eps), cos, sin, mask)
             return x + self.mlp(rms_norm(x, self.post_attention_layernorm.weight, eps))
 
     class Inner(nn.Module):
@@ -529,16 +536,21 @@ def build_model(cfg: dict):
         def encode_images(self, patches_list, grids):
             return self.multi_modal_projector(self.vision_tower(patches_list, grids))
 
-        def hidden(self, ids, feats):
-            """ids [B, S] (right-padded), feats [sum T, H] in order -> final-norm hidden."""
+        def hidden(self, ids, feats, pos=None, mask=None):
+            """ids [B, S] (right-padded), feats [sum T, H] in order -> final-norm hidden.
+            pos [B, S] / mask [B, 1, S, S] (bool, True = may attend): packed training rows."""
             lm = self.language_model.model
             x = lm.embed_tokens(ids)
             is_img = ids == self.media_id
             x = x.masked_scatter(is_img[..., None], feats.to(x.dtype))           # §8.1
-            ang = torch.arange(ids.shape[1], dtype=torch.float32)[:, None] * self.inv_freq
-            cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]    # [S, 1, dr/2]
+            if pos is None:
+                ang = torch.arange(ids.shape[1], dtype=torch.float32)[:, None] * self.inv_freq
+                cos, sin = torch.cos(ang)[:, None, :], torch.sin(ang)[:, None, :]    # [S, 1, dr/2]
+            else:
+                ang = pos.float()[..., None] * self.inv_freq                          # [B, S, dr/2]
+                cos, sin = torch.cos(ang)[:, :, None, :], torch.sin(ang)[:, :, None, :]
             for layer in lm.layers:
-                x = layer(x, cos, sin)
+                x = layer(x, cos, sin, mask)
             return rms_norm(x, lm.norm.weight, eps)
 
         def moe_layers(self):
@@ -558,39 +570,57 @@ def build_model(cfg: dict):
 
 
 # ============================================================================ data
+def shape_mask(s, width: int, height: int) -> np.ndarray:
+    """bool [height, width]: the pixels of shape s, drawn exactly as scenes.draw_scene does."""
+    return np.any(np.asarray(scenes.draw_scene(width, height, [s])) != scenes.BACKGROUND, axis=-1)
+
+
 def aux_labels(shapes, grid):
     """Training-only targets for the merged image tokens (one per 28x28 cell, raster order):
-    the (kind, color) class of the shape whose bounding-box center lies in the cell (0 = none,
-    1..12) and that shape's rank from the left (0 = none, 1..3). Shapes keep >= 28 px apart
-    along some axis, so no cell holds two centers. Not part of the exported model."""
+    - seg: the (kind, color) class (1..12) of the shape covering the most pixels of the cell,
+      0 for cells no shape touches -- a dense signal, every cell of a shape learns its kind;
+    - rank: the rank from the left (1..3) of that same shape, 0 for empty cells -- also at
+      every cell of the shape: the language model must find "the k-th shape" (describe) or
+      "the {kind}" (color) among the image tokens, and binding kind, color and rank in every
+      cell of a shape gives its attention several matching keys instead of one center cell
+      (with the rank at the center cell only, the first run learned to name the right set of
+      colors and kinds but bound them to the wrong shapes);
+    - count: the number of shapes (1..3), at every cell -- the image as a whole, so the
+      language model can read it anywhere.
+    Not part of the exported model."""
     gh2, gw2 = grid[0] // 2, grid[1] // 2
-    obj = np.zeros(gh2 * gw2, dtype=np.int64)
-    rank = np.zeros(gh2 * gw2, dtype=np.int64)
+    H, W = gh2 * 28, gw2 * 28
     colors = list(scenes.COLORS)
-    for r, s in enumerate(sorted(shapes, key=lambda s: s.cx)):
-        t = (int(s.cy) // 28) * gw2 + int(s.cx) // 28
-        obj[t] = 1 + scenes.SHAPES.index(s.kind) * len(colors) + colors.index(s.color)
-        rank[t] = r + 1
-    return obj, rank
+    order = sorted(shapes, key=lambda s: s.cx)
+    cover = np.zeros((len(order) + 1, gh2, gw2), np.int32)
+    cls = [0]
+    for j, s in enumerate(order):
+        m = shape_mask(s, W, H)
+        cover[j + 1] = m.reshape(gh2, 28, gw2, 28).sum((1, 3))
+        cls.append(1 + scenes.SHAPES.index(s.kind) * len(colors) + colors.index(s.color))
+    cover[0] = 0
+    best = cover.argmax(0)                      # 0 wherever no shape has a pixel in the cell
+    seg = np.asarray(cls, np.int64)[best].reshape(-1)
+    rank = best.reshape(-1).astype(np.int64)    # cover is in left-to-right order: index = rank
+    return seg, rank, np.full(gh2 * gw2, len(shapes), dtype=np.int64)
 
 
-def make_batch(rng, n_images, tok):
+def make_batch(rng, n_images, tok, questions=True):
     """n_images random scenes -> (patches_list, grids, seq list of (prompt ids, answer ids,
-    image index, qtype, answer text), aux labels (obj, rank) over all merged tokens)."""
+    image index, qtype, answer text) (empty if not questions), aux labels (seg, rank, count) over
+    all merged tokens)."""
     import torch
-    patches, grids, seqs, objs, ranks = [], [], [], [], []
+    patches, grids, seqs, labels = [], [], [], []
     for i in range(n_images):
         img, shapes = scenes.random_scene(rng)
         p, g = preprocess(img)
         patches.append(torch.from_numpy(p))
         grids.append(g)
-        o, r = aux_labels(shapes, g)
-        objs.append(o)
-        ranks.append(r)
+        labels.append(aux_labels(shapes, g))
         n_tok = (g[0] // 2) * (g[1] // 2)
-        for q, a, qtype in scenes.qa_pairs(shapes):
+        for q, a, qtype in (scenes.qa_pairs(shapes) if questions else []):
             seqs.append((prompt_ids(tok, q, n_tok), tok.encode(a) + [tok.im_end], i, qtype, a))
-    aux = (torch.from_numpy(np.concatenate(objs)), torch.from_numpy(np.concatenate(ranks)))
+    aux = tuple(torch.from_numpy(np.concatenate(col)) for col in zip(*labels))
     return patches, grids, seqs, aux
 
 
@@ -627,35 +657,156 @@ def copy_drill(rng, tok, n):
     return out
 
 
-def forward_loss(model, patches, grids, seqs, pad_id, aux=None, aux_heads=None, per_seq=False):
-    """Answer-token cross-entropy (+ the training-only auxiliary detection loss when
-    aux_heads is given). Returns (loss, per-sequence teacher-forced exact flags, ids, mask)."""
+AUX_CLASSES = (13, 4, 4)   # seg: none + 3 kinds x 4 colors; rank: none + 1..3; count: (0) 1..3
+
+
+def aux_losses(aux_heads, feats, aux) -> dict:
+    """Cross-entropy of the training-only heads (seg, rank, count) on the image features.
+    Background cells are most cells: their weight is lowered so the shapes' cells dominate."""
     import torch
     import torch.nn.functional as F
-    ids, labels = collate(seqs, pad_id)
+    seg_w = torch.ones(AUX_CLASSES[0])
+    seg_w[0] = 0.3
+    rank_w = torch.ones(AUX_CLASSES[1])
+    rank_w[0] = 0.3
+    return {"seg": F.cross_entropy(aux_heads[0](feats), aux[0], weight=seg_w),
+            "rank": F.cross_entropy(aux_heads[1](feats), aux[1], weight=rank_w),
+            "count": F.cross_entropy(aux_heads[2](feats), aux[2])}
+
+
+def pack_rows(seqs, pad_id):
+    """Pack the sequences of each image into ONE row that holds the shared prefix (system turn,
+    user header, the image tokens) once, followed by every question+answer as a branch.
+    Returns (ids [R, S], positions [R, S], attention mask [R, 1, S, S] (True = may attend),
+    labels [R, S] (-100 = no loss), seq index [R, S] of each labelled position, image index of
+    each row (None for text-only rows)). A branch token sees the prefix and the earlier tokens of
+    its own branch, with the positions it would have alone -- so every branch computes exactly
+    what the unpacked sequence would (causal attention, RoPE by position), while the prefix,
+    most of every sequence, is computed once instead of once per question. Training only."""
+    import torch
+    groups: dict = {}
+    for j, sq in enumerate(seqs):
+        key = ("img", sq[2]) if sq[2] is not None else ("txt", j)
+        groups.setdefault(key, []).append(j)
+    rows = []
+    for key, members in groups.items():
+        prompts = [seqs[j][0] for j in members]
+        P = min(len(p) for p in prompts) - 1          # every branch keeps >= 1 prompt token
+        for p in prompts[1:]:
+            P = min(P, next((i for i, (u, v) in enumerate(zip(prompts[0], p)) if u != v), P))
+        ids, pos, br, lab, sid = list(prompts[0][:P]), list(range(P)), [-1] * P, [-100] * P, [-1] * P
+        for b, j in enumerate(members):
+            p, a = seqs[j][0], seqs[j][1]
+            full = p + a
+            lab_full = [-100] * len(full)
+            keep = seqs[j][5] if len(seqs[j]) > 5 and seqs[j][5] is not None else [True] * len(a)
+            for t, (tid, k) in enumerate(zip(a, keep)):   # logits at u predict u + 1
+                if k:
+                    lab_full[len(p) - 1 + t] = tid
+            ids += full[P:]
+            pos += list(range(P, len(full)))
+            br += [b] * (len(full) - P)
+            lab += lab_full[P:]
+            sid += [j if x != -100 else -1 for x in lab_full[P:]]
+        rows.append((ids, pos, br, lab, sid, key[1] if key[0] == "img" else None))
+    S = max(len(r[0]) for r in rows)
+    R = len(rows)
+    ids_t = torch.full((R, S), pad_id, dtype=torch.long)
+    pos_t = torch.zeros((R, S), dtype=torch.long)
+    br_t = torch.full((R, S), -2, dtype=torch.long)            # -2 = padding
+    lab_t = torch.full((R, S), -100, dtype=torch.long)
+    sid_t = torch.full((R, S), -1, dtype=torch.long)
+    for r, (ids, pos, br, lab, sid, _) in enumerate(rows):
+        n = len(ids)
+        ids_t[r, :n], pos_t[r, :n], br_t[r, :n] = torch.tensor(ids), torch.tensor(pos), torch.tensor(br)
+        lab_t[r, :n], sid_t[r, :n] = torch.tensor(lab), torch.tensor(sid)
+    q_br, k_br = br_t[:, :, None], br_t[:, None, :]
+    q_pos, k_pos = pos_t[:, :, None], pos_t[:, None, :]
+    mask = ((k_br == -1) | (k_br == q_br)) & (k_pos <= q_pos)  # causal, prefix or own branch
+    mask &= (q_br != -1) | (k_br == -1)                         # prefix queries see only the prefix
+    mask &= k_br != -2                                          # nobody attends to padding ...
+    eye = torch.eye(S, dtype=torch.bool)[None]
+    mask |= eye & (q_br == -2)                                  # ... except padding to itself (no NaN)
+    return ids_t, pos_t, mask[:, None], lab_t, sid_t, [r[5] for r in rows]
+
+
+def forward_loss(model, patches, grids, seqs, pad_id, aux=None, aux_heads=None, per_seq=False,
+                 aux_weight=1.0):
+    """Answer-token cross-entropy on packed rows (+ the training-only auxiliary losses on the
+    image features when aux_heads is given). Returns (loss, per-sequence teacher-forced exact
+    flags, ids, parts) where parts holds the separate loss terms."""
+    import torch
+    import torch.nn.functional as F
+    ids, pos, mask, labels, sid, row_img = pack_rows(seqs, pad_id)
     feats = model.encode_images(patches, grids)                 # one vision pass per image
     per_img = list(torch.split(feats, [(g[0] // 2) * (g[1] // 2) for g in grids]))
-    h = model.hidden(ids, torch.cat([per_img[s[2]] for s in seqs if s[2] is not None]))
+    used = [per_img[i] for i in row_img if i is not None]
+    h = model.hidden(ids, torch.cat(used) if used else feats[:0], pos, mask)
     m = labels != -100
     logits = model.language_model.lm_head(h[m])
+    rows = sid[m]
     if per_seq:
         # every sequence weighs the same (mean over its answer tokens, then over sequences),
         # so short answers, whose decisive token (e.g. the shape copied from the question)
         # is one of a few, are not drowned by long descriptions
         tok_loss = F.cross_entropy(logits, labels[m], reduction="none")
-        rows = m.nonzero()[:, 0]
         n_tok = torch.bincount(rows, minlength=len(seqs)).clamp(min=1).float()
         loss = (torch.zeros(len(seqs)).index_add(0, rows, tok_loss) / n_tok).mean()
     else:
         loss = F.cross_entropy(logits, labels[m])
+    parts = {"answer": loss.item()}
     if aux_heads is not None:
-        obj_head, rank_head = aux_heads
-        loss = loss + F.cross_entropy(obj_head(feats), aux[0]) + F.cross_entropy(rank_head(feats), aux[1])
+        terms = aux_losses(aux_heads, feats, aux)
+        parts.update((k, v.item()) for k, v in terms.items())
+        loss = loss + aux_weight * sum(terms.values())
     # teacher-forced exact match (= greedy exact match when every step's argmax is right)
-    ok = (logits.argmax(-1) == labels[m])
-    rows = m.nonzero()[:, 0]
-    seq_ok = [bool(ok[rows == j].all()) for j in range(len(seqs))]
-    return loss, seq_ok, ids, m
+    ok = (logits.argmax(-1) == labels[m]).long()
+    n_bad = torch.zeros(len(seqs), dtype=torch.long).index_add(0, rows, 1 - ok)
+    return loss, [bool(x == 0) for x in n_bad], ids, parts
+
+
+def aux_accuracy(model, aux_heads, tok, seed=5, n_images=48):
+    """How well the training-only heads read the image features: seg and rank accuracy on the
+    cells shapes cover, false shapes on empty cells, count accuracy on every cell."""
+    import torch
+    patches, grids, _, (seg, rank, count) = make_batch(np.random.default_rng(seed), n_images, tok,
+                                                       questions=False)
+    with torch.no_grad():
+        f = model.encode_images(patches, grids)
+        ps, pr, pc = (h(f).argmax(-1) for h in aux_heads)
+    on = seg > 0
+    return {"seg": round((ps[on] == seg[on]).float().mean().item(), 3),
+            "false_shape": round((ps[~on] > 0).float().mean().item(), 4),
+            "rank": round((pr[on] == rank[on]).float().mean().item(), 3),
+            "count": round((pc == count).float().mean().item(), 3)}
+
+
+def pretrain_vision(model, aux_heads, tok, rng, args, t0):
+    """Phase 1 (training only): the vision tower + projector alone learn the auxiliary targets
+    (which shape covers each merged token, and each shape's rank from the left at its center
+    cell). Without the language model a step is several times cheaper, and the language model
+    then starts from image features that already hold what the answers need."""
+    import torch
+    params = (list(model.vision_tower.parameters()) + list(model.multi_modal_projector.parameters())
+              + list(aux_heads.parameters()))
+    opt = torch.optim.AdamW(params, lr=args.vision_lr, betas=(0.9, 0.98), weight_decay=0.01)
+    n = args.vision_steps
+    print(f"vision pretraining: {n} steps of {args.vision_batch} images")
+    for step in range(n):
+        warm = 50
+        f = (step + 1) / warm if step < warm else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, n - warm)))
+        for g in opt.param_groups:
+            g["lr"] = args.vision_lr * f
+        patches, grids, _, aux = make_batch(rng, args.vision_batch, tok, questions=False)
+        loss = sum(aux_losses(aux_heads, model.encode_images(patches, grids), aux).values())
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 50 == 0 or step == n - 1:
+            print(f"  v{step:5d}  {loss.item():.4f}  {time.time() - t0:6.0f}s", flush=True)
+        if (step + 1) % 250 == 0 or step == n - 1:
+            print("     aux accuracy (48 images):", aux_accuracy(model, aux_heads, tok), flush=True)
 
 
 # ============================================================================ evaluation
@@ -766,12 +917,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", default=os.path.join(ROOT, "pykimi", "demo"))
     ap.add_argument("--seed", type=int, default=0, help="seeds torch and the training scenes")
-    ap.add_argument("--steps", type=int, default=2000)
+    ap.add_argument("--steps", type=int, default=3000, help="joint training steps (phase 2)")
     ap.add_argument("--batch-images", type=int, default=8)
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--n-base", type=int, default=512, help="BPE base vocabulary size (upper bound)")
     ap.add_argument("--bias-rate", type=float, default=1e-3, help="aux-loss-free balancing step")
-    ap.add_argument("--aux-weight", type=float, default=1.0,
+    ap.add_argument("--aux-weight", type=float, default=0.5,
                     help="weight of the training-only detection loss on the image features")
     ap.add_argument("--val-seed", type=int, default=99, help="scenes for the progress checks")
     ap.add_argument("--val-every", type=int, default=250)
@@ -784,9 +935,14 @@ def main(argv=None):
     ap.add_argument("--init-state", default=None,
                     help="start from the model weights (and router biases) saved in this state file")
     ap.add_argument("--warmup", type=int, default=100)
-    ap.add_argument("--color-repeat", type=int, default=0, help="extra copies of each color question")
-    ap.add_argument("--copy-drill", type=int, default=0, help="text-only copy sequences per step")
-    ap.add_argument("--per-seq-loss", action="store_true", help="average the loss per sequence first")
+    ap.add_argument("--color-repeat", type=int, default=1, help="extra copies of each color question")
+    ap.add_argument("--copy-drill", type=int, default=16, help="text-only copy sequences per step")
+    ap.add_argument("--per-seq-loss", action=argparse.BooleanOptionalAction, default=True,
+                    help="average the loss per sequence first")
+    ap.add_argument("--vision-steps", type=int, default=1500,
+                    help="phase 1: steps of vision-only pretraining on the auxiliary targets")
+    ap.add_argument("--vision-batch", type=int, default=16)
+    ap.add_argument("--vision-lr", type=float, default=3e-3)
     ap.add_argument("--export-only", action="store_true",
                     help="skip training: export the model saved in --state")
     # 1 thread: on a shared 2-core box, 2 OpenMP threads spin-wait and ran 7x slower (measured)
@@ -806,18 +962,21 @@ def main(argv=None):
 
     model = build_model(cfg)
     H = cfg["text_config"]["hidden_size"]
-    # training-only heads on the projector output (not exported): which shape's center is in
-    # this merged token, and its rank from the left. They give the vision tower a dense
-    # signal early on; the answers are still learned only through the language model.
-    aux_heads = torch.nn.ModuleList([torch.nn.Linear(H, 13), torch.nn.Linear(H, 4)])
+    # training-only heads on the projector output (not exported; see aux_labels): which shape
+    # covers each merged token, each shape's rank from the left at its center cell, and the
+    # number of shapes. They give the vision tower a dense signal; the answers are still
+    # learned only through the language model.
+    aux_heads = torch.nn.ModuleList([torch.nn.Linear(H, k) for k in AUX_CLASSES])
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model: {n_params / 1e6:.2f} M parameters")
 
     if args.init_state:
         st = torch.load(args.init_state)
         model.load_state_dict(st["model"])
-        if "aux_heads" in st:
+        try:
             aux_heads.load_state_dict(st["aux_heads"])
+        except (KeyError, RuntimeError):  # states of older versions: other or no heads
+            print("  (auxiliary heads not in that state or of another shape: fresh ones)")
         print(f"initialized from {args.init_state} (saved after {st['step']} steps)")
     if args.export_only:
         model.load_state_dict(torch.load(args.state)["model"])
@@ -837,6 +996,8 @@ def main(argv=None):
 
     rng = np.random.default_rng(args.seed)
     pad_id = tok.specials["[PAD]"]
+    if args.vision_steps and not args.export_only:
+        pretrain_vision(model, aux_heads, tok, rng, args, t0)
     moes = model.moe_layers()
     E = cfg["text_config"]["n_routed_experts"]
     ema, ema_acc = None, None
@@ -850,8 +1011,8 @@ def main(argv=None):
         seqs = seqs + [s for s in seqs if s[3] == "color"] * args.color_repeat
         seqs = seqs + copy_drill(rng, tok, args.copy_drill)
         heads = aux_heads if args.aux_weight > 0 else None
-        loss, seq_ok, ids, _ = forward_loss(model, patches, grids, seqs, pad_id, aux, heads,
-                                            per_seq=args.per_seq_loss)
+        loss, seq_ok, ids, parts = forward_loss(model, patches, grids, seqs, pad_id, aux, heads,
+                                                per_seq=args.per_seq_loss, aux_weight=args.aux_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -867,8 +1028,9 @@ def main(argv=None):
         ema = loss.item() if ema is None else 0.95 * ema + 0.05 * loss.item()
         ema_acc = acc if ema_acc is None else 0.95 * ema_acc + 0.05 * acc
         if step % 25 == 0 or step == args.steps - 1:
-            print(f"{step:5d}  {loss.item():.4f}  {ema:.4f}    {ema_acc:.3f}     {lr_at(step):.2e} {time.time() - t0:6.0f}",
-                  flush=True)
+            terms = " ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            print(f"{step:5d}  {loss.item():.4f}  {ema:.4f}    {ema_acc:.3f}     {lr_at(step):.2e} {time.time() - t0:6.0f}"
+                  f"   ({terms})", flush=True)
         if (step + 1) % args.val_every == 0 or step == args.steps - 1 or step + 1 == args.stop_at:
             torch.save({"model": model.state_dict(), "aux_heads": aux_heads.state_dict(), "step": step + 1},
                        args.state)
