@@ -2,7 +2,7 @@
  *
  * Plain C99 (+ GNU target attributes and intrinsics on x86 for the AVX2/FMA and AVX-512 paths). Formats and
  * shapes: pykimi_kernels.h.
- * NumPy twins: pykimi/kernels/ref.py (matmul, widen, dequant) -- the tests hold these to them.
+ * NumPy twins: pykimi/kernels/ref.py (matmul, matmul_act_q4, ...) -- the tests hold these to them.
  *
  * Why the loop nest looks like this:
  *  - Decode is a GEMV that reads every weight once, so it is bound by memory bandwidth: the weights are
@@ -1282,57 +1282,4 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
     run_jobs(jobs, count);
     if (jobs != stack) free(jobs);
     return 0;
-}
-
-/* ---------------------------------------------------------------- widening for the BLAS (prefill) path */
-
-/* Plain loops the compiler vectorises at -O3; parallel because a widened tile is tens of MB. */
-void pk_widen_bf16(const uint16_t *src, float *dst, int64_t count) {
-    uint32_t *d = (uint32_t *)dst; /* write the bit pattern; same size and alignment as float */
-    const int nth = pk_get_threads();
-    int64_t i;
-    (void)nth;
-#pragma omp parallel for schedule(static) num_threads(nth) if (count >= (1 << 20))
-    for (i = 0; i < count; i++) d[i] = (uint32_t)src[i] << 16;
-}
-
-void pk_dequant_q8(const int8_t *q, const float *scales, int64_t rows, int64_t in, float *dst) {
-    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
-    const int nth = pk_get_threads();
-    int64_t r;
-    (void)nth;
-#pragma omp parallel for schedule(static) num_threads(nth) if (rows * in >= (1 << 20))
-    for (r = 0; r < rows; r++) {
-        int64_t b;
-        for (b = 0; b < nb; b++) {
-            const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
-            const float s = scales[r * nb + b];
-            const int8_t *qr = q + r * in;
-            float *dr = dst + r * in;
-            int64_t i;
-            for (i = i0; i < i1; i++) dr[i] = (float)qr[i] * s;
-        }
-    }
-}
-
-void pk_dequant_q4(const uint8_t *q, const float *scales, int64_t rows, int64_t in, float *dst) {
-    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK, rb = (in + 1) / 2;
-    const int nth = pk_get_threads();
-    int64_t r;
-    (void)nth;
-#pragma omp parallel for schedule(static) num_threads(nth) if (rows * in >= (1 << 20))
-    for (r = 0; r < rows; r++) {
-        const uint8_t *qr = q + r * rb;
-        float *dr = dst + r * in;
-        int64_t b, j;
-        for (b = 0; b < nb; b++) { /* a block is 16 bytes: one scale, two codes per byte */
-            const float s = scales[r * nb + b];
-            const int64_t j0 = b * (PK_BLOCK / 2), j1 = j0 + PK_BLOCK / 2 < in / 2 ? j0 + PK_BLOCK / 2 : in / 2;
-            for (j = j0; j < j1; j++) {
-                dr[2 * j] = (float)((int)(qr[j] & 15) - 8) * s;
-                dr[2 * j + 1] = (float)((int)(qr[j] >> 4) - 8) * s;
-            }
-        }
-        if (in & 1) dr[in - 1] = (float)((int)(qr[in / 2] & 15) - 8) * scales[r * nb + (in - 1) / PK_BLOCK];
-    }
 }

@@ -63,9 +63,6 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
                    const int64_t *ins, const void *const *ws, const float *const *scales, const int64_t *outs,
                    float *const *ys);
 
-void pk_widen_bf16(const uint16_t *src, float *dst, int64_t count);
-void pk_dequant_q8(const int8_t *q, const float *scales, int64_t rows, int64_t in, float *dst);
-void pk_dequant_q4(const uint8_t *q, const float *scales, int64_t rows, int64_t in, float *dst);
 /* CDEF END */
 
 #endif

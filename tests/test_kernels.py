@@ -95,10 +95,6 @@ def test_c_kernels_direct(scalar):
                 for name, (y, r) in checks.items():
                     err = np.max(np.abs(y - r)) / scale
                     assert err < 1e-5, f"{name} scalar={scalar} {(out_f, in_f)} n={n}: {err:.2e}"
-            # decoding twins: exact
-            np.testing.assert_array_equal(c.widen_bf16(bits), ref.bf16_to_f32(bits))
-            np.testing.assert_array_equal(c.dequant_q8(q8.q, q8.scales, in_f), q8.f32())
-            np.testing.assert_array_equal(c.dequant_q4(q4.q, q4.scales, in_f), q4.f32())
     finally:
         c.force_scalar(False)
 

@@ -136,33 +136,6 @@ def matmul_many(jobs):
     return ys
 
 
-def widen_bf16(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
-    """bf16 bits -> float32 (same shape), written into `out` when given (must be C-contiguous f32)."""
-    bits = np.ascontiguousarray(bits)
-    if out is None:
-        out = np.empty(bits.shape, dtype=np.float32)
-    lib.pk_widen_bf16(_ptr("uint16_t[]", bits), _ptr("float[]", out), bits.size)
-    return out
-
-
-def dequant_q8(q: np.ndarray, scales: np.ndarray, in_features: int, out: np.ndarray | None = None) -> np.ndarray:
-    q = np.ascontiguousarray(q)
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    if out is None:
-        out = np.empty((q.shape[0], in_features), dtype=np.float32)
-    lib.pk_dequant_q8(_ptr("int8_t[]", q), _ptr("float[]", scales), q.shape[0], in_features, _ptr("float[]", out))
-    return out
-
-
-def dequant_q4(q: np.ndarray, scales: np.ndarray, in_features: int, out: np.ndarray | None = None) -> np.ndarray:
-    q = np.ascontiguousarray(q)
-    scales = np.ascontiguousarray(scales, dtype=np.float32)
-    if out is None:
-        out = np.empty((q.shape[0], in_features), dtype=np.float32)
-    lib.pk_dequant_q4(_ptr("uint8_t[]", q), _ptr("float[]", scales), q.shape[0], in_features, _ptr("float[]", out))
-    return out
-
-
 def set_threads(n: int) -> None:
     lib.pk_set_threads(int(n))
 

@@ -16,13 +16,13 @@ QBLOCK = 32  # quantization block along `in`
 # ------------------------------------------------------------------------------------- weight decoding
 
 def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bf16 bits (uint16) -> float32, exact: the bits become the high half of the f32 (twin of pk_widen_bf16)."""
+    """bf16 bits (uint16) -> float32, exact: the bits become the high half of the f32 (twin of numba_kernels.widen_bf16)."""
     bits = np.asarray(bits, dtype=np.uint16)
     return (bits.astype(np.uint32) << 16).view(np.float32)
 
 
 def dequant_q8(q: np.ndarray, scales: np.ndarray, in_features: int | None = None) -> np.ndarray:
-    """Q8_32 -> float32 [rows, in] (twin of pk_dequant_q8)."""
+    """Q8_32 -> float32 [rows, in] (twin of numba_kernels.dequant_q8)."""
     q = np.asarray(q)
     rows, n_in = q.shape
     scale_per_col = np.repeat(np.asarray(scales, np.float32), QBLOCK, axis=1)[:, :n_in]  # [rows, in]
@@ -39,7 +39,7 @@ def unpack_q4(q: np.ndarray, in_features: int) -> np.ndarray:
 
 
 def dequant_q4(q: np.ndarray, scales: np.ndarray, in_features: int) -> np.ndarray:
-    """Q4_32 -> float32 [rows, in] (twin of pk_dequant_q4)."""
+    """Q4_32 -> float32 [rows, in] (twin of numba_kernels.dequant_q4)."""
     vals = unpack_q4(q, in_features)
     scale_per_col = np.repeat(np.asarray(scales, np.float32), QBLOCK, axis=1)[:, :in_features]
     return vals.astype(np.float32) * scale_per_col
