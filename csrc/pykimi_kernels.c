@@ -1283,3 +1283,105 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
     if (jobs != stack) free(jobs);
     return 0;
 }
+
+/* ------------------------------------------------------------------------- vector x matrix (y = x W) */
+/* The absorbed MLA decode (spec §8.3) needs q_lat[h] = q_nope[h] · W_uk[h], a combination of the ROWS of
+ * a stored weight block W [rows, in] (rows = qk_nope_head_dim, in = kv_lora_rank): y[0:in] = sum_r x[r] W[r].
+ * Each row is decoded once and added into y, which stays in L1 (in <= a few thousand floats), so the
+ * stored bytes are read once, as in the GEMV, instead of keeping a transposed f32 copy of W_uk.
+ * NumPy twin: ref.vecmat. */
+static void vecmat_scalar(int fmt, const float *x, int64_t rows, int64_t in, const char *w, int64_t row_bytes,
+                          const float *sc, int64_t nb, float *y) {
+    int64_t r, i;
+    for (i = 0; i < in; i++) y[i] = 0.0f;
+    for (r = 0; r < rows; r++) {
+        const void *wr = w + r * row_bytes;
+        const float *sr = sc ? sc + r * nb : NULL;
+        const float xr = x[r];
+        for (i = 0; i < in; i++) y[i] += xr * decode1(fmt, wr, sr, i);
+    }
+}
+
+#if PK_X86
+static PK_AVX2 void vecmat_avx2(int fmt, const float *x, int64_t rows, int64_t in, const char *w,
+                                int64_t row_bytes, const float *sc, int64_t nb, float *y) {
+    const int64_t nfull = in / 32;
+    int64_t r, b, i;
+    int k;
+    for (i = 0; i < in; i++) y[i] = 0.0f;
+    for (r = 0; r < rows; r++) {
+        const void *wr = w + r * row_bytes;
+        const float *sr = sc ? sc + r * nb : NULL;
+        const __m256 xr = _mm256_set1_ps(x[r]);
+        for (b = 0; b < nfull; b++) {
+            __m256 d[4];
+            decode32(fmt, wr, sr, b, d);
+            for (k = 0; k < 4; k++) {
+                float *yb = y + b * 32 + 8 * k;
+                _mm256_storeu_ps(yb, _mm256_fmadd_ps(xr, d[k], _mm256_loadu_ps(yb)));
+            }
+        }
+        for (i = nfull * 32; i < in; i++) y[i] += x[r] * decode1(fmt, wr, sr, i); /* short last block */
+    }
+}
+#endif
+
+#if PK_HAVE_AVX512
+static PK_AVX512 void vecmat_avx512(int fmt, const float *x, int64_t rows, int64_t in, const char *w,
+                                    int64_t row_bytes, const float *sc, int64_t nb, float *y) {
+    const int64_t nfull = in / 32;
+    int64_t r, b, i;
+    for (i = 0; i < in; i++) y[i] = 0.0f;
+    for (r = 0; r < rows; r++) {
+        const void *wr = w + r * row_bytes;
+        const float *sr = sc ? sc + r * nb : NULL;
+        const __m512 xr = _mm512_set1_ps(x[r]);
+        for (b = 0; b < nfull; b++) {
+            __m512 d[2];
+            decode32_512(fmt, wr, sr, b, d);
+            _mm512_storeu_ps(y + b * 32, _mm512_fmadd_ps(xr, d[0], _mm512_loadu_ps(y + b * 32)));
+            _mm512_storeu_ps(y + b * 32 + 16, _mm512_fmadd_ps(xr, d[1], _mm512_loadu_ps(y + b * 32 + 16)));
+        }
+        for (i = nfull * 32; i < in; i++) y[i] += x[r] * decode1(fmt, wr, sr, i); /* short last block */
+    }
+}
+#endif
+
+static void vecmat_level(int simd, int fmt, const float *x, int64_t rows, int64_t in, const void *w,
+                         const float *sc, float *y) {
+    const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
+    const int64_t rb = fmt == F_F32 ? in * 4 : fmt == F_BF16 ? in * 2 : fmt == F_Q8 ? in : (in + 1) / 2;
+#if PK_HAVE_AVX512
+    if (simd >= 2) {
+        vecmat_avx512(fmt, x, rows, in, (const char *)w, rb, sc, nb, y);
+        return;
+    }
+#endif
+#if PK_X86
+    if (simd == 1) {
+        vecmat_avx2(fmt, x, rows, in, (const char *)w, rb, sc, nb, y);
+        return;
+    }
+#endif
+    (void)simd;
+    vecmat_scalar(fmt, x, rows, in, (const char *)w, rb, sc, nb, y);
+}
+
+int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int64_t *rows, const int64_t *ins,
+                   const void *const *ws, const float *const *scales, float *const *ys) {
+    const int simd = pk_get_simd();
+    const int nth = pk_get_threads();
+    double total = 0.0;
+    int k;
+    for (k = 0; k < count; k++) {
+        if (fmts[k] < F_F32 || fmts[k] > F_Q4) return -2;
+        total += (double)rows[k] * (double)ins[k];
+    }
+    if (nth > 1 && count > 1 && total >= (double)PK_PAR_MIN) {
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+        for (k = 0; k < count; k++) vecmat_level(simd, fmts[k], xs[k], rows[k], ins[k], ws[k], scales[k], ys[k]);
+    } else {
+        for (k = 0; k < count; k++) vecmat_level(simd, fmts[k], xs[k], rows[k], ins[k], ws[k], scales[k], ys[k]);
+    }
+    return 0;
+}

@@ -63,6 +63,12 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
                    const int64_t *ins, const void *const *ws, const float *const *scales, const int64_t *outs,
                    float *const *ys);
 
+/* Vector x matrix, several at once: per job k, ys[k][0:ins[k]] = sum_r xs[k][r] * W_k[r, :] with W_k
+ * [rows[k], ins[k]] in format fmts[k] (as above). Jobs run in parallel (one thread each). This is the
+ * absorbed MLA decode's q_nope · W_uk per head, read from the stored kv_b_proj rows. Returns 0 or -2. */
+int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int64_t *rows, const int64_t *ins,
+                   const void *const *ws, const float *const *scales, float *const *ys);
+
 /* CDEF END */
 
 #endif

@@ -127,11 +127,28 @@ class LayerWeights:
             bias_name = f"{p}.mlp.gate.e_score_correction_bias"
             kw.update(gate_w=ckpt.f32(f"{p}.mlp.gate.weight"),             # router in fp32 (spec §8.4)
                       gate_bias=ckpt.f32(bias_name) if bias_name in ckpt else None,
-                      get_expert=lambda e: swiglu(f"{p}.mlp.experts.{e}"),
+                      get_expert=_memo(lambda e: swiglu(f"{p}.mlp.experts.{e}"), ckpt),
                       shared=swiglu(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None)
         else:
             kw.update(mlp=swiglu(f"{p}.mlp"))
         return cls(**kw)
+
+
+def _memo(fn: Callable[[int], tuple], ckpt) -> Callable[[int], tuple]:
+    """fn with its results kept: an expert's weights are resolved the first time a token chooses it (so
+    experts nobody chose are still never read) and reused after. Every use still counts as a read in
+    ``ckpt.read_counter``, which is how tests and tutorial 07 show which experts a step touched."""
+    kept: dict = {}
+
+    def get(e: int) -> tuple:
+        w = kept.get(e)
+        if w is None:
+            w = kept[e] = fn(e)
+        else:
+            for t in w:
+                ckpt._count(t.name)
+        return w
+    return get
 
 
 def ffn(h: np.ndarray, lw: LayerWeights, cfg) -> np.ndarray:
@@ -179,7 +196,7 @@ class KimiVL:
     """Kimi-VL on a memory-mapped checkpoint. Public API: DESIGN.md "Public API"."""
 
     def __init__(self, ckpt: Checkpoint, config=None, max_context: int | None = None, prefill_chunk: int = 512,
-                 cache_absorbed: bool = True, vision_cache_weights: bool = False):
+                 cache_absorbed: bool | None = None, vision_cache_weights: bool = False):
         self.ckpt = ckpt
         self.config = config if config is not None else ckpt.config
         if self.config is None:
@@ -189,9 +206,12 @@ class KimiVL:
             raise InputError(f"max_context={max_context!r}: expected a positive integer")
         self.max_context = int(max_context) if max_context is not None else None
         self.prefill_chunk = max(1, int(prefill_chunk))
-        self.cache_absorbed = bool(cache_absorbed)
+        # the f32 kv_b copy only pays where the absorbed products are NumPy matmuls; the C kernels read the
+        # stored form (kernels.vecmat_many / matmul_many)
+        self.cache_absorbed = (kernels.backend() != "c") if cache_absorbed is None else bool(cache_absorbed)
         self.vision_cache_weights = vision_cache_weights
-        self._kv_b: dict[int, np.ndarray] = {}   # per-layer f32 kv_b_proj for the absorbed decode (small)
+        self._layers: dict[int, LayerWeights] = {}   # layer_weights() cache
+        self._other: dict[str, object] = {}          # embedding, final norm, lm_head (see _kept)
         self._vision = None
         self.last_stats: dict = {}               # filled by generate(): prompt_tokens, new_tokens, prefill_s, ...
 
@@ -229,20 +249,31 @@ class KimiVL:
 
     # -- weights -----------------------------------------------------------------------------------------
     def layer_weights(self, layer: int) -> LayerWeights:
-        """The weights of decoder layer ``layer`` (memory-mapped; expert weights fetched lazily)."""
-        lw = LayerWeights.from_checkpoint(self.ckpt, self.text, layer)
-        if self.cache_absorbed:
-            kvb = self._kv_b.get(layer)
-            if kvb is None:
-                kvb = _f32(lw.attn.kv_b_proj)                           # [H*(dn+dv), R]
-                self._kv_b[layer] = kvb
-            lw.attn.kv_b_f32 = kvb
+        """The weights of decoder layer ``layer`` (memory-mapped; expert weights fetched lazily).
+
+        Built once per layer and kept: the objects are views of the mapped file plus the few small tensors
+        widened to f32 (norms, router), so re-resolving ~50 names per layer per token (header lookups,
+        quantization metadata, norm widening) is not paid again -- it was ~0.3 ms per layer per decoded
+        token. Chosen experts are resolved on first use and kept the same way."""
+        lw = self._layers.get(layer)
+        if lw is None:
+            lw = LayerWeights.from_checkpoint(self.ckpt, self.text, layer)
+            if self.cache_absorbed:
+                lw.attn.kv_b_f32 = _f32(lw.attn.kv_b_proj)                 # [H*(dn+dv), R]
+            self._layers[layer] = lw
         return lw
 
     def embed_table(self):
         """The embedding table in its stored form (rows are widened on lookup)."""
         name = f"{LM}.embed_tokens.weight"
-        return self.ckpt.tensor(name) if name in self.ckpt else self.ckpt.weight(name)
+        return self._kept(name, lambda: self.ckpt.tensor(name) if name in self.ckpt else self.ckpt.weight(name))
+
+    def _kept(self, name: str, make):
+        """A weight object (mmap view, or a small f32 copy) resolved once and kept, like layer_weights."""
+        w = self._other.get(name)
+        if w is None:
+            w = self._other[name] = make()
+        return w
 
     # -- images ------------------------------------------------------------------------------------------
     @property
@@ -291,11 +322,12 @@ class KimiVL:
             x = decoder_layer(x, self.layer_weights(layer), cache, positions, t, layer, absorbed=absorbed)
             if progress is not None:
                 progress.update(1)
-        x = final_norm(x, self.ckpt.f32(f"{LM}.norm.weight"), t.rms_norm_eps)
+        x = final_norm(x, self._kept(f"{LM}.norm.weight", lambda: self.ckpt.f32(f"{LM}.norm.weight")), t.rms_norm_eps)
         return emit(f"{LM}.norm", x)
 
     def logits(self, h: np.ndarray) -> np.ndarray:
-        return emit("logits", lm_head(h, self.ckpt.weight("language_model.lm_head.weight")))
+        name = "language_model.lm_head.weight"
+        return emit("logits", lm_head(h, self._kept(name, lambda: self.ckpt.weight(name))))
 
     def prefill(self, inputs_embeds: np.ndarray, cache: LatentCache, all_logits: bool = True) -> np.ndarray:
         """Run the prompt through the model in chunks of ``prefill_chunk`` tokens (expanded MLA).
@@ -359,13 +391,14 @@ class KimiVL:
 
 
 def load(path, backend: str | None = None, threads: int | None = None, max_context: int | None = None,
-         prefill_chunk: int = 512, cache_absorbed: bool = True, vision_cache_weights: bool = False) -> KimiVL:
+         prefill_chunk: int = 512, cache_absorbed: bool | None = None, vision_cache_weights: bool = False) -> KimiVL:
     """``pykimi.load``: open a checkpoint directory (HF layout) -> :class:`KimiVL`.
 
     Weights stay memory-mapped. backend: 'numpy' | 'numba' | 'c' (default: $PYKIMI_BACKEND or the fastest
     available); threads: kernel threads; max_context: a user cap on positions (<= max_position_embeddings);
     prefill_chunk: prompt tokens per chunk; cache_absorbed: keep each layer's kv_b_proj widened to f32 for the
-    absorbed decode (27 × 8 MB for the real model) instead of widening it at every step.
+    absorbed decode (27 × 8 MB for the real model); default: only when the backend is not 'c', whose
+    kernels read the stored kv_b_proj directly.
     """
     if backend is not None:
         set_backend = getattr(kernels, "set_backend", None)

@@ -220,7 +220,8 @@ class Checkpoint:
     """A checkpoint: one .safetensors file, or a directory with model.safetensors or an index + shards.
 
     ``read_counter`` counts, per tensor name, the calls that hand out its data (get/tensor/weight/f32):
-    tests use it to prove that experts no token chose are never read.
+    tests use it to prove that experts no token chose are never read. The model resolves each weight once
+    and keeps it (KimiVL.layer_weights); an expert's kept weights still count one read per use.
     """
 
     def __init__(self, path: str, files: dict[str, SafetensorsFile], where: dict[str, str], config=None):

@@ -118,6 +118,45 @@ def test_mla_expanded_and_absorbed_match_naive(tiny, q_lora):
     np.testing.assert_allclose(c3.rows(0), c1.rows(0), rtol=0, atol=1e-6 * np.abs(c1.rows(0)).max())
 
 
+@pytest.mark.parametrize("form", ["bf16", "q8", "q4"])
+@pytest.mark.parametrize("kernel_backend", ["c", "numpy"])
+def test_absorbed_decode_reads_stored_kv_b(tiny, form, kernel_backend):
+    """The absorbed decode on a stored (bf16 / quantized) kv_b_proj through the kernels (vecmat_many for
+    q_nope · W_uk, matmul_many for W_uv · o_lat, on row views of the stored tensor) equals the same decode
+    with kv_b_proj widened to an f32 copy (kv_b_f32, the form checked against the naive loops above)."""
+    import pykimi.kernels as K
+    from pykimi.quant import quantize_q4, quantize_q8
+    from pykimi.weights import Stored, f32_to_bf16
+    if not K.backends()[kernel_backend]["available"]:
+        pytest.skip(f"backend {kernel_backend} not available")
+    cfg = tiny.config.text
+    rng = np.random.default_rng(5)
+    w = random_mla(cfg, rng)
+    kvb = w.kv_b_proj
+    stored = {"bf16": lambda: Stored("kv_b", "BF16", f32_to_bf16(kvb)), "q8": lambda: quantize_q8(kvb, "kv_b"),
+              "q4": lambda: quantize_q4(kvb, "kv_b")}[form]()
+    w_st = dataclasses.replace(w, kv_b_proj=stored)
+    w_f32 = dataclasses.replace(w, kv_b_proj=stored, kv_b_f32=K.ref.weight_f32(stored))
+    S = 7
+    x = rng.standard_normal((S, cfg.hidden_size)).astype(np.float32)
+    prev, prev_act = K.backend(), K.act_quant()
+    K.set_backend(kernel_backend)
+    K.set_act_quant("none")   # float activations: the stored-form path must equal the f32 copy to rounding
+    try:
+        outs = {}
+        for name, wt in (("stored", w_st), ("f32", w_f32)):
+            c = LatentCache.for_config(cfg, capacity=S)
+            rows = [mla_decode(x[:3], wt, c, 0, np.arange(3), cfg)]           # a block (S > 1) ...
+            for s in range(3, S):                                             # ... then one token at a time
+                rows.append(mla_decode(x[s:s + 1], wt, c, 0, np.array([s]), cfg))
+            outs[name] = np.concatenate(rows)
+    finally:
+        K.set_backend(prev)
+        K.set_act_quant(prev_act)
+    err = np.abs(outs["stored"] - outs["f32"]).max() / np.abs(outs["f32"]).max()
+    assert err < 2e-5, f"{form} on {kernel_backend}: stored-form absorbed decode differs from the f32 copy by {err:.2e}"
+
+
 def test_blocked_keys_online_softmax_equals_one_block(tiny):
     cfg = tiny.config.text
     rng = np.random.default_rng(5)

@@ -8,6 +8,8 @@ and pykimi/quant.py:
   Q4_32: q uint8 [out, ceil(in/2)] (element 2j = low nibble, 2j+1 = high nibble), scales as Q8_32;
          W[o, i] = (code - 8) * scales[o, i // 32]
 """
+import dataclasses
+
 import numpy as np
 
 QBLOCK = 32  # quantization block along `in`
@@ -69,6 +71,16 @@ def weight_rows_f32(w, r0: int, r1: int) -> np.ndarray:
     return np.asarray(w.data[r0:r1], dtype=np.float32)  # F32, F16, ints
 
 
+def weight_rows(w, r0: int, r1: int):
+    """Rows r0:r1 of W in its stored form (a view: nothing is read or copied)."""
+    if isinstance(w, np.ndarray):
+        return w[r0:r1]
+    if hasattr(w, "q"):                                      # Q8Weight / Q4Weight
+        return dataclasses.replace(w, shape=(r1 - r0,) + tuple(w.shape[1:]), q=w.q[r0:r1],
+                                   scales=w.scales[r0:r1])
+    return type(w)(w.name, w.dtype, w.data[r0:r1])           # Stored
+
+
 def weight_f32(w) -> np.ndarray:
     """All of W as float32 [out, in]."""
     if isinstance(w, np.ndarray):
@@ -81,6 +93,12 @@ def weight_f32(w) -> np.ndarray:
 def matmul(x, w):
     """x @ W.T for x [n, in] or [in], W [out, in] (ndarray, Stored or quantized weight) -> float32."""
     return np.asarray(x, dtype=np.float32) @ weight_f32(w).T
+
+
+def vecmat(x, w) -> np.ndarray:
+    """x @ W for x [rows] (or [n, rows]), W [rows, in] in any stored form -> float32 [in] ([n, in]):
+    a combination of W's rows (the absorbed MLA decode's q_nope · W_uk). Twin of pk_vecmat_many."""
+    return np.asarray(x, dtype=np.float32) @ weight_f32(w)
 
 
 def quantize_act(x: np.ndarray, bits: int = 8):
