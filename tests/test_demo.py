@@ -21,18 +21,18 @@ DEMO = os.path.join(ROOT, "pykimi", "demo")
 GOLDEN_CONFIG = os.path.join(ROOT, "tests", "golden", "tiny-kimi-vl", "config.json")
 
 # (seed, question, exact answer): the scene is scenes.random_scene(np.random.default_rng(seed)).
-# Every question of the scenes of seeds 100-106 (one to three shapes, every question type) that the bundled
-# model answers right, 19 of 20 (pykimi greedy, 2026-11-29), plus seed 108's three-shape description (106 has
-# two shapes, so a second three-shape description was added). The one it gets wrong is seed 101's
-# description ("A red triangle, a red square and a green square." -> "... and a red square."), a
-# neighbour's color, the model's typical error (pykimi/demo/README.md). The answer strings are also
-# re-derived from the generator below, so a drifting generator fails loudly.
+# Every question of the scenes of seeds 100-106 (one to three shapes, every question type; the bundled model
+# answers all 20 right with pykimi greedy, 2026-11-30, as it does every question of seeds 100-111), plus
+# seed 108's three-shape description: three-shape descriptions were the old models' typical error
+# (pykimi/demo/README.md). The answer strings are also re-derived from the generator below, so a
+# drifting generator fails loudly.
 FIXED_CASES = (
     (100, "How many shapes are there?", "There is 1 shape."),
     (100, "What color is the square?", "The square is red."),
     (100, "Describe the image.", "A red square."),
     (101, "How many shapes are there?", "There are 3 shapes."),
     (101, "What color is the triangle?", "The triangle is red."),
+    (101, "Describe the image.", "A red triangle, a red square and a green square."),
     (102, "How many shapes are there?", "There are 2 shapes."),
     (102, "Describe the image.", "A red square and a yellow square."),
     (103, "How many shapes are there?", "There is 1 shape."),

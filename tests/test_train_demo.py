@@ -64,7 +64,7 @@ def test_packed_rows_compute_what_unpacked_sequences_do(twin):
     model, tok, _ = twin
     rng = np.random.default_rng(3)
     patches, grids, seqs, _ = td.make_batch(rng, 3, tok)
-    seqs = seqs + td.copy_drill(rng, tok, 2)
+    seqs = seqs + td.copy_drill(rng, tok, 5)
     pad = tok.specials["[PAD]"]
     with torch.no_grad():
         feats = model.encode_images(patches, grids)
@@ -73,11 +73,12 @@ def test_packed_rows_compute_what_unpacked_sequences_do(twin):
         h = model.hidden(ids, torch.cat([per_img[s[2]] for s in seqs if s[2] is not None]))
         m = labels != -100
         lg1, rows1 = model.language_model.lm_head(h[m]), m.nonzero()[:, 0]
-        ids2, pos, mask, labels2, sid, row_img = td.pack_rows(seqs, pad)
+        ids2, pos, mask, labels2, sid, row_img = td.pack_rows(seqs, pad, text_group=3)
         h2 = model.hidden(ids2, torch.cat([per_img[i] for i in row_img if i is not None]), pos, mask)
         m2 = labels2 != -100
         lg2, rows2 = model.language_model.lm_head(h2[m2]), sid[m2]
     assert ids2.numel() < ids.numel(), "packing should shrink the batch"
+    assert len(row_img) == 3 + 2 and row_img[3:] == [None, None], "5 drills in rows of 3: two text rows"
     for j in range(len(seqs)):
         assert torch.equal(labels[m][rows1 == j], labels2[m2][rows2 == j]), f"sequence {j}: labels differ"
         err = rel_err(lg2[rows2 == j].numpy(), lg1[rows1 == j].numpy())
@@ -108,6 +109,38 @@ def test_aux_labels():
         canvas[:px.shape[0], :px.shape[1]] = px
         shape_px = (canvas != 255).any(-1).reshape(gh2, 28, gw2, 28).any((1, 3)).reshape(-1)
         assert ((seg > 0) == shape_px).all()
+
+
+def test_shape_mix_and_content_weight(twin):
+    """--shape-mix draws the scenes' shape counts with the given weights; --content-weight only
+    reweights tokens inside a sequence (weight 1 = the plain per-sequence mean; the color and kind
+    words weigh more otherwise)."""
+    model, tok, _ = twin
+    rng = np.random.default_rng(9)
+    _, _, seqs, (_, _, count) = td.make_batch(rng, 6, tok, shape_mix=(0, 0, 1))
+    assert (count == 3).all() and sum(s[3] == "describe" for s in seqs) == 6
+    _, _, _, (_, _, count) = td.make_batch(rng, 6, tok, shape_mix=(1, 0, 0))
+    assert (count == 1).all()
+    patches, grids, seqs, _ = td.make_batch(np.random.default_rng(4), 2, tok, shape_mix=(0, 1, 1))
+    pad = tok.specials["[PAD]"]
+    content = torch.tensor([tok.encode(" " + w)[0] for w in list(scenes.COLORS) + list(scenes.SHAPES)])
+    with torch.no_grad():
+        plain = td.forward_loss(model, patches, grids, seqs, pad, per_seq=True)[0]
+        same = td.forward_loss(model, patches, grids, seqs, pad, per_seq=True, content_ids=content,
+                               content_weight=1.0)[0]
+        heavy = td.forward_loss(model, patches, grids, seqs, pad, per_seq=True, content_ids=content,
+                                content_weight=5.0)[0]
+        # by hand: per sequence, sum(w * loss) / sum(w) with w = 5 on content tokens, then the mean
+        ids, pos, mask, labels, sid, row_img = td.pack_rows(seqs, pad)
+        feats = model.encode_images(patches, grids)
+        per_img = list(torch.split(feats, [(g[0] // 2) * (g[1] // 2) for g in grids]))
+        h = model.hidden(ids, torch.cat([per_img[i] for i in row_img if i is not None]), pos, mask)
+        m = labels != -100
+        tl = torch.nn.functional.cross_entropy(model.language_model.lm_head(h[m]), labels[m], reduction="none")
+        w = 1.0 + 4.0 * torch.isin(labels[m], content).float()
+        want = torch.stack([(tl * w)[sid[m] == j].sum() / w[sid[m] == j].sum() for j in range(len(seqs))]).mean()
+    assert torch.isclose(plain, same) and not torch.isclose(plain, heavy)
+    assert torch.isclose(heavy, want, rtol=1e-5), (heavy.item(), want.item())
 
 
 def test_tiny_run_exports_a_checkpoint_pykimi_loads(tmp_path):

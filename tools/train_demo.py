@@ -25,7 +25,9 @@ The recipe (the defaults): phase 1 trains the vision tower + projector alone on 
 training-only targets (aux_labels: which shape covers each merged token, each shape's rank
 from the left, the number of shapes); phase 2 trains everything on the answers (loss on answer
 tokens only, each image's questions packed into one row that computes the shared prefix once,
-see pack_rows) while the auxiliary targets stay on. pykimi/demo/README.md has the numbers.
+see pack_rows) while the auxiliary targets stay on, on scenes drawn with three shapes 5/8 of the time
+(--shape-mix) and with the color and kind words weighing 3x inside each answer (--content-weight).
+pykimi/demo/README.md has the numbers.
 
 The model code below is an independent implementation written from
 /work/shared/spec/kimi_vl_spec.md; comments cite its sections.
@@ -605,14 +607,17 @@ def aux_labels(shapes, grid):
     return seg, rank, np.full(gh2 * gw2, len(shapes), dtype=np.int64)
 
 
-def make_batch(rng, n_images, tok, questions=True):
+def make_batch(rng, n_images, tok, questions=True, shape_mix=None):
     """n_images random scenes -> (patches_list, grids, seq list of (prompt ids, answer ids,
     image index, qtype, answer text) (empty if not questions), aux labels (seg, rank, count) over
-    all merged tokens)."""
+    all merged tokens). shape_mix: relative frequencies of 1, 2 and 3 shapes (None: the task's own
+    uniform draw, scenes.random_scene)."""
     import torch
     patches, grids, seqs, labels = [], [], [], []
+    mix = None if shape_mix is None else np.asarray(shape_mix, float) / np.sum(shape_mix)
     for i in range(n_images):
-        img, shapes = scenes.random_scene(rng)
+        n = None if mix is None else int(rng.choice(3, p=mix)) + 1
+        img, shapes = scenes.random_scene(rng, n)
         p, g = preprocess(img)
         patches.append(torch.from_numpy(p))
         grids.append(g)
@@ -674,7 +679,7 @@ def aux_losses(aux_heads, feats, aux) -> dict:
             "count": F.cross_entropy(aux_heads[2](feats), aux[2])}
 
 
-def pack_rows(seqs, pad_id):
+def pack_rows(seqs, pad_id, text_group=8):
     """Pack the sequences of each image into ONE row that holds the shared prefix (system turn,
     user header, the image tokens) once, followed by every question+answer as a branch.
     Returns (ids [R, S], positions [R, S], attention mask [R, 1, S, S] (True = may attend),
@@ -682,11 +687,18 @@ def pack_rows(seqs, pad_id):
     each row (None for text-only rows)). A branch token sees the prefix and the earlier tokens of
     its own branch, with the positions it would have alone -- so every branch computes exactly
     what the unpacked sequence would (causal attention, RoPE by position), while the prefix,
-    most of every sequence, is computed once instead of once per question. Training only."""
+    most of every sequence, is computed once instead of once per question. Text-only sequences are
+    packed the same way, text_group to a row (so a row stays about as long as an image row: padding
+    the 16 short drill rows per step to the longest row was 2/3 of the language model's work).
+    Training only."""
     import torch
     groups: dict = {}
+    n_txt = 0
     for j, sq in enumerate(seqs):
-        key = ("img", sq[2]) if sq[2] is not None else ("txt", j)
+        if sq[2] is not None:
+            key = ("img", sq[2])
+        else:  # text-only rows (copy drills) share the system turn too: up to text_group per row
+            key, n_txt = ("txt", n_txt // text_group), n_txt + 1
         groups.setdefault(key, []).append(j)
     rows = []
     for key, members in groups.items():
@@ -731,7 +743,7 @@ def pack_rows(seqs, pad_id):
 
 
 def forward_loss(model, patches, grids, seqs, pad_id, aux=None, aux_heads=None, per_seq=False,
-                 aux_weight=1.0):
+                 aux_weight=1.0, content_ids=None, content_weight=1.0):
     """Answer-token cross-entropy on packed rows (+ the training-only auxiliary losses on the
     image features when aux_heads is given). Returns (loss, per-sequence teacher-forced exact
     flags, ids, parts) where parts holds the separate loss terms."""
@@ -749,9 +761,14 @@ def forward_loss(model, patches, grids, seqs, pad_id, aux=None, aux_heads=None, 
         # every sequence weighs the same (mean over its answer tokens, then over sequences),
         # so short answers, whose decisive token (e.g. the shape copied from the question)
         # is one of a few, are not drowned by long descriptions
+        # content_weight: inside a sequence, the color and kind words (the decisions the image
+        # decides) weigh more than the fixed words around them
         tok_loss = F.cross_entropy(logits, labels[m], reduction="none")
-        n_tok = torch.bincount(rows, minlength=len(seqs)).clamp(min=1).float()
-        loss = (torch.zeros(len(seqs)).index_add(0, rows, tok_loss) / n_tok).mean()
+        wt = torch.ones_like(tok_loss)
+        if content_ids is not None and content_weight != 1.0:
+            wt = torch.where(torch.isin(labels[m], content_ids), torch.tensor(float(content_weight)), wt)
+        n_tok = torch.zeros(len(seqs)).index_add(0, rows, wt).clamp(min=1e-6)
+        loss = (torch.zeros(len(seqs)).index_add(0, rows, tok_loss * wt) / n_tok).mean()
     else:
         loss = F.cross_entropy(logits, labels[m])
     parts = {"answer": loss.item()}
@@ -935,6 +952,13 @@ def main(argv=None):
     ap.add_argument("--init-state", default=None,
                     help="start from the model weights (and router biases) saved in this state file")
     ap.add_argument("--warmup", type=int, default=100)
+    ap.add_argument("--content-weight", type=float, default=3.0,
+                    help="per-sequence loss: weight of the color and kind words against the other tokens")
+    # three-shape scenes are where the language model must tell the second shape from the third:
+    # drawn 5/8 of the time in the joint phase (the evaluation draws 1, 2, 3 uniformly)
+    ap.add_argument("--shape-mix", type=lambda v: [float(t) for t in v.split(",")], default=[1.0, 2.0, 5.0],
+                    help="joint phase: relative frequency of scenes with 1,2,3 shapes (default 1,2,5; "
+                         "1,1,1 = uniform, as the task draws them)")
     ap.add_argument("--color-repeat", type=int, default=1, help="extra copies of each color question")
     ap.add_argument("--copy-drill", type=int, default=16, help="text-only copy sequences per step")
     ap.add_argument("--per-seq-loss", action=argparse.BooleanOptionalAction, default=True,
@@ -1000,19 +1024,22 @@ def main(argv=None):
         pretrain_vision(model, aux_heads, tok, rng, args, t0)
     moes = model.moe_layers()
     E = cfg["text_config"]["n_routed_experts"]
+    content_ids = torch.tensor(sorted({i for w in list(scenes.COLORS) + list(scenes.SHAPES)
+                                       for i in tok.encode(" " + w)}))
     ema, ema_acc = None, None
     if args.steps:
         print("step   loss    ema_loss  tf_exact  lr       sec")
     for step in range(args.steps if args.stop_at is None else min(args.steps, args.stop_at)):
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
-        patches, grids, seqs, aux = make_batch(rng, args.batch_images, tok)
+        patches, grids, seqs, aux = make_batch(rng, args.batch_images, tok, shape_mix=args.shape_mix)
         # color questions repeated (they are the only ones that need the question's words)
         seqs = seqs + [s for s in seqs if s[3] == "color"] * args.color_repeat
         seqs = seqs + copy_drill(rng, tok, args.copy_drill)
         heads = aux_heads if args.aux_weight > 0 else None
         loss, seq_ok, ids, parts = forward_loss(model, patches, grids, seqs, pad_id, aux, heads,
-                                                per_seq=args.per_seq_loss, aux_weight=args.aux_weight)
+                                                per_seq=args.per_seq_loss, aux_weight=args.aux_weight,
+                                                content_ids=content_ids, content_weight=args.content_weight)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
