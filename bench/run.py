@@ -677,7 +677,7 @@ def targets(res: dict) -> list:
     for m in ("bf16", "int8", "int4"):
         f = _get(s, f"decode_{m}", "fraction_of_bound")
         if f is not None:
-            out.append((f"decode {m} >= 60% of its bandwidth bound", f"{100 * f:.0f}%", f >= 0.6))
+            out.append((f"decode {m} >= 60% of its bandwidth bound", f"{100 * f:.1f}%", f >= 0.6))
     for m in ("bf16", "int8", "int4"):
         for n in ("128", "512"):
             r = s.get(f"prefill_{m}_{n}_ratio_llamacpp")
