@@ -227,20 +227,6 @@ def absorbed_kv_b(w: MLAWeights, cfg):
     return kvb[:, :dn, :], kvb[:, dn:, :]
 
 
-def absorbed_heads(w: MLAWeights, cfg) -> tuple[list, list]:
-    """Per head, W_uk[h] [dn, R] and W_uv[h] [dv, R] as row views of the STORED kv_b_proj (bf16 or
-    quantized: nothing widened or copied), built once per weights object. Kept in the instance dict, not
-    as a dataclass field, so dataclasses.replace(w, kv_b_proj=...) never carries stale views along."""
-    heads = w.__dict__.get("_heads")
-    if heads is None:
-        H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
-        r = lambda a, b: kernels.ref.weight_rows(w.kv_b_proj, a, b)            # noqa: E731
-        heads = ([r(h * (dn + dv), h * (dn + dv) + dn) for h in range(H)],
-                 [r(h * (dn + dv) + dn, (h + 1) * (dn + dv)) for h in range(H)])
-        w.__dict__["_heads"] = heads
-    return heads
-
-
 def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) -> np.ndarray:
     """MLA for new tokens ``x`` [S, D] (usually S = 1) in the absorbed form over the latent cache.
 
@@ -248,12 +234,12 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     score[h, n] = (q_lat[h]·c_n + q_pe[h]·k_pe_n) · qk_head_dim^-0.5, causal softmax
     o[h] = W_uv[h] · Σ_n p[h, n] c_n           then o_proj.
     Equal to :func:`mla_prefill` up to float rounding (spec §8.3, "weight absorption").
-    The two absorbed products read kv_b_proj in its stored form through the kernels (vecmat_many /
-    matmul_many, all heads in one call), unless an f32 copy was cached in ``w.kv_b_f32`` (numpy backend).
+    The two absorbed products read kv_b_proj in its stored form through the kernels (heads_vecmat /
+    heads_matvec: all heads in one call), unless an f32 copy was cached in ``w.kv_b_f32`` (numpy backend).
     """
     positions = np.asarray(positions)
     S = x.shape[0]
-    H, dv, R = cfg.num_attention_heads, cfg.v_head_dim, cfg.kv_lora_rank
+    H, dn, dv, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
     q_nope, q_pe, c, k_pe = mla_project(x, w, positions, cfg, layer)
     cache.append(layer, c, k_pe)
     rows = cache.rows(layer)                                                     # [N, R + dr]  = [c | k_pe]
@@ -262,10 +248,9 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     if w.kv_b_f32 is not None:
         w_uk, w_uv = absorbed_kv_b(w, cfg)                                       # [H, dn, R], [H, dv, R]
         q_lat = np.matmul(q_nope.transpose(1, 0, 2), w_uk)                       # [H, S, R]
-    else:
-        uk, uv = absorbed_heads(w, cfg)
-        q_lat = np.stack(kernels.vecmat_many([q_nope[s, h] for h in range(H) for s in range(S)],
-                                             [uk[h] for h in range(H) for s in range(S)])).reshape(H, S, R)
+    else:  # per head h, W_uk[h] = kv_b_proj rows [h*(dn+dv), h*(dn+dv) + dn), read in the stored form
+        q_lat = np.stack([kernels.heads_vecmat(q_nope[t], w.kv_b_proj, 0, dn + dv, dn) for t in range(S)],
+                         axis=1)                                                 # [H, S, R]
     q_cat = np.concatenate([q_lat, q_pe.transpose(1, 0, 2)], axis=-1)           # [H, S, R + dr]
     s = np.matmul(q_cat, rows.T)                                                 # [H, S, N]
     s *= np.float32(cfg.qk_head_dim ** -0.5)
@@ -277,7 +262,8 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     o_lat = np.matmul(p, rows[:, :R])                                            # [H, S, R]
     if w.kv_b_f32 is not None:
         o = np.matmul(o_lat, w_uv.transpose(0, 2, 1))                            # [H, S, dv]
-    else:
-        o = np.stack(kernels.matmul_many(list(o_lat), uv))                       # [H, S, dv]
+    else:  # W_uv[h] = rows [h*(dn+dv) + dn, (h+1)*(dn+dv))
+        o = np.stack([kernels.heads_matvec(o_lat[:, t], w.kv_b_proj, dn, dn + dv, dv) for t in range(S)],
+                     axis=1)                                                     # [H, S, dv]
     o = o.transpose(1, 0, 2).reshape(S, H * dv)                                  # [S, H*dv]
     return kernels.matmul(o, w.o_proj)                                           # [S, D]

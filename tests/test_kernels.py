@@ -317,6 +317,28 @@ def test_vecmat_many_dispatch(use_backend):
         K.vecmat_many([np.zeros(31, np.float32)], [ref.weight_rows(_forms(w, rng)["BF16"], 0, 32)])
 
 
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_heads_products(use_backend):
+    """heads_vecmat / heads_matvec (per-head row blocks of one stored weight, the absorbed MLA's W_uk / W_uv
+    in kv_b_proj) against the twins on row views, every stored form, odd widths included."""
+    rng = np.random.default_rng(36)
+    for H, dn, dv, R in ((4, 8, 6, 64), (3, 5, 7, 97), (16, 32, 32, 512)):
+        w = rng.standard_normal((H * (dn + dv), R)).astype(np.float32)
+        for form, W in _forms(w, rng).items():
+            xq = rng.standard_normal((H, dn)).astype(np.float32)
+            xo = rng.standard_normal((H, R)).astype(np.float32)
+            got_q = K.heads_vecmat(xq, W, 0, dn + dv, dn)
+            got_o = K.heads_matvec(xo, W, dn, dn + dv, dv)
+            assert got_q.shape == (H, R) and got_o.shape == (H, dv)
+            for h in range(H):
+                uk = ref.weight_rows(W, h * (dn + dv), h * (dn + dv) + dn)
+                uv = ref.weight_rows(W, h * (dn + dv) + dn, (h + 1) * (dn + dv))
+                rq, ro = ref.vecmat(xq[h], uk), K.reference(xo[h][None], uv)[0]
+                eq = np.abs(got_q[h] - rq).max() / (np.abs(xq[h]).sum() * np.abs(ref.weight_f32(uk)).max())
+                eo = np.abs(got_o[h] - ro).max() / (np.abs(xo[h]).sum() * np.abs(ref.weight_f32(uv)).max())
+                assert eq < 1e-6 and eo < 1e-6, f"{use_backend} {form} H={H} dn={dn} R={R} head {h}: {eq:.1e} {eo:.1e}"
+
+
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 def test_c_simd_selection():
     """set_simd / get_simd / simd_levels, force_scalar on top of them, PYKIMI_SIMD at start-up, and the

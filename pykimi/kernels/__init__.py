@@ -14,8 +14,9 @@ single-threaded BLAS (parallel_for). f32 ndarrays always go to BLAS (nothing to 
 activation row once per call and uses integer block dot products (set_act_quant; int16 activations for
 int8 weights by default, so int8 stays numerically the float product). matmul_many(xs, ws) runs several
 products in one C call / one thread fork-join (the MoE's selected experts). vecmat_many(xs, ws) is the
-transposed use, x @ W (a combination of stored rows), for the absorbed MLA decode's q_nope · W_uk: with it
-and matmul_many on row views (ref.weight_rows) of kv_b_proj, decode never widens kv_b_proj. The small fused ops (rms_norm,
+transposed use, x @ W (a combination of stored rows); heads_vecmat / heads_matvec run it (and the GEMV) on
+per-head row blocks of one stored weight in one call -- the absorbed MLA decode's q_nope · W_uk and
+W_uv · o_lat on kv_b_proj, so decode never widens kv_b_proj. The small fused ops (rms_norm,
 softmax, rope, MoE dispatch) use Numba unless the backend is "numpy".
 
 Each fast path has its NumPy twin in ref.py; reference(x, w) names the exact twin of what matmul(x, w)
@@ -506,6 +507,31 @@ def vecmat_many(xs, ws) -> list:
     cjobs = [(x, k, w.data, None, n) if k in ("BF16", "F32") else (x, k, w.q, w.scales, n)
              for x, k, w, n in jobs]
     return _mods["c"].vecmat_many(cjobs)
+
+
+def heads_vecmat(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
+    """x [H, rows] -> [H, in]: per head h, x[h] @ W[row0 + h*stride : + rows] (W in any stored form).
+    = vecmat_many over row views, in one call with no per-head Python objects on the C backend."""
+    x = np.asarray(x, dtype=np.float32)
+    kind = ref.weight_kind(w)
+    if backend() == "c" and kind in _C_KINDS:
+        data, sc = (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
+        return _mods["c"].heads("vecmat", x, kind, data, sc, int(w.shape[1]), row0, stride, rows)
+    return np.stack([ref.vecmat(x[h], ref.weight_rows(w, row0 + h * stride, row0 + h * stride + rows))
+                     for h in range(x.shape[0])])
+
+
+def heads_matvec(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
+    """x [H, in] -> [H, rows]: per head h, W[row0 + h*stride : + rows] @ x[h] -- matmul of one row of x on
+    each head's row block (same numerics as matmul, activation quantization included)."""
+    x = np.asarray(x, dtype=np.float32)
+    kind = ref.weight_kind(w)
+    if backend() == "c" and kind in _C_KINDS:
+        data, sc = (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
+        act = "f32" if kind in ("BF16", "F32") else _act_mode(kind)
+        return _mods["c"].heads("matvec", x, kind, data, sc, int(w.shape[1]), row0, stride, rows, act)
+    return np.stack([matmul(x[h], ref.weight_rows(w, row0 + h * stride, row0 + h * stride + rows))
+                     for h in range(x.shape[0])])
 
 
 # ------------------------------------------------------------------------------ small fused ops

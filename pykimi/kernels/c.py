@@ -144,6 +144,43 @@ def vecmat_many(jobs):
     return ys
 
 
+def heads(op: str, x: np.ndarray, kind: str, wdata: np.ndarray, scales, in_f: int, row0: int, stride: int,
+          rows: int, act: str = "f32") -> np.ndarray:
+    """Per-head products on row blocks of ONE stored weight, in one C call, without a Python object per head:
+    head h uses weight rows [row0 + h*stride, row0 + h*stride + rows).
+      op "vecmat": x [H, rows] -> y [H, in],   y[h] = x[h] @ W_h     (pk_vecmat_many)
+      op "matvec": x [H, in]   -> y [H, rows], y[h] = W_h @ x[h]     (pk_matmul_many, one row of x per job)
+    in_f is W's logical width. The absorbed MLA decode's W_uk / W_uv of every head are such blocks of
+    kv_b_proj."""
+    f = FMT[kind]
+    H = x.shape[0]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    wdata = np.ascontiguousarray(wdata)
+    wb, rb = ffi.cast("char *", _ptr(_CT[f], wdata)), wdata.strides[0]
+    starts = [row0 + h * stride for h in range(H)]
+    ws = [ffi.cast("void *", wb + r * rb) for r in starts]
+    if scales is not None:
+        scales = np.ascontiguousarray(scales, dtype=np.float32)
+        sb, nb = ffi.cast("float *", _ptr("float[]", scales)), scales.shape[1]
+        ss = [sb + r * nb for r in starts]
+    else:
+        ss = [ffi.NULL] * H
+    xp = ffi.cast("float *", _ptr("float[]", x))
+    if op == "vecmat":
+        y = np.empty((H, in_f), dtype=np.float32)
+        yp = ffi.cast("float *", _ptr("float[]", y))
+        rc = lib.pk_vecmat_many(H, [f] * H, [xp + h * rows for h in range(H)], [rows] * H, [in_f] * H, ws, ss,
+                                [yp + h * in_f for h in range(H)])
+    else:
+        y = np.empty((H, rows), dtype=np.float32)
+        yp = ffi.cast("float *", _ptr("float[]", y))
+        rc = lib.pk_matmul_many(H, [f] * H, [ACT[act]] * H, [xp + h * in_f for h in range(H)], [1] * H, [in_f] * H,
+                                ws, ss, [rows] * H, [yp + h * rows for h in range(H)])
+    if rc != 0:
+        raise ValueError(f"pk_{op} on {H} heads failed ({rc})")
+    return y
+
+
 def set_threads(n: int) -> None:
     lib.pk_set_threads(int(n))
 
