@@ -337,6 +337,10 @@ def test_heads_products(use_backend):
                 eq = np.abs(got_q[h] - rq).max() / (np.abs(xq[h]).sum() * np.abs(ref.weight_f32(uk)).max())
                 eo = np.abs(got_o[h] - ro).max() / (np.abs(xo[h]).sum() * np.abs(ref.weight_f32(uv)).max())
                 assert eq < 1e-6 and eo < 1e-6, f"{use_backend} {form} H={H} dn={dn} R={R} head {h}: {eq:.1e} {eo:.1e}"
+    with pytest.raises(ValueError, match="do not fit"):      # a block past the last row: refused, not read
+        K.heads_vecmat(np.zeros((4, 8), np.float32), _forms(w, rng)["BF16"], 1, w.shape[0] // 3, 8)
+    with pytest.raises(ValueError, match="expected \\[heads, 512\\]"):
+        K.heads_matvec(np.zeros((16, 511), np.float32), _forms(w, rng)["q4"], 0, 64, 32)
 
 
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")

@@ -509,10 +509,21 @@ def vecmat_many(xs, ws) -> list:
     return _mods["c"].vecmat_many(cjobs)
 
 
+def _check_heads(x, w, row0: int, stride: int, rows: int, width: int, who: str) -> None:
+    """The C path reads raw rows: every head's block must lie inside W and x must be [H, width]."""
+    H = x.shape[0] if x.ndim == 2 else -1
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"{who}: x has shape {list(x.shape)}, expected [heads, {width}]")
+    if row0 < 0 or rows < 1 or stride < rows or row0 + (H - 1) * stride + rows > int(w.shape[0]):
+        raise ValueError(f"{who}: {H} head blocks of {rows} rows from row {row0} every {stride} rows do not fit "
+                         f"in weight {getattr(w, 'name', '')} of {int(w.shape[0])} rows")
+
+
 def heads_vecmat(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
     """x [H, rows] -> [H, in]: per head h, x[h] @ W[row0 + h*stride : + rows] (W in any stored form).
     = vecmat_many over row views, in one call with no per-head Python objects on the C backend."""
     x = np.asarray(x, dtype=np.float32)
+    _check_heads(x, w, row0, stride, rows, rows, "heads_vecmat")
     kind = ref.weight_kind(w)
     if backend() == "c" and kind in _C_KINDS:
         data, sc = (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
@@ -525,6 +536,7 @@ def heads_matvec(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
     """x [H, in] -> [H, rows]: per head h, W[row0 + h*stride : + rows] @ x[h] -- matmul of one row of x on
     each head's row block (same numerics as matmul, activation quantization included)."""
     x = np.asarray(x, dtype=np.float32)
+    _check_heads(x, w, row0, stride, rows, int(w.shape[1]), "heads_matvec")
     kind = ref.weight_kind(w)
     if backend() == "c" and kind in _C_KINDS:
         data, sc = (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
