@@ -207,7 +207,7 @@ class KimiVL:
         self.max_context = int(max_context) if max_context is not None else None
         self.prefill_chunk = max(1, int(prefill_chunk))
         # the f32 kv_b copy only pays where the absorbed products are NumPy matmuls; the C kernels read the
-        # stored form (kernels.vecmat_many / matmul_many)
+        # stored form (kernels.heads_vecmat / heads_matvec)
         self.cache_absorbed = (kernels.backend() != "c") if cache_absorbed is None else bool(cache_absorbed)
         self.vision_cache_weights = vision_cache_weights
         self._layers: dict[int, LayerWeights] = {}   # layer_weights() cache

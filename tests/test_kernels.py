@@ -276,45 +276,29 @@ def test_c_level_matmul_many(simd_level):
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 @pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
 def test_c_level_vecmat(simd_level):
-    """pk_vecmat_many (y = x W, a combination of stored rows) at every level against ref.vecmat: every
-    format, odd widths (short last block, odd q4 width), one job and many in parallel."""
+    """pk_vecmat_many (y = x W, a combination of stored rows) at every level against ref.vecmat, through
+    c.heads: every format, odd widths (short last block, odd q4 width), three heads' row blocks of one
+    weight at once (in parallel) and each head alone (identical)."""
     from pykimi.kernels import c
     rng = np.random.default_rng(34)
-    jobs, twins = [], []
-    for k, (rows, in_f) in enumerate([(1, 1), (3, 31), (7, 33), (16, 64), (128, 512), (5, 97), (64, 101),
-                                      (2, 2048), (33, 160), (9, 7)]):
-        w = rng.standard_normal((rows, in_f)).astype(np.float32)
-        x = rng.standard_normal(rows).astype(np.float32) * 3
+    for rows, in_f in [(1, 1), (3, 31), (7, 33), (16, 64), (128, 512), (5, 97), (64, 101), (2, 2048), (33, 160),
+                       (9, 7)]:
+        w = rng.standard_normal((3 * rows, in_f)).astype(np.float32)
+        x = rng.standard_normal((3, rows)).astype(np.float32) * 3
         for form, W in _forms(w, rng).items():
             if form in ("ndarray", "F16"):
                 continue
-            data = (W.data, None) if form in ("BF16", "F32") else (W.q, W.scales)
-            jobs.append((x, ref.weight_kind(W), data[0], data[1], in_f))
-            twins.append((ref.vecmat(x, W), np.abs(x).sum() * np.abs(ref.weight_f32(W)).max(), form, (rows, in_f)))
-    ys = c.vecmat_many(jobs)
-    for job, (r, scale, form, shape), y in zip(jobs, twins, ys):
-        single = c.vecmat_many([job])[0]
-        np.testing.assert_array_equal(y, single)   # in parallel or alone: the same loop, identical
-        assert y.shape == r.shape
-        err = np.max(np.abs(y - r)) / scale
-        assert err < 1e-6, f"vecmat {form} {shape} level={simd_level}: {err:.2e}"
-
-
-@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
-def test_vecmat_many_dispatch(use_backend):
-    """kernels.vecmat_many on every backend and stored form, rows sliced from a larger weight
-    (ref.weight_rows: a view, as the absorbed MLA decode takes the W_uk rows of one head)."""
-    rng = np.random.default_rng(35)
-    w = rng.standard_normal((96, 200)).astype(np.float32)
-    for form, W in _forms(w, rng).items():
-        parts = [ref.weight_rows(W, r0, r1) for r0, r1 in ((0, 32), (40, 71), (90, 96))]
-        xs = [rng.standard_normal(p.shape[0]).astype(np.float32) for p in parts]
-        for x, p, y in zip(xs, parts, K.vecmat_many(xs, parts)):
-            r = ref.vecmat(x, p)
-            np.testing.assert_allclose(y, r, rtol=1e-5, atol=1e-5 * np.abs(r).max())
-        np.testing.assert_array_equal(ref.weight_f32(parts[1]), ref.weight_f32(W)[40:71])
-    with pytest.raises(ValueError, match="expected \\[32\\]"):
-        K.vecmat_many([np.zeros(31, np.float32)], [ref.weight_rows(_forms(w, rng)["BF16"], 0, 32)])
+            kind = ref.weight_kind(W)
+            data, sc = (W.data, None) if form in ("BF16", "F32") else (W.q, W.scales)
+            y = c.heads("vecmat", x, kind, data, sc, in_f, 0, rows, rows)
+            assert y.shape == (3, in_f)
+            for h in range(3):
+                single = c.heads("vecmat", x[h:h + 1], kind, data, sc, in_f, h * rows, rows, rows)[0]
+                np.testing.assert_array_equal(y[h], single)   # in parallel or alone: the same loop, identical
+                part = ref.weight_rows(W, h * rows, (h + 1) * rows)
+                r = ref.vecmat(x[h], part)
+                err = np.max(np.abs(y[h] - r)) / (np.abs(x[h]).sum() * np.abs(ref.weight_f32(part)).max())
+                assert err < 1e-6, f"vecmat {form} {(rows, in_f)} head {h} level={simd_level}: {err:.2e}"
 
 
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
@@ -333,6 +317,8 @@ def test_heads_products(use_backend):
             for h in range(H):
                 uk = ref.weight_rows(W, h * (dn + dv), h * (dn + dv) + dn)
                 uv = ref.weight_rows(W, h * (dn + dv) + dn, (h + 1) * (dn + dv))
+                r0 = h * (dn + dv) + dn
+                np.testing.assert_array_equal(ref.weight_f32(uv), ref.weight_f32(W)[r0:r0 + dv])  # a view of W
                 rq, ro = ref.vecmat(xq[h], uk), K.reference(xo[h][None], uv)[0]
                 eq = np.abs(got_q[h] - rq).max() / (np.abs(xq[h]).sum() * np.abs(ref.weight_f32(uk)).max())
                 eo = np.abs(got_o[h] - ro).max() / (np.abs(xo[h]).sum() * np.abs(ref.weight_f32(uv)).max())

@@ -121,8 +121,8 @@ def test_mla_expanded_and_absorbed_match_naive(tiny, q_lora):
 @pytest.mark.parametrize("form", ["bf16", "q8", "q4"])
 @pytest.mark.parametrize("kernel_backend", ["c", "numpy"])
 def test_absorbed_decode_reads_stored_kv_b(tiny, form, kernel_backend):
-    """The absorbed decode on a stored (bf16 / quantized) kv_b_proj through the kernels (vecmat_many for
-    q_nope · W_uk, matmul_many for W_uv · o_lat, on row views of the stored tensor) equals the same decode
+    """The absorbed decode on a stored (bf16 / quantized) kv_b_proj through the kernels (heads_vecmat for
+    q_nope · W_uk, heads_matvec for W_uv · o_lat, on the row blocks of the stored tensor) equals the same decode
     with kv_b_proj widened to an f32 copy (kv_b_f32, the form checked against the naive loops above)."""
     import pykimi.kernels as K
     from pykimi.quant import quantize_q4, quantize_q8

@@ -13,10 +13,10 @@ so for larger n W is widened in small row tiles (TASK_ELEMS floats) that worker 
 single-threaded BLAS (parallel_for). f32 ndarrays always go to BLAS (nothing to widen). For int8/int4 weights the C GEMV quantizes the
 activation row once per call and uses integer block dot products (set_act_quant; int16 activations for
 int8 weights by default, so int8 stays numerically the float product). matmul_many(xs, ws) runs several
-products in one C call / one thread fork-join (the MoE's selected experts). vecmat_many(xs, ws) is the
-transposed use, x @ W (a combination of stored rows); heads_vecmat / heads_matvec run it (and the GEMV) on
-per-head row blocks of one stored weight in one call -- the absorbed MLA decode's q_nope · W_uk and
-W_uv · o_lat on kv_b_proj, so decode never widens kv_b_proj. The small fused ops (rms_norm,
+products in one C call / one thread fork-join (the MoE's selected experts). heads_vecmat runs the transposed
+use, x @ W (a combination of stored rows, pk_vecmat_many), and heads_matvec the GEMV, on per-head row blocks
+of one stored weight in one call -- the absorbed MLA decode's q_nope · W_uk and W_uv · o_lat on kv_b_proj,
+so decode never widens kv_b_proj. The small fused ops (rms_norm,
 softmax, rope, MoE dispatch) use Numba unless the backend is "numpy".
 
 Each fast path has its NumPy twin in ref.py; reference(x, w) names the exact twin of what matmul(x, w)
@@ -485,30 +485,6 @@ def matmul_many(xs, ws) -> list:
     return out
 
 
-def vecmat_many(xs, ws) -> list:
-    """[x @ W for x, W in zip(xs, ws)]: x [rows], W [rows, in] in any stored form -> f32 [in] each.
-
-    A combination of weight rows (the transpose of matmul's use of W), for the absorbed MLA decode's
-    q_nope · W_uk (spec §8.3) read from the stored kv_b_proj. The C backend decodes each row once into an
-    accumulator (pk_vecmat_many, jobs in parallel); the other backends use the NumPy twin ref.vecmat."""
-    xs, ws = list(xs), list(ws)
-    if len(xs) != len(ws):
-        raise ValueError(f"vecmat_many: {len(xs)} inputs but {len(ws)} weights")
-    jobs = []
-    for i, (x, w) in enumerate(zip(xs, ws)):
-        x = np.asarray(x)
-        rows, in_f = (int(s) for s in w.shape)
-        if x.shape != (rows,):
-            raise ValueError(f"vecmat_many: x[{i}] has shape {list(x.shape)} but weight "
-                             f"{getattr(w, 'name', '') or i} is [{rows}, {in_f}]: expected [{rows}]")
-        jobs.append((x, ref.weight_kind(w), w, in_f))
-    if backend() != "c" or not all(k in _C_KINDS for _, k, _, _ in jobs):
-        return [ref.vecmat(x, w) for x, _, w, _ in jobs]
-    cjobs = [(x, k, w.data, None, n) if k in ("BF16", "F32") else (x, k, w.q, w.scales, n)
-             for x, k, w, n in jobs]
-    return _mods["c"].vecmat_many(cjobs)
-
-
 def _check_heads(x, w, row0: int, stride: int, rows: int, width: int, who: str) -> None:
     """The C path reads raw rows: every head's block must lie inside W and x must be [H, width]."""
     H = x.shape[0] if x.ndim == 2 else -1
@@ -521,7 +497,8 @@ def _check_heads(x, w, row0: int, stride: int, rows: int, width: int, who: str) 
 
 def heads_vecmat(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
     """x [H, rows] -> [H, in]: per head h, x[h] @ W[row0 + h*stride : + rows] (W in any stored form).
-    = vecmat_many over row views, in one call with no per-head Python objects on the C backend."""
+    The C backend decodes each row once into an accumulator (pk_vecmat_many, heads in parallel, no Python
+    object per head); the others use the NumPy twin ref.vecmat on row views."""
     x = np.asarray(x, dtype=np.float32)
     _check_heads(x, w, row0, stride, rows, rows, "heads_vecmat")
     kind = ref.weight_kind(w)

@@ -105,11 +105,11 @@ ACT = {"f32": 0, "i8": 1, "i16": 2}
 _CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
 
 
-def _job_buffers(x, kind, wdata, scales, x_shape):
+def _job_buffers(x, kind, wdata, scales):
     """One job's contiguous buffers and C pointers: (fmt, x, w, scales, x ptr, w ptr, scales ptr or NULL).
     The arrays are returned so the caller keeps them alive through the call."""
     f = FMT[kind]
-    x = np.ascontiguousarray(x, dtype=np.float32).reshape(x_shape)
+    x = np.ascontiguousarray(x, dtype=np.float32)
     wdata = np.ascontiguousarray(wdata)
     if scales is not None:
         scales = np.ascontiguousarray(scales, dtype=np.float32)
@@ -120,27 +120,13 @@ def _job_buffers(x, kind, wdata, scales, x_shape):
 def matmul_many(jobs):
     """jobs: list of (x [n, in] f32, kind, wdata, scales or None, act) -> list of y [n, out], in one C call
     (one OpenMP region for all). kind in FMT; act in ACT."""
-    bufs = [_job_buffers(x, kind, wdata, scales, np.shape(x)) for x, kind, wdata, scales, _ in jobs]
+    bufs = [_job_buffers(x, kind, wdata, scales) for x, kind, wdata, scales, _ in jobs]
     ys = [np.empty((b[1].shape[0], b[2].shape[0]), dtype=np.float32) for b in bufs]
     rc = lib.pk_matmul_many(len(jobs), [b[0] for b in bufs], [ACT[j[4]] for j in jobs], [b[4] for b in bufs],
                             [b[1].shape[0] for b in bufs], [b[1].shape[1] for b in bufs], [b[5] for b in bufs],
                             [b[6] for b in bufs], [b[2].shape[0] for b in bufs], [_ptr("float[]", y) for y in ys])
     if rc != 0:
         raise MemoryError(f"pk_matmul_many failed ({rc})")
-    return ys
-
-
-def vecmat_many(jobs):
-    """jobs: list of (x [rows] f32, kind, wdata [rows, ...], scales or None, in) -> list of y [in] = x @ W,
-    in one C call (jobs in parallel). kind in FMT; `in` is the weight's logical width (wdata.shape[1], or
-    twice it for q4_32)."""
-    bufs = [_job_buffers(x, kind, wdata, scales, -1) for x, kind, wdata, scales, _ in jobs]
-    ys = [np.empty(j[4], dtype=np.float32) for j in jobs]
-    rc = lib.pk_vecmat_many(len(jobs), [b[0] for b in bufs], [b[4] for b in bufs], [b[1].shape[0] for b in bufs],
-                            [j[4] for j in jobs], [b[5] for b in bufs], [b[6] for b in bufs],
-                            [_ptr("float[]", y) for y in ys])
-    if rc != 0:
-        raise ValueError(f"pk_vecmat_many failed ({rc})")
     return ys
 
 
