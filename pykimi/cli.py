@@ -421,7 +421,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--only-bad", action="store_true")
     p.set_defaults(fn=cmd_diff)
 
-    p = sub.add_parser("quantize", help="repack a checkpoint to int8 / int4 (streaming)")
+    p = sub.add_parser("quantize",
+                       help="repack a checkpoint (bf16, or an int8 / int4 repack) to int8 / int4 (streaming)")
     p.add_argument("src")
     p.add_argument("dst")
     p.add_argument("--bits", type=int, choices=[8, 4], default=8)

@@ -239,7 +239,9 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
     Keeps the source's shard layout (same file names, same index), reads one tensor at a time and quantizes
     it in bounded row tiles; the new checkpoint is built in ``DST.partial`` and renamed to ``DST`` only when
     complete (each shard is itself written to a .tmp name first). Non-weight files (config.json, tokenizer
-    files, ...) are copied. Returns a summary dict (tensors quantized, bytes in / out).
+    files, ...) are copied. The source may itself be a repack: its selected weights in another format are
+    re-quantized from their dequantized values, the rest keep their stored codes and scales. Returns a summary
+    dict (tensors quantized, bytes in / out).
     """
     from .errors import CheckpointError
     from .weights import Checkpoint, SafetensorsWriter
@@ -260,9 +262,17 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
 
     names = ckpt.names()
     infos = {n: ckpt.info(n) for n in names}
+    # a source that is itself repacked: NAME.qweight + NAME.scales form one logical weight NAME, which is
+    # re-quantized when selected and in another format, else copied as stored (its codes and scales unchanged)
+    src_q = {n[:-len(".qweight")]: load_quantized(ckpt, n[:-len(".qweight")]) for n in names
+             if n.endswith(".qweight") and n[:-len(".qweight")] + ".scales" in infos}
     chosen = {n for n in names if infos[n].dtype in ("BF16", "F16", "F32")
               and should_quantize(n, infos[n].shape, what)}
-    qmeta = {n: {"format": fmt, "shape": [int(s) for s in infos[n].shape]} for n in sorted(chosen)}
+    requant = {b for b, qw in src_q.items() if qw.fmt != fmt and should_quantize(b, qw.shape, what)}
+    qmeta = {n: {"format": fmt, "shape": [int(s) for s in infos[n].shape]} for n in chosen}
+    qmeta.update({b: {"format": fmt if b in requant else qw.fmt, "shape": [int(s) for s in qw.shape]}
+                  for b, qw in src_q.items()})
+    qmeta = dict(sorted(qmeta.items()))
     meta = {"format": "pt", META_KEY: json.dumps(qmeta, separators=(",", ":"), sort_keys=True),
             "pykimi.quant.bits": str(bits), "pykimi.quant.what": what}
 
@@ -283,31 +293,48 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
     out_bytes = 0
     try:
         for src_file, tensor_names in by_file.items():
-            base = os.path.basename(src_file)
+            base_file = os.path.basename(src_file)
             plan = []
             for n in tensor_names:
                 i = infos[n]
-                if n in chosen:
+                base = n[:-len(".qweight")] if n.endswith(".qweight") else None
+                if base in requant:
+                    o, k = src_q[base].shape
+                    plan.append((n, "I8" if bits == 8 else "U8", (o, k if bits == 8 else -(-k // 2))))
+                    plan.append((base + ".scales", "F32", (o, -(-k // QBLOCK))))
+                elif n.endswith(".scales") and n[:-len(".scales")] in requant:
+                    continue                                            # planned beside its .qweight
+                elif n in chosen:
                     o, k = (int(s) for s in i.shape)
                     plan.append((n + ".qweight", "I8" if bits == 8 else "U8", (o, k if bits == 8 else -(-k // 2))))
                     plan.append((n + ".scales", "F32", (o, -(-k // QBLOCK))))
                 else:
                     plan.append((n, i.dtype, tuple(i.shape)))
-            writer = SafetensorsWriter(os.path.join(part, base), metadata=meta)
+            writer = SafetensorsWriter(os.path.join(part, base_file), metadata=meta)
             try:
                 writer.plan(plan)
                 for n in tensor_names:
-                    if n in chosen:
+                    base = n[:-len(".qweight")] if n.endswith(".qweight") else None
+                    if base in requant:
+                        qw = _quantize(src_q[base], bits, base)
+                        writer.write(n, qw.q)
+                        writer.write(base + ".scales", qw.scales)
+                        weight_map[n] = weight_map[base + ".scales"] = base_file
+                        out_bytes += qw.nbytes
+                        del qw
+                    elif n.endswith(".scales") and n[:-len(".scales")] in requant:
+                        pass                                            # written beside its .qweight
+                    elif n in chosen:
                         qw = _quantize(ckpt.tensor(n), bits, n)
                         writer.write(n + ".qweight", qw.q)
                         writer.write(n + ".scales", qw.scales)
-                        weight_map[n + ".qweight"] = weight_map[n + ".scales"] = base
+                        weight_map[n + ".qweight"] = weight_map[n + ".scales"] = base_file
                         out_bytes += qw.nbytes
                         del qw
                     else:
                         st = ckpt.tensor(n)
                         writer.write(n, st)
-                        weight_map[n] = base
+                        weight_map[n] = base_file
                         out_bytes += st.nbytes
                     if bar is not None:
                         bar.update(infos[n].nbytes)
@@ -345,5 +372,5 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(part, dst_dir)
-    return {"quantized": len(chosen), "tensors": len(names), "bytes_in": total, "bytes_out": out_bytes,
+    return {"quantized": len(chosen) + len(requant), "tensors": len(names), "bytes_in": total, "bytes_out": out_bytes,
             "format": fmt, "what": what, "path": dst_dir}

@@ -145,6 +145,44 @@ def test_repack_round_trip(tmp_path, bits, what):
     assert all(v["format"] == quant.FORMATS[bits] for v in meta.values()) and len(meta) == n_quant
 
 
+def test_repack_of_a_repacked_checkpoint(tmp_path):
+    """An int8 checkpoint re-packed to int4: the selected weights are re-quantized from their int8 values, the
+    others keep their stored int8 codes and scales unchanged, and the metadata says which is which."""
+    q8 = str(tmp_path / "q8-all")
+    quantize_checkpoint(TINY, q8, bits=8, what="all", progress=False)
+    q4 = str(tmp_path / "q4-experts")
+    summary = quantize_checkpoint(q8, q4, bits=4, what="experts", progress=False)
+    src, out = weights.Checkpoint.open(q8), weights.Checkpoint.open(q4)
+    meta = json.loads(out.metadata[quant.META_KEY])
+    n_re = n_kept = 0
+    for name in src.names():
+        if not name.endswith(".qweight"):
+            if not name.endswith(".scales"):
+                np.testing.assert_array_equal(out.get(name), src.get(name))
+            continue
+        base = name[:-len(".qweight")]
+        old, new = load_quantized(src, base), load_quantized(out, base)
+        assert new is not None and new.shape == old.shape, base
+        if quant.should_quantize(base, old.shape, "experts"):
+            n_re += 1
+            assert isinstance(new, Q4Weight) and meta[base]["format"] == "q4_32", base
+            ref_q = quantize_q4(old.f32(), base)
+            np.testing.assert_array_equal(new.q, ref_q.q)
+            np.testing.assert_array_equal(new.scales, ref_q.scales)
+        else:
+            n_kept += 1
+            assert isinstance(new, Q8Weight) and meta[base]["format"] == "q8_32", base
+            np.testing.assert_array_equal(new.q, old.q)
+            np.testing.assert_array_equal(new.scales, old.scales)
+    assert n_re > 0 and n_kept > 0 and len(meta) == n_re + n_kept
+    assert summary["tensors"] == len(src.names())
+    # and the model loads and runs on the mixed int8 / int4 checkpoint
+    import pykimi
+    ids = np.array([1, 5, 9, 2])
+    a, b = pykimi.load(q8).forward(ids), pykimi.load(q4).forward(ids)
+    assert b.shape == a.shape and np.all(np.isfinite(b)) and not np.array_equal(a, b)
+
+
 def test_repack_readable_by_official_library(tmp_path):
     st = pytest.importorskip("safetensors")
     dst = str(tmp_path / "q4")

@@ -62,7 +62,10 @@ def plan_tensors(ck) -> list:
     plan = []
 
     def raw(name):
-        return lambda: ck.tensor(name)
+        def read():
+            return _read(ck, name)
+        read.tensor_name = name
+        return read
 
     plan.append(("token_embd.weight", raw(f"{LM}.embed_tokens.weight"), False))
     for i in range(t.num_hidden_layers):
@@ -74,11 +77,11 @@ def plan_tensors(ck) -> list:
                  (f"{b}.attn_kv_a_norm.weight", raw(f"{a}.kv_a_layernorm.weight"), True)]
 
         def k_b(a=a):
-            kv = ck.f32(f"{a}.kv_b_proj.weight").reshape(H, nope + v, -1)           # [H, nope+v, R]
+            kv = _f32(_read(ck, f"{a}.kv_b_proj.weight")).reshape(H, nope + v, -1)  # [H, nope+v, R]
             return np.ascontiguousarray(kv[:, :nope, :].transpose(0, 2, 1))        # [H, R, nope]
 
         def v_b(a=a):
-            kv = ck.f32(f"{a}.kv_b_proj.weight").reshape(H, nope + v, -1)
+            kv = _f32(_read(ck, f"{a}.kv_b_proj.weight")).reshape(H, nope + v, -1)
             return np.ascontiguousarray(kv[:, nope:, :])                           # [H, v, R]
 
         # k_b / v_b stay bf16: llama.cpp places quantized 2-D-looking weights in its AMX buffer, and these
@@ -101,6 +104,20 @@ def plan_tensors(ck) -> list:
     plan += [("output_norm.weight", raw(f"{LM}.norm.weight"), True),
              ("output.weight", raw("language_model.lm_head.weight"), False)]
     return plan
+
+
+def _read(ck, name: str):
+    """The stored tensor (a pykimi Stored, zero-copy), or the float32 values of a weight that the checkpoint
+    holds repacked (pykimi int8 / int4: NAME.qweight + NAME.scales), so a GGUF can be written from either."""
+    return ck.tensor(name) if name in ck else ck.weight(name).f32()
+
+
+def _f32(arr) -> np.ndarray:
+    return arr.f32() if hasattr(arr, "f32") else np.asarray(arr, dtype=np.float32)
+
+
+def _shape(ck, name: str) -> tuple:
+    return tuple(ck.info(name).shape) if name in ck else tuple(ck.weight(name).shape)
 
 
 def _encode(arr, kind: str) -> np.ndarray:
@@ -190,7 +207,7 @@ def export(ckpt_dir: str, out_path: str, kind: str = "q8_0", progress: bool = Tr
     # pass 2: the data, one tensor at a time
     for name, prod, k, shape, nbytes in infos:
         if isinstance(prod, tuple):                              # stacked experts: encode expert by expert
-            data = np.stack([_encode(ck.tensor(n), k) for n in prod[1]])
+            data = np.stack([_encode(_read(ck, n), k) for n in prod[1]])
         else:
             data = _encode(prod(), k)
         if data.nbytes != nbytes:
@@ -213,7 +230,9 @@ def _planned_shape(ck, t, name: str, prod) -> tuple:
     if name.endswith("attn_v_b.weight"):
         return (H, v, R)
     if isinstance(prod, tuple):
-        return (len(prod[1]),) + tuple(ck.info(prod[1][0]).shape)
+        return (len(prod[1]),) + _shape(ck, prod[1][0])
+    if hasattr(prod, "tensor_name"):                 # header only: no read, no dequantization
+        return _shape(ck, prod.tensor_name)
     return tuple(prod().shape)
 
 
