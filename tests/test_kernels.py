@@ -407,6 +407,26 @@ def test_tiled_blas_path_matches(monkeypatch):
         np.testing.assert_allclose(K.matmul(x, W), ref.matmul(x, W), rtol=1e-5, atol=1e-4)
 
 
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_widen_matches_twin(use_backend, monkeypatch):
+    """kernels.widen: every stored form decoded exactly as ref.weight_f32, in several row tiles, into a new
+    array or a given one; a wrong ``out`` is refused."""
+    monkeypatch.setattr(K, "TASK_ELEMS", 3 * 160)                 # several tiles on the worker threads
+    rng = np.random.default_rng(11)
+    for out_f, in_f in ((5, 31), (129, 160), (33, 2048), (1, 1)):
+        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+        for form, W in _forms(w, rng).items():
+            want = ref.weight_f32(W)
+            np.testing.assert_array_equal(K.widen(W), want, err_msg=f"{form} {out_f}x{in_f}")
+            buf = np.full((out_f, in_f), np.nan, dtype=np.float32)
+            assert K.widen(W, out=buf) is buf
+            np.testing.assert_array_equal(buf, want, err_msg=f"{form} {out_f}x{in_f} into out")
+    b = rng.standard_normal(37).astype(np.float32)
+    np.testing.assert_array_equal(K.widen(Stored("b", "BF16", f32_to_bf16(b))), ref.bf16_to_f32(f32_to_bf16(b)))
+    with pytest.raises(ValueError, match="widen: out is"):
+        K.widen(Stored("t", "BF16", f32_to_bf16(w)), out=np.empty((2, 2), np.float32))
+
+
 def test_backends_report_and_selection():
     info = K.backends()
     assert info["numpy"]["available"] and info["active"] in K.BACKENDS

@@ -112,6 +112,24 @@ def test_bf16_and_f32_checkpoints_agree(ckpts):
     assert np.array_equal(a, b)        # the widening is exact: same float32 weights, same results
 
 
+def test_default_path_reuses_its_widened_block_weights(ckpts, tower):
+    """Without cache_weights every block is widened into one reused set of scratch arrays: the features equal
+    the cached tower's exactly, image after image, and no block's arrays are kept."""
+    ck = ckpts["bf16"]
+    plain = vision.VisionTower(ck, ck.config)
+    w0 = plain.block_weights(0)
+    w0_copy = {k: v.copy() for k, v in w0.items()}
+    w1 = plain.block_weights(1)
+    assert all(w1[k] is w0[k] for k in vision.BLOCK_KEYS)                     # the same buffers ...
+    assert any(not np.array_equal(w1[k], w0_copy[k]) for k in vision.BLOCK_KEYS)   # ... refilled
+    for k in vision.BLOCK_KEYS:
+        np.testing.assert_array_equal(w1[k], tower.block_weights(1)[k], err_msg=k)
+    for case in ("one_image", "two_images", "one_image"):
+        pv, grids, _, _ = _load_case(case)
+        np.testing.assert_array_equal(plain.encode(pv, grids), tower.encode(pv, grids), err_msg=case)
+    assert plain._cache == {}
+
+
 # ---------------------------------------------------------------------------------------------------------
 # per-image attention
 # ---------------------------------------------------------------------------------------------------------

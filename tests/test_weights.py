@@ -1,7 +1,9 @@
 """The safetensors reader and writer: round trips with the official library, zero-copy views, every
 malformed-file case as one CheckpointError, and a fuzz test that the parser raises nothing else."""
 import json
+import mmap
 import os
+import re
 import shutil
 import struct
 
@@ -295,3 +297,28 @@ def test_write_parts_streams_and_checks_bytes(tmp_path):
         w.write_parts("a", [np.zeros(3, np.float32)])
     w.abort()
     assert not os.path.exists(str(tmp_path / "short.safetensors")) and not os.path.exists(str(tmp_path / "short.safetensors.tmp"))
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_HUGEPAGE") or not os.path.exists("/proc/self/smaps"),
+                    reason="MADV_HUGEPAGE and /proc/self/smaps are Linux-only")
+def test_weight_mappings_ask_for_huge_pages(tmp_path):
+    """The read-only weight mappings carry MADV_HUGEPAGE (smaps VmFlags 'hg'), so pages faulted in from disk
+    come as 2 MiB folios mapped with one TLB entry each (weights._advise_huge)."""
+    src = os.path.join(TINY, "model.safetensors")
+    if not os.path.exists(src):
+        src = sorted(os.path.join(TINY, f) for f in os.listdir(TINY) if f.endswith(".safetensors"))[0]
+    path = str(tmp_path / "one.safetensors")
+    shutil.copy(src, path)
+    f = SafetensorsFile(path)
+    view = f.get(next(iter(f.infos)))
+    flags, inside = None, False
+    with open("/proc/self/smaps") as fh:
+        for line in fh:
+            if re.match(r"^[0-9a-f]+-[0-9a-f]+ ", line):                      # a mapping's header line
+                inside = line.rstrip().endswith(path)
+            elif inside and line.startswith("VmFlags:"):
+                flags = line.split()[1:]
+                break
+    assert flags is not None, f"no mapping of {path} in /proc/self/smaps"
+    assert "hg" in flags, f"VmFlags {flags}"
+    del view

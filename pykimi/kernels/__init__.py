@@ -401,6 +401,35 @@ def _matmul_tiled(x2: np.ndarray, w, kind: str) -> np.ndarray:
     return y
 
 
+def widen(w, out: np.ndarray | None = None) -> np.ndarray:
+    """W in any stored form as float32 [out, in] (or any shape for 1-D / f32 tensors), written into ``out``
+    when given (same shape), else a new array. 2-D stored weights are widened in row tiles of TASK_ELEMS by
+    the worker threads (parallel_for; Numba, nogil). Twin: ref.weight_f32 (the same exact decoding)."""
+    kind = ref.weight_kind(w)
+    shape = tuple(int(s) for s in w.shape)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"widen: out is {out.dtype}{list(out.shape)}, expected contiguous float32{list(shape)}")
+    if kind == "f32":
+        out[...] = w
+        return out
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        out[...] = w.f32() if hasattr(w, "f32") else ref.weight_f32(w)
+        return out
+    step = max(1, TASK_ELEMS // shape[1])
+
+    def task(r0):
+        r1 = min(shape[0], r0 + step)
+        tile = out[r0:r1]
+        got = _widen_rows(w, kind, r0, r1, tile.reshape(-1))
+        if got is not tile and not np.shares_memory(got, tile):
+            tile[...] = got
+
+    parallel_for(task, range(0, shape[0], step))
+    return out
+
+
 def _check_features(x: np.ndarray, w, who: str, label="W") -> tuple[int, int]:
     """(out, in) of weight w, after checking that x's last axis has `in` features."""
     out_f, in_f = (int(s) for s in w.shape)
@@ -616,4 +645,4 @@ def scatter_add_weighted(out, rows, y, weights) -> np.ndarray:
 
 __all__ = ["parallel_for", "matmul", "matmul_many", "reference", "set_act_quant", "act_quant", "backend", "backends", "set_backend", "set_threads", "get_threads", "rms_norm", "softmax",
            "rope_interleaved", "topk", "group_by_expert", "gather_rows", "scatter_add_weighted", "ref",
-           "SMALL_N", "TILE_ELEMS", "TASK_ELEMS", "BACKENDS"]
+           "SMALL_N", "TILE_ELEMS", "TASK_ELEMS", "BACKENDS", "widen"]
