@@ -1284,6 +1284,82 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
     return 0;
 }
 
+/* The decode step's MoE FFN in one call (see the header): why -- between the gate/up products and the down
+ * products the Python path computed silu(g) * u per expert and built a second call, and at 27 layers that
+ * glue was a large part of the time a token spends outside the kernels. NumPy twin: ref.swiglu_sum. */
+int pk_swiglu_sum(int count, const int *fmts, const int *acts, const float *x, int64_t d, const int64_t *inter,
+                  const void *const *wg, const float *const *sg, const void *const *wu, const float *const *su,
+                  const void *const *wd, const float *const *sd, const float *coef, float *out) {
+    pk_job stack[128], *jobs;
+    int64_t total = 0, off, i;
+    float *gu, *ys;
+    int k, rc = 0;
+    if (count <= 0) {
+        for (i = 0; i < d; i++) out[i] = 0.0f;
+        return 0;
+    }
+    for (k = 0; k < count; k++) {
+        if (fmts[k] < F_F32 || fmts[k] > F_Q4) return -2;
+        total += inter[k];
+    }
+    jobs = 2 * count <= 128 ? stack : (pk_job *)malloc(sizeof(pk_job) * (size_t)(2 * count));
+    gu = (float *)malloc(sizeof(float) * (size_t)(2 * total + 1));
+    ys = (float *)malloc(sizeof(float) * (size_t)(count * d + 1));
+    if (!jobs || !gu || !ys) {
+        rc = -1;
+        goto done;
+    }
+    /* gate and up of every expert: g_k = gu[off, off + I_k), u_k = gu[total + off, ...) */
+    for (k = 0, off = 0; k < count; off += inter[k], k++) {
+        int h;
+        for (h = 0; h < 2; h++) {
+            pk_job *j = &jobs[2 * k + h];
+            memset(j, 0, sizeof *j);
+            j->fmt = fmts[k];
+            j->act = acts[k];
+            j->x = x;
+            j->n = 1;
+            j->in = d;
+            j->out = inter[k];
+            j->w = h == 0 ? wg[k] : wu[k];
+            j->scales = h == 0 ? sg[k] : su[k];
+            j->y = gu + (h == 0 ? 0 : total) + off;
+            j->row_bytes = fmts[k] == F_F32 ? d * 4 : fmts[k] == F_BF16 ? d * 2 : fmts[k] == F_Q8 ? d : (d + 1) / 2;
+        }
+    }
+    run_jobs(jobs, 2 * count);
+    for (i = 0; i < total; i++) { /* silu(g) * u, in place over g: x / (1 + e^-x) as moe.silu */
+        const float g = gu[i];
+        gu[i] = g / (1.0f + expf(-g)) * gu[total + i];
+    }
+    for (k = 0, off = 0; k < count; off += inter[k], k++) {
+        pk_job *j = &jobs[k];
+        memset(j, 0, sizeof *j);
+        j->fmt = fmts[k];
+        j->act = acts[k];
+        j->x = gu + off;
+        j->n = 1;
+        j->in = inter[k];
+        j->out = d;
+        j->w = wd[k];
+        j->scales = sd[k];
+        j->y = ys + k * d;
+        j->row_bytes = fmts[k] == F_F32 ? inter[k] * 4 : fmts[k] == F_BF16 ? inter[k] * 2
+                       : fmts[k] == F_Q8 ? inter[k] : (inter[k] + 1) / 2;
+    }
+    run_jobs(jobs, count);
+    for (i = 0; i < d; i++) out[i] = 0.0f;
+    for (k = 0; k < count; k++) { /* weighted sum in expert order (as the Python scatter-add) */
+        const float c = coef[k], *y = ys + k * d;
+        for (i = 0; i < d; i++) out[i] += c * y[i];
+    }
+done:
+    if (jobs != stack) free(jobs);
+    free(gu);
+    free(ys);
+    return rc;
+}
+
 /* ------------------------------------------------------------------------- vector x matrix (y = x W) */
 /* The absorbed MLA decode (spec §8.3) needs q_lat[h] = q_nope[h] · W_uk[h], a combination of the ROWS of
  * a stored weight block W [rows, in] (rows = qk_nope_head_dim, in = kv_lora_rank): y[0:in] = sum_r x[r] W[r].

@@ -7,6 +7,7 @@ Sparse dispatch (:func:`moe_forward`): the (token, slot) pairs are grouped by ex
 argsort; each expert that at least one token chose has its three weights fetched through the ``get_expert``
 callback exactly once per call and applied to its whole group; results are scattered back, weighted, into an
 fp32 accumulator. Experts nobody chose are never fetched, so their weights are never read from disk.
+A decode step (one token) hands its k experts and the shared experts to kernels.swiglu_sum at once.
 """
 from __future__ import annotations
 
@@ -22,10 +23,7 @@ from .errors import ConfigError
 # ---------------------------------------------------------------------------------------------------------
 # SwiGLU (dense layer 0, every routed expert, the shared experts)
 # ---------------------------------------------------------------------------------------------------------
-def silu(x: np.ndarray) -> np.ndarray:
-    """x · sigmoid(x) in fp32 (exp overflow for very negative x gives the correct limit -0)."""
-    with np.errstate(over="ignore"):
-        return x / (np.float32(1.0) + np.exp(-x))
+silu = kernels.ref.silu   # x · sigmoid(x) in fp32 (the twin of the C kernels' silu)
 
 
 def dense_mlp(h: np.ndarray, gate_w, up_w, down_w) -> np.ndarray:
@@ -163,6 +161,17 @@ def moe_forward(h: np.ndarray, record: RoutingRecord, get_expert: ExpertGetter,
     S, D = h.shape
     k = record.topk_ids.shape[1]
     E = int(n_experts if n_experts is not None else record.logits.shape[1])
+    if S == 1:
+        # decode: one token, k distinct experts -> the whole FFN in one kernel call (kernels.swiglu_sum), the
+        # routed experts in ascending id order, then the shared experts with weight 1 (as the loop below)
+        ids = record.topk_ids[0]
+        order = np.argsort(ids, kind="stable")
+        experts = [tuple(get_expert(int(ids[j]))) for j in order]
+        coefs = [float(record.topk_weights[0, j]) for j in order]
+        if shared is not None:
+            experts.append(tuple(shared))
+            coefs.append(1.0)
+        return kernels.swiglu_sum(h[0], experts, coefs)[None, :]
     order, offsets = dispatch_plan(record.topk_ids, E)
     flat_w = record.topk_weights.ravel()
     chosen = np.nonzero(offsets[1:] > offsets[:-1])[0]                      # only experts someone chose

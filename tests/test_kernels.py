@@ -273,6 +273,53 @@ def test_c_level_matmul_many(simd_level):
         assert err < 2e-5, f"job {k} {job[1]}/{job[4]} level={simd_level}: {err:.2e}"
 
 
+def _swiglu_case(rng, d, inters, form):
+    experts = []
+    for inter in inters:
+        ws = [(rng.standard_normal(s) / np.sqrt(s[1])).astype(np.float32) for s in ((inter, d), (inter, d), (d, inter))]
+        experts.append(tuple(_forms(w, rng)[form] for w in ws))
+    x = rng.standard_normal(d).astype(np.float32)
+    coefs = rng.uniform(0.1, 2.0, len(inters)).astype(np.float32).tolist()
+    return x, experts, coefs
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+@pytest.mark.parametrize("form", ["BF16", "F32", "q8", "q4"])
+def test_c_level_swiglu_sum(simd_level, form):
+    """pk_swiglu_sum (the decode step's whole MoE FFN in one call) at every level, every stored form, odd
+    widths and unequal experts (shared experts are wider) == the twin (each product through reference())."""
+    prev = K.backend()
+    K.set_backend("c")
+    try:
+        rng = np.random.default_rng(71)
+        for d, inters in ((64, [32]), (37, [33, 70, 5]), (160, [96, 96, 192, 31, 64, 64, 128])):
+            x, experts, coefs = _swiglu_case(rng, d, inters, form)
+            got = K.swiglu_sum(x, experts, coefs)
+            want = K.swiglu_sum_reference(x, experts, coefs)
+            err = np.max(np.abs(got - want)) / max(np.abs(want).max(), 1e-30)
+            assert got.shape == (d,) and err < 2e-5, f"{form} d={d} {inters} level={simd_level}: {err:.2e}"
+    finally:
+        K.set_backend(prev)
+
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_swiglu_sum_matches_reference_and_checks_shapes(use_backend):
+    rng = np.random.default_rng(72)
+    for form in ("ndarray", "BF16", "q8", "q4"):
+        x, experts, coefs = _swiglu_case(rng, 48, [40, 17, 80], form)
+        got, want = K.swiglu_sum(x, experts, coefs), K.swiglu_sum_reference(x, experts, coefs)
+        assert _relerr(got, want) < 2e-5, f"{use_backend} {form}: {_relerr(got, want):.2e}"
+    np.testing.assert_array_equal(K.swiglu_sum(x, [], []), np.zeros(48, np.float32))
+    with pytest.raises(ValueError, match="2 coefficients"):
+        K.swiglu_sum(x, experts[:1], [1.0, 2.0])
+    g, u, dn = experts[0]
+    with pytest.raises(ValueError, match="expected \\[I, 48\\]"):
+        K.swiglu_sum(x, [(g, u, g)], [1.0])
+    with pytest.raises(ValueError, match="features"):
+        K.swiglu_sum(x[:47], [(g, u, dn)], [1.0])
+
+
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 @pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
 def test_c_level_vecmat(simd_level):

@@ -16,7 +16,8 @@ int8 weights by default, so int8 stays numerically the float product). matmul_ma
 products in one C call / one thread fork-join (the MoE's selected experts). heads_vecmat runs the transposed
 use, x @ W (a combination of stored rows, pk_vecmat_many), and heads_matvec the GEMV, on per-head row blocks
 of one stored weight in one call -- the absorbed MLA decode's q_nope · W_uk and W_uv · o_lat on kv_b_proj,
-so decode never widens kv_b_proj. The small fused ops (rms_norm,
+so decode never widens kv_b_proj. swiglu_sum runs one token's whole MoE FFN (routed + shared experts) in
+one C call. The small fused ops (rms_norm,
 softmax, rope, MoE dispatch) use Numba unless the backend is "numpy".
 
 Each fast path has its NumPy twin in ref.py; reference(x, w) names the exact twin of what matmul(x, w)
@@ -514,6 +515,52 @@ def matmul_many(xs, ws) -> list:
     return out
 
 
+def swiglu_sum(x, experts, coefs) -> np.ndarray:
+    """One token's MoE FFN: sum_k coefs[k] * down_k(silu(gate_k(x)) * up_k(x))   # x [d] -> f32[d].
+
+    experts: [(gate [I_k, d], up [I_k, d], down [d, I_k])] in any stored form. With the C backend and every
+    weight in a stored form it can read: ONE kernel call (pk_swiglu_sum: gate+up rows of all experts in one
+    parallel region, silu * up in C, down rows in a second region, the weighted sum in expert order) -- a
+    decode step used to come back to Python between the phases. Otherwise two matmul_many phases. Twin:
+    swiglu_sum_reference."""
+    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
+    d = x.shape[0]
+    if len(coefs) != len(experts):
+        raise ValueError(f"swiglu_sum: {len(experts)} experts but {len(coefs)} coefficients")
+    for i, (g, u, dn) in enumerate(experts):
+        _check_features(x, g, f"swiglu_sum: x (expert {i} gate)")
+        _check_features(x, u, f"swiglu_sum: x (expert {i} up)")
+        if tuple(dn.shape) != (d, g.shape[0]) or tuple(u.shape) != tuple(g.shape):
+            raise ValueError(f"swiglu_sum: expert {i} has gate {list(g.shape)}, up {list(u.shape)}, down "
+                             f"{list(dn.shape)}; expected [I, {d}], [I, {d}], [{d}, I]")
+    kinds = [ref.weight_kind(g) for g, _, _ in experts]
+    if (backend() == "c" and experts and all(k in _C_KINDS for k in kinds)
+            and all(ref.weight_kind(w) == k for (g, u, dn), k in zip(experts, kinds) for w in (u, dn))):
+        def parts(w, kind):
+            return (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
+        jobs = [(k, _act_mode(k) if k not in ("BF16", "F32") else "f32", parts(g, k), parts(u, k), parts(dn, k))
+                for (g, u, dn), k in zip(experts, kinds)]
+        return _mods["c"].swiglu_sum(x, jobs, coefs)
+    x2 = x[None, :]
+    gu = matmul_many([x2] * (2 * len(experts)), [w for g, u, _ in experts for w in (g, u)])
+    ys = matmul_many([ref.silu(gu[2 * i]) * gu[2 * i + 1] for i in range(len(experts))],
+                     [dn for _, _, dn in experts])
+    out = np.zeros(d, dtype=np.float32)
+    for c, y in zip(coefs, ys):
+        out += np.float32(c) * y[0]
+    return out
+
+
+def swiglu_sum_reference(x, experts, coefs) -> np.ndarray:
+    """The NumPy twin of swiglu_sum under the current settings (each product through reference())."""
+    x2 = np.asarray(x, dtype=np.float32).reshape(1, -1)
+    out = np.zeros(x2.shape[1], dtype=np.float32)
+    for c, (g, u, dn) in zip(coefs, experts):
+        a = ref.silu(reference(x2, g)) * reference(x2, u)
+        out += np.float32(c) * reference(a, dn)[0]
+    return out
+
+
 def _check_heads(x, w, row0: int, stride: int, rows: int, width: int, who: str) -> None:
     """The C path reads raw rows: every head's block must lie inside W and x must be [H, width]."""
     H = x.shape[0] if x.ndim == 2 else -1
@@ -645,4 +692,5 @@ def scatter_add_weighted(out, rows, y, weights) -> np.ndarray:
 
 __all__ = ["parallel_for", "matmul", "matmul_many", "reference", "set_act_quant", "act_quant", "backend", "backends", "set_backend", "set_threads", "get_threads", "rms_norm", "softmax",
            "rope_interleaved", "topk", "group_by_expert", "gather_rows", "scatter_add_weighted", "ref",
-           "SMALL_N", "TILE_ELEMS", "TASK_ELEMS", "BACKENDS", "widen"]
+           "SMALL_N", "TILE_ELEMS", "TASK_ELEMS", "BACKENDS", "widen", "swiglu_sum",
+           "swiglu_sum_reference"]

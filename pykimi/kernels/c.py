@@ -130,6 +130,38 @@ def matmul_many(jobs):
     return ys
 
 
+def swiglu_sum(x: np.ndarray, experts, coefs) -> np.ndarray:
+    """One token's MoE FFN in one C call: sum_k coefs[k] * down_k(silu(gate_k(x)) * up_k(x)).
+    x f32 [d]; experts: list of (kind, act, (gate data, scales), (up data, scales), (down data, scales)) with
+    gate/up [I_k, d] and down [d, I_k] in format `kind` (scales None for f32/bf16)."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    d, count = x.shape[0], len(experts)
+    keep, ptrs = [], {"g": [], "sg": [], "u": [], "su": [], "d": [], "sd": []}
+    fmts, acts, inter = [], [], []
+    for kind, act, g, u, dn in experts:
+        f = FMT[kind]
+        fmts.append(f)
+        acts.append(ACT[act])
+        inter.append(g[0].shape[0])
+        for key, (data, sc) in (("g", g), ("u", u), ("d", dn)):
+            data = np.ascontiguousarray(data)
+            keep.append(data)
+            ptrs[key].append(ffi.cast("void *", _ptr(_CT[f], data)))
+            if sc is not None:
+                sc = np.ascontiguousarray(sc, dtype=np.float32)
+                keep.append(sc)
+                ptrs["s" + key].append(_ptr("float[]", sc))
+            else:
+                ptrs["s" + key].append(ffi.NULL)
+    out = np.empty(d, dtype=np.float32)
+    coefs = np.ascontiguousarray(coefs, dtype=np.float32)
+    rc = lib.pk_swiglu_sum(count, fmts, acts, _ptr("float[]", x), d, inter, ptrs["g"], ptrs["sg"], ptrs["u"],
+                           ptrs["su"], ptrs["d"], ptrs["sd"], _ptr("float[]", coefs), _ptr("float[]", out))
+    if rc != 0:
+        raise MemoryError(f"pk_swiglu_sum failed ({rc})")
+    return out
+
+
 def heads(op: str, x: np.ndarray, kind: str, wdata: np.ndarray, scales, in_f: int, row0: int, stride: int,
           rows: int, act: str = "f32") -> np.ndarray:
     """Per-head products on row blocks of ONE stored weight, in one C call, without a Python object per head:

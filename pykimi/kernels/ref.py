@@ -153,6 +153,12 @@ def matmul_act_q4(x, w) -> np.ndarray:
 
 # ------------------------------------------------------------------------------------- small fused ops
 
+def silu(x: np.ndarray) -> np.ndarray:
+    """x · sigmoid(x) in fp32 (exp overflow for very negative x gives the correct limit -0)."""
+    with np.errstate(over="ignore"):
+        return x / (np.float32(1.0) + np.exp(-x))
+
+
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     """x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32 (DeepSeek-V3 RMSNorm)."""
     x = np.asarray(x, dtype=np.float32)
