@@ -145,13 +145,24 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session(model_dir):
                           "--ignore-eos"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                          env=env, cwd=ROOT)
+    import threading
+
+    got: list = []
+    reader = threading.Thread(target=lambda: got.extend(iter(lambda: p.stdout.read(1), "")), daemon=True)
+    reader.start()
     p.stdin.write("tell me a long story\n")
     p.stdin.flush()
-    time.sleep(4)                        # loaded and generating (3000 tokens take far longer than this)
+    t0 = time.time()
+    while not got and time.time() - t0 < 120 and p.poll() is None:   # wait for the first streamed text:
+        time.sleep(0.1)                                              # loading time varies with the machine
+    assert got, "no answer text streamed within 120 s"
+    time.sleep(0.5)
     p.send_signal(signal.SIGINT)
     time.sleep(1)
     p.stdin.write("/quit\n")
     p.stdin.flush()
-    out, err = p.communicate(timeout=120)
+    p.stdin.close()
+    p.wait(timeout=120)
+    err = p.stderr.read()
     assert p.returncode == 0, err
     assert "(stopped)" in err, err
