@@ -46,7 +46,9 @@ SMALL_N = 32            # rows of x up to which the stored-form kernels beat wid
 # Q4_0 x Q8_0 prefill); with MEASURED_SMALL_N_ACT the 128-token int4 prefill ran 1.26x faster (median of 4,
 # same process). Same numerics as decode for these formats (see set_act_quant); reference() returns the twin
 # of whichever path a product takes. PYKIMI_ACT_QUANT=none keeps every quantized product on the exact path.
-MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 48, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62}
+# q8 x int16 in a real 128-token int8 prefill (experts get ~6-77 rows each), alternating in one process:
+# crossover 48 -> 123 tok/s, 64 -> 124, 96 -> 129, 128 -> 125 (two runs of four rounds, medians); so 96.
+MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62}
 SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 TILE_ELEMS = 1 << 22    # widened tile size for the BLAS path (16 MB of f32), an upper bound
 TASK_ELEMS = 1 << 18    # widened tile per worker task (1 MB of f32: stays in L2 between widening and sgemm)
