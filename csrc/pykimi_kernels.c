@@ -10,7 +10,8 @@
  *  - For a small batch (n up to ~32 rows of x) the same weight row is reused for a tile of up to PK_NT
  *    rows of x: the row is decoded once per tile, and a block of PK_RB rows stays in L1/L2 between tiles,
  *    so memory traffic is still one pass over W.  (Large n goes to BLAS on widened tiles instead; see
- *    kernels/__init__.py.)
+ *    kernels/__init__.py.)  bf16 at the AVX-512 level with 12..64 rows of x (a prefill's tokens per
+ *    expert) vectorises over the rows of x instead (bf16_tn_avx512).
  *  - OpenMP splits the output rows (by cost, across all matrices of one call -- see "the drivers"): each
  *    thread streams its own contiguous slab of W, and a call pays one fork/join however many matrices.
  *  - int8/int4 weights: the activation row is quantized once per call (int16 for Q8, int8 for Q4) and each
@@ -55,6 +56,8 @@
 #endif
 
 #define PK_NT 4          /* rows of x sharing one decoded weight row */
+#define PK_TN_MIN 12     /* bf16, AVX-512: from this many rows of x, the batch-vectorised kernel (bf16_tn_avx512) */
+#define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
 
@@ -1035,9 +1038,12 @@ typedef struct {
     float *xd;        /* activation scale per block */
     int32_t *xs;      /* per-block sums of int8 activations (Q4 offset, AVX2 level) */
     int32_t *xoff;    /* per block [-8 * sum, 0, 0, 0] (Q4 offset, AVX-512 level) */
+    float *xt;        /* x transposed and zero-padded, [in][16 * ceil(n / 16)] (bf16 batches, AVX-512) */
 } pk_job;
 
 static void job_free(pk_job *j) {
+    free(j->xt);
+    j->xt = NULL;
     free(j->xq);
     free(j->xqp);
     free(j->xq16);
@@ -1056,6 +1062,17 @@ static void job_prepare(pk_job *j, int simd) {
     const int64_t nb = j->nb, len = j->n * nb * PK_BLOCK;
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
+#if PK_HAVE_AVX512
+    if (simd >= 2 && j->fmt == F_BF16 && j->n >= PK_TN_MIN && j->n <= 64 && j->in > 0) {
+        const int64_t w16 = 16 * ((j->n + 15) / 16);
+        j->xt = (float *)calloc((size_t)(j->in * w16), sizeof(float)); /* NULL: the row kernels run */
+        if (j->xt) {
+            int64_t t, k;
+            for (t = 0; t < j->n; t++)
+                for (k = 0; k < j->in; k++) j->xt[k * w16 + t] = j->x[t * j->in + k];
+        }
+    }
+#endif
     if (j->act == A_F32) return;
     j->xd = (float *)malloc((size_t)(j->n * nb) * sizeof(float) + 4);
     if (j->act == A_I16) {
@@ -1115,6 +1132,77 @@ fail:
 
 #define PK_RB 16 /* weight rows per tile: amortises the call, and stays in L1/L2 for the next x tile */
 
+#if PK_HAVE_AVX512
+/* bf16 weights x a batch of 8..64 rows of x (prefill: the tokens one expert got). The row kernels above
+ * load a vector of x for every FMA and decode each weight row once per 4 rows of x; here the batch is
+ * vectorised instead: x is transposed once per call (j->xt: [in][16 lanes per group of 16 rows of x]), a
+ * block of R weight rows is decoded to f32 KC columns at a time into an L1 buffer, and each weight is
+ * broadcast against 16 rows of x per FMA, with R x NV accumulators of 16 lanes (NV = rows of x / 16).
+ * Per (row of x, weight row) the products are summed in k order in one f32 chain. */
+
+#define PK_TN_KERNEL(NAME, R, NV)                                                                          \
+    static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1) {                                 \
+        const int64_t in = j->in, w16 = 16 * (NV);                                                        \
+        float wbuf[(R) * PK_KC] __attribute__((aligned(64)));                                             \
+        float tmp[16] __attribute__((aligned(64)));                                                       \
+        int64_t o, k0, k, t;                                                                              \
+        int r, v;                                                                                         \
+        for (o = o0; o < o1; o += (R)) {                                                                  \
+            const int rr = o1 - o < (R) ? (int)(o1 - o) : (R);                                            \
+            __m512 acc[R][NV];                                                                            \
+            for (r = 0; r < (R); r++)                                                                     \
+                for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
+            for (k0 = 0; k0 < in; k0 += PK_KC) {                                                          \
+                const int64_t kc = in - k0 < PK_KC ? in - k0 : PK_KC;                                     \
+                for (r = 0; r < (R); r++) {                                                               \
+                    float *dst = wbuf + r * PK_KC;                                                        \
+                    if (r < rr) {                                                                         \
+                        const uint16_t *wr = (const uint16_t *)((const char *)j->w + (o + r) * j->row_bytes) + k0; \
+                        for (k = 0; k + 16 <= kc; k += 16) {                                              \
+                            prefetch(wr + k + PK_PF / 2);                                                 \
+                            _mm512_store_ps(dst + k, bf16x16(wr + k));                                    \
+                        }                                                                                 \
+                        for (; k < kc; k++) {                                                             \
+                            const uint32_t u = (uint32_t)wr[k] << 16;                                     \
+                            memcpy(dst + k, &u, 4);                                                       \
+                        }                                                                                 \
+                    } else {                                                                              \
+                        for (k = 0; k < kc; k++) dst[k] = 0.0f;                                           \
+                    }                                                                                     \
+                }                                                                                         \
+                for (k = 0; k < kc; k++) {                                                                \
+                    const float *xk = j->xt + (k0 + k) * w16;                                             \
+                    __m512 xv[NV];                                                                        \
+                    for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_ps(xk + 16 * v);                      \
+                    for (r = 0; r < (R); r++) {                                                           \
+                        const __m512 b = _mm512_set1_ps(wbuf[r * PK_KC + k]);                             \
+                        for (v = 0; v < (NV); v++) acc[r][v] = _mm512_fmadd_ps(b, xv[v], acc[r][v]);      \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            for (r = 0; r < rr; r++)                                                                      \
+                for (v = 0; v < (NV); v++) {                                                              \
+                    _mm512_store_ps(tmp, acc[r][v]);                                                      \
+                    for (t = 0; t < 16 && 16 * v + t < j->n; t++) j->y[(16 * v + t) * j->out + o + r] = tmp[t]; \
+                }                                                                                         \
+        }                                                                                                 \
+    }
+PK_TN_KERNEL(bf16_tn1_avx512, 8, 1)
+PK_TN_KERNEL(bf16_tn2_avx512, 8, 2)
+PK_TN_KERNEL(bf16_tn3_avx512, 4, 3)
+PK_TN_KERNEL(bf16_tn4_avx512, 4, 4)
+#undef PK_TN_KERNEL
+
+static void bf16_tn_avx512(const pk_job *j, int64_t o0, int64_t o1) {
+    switch ((j->n + 15) / 16) {
+    case 1: bf16_tn1_avx512(j, o0, o1); break;
+    case 2: bf16_tn2_avx512(j, o0, o1); break;
+    case 3: bf16_tn3_avx512(j, o0, o1); break;
+    default: bf16_tn4_avx512(j, o0, o1); break;
+    }
+}
+#endif
+
 /* Output rows [o0, o1) of one job at SIMD level `simd`: blocks of PK_RB weight rows, each block against
  * every x tile of PK_NT rows in turn (the block is still in cache for the second tile). */
 static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
@@ -1132,6 +1220,12 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
     if (simd >= 2) kernel = j->act == A_F32 ? tile_avx512 : j->act == A_I16 ? tile_q8w_avx512 : tile_act_avx512;
 #endif
     (void)simd;
+#if PK_HAVE_AVX512
+    if (j->xt) {
+        bf16_tn_avx512(j, o0, o1);
+        return;
+    }
+#endif
     memset(&tl, 0, sizeof tl);
     tl.fmt = j->fmt;
     tl.in = in;

@@ -273,6 +273,30 @@ def test_c_level_matmul_many(simd_level):
         assert err < 2e-5, f"job {k} {job[1]}/{job[4]} level={simd_level}: {err:.2e}"
 
 
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_bf16_batches(simd_level):
+    """bf16 weights x 1..64 rows of x: from 12 rows the AVX-512 level vectorises over the rows of x
+    (bf16_tn_avx512: x transposed once per call, weights decoded 256 columns at a time, 8 or 4 weight rows
+    per block); odd `in` (partial 16- and 256-column blocks), `out` not a multiple of the block, several
+    threads' row ranges, alone and inside one matmul_many call with other formats."""
+    from pykimi.kernels import c
+    rng = np.random.default_rng(81)
+    for out_f, in_f in ((13, 37), (37, 300), (70, 2048), (9, 1408), (1, 16)):
+        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+        bits = f32_to_bf16(w)
+        wf = ref.bf16_to_f32(bits)
+        for n in (1, 7, 11, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64):
+            x = rng.standard_normal((n, in_f)).astype(np.float32)
+            y, r = c.matmul_bf16(x, bits), x @ wf.T
+            err = np.max(np.abs(y - r)) / (np.abs(x).sum(1).max() * np.abs(wf).max())
+            assert err < 2e-6, f"{out_f}x{in_f} n={n} level={simd_level}: {err:.2e}"
+            q8 = quantize_q8(w)
+            ys = c.matmul_many([(x, "BF16", bits, None, "f32"), (x[:3], "q8_32", q8.q, q8.scales, "f32")])
+            np.testing.assert_array_equal(ys[0], y)
+            np.testing.assert_allclose(ys[1], x[:3] @ q8.f32().T, rtol=1e-4, atol=1e-4 * np.abs(ys[1]).max())
+
+
 def _swiglu_case(rng, d, inters, form):
     experts = []
     for inter in inters:

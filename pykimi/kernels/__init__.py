@@ -48,10 +48,16 @@ SMALL_N = 32            # rows of x up to which the stored-form kernels beat wid
 # of whichever path a product takes. PYKIMI_ACT_QUANT=none keeps every quantized product on the exact path.
 # q8 x int16 in a real 128-token int8 prefill (experts get ~6-77 rows each), alternating in one process:
 # crossover 48 -> 123 tok/s, 64 -> 124, 96 -> 129, 128 -> 125 (two runs of four rounds, medians); so 96.
-MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62}
+# bf16 (f32 activations) at the AVX-512 level: from 12 rows the C kernel vectorises over the rows of x
+# (bf16_tn_avx512); [1408, 2048] products, 2 threads, GFLOP/s C vs widened tiles + sgemm: n=16 118 vs 48,
+# n=32 166 vs 73, n=48 163 vs 101, n=64 168 vs 114, n=96 (row kernel) 107 vs 138. Other levels: SMALL_N.
+MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62,
+                        ("BF16", "f32"): 64}
 SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 TILE_ELEMS = 1 << 22    # widened tile size for the BLAS path (16 MB of f32), an upper bound
-TASK_ELEMS = 1 << 18    # widened tile per worker task (1 MB of f32: stays in L2 between widening and sgemm)
+TASK_ELEMS = 1 << 19    # widened tile per worker task (2 MB of f32: within the 2 MiB L2 between widening and
+                        # sgemm). Prefill of the 4-layer model, alternating in one process: 512 tokens 177 tok/s
+                        # with 1 MB tiles, 190 with 2 MB, 186 with 4 MB; 128 tokens 130 / 130 / 134.
 
 _state = {"backend": None, "threads": None, "warned": False,
           # int8-quantized activations in the C GEMV, per weight format (see set_act_quant)
@@ -327,7 +333,15 @@ def _act_mode(kind: str) -> str:
 
 def _small_n(kind: str) -> int:
     """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
-    return SMALL_N_ACT.get((kind, _act_mode(kind)), SMALL_N)
+    n = SMALL_N_ACT.get((kind, _act_mode(kind)))
+    if n is None or (kind == "BF16" and not _c_avx512()):
+        return SMALL_N
+    return n
+
+
+def _c_avx512() -> bool:
+    c = _mods.get("c")
+    return c is not None and c.get_simd() == "avx512"
 
 
 def reference(x, w) -> np.ndarray:
