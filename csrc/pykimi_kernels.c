@@ -10,8 +10,9 @@
  *  - For a small batch (n up to ~32 rows of x) the same weight row is reused for a tile of up to PK_NT
  *    rows of x: the row is decoded once per tile, and a block of PK_RB rows stays in L1/L2 between tiles,
  *    so memory traffic is still one pass over W.  (Large n goes to BLAS on widened tiles instead; see
- *    kernels/__init__.py.)  bf16 at the AVX-512 level with 12..64 rows of x (a prefill's tokens per
- *    expert) vectorises over the rows of x instead (bf16_tn_avx512).
+ *    kernels/__init__.py.)  bf16 and Q8 at the AVX-512 level with 12 (Q8: 24) to 64 rows of x (a
+ *    prefill's tokens per expert) vectorise over the rows of x instead (bf16_tn_avx512; Q8 with f32
+ *    activations only, the exact product -- kernels/__init__.py asks for it in that range).
  *  - OpenMP splits the output rows (by cost, across all matrices of one call -- see "the drivers"): each
  *    thread streams its own contiguous slab of W, and a call pays one fork/join however many matrices.
  *  - int8/int4 weights: the activation row is quantized once per call (int16 for Q8, int8 for Q4) and each
@@ -56,7 +57,9 @@
 #endif
 
 #define PK_NT 4          /* rows of x sharing one decoded weight row */
-#define PK_TN_MIN 12     /* bf16, AVX-512: from this many rows of x, the batch-vectorised kernel (bf16_tn_avx512) */
+#define PK_TN_MIN 12     /* bf16, AVX-512: from this many rows of x, the batch-vectorised kernel */
+#define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
+#define PK_TN_MAX 64
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
@@ -1063,7 +1066,8 @@ static void job_prepare(pk_job *j, int simd) {
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
 #if PK_HAVE_AVX512
-    if (simd >= 2 && j->fmt == F_BF16 && j->n >= PK_TN_MIN && j->n <= 64 && j->in > 0) {
+    if (simd >= 2 && j->act == A_F32 && j->n <= PK_TN_MAX && j->in > 0 &&
+        j->n >= (j->fmt == F_BF16 ? PK_TN_MIN : j->fmt == F_Q8 ? PK_TN_MIN_Q8 : PK_TN_MAX + 1)) {
         const int64_t w16 = 16 * ((j->n + 15) / 16);
         j->xt = (float *)calloc((size_t)(j->in * w16), sizeof(float)); /* NULL: the row kernels run */
         if (j->xt) {
@@ -1133,7 +1137,7 @@ fail:
 #define PK_RB 16 /* weight rows per tile: amortises the call, and stays in L1/L2 for the next x tile */
 
 #if PK_HAVE_AVX512
-/* bf16 weights x a batch of 8..64 rows of x (prefill: the tokens one expert got). The row kernels above
+/* bf16 (12..64 rows of x) or Q8_32 (24..64) weights x a batch (prefill: the tokens one expert got). The row kernels above
  * load a vector of x for every FMA and decode each weight row once per 4 rows of x; here the batch is
  * vectorised instead: x is transposed once per call (j->xt: [in][16 lanes per group of 16 rows of x]), a
  * block of R weight rows is decoded to f32 KC columns at a time into an L1 buffer, and each weight is
@@ -1156,7 +1160,7 @@ fail:
                 const int64_t kc = in - k0 < PK_KC ? in - k0 : PK_KC;                                     \
                 for (r = 0; r < (R); r++) {                                                               \
                     float *dst = wbuf + r * PK_KC;                                                        \
-                    if (r < rr) {                                                                         \
+                    if (r < rr && j->fmt == F_BF16) {                                                     \
                         const uint16_t *wr = (const uint16_t *)((const char *)j->w + (o + r) * j->row_bytes) + k0; \
                         for (k = 0; k + 16 <= kc; k += 16) {                                              \
                             prefetch(wr + k + PK_PF / 2);                                                 \
@@ -1166,6 +1170,15 @@ fail:
                             const uint32_t u = (uint32_t)wr[k] << 16;                                     \
                             memcpy(dst + k, &u, 4);                                                       \
                         }                                                                                 \
+                    } else if (r < rr) { /* Q8_32: code * block scale, as decode1 */                      \
+                        const int8_t *wr = (const int8_t *)j->w + (o + r) * j->row_bytes + k0;            \
+                        const float *sr = j->scales + (o + r) * j->nb + k0 / PK_BLOCK;                    \
+                        for (k = 0; k + 16 <= kc; k += 16) {                                              \
+                            prefetch(wr + k + PK_PF);                                                     \
+                            _mm512_store_ps(dst + k, _mm512_mul_ps(i8x16(_mm_loadu_si128((const __m128i *)(wr + k))), \
+                                                                   _mm512_set1_ps(sr[k / PK_BLOCK])));    \
+                        }                                                                                 \
+                        for (; k < kc; k++) dst[k] = (float)wr[k] * sr[k / PK_BLOCK];                     \
                     } else {                                                                              \
                         for (k = 0; k < kc; k++) dst[k] = 0.0f;                                           \
                     }                                                                                     \

@@ -372,5 +372,5 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
         shutil.rmtree(old, ignore_errors=True)
     else:
         os.replace(part, dst_dir)
-    return {"quantized": len(chosen) + len(requant), "tensors": len(names), "bytes_in": total, "bytes_out": out_bytes,
-            "format": fmt, "what": what, "path": dst_dir}
+    return {"quantized": len(chosen) + len(requant), "tensors": len(names), "bytes_in": total,
+            "bytes_out": out_bytes, "format": fmt, "what": what, "path": dst_dir}

@@ -295,6 +295,39 @@ def test_c_level_bf16_batches(simd_level):
             ys = c.matmul_many([(x, "BF16", bits, None, "f32"), (x[:3], "q8_32", q8.q, q8.scales, "f32")])
             np.testing.assert_array_equal(ys[0], y)
             np.testing.assert_allclose(ys[1], x[:3] @ q8.f32().T, rtol=1e-4, atol=1e-4 * np.abs(ys[1]).max())
+            # Q8 with f32 activations (from 24 rows batch-vectorised at the AVX-512 level): the exact product
+            y8, r8 = c.matmul_q8(x, q8.q, q8.scales), x @ q8.f32().T
+            err8 = np.max(np.abs(y8 - r8)) / (np.abs(x).sum(1).max() * np.abs(q8.f32()).max())
+            assert err8 < 2e-6, f"q8 {out_f}x{in_f} n={n} level={simd_level}: {err8:.2e}"
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+def test_q8_batches_take_the_exact_path_at_avx512():
+    """matmul routes Q8 weights with C_BATCH_ROWS_Q8 rows of x to the exact batch-vectorised kernel at the
+    AVX-512 level (int16 activations elsewhere), and reference() names the twin of the path taken."""
+    from pykimi.kernels import c
+    if "avx512" not in c.simd_levels():
+        pytest.skip("needs an AVX-512 (VNNI) CPU")
+    prev = K.backend()
+    K.set_backend("c")
+    try:
+        rng = np.random.default_rng(82)
+        w = rng.standard_normal((40, 300)).astype(np.float32)
+        q8 = quantize_q8(w)
+        lo, hi = K.C_BATCH_ROWS_Q8
+        for n in (lo - 1, lo, hi, hi + 1):
+            x = rng.standard_normal((n, 300)).astype(np.float32)
+            y, r = K.matmul(x, q8), K.reference(x, q8)
+            exact = lo <= n <= hi
+            twin = ref.matmul(x, q8) if exact else ref.matmul_act16_q8(x, q8)
+            np.testing.assert_array_equal(r, twin)
+            scale = np.abs(x).sum(1).max() * np.abs(q8.f32()).max()
+            assert np.max(np.abs(y - r)) / scale < 1e-6, n
+            # the int16-activation product differs measurably, so the routing is what the test sees
+            other = ref.matmul_act16_q8(x, q8) if exact else ref.matmul(x, q8)
+            assert np.max(np.abs(y - other)) / scale > 1e-7, n
+    finally:
+        K.set_backend(prev)
 
 
 def _swiglu_case(rng, d, inters, form):

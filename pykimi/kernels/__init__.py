@@ -54,6 +54,11 @@ SMALL_N = 32            # rows of x up to which the stored-form kernels beat wid
 MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62,
                         ("BF16", "f32"): 64}
 SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
+# Rows of x for which the AVX-512 C kernel runs Q8_32 weights batch-vectorised, as the f32 product of the
+# decoded weights rather than with quantized activations (PK_TN_MIN_Q8 / PK_TN_MAX in csrc): [1408, 2048],
+# 2 threads, GFLOP/s int16-activation rows vs batch-vectorised: n=12 116 vs 92, 16 121 vs 123, 32 125 vs 166,
+# 64 128 vs 172.
+C_BATCH_ROWS_Q8 = (24, 64)
 TILE_ELEMS = 1 << 22    # widened tile size for the BLAS path (16 MB of f32), an upper bound
 TASK_ELEMS = 1 << 19    # widened tile per worker task (2 MB of f32: within the 2 MiB L2 between widening and
                         # sgemm). Prefill of the 4-layer model, alternating in one process: 512 tokens 177 tok/s
@@ -339,6 +344,14 @@ def _small_n(kind: str) -> int:
     return n
 
 
+def _c_mode(kind: str, n: int) -> str:
+    """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
+    C_BATCH_ROWS_Q8 rows at the AVX-512 level, which run the batch-vectorised exact f32 product."""
+    if kind == "q8_32" and C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1] and _c_avx512():
+        return "f32"
+    return _act_mode(kind)
+
+
 def _c_avx512() -> bool:
     c = _mods.get("c")
     return c is not None and c.get_simd() == "avx512"
@@ -351,6 +364,8 @@ def reference(x, w) -> np.ndarray:
     n = int(np.prod(x.shape[:-1], dtype=np.int64))
     mode = _act_mode(kind)
     if backend() == "c" and mode != "f32" and 0 < n <= _small_n(kind):
+        if _c_mode(kind, n) == "f32":
+            return ref.matmul(x, w)          # the batch-vectorised C kernel: f32 product of the decoded weights
         x2 = x.reshape(-1, x.shape[-1])
         if kind == "q4_32":
             y = ref.matmul_act_q4(x2, w)
@@ -476,7 +491,7 @@ def matmul(x, w) -> np.ndarray:
         if kind == "BF16":
             y = cm.matmul_bf16(x2, w.data)
         elif kind == "q8_32":
-            mode = _act_mode(kind)
+            mode = _c_mode(kind, n)
             fn = cm.matmul_q8w if mode == "i16" else (cm.matmul_q8a if mode == "i8" else cm.matmul_q8)
             y = fn(x2, w.q, w.scales)
         elif kind == "q4_32":
@@ -522,7 +537,7 @@ def matmul_many(xs, ws) -> list:
         if kind in ("BF16", "F32"):
             jobs.append((x2, kind, w.data, None, "f32"))
         else:
-            jobs.append((x2, kind, w.q, w.scales, _act_mode(kind)))
+            jobs.append((x2, kind, w.q, w.scales, _c_mode(kind, n)))
         where.append(i)
         shapes.append(x.shape[:-1] + (out_f,))
     if jobs:
