@@ -12,7 +12,9 @@ stored form by a GEMV / small-GEMM kernel that widens in registers. Prefill and 
 so for larger n W is widened in small row tiles (TASK_ELEMS floats) that worker threads multiply with
 single-threaded BLAS (parallel_for). f32 ndarrays always go to BLAS (nothing to widen). For int8/int4 weights the C GEMV quantizes the
 activation row once per call and uses integer block dot products (set_act_quant; int16 activations for
-int8 weights by default, so int8 stays numerically the float product). matmul_many(xs, ws) runs several
+int8 weights by default, so int8 stays numerically the float product). At the AVX-512 level a prefill's
+per-expert batches (bf16: 12..64 rows, int8: C_BATCH_ROWS_Q8, as the exact f32 product) run a C kernel
+vectorised over the rows of x instead (see csrc). matmul_many(xs, ws) runs several
 products in one C call / one thread fork-join (the MoE's selected experts). heads_vecmat runs the transposed
 use, x @ W (a combination of stored rows, pk_vecmat_many), and heads_matvec the GEMV, on per-head row blocks
 of one stored weight in one call -- the absorbed MLA decode's q_nope · W_uk and W_uv · o_lat on kv_b_proj,
