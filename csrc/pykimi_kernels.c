@@ -1200,7 +1200,10 @@ fail:
                 }                                                                                         \
         }                                                                                                 \
     }
-PK_TN_KERNEL(bf16_tn1_avx512, 8, 1)
+/* R x NV: 16 x 1 (16 accumulators; 8 x 1 measured 89-96 GFLOP/s at 12 rows of x and 118-128 at 16, 16 x 1
+ * 108-117 and 147-156, [1408, 2048] on 2 threads), 8 x 2 (12 x 2 no faster), 4 x 3, 4 x 4; 3 x 5 and 2 x 6
+ * ran below the widened tiles, hence PK_TN_MAX 64. */
+PK_TN_KERNEL(bf16_tn1_avx512, 16, 1)
 PK_TN_KERNEL(bf16_tn2_avx512, 8, 2)
 PK_TN_KERNEL(bf16_tn3_avx512, 4, 3)
 PK_TN_KERNEL(bf16_tn4_avx512, 4, 4)
