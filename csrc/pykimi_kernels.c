@@ -10,7 +10,7 @@
  *  - For a small batch (n up to ~32 rows of x) the same weight row is reused for a tile of up to PK_NT
  *    rows of x: the row is decoded once per tile, and a block of PK_RB rows stays in L1/L2 between tiles,
  *    so memory traffic is still one pass over W.  (Large n goes to BLAS on widened tiles instead; see
- *    kernels/__init__.py.)  bf16 and Q8 at the AVX-512 level with 12 (Q8: 24) to 64 rows of x (a
+ *    kernels/__init__.py.)  bf16 and Q8 at the AVX-512 level with 12 (Q8: 24) to 128 rows of x (a
  *    prefill's tokens per expert) vectorise over the rows of x instead (bf16_tn_avx512; Q8 with f32
  *    activations only, the exact product -- kernels/__init__.py asks for it in that range).
  *  - OpenMP splits the output rows (by cost, across all matrices of one call -- see "the drivers"): each
@@ -59,7 +59,8 @@
 #define PK_NT 4          /* rows of x sharing one decoded weight row */
 #define PK_TN_MIN 12     /* bf16, AVX-512: from this many rows of x, the batch-vectorised kernel */
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
-#define PK_TN_MAX 64
+#define PK_TN_MAX 128    /* ... up to this many, in groups of PK_TN_GROUP rows (4 vectors of 16) */
+#define PK_TN_GROUP 64
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
@@ -1137,7 +1138,7 @@ fail:
 #define PK_RB 16 /* weight rows per tile: amortises the call, and stays in L1/L2 for the next x tile */
 
 #if PK_HAVE_AVX512
-/* bf16 (12..64 rows of x) or Q8_32 (24..64) weights x a batch (prefill: the tokens one expert got). The row kernels above
+/* bf16 (12..128 rows of x) or Q8_32 (24..128) weights x a batch (prefill: the tokens one expert got). The row kernels above
  * load a vector of x for every FMA and decode each weight row once per 4 rows of x; here the batch is
  * vectorised instead: x is transposed once per call (j->xt: [in][16 lanes per group of 16 rows of x]), a
  * block of R weight rows is decoded to f32 KC columns at a time into an L1 buffer, and each weight is
@@ -1145,8 +1146,8 @@ fail:
  * Per (row of x, weight row) the products are summed in k order in one f32 chain. */
 
 #define PK_TN_KERNEL(NAME, R, NV)                                                                          \
-    static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1) {                                 \
-        const int64_t in = j->in, w16 = 16 * (NV);                                                        \
+    static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {         \
+        const int64_t in = j->in, w16 = 16 * ((j->n + 15) / 16);                                          \
         float wbuf[(R) * PK_KC] __attribute__((aligned(64)));                                             \
         float tmp[16] __attribute__((aligned(64)));                                                       \
         int64_t o, k0, k, t;                                                                              \
@@ -1184,7 +1185,7 @@ fail:
                     }                                                                                     \
                 }                                                                                         \
                 for (k = 0; k < kc; k++) {                                                                \
-                    const float *xk = j->xt + (k0 + k) * w16;                                             \
+                    const float *xk = j->xt + (k0 + k) * w16 + t0;                                        \
                     __m512 xv[NV];                                                                        \
                     for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_ps(xk + 16 * v);                      \
                     for (r = 0; r < (R); r++) {                                                           \
@@ -1196,25 +1197,30 @@ fail:
             for (r = 0; r < rr; r++)                                                                      \
                 for (v = 0; v < (NV); v++) {                                                              \
                     _mm512_store_ps(tmp, acc[r][v]);                                                      \
-                    for (t = 0; t < 16 && 16 * v + t < j->n; t++) j->y[(16 * v + t) * j->out + o + r] = tmp[t]; \
+                    for (t = 0; t < 16 && 16 * v + t < nn; t++) j->y[(t0 + 16 * v + t) * j->out + o + r] = tmp[t]; \
                 }                                                                                         \
         }                                                                                                 \
     }
 /* R x NV: 16 x 1 (16 accumulators; 8 x 1 measured 89-96 GFLOP/s at 12 rows of x and 118-128 at 16, 16 x 1
  * 108-117 and 147-156, [1408, 2048] on 2 threads), 8 x 2 (12 x 2 no faster), 4 x 3, 4 x 4; 3 x 5 and 2 x 6
- * ran below the widened tiles, hence PK_TN_MAX 64. */
+ * ran below the widened tiles, hence groups of at most 64 rows of x. */
 PK_TN_KERNEL(bf16_tn1_avx512, 16, 1)
 PK_TN_KERNEL(bf16_tn2_avx512, 8, 2)
 PK_TN_KERNEL(bf16_tn3_avx512, 4, 3)
 PK_TN_KERNEL(bf16_tn4_avx512, 4, 4)
 #undef PK_TN_KERNEL
 
+/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
 static void bf16_tn_avx512(const pk_job *j, int64_t o0, int64_t o1) {
-    switch ((j->n + 15) / 16) {
-    case 1: bf16_tn1_avx512(j, o0, o1); break;
-    case 2: bf16_tn2_avx512(j, o0, o1); break;
-    case 3: bf16_tn3_avx512(j, o0, o1); break;
-    default: bf16_tn4_avx512(j, o0, o1); break;
+    int64_t t0;
+    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
+        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
+        switch ((nn + 15) / 16) {
+        case 1: bf16_tn1_avx512(j, o0, o1, t0, nn); break;
+        case 2: bf16_tn2_avx512(j, o0, o1, t0, nn); break;
+        case 3: bf16_tn3_avx512(j, o0, o1, t0, nn); break;
+        default: bf16_tn4_avx512(j, o0, o1, t0, nn); break;
+        }
     }
 }
 #endif

@@ -276,17 +276,17 @@ def test_c_level_matmul_many(simd_level):
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 @pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
 def test_c_level_bf16_batches(simd_level):
-    """bf16 weights x 1..64 rows of x: from 12 rows the AVX-512 level vectorises over the rows of x
-    (bf16_tn_avx512: x transposed once per call, weights decoded 256 columns at a time, 8 or 4 weight rows
-    per block); odd `in` (partial 16- and 256-column blocks), `out` not a multiple of the block, several
-    threads' row ranges, alone and inside one matmul_many call with other formats."""
+    """bf16 weights x 1..129 rows of x: from 12 to 128 rows the AVX-512 level vectorises over the rows of x
+    (bf16_tn_avx512: x transposed once per call, groups of up to 64 rows, weights decoded 256 columns at a
+    time, 16 / 8 / 4 weight rows per block); odd `in` (partial 16- and 256-column blocks), `out` not a
+    multiple of the block, several threads' row ranges, alone and inside one matmul_many call."""
     from pykimi.kernels import c
     rng = np.random.default_rng(81)
     for out_f, in_f in ((13, 37), (37, 300), (70, 2048), (9, 1408), (1, 16)):
         w = rng.standard_normal((out_f, in_f)).astype(np.float32)
         bits = f32_to_bf16(w)
         wf = ref.bf16_to_f32(bits)
-        for n in (1, 7, 11, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64):
+        for n in (1, 7, 11, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 76, 112, 128, 129):
             x = rng.standard_normal((n, in_f)).astype(np.float32)
             y, r = c.matmul_bf16(x, bits), x @ wf.T
             err = np.max(np.abs(y - r)) / (np.abs(x).sum(1).max() * np.abs(wf).max())
@@ -315,7 +315,7 @@ def test_q8_batches_take_the_exact_path_at_avx512():
         w = rng.standard_normal((40, 300)).astype(np.float32)
         q8 = quantize_q8(w)
         lo, hi = K.C_BATCH_ROWS_Q8
-        for n in (lo - 1, lo, hi, hi + 1):
+        for n in (lo - 1, lo, 65, hi):
             x = rng.standard_normal((n, 300)).astype(np.float32)
             y, r = K.matmul(x, q8), K.reference(x, q8)
             exact = lo <= n <= hi

@@ -13,7 +13,7 @@ so for larger n W is widened in small row tiles (TASK_ELEMS floats) that worker 
 single-threaded BLAS (parallel_for). f32 ndarrays always go to BLAS (nothing to widen). For int8/int4 weights the C GEMV quantizes the
 activation row once per call and uses integer block dot products (set_act_quant; int16 activations for
 int8 weights by default, so int8 stays numerically the float product). At the AVX-512 level a prefill's
-per-expert batches (bf16: 12..64 rows, int8: C_BATCH_ROWS_Q8, as the exact f32 product) run a C kernel
+per-expert batches (bf16: 12..112 rows, int8: C_BATCH_ROWS_Q8, as the exact f32 product) run a C kernel
 vectorised over the rows of x instead (see csrc). matmul_many(xs, ws) runs several
 products in one C call / one thread fork-join (the MoE's selected experts). heads_vecmat runs the transposed
 use, x @ W (a combination of stored rows, pk_vecmat_many), and heads_matvec the GEMV, on per-head row blocks
@@ -49,18 +49,20 @@ SMALL_N = 32            # rows of x up to which the stored-form kernels beat wid
 # same process). Same numerics as decode for these formats (see set_act_quant); reference() returns the twin
 # of whichever path a product takes. PYKIMI_ACT_QUANT=none keeps every quantized product on the exact path.
 # q8 x int16 in a real 128-token int8 prefill (experts get ~6-77 rows each), alternating in one process:
-# crossover 48 -> 123 tok/s, 64 -> 124, 96 -> 129, 128 -> 125 (two runs of four rounds, medians); so 96.
+# crossover 48 -> 123 tok/s, 64 -> 124, 96 -> 129, 128 -> 125 (two runs of four rounds, medians); so 96 --
+# and 112 at the AVX-512 level, where 24..112 rows run the batch-vectorised kernel (C_BATCH_ROWS_Q8).
 # bf16 (f32 activations) at the AVX-512 level: from 12 rows the C kernel vectorises over the rows of x
-# (bf16_tn_avx512); [1408, 2048] products, 2 threads, GFLOP/s C vs widened tiles + sgemm: n=16 118 vs 48,
-# n=32 166 vs 73, n=48 163 vs 101, n=64 168 vs 114, n=96 (row kernel) 107 vs 138. Other levels: SMALL_N.
+# (bf16_tn_avx512, groups of 64 rows); [1408, 2048] products, 2 threads, GFLOP/s C vs widened tiles + sgemm:
+# n=16 147-156 vs 48, n=32 166-180 vs 73, n=64 167 vs 118, n=80 157 vs 133, n=112 161 vs 157, n=128 157 vs
+# 165. Other levels: SMALL_N.
 MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62,
-                        ("BF16", "f32"): 64}
+                        ("BF16", "f32"): 112}
 SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 # Rows of x for which the AVX-512 C kernel runs Q8_32 weights batch-vectorised, as the f32 product of the
 # decoded weights rather than with quantized activations (PK_TN_MIN_Q8 / PK_TN_MAX in csrc): [1408, 2048],
 # 2 threads, GFLOP/s int16-activation rows vs batch-vectorised: n=12 116 vs 92, 16 121 vs 123, 32 125 vs 166,
-# 64 128 vs 172.
-C_BATCH_ROWS_Q8 = (24, 64)
+# 64 128 vs 172, 96 119 vs 173, 112 117 vs 161 (widened tiles 152).
+C_BATCH_ROWS_Q8 = (24, 112)
 TILE_ELEMS = 1 << 22    # widened tile size for the BLAS path (16 MB of f32), an upper bound
 TASK_ELEMS = 1 << 19    # widened tile per worker task (2 MB of f32: within the 2 MiB L2 between widening and
                         # sgemm). Prefill of the 4-layer model, alternating in one process: 512 tokens 177 tok/s
@@ -343,6 +345,8 @@ def _small_n(kind: str) -> int:
     n = SMALL_N_ACT.get((kind, _act_mode(kind)))
     if n is None or (kind == "BF16" and not _c_avx512()):
         return SMALL_N
+    if kind == "q8_32" and _c_avx512() and n >= C_BATCH_ROWS_Q8[0]:
+        n = max(n, C_BATCH_ROWS_Q8[1])
     return n
 
 
