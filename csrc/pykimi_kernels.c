@@ -1138,11 +1138,12 @@ fail:
 #define PK_RB 16 /* weight rows per tile: amortises the call, and stays in L1/L2 for the next x tile */
 
 #if PK_HAVE_AVX512
-/* bf16 (12..128 rows of x) or Q8_32 (24..128) weights x a batch (prefill: the tokens one expert got). The row kernels above
- * load a vector of x for every FMA and decode each weight row once per 4 rows of x; here the batch is
- * vectorised instead: x is transposed once per call (j->xt: [in][16 lanes per group of 16 rows of x]), a
- * block of R weight rows is decoded to f32 KC columns at a time into an L1 buffer, and each weight is
- * broadcast against 16 rows of x per FMA, with R x NV accumulators of 16 lanes (NV = rows of x / 16).
+/* bf16 (12..128 rows of x) or Q8_32 (24..128) weights x a batch (prefill: the tokens one expert got). The
+ * row kernels above load a vector of x for every FMA and decode each weight row once per 4 rows of x; here
+ * the batch is vectorised instead: x is transposed once per call (j->xt: [in][16 lanes per group of 16
+ * rows of x]), a block of R weight rows is decoded to f32 KC columns at a time into an L1 buffer, and each
+ * weight is broadcast against 16 rows of x per FMA, with R x NV accumulators of 16 lanes (NV = rows of x
+ * / 16, at most 4 per group of 64 rows).
  * Per (row of x, weight row) the products are summed in k order in one f32 chain. */
 
 #define PK_TN_KERNEL(NAME, R, NV)                                                                          \
