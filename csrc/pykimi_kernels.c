@@ -1060,6 +1060,27 @@ static void job_free(pk_job *j) {
     j->xs = j->xoff = NULL;
 }
 
+/* Bytes of one stored weight row of `in` elements. */
+static int64_t row_bytes_of(int fmt, int64_t in) {
+    return fmt == F_F32 ? in * 4 : fmt == F_BF16 ? in * 2 : fmt == F_Q8 ? in : (in + 1) / 2;
+}
+
+/* A job y [n, out] = x [n, in] @ W^T, W in format fmt (scales NULL for f32 / bf16); nothing prepared yet. */
+static void job_set(pk_job *j, int fmt, int act, const float *x, int64_t n, int64_t in, const void *w,
+                    const float *scales, int64_t out, float *y) {
+    memset(j, 0, sizeof *j);
+    j->fmt = fmt;
+    j->act = act;
+    j->x = x;
+    j->n = n;
+    j->in = in;
+    j->out = out;
+    j->w = w;
+    j->scales = scales;
+    j->y = y;
+    j->row_bytes = row_bytes_of(fmt, in);
+}
+
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
  * failure fall back to the f32 path. */
 static void job_prepare(pk_job *j, int simd) {
@@ -1321,54 +1342,44 @@ static void run_jobs(pk_job *jobs, int count) {
     for (k = 0; k < count; k++) job_free(&jobs[k]);
 }
 
-static void run_one(int fmt, int act, const float *x, int64_t n, int64_t in, const void *w, int64_t row_bytes,
-                    const float *scales, int64_t out, float *y) {
+static void run_one(int fmt, int act, const float *x, int64_t n, int64_t in, const void *w, const float *scales,
+                    int64_t out, float *y) {
     pk_job j;
-    memset(&j, 0, sizeof j);
-    j.fmt = fmt;
-    j.act = act;
-    j.x = x;
-    j.n = n;
-    j.in = in;
-    j.out = out;
-    j.w = w;
-    j.row_bytes = row_bytes;
-    j.scales = scales;
-    j.y = y;
+    job_set(&j, fmt, act, x, n, in, w, scales, out, y);
     run_jobs(&j, 1);
 }
 
 void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_t out, float *y) {
-    run_one(F_F32, A_F32, x, n, in, w, in * 4, NULL, out, y);
+    run_one(F_F32, A_F32, x, n, in, w, NULL, out, y);
 }
 
 void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y) {
-    run_one(F_BF16, A_F32, x, n, in, w, in * 2, NULL, out, y);
+    run_one(F_BF16, A_F32, x, n, in, w, NULL, out, y);
 }
 
 void pk_matmul_q8(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales, int64_t out,
                   float *y) {
-    run_one(F_Q8, A_F32, x, n, in, q, in, scales, out, y);
+    run_one(F_Q8, A_F32, x, n, in, q, scales, out, y);
 }
 
 void pk_matmul_q4(const float *x, int64_t n, int64_t in, const uint8_t *q, const float *scales, int64_t out,
                   float *y) {
-    run_one(F_Q4, A_F32, x, n, in, q, (in + 1) / 2, scales, out, y);
+    run_one(F_Q4, A_F32, x, n, in, q, scales, out, y);
 }
 
 void pk_matmul_q8a(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales, int64_t out,
                    float *y) {
-    run_one(F_Q8, A_I8, x, n, in, q, in, scales, out, y);
+    run_one(F_Q8, A_I8, x, n, in, q, scales, out, y);
 }
 
 void pk_matmul_q4a(const float *x, int64_t n, int64_t in, const uint8_t *q, const float *scales, int64_t out,
                    float *y) {
-    run_one(F_Q4, A_I8, x, n, in, q, (in + 1) / 2, scales, out, y);
+    run_one(F_Q4, A_I8, x, n, in, q, scales, out, y);
 }
 
 void pk_matmul_q8w(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales, int64_t out,
                    float *y) {
-    run_one(F_Q8, A_I16, x, n, in, q, in, scales, out, y);
+    run_one(F_Q8, A_I16, x, n, in, q, scales, out, y);
 }
 
 int pk_matmul_many(int count, const int *fmts, const int *acts, const float *const *xs, const int64_t *ns,
@@ -1379,18 +1390,7 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
     if (!jobs) return -1;
     for (k = 0; k < count; k++) {
         pk_job *j = &jobs[k];
-        memset(j, 0, sizeof *j);
-        j->fmt = fmts[k];
-        j->act = acts[k];
-        j->x = xs[k];
-        j->n = ns[k];
-        j->in = ins[k];
-        j->out = outs[k];
-        j->w = ws[k];
-        j->scales = scales[k];
-        j->y = ys[k];
-        j->row_bytes = j->fmt == F_F32 ? j->in * 4 : j->fmt == F_BF16 ? j->in * 2 : j->fmt == F_Q8 ? j->in
-                                                                                    : (j->in + 1) / 2;
+        job_set(j, fmts[k], acts[k], xs[k], ns[k], ins[k], ws[k], scales[k], outs[k], ys[k]);
         if (j->fmt < F_F32 || j->fmt > F_Q4) {
             if (jobs != stack) free(jobs);
             return -2;
@@ -1428,42 +1428,16 @@ int pk_swiglu_sum(int count, const int *fmts, const int *acts, const float *x, i
     }
     /* gate and up of every expert: g_k = gu[off, off + I_k), u_k = gu[total + off, ...) */
     for (k = 0, off = 0; k < count; off += inter[k], k++) {
-        int h;
-        for (h = 0; h < 2; h++) {
-            pk_job *j = &jobs[2 * k + h];
-            memset(j, 0, sizeof *j);
-            j->fmt = fmts[k];
-            j->act = acts[k];
-            j->x = x;
-            j->n = 1;
-            j->in = d;
-            j->out = inter[k];
-            j->w = h == 0 ? wg[k] : wu[k];
-            j->scales = h == 0 ? sg[k] : su[k];
-            j->y = gu + (h == 0 ? 0 : total) + off;
-            j->row_bytes = fmts[k] == F_F32 ? d * 4 : fmts[k] == F_BF16 ? d * 2 : fmts[k] == F_Q8 ? d : (d + 1) / 2;
-        }
+        job_set(&jobs[2 * k], fmts[k], acts[k], x, 1, d, wg[k], sg[k], inter[k], gu + off);
+        job_set(&jobs[2 * k + 1], fmts[k], acts[k], x, 1, d, wu[k], su[k], inter[k], gu + total + off);
     }
     run_jobs(jobs, 2 * count);
     for (i = 0; i < total; i++) { /* silu(g) * u, in place over g: x / (1 + e^-x) as moe.silu */
         const float g = gu[i];
         gu[i] = g / (1.0f + expf(-g)) * gu[total + i];
     }
-    for (k = 0, off = 0; k < count; off += inter[k], k++) {
-        pk_job *j = &jobs[k];
-        memset(j, 0, sizeof *j);
-        j->fmt = fmts[k];
-        j->act = acts[k];
-        j->x = gu + off;
-        j->n = 1;
-        j->in = inter[k];
-        j->out = d;
-        j->w = wd[k];
-        j->scales = sd[k];
-        j->y = ys + k * d;
-        j->row_bytes = fmts[k] == F_F32 ? inter[k] * 4 : fmts[k] == F_BF16 ? inter[k] * 2
-                       : fmts[k] == F_Q8 ? inter[k] : (inter[k] + 1) / 2;
-    }
+    for (k = 0, off = 0; k < count; off += inter[k], k++)
+        job_set(&jobs[k], fmts[k], acts[k], gu + off, 1, inter[k], wd[k], sd[k], d, ys + k * d);
     run_jobs(jobs, count);
     for (i = 0; i < d; i++) out[i] = 0.0f;
     for (k = 0; k < count; k++) { /* weighted sum in expert order (as the Python scatter-add) */
@@ -1543,7 +1517,7 @@ static PK_AVX512 void vecmat_avx512(int fmt, const float *x, int64_t rows, int64
 static void vecmat_level(int simd, int fmt, const float *x, int64_t rows, int64_t in, const void *w,
                          const float *sc, float *y) {
     const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
-    const int64_t rb = fmt == F_F32 ? in * 4 : fmt == F_BF16 ? in * 2 : fmt == F_Q8 ? in : (in + 1) / 2;
+    const int64_t rb = row_bytes_of(fmt, in);
 #if PK_HAVE_AVX512
     if (simd >= 2) {
         vecmat_avx512(fmt, x, rows, in, (const char *)w, rb, sc, nb, y);

@@ -222,6 +222,13 @@ def load_quantized(ckpt, name: str):
 
 # ------------------------------------------------------------------------------------ the repack
 
+def _planned_pair(name: str, shape, bits: int) -> list:
+    """The writer plan of a quantized weight NAME [out, in]: NAME.qweight and NAME.scales."""
+    o, k = (int(s) for s in shape)
+    return [(name + ".qweight", "I8" if bits == 8 else "U8", (o, k if bits == 8 else -(-k // 2))),
+            (name + ".scales", "F32", (o, -(-k // QBLOCK)))]
+
+
 def _progress(total: int, enabled: bool, desc: str):
     if not enabled:
         return None
@@ -299,15 +306,11 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
                 i = infos[n]
                 base = n[:-len(".qweight")] if n.endswith(".qweight") else None
                 if base in requant:
-                    o, k = src_q[base].shape
-                    plan.append((n, "I8" if bits == 8 else "U8", (o, k if bits == 8 else -(-k // 2))))
-                    plan.append((base + ".scales", "F32", (o, -(-k // QBLOCK))))
+                    plan += _planned_pair(base, src_q[base].shape, bits)
                 elif n.endswith(".scales") and n[:-len(".scales")] in requant:
                     continue                                            # planned beside its .qweight
                 elif n in chosen:
-                    o, k = (int(s) for s in i.shape)
-                    plan.append((n + ".qweight", "I8" if bits == 8 else "U8", (o, k if bits == 8 else -(-k // 2))))
-                    plan.append((n + ".scales", "F32", (o, -(-k // QBLOCK))))
+                    plan += _planned_pair(n, i.shape, bits)
                 else:
                     plan.append((n, i.dtype, tuple(i.shape)))
             writer = SafetensorsWriter(os.path.join(part, base_file), metadata=meta)
@@ -315,22 +318,16 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
                 writer.plan(plan)
                 for n in tensor_names:
                     base = n[:-len(".qweight")] if n.endswith(".qweight") else None
-                    if base in requant:
-                        qw = _quantize(src_q[base], bits, base)
-                        writer.write(n, qw.q)
-                        writer.write(base + ".scales", qw.scales)
-                        weight_map[n] = weight_map[base + ".scales"] = base_file
+                    if base in requant or n in chosen:
+                        name = base if base in requant else n
+                        qw = _quantize(src_q[name] if base in requant else ckpt.tensor(n), bits, name)
+                        writer.write(name + ".qweight", qw.q)
+                        writer.write(name + ".scales", qw.scales)
+                        weight_map[name + ".qweight"] = weight_map[name + ".scales"] = base_file
                         out_bytes += qw.nbytes
                         del qw
                     elif n.endswith(".scales") and n[:-len(".scales")] in requant:
                         pass                                            # written beside its .qweight
-                    elif n in chosen:
-                        qw = _quantize(ckpt.tensor(n), bits, n)
-                        writer.write(n + ".qweight", qw.q)
-                        writer.write(n + ".scales", qw.scales)
-                        weight_map[n + ".qweight"] = weight_map[n + ".scales"] = base_file
-                        out_bytes += qw.nbytes
-                        del qw
                     else:
                         st = ckpt.tensor(n)
                         writer.write(n, st)

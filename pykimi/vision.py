@@ -462,12 +462,15 @@ class VisionTower:
         a = self._cache.get(name)
         if a is None:
             a = np.asarray(self.ckpt.f32(name), dtype=np.float32)
-            want = self._shapes.get(name)
-            if want is not None and tuple(a.shape) != tuple(want):
-                raise CheckpointError(f"tensor {name!r} has shape {list(a.shape)}, expected {list(want)}")
+            self._check_shape(name, a.shape)
             if self.cache_weights:
                 self._cache[name] = a
         return a
+
+    def _check_shape(self, name: str, shape) -> None:
+        want = self._shapes.get(name)
+        if want is not None and tuple(shape) != tuple(want):
+            raise CheckpointError(f"tensor {name!r} has shape {list(shape)}, expected {list(want)}")
 
     def block_weights(self, i: int) -> dict:
         """Block i's tensors as float32, keyed by the short names (BLOCK_KEYS).
@@ -482,9 +485,7 @@ class VisionTower:
         out = {}
         for k in BLOCK_KEYS:
             st = self.ckpt.tensor(p + k)
-            want = self._shapes.get(p + k)
-            if want is not None and tuple(st.shape) != tuple(want):
-                raise CheckpointError(f"tensor {p + k!r} has shape {list(st.shape)}, expected {list(want)}")
+            self._check_shape(p + k, st.shape)
             buf = self._scratch.get(k)
             if buf is None or buf.shape != tuple(st.shape):
                 buf = self._scratch[k] = np.empty(st.shape, dtype=np.float32)

@@ -468,6 +468,11 @@ def widen(w, out: np.ndarray | None = None) -> np.ndarray:
     return out
 
 
+def _stored(w, kind: str) -> tuple:
+    """(data, scales or None): the arrays the C kernels read for a weight of a C kind."""
+    return (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
+
+
 def _check_features(x: np.ndarray, w, who: str, label="W") -> tuple[int, int]:
     """(out, in) of weight w, after checking that x's last axis has `in` features."""
     out_f, in_f = (int(s) for s in w.shape)
@@ -540,10 +545,7 @@ def matmul_many(xs, ws) -> list:
         if kind not in _C_KINDS or not 0 < n <= _small_n(kind):
             out[i] = matmul(x, w)
             continue
-        if kind in ("BF16", "F32"):
-            jobs.append((x2, kind, w.data, None, "f32"))
-        else:
-            jobs.append((x2, kind, w.q, w.scales, _c_mode(kind, n)))
+        jobs.append((x2, kind) + _stored(w, kind) + (_c_mode(kind, n),))
         where.append(i)
         shapes.append(x.shape[:-1] + (out_f,))
     if jobs:
@@ -573,9 +575,7 @@ def swiglu_sum(x, experts, coefs) -> np.ndarray:
     kinds = [ref.weight_kind(g) for g, _, _ in experts]
     if (backend() == "c" and experts and all(k in _C_KINDS for k in kinds)
             and all(ref.weight_kind(w) == k for (g, u, dn), k in zip(experts, kinds) for w in (u, dn))):
-        def parts(w, kind):
-            return (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
-        jobs = [(k, _act_mode(k) if k not in ("BF16", "F32") else "f32", parts(g, k), parts(u, k), parts(dn, k))
+        jobs = [(k, _act_mode(k), _stored(g, k), _stored(u, k), _stored(dn, k))
                 for (g, u, dn), k in zip(experts, kinds)]
         return _mods["c"].swiglu_sum(x, jobs, coefs)
     x2 = x[None, :]
@@ -616,8 +616,7 @@ def heads_vecmat(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
     _check_heads(x, w, row0, stride, rows, rows, "heads_vecmat")
     kind = ref.weight_kind(w)
     if backend() == "c" and kind in _C_KINDS:
-        data, sc = (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
-        return _mods["c"].heads("vecmat", x, kind, data, sc, int(w.shape[1]), row0, stride, rows)
+        return _mods["c"].heads("vecmat", x, kind, *_stored(w, kind), int(w.shape[1]), row0, stride, rows)
     return np.stack([ref.vecmat(x[h], ref.weight_rows(w, row0 + h * stride, row0 + h * stride + rows))
                      for h in range(x.shape[0])])
 
@@ -629,9 +628,8 @@ def heads_matvec(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
     _check_heads(x, w, row0, stride, rows, int(w.shape[1]), "heads_matvec")
     kind = ref.weight_kind(w)
     if backend() == "c" and kind in _C_KINDS:
-        data, sc = (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
-        act = "f32" if kind in ("BF16", "F32") else _act_mode(kind)
-        return _mods["c"].heads("matvec", x, kind, data, sc, int(w.shape[1]), row0, stride, rows, act)
+        return _mods["c"].heads("matvec", x, kind, *_stored(w, kind), int(w.shape[1]), row0, stride, rows,
+                                _act_mode(kind))
     return np.stack([matmul(x[h], ref.weight_rows(w, row0 + h * stride, row0 + h * stride + rows))
                      for h in range(x.shape[0])])
 

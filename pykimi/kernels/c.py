@@ -105,16 +105,22 @@ ACT = {"f32": 0, "i8": 1, "i16": 2}
 _CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
 
 
-def _job_buffers(x, kind, wdata, scales):
-    """One job's contiguous buffers and C pointers: (fmt, x, w, scales, x ptr, w ptr, scales ptr or NULL).
-    The arrays are returned so the caller keeps them alive through the call."""
-    f = FMT[kind]
-    x = np.ascontiguousarray(x, dtype=np.float32)
+def _weight_buffers(f: int, wdata, scales):
+    """A stored weight's contiguous arrays and C pointers: (w, scales, w ptr, scales ptr or NULL). The
+    arrays are returned so the caller keeps them alive through the call."""
     wdata = np.ascontiguousarray(wdata)
     if scales is not None:
         scales = np.ascontiguousarray(scales, dtype=np.float32)
-    return (f, x, wdata, scales, _ptr("float[]", x), ffi.cast("void *", _ptr(_CT[f], wdata)),
+    return (wdata, scales, ffi.cast("void *", _ptr(_CT[f], wdata)),
             _ptr("float[]", scales) if scales is not None else ffi.NULL)
+
+
+def _job_buffers(x, kind, wdata, scales):
+    """One job's contiguous buffers and C pointers: (fmt, x, w, scales, x ptr, w ptr, scales ptr or NULL)."""
+    f = FMT[kind]
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    wdata, scales, wp, sp = _weight_buffers(f, wdata, scales)
+    return (f, x, wdata, scales, _ptr("float[]", x), wp, sp)
 
 
 def matmul_many(jobs):
@@ -144,15 +150,10 @@ def swiglu_sum(x: np.ndarray, experts, coefs) -> np.ndarray:
         acts.append(ACT[act])
         inter.append(g[0].shape[0])
         for key, (data, sc) in (("g", g), ("u", u), ("d", dn)):
-            data = np.ascontiguousarray(data)
-            keep.append(data)
-            ptrs[key].append(ffi.cast("void *", _ptr(_CT[f], data)))
-            if sc is not None:
-                sc = np.ascontiguousarray(sc, dtype=np.float32)
-                keep.append(sc)
-                ptrs["s" + key].append(_ptr("float[]", sc))
-            else:
-                ptrs["s" + key].append(ffi.NULL)
+            data, sc, wp, sp = _weight_buffers(f, data, sc)
+            keep.append((data, sc))
+            ptrs[key].append(wp)
+            ptrs["s" + key].append(sp)
     out = np.empty(d, dtype=np.float32)
     coefs = np.ascontiguousarray(coefs, dtype=np.float32)
     rc = lib.pk_swiglu_sum(count, fmts, acts, _ptr("float[]", x), d, inter, ptrs["g"], ptrs["sg"], ptrs["u"],
