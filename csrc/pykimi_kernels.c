@@ -1552,3 +1552,154 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
     }
     return 0;
 }
+
+/* ------------------------------------------------------------ the absorbed MLA decode of one token */
+/* Dot products and axpys over f32 rows of the latent cache. The loops keep 16 independent partial sums,
+ * so the compiler vectorises them without reassociating anything; one body, compiled once per level with
+ * that level's target (the level changes the speed and, for the dot, the summation order). */
+#define PK_DOT_BODY                                                    \
+    {                                                                  \
+        float acc[16] = {0.0f}, s = 0.0f;                              \
+        int64_t i, k;                                                  \
+        for (i = 0; i + 16 <= n; i += 16)                              \
+            for (k = 0; k < 16; k++) acc[k] += a[i + k] * b[i + k];    \
+        for (; i < n; i++) s += a[i] * b[i];                           \
+        for (k = 0; k < 16; k++) s += acc[k];                          \
+        return s;                                                      \
+    }
+#define PK_AXPY_BODY                                 \
+    {                                                \
+        int64_t i;                                   \
+        for (i = 0; i < n; i++) y[i] += c * a[i];    \
+    }
+static float dot_scalar(const float *a, const float *b, int64_t n) PK_DOT_BODY
+static void axpy_scalar(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
+#if PK_X86
+static PK_AVX2 float dot_avx2(const float *a, const float *b, int64_t n) PK_DOT_BODY
+static PK_AVX2 void axpy_avx2(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
+#endif
+#if PK_HAVE_AVX512
+static PK_AVX512 float dot_avx512(const float *a, const float *b, int64_t n) PK_DOT_BODY
+static PK_AVX512 void axpy_avx512(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
+#endif
+
+static float dot_level(int simd, const float *a, const float *b, int64_t n) {
+#if PK_HAVE_AVX512
+    if (simd >= 2) return dot_avx512(a, b, n);
+#endif
+#if PK_X86
+    if (simd == 1) return dot_avx2(a, b, n);
+#endif
+    (void)simd;
+    return dot_scalar(a, b, n);
+}
+
+static void axpy_level(int simd, float c, const float *a, float *y, int64_t n) {
+#if PK_HAVE_AVX512
+    if (simd >= 2) {
+        axpy_avx512(c, a, y, n);
+        return;
+    }
+#endif
+#if PK_X86
+    if (simd == 1) {
+        axpy_avx2(c, a, y, n);
+        return;
+    }
+#endif
+    (void)simd;
+    axpy_scalar(c, a, y, n);
+}
+
+/* Interleaved RoPE (spec §8.3): pairs (x[2i], x[2i+1]) rotated by the angle whose cos / sin are cs[i] /
+ * cs[half + i]. */
+static void rope_pairs(const float *x, const float *cs, int64_t half, float *y) {
+    int64_t i;
+    for (i = 0; i < half; i++) {
+        const float x0 = x[2 * i], x1 = x[2 * i + 1], c = cs[i], s = cs[half + i];
+        y[2 * i] = x0 * c - x1 * s;
+        y[2 * i + 1] = x0 * s + x1 * c;
+    }
+}
+
+typedef struct {
+    int64_t dn, dr, dv, R, W, N, nvis, nbk, rb;
+    const float *q, *cs, *rows, *sc;
+    const char *kvb;
+    float scale, *out;
+    int fmt, act, simd;
+} pk_mla;
+
+/* One head of the absorbed decode; sp: W + N + R floats of scratch. */
+static void mla_head(const pk_mla *m, int64_t h, float *sp) {
+    float *qc = sp, *s = sp + m->W, *ol = sp + m->W + m->N, mx = -INFINITY, sum = 0.0f;
+    const float *qh = m->q + h * (m->dn + m->dr);
+    const int64_t uk = h * (m->dn + m->dv), uv = uk + m->dn; /* W_uk[h], W_uv[h]: kv_b_proj rows from */
+    int64_t t, i;
+    pk_job j;
+    /* [q_lat | q_pe]: q_lat = q_nope W_uk[h] (rows decoded once, as heads_vecmat), q_pe rotated */
+    vecmat_level(m->simd, m->fmt, qh, m->dn, m->R, m->kvb + uk * m->rb, m->sc ? m->sc + uk * m->nbk : NULL, qc);
+    rope_pairs(qh + m->dn, m->cs, m->dr / 2, qc + m->R);
+    /* scores over the visible cache rows [c | k_pe], scaled, then the softmax in f32 (as attention.softmax) */
+    for (t = 0; t < m->nvis; t++) {
+        s[t] = dot_level(m->simd, qc, m->rows + t * m->W, m->W) * m->scale;
+        if (s[t] > mx) mx = s[t];
+    }
+    for (t = 0; t < m->nvis; t++) {
+        s[t] = expf(s[t] - mx);
+        sum += s[t];
+    }
+    for (i = 0; i < m->R; i++) ol[i] = 0.0f;
+    for (t = 0; t < m->nvis; t++) axpy_level(m->simd, s[t] / sum, m->rows + t * m->W, ol, m->R);
+    /* o[h] = W_uv[h] o_lat: one row of x through the matmul path (activation mode included) */
+    job_set(&j, m->fmt, m->act, ol, 1, m->R, m->kvb + uv * m->rb, m->sc ? m->sc + uv * m->nbk : NULL, m->dv,
+            m->out + h * m->dv);
+    j.nb = m->nbk;
+    job_prepare(&j, m->simd);
+    job_rows(&j, 0, m->dv, m->simd);
+    job_free(&j);
+}
+
+/* See the header. Why: the absorbed decode was ~15 NumPy calls per layer and token around two kernel calls
+ * (norm, RoPE twice, concatenation, scores, softmax, the value sum); at 27 layers that glue cost more than
+ * the attention's arithmetic. NumPy twin: kernels.mla_absorbed_reference. */
+int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
+                    const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
+                    int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out) {
+    const int nth = pk_get_threads();
+    const int64_t W = R + dr, N = n + 1, per = W + N + R, half = dr / 2;
+    float *row = rows + n * W, *scratch;
+    double ss = 0.0;
+    int64_t i, h;
+    pk_mla m;
+    if (fmt < F_F32 || fmt > F_Q4) return -2;
+    if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
+    scratch = (float *)malloc(sizeof(float) * (size_t)(heads * per + dr + 1));
+    if (!scratch) return -1;
+    m.dn = dn, m.dr = dr, m.dv = dv, m.R = R, m.W = W, m.N = N;
+    m.nvis = pos + 1 < N ? pos + 1 : N; /* causal: keys after the query's position are masked */
+    m.nbk = (R + PK_BLOCK - 1) / PK_BLOCK, m.rb = row_bytes_of(fmt, R);
+    m.q = q, m.rows = rows, m.sc = kvb_scales, m.kvb = (const char *)kvb;
+    m.scale = scale, m.out = out, m.fmt = fmt, m.act = act, m.simd = pk_get_simd();
+    {
+        float *cs = scratch + heads * per; /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
+        for (i = 0; i < half; i++) {
+            const float a = (float)pos * inv_freq[i];
+            cs[i] = cosf(a);
+            cs[half + i] = sinf(a);
+        }
+        m.cs = cs;
+    }
+    /* the new cache row: the kv_a_layernorm'ed latent (f32 statistics, spec §8.2) | the rotated k_pe */
+    for (i = 0; i < R; i++) ss += (double)kva[i] * (double)kva[i];
+    {
+        const float inv = 1.0f / sqrtf((float)(ss / (double)R) + eps);
+        for (i = 0; i < R; i++) row[i] = kva[i] * inv * ln[i];
+    }
+    rope_pairs(kva + R, m.cs, half, row + R);
+#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1 && heads > 1)
+    for (h = 0; h < heads; h++) mla_head(&m, h, scratch + h * per);
+    (void)nth; /* unused without OpenMP */
+    free(scratch);
+    return 0;
+}

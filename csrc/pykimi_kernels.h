@@ -78,6 +78,20 @@ int pk_swiglu_sum(int count, const int *fmts, const int *acts, const float *x, i
                   const void *const *wg, const float *const *sg, const void *const *wu, const float *const *su,
                   const void *const *wd, const float *const *sd, const float *coef, float *out);
 
+/* The absorbed MLA attention of ONE decode token (spec §8.3), from its two projections:
+ *   q    f32 [heads, dn + dr]  q_proj (or q_b_proj) output, q_pe not yet rotated
+ *   kva  f32 [R + dr]          kv_a_proj_with_mqa output: latent before kv_a_layernorm (weight ln [R], eps),
+ *                              k_pe before RoPE; angle_i = pos * inv_freq[i] (f32), i < dr / 2
+ *   rows f32 [n + 1, R + dr]   the layer's latent cache, rows 0..n-1 held; row n := [norm(c) | rope(k_pe)]
+ *   kvb  [heads * (dn + dv), R] kv_b_proj in format fmt (scales NULL for f32 / bf16); W_uk[h] are its rows
+ *                              h*(dn+dv) .. +dn, W_uv[h] the dv after them; act: W_uv's activation mode
+ *   out  f32 [heads, dv]       o[h] = W_uv[h] sum_t softmax_t(scale * [q_nope W_uk[h] | rope(q_pe)] . rows[t])
+ *                              rows[t][:R], over keys t <= pos
+ * Heads run in parallel. Returns 0, -1 (no memory), -2 (bad format) or -3 (bad sizes). */
+int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
+                    const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
+                    int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out);
+
 /* CDEF END */
 
 #endif

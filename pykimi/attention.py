@@ -19,6 +19,7 @@ weights go through ``pykimi.kernels.matmul`` (x @ W.T).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 
 import numpy as np
@@ -240,6 +241,8 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     positions = np.asarray(positions)
     S = x.shape[0]
     H, dn, dv, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
+    if S == 1 and w.kv_b_f32 is None and not trace_active():
+        return _mla_decode_fused(x, w, cache, layer, int(positions.reshape(-1)[-1]), cfg)
     q_nope, q_pe, c, k_pe = mla_project(x, w, positions, cfg, layer)
     cache.append(layer, c, k_pe)
     rows = cache.rows(layer)                                                     # [N, R + dr]  = [c | k_pe]
@@ -267,3 +270,30 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
                      axis=1)                                                     # [H, S, dv]
     o = o.transpose(1, 0, 2).reshape(S, H * dv)                                  # [S, H*dv]
     return kernels.matmul(o, w.o_proj)                                           # [S, D]
+
+
+@lru_cache(maxsize=8)
+def _inv_freq(dim: int, theta: float) -> np.ndarray:
+    f = lm_inv_freq(dim, theta)
+    f.flags.writeable = False
+    return f
+
+
+def _mla_decode_fused(x: np.ndarray, w: MLAWeights, cache, layer: int, position: int, cfg) -> np.ndarray:
+    """:func:`mla_decode` for one token with nothing traced: the two input projections in one kernel call, the
+    whole absorbed attention (norm, RoPE, cache row, scores, softmax, W_uk / W_uv) in another
+    (kernels.mla_absorbed), then o_proj. Why: the step by step form is ~15 NumPy calls per layer and token
+    around the kernels, which at 27 layers cost more than the attention's arithmetic."""
+    H, dn, dr, dv, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                        cfg.kv_lora_rank)
+    if cfg.q_lora_rank:
+        qa, kva = kernels.matmul_many([x, x], [w.q_a_proj, w.kv_a_proj_with_mqa])
+        q = kernels.matmul(rms_norm(qa, w.q_a_layernorm, cfg.kv_a_layernorm_eps), w.q_b_proj)
+    else:
+        q, kva = kernels.matmul_many([x, x], [w.q_proj, w.kv_a_proj_with_mqa])   # [1, H*(dn+dr)], [1, R+dr]
+    rows, n = cache.next_row(layer)
+    o = kernels.mla_absorbed(q, kva, w.kv_a_layernorm, cfg.kv_a_layernorm_eps,
+                             _inv_freq(dr, float(cfg.rope_theta)), position, rows, n, w.kv_b_proj,
+                             cfg.qk_head_dim ** -0.5, (H, dn, dr, dv, R))        # [H*dv]; writes rows[n]
+    cache.commit(layer)
+    return kernels.matmul(o[None, :], w.o_proj)                                  # [1, D]

@@ -99,6 +99,20 @@ class LatentCache:
         self._len[layer] = n0 + S
         return self.latent(layer), self.k_pe(layer)
 
+    def next_row(self, layer: int):
+        """Room for ONE new position of ``layer``, for a kernel that writes the row itself (the fused decode
+        attention): returns (buffer [capacity, R + rope], n) -- the caller writes row n, then :meth:`commit`."""
+        n0 = self._len[layer]
+        if n0 + 1 > self._rows[layer].shape[0]:
+            self.reserve(n0 + 1)
+        return self._rows[layer], n0
+
+    def commit(self, layer: int, n_new: int = 1) -> None:
+        """Count ``n_new`` rows written after the held ones (see :meth:`next_row`) as held."""
+        if self._len[layer] + n_new > self._rows[layer].shape[0]:
+            raise InputError(f"cache layer {layer}: cannot commit {n_new} rows past its capacity")
+        self._len[layer] += n_new
+
     def truncate(self, n: int) -> None:
         """Forget positions >= n in every layer (e.g. to reuse a shared prompt prefix)."""
         self._len = [min(l, int(n)) for l in self._len]

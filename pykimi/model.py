@@ -178,12 +178,13 @@ def decoder_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, positions
     """
     layer = lw.layer if layer is None else layer
     p = f"{LM}.layers.{layer}"
-    h = rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps)
+    # the norms through the kernels (Numba: one call for the residual add and the next norm; twins
+    # ref.rms_norm / ref.add_rms_norm): the NumPy form is several calls a norm, paid twice a layer per token
+    h = kernels.rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps)
     attn = mla_decode if absorbed else mla_prefill
     a = attn(h, lw.attn, cache, layer, positions, cfg)                 # [S, D]
     a = emit(f"{p}.self_attn", a)
-    x = x + a
-    h = rms_norm(x, lw.post_attention_layernorm, cfg.rms_norm_eps)
+    x, h = kernels.add_rms_norm(x, a, lw.post_attention_layernorm, cfg.rms_norm_eps)
     m = emit(f"{p}.mlp", ffn(h, lw, cfg))                         # [S, D]
     x = x + m
     return emit(p, x)

@@ -74,61 +74,26 @@ def route_logits(logits: np.ndarray, bias: np.ndarray | None, cfg) -> RoutingRec
     logits = np.asarray(logits, dtype=np.float32)
     S, E = logits.shape
 
-    if cfg.scoring_func == "sigmoid":
-        with np.errstate(over="ignore"):
-            scores = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))                 # [S, E]
-    elif cfg.scoring_func == "softmax":
-        m = logits.max(axis=-1, keepdims=True)
-        e = np.exp(logits - m)
-        scores = e / e.sum(axis=-1, keepdims=True)
-    else:
+    if cfg.scoring_func not in ("sigmoid", "softmax"):
         raise ConfigError(f"config.json: text_config.scoring_func={cfg.scoring_func!r} is not supported "
                           "(expected 'sigmoid' or 'softmax')")
-
     method = cfg.topk_method
     if method == "noaux_tc":
         if bias is None:
             raise ConfigError("checkpoint: topk_method 'noaux_tc' needs mlp.gate.e_score_correction_bias")
-        choice = scores + np.asarray(bias, dtype=np.float32)[None, :]  # bias is for *selection only*
     elif method in ("greedy", "group_limited_greedy"):
-        choice = scores.copy()
+        bias = None                                      # the bias is for noaux_tc's selection only
     else:
         raise ConfigError(f"config.json: text_config.topk_method={method!r} is not supported "
                           "(expected 'noaux_tc', 'greedy' or 'group_limited_greedy')")
-
     n_group, topk_group = int(cfg.n_group or 1), int(cfg.topk_group or 1)
-    if n_group > 1:
-        if E % n_group:
-            raise ConfigError(f"config.json: n_routed_experts={E} is not divisible by n_group={n_group}")
-        g = choice.reshape(S, n_group, E // n_group)                                      # [S, G, E/G]
-        if method == "noaux_tc":
-            # DeepSeek-V3: a group's score is the sum of its top-2 bias-corrected scores.
-            group_score = np.sort(g, axis=-1)[..., -2:].sum(axis=-1)                      # [S, G]
-        else:
-            group_score = g.max(axis=-1)                                                   # DeepSeek-V2 rule
-        keep = np.argsort(-group_score, axis=-1, kind="stable")[:, :topk_group]           # [S, topk_group]
-        gmask = np.zeros((S, n_group), dtype=bool)
-        np.put_along_axis(gmask, keep, True, axis=-1)
-        # Dropped groups get -inf (HF fills 0.0, spec §11.6; identical whenever scores are positive).
-        choice = np.where(np.repeat(gmask, E // n_group, axis=-1), choice, -np.inf).astype(np.float32)
-
-    order = np.argsort(-choice, axis=-1, kind="stable")                                    # [S, E] best first
-    ids = order[:, :k]                                                                     # [S, k]
-    kth = np.take_along_axis(choice, order[:, k - 1:k], axis=-1)[:, 0]
-    if k < E:
-        nxt = np.take_along_axis(choice, order[:, k:k + 1], axis=-1)[:, 0]
-        margin = (kth - nxt).astype(np.float32)
-    else:
-        margin = np.full(S, np.inf, dtype=np.float32)
-
-    ids = np.sort(ids, axis=-1)                                                            # ascending (golden)
-    weights = np.take_along_axis(scores, ids, axis=-1).astype(np.float32)                  # unbiased scores
-    if cfg.norm_topk_prob and k > 1:
-        weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(1e-20))
-    weights = weights * np.float32(cfg.routed_scaling_factor)
-    return RoutingRecord(logits=logits, scores=scores.astype(np.float32, copy=False),
-                         topk_ids=ids.astype(np.int32), topk_weights=weights.astype(np.float32),
-                         topk_margin=margin)
+    if n_group > 1 and E % n_group:
+        raise ConfigError(f"config.json: n_routed_experts={E} is not divisible by n_group={n_group}")
+    # DeepSeek-V3 (noaux_tc): a group's score is the sum of its top-2 bias-corrected scores; V2: its max.
+    scores, ids, weights, margin = kernels.route_select(
+        logits, bias, cfg.scoring_func, k, n_group, topk_group, method == "noaux_tc", bool(cfg.norm_topk_prob),
+        float(cfg.routed_scaling_factor))
+    return RoutingRecord(logits=logits, scores=scores, topk_ids=ids, topk_weights=weights, topk_margin=margin)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -591,6 +591,11 @@ def test_small_ops_match_ref(use_backend):
     x3 = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
     np.testing.assert_allclose(K.rms_norm(x3, np.ones(10, np.float32), 1e-5),
                                ref.rms_norm(x3, np.ones(10, np.float32), 1e-5), rtol=1e-5, atol=1e-6)
+    a3 = rng.standard_normal(x3.shape).astype(np.float32)
+    (xo, h), (rxo, rh) = K.add_rms_norm(x3, a3, wt[:10], 1e-5), ref.add_rms_norm(x3, a3, wt[:10], 1e-5)
+    np.testing.assert_array_equal(xo, rxo)   # the residual add is exact
+    np.testing.assert_allclose(h, rh, rtol=1e-5, atol=1e-6)
+    assert xo.shape == h.shape == x3.shape
     for S, H, D in [(1, 1, 2), (6, 3, 64), (9, 16, 64)]:
         x = rng.standard_normal((S, H, D)).astype(np.float32)
         ang = rng.uniform(-50, 50, (S, D // 2)).astype(np.float32)
@@ -628,3 +633,93 @@ def test_moe_dispatch_helpers(use_backend):
         out1 = K.scatter_add_weighted(np.zeros((n, d), np.float32), tok, y, wts)
         out2 = ref.scatter_add_weighted(np.zeros((n, d), np.float32), tok, y, wts)
         np.testing.assert_allclose(out1, out2, rtol=1e-6, atol=1e-6)
+
+
+def _mla_case(rng, form, H, dn, dr, dv, R, n):
+    """One decode token's inputs for mla_absorbed: projections, norm weight, a cache with n rows held."""
+    kv_b = (rng.standard_normal((H * (dn + dv), R)) / np.sqrt(R)).astype(np.float32)
+    q = rng.standard_normal(H * (dn + dr)).astype(np.float32)
+    kva = rng.standard_normal(R + dr).astype(np.float32) * 3.0
+    ln = rng.uniform(0.5, 1.5, R).astype(np.float32)
+    inv_freq = (1.0 / 50000.0 ** (np.arange(0, dr, 2, dtype=np.float32) / np.float32(max(dr, 1)))).astype(np.float32)
+    rows = np.zeros((n + 3, R + dr), dtype=np.float32)
+    rows[:n] = rng.standard_normal((n, R + dr)).astype(np.float32)
+    return q, kva, ln, inv_freq, rows, _forms(kv_b, rng)[form]
+
+
+MLA_DIMS = [(1, 8, 4, 8, 32, 0), (3, 16, 8, 12, 64, 5), (16, 128, 64, 128, 512, 40), (4, 24, 6, 20, 70, 130)]
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+@pytest.mark.parametrize("form", ["BF16", "F32", "q8", "q4"])
+def test_c_level_mla_absorbed(simd_level, form):
+    """pk_mla_absorbed (one decode token's whole absorbed attention) at every level and stored form, real and
+    odd head sizes (R not a multiple of 32), an empty cache and a query before the cache's end (keys after
+    it masked) == the twin: the output and the cache row it writes."""
+    prev, prev_act = K.backend(), K.act_quant()
+    K.set_backend("c")
+    try:
+        rng = np.random.default_rng(81)
+        for H, dn, dr, dv, R, n in MLA_DIMS:
+            for pos, act in ((n, "none"), (max(n - 3, 0), "none"), (n, prev_act)):
+                K.set_act_quant(act)
+                q, kva, ln, inv, rows, kv_b = _mla_case(rng, form, H, dn, dr, dv, R, n)
+                rows_ref = rows.copy()
+                args = (1e-6, inv, pos)
+                got = K.mla_absorbed(q, kva, ln, *args, rows, n, kv_b, 0.07, (H, dn, dr, dv, R))
+                want = K.mla_absorbed_reference(q, kva, ln, *args, rows_ref, n, kv_b, 0.07, (H, dn, dr, dv, R))
+                where = f"{form} act={act} level={simd_level} H={H} dn={dn} dr={dr} dv={dv} R={R} n={n} pos={pos}"
+                # int8 activations of W_uv (Q4, default setting): the C and the twin sum the latent in a
+                # different order, so an activation can round to the neighbouring code -- one int8 step
+                tol = 4e-3 if (form == "q4" and act != "none") else 2e-5
+                assert got.shape == (H * dv,) and _relerr(got, want) < tol, f"{where}: {_relerr(got, want):.2e}"
+                assert _relerr(rows[n], rows_ref[n]) < 2e-6, f"{where}: cache row {_relerr(rows[n], rows_ref[n]):.2e}"
+                np.testing.assert_array_equal(rows[:n], rows_ref[:n], err_msg=f"{where}: held rows changed")
+                assert not rows[n + 1:].any(), f"{where}: wrote past row {n}"
+    finally:
+        K.set_backend(prev)
+        K.set_act_quant(prev_act)
+
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_mla_absorbed_matches_reference_and_checks_shapes(use_backend):
+    rng = np.random.default_rng(82)
+    H, dn, dr, dv, R, n = 3, 16, 8, 12, 64, 9
+    for form in ("ndarray", "BF16", "q8", "q4"):
+        q, kva, ln, inv, rows, kv_b = _mla_case(rng, form, H, dn, dr, dv, R, n)
+        rows_ref = rows.copy()
+        got = K.mla_absorbed(q, kva, ln, 1e-6, inv, n, rows, n, kv_b, 0.1, (H, dn, dr, dv, R))
+        want = K.mla_absorbed_reference(q, kva, ln, 1e-6, inv, n, rows_ref, n, kv_b, 0.1, (H, dn, dr, dv, R))
+        tol = 4e-3 if form == "q4" else 2e-5   # int8 activations of W_uv: one rounding step (see above)
+        assert _relerr(got, want) < tol, f"{use_backend} {form}: {_relerr(got, want):.2e}"
+    with pytest.raises(ValueError, match="do not fit"):
+        K.mla_absorbed(q[:-1], kva, ln, 1e-6, inv, n, rows, n, kv_b, 0.1, (H, dn, dr, dv, R))
+    with pytest.raises(ValueError, match="cannot take row"):
+        K.mla_absorbed(q, kva, ln, 1e-6, inv, n, rows[: n], n, kv_b, 0.1, (H, dn, dr, dv, R))
+
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_route_select_matches_reference(use_backend):
+    """The router's selection kernel == ref.route_select: ids exactly (ties -> lower id, also between groups),
+    scores / weights / margins to float rounding, for every scoring, group rule and edge (k = E, one expert per
+    group, more groups kept than exist, no bias)."""
+    rng = np.random.default_rng(13)
+    cases = [  # S, E, k, scoring, n_group, topk_group, group_top2, norm, scaling, bias
+        (1, 64, 6, "sigmoid", 1, 1, True, True, 2.446, True), (9, 64, 6, "sigmoid", 8, 4, True, True, 2.5, True),
+        (5, 16, 4, "softmax", 4, 2, False, False, 1.0, False), (3, 6, 6, "sigmoid", 1, 1, True, True, 1.0, True),
+        (4, 8, 3, "sigmoid", 8, 3, True, True, 1.0, True), (2, 12, 2, "softmax", 3, 5, True, True, 16.0, False),
+        (6, 10, 1, "sigmoid", 1, 1, True, True, 1.0, False)]
+    for S, E, k, scoring, G, TG, top2, norm, scaling, with_bias in cases:
+        logits = rng.standard_normal((S, E)).astype(np.float32) * 2
+        logits[0, 3] = logits[0, 5] = logits.max() + 1          # a tie for the best choice
+        if S > 1:
+            logits[1] = np.round(logits[1])                       # many ties
+        bias = rng.standard_normal(E).astype(np.float32) * 0.1 if with_bias else None
+        args = (bias, scoring, k, G, TG, top2, norm, scaling)
+        got, want = K.route_select(logits, *args), ref.route_select(logits, *args)
+        where = f"{use_backend} S={S} E={E} k={k} {scoring} groups={G}/{TG} top2={top2}"
+        np.testing.assert_array_equal(got[1], want[1], err_msg=f"{where}: ids")
+        assert got[1].dtype == np.int32 and got[1].shape == (S, k), where
+        for name, a, b in zip(("scores", "weights", "margin"), got[::2] + got[3:], want[::2] + want[3:]):
+            np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7, err_msg=f"{where}: {name}")

@@ -473,6 +473,11 @@ def _stored(w, kind: str) -> tuple:
     return (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
 
 
+def _owned(w, kind: str) -> tuple:
+    """(data, scales or None, w): _stored plus the weight object, on which the C module keeps its pointers."""
+    return _stored(w, kind) + (w,)
+
+
 def _check_features(x: np.ndarray, w, who: str, label="W") -> tuple[int, int]:
     """(out, in) of weight w, after checking that x's last axis has `in` features."""
     out_f, in_f = (int(s) for s in w.shape)
@@ -545,7 +550,7 @@ def matmul_many(xs, ws) -> list:
         if kind not in _C_KINDS or not 0 < n <= _small_n(kind):
             out[i] = matmul(x, w)
             continue
-        jobs.append((x2, kind) + _stored(w, kind) + (_c_mode(kind, n),))
+        jobs.append((x2, kind) + _stored(w, kind) + (_c_mode(kind, n), w))
         where.append(i)
         shapes.append(x.shape[:-1] + (out_f,))
     if jobs:
@@ -575,7 +580,7 @@ def swiglu_sum(x, experts, coefs) -> np.ndarray:
     kinds = [ref.weight_kind(g) for g, _, _ in experts]
     if (backend() == "c" and experts and all(k in _C_KINDS for k in kinds)
             and all(ref.weight_kind(w) == k for (g, u, dn), k in zip(experts, kinds) for w in (u, dn))):
-        jobs = [(k, _act_mode(k), _stored(g, k), _stored(u, k), _stored(dn, k))
+        jobs = [(k, _act_mode(k), _owned(g, k), _owned(u, k), _owned(dn, k))
                 for (g, u, dn), k in zip(experts, kinds)]
         return _mods["c"].swiglu_sum(x, jobs, coefs)
     x2 = x[None, :]
@@ -634,6 +639,51 @@ def heads_matvec(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
                      for h in range(x.shape[0])])
 
 
+def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b, scale: float,
+                 dims) -> np.ndarray:
+    """The absorbed MLA attention of ONE decode token (spec §8.3) from its projections   -> f32 [H * dv].
+
+    q [H * (dn + dr)] (q_pe not rotated), kva [R + dr] (kv_a_proj_with_mqa output), ln / eps: kv_a_layernorm,
+    inv_freq [dr / 2] (angles pos * inv_freq), rows: the layer's cache buffer [>= n + 1, R + dr] with n rows
+    held -- row n is written here ([RMSNorm(c) | RoPE(k_pe)]); kv_b: kv_b_proj [H * (dn + dv), R] in any stored
+    form; dims = (H, dn, dr, dv, R). With the C backend one call (pk_mla_absorbed: heads in parallel, W_uk /
+    W_uv read in the stored form); otherwise, and as its twin, mla_absorbed_reference."""
+    H, dn, dr, dv, R = (int(d) for d in dims)
+    q = np.asarray(q, dtype=np.float32).reshape(-1)
+    kva = np.asarray(kva, dtype=np.float32).reshape(-1)
+    if q.size != H * (dn + dr) or kva.size != R + dr or tuple(kv_b.shape) != (H * (dn + dv), R):
+        raise ValueError(f"mla_absorbed: q [{q.size}], kva [{kva.size}], kv_b {list(kv_b.shape)} do not fit "
+                         f"heads={H}, dn={dn}, dr={dr}, dv={dv}, R={R}")
+    if rows.ndim != 2 or rows.shape[1] != R + dr or not 0 <= n < rows.shape[0] or pos < 0:
+        raise ValueError(f"mla_absorbed: cache rows {list(rows.shape)} cannot take row {n} of width {R + dr} "
+                         f"(position {pos})")
+    kind = ref.weight_kind(kv_b)
+    if backend() == "c" and kind in _C_KINDS:
+        return _mods["c"].mla_absorbed(q, kva, ln, eps, inv_freq, pos, rows, n, kind, _act_mode(kind),
+                                       *_owned(kv_b, kind), scale, (H, dn, dr, dv, R)).reshape(-1)
+    return mla_absorbed_reference(q, kva, ln, eps, inv_freq, pos, rows, n, kv_b, scale, dims)
+
+
+def mla_absorbed_reference(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b,
+                           scale: float, dims) -> np.ndarray:
+    """The NumPy twin of mla_absorbed under the current settings (W_uv products through reference())."""
+    H, dn, dr, dv, R = (int(d) for d in dims)
+    q = np.asarray(q, dtype=np.float32).reshape(H, dn + dr)
+    kva = np.asarray(kva, dtype=np.float32).reshape(-1)
+    ang = (np.float32(pos) * np.asarray(inv_freq, dtype=np.float32))[None, :]              # [1, dr/2]
+    rows[n, :R] = ref.rms_norm(kva[:R], ln, eps)
+    rows[n, R:] = ref.rope_interleaved(kva[None, R:], ang)[0]
+    keys = rows[:min(n + 1, pos + 1)]                                                         # causal
+    o = np.empty((H, dv), dtype=np.float32)
+    for h in range(H):
+        r0 = h * (dn + dv)
+        q_lat = ref.vecmat(q[h, :dn], ref.weight_rows(kv_b, r0, r0 + dn))                    # [R]
+        q_pe = ref.rope_interleaved(q[h, dn:][None, :], ang)[0]                              # [dr]
+        p = ref.softmax((keys @ np.concatenate([q_lat, q_pe])) * np.float32(scale))         # [N]
+        o[h] = reference((p @ keys[:, :R])[None, :], ref.weight_rows(kv_b, r0 + dn, r0 + dn + dv))[0]
+    return o.reshape(-1)
+
+
 # ------------------------------------------------------------------------------ small fused ops
 
 def _nb():
@@ -653,6 +703,21 @@ def rms_norm(x, weight, eps: float) -> np.ndarray:
     out = np.empty_like(x2)
     nb.rms_norm(x2, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out)
     return out.reshape(x.shape)
+
+
+def add_rms_norm(x, a, weight, eps: float):
+    """(x + a, rms_norm(x + a, weight, eps)) in one pass   # x, a [..., d] (twin: ref.add_rms_norm)."""
+    nb = _nb()
+    x = np.asarray(x, dtype=np.float32)
+    a = np.asarray(a, dtype=np.float32)
+    if nb is None or x.shape != a.shape or x.ndim == 0:
+        return ref.add_rms_norm(x, a, weight, eps)
+    d = x.shape[-1]
+    xo = np.empty(x.shape, dtype=np.float32)
+    out = np.empty(x.shape, dtype=np.float32)
+    nb.add_rms_norm(np.ascontiguousarray(x).reshape(-1, d), np.ascontiguousarray(a).reshape(-1, d),
+                    np.ascontiguousarray(weight, dtype=np.float32), float(eps), xo.reshape(-1, d), out.reshape(-1, d))
+    return xo, out
 
 
 def softmax(x, axis: int = -1) -> np.ndarray:
@@ -690,6 +755,24 @@ def topk(scores, k: int):
     return ids, vals
 
 
+def route_select(logits, bias, scoring: str, k: int, n_group: int = 1, topk_group: int = 1, group_top2: bool = True,
+                 norm: bool = True, scaling: float = 1.0):
+    """The router's selection (ref.route_select: scores, ids ascending, weights, margin) in one Numba call
+    per batch instead of ~25 NumPy calls -- at 27 layers per decoded token that glue was ~0.2 ms a layer."""
+    nb = _nb()
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    S, E = logits.shape
+    if nb is None or scoring not in ("sigmoid", "softmax") or not 0 < k <= E or E % max(n_group, 1):
+        return ref.route_select(logits, bias, scoring, k, n_group, topk_group, group_top2, norm, scaling)
+    b = np.zeros(E, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
+    scores = np.empty((S, E), np.float32)
+    ids = np.empty((S, k), np.int32)
+    weights = np.empty((S, k), np.float32)
+    margin = np.empty(S, np.float32)
+    nb.route_select(logits, b, scoring == "sigmoid", int(k), max(int(n_group), 1), int(topk_group), bool(group_top2),
+                    bool(norm), float(scaling), scores, ids, weights, margin)
+    return scores, ids, weights, margin
+
 def group_by_expert(ids, n_experts: int):
     nb = _nb()
     if nb is None:
@@ -725,7 +808,7 @@ def scatter_add_weighted(out, rows, y, weights) -> np.ndarray:
     return out
 
 
-__all__ = ["parallel_for", "matmul", "matmul_many", "reference", "set_act_quant", "act_quant", "backend", "backends", "set_backend", "set_threads", "get_threads", "rms_norm", "softmax",
-           "rope_interleaved", "topk", "group_by_expert", "gather_rows", "scatter_add_weighted", "ref",
+__all__ = ["parallel_for", "matmul", "matmul_many", "reference", "set_act_quant", "act_quant", "backend", "backends", "set_backend", "set_threads", "get_threads", "rms_norm", "add_rms_norm", "softmax",
+           "rope_interleaved", "topk", "route_select", "group_by_expert", "gather_rows", "scatter_add_weighted", "ref",
            "SMALL_N", "TILE_ELEMS", "TASK_ELEMS", "BACKENDS", "widen", "swiglu_sum",
-           "swiglu_sum_reference"]
+           "swiglu_sum_reference", "mla_absorbed", "mla_absorbed_reference"]

@@ -105,28 +105,38 @@ ACT = {"f32": 0, "i8": 1, "i16": 2}
 _CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
 
 
-def _weight_buffers(f: int, wdata, scales):
+def _weight_buffers(f: int, wdata, scales, owner=None):
     """A stored weight's contiguous arrays and C pointers: (w, scales, w ptr, scales ptr or NULL). The
-    arrays are returned so the caller keeps them alive through the call."""
+    arrays are returned so the caller keeps them alive through the call. With ``owner``, the weight object
+    the arrays belong to (immutable; its arrays are views of the mapped file that never move), the result is
+    made once and kept on it: a decode step passes ~25 weights per layer, and rebuilding their pointers each
+    time was a visible part of the step's Python time."""
+    if owner is not None:
+        got = getattr(owner, "_c_buffers", None)
+        if got is not None and got[0] == f:
+            return got[1]
     wdata = np.ascontiguousarray(wdata)
     if scales is not None:
         scales = np.ascontiguousarray(scales, dtype=np.float32)
-    return (wdata, scales, ffi.cast("void *", _ptr(_CT[f], wdata)),
-            _ptr("float[]", scales) if scales is not None else ffi.NULL)
+    res = (wdata, scales, ffi.cast("void *", _ptr(_CT[f], wdata)),
+           _ptr("float[]", scales) if scales is not None else ffi.NULL)
+    if owner is not None and hasattr(owner, "__dict__"):
+        object.__setattr__(owner, "_c_buffers", (f, res))   # frozen dataclasses: a derived, immutable cache
+    return res
 
 
-def _job_buffers(x, kind, wdata, scales):
+def _job_buffers(x, kind, wdata, scales, owner=None):
     """One job's contiguous buffers and C pointers: (fmt, x, w, scales, x ptr, w ptr, scales ptr or NULL)."""
     f = FMT[kind]
     x = np.ascontiguousarray(x, dtype=np.float32)
-    wdata, scales, wp, sp = _weight_buffers(f, wdata, scales)
+    wdata, scales, wp, sp = _weight_buffers(f, wdata, scales, owner)
     return (f, x, wdata, scales, _ptr("float[]", x), wp, sp)
 
 
 def matmul_many(jobs):
-    """jobs: list of (x [n, in] f32, kind, wdata, scales or None, act) -> list of y [n, out], in one C call
-    (one OpenMP region for all). kind in FMT; act in ACT."""
-    bufs = [_job_buffers(x, kind, wdata, scales) for x, kind, wdata, scales, _ in jobs]
+    """jobs: list of (x [n, in] f32, kind, wdata, scales or None, act[, owner]) -> list of y [n, out], in one C
+    call (one OpenMP region for all). kind in FMT; act in ACT; owner: see _weight_buffers."""
+    bufs = [_job_buffers(*j[:4], *j[5:]) for j in jobs]
     ys = [np.empty((b[1].shape[0], b[2].shape[0]), dtype=np.float32) for b in bufs]
     rc = lib.pk_matmul_many(len(jobs), [b[0] for b in bufs], [ACT[j[4]] for j in jobs], [b[4] for b in bufs],
                             [b[1].shape[0] for b in bufs], [b[1].shape[1] for b in bufs], [b[5] for b in bufs],
@@ -138,8 +148,8 @@ def matmul_many(jobs):
 
 def swiglu_sum(x: np.ndarray, experts, coefs) -> np.ndarray:
     """One token's MoE FFN in one C call: sum_k coefs[k] * down_k(silu(gate_k(x)) * up_k(x)).
-    x f32 [d]; experts: list of (kind, act, (gate data, scales), (up data, scales), (down data, scales)) with
-    gate/up [I_k, d] and down [d, I_k] in format `kind` (scales None for f32/bf16)."""
+    x f32 [d]; experts: list of (kind, act, (gate data, scales, owner), (up ...), (down ...)) with gate/up
+    [I_k, d] and down [d, I_k] in format `kind` (scales None for f32/bf16; owner: see _weight_buffers)."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     d, count = x.shape[0], len(experts)
     keep, ptrs = [], {"g": [], "sg": [], "u": [], "su": [], "d": [], "sd": []}
@@ -149,8 +159,8 @@ def swiglu_sum(x: np.ndarray, experts, coefs) -> np.ndarray:
         fmts.append(f)
         acts.append(ACT[act])
         inter.append(g[0].shape[0])
-        for key, (data, sc) in (("g", g), ("u", u), ("d", dn)):
-            data, sc, wp, sp = _weight_buffers(f, data, sc)
+        for key, (data, sc, owner) in (("g", g), ("u", u), ("d", dn)):
+            data, sc, wp, sp = _weight_buffers(f, data, sc, owner)
             keep.append((data, sc))
             ptrs[key].append(wp)
             ptrs["s" + key].append(sp)
@@ -198,6 +208,29 @@ def heads(op: str, x: np.ndarray, kind: str, wdata: np.ndarray, scales, in_f: in
     if rc != 0:
         raise ValueError(f"pk_{op} on {H} heads failed ({rc})")
     return y
+
+
+def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kind: str, act: str,
+                 wdata, scales, owner, scale: float, dims) -> np.ndarray:
+    """pk_mla_absorbed (one decode token's absorbed MLA attention; writes rows[n]) -> o f32 [H, dv].
+    rows: the layer's cache buffer, float32 C-contiguous [>= n + 1, R + dr] (written in place);
+    dims = (H, dn, dr, dv, R)."""
+    H, dn, dr, dv, R = dims
+    if rows.dtype != np.float32 or not rows.flags.c_contiguous or rows.shape[0] <= n:
+        raise ValueError(f"mla_absorbed: cache rows {rows.dtype}{list(rows.shape)} cannot take row {n}")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    kva = np.ascontiguousarray(kva, dtype=np.float32)
+    ln = np.ascontiguousarray(ln, dtype=np.float32)
+    inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
+    f = FMT[kind]
+    wdata, scales, wp, sp = _weight_buffers(f, wdata, scales, owner)
+    out = np.empty((H, dv), dtype=np.float32)
+    rc = lib.pk_mla_absorbed(H, dn, dr, dv, R, _ptr("float[]", q), _ptr("float[]", kva), _ptr("float[]", ln),
+                             float(eps), _ptr("float[]", inv_freq), int(pos), _ptr("float[]", rows), int(n), f,
+                             ACT[act], wp, sp, float(scale), _ptr("float[]", out))
+    if rc != 0:
+        raise (MemoryError if rc == -1 else ValueError)(f"pk_mla_absorbed failed ({rc})")
+    return out
 
 
 def set_threads(n: int) -> None:

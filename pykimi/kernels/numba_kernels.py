@@ -123,6 +123,21 @@ def rms_norm(x, weight, eps, out):
             out[r, i] = (x[r, i] * inv) * weight[i]
 
 
+@njit(fastmath=False, cache=True)
+def add_rms_norm(x, a, weight, eps, xo, out):
+    """xo = x + a; out = rms_norm(xo) (rows of [rows, d]): the residual add and the next pre-norm in one pass."""
+    rows, d = x.shape
+    for r in range(rows):
+        s = 0.0
+        for i in range(d):
+            v = x[r, i] + a[r, i]
+            xo[r, i] = v
+            s += np.float64(v) * v
+        inv = np.float32(1.0) / np.sqrt(np.float32(s / d) + np.float32(eps))
+        for i in range(d):
+            out[r, i] = (xo[r, i] * inv) * weight[i]
+
+
 @njit(cache=True)
 def softmax(x, out):
     """Row softmax over the last axis of a 2-D array, max subtracted first."""
@@ -179,6 +194,84 @@ def topk(scores, k, ids, vals):
             taken[best] = True
             ids[r, j] = best
             vals[r, j] = scores[r, best]
+
+
+@njit(cache=True)
+def route_select(logits, bias, sigmoid, k, n_group, topk_group, group_top2, norm, scaling, scores, ids, weights,
+                 margin):
+    """ref.route_select for every row of logits [S, E] in one call (bias: zeros when unused; outputs preallocated:
+    scores [S, E], ids int32 [S, k], weights [S, k], margin [S]). Selection by k passes of argmax over the
+    not-yet-taken entries (ties -> lower id), as topk; groups the same way."""
+    S, E = logits.shape
+    per = E // n_group
+    choice = np.empty(E, np.float32)
+    taken = np.zeros(E, np.bool_)
+    gscore = np.empty(n_group, np.float32)
+    gkeep = np.zeros(n_group, np.bool_)
+    for s in range(S):
+        if sigmoid:
+            for e in range(E):
+                scores[s, e] = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits[s, e]))
+        else:
+            m = logits[s, 0]
+            for e in range(1, E):
+                m = max(m, logits[s, e])
+            tot = np.float32(0.0)
+            for e in range(E):
+                scores[s, e] = np.exp(logits[s, e] - m)
+                tot += scores[s, e]
+            for e in range(E):
+                scores[s, e] = scores[s, e] / tot
+        for e in range(E):
+            choice[e] = scores[s, e] + bias[e]
+        if n_group > 1:
+            for g in range(n_group):
+                a1 = -np.inf  # largest and second largest choice of the group
+                a2 = -np.inf
+                for e in range(g * per, (g + 1) * per):
+                    v = choice[e]
+                    if v > a1:
+                        a2 = a1
+                        a1 = v
+                    elif v > a2:
+                        a2 = v
+                gscore[g] = np.float32(a2 + a1) if group_top2 and per > 1 else np.float32(a1)
+                gkeep[g] = False
+            for j in range(min(topk_group, n_group)):
+                best = -1
+                for g in range(n_group):
+                    if not gkeep[g] and (best < 0 or gscore[g] > gscore[best]):
+                        best = g
+                gkeep[best] = True
+            for e in range(E):
+                if not gkeep[e // per]:
+                    choice[e] = -np.inf
+        taken[:] = False
+        kth = np.float32(0.0)
+        for j in range(min(k + 1, E)):
+            best = -1
+            for e in range(E):
+                if not taken[e] and (best < 0 or choice[e] > choice[best]):
+                    best = e
+            if j < k:
+                taken[best] = True
+                kth = choice[best]
+            else:
+                margin[s] = kth - choice[best]
+        if k >= E:
+            margin[s] = np.inf
+        j = 0
+        tot = np.float32(0.0)
+        for e in range(E):  # ascending ids
+            if taken[e]:
+                ids[s, j] = e
+                weights[s, j] = scores[s, e]
+                tot += scores[s, e]
+                j += 1
+        for j in range(k):
+            if norm and k > 1:
+                weights[s, j] = weights[s, j] / (tot + np.float32(1e-20))
+            weights[s, j] = weights[s, j] * np.float32(scaling)
 
 
 @njit(cache=True)

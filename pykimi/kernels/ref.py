@@ -166,6 +166,12 @@ def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
     return (x / np.sqrt(var + np.float32(eps))) * np.asarray(weight, dtype=np.float32)
 
 
+def add_rms_norm(x: np.ndarray, a: np.ndarray, weight: np.ndarray, eps: float):
+    """(x + a, rms_norm(x + a)): a residual add and the next pre-norm."""
+    xo = np.asarray(x, dtype=np.float32) + np.asarray(a, dtype=np.float32)
+    return xo, rms_norm(xo, weight, eps)
+
+
 def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     """Numerically stable softmax in float32 (max subtracted first)."""
     x = np.asarray(x, dtype=np.float32)
@@ -196,6 +202,49 @@ def topk(scores: np.ndarray, k: int):
     scores = np.asarray(scores, dtype=np.float32)
     ids = np.argsort(-scores, axis=-1, kind="stable")[:, :k].astype(np.int64)
     return ids, np.take_along_axis(scores, ids, axis=-1)
+
+
+def route_select(logits: np.ndarray, bias, scoring: str, k: int, n_group: int, topk_group: int,
+                 group_top2: bool, norm: bool, scaling: float):
+    """The router's selection from logits f32 [S, E] (spec §8.4; DeepSeek-V3 noaux_tc and the greedy rules)
+    -> (scores f32 [S, E], ids i32 [S, k] ascending, weights f32 [S, k], margin f32 [S]).
+
+    scores = sigmoid(logits) ("sigmoid") or softmax ("softmax"); choice = scores + bias (bias None: scores);
+    with n_group > 1 only the topk_group best groups stay (a group's score: the sum of its top-2 choices when
+    group_top2, else its max; dropped groups -inf); ids = the k best choices (stable: ties -> lower id), sorted;
+    weights = their unbiased scores, normalised to sum 1 when norm (and k > 1), times scaling; margin = k-th
+    minus (k+1)-th choice."""
+    logits = np.asarray(logits, dtype=np.float32)
+    S, E = logits.shape
+    if scoring == "sigmoid":
+        with np.errstate(over="ignore"):
+            scores = np.float32(1.0) / (np.float32(1.0) + np.exp(-logits))                 # [S, E]
+    else:
+        m = logits.max(axis=-1, keepdims=True)
+        e = np.exp(logits - m)
+        scores = e / e.sum(axis=-1, keepdims=True)
+    choice = scores + np.asarray(bias, dtype=np.float32)[None, :] if bias is not None else scores.copy()
+    if n_group > 1:
+        g = choice.reshape(S, n_group, E // n_group)                                      # [S, G, E/G]
+        group_score = np.sort(g, axis=-1)[..., -2:].sum(axis=-1) if group_top2 else g.max(axis=-1)
+        keep = np.argsort(-group_score, axis=-1, kind="stable")[:, :topk_group]           # [S, topk_group]
+        gmask = np.zeros((S, n_group), dtype=bool)
+        np.put_along_axis(gmask, keep, True, axis=-1)
+        # Dropped groups get -inf (HF fills 0.0, spec §11.6; identical whenever scores are positive).
+        choice = np.where(np.repeat(gmask, E // n_group, axis=-1), choice, -np.inf).astype(np.float32)
+    order = np.argsort(-choice, axis=-1, kind="stable")                                    # [S, E] best first
+    ids = order[:, :k]                                                                     # [S, k]
+    kth = np.take_along_axis(choice, order[:, k - 1:k], axis=-1)[:, 0]
+    if k < E:
+        margin = (kth - np.take_along_axis(choice, order[:, k:k + 1], axis=-1)[:, 0]).astype(np.float32)
+    else:
+        margin = np.full(S, np.inf, dtype=np.float32)
+    ids = np.sort(ids, axis=-1)                                                            # ascending (golden)
+    weights = np.take_along_axis(scores, ids, axis=-1).astype(np.float32)                  # unbiased scores
+    if norm and k > 1:
+        weights = weights / (weights.sum(axis=-1, keepdims=True) + np.float32(1e-20))
+    weights = weights * np.float32(scaling)
+    return scores.astype(np.float32, copy=False), ids.astype(np.int32), weights.astype(np.float32), margin
 
 
 def group_by_expert(ids: np.ndarray, n_experts: int):
