@@ -664,9 +664,17 @@ static PK_AVX2 void tile_q8w_avx2(const pk_tile *tl) {
  * prefetcher, which stops at every 4 KiB page boundary (a weight row of 2048 bf16 is exactly one page). */
 #if PK_HAVE_AVX512
 
-#define PK_PF 1024 /* prefetch distance in bytes of weights: measured 15-60 % faster than none, flat to 4 KiB */
+#define PK_PF 1024    /* prefetch distance in bytes of weights: measured 15-60 % faster than none, flat to 4 KiB */
+#define PK_PF_L2 4096 /* ... and a second one, a page further, into L2 only */
 
-PK_AVX512_INLINE void prefetch(const void *p) { _mm_prefetch((const char *)p, _MM_HINT_T0); }
+/* Why two: a core has ~16 line-fill buffers for L1 misses but several times as many L2 miss slots, and two
+ * threads must keep enough lines in flight to cover the DRAM latency. With weights that come from DRAM (the
+ * 27-layer model, ~1 GB a token; the 4-layer one largely sits in this host's L3) the L2 prefetch a page ahead
+ * made the 27-layer int4 decode 10 % faster (89 -> 80 ms a token); 2, 3, 6 and 12 KiB measured alike. */
+PK_AVX512_INLINE void prefetch(const void *p) {
+    _mm_prefetch((const char *)p, _MM_HINT_T0);
+    _mm_prefetch((const char *)p + PK_PF_L2, _MM_HINT_T1);
+}
 
 /* 16 bf16 -> 16 f32: zero-extend to 32 bits and shift into the high half (exact). */
 PK_AVX512_INLINE __m512 bf16x16(const uint16_t *p) {
@@ -1404,9 +1412,7 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
 /* The decode step's MoE FFN in one call (see the header): why -- between the gate/up products and the down
  * products the Python path computed silu(g) * u per expert and built a second call, and at 27 layers that
  * glue was a large part of the time a token spends outside the kernels. NumPy twin: ref.swiglu_sum. */
-int pk_swiglu_sum(int count, const int *fmts, const int *acts, const float *x, int64_t d, const int64_t *inter,
-                  const void *const *wg, const float *const *sg, const void *const *wu, const float *const *su,
-                  const void *const *wd, const float *const *sd, const float *coef, float *out) {
+int pk_swiglu_sum(int count, const pk_expert *experts, const float *x, int64_t d, const float *coef, float *out) {
     pk_job stack[128], *jobs;
     int64_t total = 0, off, i;
     float *gu, *ys;
@@ -1416,8 +1422,8 @@ int pk_swiglu_sum(int count, const int *fmts, const int *acts, const float *x, i
         return 0;
     }
     for (k = 0; k < count; k++) {
-        if (fmts[k] < F_F32 || fmts[k] > F_Q4) return -2;
-        total += inter[k];
+        if (experts[k].fmt < F_F32 || experts[k].fmt > F_Q4) return -2;
+        total += experts[k].inter;
     }
     jobs = 2 * count <= 128 ? stack : (pk_job *)malloc(sizeof(pk_job) * (size_t)(2 * count));
     gu = (float *)malloc(sizeof(float) * (size_t)(2 * total + 1));
@@ -1427,17 +1433,20 @@ int pk_swiglu_sum(int count, const int *fmts, const int *acts, const float *x, i
         goto done;
     }
     /* gate and up of every expert: g_k = gu[off, off + I_k), u_k = gu[total + off, ...) */
-    for (k = 0, off = 0; k < count; off += inter[k], k++) {
-        job_set(&jobs[2 * k], fmts[k], acts[k], x, 1, d, wg[k], sg[k], inter[k], gu + off);
-        job_set(&jobs[2 * k + 1], fmts[k], acts[k], x, 1, d, wu[k], su[k], inter[k], gu + total + off);
+    for (k = 0, off = 0; k < count; off += experts[k].inter, k++) {
+        const pk_expert *e = &experts[k];
+        job_set(&jobs[2 * k], e->fmt, e->act, x, 1, d, e->g, e->sg, e->inter, gu + off);
+        job_set(&jobs[2 * k + 1], e->fmt, e->act, x, 1, d, e->u, e->su, e->inter, gu + total + off);
     }
     run_jobs(jobs, 2 * count);
     for (i = 0; i < total; i++) { /* silu(g) * u, in place over g: x / (1 + e^-x) as moe.silu */
         const float g = gu[i];
         gu[i] = g / (1.0f + expf(-g)) * gu[total + i];
     }
-    for (k = 0, off = 0; k < count; off += inter[k], k++)
-        job_set(&jobs[k], fmts[k], acts[k], gu + off, 1, inter[k], wd[k], sd[k], d, ys + k * d);
+    for (k = 0, off = 0; k < count; off += experts[k].inter, k++) {
+        const pk_expert *e = &experts[k];
+        job_set(&jobs[k], e->fmt, e->act, gu + off, 1, e->inter, e->d, e->sd, d, ys + k * d);
+    }
     run_jobs(jobs, count);
     for (i = 0; i < d; i++) out[i] = 0.0f;
     for (k = 0; k < count; k++) { /* weighted sum in expert order (as the Python scatter-add) */
@@ -1554,17 +1563,24 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
 }
 
 /* ------------------------------------------------------------ the absorbed MLA decode of one token */
-/* Dot products and axpys over f32 rows of the latent cache. The loops keep 16 independent partial sums,
- * so the compiler vectorises them without reassociating anything; one body, compiled once per level with
- * that level's target (the level changes the speed and, for the dot, the summation order). */
+/* Dot products and axpys over f32 rows of the latent cache. The dot keeps 64 independent partial sums (four
+ * vector accumulators at AVX-512: one chain would wait on each FMA's latency), so the compiler vectorises
+ * it without reassociating anything; one body, compiled once per level with that level's target (the level
+ * changes the speed and, for the dot, the summation order). */
 #define PK_DOT_BODY                                                    \
     {                                                                  \
-        float acc[16] = {0.0f}, s = 0.0f;                              \
+        float acc[64] = {0.0f}, s = 0.0f;                              \
         int64_t i, k;                                                  \
-        for (i = 0; i + 16 <= n; i += 16)                              \
+        for (i = 0; i + 64 <= n; i += 64)                              \
+            for (k = 0; k < 64; k++) acc[k] += a[i + k] * b[i + k];    \
+        for (; i + 16 <= n; i += 16)                                   \
             for (k = 0; k < 16; k++) acc[k] += a[i + k] * b[i + k];    \
+        for (k = 0; k < 32; k++) acc[k] += acc[k + 32]; /* a tree */  \
+        for (k = 0; k < 16; k++) acc[k] += acc[k + 16];               \
+        for (k = 0; k < 8; k++) acc[k] += acc[k + 8];                  \
+        for (k = 0; k < 4; k++) acc[k] += acc[k + 4];                  \
+        s = (acc[0] + acc[2]) + (acc[1] + acc[3]);                     \
         for (; i < n; i++) s += a[i] * b[i];                           \
-        for (k = 0; k < 16; k++) s += acc[k];                          \
         return s;                                                      \
     }
 #define PK_AXPY_BODY                                 \
@@ -1572,43 +1588,88 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
         int64_t i;                                   \
         for (i = 0; i < n; i++) y[i] += c * a[i];    \
     }
+/* o[0:64] += sum_t p[t] r_t[0:64] over nt rows r_t = r + t * stride: the 64 sums stay in registers across
+ * the rows (a constant width the compiler can keep in four AVX-512 / eight AVX2 vectors). */
+#define PK_AXPY64_BODY                                           \
+    {                                                            \
+        float acc[64];                                           \
+        int64_t t, k;                                            \
+        for (k = 0; k < 64; k++) acc[k] = o[k];                  \
+        for (t = 0; t < nt; t++) {                               \
+            const float pt = p[t], *rt = r + t * stride;         \
+            for (k = 0; k < 64; k++) acc[k] += pt * rt[k];       \
+        }                                                        \
+        for (k = 0; k < 64; k++) o[k] = acc[k];                  \
+    }
+/* y[j] = a . b_j for four rows b_j = b + j * stride: a is loaded once for all four and the four chains are
+ * independent (the scores of one head against four cache rows). */
+#define PK_DOT4_BODY                                                                  \
+    {                                                                                 \
+        float a0[16], a1[16], a2[16], a3[16], *acc[4];                                \
+        const float *b1 = b + stride, *b2 = b + 2 * stride, *b3 = b + 3 * stride;     \
+        int64_t i, j, k;                                                              \
+        for (k = 0; k < 16; k++) a0[k] = a1[k] = a2[k] = a3[k] = 0.0f;                \
+        for (i = 0; i + 16 <= n; i += 16)                                             \
+            for (k = 0; k < 16; k++) {                                                \
+                const float ak = a[i + k];                                            \
+                a0[k] += ak * b[i + k];                                               \
+                a1[k] += ak * b1[i + k];                                              \
+                a2[k] += ak * b2[i + k];                                              \
+                a3[k] += ak * b3[i + k];                                              \
+            }                                                                         \
+        acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;                           \
+        for (j = 0; j < 4; j++) {                                                     \
+            float *c = acc[j], s;                                                     \
+            for (k = 0; k < 8; k++) c[k] += c[k + 8]; /* a tree */                    \
+            for (k = 0; k < 4; k++) c[k] += c[k + 4];                                 \
+            s = (c[0] + c[2]) + (c[1] + c[3]);                                        \
+            for (k = i; k < n; k++) s += a[k] * b[j * stride + k];                    \
+            y[j] = s;                                                                 \
+        }                                                                             \
+    }
 static float dot_scalar(const float *a, const float *b, int64_t n) PK_DOT_BODY
+static void dot4_scalar(const float *a, const float *b, int64_t stride, int64_t n, float *y) PK_DOT4_BODY
 static void axpy_scalar(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
+static void axpy64_scalar(const float *p, const float *r, int64_t stride, int64_t nt, float *o) PK_AXPY64_BODY
 #if PK_X86
 static PK_AVX2 float dot_avx2(const float *a, const float *b, int64_t n) PK_DOT_BODY
+static PK_AVX2 void dot4_avx2(const float *a, const float *b, int64_t stride, int64_t n, float *y) PK_DOT4_BODY
 static PK_AVX2 void axpy_avx2(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
+static PK_AVX2 void axpy64_avx2(const float *p, const float *r, int64_t stride, int64_t nt, float *o) PK_AXPY64_BODY
 #endif
 #if PK_HAVE_AVX512
 static PK_AVX512 float dot_avx512(const float *a, const float *b, int64_t n) PK_DOT_BODY
+static PK_AVX512 void dot4_avx512(const float *a, const float *b, int64_t stride, int64_t n, float *y)
+    PK_DOT4_BODY
 static PK_AVX512 void axpy_avx512(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
+static PK_AVX512 void axpy64_avx512(const float *p, const float *r, int64_t stride, int64_t nt, float *o)
+    PK_AXPY64_BODY
+#endif
+
+/* NAME_avx512 / NAME_avx2 / NAME_scalar ARGS at SIMD level simd (the levels this build has). */
+#if PK_HAVE_AVX512
+#define PK_LEVEL_CALL(simd, NAME, ARGS) \
+    ((simd) >= 2 ? NAME##_avx512 ARGS : (simd) == 1 ? NAME##_avx2 ARGS : NAME##_scalar ARGS)
+#elif PK_X86
+#define PK_LEVEL_CALL(simd, NAME, ARGS) ((simd) >= 1 ? NAME##_avx2 ARGS : NAME##_scalar ARGS)
+#else
+#define PK_LEVEL_CALL(simd, NAME, ARGS) ((void)(simd), NAME##_scalar ARGS)
 #endif
 
 static float dot_level(int simd, const float *a, const float *b, int64_t n) {
-#if PK_HAVE_AVX512
-    if (simd >= 2) return dot_avx512(a, b, n);
-#endif
-#if PK_X86
-    if (simd == 1) return dot_avx2(a, b, n);
-#endif
-    (void)simd;
-    return dot_scalar(a, b, n);
+    return PK_LEVEL_CALL(simd, dot, (a, b, n));
+}
+
+static void dot4_level(int simd, const float *a, const float *b, int64_t stride, int64_t n, float *y) {
+    PK_LEVEL_CALL(simd, dot4, (a, b, stride, n, y));
 }
 
 static void axpy_level(int simd, float c, const float *a, float *y, int64_t n) {
-#if PK_HAVE_AVX512
-    if (simd >= 2) {
-        axpy_avx512(c, a, y, n);
-        return;
-    }
-#endif
-#if PK_X86
-    if (simd == 1) {
-        axpy_avx2(c, a, y, n);
-        return;
-    }
-#endif
-    (void)simd;
-    axpy_scalar(c, a, y, n);
+    PK_LEVEL_CALL(simd, axpy, (c, a, y, n));
+}
+
+static void axpy64_level(int simd, const float *p, const float *r, int64_t stride, int64_t nt, float *o) {
+    PK_LEVEL_CALL(simd, axpy64, (p, r, stride, nt, o));
 }
 
 /* Interleaved RoPE (spec §8.3): pairs (x[2i], x[2i+1]) rotated by the angle whose cos / sin are cs[i] /
@@ -1623,37 +1684,80 @@ static void rope_pairs(const float *x, const float *cs, int64_t half, float *y) 
 }
 
 typedef struct {
-    int64_t dn, dr, dv, R, W, N, nvis, nbk, rb;
+    int64_t H, dn, dr, dv, R, W, N, nvis, nbk, rb;
     const float *q, *cs, *rows, *sc;
     const char *kvb;
     float scale, *out;
+    float *qc, *s, *ol; /* scratch: [q_lat | rope(q_pe)] [H][W], scores / probabilities [H][N], o_lat [H][R] */
     int fmt, act, simd;
 } pk_mla;
 
-/* One head of the absorbed decode; sp: W + N + R floats of scratch. */
-static void mla_head(const pk_mla *m, int64_t h, float *sp) {
-    float *qc = sp, *s = sp + m->W, *ol = sp + m->W + m->N, mx = -INFINITY, sum = 0.0f;
+#define PK_MLA_ROWS 32 /* cache rows per task of the score phase */
+#define PK_MLA_COLS 64 /* latent columns per task of the value phase */
+
+/* Head h's query in latent space: qc[h] = [q_nope W_uk[h] | rope(q_pe)] (W_uk[h] rows decoded once). */
+static void mla_query(const pk_mla *m, int64_t h) {
     const float *qh = m->q + h * (m->dn + m->dr);
-    const int64_t uk = h * (m->dn + m->dv), uv = uk + m->dn; /* W_uk[h], W_uv[h]: kv_b_proj rows from */
-    int64_t t, i;
-    pk_job j;
-    /* [q_lat | q_pe]: q_lat = q_nope W_uk[h] (rows decoded once, as heads_vecmat), q_pe rotated */
+    const int64_t uk = h * (m->dn + m->dv); /* W_uk[h] = kv_b_proj rows uk .. uk + dn */
+    float *qc = m->qc + h * m->W;
     vecmat_level(m->simd, m->fmt, qh, m->dn, m->R, m->kvb + uk * m->rb, m->sc ? m->sc + uk * m->nbk : NULL, qc);
     rope_pairs(qh + m->dn, m->cs, m->dr / 2, qc + m->R);
-    /* scores over the visible cache rows [c | k_pe], scaled, then the softmax in f32 (as attention.softmax) */
-    for (t = 0; t < m->nvis; t++) {
-        s[t] = dot_level(m->simd, qc, m->rows + t * m->W, m->W) * m->scale;
+}
+
+/* Scaled scores of cache rows [t0, t1) for every head: each row is read once for all heads (a per-head
+ * loop streamed the whole cache once per head, 16 times a layer). */
+static void mla_scores(const pk_mla *m, int64_t t0, int64_t t1) {
+    int64_t t, h, j;
+    for (t = t0; t + 4 <= t1; t += 4) /* four rows at a time (dot4), then one by one */
+        for (h = 0; h < m->H; h++) {
+            float *s = m->s + h * m->N + t;
+            dot4_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W, m->W, s);
+            for (j = 0; j < 4; j++) s[j] *= m->scale;
+        }
+    for (; t < t1; t++)
+        for (h = 0; h < m->H; h++)
+            m->s[h * m->N + t] = dot_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W) * m->scale;
+}
+
+/* Softmax of head h's visible scores in place (f32, max subtracted: as attention.softmax). */
+static void mla_softmax(const pk_mla *m, int64_t h) {
+    float *s = m->s + h * m->N, mx = -INFINITY, sum = 0.0f;
+    int64_t t;
+    for (t = 0; t < m->nvis; t++)
         if (s[t] > mx) mx = s[t];
-    }
     for (t = 0; t < m->nvis; t++) {
         s[t] = expf(s[t] - mx);
         sum += s[t];
     }
-    for (i = 0; i < m->R; i++) ol[i] = 0.0f;
-    for (t = 0; t < m->nvis; t++) axpy_level(m->simd, s[t] / sum, m->rows + t * m->W, ol, m->R);
-    /* o[h] = W_uv[h] o_lat: one row of x through the matmul path (activation mode included) */
-    job_set(&j, m->fmt, m->act, ol, 1, m->R, m->kvb + uv * m->rb, m->sc ? m->sc + uv * m->nbk : NULL, m->dv,
-            m->out + h * m->dv);
+    for (t = 0; t < m->nvis; t++) s[t] /= sum;
+}
+
+/* o_lat[h][c0:c1] = sum_t p[h, t] c_t[c0:c1] for every head, rows in order: blocks of PK_MLA_ROWS rows (in
+ * L1) against every head's accumulator, 64 columns kept in registers (a short last block: axpy per row). */
+static void mla_values(const pk_mla *m, int64_t c0, int64_t c1) {
+    int64_t t0, t, h, i;
+    for (h = 0; h < m->H; h++)
+        for (i = c0; i < c1; i++) m->ol[h * m->R + i] = 0.0f;
+    for (t0 = 0; t0 < m->nvis; t0 += PK_MLA_ROWS) {
+        const int64_t nt = m->nvis - t0 < PK_MLA_ROWS ? m->nvis - t0 : PK_MLA_ROWS;
+        const float *rows = m->rows + t0 * m->W + c0;
+        for (h = 0; h < m->H; h++) {
+            const float *p = m->s + h * m->N + t0;
+            float *o = m->ol + h * m->R + c0;
+            if (c1 - c0 == 64)
+                axpy64_level(m->simd, p, rows, m->W, nt, o);
+            else
+                for (t = 0; t < nt; t++) axpy_level(m->simd, p[t], rows + t * m->W, o, c1 - c0);
+        }
+    }
+}
+
+/* o[h] = W_uv[h] o_lat[h]: one row of x through the matmul path (activation mode included). */
+static void mla_output(const pk_mla *m, int64_t h) {
+    const int64_t uv = h * (m->dn + m->dv) + m->dn; /* W_uv[h] = kv_b_proj rows uv .. uv + dv */
+    pk_job j;
+    job_set(&j, m->fmt, m->act, m->ol + h * m->R, 1, m->R, m->kvb + uv * m->rb, m->sc ? m->sc + uv * m->nbk : NULL,
+            m->dv, m->out + h * m->dv);
     j.nb = m->nbk;
     job_prepare(&j, m->simd);
     job_rows(&j, 0, m->dv, m->simd);
@@ -1662,43 +1766,60 @@ static void mla_head(const pk_mla *m, int64_t h, float *sp) {
 
 /* See the header. Why: the absorbed decode was ~15 NumPy calls per layer and token around two kernel calls
  * (norm, RoPE twice, concatenation, scores, softmax, the value sum); at 27 layers that glue cost more than
- * the attention's arithmetic. NumPy twin: kernels.mla_absorbed_reference. */
+ * the attention's arithmetic. One parallel region, five phases split between the threads: queries (per
+ * head), scores (per block of cache rows), softmax (per head), values (per block of latent columns), outputs
+ * (per head). NumPy twin: kernels.mla_absorbed_reference. */
 int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
                     const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
                     int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out) {
     const int nth = pk_get_threads();
-    const int64_t W = R + dr, N = n + 1, per = W + N + R, half = dr / 2;
-    float *row = rows + n * W, *scratch;
+    const int64_t W = R + dr, N = n + 1, half = dr / 2;
+    float *row = rows + n * W, *scratch, *cs;
     double ss = 0.0;
-    int64_t i, h;
+    int64_t i, nrb, ncb;
     pk_mla m;
     if (fmt < F_F32 || fmt > F_Q4) return -2;
     if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
-    scratch = (float *)malloc(sizeof(float) * (size_t)(heads * per + dr + 1));
+    scratch = (float *)malloc(sizeof(float) * (size_t)(heads * (W + N + R) + dr + 1));
     if (!scratch) return -1;
-    m.dn = dn, m.dr = dr, m.dv = dv, m.R = R, m.W = W, m.N = N;
+    m.H = heads, m.dn = dn, m.dr = dr, m.dv = dv, m.R = R, m.W = W, m.N = N;
     m.nvis = pos + 1 < N ? pos + 1 : N; /* causal: keys after the query's position are masked */
     m.nbk = (R + PK_BLOCK - 1) / PK_BLOCK, m.rb = row_bytes_of(fmt, R);
     m.q = q, m.rows = rows, m.sc = kvb_scales, m.kvb = (const char *)kvb;
     m.scale = scale, m.out = out, m.fmt = fmt, m.act = act, m.simd = pk_get_simd();
-    {
-        float *cs = scratch + heads * per; /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
-        for (i = 0; i < half; i++) {
-            const float a = (float)pos * inv_freq[i];
-            cs[i] = cosf(a);
-            cs[half + i] = sinf(a);
-        }
-        m.cs = cs;
+    m.qc = scratch, m.s = scratch + heads * W, m.ol = scratch + heads * (W + N);
+    cs = scratch + heads * (W + N + R); /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
+    for (i = 0; i < half; i++) {
+        const float a = (float)pos * inv_freq[i];
+        cs[i] = cosf(a);
+        cs[half + i] = sinf(a);
     }
+    m.cs = cs;
     /* the new cache row: the kv_a_layernorm'ed latent (f32 statistics, spec §8.2) | the rotated k_pe */
     for (i = 0; i < R; i++) ss += (double)kva[i] * (double)kva[i];
     {
         const float inv = 1.0f / sqrtf((float)(ss / (double)R) + eps);
         for (i = 0; i < R; i++) row[i] = kva[i] * inv * ln[i];
     }
-    rope_pairs(kva + R, m.cs, half, row + R);
-#pragma omp parallel for schedule(static) num_threads(nth) if (nth > 1 && heads > 1)
-    for (h = 0; h < heads; h++) mla_head(&m, h, scratch + h * per);
+    rope_pairs(kva + R, cs, half, row + R);
+    nrb = (m.nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
+    ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        int64_t k;
+#pragma omp for schedule(static)
+        for (k = 0; k < heads; k++) mla_query(&m, k);
+#pragma omp for schedule(dynamic, 1)
+        for (k = 0; k < nrb; k++)
+            mla_scores(&m, k * PK_MLA_ROWS, (k + 1) * PK_MLA_ROWS < m.nvis ? (k + 1) * PK_MLA_ROWS : m.nvis);
+#pragma omp for schedule(static)
+        for (k = 0; k < heads; k++) mla_softmax(&m, k);
+#pragma omp for schedule(static)
+        for (k = 0; k < ncb; k++)
+            mla_values(&m, k * PK_MLA_COLS, (k + 1) * PK_MLA_COLS < R ? (k + 1) * PK_MLA_COLS : R);
+#pragma omp for schedule(static)
+        for (k = 0; k < heads; k++) mla_output(&m, k);
+    }
     (void)nth; /* unused without OpenMP */
     free(scratch);
     return 0;

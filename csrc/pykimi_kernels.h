@@ -69,14 +69,20 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
 int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int64_t *rows, const int64_t *ins,
                    const void *const *ws, const float *const *scales, float *const *ys);
 
-/* A whole MoE FFN for ONE token: out[0:d] = sum_k coef[k] * down_k(silu(gate_k(x)) * up_k(x)), x [d]. Expert
- * k: intermediate width inter[k], its three weights in format fmts[k] with activation mode acts[k] (as in
- * pk_matmul_many; scales NULL for f32/bf16). Two parallel regions (all gate + up rows, then all down rows)
- * and no return to Python between them -- the decode step's routed + shared experts of one layer. The sum
- * runs over k in order. Returns 0, or < 0 for a bad format / no memory. */
-int pk_swiglu_sum(int count, const int *fmts, const int *acts, const float *x, int64_t d, const int64_t *inter,
-                  const void *const *wg, const float *const *sg, const void *const *wu, const float *const *su,
-                  const void *const *wd, const float *const *sd, const float *coef, float *out);
+/* One expert of an MoE FFN: its three weights in format fmt with activation mode act (as in
+ * pk_matmul_many); scales NULL for f32 / bf16. */
+typedef struct {
+    int fmt, act;
+    int64_t inter;                /* intermediate width I */
+    const void *g, *u, *d;        /* gate [I, d], up [I, d], down [d, I] */
+    const float *sg, *su, *sd;    /* their block scales */
+} pk_expert;
+
+/* A whole MoE FFN for ONE token: out[0:d] = sum_k coef[k] * down_k(silu(gate_k(x)) * up_k(x)), x [d], over
+ * experts[0:count]. Two parallel regions (all gate + up rows, then all down rows) and no return to Python
+ * between them -- the decode step's routed + shared experts of one layer. The sum runs over k in order.
+ * Returns 0, or < 0 for a bad format / no memory. */
+int pk_swiglu_sum(int count, const pk_expert *experts, const float *x, int64_t d, const float *coef, float *out);
 
 /* The absorbed MLA attention of ONE decode token (spec §8.3), from its two projections:
  *   q    f32 [heads, dn + dr]  q_proj (or q_b_proj) output, q_pe not yet rotated

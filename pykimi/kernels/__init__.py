@@ -572,11 +572,10 @@ def swiglu_sum(x, experts, coefs) -> np.ndarray:
     if len(coefs) != len(experts):
         raise ValueError(f"swiglu_sum: {len(experts)} experts but {len(coefs)} coefficients")
     for i, (g, u, dn) in enumerate(experts):
-        _check_features(x, g, f"swiglu_sum: x (expert {i} gate)")
-        _check_features(x, u, f"swiglu_sum: x (expert {i} up)")
-        if tuple(dn.shape) != (d, g.shape[0]) or tuple(u.shape) != tuple(g.shape):
-            raise ValueError(f"swiglu_sum: expert {i} has gate {list(g.shape)}, up {list(u.shape)}, down "
-                             f"{list(dn.shape)}; expected [I, {d}], [I, {d}], [{d}, I]")
+        gs = tuple(g.shape)
+        if gs[1:] != (d,) or tuple(u.shape) != gs or tuple(dn.shape) != (d, gs[0]):
+            raise ValueError(f"swiglu_sum: x has {d} features; expert {i} has gate {list(g.shape)}, up "
+                             f"{list(u.shape)}, down {list(dn.shape)}; expected [I, {d}], [I, {d}], [{d}, I]")
     kinds = [ref.weight_kind(g) for g, _, _ in experts]
     if (backend() == "c" and experts and all(k in _C_KINDS for k in kinds)
             and all(ref.weight_kind(w) == k for (g, u, dn), k in zip(experts, kinds) for w in (u, dn))):
