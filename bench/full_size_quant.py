@@ -52,11 +52,12 @@ def warm(path: str) -> float:
     return time.perf_counter() - t0
 
 
-def repack(src: str, dst: str, bits: int) -> None:
+def repack(src: str, dst: str, bits: int, size: float) -> None:
+    """size: the repack's size as a fraction of the source's (bf16 -> int8 and int8 -> int4 ~0.53, bf16 -> int4
+    ~0.28, int4 -> int8 ~1.9), for the free-disk check."""
     if os.path.exists(os.path.join(dst, "config.json")):
         return
-    # bf16 -> int8 and int8 -> int4 both keep ~53 %, bf16 -> int4 ~28 %
-    run.check_disk(run.dir_bytes(src) * (0.32 if bits == 4 and run.dir_bytes(src) > 25e9 else 0.6), dst)
+    run.check_disk(run.dir_bytes(src) * size, dst)
     print(f"[full] repacking {src} -> {dst} (int{bits}, all)", flush=True)
     code = ("import sys; sys.path.insert(0, %r); from pykimi.quant import quantize_checkpoint; "
             "print(quantize_checkpoint(%r, %r, bits=%d, what='all', overwrite=True))" % (run.ROOT, src, dst, bits))
@@ -129,9 +130,18 @@ def main(argv=None) -> int:
         return out
 
     if "int8" in modes:
-        if not os.path.exists(os.path.join(q8, "config.json")) and not os.path.exists(os.path.join(q4, "config.json")):
-            repack(args.src, q8, 8)
-    if "int8" in modes:
+        have_src = os.path.exists(os.path.join(args.src, "config.json"))
+        if not os.path.exists(os.path.join(q8, "config.json")):
+            if have_src:
+                repack(args.src, q8, 8, 0.6)
+            else:
+                # The bf16 original is gone (dropped by an int4 run): re-quantize the int4 repack to int8. The
+                # values then have 16 levels a block, which changes neither engine's speed, and the Q8_0 GGUF
+                # is written from this int8 repack, so both still read the same codes.
+                repack(q4, q8, 8, 1.9)
+                if "int4" not in modes:
+                    drop(q4, args.drop)
+                    drop(g4, args.drop)
         drop(args.src, args.drop)
         gguf(q8, g8, "q8_0")
         res["pairs"]["int8"] = pair("int8", q8, g8)
@@ -141,7 +151,8 @@ def main(argv=None) -> int:
         if not os.path.exists(os.path.join(q4, "config.json")):
             # from the int8 repack when there is one, else straight from the bf16 original (--modes int4 on a
             # disk without room for the int8 copy)
-            repack(q8 if os.path.exists(os.path.join(q8, "config.json")) else args.src, q4, 4)
+            from_q8 = os.path.exists(os.path.join(q8, "config.json"))
+            repack(q8 if from_q8 else args.src, q4, 4, 0.6 if from_q8 else 0.32)
         drop(q8, args.drop)
         drop(args.src, args.drop)
         gguf(q4, g4, "q4_0")

@@ -56,6 +56,17 @@
 #define PK_HAVE_AVX512 0
 #endif
 
+/* AMX (Sapphire Rapids and later): bf16 tile products for the prefill's bf16 batches. Needs gcc >= 11 /
+ * clang >= 12 and Linux, whose arch_prctl grants the tile state to a process that asks. */
+#if PK_HAVE_AVX512 && defined(__x86_64__) && defined(__linux__) &&                                   \
+    ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
+#define PK_HAVE_AMX 1
+#include <cpuid.h>
+#define PK_AMX __attribute__((target("amx-tile,amx-bf16," PK_AVX512_TARGET)))
+#else
+#define PK_HAVE_AMX 0
+#endif
+
 #define PK_NT 4          /* rows of x sharing one decoded weight row */
 #define PK_TN_MIN 12     /* bf16, AVX-512: from this many rows of x, the batch-vectorised kernel */
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
@@ -182,6 +193,39 @@ int pk_get_simd(void) {
         if (e && (!strcmp(e, "avx512") || !strcmp(e, "2"))) pk_simd_req = 2;
     }
     return pk_simd_req < 0 || pk_simd_req > m ? m : pk_simd_req;
+}
+
+static int pk_amx_state = -1; /* -1 = not probed, 0 = unavailable, 1 = granted to this process */
+static int pk_amx_req = -2;   /* -2 = not read yet (PYKIMI_AMX), 0 = off, 1 = on when available */
+
+/* Probe once: the CPU has AMX-TILE and AMX-BF16 (CPUID.7.0:EDX bits 24, 22) and Linux grants this process
+ * the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM, XFEATURE_XTILEDATA = 18). Called outside parallel
+ * regions (job_prepare). */
+int pk_amx_available(void) {
+    if (pk_amx_state < 0) {
+        int ok = 0;
+#if PK_HAVE_AMX
+        unsigned a, b, c, d;
+        if (pk_simd_max() >= 2 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d >> 24 & 1) && (d >> 22 & 1)) {
+            long ret;
+            __asm__ volatile("syscall" : "=a"(ret) : "a"(158L), "D"(0x1023L), "S"(18L) : "rcx", "r11", "memory");
+            ok = ret == 0;
+        }
+#endif
+        pk_amx_state = ok;
+    }
+    return pk_amx_state;
+}
+
+/* Use AMX for bf16 batches (1, the default where available) or not (0; PYKIMI_AMX=0 before the first call). */
+void pk_set_amx(int on) { pk_amx_req = on ? 1 : 0; }
+
+int pk_get_amx(void) {
+    if (pk_amx_req == -2) {
+        const char *e = getenv("PYKIMI_AMX");
+        pk_amx_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
+    }
+    return pk_amx_req && pk_amx_available();
 }
 
 /* The AVX2-era knobs, kept for their callers: force_scalar(1) = level 0, force_scalar(0) = best;
@@ -1051,11 +1095,15 @@ typedef struct {
     int32_t *xs;      /* per-block sums of int8 activations (Q4 offset, AVX2 level) */
     int32_t *xoff;    /* per block [-8 * sum, 0, 0, 0] (Q4 offset, AVX-512 level) */
     float *xt;        /* x transposed and zero-padded, [in][16 * ceil(n / 16)] (bf16 batches, AVX-512) */
+    uint16_t *xb;     /* x as AMX B tiles, bf16 high and low parts (bf16 batches, AMX; see amx_prepare) */
+    int64_t mt;       /* ... tiles of 16 rows of x */
 } pk_job;
 
 static void job_free(pk_job *j) {
     free(j->xt);
     j->xt = NULL;
+    free(j->xb);
+    j->xb = NULL;
     free(j->xq);
     free(j->xqp);
     free(j->xq16);
@@ -1089,12 +1137,153 @@ static void job_set(pk_job *j, int fmt, int act, const float *x, int64_t n, int6
     j->row_bytes = row_bytes_of(fmt, in);
 }
 
+#if PK_HAVE_AMX
+/* bf16 weights x a batch of rows of x on the AMX tile unit (prefill). Why: the FMA kernels do one multiply
+ * per lane per instruction and reach ~45 % of the FMA peak at a few rows of x; a tile product does 16 x 16 x
+ * 32 of them, so with the few tokens an expert gets in a prefill the weights' memory stream is the limit
+ * again instead of the multiplies.
+ * C[o][t] = sum_k W[o][k] x[t][k]: A = 16 weight rows x 32 k, read straight from the stored rows (the
+ * checkpoint's own layout); B = x in the tile unit's pair layout, made once per job. The tiles multiply bf16
+ * pairs and accumulate in f32, so x is split into three bf16 parts, hi = bf16(x), mid = bf16(x - hi), lo =
+ * bf16(x - hi - mid), and all three are multiplied: x - hi - mid - lo is below 2^-26 |x|, an f32 product as
+ * far as the golden 2e-5 can tell (one part alone would be ~2^-9; two parts, ~2^-18, moved a router
+ * margin of the golden case past its tolerance). Twin: ref.matmul (the f32 product of the decoded
+ * weights). */
+/* Rows of x from which bf16 batches use AMX: at 6 the FMA row kernel is as fast (92 vs 95 GFLOP/s; 8: 121
+ * vs 103, 16: 244 vs 150; [1408, 2048] from DRAM, 2 threads). */
+#define PK_AMX_MIN 8
+
+typedef struct {
+    uint8_t palette_id, start_row, reserved[14];
+    uint16_t colsb[16];
+    uint8_t rows[16];
+} pk_tilecfg;
+
+/* bf16 of f32 bits, round to nearest even (finite values). */
+static inline uint16_t bf16_rne(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* j->xb = x as B tiles: [part: hi, mid, lo][tile of 16 rows of x][block of 32 k][16 k-pairs][16 rows][2], zero
+ * padded; returns 0 (nothing allocated) when there is no memory. */
+static int amx_prepare(pk_job *j) {
+    const int64_t nk = (j->in + 31) / 32, mt = (j->n + 15) / 16, part = mt * nk * 512;
+    int64_t t, k;
+    j->xb = (uint16_t *)calloc((size_t)(3 * part), sizeof(uint16_t));
+    if (!j->xb) return 0;
+    j->mt = mt;
+    for (t = 0; t < j->n; t++)
+        for (k = 0; k < j->in; k++) {
+            const float x = j->x[t * j->in + k];
+            const uint16_t hi = bf16_rne(x), mid = bf16_rne(x - bf16_to_f32(hi));
+            const int64_t at = ((t / 16) * nk + k / 32) * 512 + (k % 32 / 2) * 32 + (t % 16) * 2 + k % 2;
+            j->xb[at] = hi;
+            j->xb[part + at] = mid;
+            j->xb[2 * part + at] = bf16_rne(x - bf16_to_f32(hi) - bf16_to_f32(mid));
+        }
+    return 1;
+}
+
+/* Tile T of x (of the group at i0) times the weight tile: x's high and low parts into accumulator tile
+ * CH, its middle part into CL (the same tile when the group has enough tiles to keep the unit busy, else a second one:
+ * two products into one accumulator wait on each other). */
+#define PK_AMX_STEP(T, CH, CL)                                                                             \
+    do {                                                                                                   \
+        _tile_loadd(5, j->xb + ((i0 + (T)) * nk + kc) * 512, 64);                                          \
+        _tile_dpbf16ps(CH, 4, 5);                                                                          \
+        _tile_loadd(6, j->xb + part + ((i0 + (T)) * nk + kc) * 512, 64);                                   \
+        _tile_dpbf16ps(CL, 4, 6);                                                                          \
+        _tile_loadd(7, j->xb + 2 * part + ((i0 + (T)) * nk + kc) * 512, 64);                               \
+        _tile_dpbf16ps(CH, 4, 7);                                                                          \
+    } while (0)
+/* Accumulator tile C (plus tile C2 when its index differs) into rows of y for x tile T of the group. */
+#define PK_AMX_STORE(T, C, C2)                                                                             \
+    do {                                                                                                   \
+        _tile_stored(C, c, 64);                                                                            \
+        if ((C2) != (C)) {                                                                                 \
+            _tile_stored(C2, c2, 64);                                                                      \
+            for (r = 0; r < 256; r++) c[r] += c2[r];                                                       \
+        }                                                                                                  \
+        for (r = 0; r < nr; r++)                                                                           \
+            for (t = 0; t < 16 && (i0 + (T)) * 16 + t < j->n; t++)                                         \
+                j->y[((i0 + (T)) * 16 + t) * j->out + o + r] = c[r * 16 + t];                              \
+    } while (0)
+
+/* M(T, CH, CL) for each x tile T of a group of ng: with one or two tiles each has two accumulators (tiles 0,
+ * 1 and 2, 3), with three or four one each (tile T). */
+#define PK_AMX_EACH(M)              \
+    do {                            \
+        if (ng <= 2) {              \
+            M(0, 0, 1);             \
+            if (ng > 1) M(1, 2, 3); \
+        } else {                    \
+            M(0, 0, 0);             \
+            M(1, 1, 1);             \
+            M(2, 2, 2);             \
+            if (ng > 3) M(3, 3, 3); \
+        }                           \
+    } while (0)
+
+/* Output rows [o0, o1) of a bf16 job prepared by amx_prepare: blocks of 16 weight rows, x in groups of up
+ * to 4 tiles (64 rows) held in tiles 0-3, weights in tile 4, x's three parts in tiles 5-7. */
+static PK_AMX void bf16_amx(const pk_job *j, int64_t o0, int64_t o1) {
+    const int64_t in = j->in, nk = (in + 31) / 32, mt = j->mt, part = mt * nk * 512, stride = j->row_bytes;
+    uint16_t wpad[16 * 32] __attribute__((aligned(64)));
+    float c[16 * 16] __attribute__((aligned(64))), c2[16 * 16] __attribute__((aligned(64)));
+    pk_tilecfg cfg;
+    int64_t o, kc, i0, r, t, k;
+    memset(&cfg, 0, sizeof cfg);
+    cfg.palette_id = 1;
+    for (r = 0; r < 8; r++) {
+        cfg.rows[r] = 16;
+        cfg.colsb[r] = 64;
+    }
+    _tile_loadconfig(&cfg);
+    for (o = o0; o < o1; o += 16) {
+        const int64_t nr = o1 - o < 16 ? o1 - o : 16;
+        const int full_rows = o + 16 <= j->out; /* 16 stored rows from o (rows past o1 computed, not kept) */
+        for (i0 = 0; i0 < mt; i0 += 4) {
+            const int64_t ng = mt - i0 < 4 ? mt - i0 : 4;
+            _tile_zero(0);
+            _tile_zero(1);
+            _tile_zero(2);
+            _tile_zero(3);
+            for (kc = 0; kc < nk; kc++) {
+                const char *a = (const char *)j->w + o * stride + kc * 64;
+                int64_t as = stride;
+                if (!full_rows || (kc + 1) * 32 > in) { /* the last rows or the short last block of k */
+                    for (r = 0; r < 16; r++) {
+                        const uint16_t *wr = (const uint16_t *)((const char *)j->w + (o + r) * stride);
+                        for (k = 0; k < 32; k++)
+                            wpad[r * 32 + k] = o + r < j->out && kc * 32 + k < in ? wr[kc * 32 + k] : 0;
+                    }
+                    a = (const char *)wpad;
+                    as = 64;
+                }
+                _tile_loadd(4, a, as);
+                PK_AMX_EACH(PK_AMX_STEP);
+            }
+            PK_AMX_EACH(PK_AMX_STORE);
+        }
+    }
+    _tile_release();
+}
+#undef PK_AMX_EACH
+#undef PK_AMX_STEP
+#undef PK_AMX_STORE
+#endif
+
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
  * failure fall back to the f32 path. */
 static void job_prepare(pk_job *j, int simd) {
     const int64_t nb = j->nb, len = j->n * nb * PK_BLOCK;
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
+#if PK_HAVE_AMX
+    if (simd >= 2 && j->fmt == F_BF16 && j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j)) return;
+#endif
 #if PK_HAVE_AVX512
     if (simd >= 2 && j->act == A_F32 && j->n <= PK_TN_MAX && j->in > 0 &&
         j->n >= (j->fmt == F_BF16 ? PK_TN_MIN : j->fmt == F_Q8 ? PK_TN_MIN_Q8 : PK_TN_MAX + 1)) {
@@ -1272,6 +1461,12 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
     if (simd >= 2) kernel = j->act == A_F32 ? tile_avx512 : j->act == A_I16 ? tile_q8w_avx512 : tile_act_avx512;
 #endif
     (void)simd;
+#if PK_HAVE_AMX
+    if (j->xb) {
+        bf16_amx(j, o0, o1);
+        return;
+    }
+#endif
 #if PK_HAVE_AVX512
     if (j->xt) {
         bf16_tn_avx512(j, o0, o1);

@@ -33,6 +33,11 @@ void pk_set_simd(int level);
 int pk_get_simd(void);
 int pk_simd_level(void);
 void pk_force_scalar(int on);
+/* AMX (bf16 tile products) for bf16 batches of >= 4 rows of x at the AVX-512 level: 1 when the CPU has it
+ * and Linux granted it; pk_set_amx(0) / PYKIMI_AMX=0 turns it off, pk_get_amx says whether it runs. */
+int pk_amx_available(void);
+void pk_set_amx(int on);
+int pk_get_amx(void);
 
 void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_t out, float *y);
 void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y);

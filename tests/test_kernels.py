@@ -723,3 +723,35 @@ def test_route_select_matches_reference(use_backend):
         assert got[1].dtype == np.int32 and got[1].shape == (S, k), where
         for name, a, b in zip(("scores", "weights", "margin"), got[::2] + got[3:], want[::2] + want[3:]):
             np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7, err_msg=f"{where}: {name}")
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+def test_c_bf16_batches_on_amx():
+    """bf16 batches on AMX tiles (x split into three bf16 parts) == the f32 product of the decoded weights to
+    2e-5, for odd shapes (`in` not a multiple of 32, `out` not of 16) and every grouping of x tiles (8..512
+    rows: one, two, three, four tiles a group, several groups); with AMX off the FMA kernels give the same;
+    matmul keeps bf16 batches on the C kernels up to C_AMX_ROWS_BF16 rows with AMX, SMALL_N_ACT without."""
+    from pykimi.kernels import c
+    if not c.lib.pk_amx_available():
+        pytest.skip("this CPU / kernel has no AMX-BF16 for this process")
+    prev_b, prev = K.backend(), c.get_amx()
+    K.set_backend("c")
+    rng = np.random.default_rng(91)
+    try:
+        for amx in (True, False):
+            assert c.set_amx(amx) == amx
+            assert K._small_n("BF16") == (K.C_AMX_ROWS_BF16 if amx and c.get_simd() == "avx512"
+                                          else K.SMALL_N_ACT[("BF16", "f32")] if c.get_simd() == "avx512"
+                                          else K.SMALL_N)
+            for out_f, in_f in ((37, 101), (50, 97), (129, 160), (16, 32), (300, 2048)):
+                W = Stored("w", "BF16", f32_to_bf16(rng.standard_normal((out_f, in_f)).astype(np.float32)))
+                for n in (7, 8, 9, 16, 17, 33, 48, 64, 65, 100, 129, 200, 512):
+                    x = rng.standard_normal((n, in_f)).astype(np.float32)
+                    err = _relerr(c.matmul_bf16(x, W.data), ref.matmul(x, W))
+                    assert err < 2e-5, f"amx={amx} [{out_f}, {in_f}] n={n}: {err:.2e}"
+                xs = [rng.standard_normal((n, in_f)).astype(np.float32) for n in (9, 40)]
+                for x, y in zip(xs, K.matmul_many(xs, [W, W])):
+                    assert _relerr(y, ref.matmul(x, W)) < 2e-5, f"amx={amx} matmul_many [{out_f}, {in_f}]"
+    finally:
+        c.set_amx(prev)
+        K.set_backend(prev_b)

@@ -280,9 +280,21 @@ def set_simd(level: str | None) -> str:
     return get_simd()
 
 
+def get_amx() -> bool:
+    """Whether bf16 batches run on AMX tiles (the CPU has AMX-BF16, Linux granted it, not turned off)."""
+    return bool(lib.pk_get_amx())
+
+
+def set_amx(on: bool) -> bool:
+    """Turn AMX for bf16 batches on (where available) or off (tests, benchmarks); returns get_amx()."""
+    lib.pk_set_amx(1 if on else 0)
+    return get_amx()
+
+
 def info() -> dict:
     return {"openmp": bool(lib.pk_has_openmp()), "simd": _SIMD_NAMES[get_simd()],
-            "simd_levels": simd_levels(), "threads": int(lib.pk_get_threads())}
+            "simd_levels": simd_levels(), "threads": int(lib.pk_get_threads()),
+            "amx": bool(lib.pk_amx_available()) and get_amx()}
 
 
 def force_scalar(on: bool) -> None:
