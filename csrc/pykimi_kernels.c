@@ -1159,36 +1159,50 @@ typedef struct {
     uint8_t rows[16];
 } pk_tilecfg;
 
-/* bf16 of f32 bits, round to nearest even (finite values). */
-static inline uint16_t bf16_rne(float f) {
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
+/* 16 floats -> their bf16 bits (round to nearest even; finite values), in the low halves of 32-bit lanes. */
+PK_AVX512_INLINE __m512i bf16_rne16(__m512 v) {
+    const __m512i u = _mm512_castps_si512(v);
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+    return _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
 }
 
-/* j->xb = x as B tiles: [part: hi, mid, lo][tile of 16 rows of x][block of 32 k][16 k-pairs][16 rows][2], zero
- * padded; returns 0 (nothing allocated) when there is no memory. */
-static int amx_prepare(pk_job *j) {
-    const int64_t nk = (j->in + 31) / 32, mt = (j->n + 15) / 16, part = mt * nk * 512;
-    int64_t t, k;
+/* j->xb = x as B tiles: [part: hi, mid, lo][tile of 16 rows of x][block of 32 k][16 k-pairs][16 rows][2],
+ * zero padded; returns 0 (nothing allocated) when there is no memory. Per row of x and block of 32 k: the
+ * even and odd elements in two vectors (lane p = pair p), the three parts by round to nearest even in
+ * integer arithmetic, each part's 16 pairs scattered down the tile's pair rows. */
+static PK_AVX512 int amx_prepare(pk_job *j) {
+    const int64_t in = j->in, nk = (in + 31) / 32, mt = (j->n + 15) / 16, part = mt * nk * 512;
+    const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
+    const __m512i oddi = _mm512_add_epi32(even, _mm512_set1_epi32(1));
+    const __m512i rowsp = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                             _mm512_set1_epi32(16)); /* pair p -> u32 offset 16 p */
+    const __m512i hi_mask = _mm512_set1_epi32((int)0xFFFF0000u);
+    int64_t t, kb;
     j->xb = (uint16_t *)calloc((size_t)(3 * part), sizeof(uint16_t));
     if (!j->xb) return 0;
     j->mt = mt;
-    for (t = 0; t < j->n; t++)
-        for (k = 0; k < j->in; k++) {
-            const float x = j->x[t * j->in + k];
-            const uint16_t hi = bf16_rne(x), mid = bf16_rne(x - bf16_to_f32(hi));
-            const int64_t at = ((t / 16) * nk + k / 32) * 512 + (k % 32 / 2) * 32 + (t % 16) * 2 + k % 2;
-            j->xb[at] = hi;
-            j->xb[part + at] = mid;
-            j->xb[2 * part + at] = bf16_rne(x - bf16_to_f32(hi) - bf16_to_f32(mid));
+    for (t = 0; t < j->n; t++) {
+        const float *xr = j->x + t * in;
+        for (kb = 0; kb < nk; kb++) {
+            const int64_t k0 = kb * 32, left = in - k0;
+            const __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+            const __m512 a = _mm512_maskz_loadu_ps(m0, xr + k0), b = _mm512_maskz_loadu_ps(m1, xr + k0 + 16);
+            __m512 xe = _mm512_permutex2var_ps(a, even, b), xo = _mm512_permutex2var_ps(a, oddi, b);
+            uint32_t *dst = (uint32_t *)j->xb + ((t / 16) * nk + kb) * 256 + t % 16;
+            int q;
+            for (q = 0; q < 3; q++) { /* hi, mid, lo: each the bf16 of what the parts before left over */
+                const __m512i be = bf16_rne16(xe), bo = bf16_rne16(xo);
+                const __m512i pr = _mm512_or_si512(be, _mm512_and_si512(_mm512_slli_epi32(bo, 16), hi_mask));
+                _mm512_i32scatter_epi32(dst + q * (part / 2), rowsp, pr, 4);
+                xe = _mm512_sub_ps(xe, _mm512_castsi512_ps(_mm512_slli_epi32(be, 16)));
+                xo = _mm512_sub_ps(xo, _mm512_castsi512_ps(_mm512_slli_epi32(bo, 16)));
+            }
         }
+    }
     return 1;
 }
 
-/* Tile T of x (of the group at i0) times the weight tile: x's high and low parts into accumulator tile
- * CH, its middle part into CL (the same tile when the group has enough tiles to keep the unit busy, else a second one:
- * two products into one accumulator wait on each other). */
 #define PK_AMX_STEP(T, CH, CL)                                                                             \
     do {                                                                                                   \
         _tile_loadd(5, j->xb + ((i0 + (T)) * nk + kc) * 512, 64);                                          \
@@ -1226,8 +1240,8 @@ static int amx_prepare(pk_job *j) {
         }                           \
     } while (0)
 
-/* Output rows [o0, o1) of a bf16 job prepared by amx_prepare: blocks of 16 weight rows, x in groups of up
- * to 4 tiles (64 rows) held in tiles 0-3, weights in tile 4, x's three parts in tiles 5-7. */
+/* Output rows [o0, o1) of a bf16 job prepared by amx_prepare: x in groups of up to 4 tiles (64 rows)
+ * accumulated in tiles 0-3, blocks of 16 weight rows in tile 4, x's three parts in tiles 5-7. */
 static PK_AMX void bf16_amx(const pk_job *j, int64_t o0, int64_t o1) {
     const int64_t in = j->in, nk = (in + 31) / 32, mt = j->mt, part = mt * nk * 512, stride = j->row_bytes;
     uint16_t wpad[16 * 32] __attribute__((aligned(64)));
@@ -1241,11 +1255,13 @@ static PK_AMX void bf16_amx(const pk_job *j, int64_t o0, int64_t o1) {
         cfg.colsb[r] = 64;
     }
     _tile_loadconfig(&cfg);
-    for (o = o0; o < o1; o += 16) {
-        const int64_t nr = o1 - o < 16 ? o1 - o : 16;
-        const int full_rows = o + 16 <= j->out; /* 16 stored rows from o (rows past o1 computed, not kept) */
-        for (i0 = 0; i0 < mt; i0 += 4) {
-            const int64_t ng = mt - i0 < 4 ? mt - i0 : 4;
+    /* groups of x tiles outside, weight blocks inside: a group's B tiles (3 KB per x tile and block of k)
+     * stay in L2 while the weight rows stream past, instead of all of x coming back from L3 per block */
+    for (i0 = 0; i0 < mt; i0 += 4) {
+        const int64_t ng = mt - i0 < 4 ? mt - i0 : 4;
+        for (o = o0; o < o1; o += 16) {
+            const int64_t nr = o1 - o < 16 ? o1 - o : 16;
+            const int full_rows = o + 16 <= j->out; /* 16 stored rows from o (past o1: computed, not kept) */
             _tile_zero(0);
             _tile_zero(1);
             _tile_zero(2);
