@@ -583,17 +583,12 @@ def swiglu_sum(x, experts, coefs) -> np.ndarray:
     d = x.shape[0]
     if len(coefs) != len(experts):
         raise ValueError(f"swiglu_sum: {len(experts)} experts but {len(coefs)} coefficients")
-    for i, (g, u, dn) in enumerate(experts):
-        gs = tuple(g.shape)
-        if gs[1:] != (d,) or tuple(u.shape) != gs or tuple(dn.shape) != (d, gs[0]):
-            raise ValueError(f"swiglu_sum: x has {d} features; expert {i} has gate {list(g.shape)}, up "
-                             f"{list(u.shape)}, down {list(dn.shape)}; expected [I, {d}], [I, {d}], [{d}, I]")
-    kinds = [ref.weight_kind(g) for g, _, _ in experts]
-    if (backend() == "c" and experts and all(k in _C_KINDS for k in kinds)
-            and all(ref.weight_kind(w) == k for (g, u, dn), k in zip(experts, kinds) for w in (u, dn))):
-        jobs = [(k, _act_mode(k), _owned(g, k), _owned(u, k), _owned(dn, k))
-                for (g, u, dn), k in zip(experts, kinds)]
-        return _mods["c"].swiglu_sum(x, jobs, coefs)
+    if backend() == "c" and experts:
+        recs = _c_experts(experts, d)
+        if recs is not None:
+            return _mods["c"].swiglu_sum(x, recs, coefs)
+    for i, e in enumerate(experts):
+        _check_expert(e, d, i)
     x2 = x[None, :]
     gu = matmul_many([x2] * (2 * len(experts)), [w for g, u, _ in experts for w in (g, u)])
     ys = matmul_many([ref.silu(gu[2 * i]) * gu[2 * i + 1] for i in range(len(experts))],
@@ -601,6 +596,40 @@ def swiglu_sum(x, experts, coefs) -> np.ndarray:
     out = np.zeros(d, dtype=np.float32)
     for c, y in zip(coefs, ys):
         out += np.float32(c) * y[0]
+    return out
+
+
+def _check_expert(e, d: int, i: int) -> None:
+    g, u, dn = e
+    gs = tuple(g.shape)
+    if gs[1:] != (d,) or tuple(u.shape) != gs or tuple(dn.shape) != (d, gs[0]):
+        raise ValueError(f"swiglu_sum: x has {d} features; expert {i} has gate {list(g.shape)}, up "
+                         f"{list(u.shape)}, down {list(dn.shape)}; expected [I, {d}], [I, {d}], [{d}, I]")
+
+
+def _c_experts(experts, d: int):
+    """The C records (c.expert_record) of experts [(gate, up, down)] for x of width d, or None when one is not
+    in a form the C kernels read. A record is made once per expert and activation setting and kept on its
+    gate weight, with the up and down objects it was made for: a decode step hands over 7 experts a layer,
+    and re-deriving their kinds, modes and pointers was the larger part of its Python time."""
+    setting = act_quant()
+    out = []
+    for i, e in enumerate(experts):
+        g, u, dn = e
+        got = getattr(g, "_c_expert", None)
+        if got is None or got[0] != setting or got[1] is not u or got[2] is not dn:
+            _check_expert(e, d, i)
+            kind = ref.weight_kind(g)
+            if kind not in _C_KINDS or ref.weight_kind(u) != kind or ref.weight_kind(dn) != kind:
+                return None
+            rec = _mods["c"].expert_record(kind, _act_mode(kind), _owned(g, kind), _owned(u, kind),
+                                           _owned(dn, kind))
+            got = (setting, u, dn, d, rec)
+            if hasattr(g, "__dict__"):
+                object.__setattr__(g, "_c_expert", got)   # frozen weight objects: a derived, immutable cache
+        elif got[3] != d:
+            _check_expert(e, d, i)
+        out.append(got[4])
     return out
 
 

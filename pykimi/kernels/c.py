@@ -146,37 +146,25 @@ def matmul_many(jobs):
     return ys
 
 
-def _expert(kind: str, act: str, g, u, dn):
-    """(pk_expert cdata, what keeps its arrays alive) for one expert; g, u, dn: (data, scales, owner). Made once
-    and kept on the gate weight object together with the up and down objects it was made for (see
-    _weight_buffers): a decode step hands over 7 experts a layer."""
-    key = (FMT[kind], ACT[act])
-    og = g[2]
-    got = getattr(og, "_c_expert", None)
-    if got is not None and got[0] == key and got[1] is u[2] and got[2] is dn[2]:
-        return got[3]
-    f = key[0]
+def expert_record(kind: str, act: str, g, u, dn):
+    """(pk_expert cdata, what keeps its arrays alive) for one expert; g, u, dn: (data, scales, owner)."""
+    f = FMT[kind]
     gb, ub, db = (_weight_buffers(f, *b) for b in (g, u, dn))
     e = ffi.new("pk_expert *")
-    e.fmt, e.act, e.inter = f, key[1], gb[0].shape[0]
+    e.fmt, e.act, e.inter = f, ACT[act], gb[0].shape[0]
     e.g, e.u, e.d = gb[2], ub[2], db[2]
     e.sg, e.su, e.sd = gb[3], ub[3], db[3]
-    made = (e, (gb, ub, db))
-    if og is not None and u[2] is not None and dn[2] is not None and hasattr(og, "__dict__"):
-        object.__setattr__(og, "_c_expert", (key, u[2], dn[2], made))
-    return made
+    return e, (gb, ub, db)
 
 
-def swiglu_sum(x: np.ndarray, experts, coefs) -> np.ndarray:
+def swiglu_sum(x: np.ndarray, records, coefs) -> np.ndarray:
     """One token's MoE FFN in one C call: sum_k coefs[k] * down_k(silu(gate_k(x)) * up_k(x)).
-    x f32 [d]; experts: list of (kind, act, (gate data, scales, owner), (up ...), (down ...)) with gate/up
-    [I_k, d] and down [d, I_k] in format `kind` (scales None for f32/bf16; owner: see _weight_buffers)."""
+    x f32 [d]; records: expert_record() of each expert (gate/up [I_k, d], down [d, I_k])."""
     x = np.ascontiguousarray(x, dtype=np.float32)
-    made = [_expert(*e) for e in experts]
-    arr = ffi.new("pk_expert[]", [m[0][0] for m in made])
+    arr = ffi.new("pk_expert[]", [r[0][0] for r in records])
     out = np.empty(x.shape[0], dtype=np.float32)
     coefs = np.ascontiguousarray(coefs, dtype=np.float32)
-    rc = lib.pk_swiglu_sum(len(made), arr, _ptr("float[]", x), x.shape[0], _ptr("float[]", coefs),
+    rc = lib.pk_swiglu_sum(len(records), arr, _ptr("float[]", x), x.shape[0], _ptr("float[]", coefs),
                            _ptr("float[]", out))
     if rc != 0:
         raise MemoryError(f"pk_swiglu_sum failed ({rc})")
