@@ -1152,6 +1152,10 @@ static void job_set(pk_job *j, int fmt, int act, const float *x, int64_t n, int6
 /* Rows of x from which bf16 batches use AMX: at 6 the FMA row kernel is as fast (92 vs 95 GFLOP/s; 8: 121
  * vs 103, 16: 244 vs 150; [1408, 2048] from DRAM, 2 threads). */
 #define PK_AMX_MIN 8
+/* Q8_32 (codes widened to bf16 per tile, each block's products scaled into f32 sums): from 32 rows, where
+ * it passes the batch-vectorised kernel ([1408, 2048], GFLOP/s AMX vs that kernel: n=16 132 vs 138, 32 258
+ * vs 231, 64 294 vs 260, 128 299 vs 212); kernels/__init__.py mirrors it. */
+#define PK_AMX_MIN_Q8 32
 
 typedef struct {
     uint8_t palette_id, start_row, reserved[14];
@@ -1225,6 +1229,66 @@ static PK_AVX512 int amx_prepare(pk_job *j) {
                 j->y[((i0 + (T)) * 16 + t) * j->out + o + r] = c[r * 16 + t];                              \
     } while (0)
 
+/* Q8_32: accumulator tile C (plus C2) of x tile T, block kc, scaled by each weight row's block scale
+ * (scl) into the f32 sums acc, and zeroed for the next block. */
+#define PK_AMX_SCALE(T, C, C2)                                                                             \
+    do {                                                                                                   \
+        _tile_stored(C, c, 64);                                                                            \
+        _tile_zero(C);                                                                                     \
+        if ((C2) != (C)) {                                                                                 \
+            _tile_stored(C2, c2, 64);                                                                      \
+            _tile_zero(C2);                                                                                \
+            for (r = 0; r < 256; r++) c[r] += c2[r];                                                       \
+        }                                                                                                  \
+        for (r = 0; r < 16; r++) {                                                                         \
+            float *ar = acc + ((T) * 16 + r) * 16;                                                         \
+            _mm512_store_ps(ar, _mm512_fmadd_ps(_mm512_set1_ps(scl[r]), _mm512_load_ps(c + r * 16),        \
+                                                _mm512_load_ps(ar)));                                      \
+        }                                                                                                  \
+    } while (0)
+/* Q8_32: the f32 sums of x tile T into rows of y. */
+#define PK_AMX_OUT(T, C, C2)                                                                               \
+    do {                                                                                                   \
+        for (r = 0; r < nr; r++)                                                                           \
+            for (t = 0; t < 16 && (i0 + (T)) * 16 + t < j->n; t++)                                         \
+                j->y[((i0 + (T)) * 16 + t) * j->out + o + r] = acc[((T) * 16 + r) * 16 + t];              \
+    } while (0)
+
+/* Q8_32 rows [o, o + 16), block kc, as a bf16 A tile (codes are small integers: exact in bf16) and the
+ * rows' block scales; rows past the end and k past `in` are zeros. */
+static PK_AMX void q8_tile_bf16(const pk_job *j, int64_t o, int64_t kc, uint16_t *wpad, float *scl) {
+    const int64_t left = j->in - kc * 32;
+    int64_t r, k;
+    for (r = 0; r < 16; r++) {
+        uint16_t *dst = wpad + r * 32;
+        if (o + r >= j->out) {
+            memset(dst, 0, 64);
+            scl[r] = 0.0f;
+            continue;
+        }
+        {
+            const int8_t *wr = (const int8_t *)j->w + (o + r) * j->row_bytes + kc * 32;
+            scl[r] = j->scales[(o + r) * j->nb + kc];
+            if (left >= 32) {
+                int h;
+                for (h = 0; h < 2; h++) { /* the float's high half: its bf16, exact for |code| <= 128 */
+                    const __m128i b = _mm_loadu_si128((const __m128i *)(wr + 16 * h));
+                    const __m512 f = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(b));
+                    _mm256_storeu_si256((__m256i *)(dst + 16 * h),
+                                        _mm512_cvtepi32_epi16(_mm512_srli_epi32(_mm512_castps_si512(f), 16)));
+                }
+            } else {
+                for (k = 0; k < 32; k++) {
+                    const float f = k < left ? (float)wr[k] : 0.0f;
+                    uint32_t u;
+                    memcpy(&u, &f, 4);
+                    dst[k] = (uint16_t)(u >> 16);
+                }
+            }
+        }
+    }
+}
+
 /* M(T, CH, CL) for each x tile T of a group of ng: with one or two tiles each has two accumulators (tiles 0,
  * 1 and 2, 3), with three or four one each (tile T). */
 #define PK_AMX_EACH(M)              \
@@ -1244,8 +1308,10 @@ static PK_AVX512 int amx_prepare(pk_job *j) {
  * accumulated in tiles 0-3, blocks of 16 weight rows in tile 4, x's three parts in tiles 5-7. */
 static PK_AMX void bf16_amx(const pk_job *j, int64_t o0, int64_t o1) {
     const int64_t in = j->in, nk = (in + 31) / 32, mt = j->mt, part = mt * nk * 512, stride = j->row_bytes;
+    const int q8 = j->fmt == F_Q8; /* per block of k: tiles scaled into acc (bf16: summed in the tiles) */
     uint16_t wpad[16 * 32] __attribute__((aligned(64)));
     float c[16 * 16] __attribute__((aligned(64))), c2[16 * 16] __attribute__((aligned(64)));
+    float acc[4 * 16 * 16] __attribute__((aligned(64))), scl[16];
     pk_tilecfg cfg;
     int64_t o, kc, i0, r, t, k;
     memset(&cfg, 0, sizeof cfg);
@@ -1266,10 +1332,15 @@ static PK_AMX void bf16_amx(const pk_job *j, int64_t o0, int64_t o1) {
             _tile_zero(1);
             _tile_zero(2);
             _tile_zero(3);
+            if (q8) memset(acc, 0, sizeof acc);
             for (kc = 0; kc < nk; kc++) {
                 const char *a = (const char *)j->w + o * stride + kc * 64;
                 int64_t as = stride;
-                if (!full_rows || (kc + 1) * 32 > in) { /* the last rows or the short last block of k */
+                if (q8) {
+                    q8_tile_bf16(j, o, kc, wpad, scl);
+                    a = (const char *)wpad;
+                    as = 64;
+                } else if (!full_rows || (kc + 1) * 32 > in) { /* the last rows or the short last block of k */
                     for (r = 0; r < 16; r++) {
                         const uint16_t *wr = (const uint16_t *)((const char *)j->w + (o + r) * stride);
                         for (k = 0; k < 32; k++)
@@ -1280,8 +1351,12 @@ static PK_AMX void bf16_amx(const pk_job *j, int64_t o0, int64_t o1) {
                 }
                 _tile_loadd(4, a, as);
                 PK_AMX_EACH(PK_AMX_STEP);
+                if (q8) PK_AMX_EACH(PK_AMX_SCALE);
             }
-            PK_AMX_EACH(PK_AMX_STORE);
+            if (q8)
+                PK_AMX_EACH(PK_AMX_OUT);
+            else
+                PK_AMX_EACH(PK_AMX_STORE);
         }
     }
     _tile_release();
@@ -1289,6 +1364,8 @@ static PK_AMX void bf16_amx(const pk_job *j, int64_t o0, int64_t o1) {
 #undef PK_AMX_EACH
 #undef PK_AMX_STEP
 #undef PK_AMX_STORE
+#undef PK_AMX_SCALE
+#undef PK_AMX_OUT
 #endif
 
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
@@ -1298,7 +1375,9 @@ static void job_prepare(pk_job *j, int simd) {
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
 #if PK_HAVE_AMX
-    if (simd >= 2 && j->fmt == F_BF16 && j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j)) return;
+    if (simd >= 2 && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->act == A_F32 && j->n >= PK_AMX_MIN_Q8)) &&
+        j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j))
+        return;
 #endif
 #if PK_HAVE_AVX512
     if (simd >= 2 && j->act == A_F32 && j->n <= PK_TN_MAX && j->in > 0 &&

@@ -727,10 +727,12 @@ def test_route_select_matches_reference(use_backend):
 
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 def test_c_bf16_batches_on_amx():
-    """bf16 batches on AMX tiles (x split into three bf16 parts) == the f32 product of the decoded weights to
-    2e-5, for odd shapes (`in` not a multiple of 32, `out` not of 16) and every grouping of x tiles (8..512
-    rows: one, two, three, four tiles a group, several groups); with AMX off the FMA kernels give the same;
-    matmul keeps bf16 batches on the C kernels up to C_AMX_ROWS_BF16 rows with AMX, SMALL_N_ACT without."""
+    """bf16 batches and Q8_32 batches (f32 activations) on AMX tiles (x split into three bf16 parts; Q8 codes
+    widened per tile, each block's products scaled) == the f32 product of the decoded weights to 2e-5, for odd
+    shapes (`in` not a multiple of 32, `out` not of 16) and every grouping of x tiles (7..512 rows: one, two,
+    three, four tiles a group, several groups); with AMX off the FMA kernels give the same; matmul keeps
+    bf16 batches on the C kernels up to C_AMX_ROWS rows with AMX, SMALL_N_ACT without, and reference() names
+    the f32 product for Q8 batches that AMX takes."""
     from pykimi.kernels import c
     if not c.lib.pk_amx_available():
         pytest.skip("this CPU / kernel has no AMX-BF16 for this process")
@@ -740,15 +742,21 @@ def test_c_bf16_batches_on_amx():
     try:
         for amx in (True, False):
             assert c.set_amx(amx) == amx
-            assert K._small_n("BF16") == (K.C_AMX_ROWS_BF16 if amx and c.get_simd() == "avx512"
+            assert K._small_n("BF16") == (K.C_AMX_ROWS if amx and c.get_simd() == "avx512"
                                           else K.SMALL_N_ACT[("BF16", "f32")] if c.get_simd() == "avx512"
                                           else K.SMALL_N)
             for out_f, in_f in ((37, 101), (50, 97), (129, 160), (16, 32), (300, 2048)):
-                W = Stored("w", "BF16", f32_to_bf16(rng.standard_normal((out_f, in_f)).astype(np.float32)))
-                for n in (7, 8, 9, 16, 17, 33, 48, 64, 65, 100, 129, 200, 512):
+                w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+                W, Q = Stored("w", "BF16", f32_to_bf16(w)), quantize_q8(w, "q")
+                for n in (7, 8, 9, 16, 17, 31, 32, 33, 48, 64, 65, 100, 129, 200, 512):
                     x = rng.standard_normal((n, in_f)).astype(np.float32)
                     err = _relerr(c.matmul_bf16(x, W.data), ref.matmul(x, W))
-                    assert err < 2e-5, f"amx={amx} [{out_f}, {in_f}] n={n}: {err:.2e}"
+                    assert err < 2e-5, f"amx={amx} bf16 [{out_f}, {in_f}] n={n}: {err:.2e}"
+                    err = _relerr(c.matmul_q8(x, Q.q, Q.scales), ref.matmul(x, Q))
+                    assert err < 2e-5, f"amx={amx} q8 [{out_f}, {in_f}] n={n}: {err:.2e}"
+                    if amx and c.get_simd() == "avx512" and K.C_AMX_MIN_Q8 <= n <= K.C_AMX_ROWS:
+                        assert K._c_mode("q8_32", n) == "f32"
+                        assert _relerr(K.matmul(x, Q), K.reference(x, Q)) < 2e-5
                 xs = [rng.standard_normal((n, in_f)).astype(np.float32) for n in (9, 40)]
                 for x, y in zip(xs, K.matmul_many(xs, [W, W])):
                     assert _relerr(y, ref.matmul(x, W)) < 2e-5, f"amx={amx} matmul_many [{out_f}, {in_f}]"

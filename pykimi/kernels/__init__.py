@@ -63,10 +63,13 @@ SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 # 2 threads, GFLOP/s int16-activation rows vs batch-vectorised: n=12 116 vs 92, 16 121 vs 123, 32 125 vs 166,
 # 64 128 vs 172, 96 119 vs 173, 112 117 vs 161 (widened tiles 152).
 C_BATCH_ROWS_Q8 = (24, 112)
-# With AMX (bf16 tile products in the C kernels from 8 rows of x: csrc PK_AMX_MIN, pk_get_amx; PYKIMI_AMX=0 turns
-# them off) bf16 batches stay on the C kernels up to C_AMX_ROWS_BF16 rows. [1408, 2048], 2 threads, GFLOP/s AMX
-# vs widened tiles + sgemm: n=32 347 vs 101, 64 395 vs 163, 128 428 vs 202, 256 423 vs 244, 512 356 vs 289.
-C_AMX_ROWS_BF16 = 512
+# With AMX (bf16 tile products in the C kernels, pk_get_amx; PYKIMI_AMX=0 turns them off) bf16 batches from 8
+# rows of x and Q8_32 batches from 32 rows (csrc PK_AMX_MIN, PK_AMX_MIN_Q8; Q8 as the exact f32 product of the
+# decoded weights, like the batch-vectorised kernel) stay on the C kernels up to C_AMX_ROWS rows. [1408, 2048],
+# 2 threads, GFLOP/s bf16 AMX vs widened tiles + sgemm: n=32 347 vs 101, 64 395 vs 163, 128 478 vs 202, 256 441
+# vs 244, 512 457 vs 289; Q8 AMX vs the batch-vectorised kernel: 32 258 vs 231, 128 299 vs 212.
+C_AMX_ROWS = 512
+C_AMX_MIN_Q8 = 32
 TILE_ELEMS = 1 << 22    # widened tile size for the BLAS path (16 MB of f32), an upper bound
 TASK_ELEMS = 1 << 19    # widened tile per worker task (2 MB of f32: within the 2 MiB L2 between widening and
                         # sgemm). Prefill of the 4-layer model, alternating in one process: 512 tokens 177 tok/s
@@ -349,8 +352,8 @@ def _small_n(kind: str) -> int:
     n = SMALL_N_ACT.get((kind, _act_mode(kind)))
     if n is None or (kind == "BF16" and not _c_avx512()):
         return SMALL_N
-    if kind == "BF16" and _c_amx():
-        return max(n, C_AMX_ROWS_BF16)
+    if kind in ("BF16", "q8_32") and _c_amx():
+        return max(n, C_AMX_ROWS)
     if kind == "q8_32" and _c_avx512() and n >= C_BATCH_ROWS_Q8[0]:
         n = max(n, C_BATCH_ROWS_Q8[1])
     return n
@@ -358,8 +361,10 @@ def _small_n(kind: str) -> int:
 
 def _c_mode(kind: str, n: int) -> str:
     """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
-    C_BATCH_ROWS_Q8 rows at the AVX-512 level, which run the batch-vectorised exact f32 product."""
-    if kind == "q8_32" and C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1] and _c_avx512():
+    C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
+    product (batch-vectorised kernel, AMX tiles)."""
+    if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
+                                            or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
         return "f32"
     return _act_mode(kind)
 
