@@ -14,13 +14,15 @@ single-threaded BLAS (parallel_for). f32 ndarrays always go to BLAS (nothing to 
 activation row once per call and uses integer block dot products (set_act_quant; int16 activations for
 int8 weights by default, so int8 stays numerically the float product). At the AVX-512 level a prefill's
 per-expert batches (bf16: 12..112 rows, int8: C_BATCH_ROWS_Q8, as the exact f32 product) run a C kernel
-vectorised over the rows of x instead (see csrc). matmul_many(xs, ws) runs several
+vectorised over the rows of x instead (see csrc); with AMX, bf16 batches from 8 rows and int8 ones from 32,
+up to C_AMX_ROWS, run on the tile unit (x in three bf16 parts: an f32 product). matmul_many(xs, ws) runs several
 products in one C call / one thread fork-join (the MoE's selected experts). heads_vecmat runs the transposed
 use, x @ W (a combination of stored rows, pk_vecmat_many), and heads_matvec the GEMV, on per-head row blocks
 of one stored weight in one call -- the absorbed MLA decode's q_nope · W_uk and W_uv · o_lat on kv_b_proj,
-so decode never widens kv_b_proj. swiglu_sum runs one token's whole MoE FFN (routed + shared experts) in
-one C call. The small fused ops (rms_norm,
-softmax, rope, MoE dispatch) use Numba unless the backend is "numpy".
+so decode never widens kv_b_proj. mla_absorbed runs one decode token's whole absorbed attention (norm, RoPE,
+the cache row, scores, softmax, both absorbed products) and swiglu_sum one token's whole MoE FFN (routed +
+shared experts), one C call each. The small fused ops (rms_norm, add_rms_norm, softmax, rope, the router's
+selection route_select, MoE dispatch) use Numba unless the backend is "numpy".
 
 Each fast path has its NumPy twin in ref.py; reference(x, w) names the exact twin of what matmul(x, w)
 computes under the current settings (the tests hold every backend to it).
