@@ -1138,12 +1138,13 @@ static void job_set(pk_job *j, int fmt, int act, const float *x, int64_t n, int6
 }
 
 #if PK_HAVE_AMX
-/* bf16 weights x a batch of rows of x on the AMX tile unit (prefill). Why: the FMA kernels do one multiply
+/* bf16 (and Q8_32) weights x a batch of rows of x on the AMX tile unit (prefill). Why: the FMA kernels do one multiply
  * per lane per instruction and reach ~45 % of the FMA peak at a few rows of x; a tile product does 16 x 16 x
  * 32 of them, so with the few tokens an expert gets in a prefill the weights' memory stream is the limit
  * again instead of the multiplies.
  * C[o][t] = sum_k W[o][k] x[t][k]: A = 16 weight rows x 32 k, read straight from the stored rows (the
- * checkpoint's own layout); B = x in the tile unit's pair layout, made once per job. The tiles multiply bf16
+ * checkpoint's own layout; Q8 codes widened to bf16 per tile, see q8_tile_bf16); B = x in the tile unit's
+ * pair layout, made once per job. The tiles multiply bf16
  * pairs and accumulate in f32, so x is split into three bf16 parts, hi = bf16(x), mid = bf16(x - hi), lo =
  * bf16(x - hi - mid), and all three are multiplied: x - hi - mid - lo is below 2^-26 |x|, an f32 product as
  * far as the golden 2e-5 can tell (one part alone would be ~2^-9; two parts, ~2^-18, moved a router
@@ -1304,9 +1305,9 @@ static PK_AMX void q8_tile_bf16(const pk_job *j, int64_t o, int64_t kc, uint16_t
         }                           \
     } while (0)
 
-/* Output rows [o0, o1) of a bf16 job prepared by amx_prepare: x in groups of up to 4 tiles (64 rows)
+/* Output rows [o0, o1) of a bf16 or Q8_32 job prepared by amx_prepare: x in groups of up to 4 tiles (64 rows)
  * accumulated in tiles 0-3, blocks of 16 weight rows in tile 4, x's three parts in tiles 5-7. */
-static PK_AMX void bf16_amx(const pk_job *j, int64_t o0, int64_t o1) {
+static PK_AMX void amx_rows(const pk_job *j, int64_t o0, int64_t o1) {
     const int64_t in = j->in, nk = (in + 31) / 32, mt = j->mt, part = mt * nk * 512, stride = j->row_bytes;
     const int q8 = j->fmt == F_Q8; /* per block of k: tiles scaled into acc (bf16: summed in the tiles) */
     uint16_t wpad[16 * 32] __attribute__((aligned(64)));
@@ -1558,7 +1559,7 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
     (void)simd;
 #if PK_HAVE_AMX
     if (j->xb) {
-        bf16_amx(j, o0, o1);
+        amx_rows(j, o0, o1);
         return;
     }
 #endif

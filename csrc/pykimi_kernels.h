@@ -33,8 +33,9 @@ void pk_set_simd(int level);
 int pk_get_simd(void);
 int pk_simd_level(void);
 void pk_force_scalar(int on);
-/* AMX (bf16 tile products) for bf16 batches of >= 4 rows of x at the AVX-512 level: 1 when the CPU has it
- * and Linux granted it; pk_set_amx(0) / PYKIMI_AMX=0 turns it off, pk_get_amx says whether it runs. */
+/* AMX (bf16 tile products) for bf16 batches of >= 8 rows of x and Q8_32 batches (f32 activations) of >= 32
+ * at the AVX-512 level: pk_amx_available is 1 when the CPU has it and Linux granted it; pk_set_amx(0) /
+ * PYKIMI_AMX=0 turns it off, pk_get_amx says whether it runs. */
 int pk_amx_available(void);
 void pk_set_amx(int on);
 int pk_get_amx(void);
