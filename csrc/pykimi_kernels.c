@@ -56,9 +56,10 @@
 #define PK_HAVE_AVX512 0
 #endif
 
-/* AMX (Sapphire Rapids and later): bf16 tile products for the prefill's bf16 batches. Needs gcc >= 11 /
- * clang >= 12 and Linux, whose arch_prctl grants the tile state to a process that asks. */
-#if PK_HAVE_AVX512 && defined(__x86_64__) && defined(__linux__) &&                                   \
+/* AMX (Sapphire Rapids and later): bf16 tile products for the prefill's bf16 / Q8 batches. Needs gcc >= 11 /
+ * clang >= 12 with an assembler that knows the instructions (the build probes it, else -DPK_NO_AMX) and
+ * Linux, whose arch_prctl grants the tile state to a process that asks. */
+#if PK_HAVE_AVX512 && defined(__x86_64__) && defined(__linux__) && !defined(PK_NO_AMX) &&             \
     ((defined(__clang__) && __clang_major__ >= 12) || (!defined(__clang__) && __GNUC__ >= 11))
 #define PK_HAVE_AMX 1
 #include <cpuid.h>

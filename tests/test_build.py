@@ -16,7 +16,7 @@ needs_cc = pytest.mark.skipif(not HAVE_CC, reason=f"no C compiler ({CC}) on this
 
 
 @needs_cc
-@pytest.mark.parametrize("defines", [[], ["-DPK_NO_SIMD"]], ids=["simd", "portable-only"])
+@pytest.mark.parametrize("defines", [[], ["-DPK_NO_AMX"], ["-DPK_NO_SIMD"]], ids=["simd", "no-amx", "portable-only"])
 def test_sources_are_warning_free_c99(defines):
     srcs = [os.path.join(CSRC, f) for f in sorted(os.listdir(CSRC)) if f.endswith(".c")]
     assert srcs

@@ -7,7 +7,7 @@ Used three ways:
   * ``build_inplace()`` from tests.
 
 Flags: -O3 always; -fopenmp only when a probe compile+link with it succeeds (set PYKIMI_NO_OPENMP=1 to
-skip). No -march=native: the AVX2 and AVX-512 functions carry their own target attributes and the level is
+skip); -DPK_NO_AMX when a probe compile of the AMX intrinsics fails (or PYKIMI_NO_AMX=1). No -march=native: the AVX2 and AVX-512 functions carry their own target attributes and the level is
 picked at run time (csrc/pykimi_kernels.c), so the binary stays portable.
 """
 import os
@@ -59,6 +59,33 @@ def probe_openmp() -> bool:
         return r.returncode == 0
 
 
+_AMX_PROBE = r"""
+#include <immintrin.h>
+__attribute__((target("amx-tile,amx-bf16,avx512f")))
+void f(const void *cfg, const void *a, const void *b, float *c) {
+    _tile_loadconfig(cfg); _tile_zero(0); _tile_loadd(4, a, 64); _tile_loadd(5, b, 64);
+    _tile_dpbf16ps(0, 4, 5); _tile_stored(0, c, 64); _tile_release();
+}
+"""
+
+
+def probe_amx() -> bool:
+    """True when the compiler and assembler take the AMX intrinsics (gcc >= 11 and binutils >= 2.36, or clang
+    >= 12). Without them the kernels are built with -DPK_NO_AMX: the same C, no tile path."""
+    if os.environ.get("PYKIMI_NO_AMX"):
+        return False
+    with tempfile.TemporaryDirectory() as d:
+        c = os.path.join(d, "t.c")
+        with open(c, "w") as f:
+            f.write(_AMX_PROBE)
+        try:
+            r = subprocess.run(_compiler() + ["-O2", "-c", c, "-o", os.path.join(d, "t.o")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
 def make_builder(openmp: bool | None = None, relative: bool | None = None) -> FFI:
     """relative=True names sources relative to the repo root (what setup.py needs); absolute otherwise
     (cffi's own compile() chdirs into its temp dir)."""
@@ -73,7 +100,7 @@ def make_builder(openmp: bool | None = None, relative: bool | None = None) -> FF
     if relative:  # setuptools wants paths relative to setup.py
         sources = [os.path.relpath(s, ROOT) for s in sources]
         inc = os.path.relpath(CSRC, ROOT)
-    flags = ["-O3"] + (["-fopenmp"] if openmp else [])
+    flags = ["-O3"] + (["-fopenmp"] if openmp else []) + ([] if probe_amx() else ["-DPK_NO_AMX"])
     ffi.set_source(MODULE, '#include "pykimi_kernels.h"', sources=sources,
                    include_dirs=[inc],
                    libraries=["m"], extra_compile_args=flags, extra_link_args=(["-fopenmp"] if openmp else []))
