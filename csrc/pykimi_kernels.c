@@ -68,6 +68,16 @@
 #define PK_HAVE_AMX 0
 #endif
 
+/* NAME_avx512 / NAME_avx2 / NAME_scalar ARGS at SIMD level simd (the levels this build has). */
+#if PK_HAVE_AVX512
+#define PK_LEVEL_CALL(simd, NAME, ARGS) \
+    ((simd) >= 2 ? NAME##_avx512 ARGS : (simd) == 1 ? NAME##_avx2 ARGS : NAME##_scalar ARGS)
+#elif PK_X86
+#define PK_LEVEL_CALL(simd, NAME, ARGS) ((simd) >= 1 ? NAME##_avx2 ARGS : NAME##_scalar ARGS)
+#else
+#define PK_LEVEL_CALL(simd, NAME, ARGS) ((void)(simd), NAME##_scalar ARGS)
+#endif
+
 #define PK_NT 4          /* rows of x sharing one decoded weight row */
 #define PK_TN_MIN 12     /* bf16, AVX-512: from this many rows of x, the batch-vectorised kernel */
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
@@ -1818,21 +1828,7 @@ static PK_AVX512 void vecmat_avx512(int fmt, const float *x, int64_t rows, int64
 static void vecmat_level(int simd, int fmt, const float *x, int64_t rows, int64_t in, const void *w,
                          const float *sc, float *y) {
     const int64_t nb = (in + PK_BLOCK - 1) / PK_BLOCK;
-    const int64_t rb = row_bytes_of(fmt, in);
-#if PK_HAVE_AVX512
-    if (simd >= 2) {
-        vecmat_avx512(fmt, x, rows, in, (const char *)w, rb, sc, nb, y);
-        return;
-    }
-#endif
-#if PK_X86
-    if (simd == 1) {
-        vecmat_avx2(fmt, x, rows, in, (const char *)w, rb, sc, nb, y);
-        return;
-    }
-#endif
-    (void)simd;
-    vecmat_scalar(fmt, x, rows, in, (const char *)w, rb, sc, nb, y);
+    PK_LEVEL_CALL(simd, vecmat, (fmt, x, rows, in, (const char *)w, row_bytes_of(fmt, in), sc, nb, y));
 }
 
 int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int64_t *rows, const int64_t *ins,
@@ -1936,16 +1932,6 @@ static PK_AVX512 void dot4_avx512(const float *a, const float *b, int64_t stride
 static PK_AVX512 void axpy_avx512(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
 static PK_AVX512 void axpy64_avx512(const float *p, const float *r, int64_t stride, int64_t nt, float *o)
     PK_AXPY64_BODY
-#endif
-
-/* NAME_avx512 / NAME_avx2 / NAME_scalar ARGS at SIMD level simd (the levels this build has). */
-#if PK_HAVE_AVX512
-#define PK_LEVEL_CALL(simd, NAME, ARGS) \
-    ((simd) >= 2 ? NAME##_avx512 ARGS : (simd) == 1 ? NAME##_avx2 ARGS : NAME##_scalar ARGS)
-#elif PK_X86
-#define PK_LEVEL_CALL(simd, NAME, ARGS) ((simd) >= 1 ? NAME##_avx2 ARGS : NAME##_scalar ARGS)
-#else
-#define PK_LEVEL_CALL(simd, NAME, ARGS) ((void)(simd), NAME##_scalar ARGS)
 #endif
 
 static float dot_level(int simd, const float *a, const float *b, int64_t n) {

@@ -112,10 +112,17 @@ def _f32(w) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # Shared front part: projections, latent, RoPE
 # ---------------------------------------------------------------------------------------------------------
+@lru_cache(maxsize=8)
+def _inv_freq(dim: int, theta: float) -> np.ndarray:
+    """lm_inv_freq, computed once per (dim, theta) and kept read-only: every layer of every step needs it."""
+    f = lm_inv_freq(dim, theta)
+    f.flags.writeable = False
+    return f
+
+
 def rope_angles(positions, cfg) -> np.ndarray:
     """LM RoPE angles for the rope slice: pos · theta^(-2i/rope_dim), fp32 from the config   # [S, rope/2]."""
-    inv = lm_inv_freq(cfg.qk_rope_head_dim, cfg.rope_theta)
-    return lm_rope_angles(np.asarray(positions), inv)
+    return lm_rope_angles(np.asarray(positions), _inv_freq(cfg.qk_rope_head_dim, float(cfg.rope_theta)))
 
 
 def mla_project(x: np.ndarray, w: MLAWeights, positions, cfg, layer: int | None = None):
@@ -270,13 +277,6 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
                      axis=1)                                                     # [H, S, dv]
     o = o.transpose(1, 0, 2).reshape(S, H * dv)                                  # [S, H*dv]
     return kernels.matmul(o, w.o_proj)                                           # [S, D]
-
-
-@lru_cache(maxsize=8)
-def _inv_freq(dim: int, theta: float) -> np.ndarray:
-    f = lm_inv_freq(dim, theta)
-    f.flags.writeable = False
-    return f
 
 
 def _mla_decode_fused(x: np.ndarray, w: MLAWeights, cache, layer: int, position: int, cfg) -> np.ndarray:

@@ -214,8 +214,8 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
     rows: the layer's cache buffer, float32 C-contiguous [>= n + 1, R + dr] (written in place);
     dims = (H, dn, dr, dv, R)."""
     H, dn, dr, dv, R = dims
-    if rows.dtype != np.float32 or not rows.flags.c_contiguous or rows.shape[0] <= n:
-        raise ValueError(f"mla_absorbed: cache rows {rows.dtype}{list(rows.shape)} cannot take row {n}")
+    if rows.dtype != np.float32 or not rows.flags.c_contiguous:   # written in place: no converted copy
+        raise ValueError(f"mla_absorbed: cache rows are {rows.dtype}{list(rows.shape)}, expected contiguous float32")
     q = np.ascontiguousarray(q, dtype=np.float32)
     kva = np.ascontiguousarray(kva, dtype=np.float32)
     ln = np.ascontiguousarray(ln, dtype=np.float32)
