@@ -6,6 +6,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.reference  # an optional reference tool (.ci/run re-runs these)
+
 gguf = pytest.importorskip("gguf", reason="the gguf package is an optional benchmark peer")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -91,6 +91,7 @@ SIZES = [((8, 8), (8, 10)), ((8, 8), (6, 4)), ((8, 8), (14, 18)), ((7, 5), (11, 
          ((64, 64), (33, 17)), ((64, 64), (128, 70)), ((5, 3), (3, 7)), ((1, 4), (3, 2)), ((9, 11), (9, 11))]
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("src,dst", SIZES)
 def test_against_torch(src, dst):
     torch = pytest.importorskip("torch", reason="torch is not installed: the torch cross-check is skipped")
@@ -106,6 +107,7 @@ def test_against_torch(src, dst):
     assert err <= 3e-6, f"bicubic {src}->{dst}: err {err:.3g}"
 
 
+@pytest.mark.reference
 @pytest.mark.parametrize("n_in,n_out", [(8, 10), (8, 6), (7, 13), (13, 5), (64, 17), (3, 3), (1, 5)])
 def test_matrix_against_torch(n_in, n_out):
     torch = pytest.importorskip("torch", reason="torch is not installed: the torch cross-check is skipped")

@@ -36,6 +36,7 @@ def test_random_tiny_checkpoint_layout(tmp_path, dtype):
     assert logits.shape == (4, 512) and np.isfinite(logits).all()
 
 
+@pytest.mark.reference
 def test_official_library_reads_random_checkpoint(tmp_path):
     torch = pytest.importorskip("torch", reason="bf16 through safetensors needs torch")
     from safetensors import safe_open

@@ -7,6 +7,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.reference  # an optional reference tool (.ci/run re-runs these)
+
 pytest.importorskip("torch", reason="torch not installed (optional reference tool)")
 pytest.importorskip("transformers", reason="transformers not installed (optional reference tool)")
 

@@ -12,6 +12,8 @@ import sys
 import numpy as np
 import pytest
 
+pytestmark = pytest.mark.reference  # an optional reference tool (.ci/run re-runs these)
+
 torch = pytest.importorskip("torch", reason="tools/train_demo.py needs torch (pip install torch==2.13.0)")
 pytest.importorskip("regex", reason="tools/train_demo.py trains its BPE with the regex package")
 

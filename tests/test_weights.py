@@ -71,6 +71,7 @@ def test_reads_official_writer(tmp_path):
         np.testing.assert_array_equal(ck.get(k), v)
 
 
+@pytest.mark.reference
 def test_official_reads_bf16_when_torch_present(tmp_path):
     torch = pytest.importorskip("torch", reason="torch not installed: bf16 cross-check needs safetensors.torch")
     from safetensors.torch import load_file
