@@ -430,6 +430,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true")
     p.add_argument("--overwrite", action="store_true", help="replace DST if it exists")
     p.set_defaults(fn=cmd_quantize)
+
+    from .bench import add_parser as add_bench
+    add_bench(sub)
     return ap
 
 
