@@ -366,24 +366,15 @@ def worker_trace(spec: dict) -> dict:
 
 
 def worker_bandwidth(spec: dict) -> dict:
-    """Read bandwidth: sum a 2 GB float32 array (far larger than any cache), best of N; 1 and 2 threads
-    (NumPy releases the GIL inside the reduction, so two Python threads on two halves read in parallel)."""
-    from concurrent.futures import ThreadPoolExecutor
+    """Read bandwidth as decode reads (bench/bandwidth.py: a C OpenMP streaming read over 2 GiB, best and median
+    of N, at 1 and 2 threads); the NumPy sum of earlier runs rides along as `numpy_gbs`."""
+    import bandwidth
 
-    nbytes = int(spec.get("bytes", 2 << 30))
-    a = np.ones(nbytes // 4, dtype=np.float32)                     # written once: every page is resident
-    res = {"bytes": nbytes}
-    for threads in (1, 2):
-        parts = np.array_split(a, threads)
-        best = float("inf")
-        with ThreadPoolExecutor(threads) as ex:
-            for _ in range(spec["repeat"]):
-                t0 = time.perf_counter()
-                list(ex.map(np.sum, parts))
-                best = min(best, time.perf_counter() - t0)
-        res[f"gbs_{threads}t"] = nbytes / best / 1e9
-    res["gbs"] = max(res["gbs_1t"], res["gbs_2t"])
-    return res
+    r = bandwidth.measure(gib=spec.get("bytes", 2 << 30) / 2**30, repeat=spec["repeat"],
+                          threads=tuple(sorted({1, int(spec.get("threads") or 2)})))
+    for t, v in r["c"].items():
+        r[f"gbs_{t}t"] = v["best_gbs"]
+    return r
 
 
 def worker_torch(spec: dict) -> dict:
@@ -777,8 +768,11 @@ def summarize(res: dict) -> None:
     s = res.setdefault("summary", {})
     if bw:
         smp = res["bandwidth"].get("samples_gbs") or []
-        rows.append(("memory bandwidth (1 thread / 2 threads)",
-                     f"{res['bandwidth']['gbs_1t']:.1f} / {res['bandwidth']['gbs_2t']:.1f} GB/s",
+        b = res["bandwidth"]
+        per = " / ".join(f"{b[k]:.1f}" for k in ("gbs_1t", "gbs_2t") if k in b)
+        rows.append((f"memory bandwidth ({b.get('probe', 'numpy')} probe; 1 thread / 2 threads; "
+                     f"NumPy sum {b.get('numpy_gbs', 0):.1f}, median {b.get('gbs_median', bw):.1f})",
+                     f"{per} GB/s",
                      f"bounds use the best of {len(smp)} samples around the decode runs: {bw:.1f} GB/s "
                      f"(samples {min(smp):.1f}-{max(smp):.1f})" if len(smp) > 1 else ""))
     peer_for = {"int8": ("llamacpp", "q8_0"), "int4": ("llamacpp", "q4_0"), "bf16": ("llamacpp", "bf16")}
