@@ -25,31 +25,10 @@ from typing import Any
 import numpy as np
 
 from . import kernels
-from .rope import apply_rope, lm_inv_freq, lm_rope_angles
+from .ops import apply_rope, rms_norm, softmax  # noqa: F401  (rms_norm: pykimi.attention.rms_norm stays public)
+from .rope import lm_inv_freq, lm_rope_angles
 # functions imported from the module: `pykimi.trace` as a package attribute is the trace() context function
 from .trace import _ACTIVE as _TRACES, active as trace_active, emit
-
-
-# ---------------------------------------------------------------------------------------------------------
-# RMSNorm (spec §8.2)
-# ---------------------------------------------------------------------------------------------------------
-def rms_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
-    """``x · rsqrt(mean(x²) + eps)`` with float32 statistics, then times the weight   # [..., D] -> [..., D].
-
-    Spec §8.2: the normalisation is done in fp32 and cast back to the input dtype *before* the weight multiply
-    (a no-op here since activations are fp32). eps is 1e-5 for the layer/final norms, 1e-6 for kv_a_layernorm.
-    """
-    x = np.asarray(x, dtype=np.float32)
-    var = np.mean(np.square(x), axis=-1, keepdims=True, dtype=np.float32)   # [..., 1]
-    y = x * (np.float32(1.0) / np.sqrt(var + np.float32(eps)))
-    return y * np.asarray(w, dtype=np.float32)
-
-
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax in fp32 (rows that are all -inf are not expected: causal rows see >= 1 key)."""
-    m = np.max(x, axis=axis, keepdims=True)
-    e = np.exp(x - m)
-    return e / np.sum(e, axis=axis, keepdims=True)
 
 
 # ---------------------------------------------------------------------------------------------------------

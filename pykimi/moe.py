@@ -18,14 +18,12 @@ import numpy as np
 
 from . import kernels
 from .errors import ConfigError
+from .ops import silu
 
 
 # ---------------------------------------------------------------------------------------------------------
 # SwiGLU (dense layer 0, every routed expert, the shared experts)
 # ---------------------------------------------------------------------------------------------------------
-silu = kernels.ref.silu   # x · sigmoid(x) in fp32 (the twin of the C kernels' silu)
-
-
 def dense_mlp(h: np.ndarray, gate_w, up_w, down_w) -> np.ndarray:
     """``down(silu(gate(h)) ⊙ up(h))``   # h [S, D] -> [S, D]; gate/up [I, D], down [D, I] (spec §8.4)."""
     g = kernels.matmul(h, gate_w)                                   # [S, I]

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from .ops import apply_rope  # noqa: F401  (the rotation itself is a shared primitive, defined in ops)
+
 
 def vision_rope_freqs(head_dim: int, theta: float = 10000.0) -> np.ndarray:
     """f_i = theta^(-4i/head_dim) for i = 0 .. head_dim/4 - 1   # [head_dim//4] (spec §6.4)."""
@@ -45,18 +47,3 @@ def lm_rope_angles(positions, inv_freq: np.ndarray) -> np.ndarray:
     """angle[s, i] = pos_s * inv_freq_i in fp32   # [S, dim//2]."""
     pos = np.asarray(positions, dtype=np.float32).reshape(-1, 1)
     return pos * inv_freq[None, :].astype(np.float32)
-
-
-def apply_rope(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """Rotate interleaved pairs (x[..., 2j], x[..., 2j+1]) by angles[..., j]; returns a new float32 array.
-
-    x: [..., D]; angles must broadcast against x[..., ::2] (e.g. [S, 1, D/2] for x [S, H, D]).
-    """
-    cos = np.cos(angles).astype(np.float32)
-    sin = np.sin(angles).astype(np.float32)
-    xr = x[..., 0::2]
-    xi = x[..., 1::2]
-    out = np.empty(np.broadcast_shapes(x.shape), dtype=np.float32)
-    out[..., 0::2] = xr * cos - xi * sin
-    out[..., 1::2] = xr * sin + xi * cos
-    return out

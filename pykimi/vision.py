@@ -21,7 +21,10 @@ from typing import Sequence
 import numpy as np
 
 from .errors import CheckpointError, InputError
-from .rope import apply_rope, vision_rope_angles
+# the shared primitives (LayerNorm and GELU of §6.3 / §7, RoPE of §6.4) are defined once, in pykimi.ops; the
+# names stay importable from here (tutorial 05 imports pykimi.vision.layer_norm, gelu_tanh, gelu_erf)
+from .ops import apply_rope, erf, erfc, gelu_erf, gelu_tanh, layer_norm  # noqa: F401
+from .rope import vision_rope_angles
 
 from . import kernels
 from . import progress
@@ -45,105 +48,6 @@ ATTN_TILE_BYTES = 1 << 20
 # [M, 1152] x [1152, 4304]: M=128 119 GFLOP/s, 256 141, 512 157, 1024 164; whole tower, 2 threads, 448 px:
 # 6.2 s at 128, 5.45 s at 256, 5.2 s at 512 (896 px: 37.2 / 34.5 / 34.5 s). 256 keeps 4 tasks per 448 px image.
 ROW_CHUNK = 256
-
-
-# ---------------------------------------------------------------------------------------------------------
-# elementwise pieces
-# ---------------------------------------------------------------------------------------------------------
-def layer_norm(x: np.ndarray, w: np.ndarray, b: np.ndarray, eps: float = 1e-5) -> np.ndarray:
-    """torch LayerNorm over the last axis (biased variance), float32   # same shape as x."""
-    x = np.asarray(x, dtype=np.float32)
-    mu = x.mean(axis=-1, keepdims=True, dtype=np.float32)
-    d = x - mu
-    var = np.mean(np.square(d), axis=-1, keepdims=True, dtype=np.float32)
-    d *= 1.0 / np.sqrt(var + np.float32(eps))
-    d *= w
-    d += b
-    return d
-
-
-def gelu_tanh(x: np.ndarray) -> np.ndarray:
-    """GELU, tanh approximation (torch approximate='tanh', HF gelu_pytorch_tanh) -- the vision MLP's (§6.3)."""
-    x = np.asarray(x, dtype=np.float32)
-    c = np.float32(math.sqrt(2.0 / math.pi))
-    inner = x * x
-    inner *= np.float32(0.044715)
-    inner += 1.0
-    inner *= x
-    inner *= c
-    np.tanh(inner, out=inner)
-    inner += 1.0
-    inner *= x
-    inner *= np.float32(0.5)
-    return inner
-
-
-# erfc(z), z >= 0, as t*exp(-z^2 + P(t)) with t = 1/(1 + z/2): P is smooth on t in (0, 1], so a degree-16
-# polynomial fitted (at first use, against math.erfc at Chebyshev nodes) is good to ~5e-12 relative.
-_ERFC_ZMAX = 26.5                       # erfc(26.5) ~ 1e-307; beyond it P is evaluated at the clipped t
-_ERFC_T0 = 1.0 / (1.0 + 0.5 * _ERFC_ZMAX)
-_ERFC_POLY: np.ndarray | None = None    # power-basis coefficients in u = affine(t) in [-1, 1]
-
-
-def _erfc_poly() -> np.ndarray:
-    global _ERFC_POLY
-    if _ERFC_POLY is None:
-        from numpy.polynomial import chebyshev as cheb
-        n = 400
-        u = np.cos(np.pi * (np.arange(n) + 0.5) / n)            # Chebyshev nodes in [-1, 1]
-        t = _ERFC_T0 + (1.0 - _ERFC_T0) * (u + 1.0) / 2.0
-        z = 2.0 * (1.0 / t - 1.0)
-        g = np.array([math.log(math.erfc(zz) / tt) + zz * zz for zz, tt in zip(z, t)])
-        _ERFC_POLY = cheb.cheb2poly(cheb.chebfit(u, g, 16))
-    return _ERFC_POLY
-
-
-def _erfc_nonneg(z: np.ndarray) -> np.ndarray:
-    """erfc(z) for z >= 0, float64, relative error < 1e-11."""
-    coef = _erfc_poly()
-    z = np.asarray(z, dtype=np.float64)
-    out = np.empty_like(z)
-    zf, of = z.reshape(-1), out.reshape(-1)
-    a, c = 2.0 / (1.0 - _ERFC_T0), (1.0 + _ERFC_T0) / (1.0 - _ERFC_T0)
-    for s in range(0, zf.size, 1 << 16):            # chunks stay in cache
-        zz = zf[s:s + (1 << 16)]
-        t = 1.0 / (1.0 + 0.5 * zz)
-        u = np.maximum(t, _ERFC_T0) * a - c
-        acc = np.full_like(u, coef[-1])
-        for k in coef[-2::-1]:                      # Horner
-            acc *= u
-            acc += k
-        acc -= zz * zz
-        np.exp(acc, out=acc)
-        acc *= t
-        of[s:s + zz.size] = acc
-    return out
-
-
-def erfc(x: np.ndarray) -> np.ndarray:
-    """Complementary error function, float64 (numpy has none; scipy is not a dependency)."""
-    x = np.asarray(x, dtype=np.float64)
-    r = _erfc_nonneg(np.abs(x))
-    return np.where(x < 0, 2.0 - r, r)
-
-
-def erf(x: np.ndarray) -> np.ndarray:
-    """Error function, float64, absolute error < 1e-11 (relative too, except near 0 where it is ~1e-16/|x|)."""
-    x = np.asarray(x, dtype=np.float64)
-    return np.sign(x) * (1.0 - _erfc_nonneg(np.abs(x)))
-
-
-def gelu_erf(x: np.ndarray) -> np.ndarray:
-    """Exact GELU x*Phi(x) = x/2 * erfc(-x/sqrt 2) (torch GELU(approximate='none')) -- the projector's (§7).
-
-    Computed through erfc in float64 so negative inputs keep full relative precision; returns float32."""
-    x = np.asarray(x, dtype=np.float32)
-    z = x.astype(np.float64) * (-1.0 / math.sqrt(2.0))       # erfc(z) with z = -x/sqrt2
-    r = _erfc_nonneg(np.abs(z))
-    r = np.where(z < 0, 2.0 - r, r)
-    r *= 0.5
-    r *= x
-    return r.astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------------------

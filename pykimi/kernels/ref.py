@@ -151,48 +151,18 @@ def matmul_act_q4(x, w) -> np.ndarray:
     return _matmul_act(x, unpack_q4(w.q, w.shape[1]), w.scales)
 
 
-# ------------------------------------------------------------------------------------- small fused ops
-
-def silu(x: np.ndarray) -> np.ndarray:
-    """x · sigmoid(x) in fp32 (exp overflow for very negative x gives the correct limit -0)."""
-    with np.errstate(over="ignore"):
-        return x / (np.float32(1.0) + np.exp(-x))
-
-
-def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:
-    """x / sqrt(mean(x^2) + eps) * weight over the last axis, in float32 (DeepSeek-V3 RMSNorm)."""
-    x = np.asarray(x, dtype=np.float32)
-    var = np.mean(x * x, axis=-1, keepdims=True)
-    return (x / np.sqrt(var + np.float32(eps))) * np.asarray(weight, dtype=np.float32)
-
-
-def add_rms_norm(x: np.ndarray, a: np.ndarray, weight: np.ndarray, eps: float):
-    """(x + a, rms_norm(x + a)): a residual add and the next pre-norm."""
-    xo = np.asarray(x, dtype=np.float32) + np.asarray(a, dtype=np.float32)
-    return xo, rms_norm(xo, weight, eps)
-
-
-def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
-    """Numerically stable softmax in float32 (max subtracted first)."""
-    x = np.asarray(x, dtype=np.float32)
-    e = np.exp(x - np.max(x, axis=axis, keepdims=True))
-    return e / np.sum(e, axis=axis, keepdims=True)
+# the small ops' definitions are the shared primitives of pykimi.ops (one rounding each, used everywhere)
+from ..ops import add_rms_norm, rms_norm, silu, softmax  # noqa: E402,F401
 
 
 def rope_interleaved(x: np.ndarray, angles: np.ndarray) -> np.ndarray:
-    """Rotate interleaved pairs (x[..., 2j], x[..., 2j+1]) by angles[..., j] (same rule as pykimi.rope.apply_rope).
-
-    x: [S, D] or [S, H, D]; angles: [S, D//2] (broadcast over heads)."""
-    x = np.asarray(x, dtype=np.float32)
+    """ops.apply_rope with angles [S, D//2] broadcast over the heads of x [S, H, D]."""
     a = np.asarray(angles, dtype=np.float32)
-    if x.ndim == 3 and a.ndim == 2:
-        a = a[:, None, :]
-    cos, sin = np.cos(a), np.sin(a)
-    x0, x1 = x[..., 0::2], x[..., 1::2]
-    out = np.empty_like(x)
-    out[..., 0::2] = x0 * cos - x1 * sin
-    out[..., 1::2] = x0 * sin + x1 * cos
-    return out
+    x = np.asarray(x, dtype=np.float32)
+    return apply_rope(x, a[:, None, :] if x.ndim == 3 and a.ndim == 2 else a)
+
+
+from ..ops import apply_rope  # noqa: E402
 
 
 # -------------------------------------------------------------------------------------- MoE dispatch
