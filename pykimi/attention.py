@@ -27,8 +27,9 @@ import numpy as np
 from . import kernels
 from .ops import apply_rope, rms_norm, softmax  # noqa: F401  (rms_norm: pykimi.attention.rms_norm stays public)
 from .rope import lm_inv_freq, lm_rope_angles
-# functions imported from the module: `pykimi.trace` as a package attribute is the trace() context function
-from .trace import _ACTIVE as _TRACES, active as trace_active, emit
+from .kernels.ref import vecmat, weight_rows
+from . import trace  # a callable module: trace.emit / trace.wants here, pykimi.trace(model) for users
+from .trace import emit
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -115,7 +116,7 @@ def mla_project(x: np.ndarray, w: MLAWeights, positions, cfg, layer: int | None 
         # q-LoRA (DeepSeek-V3 when q_lora_rank is set): q_b(RMSNorm(q_a(x))); the norm is built with the
         # RMSNorm default eps 1e-6 like kv_a_layernorm.
         qa = kernels.matmul(x, w.q_a_proj)                                       # [S, q_lora_rank]
-        qa = rms_norm(qa, w.q_a_layernorm, cfg.kv_a_layernorm_eps)
+        qa = kernels.fast(rms_norm)(qa, w.q_a_layernorm, cfg.kv_a_layernorm_eps)
         q = kernels.matmul(qa, w.q_b_proj)                                       # [S, H*(dn+dr)]
     else:
         q = kernels.matmul(x, w.q_proj)                                          # [S, H*(dn+dr)]
@@ -123,7 +124,7 @@ def mla_project(x: np.ndarray, w: MLAWeights, positions, cfg, layer: int | None 
     q_nope, q_pe = q[..., :dn], q[..., dn:]                                      # [S, H, dn], [S, H, dr]
 
     a = kernels.matmul(x, w.kv_a_proj_with_mqa)                                  # [S, R + dr]
-    c = rms_norm(a[:, :R], w.kv_a_layernorm, cfg.kv_a_layernorm_eps)             # [S, R]  eps 1e-6 (spec §8.2)
+    c = kernels.fast(rms_norm)(a[:, :R], w.kv_a_layernorm, cfg.kv_a_layernorm_eps)   # [S, R] eps 1e-6 (§8.2)
     k_pe = a[:, R:]                                                              # [S, dr] one head, shared
 
     ang = rope_angles(positions, cfg)                                            # [S, dr/2]
@@ -142,10 +143,7 @@ def _causal_mask(q_pos: np.ndarray, n_keys: int) -> np.ndarray:
 
 
 def _wants_probs(layer: int | None) -> bool:
-    if layer is None or not trace_active():
-        return False
-    name = f"language_model.model.layers.{layer}.self_attn"
-    return any(t.wants_attn_probs(name) for t in _TRACES if hasattr(t, "wants_attn_probs"))
+    return layer is not None and trace.wants(f"language_model.model.layers.{layer}.self_attn.attn_probs")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -214,6 +212,12 @@ def absorbed_kv_b(w: MLAWeights, cfg):
     return kvb[:, :dn, :], kvb[:, dn:, :]
 
 
+# Names the fused decode cannot report (its q_pe rotation and probabilities stay inside the kernel): a trace
+# that records or edits one of them for a layer runs that layer's decode step by step (same values up to float
+# rounding, tests/test_trace.py); every other name keeps the fused path.
+FUSED_DECODE_HIDES = ("q_rope", "k_rope", "attn_probs")
+
+
 def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) -> np.ndarray:
     """MLA for new tokens ``x`` [S, D] (usually S = 1) in the absorbed form over the latent cache.
 
@@ -221,14 +225,30 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     score[h, n] = (q_lat[h]·c_n + q_pe[h]·k_pe_n) · qk_head_dim^-0.5, causal softmax
     o[h] = W_uv[h] · Σ_n p[h, n] c_n           then o_proj.
     Equal to :func:`mla_prefill` up to float rounding (spec §8.3, "weight absorption").
-    The two absorbed products read kv_b_proj in its stored form through the kernels (heads_vecmat /
-    heads_matvec: all heads in one call), unless an f32 copy was cached in ``w.kv_b_f32`` (numpy backend).
+    One token on a stored kv_b_proj: the projections, then :func:`mla_absorbed` (through its fast twin: one C
+    call), then o_proj. Otherwise (several tokens, an f32 kv_b copy in ``w.kv_b_f32``, or a trace asking for
+    one of FUSED_DECODE_HIDES) step by step below, the absorbed products on kv_b_proj's stored form through
+    kernels.heads_vecmat / heads_matvec (all heads in one call).
     """
     positions = np.asarray(positions)
     S = x.shape[0]
-    H, dn, dv, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    if S == 1 and w.kv_b_f32 is None and not trace_active():
-        return _mla_decode_fused(x, w, cache, layer, int(positions.reshape(-1)[-1]), cfg)
+    H, dn, dr, dv, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
+                        cfg.kv_lora_rank)
+    name = f"language_model.model.layers.{layer}.self_attn"
+    if S == 1 and w.kv_b_f32 is None and not trace.wants(*(f"{name}.{n}" for n in FUSED_DECODE_HIDES)):
+        # the two input projections in one kernel call, the whole absorbed attention in another: the step by
+        # step form is ~15 NumPy calls per layer and token around the kernels, more than its arithmetic
+        if cfg.q_lora_rank:
+            qa, kva = kernels.matmul_many([x, x], [w.q_a_proj, w.kv_a_proj_with_mqa])
+            q = kernels.matmul(kernels.fast(rms_norm)(qa, w.q_a_layernorm, cfg.kv_a_layernorm_eps), w.q_b_proj)
+        else:
+            q, kva = kernels.matmul_many([x, x], [w.q_proj, w.kv_a_proj_with_mqa])   # [1, H*(dn+dr)], [1, R+dr]
+        rows, n = cache.next_row(layer)
+        o = kernels.fast(mla_absorbed)(q, kva, w.kv_a_layernorm, cfg.kv_a_layernorm_eps,
+                                       _inv_freq(dr, float(cfg.rope_theta)), int(positions.reshape(-1)[-1]),
+                                       rows, n, w.kv_b_proj, cfg.qk_head_dim ** -0.5, (H, dn, dr, dv, R))
+        cache.commit(layer)                                                      # rows[n] was written
+        return kernels.matmul(o[None, :], w.o_proj)                              # [1, D]
     q_nope, q_pe, c, k_pe = mla_project(x, w, positions, cfg, layer)
     cache.append(layer, c, k_pe)
     rows = cache.rows(layer)                                                     # [N, R + dr]  = [c | k_pe]
@@ -258,21 +278,42 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     return kernels.matmul(o, w.o_proj)                                           # [S, D]
 
 
-def _mla_decode_fused(x: np.ndarray, w: MLAWeights, cache, layer: int, position: int, cfg) -> np.ndarray:
-    """:func:`mla_decode` for one token with nothing traced: the two input projections in one kernel call, the
-    whole absorbed attention (norm, RoPE, cache row, scores, softmax, W_uk / W_uv) in another
-    (kernels.mla_absorbed), then o_proj. Why: the step by step form is ~15 NumPy calls per layer and token
-    around the kernels, which at 27 layers cost more than the attention's arithmetic."""
-    H, dn, dr, dv, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
-                        cfg.kv_lora_rank)
-    if cfg.q_lora_rank:
-        qa, kva = kernels.matmul_many([x, x], [w.q_a_proj, w.kv_a_proj_with_mqa])
-        q = kernels.matmul(rms_norm(qa, w.q_a_layernorm, cfg.kv_a_layernorm_eps), w.q_b_proj)
-    else:
-        q, kva = kernels.matmul_many([x, x], [w.q_proj, w.kv_a_proj_with_mqa])   # [1, H*(dn+dr)], [1, R+dr]
-    rows, n = cache.next_row(layer)
-    o = kernels.mla_absorbed(q, kva, w.kv_a_layernorm, cfg.kv_a_layernorm_eps,
-                             _inv_freq(dr, float(cfg.rope_theta)), position, rows, n, w.kv_b_proj,
-                             cfg.qk_head_dim ** -0.5, (H, dn, dr, dv, R))        # [H*dv]; writes rows[n]
-    cache.commit(layer)
-    return kernels.matmul(o[None, :], w.o_proj)                                  # [1, D]
+def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b, scale: float,
+                 dims, matmul=None) -> np.ndarray:
+    """The absorbed MLA attention of ONE decode token from its projections (spec §8.3)   -> f32[H * dv].
+
+    q [H * (dn + dr)] (q_pe not rotated yet), kva [R + dr] (kv_a_proj_with_mqa output), ln / eps:
+    kv_a_layernorm, inv_freq [dr / 2] (angles pos · inv_freq), rows: the layer's cache buffer [>= n + 1, R + dr]
+    with n rows held -- row n is written here ([RMSNorm(c) | RoPE(k_pe)]); kv_b: kv_b_proj [H * (dn + dv), R]
+    in any stored form; dims = (H, dn, dr, dv, R). The W_uv products go through ``matmul`` (default
+    kernels.matmul; tests pass kernels.reference). Fast twin: kernels/fused.py (one C call, heads in parallel,
+    W_uk / W_uv read in the stored form)."""
+    H, dn, dr, dv, R = (int(d) for d in dims)
+    check_absorbed(q, kva, rows, n, pos, kv_b, dims)
+    mm = kernels.matmul if matmul is None else matmul
+    q = np.asarray(q, dtype=np.float32).reshape(H, dn + dr)
+    kva = np.asarray(kva, dtype=np.float32).reshape(-1)
+    ang = (np.float32(pos) * np.asarray(inv_freq, dtype=np.float32))[None, :]              # [1, dr/2]
+    rows[n, :R] = rms_norm(kva[:R], ln, eps)                                                 # c, eps 1e-6
+    rows[n, R:] = apply_rope(kva[None, R:], ang)[0]                                          # k_pe
+    keys = rows[:min(n + 1, pos + 1)]                                                        # [N, R+dr] causal
+    o = np.empty((H, dv), dtype=np.float32)
+    for h in range(H):
+        r0 = h * (dn + dv)
+        q_lat = vecmat(q[h, :dn], weight_rows(kv_b, r0, r0 + dn))                          # [R]  q_nope·W_uk
+        q_pe = apply_rope(q[h, dn:][None, :], ang)[0]                                        # [dr]
+        p = softmax((keys @ np.concatenate([q_lat, q_pe])) * np.float32(scale))             # [N]
+        o[h] = mm((p @ keys[:, :R])[None, :], weight_rows(kv_b, r0 + dn, r0 + dn + dv))[0]  # [dv] W_uv·o_lat
+    return o.reshape(-1)
+
+
+def check_absorbed(q, kva, rows, n: int, pos: int, kv_b, dims) -> None:
+    """One-line ValueError unless mla_absorbed's arguments fit dims = (H, dn, dr, dv, R) and the cache row n."""
+    H, dn, dr, dv, R = (int(d) for d in dims)
+    qs, ks = int(np.size(q)), int(np.size(kva))
+    if qs != H * (dn + dr) or ks != R + dr or tuple(kv_b.shape) != (H * (dn + dv), R):
+        raise ValueError(f"mla_absorbed: q [{qs}], kva [{ks}], kv_b {list(kv_b.shape)} do not fit "
+                         f"heads={H}, dn={dn}, dr={dr}, dv={dv}, R={R}")
+    if rows.ndim != 2 or rows.shape[1] != R + dr or not 0 <= n < rows.shape[0] or pos < 0:
+        raise ValueError(f"mla_absorbed: cache rows {list(rows.shape)} cannot take row {n} of width {R + dr} "
+                         f"(position {pos})")

@@ -19,11 +19,12 @@ from typing import Any, Callable
 import numpy as np
 
 from . import kernels, progress
-from .attention import MLAWeights, _f32, mla_decode, mla_prefill, rms_norm
+from .attention import MLAWeights, _f32, mla_decode, mla_prefill
 from .cache import LatentCache
 from .errors import InputError
-from .moe import RoutingRecord  # noqa: F401  (re-exported for notebooks)
-from .moe import dense_mlp, moe_forward, route, route_logits
+from .moe import RouterRule, RoutingRecord  # noqa: F401  (RoutingRecord re-exported for notebooks)
+from .moe import dense_mlp, moe_forward, route, route_logits, router_rule
+from .ops import add_rms_norm, rms_norm
 from .trace import active as trace_active, emit, emit_record
 from .weights import Checkpoint, Stored, bf16_to_f32
 
@@ -73,7 +74,7 @@ def embed_and_merge(ids: np.ndarray, embed_table, image_features: np.ndarray | N
 
 def final_norm(x: np.ndarray, w: np.ndarray, eps: float) -> np.ndarray:
     """``language_model.model.norm``: RMSNorm (spec §8.2)   # [S, D]."""
-    return rms_norm(x, w, eps)
+    return kernels.fast(rms_norm)(x, w, eps)
 
 
 def lm_head(x: np.ndarray, w) -> np.ndarray:
@@ -92,7 +93,7 @@ class LayerWeights:
     input_layernorm, post_attention_layernorm: f32[D]; attn: MLAWeights;
     dense layers: mlp = (gate [I, D], up [I, D], down [D, I]);
     MoE layers: gate_w f32[E, D], gate_bias f32[E] | None, get_expert(e) -> (gate, up, down),
-    shared = (gate, up, down) | None.
+    shared = (gate, up, down) | None, router: the RouterRule read from the config.
     """
     layer: int
     input_layernorm: np.ndarray
@@ -103,6 +104,7 @@ class LayerWeights:
     gate_bias: np.ndarray | None = None
     get_expert: Callable[[int], tuple] | None = None
     shared: tuple | None = None
+    router: RouterRule | None = None
 
     @property
     def is_moe(self) -> bool:
@@ -128,7 +130,8 @@ class LayerWeights:
             kw.update(gate_w=ckpt.f32(f"{p}.mlp.gate.weight"),             # router in fp32 (spec §8.4)
                       gate_bias=ckpt.f32(bias_name) if bias_name in ckpt else None,
                       get_expert=_memo(lambda e: swiglu(f"{p}.mlp.experts.{e}"), ckpt),
-                      shared=swiglu(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None)
+                      shared=swiglu(f"{p}.mlp.shared_experts") if cfg.n_shared_experts else None,
+                      router=router_rule(cfg))
         else:
             kw.update(mlp=swiglu(f"{p}.mlp"))
         return cls(**kw)
@@ -156,12 +159,13 @@ def ffn(h: np.ndarray, lw: LayerWeights, cfg) -> np.ndarray:
     p = f"{LM}.layers.{lw.layer}.mlp"
     if not lw.is_moe:
         return dense_mlp(h, *lw.mlp)
-    rec = route(h, lw.gate_w, lw.gate_bias, cfg)
+    rule = lw.router if lw.router is not None else router_rule(cfg)   # validated once, at load
+    rec = route(h, lw.gate_w, lw.gate_bias, rule)
     if trace_active():
         # Expose the decision; an edit of logits re-routes, an edit of ids/weights is used as given.
         logits = emit(f"{p}.gate.router_logits", rec.logits)
         if logits is not rec.logits:
-            rec = route_logits(logits, lw.gate_bias, cfg)
+            rec = route_logits(logits, lw.gate_bias, rule)
         rec.topk_ids = emit(f"{p}.topk_ids", rec.topk_ids)
         rec.topk_weights = emit(f"{p}.topk_weights", rec.topk_weights)
         rec.topk_margin = emit(f"{p}.topk_margin", rec.topk_margin)
@@ -178,13 +182,13 @@ def decoder_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, positions
     """
     layer = lw.layer if layer is None else layer
     p = f"{LM}.layers.{layer}"
-    # the norms through the kernels (Numba: one call for the residual add and the next norm; twins
-    # ref.rms_norm / ref.add_rms_norm): the NumPy form is several calls a norm, paid twice a layer per token
-    h = kernels.rms_norm(x, lw.input_layernorm, cfg.rms_norm_eps)
+    # the norms' fast twins (Numba: one call for the residual add and the next norm): the NumPy form is
+    # several calls a norm, paid twice a layer per token
+    h = kernels.fast(rms_norm)(x, lw.input_layernorm, cfg.rms_norm_eps)
     attn = mla_decode if absorbed else mla_prefill
     a = attn(h, lw.attn, cache, layer, positions, cfg)                 # [S, D]
     a = emit(f"{p}.self_attn", a)
-    x, h = kernels.add_rms_norm(x, a, lw.post_attention_layernorm, cfg.rms_norm_eps)
+    x, h = kernels.fast(add_rms_norm)(x, a, lw.post_attention_layernorm, cfg.rms_norm_eps)
     m = emit(f"{p}.mlp", ffn(h, lw, cfg))                         # [S, D]
     x = x + m
     return emit(p, x)
@@ -203,6 +207,8 @@ class KimiVL:
         if self.config is None:
             raise InputError(f"{ckpt.path}: config.json is missing; pykimi.load needs a checkpoint directory")
         self.text = self.config.text
+        if any(self.text.is_moe_layer(i) for i in range(self.text.num_hidden_layers)):
+            router_rule(self.text)                   # the router's config checked once, here (ConfigError)
         if max_context is not None and (not isinstance(max_context, (int, np.integer)) or max_context < 1):
             raise InputError(f"max_context={max_context!r}: expected a positive integer")
         self.max_context = int(max_context) if max_context is not None else None

@@ -4,6 +4,11 @@ Every stage of the model calls ``x = emit(name, x)`` with its checkpoint module 
 (DESIGN.md, Public API). With no trace active, ``emit`` is one global check and returns ``x``. Inside
 ``with pykimi.trace(model) as t:`` it records a copy of each matching tensor in execution order, and an
 ``edit={name: fn}`` replaces the value, which then flows onward.
+
+A traced run executes the same code as an untraced one, with one documented exception: the fused decode
+attention (one C call per layer and token) cannot report ``...self_attn.q_rope``, ``.k_rope`` or
+``.attn_probs``; a trace that records or edits one of those names for a layer (``wants``) runs that layer's
+decode step by step instead (the same values up to float rounding; tests/test_trace.py shows both).
 """
 from __future__ import annotations
 
@@ -20,6 +25,13 @@ _ACTIVE: list["Trace"] = []  # the innermost trace is last; the hot path only te
 def active() -> bool:
     """True when some trace is recording (guard expensive optional captures with it)."""
     return bool(_ACTIVE)
+
+
+def wants(*names: str) -> bool:
+    """True when an active trace records or edits one of ``names``. A fused kernel that cannot report an
+    intermediate asks this, and runs the step by step form only when someone looks (the names a fused path
+    hides are listed beside it, e.g. attention.FUSED_DECODE_HIDES)."""
+    return bool(_ACTIVE) and any(t._touches(n) for t in _ACTIVE for n in names)
 
 
 def emit(name: str, value):
@@ -74,13 +86,20 @@ class Trace:
             return _match_any(name[: -len(".attn_probs")], self.attn_probs)
         return self.names is None or _match_any(name, self.names)
 
-    def _emit(self, name: str, value):
+    def _edit_of(self, name: str):
         fn = self.edit.get(name)
         if fn is None:
             for pat, f in self.edit.items():
                 if any(c in pat for c in "*?[") and fnmatch.fnmatchcase(name, pat):
-                    fn = f
-                    break
+                    return f
+        return fn
+
+    def _touches(self, name: str) -> bool:
+        """This trace records or edits ``name``."""
+        return (self.record and self._wanted(name)) or self._edit_of(name) is not None
+
+    def _emit(self, name: str, value):
+        fn = self._edit_of(name)
         if fn is not None:
             new = fn(value)
             if new is not None:

@@ -1,16 +1,33 @@
-"""Every available kernel backend against its NumPy twin (pykimi/kernels/ref.py) on random shapes,
-including odd sizes, n in {1, 2, 3, 7, 16, 33} and `in` not a multiple of 32. No timing here."""
+"""Every available kernel backend against its NumPy definition on random shapes, including odd sizes, n in
+{1, 2, 3, 7, 16, 33} and `in` not a multiple of 32: matmul against kernels/ref.py, the fast twins
+(kernels.fast) against their stage definitions (ops.rms_norm, attention.mla_absorbed, moe.swiglu_sum,
+moe.select_experts). No timing here."""
 import warnings
 
 import numpy as np
 import pytest
 
 import pykimi.kernels as K
+from pykimi import attention, moe, ops
 from pykimi.kernels import ref
 from pykimi.quant import Q4Weight, Q8Weight, quantize_q4, quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
 AVAILABLE = [b for b in K.BACKENDS if K.backends()[b]["available"]]
+
+SWIGLU = K.fast(moe.swiglu_sum)
+MLA = K.fast(attention.mla_absorbed)
+
+
+def swiglu_twin(x, experts, coefs):
+    """The definition with every product through K.reference: the exact twin of the fast path's numerics."""
+    return moe.swiglu_sum(x, experts, coefs, matmul=K.reference)
+
+
+def mla_twin(*args):
+    return attention.mla_absorbed(*args, matmul=K.reference)
+
+
 NS = (1, 2, 3, 7, 16, 33)
 SHAPES = [(1, 1), (5, 31), (37, 101), (64, 64), (50, 97), (33, 2048), (129, 160), (8, 33)]
 
@@ -352,8 +369,8 @@ def test_c_level_swiglu_sum(simd_level, form):
         rng = np.random.default_rng(71)
         for d, inters in ((64, [32]), (37, [33, 70, 5]), (160, [96, 96, 192, 31, 64, 64, 128])):
             x, experts, coefs = _swiglu_case(rng, d, inters, form)
-            got = K.swiglu_sum(x, experts, coefs)
-            want = K.swiglu_sum_reference(x, experts, coefs)
+            got = SWIGLU(x, experts, coefs)
+            want = swiglu_twin(x, experts, coefs)
             err = np.max(np.abs(got - want)) / max(np.abs(want).max(), 1e-30)
             assert got.shape == (d,) and err < 2e-5, f"{form} d={d} {inters} level={simd_level}: {err:.2e}"
     finally:
@@ -365,16 +382,16 @@ def test_swiglu_sum_matches_reference_and_checks_shapes(use_backend):
     rng = np.random.default_rng(72)
     for form in ("ndarray", "BF16", "q8", "q4"):
         x, experts, coefs = _swiglu_case(rng, 48, [40, 17, 80], form)
-        got, want = K.swiglu_sum(x, experts, coefs), K.swiglu_sum_reference(x, experts, coefs)
+        got, want = SWIGLU(x, experts, coefs), swiglu_twin(x, experts, coefs)
         assert _relerr(got, want) < 2e-5, f"{use_backend} {form}: {_relerr(got, want):.2e}"
-    np.testing.assert_array_equal(K.swiglu_sum(x, [], []), np.zeros(48, np.float32))
+    np.testing.assert_array_equal(SWIGLU(x, [], []), np.zeros(48, np.float32))
     with pytest.raises(ValueError, match="2 coefficients"):
-        K.swiglu_sum(x, experts[:1], [1.0, 2.0])
+        SWIGLU(x, experts[:1], [1.0, 2.0])
     g, u, dn = experts[0]
     with pytest.raises(ValueError, match="expected \\[I, 48\\]"):
-        K.swiglu_sum(x, [(g, u, g)], [1.0])
+        SWIGLU(x, [(g, u, g)], [1.0])
     with pytest.raises(ValueError, match="x has 47 features"):
-        K.swiglu_sum(x[:47], [(g, u, dn)], [1.0])
+        SWIGLU(x[:47], [(g, u, dn)], [1.0])
 
 
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
@@ -580,59 +597,21 @@ def test_set_threads():
 # ---------------------------------------------------------------------------------- small ops
 
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
-def test_small_ops_match_ref(use_backend):
+def test_norm_twins_match_the_definition(use_backend):
     rng = np.random.default_rng(11)
+    norm, add_norm = K.fast(ops.rms_norm), K.fast(ops.add_rms_norm)
     for rows, d in [(1, 7), (5, 64), (13, 129)]:
         x = rng.standard_normal((rows, d)).astype(np.float32) * 3
         wt = rng.standard_normal(d).astype(np.float32)
-        np.testing.assert_allclose(K.rms_norm(x, wt, 1e-6), ref.rms_norm(x, wt, 1e-6), rtol=1e-5, atol=1e-6)
-        np.testing.assert_allclose(K.softmax(x), ref.softmax(x), rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(K.softmax(x, axis=0), ref.softmax(x, axis=0), rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(norm(x, wt, 1e-6), ops.rms_norm(x, wt, 1e-6), rtol=1e-5, atol=1e-6)
     x3 = rng.standard_normal((2, 3, 4, 10)).astype(np.float32)
-    np.testing.assert_allclose(K.rms_norm(x3, np.ones(10, np.float32), 1e-5),
-                               ref.rms_norm(x3, np.ones(10, np.float32), 1e-5), rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(norm(x3, np.ones(10, np.float32), 1e-5),
+                               ops.rms_norm(x3, np.ones(10, np.float32), 1e-5), rtol=1e-5, atol=1e-6)
     a3 = rng.standard_normal(x3.shape).astype(np.float32)
-    (xo, h), (rxo, rh) = K.add_rms_norm(x3, a3, wt[:10], 1e-5), ref.add_rms_norm(x3, a3, wt[:10], 1e-5)
+    (xo, h), (rxo, rh) = add_norm(x3, a3, wt[:10], 1e-5), ops.add_rms_norm(x3, a3, wt[:10], 1e-5)
     np.testing.assert_array_equal(xo, rxo)   # the residual add is exact
     np.testing.assert_allclose(h, rh, rtol=1e-5, atol=1e-6)
     assert xo.shape == h.shape == x3.shape
-    for S, H, D in [(1, 1, 2), (6, 3, 64), (9, 16, 64)]:
-        x = rng.standard_normal((S, H, D)).astype(np.float32)
-        ang = rng.uniform(-50, 50, (S, D // 2)).astype(np.float32)
-        np.testing.assert_allclose(K.rope_interleaved(x, ang), ref.rope_interleaved(x, ang), rtol=1e-5, atol=1e-5)
-        np.testing.assert_allclose(K.rope_interleaved(x[:, 0], ang), ref.rope_interleaved(x[:, 0], ang),
-                                   rtol=1e-5, atol=1e-5)
-
-
-@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
-def test_moe_dispatch_helpers(use_backend):
-    rng = np.random.default_rng(12)
-    for n, E, k in [(1, 64, 6), (7, 64, 6), (33, 9, 3), (4, 5, 5)]:
-        scores = rng.standard_normal((n, E)).astype(np.float32)
-        scores[0, 1] = scores[0, 2] = scores.max() + 1  # a tie: lower id first
-        ids, vals = K.topk(scores, k)
-        rids, rvals = ref.topk(scores, k)
-        np.testing.assert_array_equal(ids, rids)
-        np.testing.assert_array_equal(vals, rvals)
-        assert ids[0, 0] == 1 and ids[0, 1] == 2
-        order, offsets = K.group_by_expert(ids, E)
-        rorder, roffsets = ref.group_by_expert(ids, E)
-        np.testing.assert_array_equal(order, rorder)
-        np.testing.assert_array_equal(offsets, roffsets)
-        flat = ids.reshape(-1)
-        for e in range(E):  # every slot of expert e, in increasing slot order
-            seg = order[offsets[e]:offsets[e + 1]]
-            assert np.all(flat[seg] == e) and np.all(np.diff(seg) > 0)
-        d = 19
-        x = rng.standard_normal((n, d)).astype(np.float32)
-        tok = order // k
-        g = K.gather_rows(x, tok)
-        np.testing.assert_array_equal(g, ref.gather_rows(x, tok))
-        y = rng.standard_normal((tok.size, d)).astype(np.float32)
-        wts = vals.reshape(-1)[order]
-        out1 = K.scatter_add_weighted(np.zeros((n, d), np.float32), tok, y, wts)
-        out2 = ref.scatter_add_weighted(np.zeros((n, d), np.float32), tok, y, wts)
-        np.testing.assert_allclose(out1, out2, rtol=1e-6, atol=1e-6)
 
 
 def _mla_case(rng, form, H, dn, dr, dv, R, n):
@@ -667,8 +646,8 @@ def test_c_level_mla_absorbed(simd_level, form):
                 q, kva, ln, inv, rows, kv_b = _mla_case(rng, form, H, dn, dr, dv, R, n)
                 rows_ref = rows.copy()
                 args = (1e-6, inv, pos)
-                got = K.mla_absorbed(q, kva, ln, *args, rows, n, kv_b, 0.07, (H, dn, dr, dv, R))
-                want = K.mla_absorbed_reference(q, kva, ln, *args, rows_ref, n, kv_b, 0.07, (H, dn, dr, dv, R))
+                got = MLA(q, kva, ln, *args, rows, n, kv_b, 0.07, (H, dn, dr, dv, R))
+                want = mla_twin(q, kva, ln, *args, rows_ref, n, kv_b, 0.07, (H, dn, dr, dv, R))
                 where = f"{form} act={act} level={simd_level} H={H} dn={dn} dr={dr} dv={dv} R={R} n={n} pos={pos}"
                 # int8 activations of W_uv (Q4, default setting): the C and the twin sum the latent in a
                 # different order, so an activation can round to the neighbouring code -- one int8 step
@@ -689,19 +668,19 @@ def test_mla_absorbed_matches_reference_and_checks_shapes(use_backend):
     for form in ("ndarray", "BF16", "q8", "q4"):
         q, kva, ln, inv, rows, kv_b = _mla_case(rng, form, H, dn, dr, dv, R, n)
         rows_ref = rows.copy()
-        got = K.mla_absorbed(q, kva, ln, 1e-6, inv, n, rows, n, kv_b, 0.1, (H, dn, dr, dv, R))
-        want = K.mla_absorbed_reference(q, kva, ln, 1e-6, inv, n, rows_ref, n, kv_b, 0.1, (H, dn, dr, dv, R))
+        got = MLA(q, kva, ln, 1e-6, inv, n, rows, n, kv_b, 0.1, (H, dn, dr, dv, R))
+        want = mla_twin(q, kva, ln, 1e-6, inv, n, rows_ref, n, kv_b, 0.1, (H, dn, dr, dv, R))
         tol = 4e-3 if form == "q4" else 2e-5   # int8 activations of W_uv: one rounding step (see above)
         assert _relerr(got, want) < tol, f"{use_backend} {form}: {_relerr(got, want):.2e}"
     with pytest.raises(ValueError, match="do not fit"):
-        K.mla_absorbed(q[:-1], kva, ln, 1e-6, inv, n, rows, n, kv_b, 0.1, (H, dn, dr, dv, R))
+        MLA(q[:-1], kva, ln, 1e-6, inv, n, rows, n, kv_b, 0.1, (H, dn, dr, dv, R))
     with pytest.raises(ValueError, match="cannot take row"):
-        K.mla_absorbed(q, kva, ln, 1e-6, inv, n, rows[: n], n, kv_b, 0.1, (H, dn, dr, dv, R))
+        MLA(q, kva, ln, 1e-6, inv, n, rows[: n], n, kv_b, 0.1, (H, dn, dr, dv, R))
 
 
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
 def test_route_select_matches_reference(use_backend):
-    """The router's selection kernel == ref.route_select: ids exactly (ties -> lower id, also between groups),
+    """The router's selection kernel == moe.select_experts: ids exactly (ties -> lower id, also between groups),
     scores / weights / margins to float rounding, for every scoring, group rule and edge (k = E, one expert per
     group, more groups kept than exist, no bias)."""
     rng = np.random.default_rng(13)
@@ -717,7 +696,8 @@ def test_route_select_matches_reference(use_backend):
             logits[1] = np.round(logits[1])                       # many ties
         bias = rng.standard_normal(E).astype(np.float32) * 0.1 if with_bias else None
         args = (bias, scoring, k, G, TG, top2, norm, scaling)
-        got, want = K.route_select(logits, *args), ref.route_select(logits, *args)
+        rule = moe.RouterRule(scoring, k, G, TG, top2, norm, scaling, with_bias)
+        got, want = K.fast(moe.select_experts)(logits, bias, rule), moe.select_experts(logits, bias, rule)
         where = f"{use_backend} S={S} E={E} k={k} {scoring} groups={G}/{TG} top2={top2}"
         np.testing.assert_array_equal(got[1], want[1], err_msg=f"{where}: ids")
         assert got[1].dtype == np.int32 and got[1].shape == (S, k), where

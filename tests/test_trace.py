@@ -83,3 +83,48 @@ def test_save_keeps_repeated_values(tmp_path):
     t.save(p)
     ck = Checkpoint.open(p)
     assert "stage.a@1" in ck and float(ck.get("stage.a@1")[0]) == 4.0 and float(ck.get("stage.a")[0]) == 2.0
+
+
+def test_wants_names_recorded_or_edited():
+    assert not T.wants("stage.a")                                      # no trace active
+    with T.trace(None, names=["stage.a"], edit={"stage.*c": lambda v: v}):
+        assert T.wants("stage.a") and T.wants("x", "stage.bc") and not T.wants("stage.b")
+    with T.trace(None, names=["stage.a"], record=False):
+        assert not T.wants("stage.a")
+
+
+def test_traced_decode_runs_the_fused_path_unless_a_hidden_name_is_asked(monkeypatch):
+    """A traced decode executes the same fused attention as an untraced one; only a trace that records or
+    edits one of attention.FUSED_DECODE_HIDES runs the layer step by step, and both give the same values."""
+    from conftest import TINY
+    import pykimi
+    from pykimi import attention, kernels
+
+    model = pykimi.load(TINY, cache_absorbed=False)                   # stored kv_b_proj: the fused path
+    fused_calls = []
+    real = kernels.fast(attention.mla_absorbed)
+    monkeypatch.setitem(kernels._FAST, attention.mla_absorbed,
+                        lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    ids = [5, 17, 300, 42, 9]
+
+    def run(**trace_kw):
+        cache = model.new_cache(16)
+        model.prefill(model.embed(ids), cache, all_logits=False)
+        fused_calls.clear()
+        if not trace_kw:
+            return model.decode_step(7, cache), None, len(fused_calls)
+        with pykimi.trace(model, **trace_kw) as t:
+            out = model.decode_step(7, cache)
+        return out, t, len(fused_calls)
+
+    plain, _, n_plain = run()
+    layers = model.text.num_hidden_layers
+    assert n_plain == layers
+    # layer outputs, router decisions, logits: all visible with the fused path
+    traced, t, n_traced = run(names=["language_model.model.layers.*.self_attn", "*.mlp.topk_ids", "logits"])
+    assert n_traced == layers and "language_model.model.layers.1.self_attn" in t
+    np.testing.assert_array_equal(traced, plain)
+    # q_rope of layer 1 asked for: that layer step by step, the others fused; same values up to rounding
+    hidden, t, n_hidden = run(names=["language_model.model.layers.1.self_attn.q_rope"])
+    assert n_hidden == layers - 1 and "language_model.model.layers.1.self_attn.q_rope" in t
+    np.testing.assert_allclose(hidden, plain, rtol=0, atol=2e-5 * np.abs(plain).max())

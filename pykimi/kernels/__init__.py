@@ -30,6 +30,7 @@ computes under the current settings (the tests hold every backend to it).
 from __future__ import annotations
 
 import ctypes
+import functools
 import glob
 import itertools
 import os
@@ -578,54 +579,68 @@ def matmul_many(xs, ws) -> list:
     return out
 
 
-def swiglu_sum(x, experts, coefs) -> np.ndarray:
-    """One token's MoE FFN: sum_k coefs[k] * down_k(silu(gate_k(x)) * up_k(x))   # x [d] -> f32[d].
+# --------------------------------------------------------------- fast twins of the stage definitions
+# A stage's NumPy definition lives in its stage file (ops.rms_norm, attention.mla_absorbed, moe.swiglu_sum,
+# moe.select_experts); a fast twin is registered here under the definition's dotted name, and a call site
+# asks for ``fast(definition)(...)``. A twin is called as twin(definition, *args): it runs the backend's
+# kernel when it can and the definition otherwise. The tests hold every twin to its definition.
 
-    experts: [(gate [I_k, d], up [I_k, d], down [d, I_k])] in any stored form. With the C backend and every
-    weight in a stored form it can read: ONE kernel call (pk_swiglu_sum: gate+up rows of all experts in one
-    parallel region, silu * up in C, down rows in a second region, the weighted sum in expert order) -- a
-    decode step used to come back to Python between the phases. Otherwise two matmul_many phases. Twin:
-    swiglu_sum_reference."""
-    x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
-    d = x.shape[0]
-    if len(coefs) != len(experts):
-        raise ValueError(f"swiglu_sum: {len(experts)} experts but {len(coefs)} coefficients")
-    if backend() == "c" and experts:
-        recs = _c_experts(experts, d)
+_TWINS: dict = {}      # "pykimi.ops.rms_norm" -> twin(definition, *args)
+_FAST: dict = {}       # definition -> its fast version, bound on first ask
+
+
+def twin_of(name: str):
+    """Decorator: register the function as the fast twin of the definition called ``name`` (module.function)."""
+    def register(fn):
+        _TWINS[name] = fn
+        return fn
+    return register
+
+
+def fast(definition):
+    """The fast version of a stage definition: its registered twin bound to it (the twin falls back to the
+    definition for a backend or input its kernel does not take), or the definition itself when it has none."""
+    f = _FAST.get(definition)
+    if f is None:
+        twin = _TWINS.get(f"{definition.__module__}.{definition.__qualname__}")
+        f = _FAST[definition] = functools.partial(twin, definition) if twin is not None else definition
+    return f
+
+
+def twins() -> dict:
+    """{definition name: twin name} of every registered fast twin (README "Map of the code")."""
+    return {name: f"{fn.__module__}.{fn.__qualname__}" for name, fn in _TWINS.items()}
+
+
+@twin_of("pykimi.moe.swiglu_sum")
+def swiglu_sum(definition, x, experts, coefs, matmul=None) -> np.ndarray:
+    """One token's MoE FFN with the C backend and every weight in a stored form it reads: ONE kernel call
+    (pk_swiglu_sum: gate+up rows of all experts in one parallel region, silu * up in C, down rows in a second
+    region, the weighted sum in expert order) -- a decode step used to come back to Python between the phases.
+    Otherwise the definition."""
+    if backend() == "c" and experts and matmul is None:
+        x = np.ascontiguousarray(np.asarray(x, dtype=np.float32).reshape(-1))
+        recs = _c_experts(experts, coefs, x.shape[0])
         if recs is not None:
             return _mods["c"].swiglu_sum(x, recs, coefs)
-    for i, e in enumerate(experts):
-        _check_expert(e, d, i)
-    x2 = x[None, :]
-    gu = matmul_many([x2] * (2 * len(experts)), [w for g, u, _ in experts for w in (g, u)])
-    ys = matmul_many([ref.silu(gu[2 * i]) * gu[2 * i + 1] for i in range(len(experts))],
-                     [dn for _, _, dn in experts])
-    out = np.zeros(d, dtype=np.float32)
-    for c, y in zip(coefs, ys):
-        out += np.float32(c) * y[0]
-    return out
+    return definition(x, experts, coefs, matmul)
 
 
-def _check_expert(e, d: int, i: int) -> None:
-    g, u, dn = e
-    gs = tuple(g.shape)
-    if gs[1:] != (d,) or tuple(u.shape) != gs or tuple(dn.shape) != (d, gs[0]):
-        raise ValueError(f"swiglu_sum: x has {d} features; expert {i} has gate {list(g.shape)}, up "
-                         f"{list(u.shape)}, down {list(dn.shape)}; expected [I, {d}], [I, {d}], [{d}, I]")
-
-
-def _c_experts(experts, d: int):
+def _c_experts(experts, coefs, d: int):
     """The C records (c.expert_record) of experts [(gate, up, down)] for x of width d, or None when one is not
     in a form the C kernels read. A record is made once per expert and activation setting and kept on its
     gate weight, with the up and down objects it was made for: a decode step hands over 7 experts a layer,
     and re-deriving their kinds, modes and pointers was the larger part of its Python time."""
+    from ..moe import check_experts          # the definition's checks (the C kernel reads raw rows)
+    if len(coefs) != len(experts):
+        check_experts(d, experts, coefs)
     setting = act_quant()
     out = []
-    for i, e in enumerate(experts):
+    for e in experts:
         g, u, dn = e
         got = getattr(g, "_c_expert", None)
         if got is None or got[0] != setting or got[1] is not u or got[2] is not dn:
-            _check_expert(e, d, i)
+            check_experts(d, [e], [1.0])
             kind = ref.weight_kind(g)
             if kind not in _C_KINDS or ref.weight_kind(u) != kind or ref.weight_kind(dn) != kind:
                 return None
@@ -635,18 +650,8 @@ def _c_experts(experts, d: int):
             if hasattr(g, "__dict__"):
                 object.__setattr__(g, "_c_expert", got)   # frozen weight objects: a derived, immutable cache
         elif got[3] != d:
-            _check_expert(e, d, i)
+            check_experts(d, [e], [1.0])
         out.append(got[4])
-    return out
-
-
-def swiglu_sum_reference(x, experts, coefs) -> np.ndarray:
-    """The NumPy twin of swiglu_sum under the current settings (each product through reference())."""
-    x2 = np.asarray(x, dtype=np.float32).reshape(1, -1)
-    out = np.zeros(x2.shape[1], dtype=np.float32)
-    for c, (g, u, dn) in zip(coefs, experts):
-        a = ref.silu(reference(x2, g)) * reference(x2, u)
-        out += np.float32(c) * reference(a, dn)[0]
     return out
 
 
@@ -686,49 +691,21 @@ def heads_matvec(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
                      for h in range(x.shape[0])])
 
 
-def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b, scale: float,
-                 dims) -> np.ndarray:
-    """The absorbed MLA attention of ONE decode token (spec §8.3) from its projections   -> f32 [H * dv].
-
-    q [H * (dn + dr)] (q_pe not rotated), kva [R + dr] (kv_a_proj_with_mqa output), ln / eps: kv_a_layernorm,
-    inv_freq [dr / 2] (angles pos * inv_freq), rows: the layer's cache buffer [>= n + 1, R + dr] with n rows
-    held -- row n is written here ([RMSNorm(c) | RoPE(k_pe)]); kv_b: kv_b_proj [H * (dn + dv), R] in any stored
-    form; dims = (H, dn, dr, dv, R). With the C backend one call (pk_mla_absorbed: heads in parallel, W_uk /
-    W_uv read in the stored form); otherwise, and as its twin, mla_absorbed_reference."""
-    H, dn, dr, dv, R = (int(d) for d in dims)
-    q = np.asarray(q, dtype=np.float32).reshape(-1)
-    kva = np.asarray(kva, dtype=np.float32).reshape(-1)
-    if q.size != H * (dn + dr) or kva.size != R + dr or tuple(kv_b.shape) != (H * (dn + dv), R):
-        raise ValueError(f"mla_absorbed: q [{q.size}], kva [{kva.size}], kv_b {list(kv_b.shape)} do not fit "
-                         f"heads={H}, dn={dn}, dr={dr}, dv={dv}, R={R}")
-    if rows.ndim != 2 or rows.shape[1] != R + dr or not 0 <= n < rows.shape[0] or pos < 0:
-        raise ValueError(f"mla_absorbed: cache rows {list(rows.shape)} cannot take row {n} of width {R + dr} "
-                         f"(position {pos})")
+@twin_of("pykimi.attention.mla_absorbed")
+def mla_absorbed(definition, q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b,
+                 scale: float, dims, matmul=None) -> np.ndarray:
+    """One decode token's absorbed MLA attention in one C call (pk_mla_absorbed: heads in parallel, W_uk /
+    W_uv read in the stored form) with the C backend; otherwise the definition."""
     kind = ref.weight_kind(kv_b)
-    if backend() == "c" and kind in _C_KINDS:
-        return _mods["c"].mla_absorbed(q, kva, ln, eps, inv_freq, pos, rows, n, kind, _act_mode(kind),
-                                       *_owned(kv_b, kind), scale, (H, dn, dr, dv, R)).reshape(-1)
-    return mla_absorbed_reference(q, kva, ln, eps, inv_freq, pos, rows, n, kv_b, scale, dims)
-
-
-def mla_absorbed_reference(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b,
-                           scale: float, dims) -> np.ndarray:
-    """The NumPy twin of mla_absorbed under the current settings (W_uv products through reference())."""
-    H, dn, dr, dv, R = (int(d) for d in dims)
-    q = np.asarray(q, dtype=np.float32).reshape(H, dn + dr)
-    kva = np.asarray(kva, dtype=np.float32).reshape(-1)
-    ang = (np.float32(pos) * np.asarray(inv_freq, dtype=np.float32))[None, :]              # [1, dr/2]
-    rows[n, :R] = ref.rms_norm(kva[:R], ln, eps)
-    rows[n, R:] = ref.rope_interleaved(kva[None, R:], ang)[0]
-    keys = rows[:min(n + 1, pos + 1)]                                                         # causal
-    o = np.empty((H, dv), dtype=np.float32)
-    for h in range(H):
-        r0 = h * (dn + dv)
-        q_lat = ref.vecmat(q[h, :dn], ref.weight_rows(kv_b, r0, r0 + dn))                    # [R]
-        q_pe = ref.rope_interleaved(q[h, dn:][None, :], ang)[0]                              # [dr]
-        p = ref.softmax((keys @ np.concatenate([q_lat, q_pe])) * np.float32(scale))         # [N]
-        o[h] = reference((p @ keys[:, :R])[None, :], ref.weight_rows(kv_b, r0 + dn, r0 + dn + dv))[0]
-    return o.reshape(-1)
+    if backend() == "c" and kind in _C_KINDS and matmul is None:
+        from ..attention import check_absorbed    # the definition's checks (the C kernel writes rows[n])
+        check_absorbed(q, kva, rows, n, pos, kv_b, dims)
+        H, dn, dr, dv, R = (int(d) for d in dims)
+        return _mods["c"].mla_absorbed(np.asarray(q, dtype=np.float32).reshape(-1),
+                                       np.asarray(kva, dtype=np.float32).reshape(-1), ln, eps, inv_freq, pos,
+                                       rows, n, kind, _act_mode(kind), *_owned(kv_b, kind), scale,
+                                       (H, dn, dr, dv, R)).reshape(-1)
+    return definition(q, kva, ln, eps, inv_freq, pos, rows, n, kv_b, scale, dims, matmul)
 
 
 # ------------------------------------------------------------------------------ small fused ops
@@ -741,10 +718,12 @@ def _nb():
     return _mods["numba"] if ok else None
 
 
-def rms_norm(x, weight, eps: float) -> np.ndarray:
+@twin_of("pykimi.ops.rms_norm")
+def rms_norm(definition, x, weight, eps: float) -> np.ndarray:
+    """Numba: one pass for the sum of squares (f64), one to write; the definition's rounding otherwise."""
     nb = _nb()
     if nb is None:
-        return ref.rms_norm(x, weight, eps)
+        return definition(x, weight, eps)
     x = np.asarray(x, dtype=np.float32)
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     out = np.empty_like(x2)
@@ -752,13 +731,14 @@ def rms_norm(x, weight, eps: float) -> np.ndarray:
     return out.reshape(x.shape)
 
 
-def add_rms_norm(x, a, weight, eps: float):
-    """(x + a, rms_norm(x + a, weight, eps)) in one pass   # x, a [..., d] (twin: ref.add_rms_norm)."""
+@twin_of("pykimi.ops.add_rms_norm")
+def add_rms_norm(definition, x, a, weight, eps: float):
+    """(x + a, rms_norm(x + a, weight, eps)) in one Numba pass   # x, a [..., d]."""
     nb = _nb()
     x = np.asarray(x, dtype=np.float32)
     a = np.asarray(a, dtype=np.float32)
     if nb is None or x.shape != a.shape or x.ndim == 0:
-        return ref.add_rms_norm(x, a, weight, eps)
+        return definition(x, a, weight, eps)
     d = x.shape[-1]
     xo = np.empty(x.shape, dtype=np.float32)
     out = np.empty(x.shape, dtype=np.float32)
@@ -802,23 +782,25 @@ def topk(scores, k: int):
     return ids, vals
 
 
-def route_select(logits, bias, scoring: str, k: int, n_group: int = 1, topk_group: int = 1, group_top2: bool = True,
-                 norm: bool = True, scaling: float = 1.0):
-    """The router's selection (ref.route_select: scores, ids ascending, weights, margin) in one Numba call
-    per batch instead of ~25 NumPy calls -- at 27 layers per decoded token that glue was ~0.2 ms a layer."""
+@twin_of("pykimi.moe.select_experts")
+def select_experts(definition, logits, bias, rule):
+    """The router's selection in one Numba call per batch instead of ~25 NumPy calls -- at 27 layers per
+    decoded token that glue was ~0.2 ms a layer."""
     nb = _nb()
     logits = np.ascontiguousarray(logits, dtype=np.float32)
     S, E = logits.shape
-    if nb is None or scoring not in ("sigmoid", "softmax") or not 0 < k <= E or E % max(n_group, 1):
-        return ref.route_select(logits, bias, scoring, k, n_group, topk_group, group_top2, norm, scaling)
+    if nb is None or rule.scoring not in ("sigmoid", "softmax") or not 0 < rule.k <= E or E % max(rule.n_group, 1):
+        return definition(logits, bias, rule)
     b = np.zeros(E, np.float32) if bias is None else np.ascontiguousarray(bias, dtype=np.float32)
     scores = np.empty((S, E), np.float32)
-    ids = np.empty((S, k), np.int32)
-    weights = np.empty((S, k), np.float32)
+    ids = np.empty((S, rule.k), np.int32)
+    weights = np.empty((S, rule.k), np.float32)
     margin = np.empty(S, np.float32)
-    nb.route_select(logits, b, scoring == "sigmoid", int(k), max(int(n_group), 1), int(topk_group), bool(group_top2),
-                    bool(norm), float(scaling), scores, ids, weights, margin)
+    nb.route_select(logits, b, rule.scoring == "sigmoid", int(rule.k), max(int(rule.n_group), 1),
+                    int(rule.topk_group), bool(rule.group_top2), bool(rule.norm), float(rule.scaling), scores, ids,
+                    weights, margin)
     return scores, ids, weights, margin
+
 
 def group_by_expert(ids, n_experts: int):
     nb = _nb()
