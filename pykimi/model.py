@@ -408,20 +408,14 @@ def load(path, backend: str | None = None, threads: int | None = None, max_conte
     kernels read the stored kv_b_proj directly.
     """
     if backend is not None:
-        set_backend = getattr(kernels, "set_backend", None)
         try:
-            if set_backend is not None:
-                set_backend(backend)
-            elif backend != kernels.backend():
-                raise ValueError(f"only {kernels.backend()!r} is available")
+            kernels.set_backend(backend)
         except ValueError as e:
             raise InputError(f"backend={backend!r}: {str(e).splitlines()[0]}") from None
     if threads is not None:
         if not isinstance(threads, (int, np.integer)) or threads < 1:
             raise InputError(f"threads={threads!r}: expected a positive integer")
-        set_threads = getattr(kernels, "set_threads", None)
-        if set_threads is not None:
-            set_threads(int(threads))
+        kernels.set_threads(int(threads))
     ckpt = Checkpoint.open(path)
     cfg = ckpt.config
     if cfg is None:

@@ -44,9 +44,8 @@ ATTN_BLOCK_BYTES = 128 << 20
 # one worker's score tile [block_q, n] (1 MB: it stays in L2 from the q.k^T sgemm through exp to P.V)
 ATTN_TILE_BYTES = 1 << 20
 # rows of x per worker task in the row-local parts of a block (LN, qkv, RoPE, wo, MLP): big enough that
-# single-threaded sgemm runs near full speed, small enough to share out. Measured on one AVX-512 core,
-# [M, 1152] x [1152, 4304]: M=128 119 GFLOP/s, 256 141, 512 157, 1024 164; whole tower, 2 threads, 448 px:
-# 6.2 s at 128, 5.45 s at 256, 5.2 s at 512 (896 px: 37.2 / 34.5 / 34.5 s). 256 keeps 4 tasks per 448 px image.
+# single-threaded sgemm runs near full speed, small enough to share out (4 tasks per 448 px image; the
+# measurements are in bench/RESULTS.md, "Measurements behind the code").
 ROW_CHUNK = 256
 
 
@@ -380,9 +379,8 @@ class VisionTower:
         """Block i's tensors as float32, keyed by the short names (BLOCK_KEYS).
 
         Without cache_weights they are widened (kernels.widen: row tiles on the worker threads) into ONE set
-        of scratch arrays that every block reuses (~61 MB for the real tower), valid until the next call.
-        Before, each block widened into fresh arrays: 6.3 s per 448 px image against 6.0 s now (side by side;
-        the f32-weights mode took 5.55 s then)."""
+        of scratch arrays that every block reuses (~61 MB for the real tower), valid until the next call
+        (fresh arrays per block were slower: bench/RESULTS.md, "Measurements behind the code")."""
         p = f"{VT}.encoder.blocks.{i}."
         if self.cache_weights or not hasattr(self.ckpt, "tensor"):
             return {k: self._f32(p + k) for k in BLOCK_KEYS}

@@ -394,10 +394,6 @@ class Checkpoint:
             f.close()
 
 
-def open_checkpoint(path: str) -> Checkpoint:
-    return Checkpoint.open(path)
-
-
 # --------------------------------------------------------------------------------------------- writer
 
 def _as_stored(name: str, value) -> Stored:

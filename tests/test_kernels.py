@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 import pykimi.kernels as K
+from pykimi.kernels import linear, probe
 from pykimi import attention, moe, ops
 from pykimi.kernels import ref
 from pykimi.quant import Q4Weight, Q8Weight, quantize_q4, quantize_q8
@@ -331,7 +332,7 @@ def test_q8_batches_take_the_exact_path_at_avx512():
         rng = np.random.default_rng(82)
         w = rng.standard_normal((40, 300)).astype(np.float32)
         q8 = quantize_q8(w)
-        lo, hi = K.C_BATCH_ROWS_Q8
+        lo, hi = linear.C_BATCH_ROWS_Q8
         for n in (lo - 1, lo, 65, hi):
             x = rng.standard_normal((n, 300)).astype(np.float32)
             y, r = K.matmul(x, q8), K.reference(x, q8)
@@ -519,8 +520,8 @@ def test_matmul_many_matches_matmul(use_backend):
 def test_tiled_blas_path_matches(monkeypatch):
     """Large n widens W in bounded row tiles: force several tiles and compare. (Quantized weights with
     quantized activations stay on the C kernels past SMALL_N rows; switched off here to reach the tiles.)"""
-    monkeypatch.setattr(K, "TILE_ELEMS", 100 * 37)
-    monkeypatch.setattr(K, "SMALL_N_ACT", {})
+    monkeypatch.setattr(linear, "TASK_ELEMS", 100 * 37)
+    monkeypatch.setattr(linear, "SMALL_N_ACT", {})
     rng = np.random.default_rng(5)
     w = rng.standard_normal((250, 37)).astype(np.float32)
     x = rng.standard_normal((40, 37)).astype(np.float32)
@@ -532,7 +533,7 @@ def test_tiled_blas_path_matches(monkeypatch):
 def test_widen_matches_twin(use_backend, monkeypatch):
     """kernels.widen: every stored form decoded exactly as ref.weight_f32, in several row tiles, into a new
     array or a given one; a wrong ``out`` is refused."""
-    monkeypatch.setattr(K, "TASK_ELEMS", 3 * 160)                 # several tiles on the worker threads
+    monkeypatch.setattr(linear, "TASK_ELEMS", 3 * 160)                 # several tiles on the worker threads
     rng = np.random.default_rng(11)
     for out_f, in_f in ((5, 31), (129, 160), (33, 2048), (1, 1)):
         w = rng.standard_normal((out_f, in_f)).astype(np.float32)
@@ -563,21 +564,21 @@ def test_backends_report_and_selection():
 
 
 def test_missing_c_falls_back_with_one_warning(monkeypatch):
-    monkeypatch.setitem(K._avail, "c", (False, "C extension pykimi._ckernels not built (test)"))
-    monkeypatch.setitem(K._state, "warned", False)
-    monkeypatch.setitem(K._state, "backend", None)
+    monkeypatch.setitem(probe._avail, "c", (False, "C extension pykimi._ckernels not built (test)"))
+    monkeypatch.setitem(probe._state, "warned", False)
+    monkeypatch.setitem(probe._state, "backend", None)
     monkeypatch.delenv("PYKIMI_BACKEND", raising=False)
     with warnings.catch_warnings(record=True) as rec:
         warnings.simplefilter("always")
         name = K.backend()
-        K._state["backend"] = None
+        probe._state["backend"] = None
         K.backend()
     assert name in ("numba", "numpy")
     msgs = [str(r.message) for r in rec if "pykimi" in str(r.message)]
     assert len(msgs) == 1 and "not built" in msgs[0], msgs
     with pytest.raises(ValueError, match="unavailable"):
         K.set_backend("c")
-    K._state["backend"] = None  # monkeypatch restores the rest
+    probe._state["backend"] = None  # monkeypatch restores the rest
 
 
 def test_set_threads():
@@ -722,7 +723,7 @@ def test_c_bf16_batches_on_amx():
     try:
         for amx in (True, False):
             assert c.set_amx(amx) == amx
-            assert K._small_n("BF16") == (K.C_AMX_ROWS if amx and c.get_simd() == "avx512"
+            assert linear._small_n("BF16") == (linear.C_AMX_ROWS if amx and c.get_simd() == "avx512"
                                           else K.SMALL_N_ACT[("BF16", "f32")] if c.get_simd() == "avx512"
                                           else K.SMALL_N)
             for out_f, in_f in ((37, 101), (50, 97), (129, 160), (16, 32), (300, 2048)):
@@ -734,8 +735,8 @@ def test_c_bf16_batches_on_amx():
                     assert err < 2e-5, f"amx={amx} bf16 [{out_f}, {in_f}] n={n}: {err:.2e}"
                     err = _relerr(c.matmul_q8(x, Q.q, Q.scales), ref.matmul(x, Q))
                     assert err < 2e-5, f"amx={amx} q8 [{out_f}, {in_f}] n={n}: {err:.2e}"
-                    if amx and c.get_simd() == "avx512" and K.C_AMX_MIN_Q8 <= n <= K.C_AMX_ROWS:
-                        assert K._c_mode("q8_32", n) == "f32"
+                    if amx and c.get_simd() == "avx512" and linear.C_AMX_MIN_Q8 <= n <= linear.C_AMX_ROWS:
+                        assert linear._c_mode("q8_32", n) == "f32"
                         assert _relerr(K.matmul(x, Q), K.reference(x, Q)) < 2e-5
                 xs = [rng.standard_normal((n, in_f)).astype(np.float32) for n in (9, 40)]
                 for x, y in zip(xs, K.matmul_many(xs, [W, W])):

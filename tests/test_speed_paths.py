@@ -8,7 +8,7 @@ import pytest
 
 from pykimi import kernels as K
 from pykimi import vision
-from pykimi.kernels import ref
+from pykimi.kernels import linear, pool, probe, ref
 from pykimi.quant import quantize_q4, quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
@@ -48,14 +48,14 @@ def test_numba_tile_decoders_equal_twins(in_f):
 @pytest.mark.parametrize("backend", ["numpy", "numba", "c"])
 @pytest.mark.parametrize("kind", ["f32", "BF16", "q8_32", "q4_32"])
 def test_tiled_matmul_matches_ref_any_threads(monkeypatch, threads, backend, kind):
-    ok, why = K._probe(backend)
+    ok, why = probe._probe(backend)
     if not ok:
         pytest.skip(why)
     old, old_act = K.backend(), K.act_quant()
     K.set_backend(backend)
     K.set_act_quant("none")                              # every format past SMALL_N rows takes the tiles
     try:
-        monkeypatch.setattr(K, "TASK_ELEMS", 3 * 70)        # 3 rows per tile: many tiles, a ragged last one
+        monkeypatch.setattr(linear, "TASK_ELEMS", 3 * 70)        # 3 rows per tile: many tiles, a ragged last one
         w = _weights(37, 70, seed=1)[kind]
         x = np.random.default_rng(2).standard_normal((K.SMALL_N + 5, 70)).astype(np.float32)
         want = ref.matmul(x, w)
@@ -75,12 +75,12 @@ def test_tiled_matmul_matches_ref_any_threads(monkeypatch, threads, backend, kin
 def test_quantized_prefill_routing_matches_reference(monkeypatch, kind):
     """With quantized activations the C kernel serves up to SMALL_N_ACT rows (int4: every n); matmul and
     matmul_many equal reference(), the twin of the path taken, on both sides of the crossover."""
-    ok, why = K._probe("c")
+    ok, why = probe._probe("c")
     if not ok:
         pytest.skip(why)
     old = K.backend()
     K.set_backend("c")
-    monkeypatch.setattr(K, "SMALL_N_ACT", dict(K.MEASURED_SMALL_N_ACT))
+    monkeypatch.setattr(linear, "SMALL_N_ACT", dict(K.MEASURED_SMALL_N_ACT))
     try:
         w = _weights(40, 96, seed=5)[kind]
         for n in (K.SMALL_N + 1, 49, 130):
@@ -91,7 +91,7 @@ def test_quantized_prefill_routing_matches_reference(monkeypatch, kind):
             many = K.matmul_many([x, x[:3]], [w, w])
             assert np.array_equal(many[0], got)
         if kind == "q4_32" and K.act_quant() != "none":
-            assert K._small_n(kind) > 10 ** 9              # int4 never goes through the dequantized tiles
+            assert linear._small_n(kind) > 10 ** 9              # int4 never goes through the dequantized tiles
     finally:
         K.set_backend(old)
 
@@ -100,7 +100,7 @@ def test_quantized_prefill_routing_matches_reference(monkeypatch, kind):
 
 def test_parallel_for_order_errors_nesting_and_blas_threads(threads):
     threads(2)
-    f_set, f_get = K._openblas()
+    f_set, f_get = pool._openblas()
     before = f_get() if f_get else None
     seen = []
 

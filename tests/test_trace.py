@@ -99,11 +99,12 @@ def test_traced_decode_runs_the_fused_path_unless_a_hidden_name_is_asked(monkeyp
     from conftest import TINY
     import pykimi
     from pykimi import attention, kernels
+    from pykimi.kernels import fused
 
     model = pykimi.load(TINY, cache_absorbed=False)                   # stored kv_b_proj: the fused path
     fused_calls = []
     real = kernels.fast(attention.mla_absorbed)
-    monkeypatch.setitem(kernels._FAST, attention.mla_absorbed,
+    monkeypatch.setitem(fused._FAST, attention.mla_absorbed,
                         lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     ids = [5, 17, 300, 42, 9]
 

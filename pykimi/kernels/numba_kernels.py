@@ -1,6 +1,7 @@
-"""Numba kernels: the fallback GEMVs when the C extension is absent, the sparse MoE dispatch helpers and a
-few fused small ops. Each function has its NumPy twin of the same name in ref.py (the spec); the wrappers
-in kernels/__init__.py reshape/convert the inputs so these see contiguous float32 arrays of fixed rank.
+"""Numba kernels: the fallback GEMVs when the C extension is absent, the weight-tile widening of the BLAS
+path, and the fused small ops (the norms, the router's selection). The GEMVs and tiles have their NumPy twins
+in ref.py; the fused ops are twins of stage definitions (ops.rms_norm / add_rms_norm, moe.select_experts).
+The wrappers in linear.py / fused.py reshape/convert the inputs so these see contiguous float32 arrays.
 
 All are compiled lazily on first call (cache=True keeps the machine code across processes).
 """
@@ -63,7 +64,7 @@ def matmul_q4(x, q, scales, y):
 
 
 # ----------------------------------------------------------------- weight tiles for the BLAS path
-# Single-threaded and nogil: kernels._matmul_tiled calls them from its worker threads, one tile each
+# Single-threaded and nogil: kernels.linear._matmul_tiled calls them from its worker threads, one tile each
 # (twins: ref.bf16_to_f32, ref.dequant_q8, ref.dequant_q4).
 
 
@@ -138,70 +139,15 @@ def add_rms_norm(x, a, weight, eps, xo, out):
             out[r, i] = (xo[r, i] * inv) * weight[i]
 
 
-@njit(cache=True)
-def softmax(x, out):
-    """Row softmax over the last axis of a 2-D array, max subtracted first."""
-    rows, d = x.shape
-    for r in range(rows):
-        m = x[r, 0]
-        for i in range(1, d):
-            if x[r, i] > m:
-                m = x[r, i]
-        s = np.float32(0.0)
-        for i in range(d):
-            e = np.exp(x[r, i] - m)
-            out[r, i] = e
-            s += e
-        inv = np.float32(1.0) / s
-        for i in range(d):
-            out[r, i] *= inv
-
-
-@njit(cache=True)
-def rope_interleaved(x, angles, out):
-    """x [S, H, D], angles [S, D//2]: rotate (x[2j], x[2j+1]) by angles[s, j] (cos/sin computed once per s)."""
-    S, H, D = x.shape
-    half = D // 2
-    c = np.empty(half, np.float32)
-    sn = np.empty(half, np.float32)
-    for s in range(S):
-        for j in range(half):
-            c[j] = np.cos(angles[s, j])
-            sn[j] = np.sin(angles[s, j])
-        for h in range(H):
-            for j in range(half):
-                x0 = x[s, h, 2 * j]
-                x1 = x[s, h, 2 * j + 1]
-                out[s, h, 2 * j] = x0 * c[j] - x1 * sn[j]
-                out[s, h, 2 * j + 1] = x0 * sn[j] + x1 * c[j]
-
-
-# ---------------------------------------------------------------------------------- MoE dispatch
-
-@njit(cache=True)
-def topk(scores, k, ids, vals):
-    """Per row, k passes of argmax over the not-yet-taken entries: largest first, ties -> lower index
-    (matches a stable descending argsort). O(k * E), which beats a sort for k=6, E=64."""
-    n, E = scores.shape
-    taken = np.zeros(E, np.bool_)
-    for r in range(n):
-        taken[:] = False
-        for j in range(k):
-            best = -1
-            for e in range(E):
-                if not taken[e] and (best < 0 or scores[r, e] > scores[r, best]):
-                    best = e
-            taken[best] = True
-            ids[r, j] = best
-            vals[r, j] = scores[r, best]
-
+# ----------------------------------------------------------------------------------- the router
 
 @njit(cache=True)
 def route_select(logits, bias, sigmoid, k, n_group, topk_group, group_top2, norm, scaling, scores, ids, weights,
                  margin):
-    """ref.route_select for every row of logits [S, E] in one call (bias: zeros when unused; outputs preallocated:
+    """moe.select_experts for every row of logits [S, E] in one call (bias: zeros when unused; outputs preallocated:
     scores [S, E], ids int32 [S, k], weights [S, k], margin [S]). Selection by k passes of argmax over the
-    not-yet-taken entries (ties -> lower id), as topk; groups the same way."""
+    not-yet-taken entries (ties -> lower id, as a stable descending sort; O(k * E) beats a sort for k=6, E=64);
+    groups the same way."""
     S, E = logits.shape
     per = E // n_group
     choice = np.empty(E, np.float32)
@@ -272,36 +218,3 @@ def route_select(logits, bias, sigmoid, k, n_group, topk_group, group_top2, norm
             if norm and k > 1:
                 weights[s, j] = weights[s, j] / (tot + np.float32(1e-20))
             weights[s, j] = weights[s, j] * np.float32(scaling)
-
-
-@njit(cache=True)
-def group_by_expert(flat_ids, n_experts, order, offsets):
-    """Counting sort of slot -> expert: offsets[e] = first position of expert e in order (stable)."""
-    counts = np.zeros(n_experts, np.int64)
-    for s in range(flat_ids.shape[0]):
-        counts[flat_ids[s]] += 1
-    offsets[0] = 0
-    for e in range(n_experts):
-        offsets[e + 1] = offsets[e] + counts[e]
-    fill = offsets[:-1].copy()
-    for s in range(flat_ids.shape[0]):
-        e = flat_ids[s]
-        order[fill[e]] = s
-        fill[e] += 1
-
-
-@njit(cache=True)
-def gather_rows(x, rows, out):
-    for r in range(rows.shape[0]):
-        out[r, :] = x[rows[r], :]
-
-
-@njit(cache=True)
-def scatter_add_weighted(out, rows, y, weights):
-    """out[rows[i]] += weights[i] * y[i], sequential in i (deterministic, like np.add.at)."""
-    d = out.shape[1]
-    for i in range(rows.shape[0]):
-        r = rows[i]
-        w = weights[i]
-        for j in range(d):
-            out[r, j] += w * y[i, j]

@@ -1,0 +1,351 @@
+"""x @ W.T for a weight in any stored form: which kernel takes a product, and the products themselves.
+
+    y = matmul(x, w)      # x f32 [n, in] (or [in]); w f32 ndarray | Stored | Q8Weight | Q4Weight  -> f32 [n, out]
+
+Why the routing: decode is memory bound, so for few rows of x W is read once in its stored form by a GEMV /
+small-GEMM kernel (C or Numba) that widens in registers; prefill and vision are compute bound, so for more
+rows W is widened in small row tiles (TASK_ELEMS floats) that the worker threads multiply with
+single-threaded BLAS (pool.parallel_for). f32 ndarrays always go to BLAS. How many rows is "few" depends on
+the weight format, the activation mode and the CPU level: the crossover table below (data; the measurements
+behind it are in bench/RESULTS.md, "Crossovers"). ONE function, ``plan``, makes that decision, for matmul and
+for ``reference`` (the NumPy twin of exactly what matmul computes, which the tests hold every backend to).
+
+For int8 / int4 weights the C GEMV quantizes the activation row once per call and uses integer block dot
+products (set_act_quant). matmul_many runs several products in one C call (the selected experts);
+heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
+W_uk / W_uv on kv_b_proj, so decode never widens kv_b_proj).
+"""
+from __future__ import annotations
+
+import os
+import threading
+
+import numpy as np
+
+from . import ref
+from .pool import parallel_for
+from .probe import _mods, backend, numba_module
+
+# ------------------------------------------------------------------------- the crossover table (data)
+SMALL_N = 32              # rows of x up to which the stored-form kernels beat widen + BLAS
+# per (weight format, activation mode), C backend: quantized activations make the stored-form kernel cheaper
+# per row than sgemm on widened tiles (int4 never goes to the tiles); bf16 at the AVX-512 level (x-batched)
+MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62,
+                        ("BF16", "f32"): 112}
+SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
+C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
+C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
+C_AMX_MIN_Q8 = 32
+TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
+
+_C_KINDS = ("BF16", "q8_32", "q4_32", "F32")
+# (kind, activation mode) -> the C function taking x [n, in] and the stored arrays
+_C_MATMUL = {("BF16", "f32"): "matmul_bf16", ("F32", "f32"): "matmul_f32", ("q8_32", "f32"): "matmul_q8",
+             ("q8_32", "i8"): "matmul_q8a", ("q8_32", "i16"): "matmul_q8w", ("q4_32", "f32"): "matmul_q4",
+             ("q4_32", "i8"): "matmul_q4a"}
+# ... and its NumPy twin when the activations are quantized
+_ACT_TWINS = {("q8_32", "i8"): ref.matmul_act_q8, ("q8_32", "i16"): ref.matmul_act16_q8,
+              ("q4_32", "i8"): ref.matmul_act_q4}
+
+_state = {"act_quant": None}   # int8/int16-quantized activations in the C GEMV (see set_act_quant)
+
+
+# ---------------------------------------------------------------------------------- activation modes
+_ACT_MODES = {
+    # setting -> how the C GEMV treats the activations per weight format
+    "q4": {"q8_32": "i16", "q4_32": "i8"},    # default
+    "all": {"q8_32": "i8", "q4_32": "i8"},    # fastest, llama.cpp-like
+    "none": {"q8_32": "f32", "q4_32": "f32"},  # exact twins of dequantize-then-matmul
+}
+
+
+def _parse_act_quant(value) -> str:
+    if isinstance(value, bool):
+        return "all" if value else "none"
+    v = str(value).strip().lower()
+    v = {"1": "all", "true": "all", "on": "all", "0": "none", "false": "none", "off": "none", "": "q4",
+         "default": "q4"}.get(v, v)
+    if v not in _ACT_MODES:
+        raise ValueError(f"PYKIMI_ACT_QUANT={value!r}: expected one of {', '.join(_ACT_MODES)}")
+    return v
+
+
+def set_act_quant(value) -> None:
+    """How the C GEMV (n <= SMALL_N) treats activations for quantized weights.
+
+    Why: decoding int4/int8 to f32 in registers costs ~3 vector ops per 8 weights, which makes the quantized
+    GEMVs compute bound (int4 slower per token than bf16). Quantizing the activation row once per call and
+    doing integer block dot products keeps them memory bound.
+      "q4" (default): Q8 weights x int16 activations (rounding ~1e-5 relative: numerically the float
+              product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
+      "all":  int8 activations for both (fastest; like llama.cpp's Q8_0 x Q8_0);
+      "none": no activation quantization (dequantize in registers; exact twin of ref.matmul).
+    Environment: PYKIMI_ACT_QUANT. True/False mean "all"/"none"."""
+    _state["act_quant"] = _parse_act_quant(value)
+
+
+def act_quant() -> str:
+    if _state["act_quant"] is None:
+        _state["act_quant"] = _parse_act_quant(os.environ.get("PYKIMI_ACT_QUANT", "q4"))
+    return _state["act_quant"]
+
+
+def _act_mode(kind: str) -> str:
+    return _ACT_MODES[act_quant()].get(kind, "f32")
+
+
+def _small_n(kind: str) -> int:
+    """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
+    n = SMALL_N_ACT.get((kind, _act_mode(kind)))
+    if n is None or (kind == "BF16" and not _c_avx512()):
+        return SMALL_N
+    if kind in ("BF16", "q8_32") and _c_amx():
+        return max(n, C_AMX_ROWS)
+    if kind == "q8_32" and _c_avx512() and n >= C_BATCH_ROWS_Q8[0]:
+        n = max(n, C_BATCH_ROWS_Q8[1])
+    return n
+
+
+def _c_mode(kind: str, n: int) -> str:
+    """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
+    C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
+    product (batch-vectorised kernel, AMX tiles)."""
+    if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
+                                            or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
+        return "f32"
+    return _act_mode(kind)
+
+
+def _c_avx512() -> bool:
+    c = _mods.get("c")
+    return c is not None and c.get_simd() == "avx512"
+
+
+def _c_amx() -> bool:
+    """The C kernels run bf16 batches on AMX (the AVX-512 level, a CPU and kernel that grant it, not turned off)."""
+    c = _mods.get("c")
+    return c is not None and c.get_simd() == "avx512" and c.get_amx()
+
+
+def plan(kind: str, n: int) -> tuple[str, str]:
+    """How matmul computes n rows of x on a weight of ``kind`` -> (path, activation mode):
+    "blas" (an f32 ndarray, few rows: one x @ W.T), "tiles" (widened row tiles + single-threaded sgemm on the
+    worker threads), "c" / "numba" (the stored-form kernel); the mode ("f32" | "i8" | "i16") is the C kernel's."""
+    if kind == "f32":
+        return ("blas" if n <= SMALL_N else "tiles"), "f32"
+    be = backend()
+    if be == "numpy" or kind not in _C_KINDS or n == 0 or n > (_small_n(kind) if be == "c" else SMALL_N):
+        return "tiles", "f32"
+    if be == "c":
+        return "c", _c_mode(kind, n)
+    return "numba", "f32"
+
+
+def reference(x, w) -> np.ndarray:
+    """The NumPy twin of exactly what matmul(x, w) computes under the current settings (for tests)."""
+    kind = ref.weight_kind(w)
+    x = np.asarray(x, dtype=np.float32)
+    path, act = plan(kind, int(np.prod(x.shape[:-1], dtype=np.int64)))
+    twin = _ACT_TWINS.get((kind, act)) if path == "c" else None
+    if twin is None:
+        return ref.matmul(x, w)              # every other path computes the f32 product of the decoded weights
+    return twin(x.reshape(-1, x.shape[-1]), w).reshape(x.shape[:-1] + (w.shape[0],))
+
+
+# ------------------------------------------------------------------------------------------- products
+def _widen_rows(w, kind: str, r0: int, r1: int, buf: np.ndarray | None) -> np.ndarray:
+    """Rows r0:r1 of W as f32 into buf (when given), single-threaded: called from the worker tasks of
+    parallel_for, so it must neither fork threads of its own nor hold the GIL (Numba, nogil)."""
+    if kind == "f32":
+        return w[r0:r1]                                  # nothing to widen: a view
+    dst = buf[: (r1 - r0) * w.shape[1]].reshape(r1 - r0, w.shape[1]) if buf is not None else None
+    nb = numba_module() if kind in ("BF16", "q8_32", "q4_32") else None
+    if nb is None:
+        t = ref.weight_rows_f32(w, r0, r1)
+        if dst is None:
+            return t
+        dst[...] = t
+        return dst
+    if dst is None:
+        dst = np.empty((r1 - r0, w.shape[1]), dtype=np.float32)
+    if kind == "BF16":
+        nb.widen_bf16(np.ascontiguousarray(w.data[r0:r1]).view(np.uint16), dst)
+    elif kind == "q8_32":
+        nb.dequant_q8(np.ascontiguousarray(w.q[r0:r1]), np.ascontiguousarray(w.scales[r0:r1]), dst)
+    else:
+        nb.dequant_q4(np.ascontiguousarray(w.q[r0:r1]), np.ascontiguousarray(w.scales[r0:r1]), dst)
+    return dst
+
+
+def _matmul_tiled(x2: np.ndarray, w, kind: str) -> np.ndarray:
+    """x2 @ W.T for many rows: W widened in row tiles of at most TASK_ELEMS floats, each tile multiplied by
+    single-threaded BLAS, the tiles shared out to the worker threads (parallel_for).
+
+    Why not one big widen + 2-thread BLAS: OpenBLAS splits every call statically between its threads, so when
+    another process holds one core (the usual state of this machine) each call waits for the descheduled half,
+    and its spinning idle threads steal the core from the next step (bench/RESULTS.md, "Crossovers"). Small
+    tiles taken dynamically keep both cores busy when free and degrade to one core's speed, not below, when
+    one is taken; a tile is still in L2 when sgemm reads it."""
+    out_f, in_f = w.shape
+    n = x2.shape[0]
+    step = max(1, TASK_ELEMS // max(in_f, 1))
+    y = np.empty((n, out_f), dtype=np.float32)
+    if out_f == 0 or n == 0:
+        return y if in_f else y.fill(0) or y
+    tiles = [(r0, min(out_f, r0 + step)) for r0 in range(0, out_f, step)]
+    bufs = threading.local()
+
+    def task(t):
+        r0, r1 = t
+        buf = getattr(bufs, "buf", None)
+        if buf is None:
+            buf = bufs.buf = np.empty(step * in_f, dtype=np.float32)   # one scratch tile per worker
+        np.matmul(x2, _widen_rows(w, kind, r0, r1, buf).T, out=y[:, r0:r1])
+
+    parallel_for(task, tiles)
+    return y
+
+
+def widen(w, out: np.ndarray | None = None) -> np.ndarray:
+    """W in any stored form as float32 [out, in] (or any shape for 1-D / f32 tensors), written into ``out``
+    when given (same shape), else a new array. 2-D stored weights are widened in row tiles of TASK_ELEMS by
+    the worker threads (parallel_for; Numba, nogil). Twin: ref.weight_f32 (the same exact decoding)."""
+    kind = ref.weight_kind(w)
+    shape = tuple(int(s) for s in w.shape)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"widen: out is {out.dtype}{list(out.shape)}, expected contiguous float32{list(shape)}")
+    if kind == "f32":
+        out[...] = w
+        return out
+    if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
+        out[...] = w.f32() if hasattr(w, "f32") else ref.weight_f32(w)
+        return out
+    step = max(1, TASK_ELEMS // shape[1])
+
+    def task(r0):
+        r1 = min(shape[0], r0 + step)
+        tile = out[r0:r1]
+        got = _widen_rows(w, kind, r0, r1, tile.reshape(-1))
+        if got is not tile and not np.shares_memory(got, tile):
+            tile[...] = got
+
+    parallel_for(task, range(0, shape[0], step))
+    return out
+
+
+def _stored(w, kind: str) -> tuple:
+    """(data, scales or None): the arrays the C kernels read for a weight of a C kind."""
+    return (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
+
+
+def _owned(w, kind: str) -> tuple:
+    """(data, scales or None, w): _stored plus the weight object, on which the C module keeps its pointers."""
+    return _stored(w, kind) + (w,)
+
+
+def _check_features(x: np.ndarray, w, who: str, label="W") -> tuple[int, int]:
+    """(out, in) of weight w, after checking that x's last axis has `in` features."""
+    out_f, in_f = (int(s) for s in w.shape)
+    if x.shape[-1] != in_f:
+        raise ValueError(f"{who} has {x.shape[-1]} features (shape {list(x.shape)}) but weight "
+                         f"{getattr(w, 'name', '') or label} is [{out_f}, {in_f}]")
+    return out_f, in_f
+
+
+def matmul(x, w) -> np.ndarray:
+    """x @ W.T in float32. x [n, in] or [in] (any leading dims are flattened); W [out, in] in any stored form."""
+    x = np.asarray(x)
+    kind = ref.weight_kind(w)
+    out_f, in_f = _check_features(x, w, "matmul: x")
+    lead = x.shape[:-1]
+    x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype=np.float32)
+    n = x2.shape[0]
+    path, act = plan(kind, n)
+    if path == "blas":
+        y = x2 @ np.asarray(w, dtype=np.float32).T
+    elif path == "tiles":
+        y = _matmul_tiled(x2, np.asarray(w, dtype=np.float32) if kind == "f32" else w, kind)
+    elif path == "c":
+        y = getattr(_mods["c"], _C_MATMUL[(kind, act)])(x2, *(a for a in _stored(w, kind) if a is not None))
+    else:  # numba
+        nm = _mods["numba"]
+        y = np.empty((n, out_f), dtype=np.float32)
+        if kind == "BF16":
+            nm.matmul_bf16(x2, np.ascontiguousarray(w.data), y)
+        elif kind == "q8_32":
+            nm.matmul_q8(x2, np.ascontiguousarray(w.q), np.ascontiguousarray(w.scales), y)
+        elif kind == "q4_32":
+            nm.matmul_q4(x2, np.ascontiguousarray(w.q), np.ascontiguousarray(w.scales), y)
+        else:
+            y = x2 @ np.asarray(w.data, dtype=np.float32).T
+    return y.reshape(lead + (out_f,))
+
+
+def matmul_many(xs, ws) -> list:
+    """[matmul(x, w) for x, w in zip(xs, ws)], computed together when possible.
+
+    With the C backend every product with few rows (n <= SMALL_N) in a stored form goes into ONE kernel call
+    and one thread fork/join (e.g. all selected experts' gate and up projections of a decode step); the rest
+    go through matmul one by one. Same numerics as matmul."""
+    xs, ws = list(xs), list(ws)
+    if len(xs) != len(ws):
+        raise ValueError(f"matmul_many: {len(xs)} inputs but {len(ws)} weights")
+    if backend() != "c" or len(xs) < 2:
+        return [matmul(x, w) for x, w in zip(xs, ws)]
+    out: list = [None] * len(xs)
+    jobs, where, shapes = [], [], []
+    for i, (x, w) in enumerate(zip(xs, ws)):
+        x = np.asarray(x)
+        kind = ref.weight_kind(w)
+        out_f, in_f = _check_features(x, w, f"matmul_many: x[{i}]", i)
+        x2 = x.reshape(-1, in_f)
+        n = x2.shape[0]
+        path, act = plan(kind, n)
+        if path != "c":
+            out[i] = matmul(x, w)
+            continue
+        jobs.append((x2, kind) + _stored(w, kind) + (act, w))
+        where.append(i)
+        shapes.append(x.shape[:-1] + (out_f,))
+    if jobs:
+        for i, shp, y in zip(where, shapes, _mods["c"].matmul_many(jobs)):
+            out[i] = y.reshape(shp)
+    return out
+
+
+def _check_heads(x, w, row0: int, stride: int, rows: int, width: int, who: str) -> None:
+    """The C path reads raw rows: every head's block must lie inside W and x must be [H, width]."""
+    H = x.shape[0] if x.ndim == 2 else -1
+    if x.ndim != 2 or x.shape[1] != width:
+        raise ValueError(f"{who}: x has shape {list(x.shape)}, expected [heads, {width}]")
+    if row0 < 0 or rows < 1 or stride < rows or row0 + (H - 1) * stride + rows > int(w.shape[0]):
+        raise ValueError(f"{who}: {H} head blocks of {rows} rows from row {row0} every {stride} rows do not fit "
+                         f"in weight {getattr(w, 'name', '')} of {int(w.shape[0])} rows")
+
+
+def heads_vecmat(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
+    """x [H, rows] -> [H, in]: per head h, x[h] @ W[row0 + h*stride : + rows] (W in any stored form).
+    The C backend decodes each row once into an accumulator (pk_vecmat_many, heads in parallel, no Python
+    object per head); the others use the NumPy twin ref.vecmat on row views."""
+    x = np.asarray(x, dtype=np.float32)
+    _check_heads(x, w, row0, stride, rows, rows, "heads_vecmat")
+    kind = ref.weight_kind(w)
+    if backend() == "c" and kind in _C_KINDS:
+        return _mods["c"].heads("vecmat", x, kind, *_stored(w, kind), int(w.shape[1]), row0, stride, rows)
+    return np.stack([ref.vecmat(x[h], ref.weight_rows(w, row0 + h * stride, row0 + h * stride + rows))
+                     for h in range(x.shape[0])])
+
+
+def heads_matvec(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
+    """x [H, in] -> [H, rows]: per head h, W[row0 + h*stride : + rows] @ x[h] -- matmul of one row of x on
+    each head's row block (same numerics as matmul, activation quantization included)."""
+    x = np.asarray(x, dtype=np.float32)
+    _check_heads(x, w, row0, stride, rows, int(w.shape[1]), "heads_matvec")
+    kind = ref.weight_kind(w)
+    if backend() == "c" and kind in _C_KINDS:
+        return _mods["c"].heads("matvec", x, kind, *_stored(w, kind), int(w.shape[1]), row0, stride, rows,
+                                _act_mode(kind))
+    return np.stack([matmul(x[h], ref.weight_rows(w, row0 + h * stride, row0 + h * stride + rows))
+                     for h in range(x.shape[0])])
