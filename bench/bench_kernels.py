@@ -159,7 +159,7 @@ def main():
                     tn, gbn = float("nan"), float("nan")
                 else:
                     m = ws[: max(1, min(copies, 8))]
-                    tn = timeit(lambda: [x @ ref.weight_f32(w).T for w in m], 0.3, 5) / len(m)
+                    tn = timeit(lambda: [x @ w.f32().T for w in m], 0.3, 5) / len(m)
                     gbn = stored_bytes(ws[0]) / tn / 1e9
                 print(f"{label:24s} {kind:5s} {n:3d} {total / copies / 1e6:8.1f} {t * 1e3:10.3f} {gbs:7.1f} "
                       f"{100 * gbs / bw_sum:5.0f} {tn * 1e3:9.3f} {gbn:7.1f} {tn / t:7.1f}x", flush=True)

@@ -27,7 +27,8 @@ import numpy as np
 from . import kernels
 from .ops import apply_rope, rms_norm, softmax  # noqa: F401  (rms_norm: pykimi.attention.rms_norm stays public)
 from .rope import lm_inv_freq, lm_rope_angles
-from .kernels.ref import vecmat, weight_rows
+from .kernels.ref import vecmat
+from .weights import f32_of, rows_of
 from . import trace  # a callable module: trace.emit / trace.wants here, pykimi.trace(model) for users
 from .trace import emit
 
@@ -76,17 +77,6 @@ class MLAWeights:
             kw.update(q_proj=ckpt.weight(f"{p}.q_proj.weight"))
         # Note: self_attn.rotary_emb.inv_freq is deliberately never read (bf16-rounded; spec §3, §8.3).
         return cls(**kw)
-
-
-def _f32(w) -> np.ndarray:
-    """Widen one weight (ndarray, Stored or quantized object) to a float32 ndarray, for this use only."""
-    if isinstance(w, np.ndarray):
-        return w if w.dtype == np.float32 else w.astype(np.float32)
-    if hasattr(w, "f32"):
-        return w.f32()
-    if hasattr(w, "dequantize"):
-        return np.asarray(w.dequantize(), dtype=np.float32)
-    raise TypeError(f"cannot widen weight of type {type(w).__name__}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,7 +197,7 @@ def mla_prefill(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg,
 def absorbed_kv_b(w: MLAWeights, cfg):
     """Split kv_b_proj [H*(dn+dv), R] into W_uk [H, dn, R] and W_uv [H, dv, R] (f32 views of one widening)."""
     H, dn, dv, R = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim, cfg.kv_lora_rank
-    kvb = w.kv_b_f32 if w.kv_b_f32 is not None else _f32(w.kv_b_proj)
+    kvb = w.kv_b_f32 if w.kv_b_f32 is not None else f32_of(w.kv_b_proj)
     kvb = kvb.reshape(H, dn + dv, R)
     return kvb[:, :dn, :], kvb[:, dn:, :]
 
@@ -300,10 +290,10 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
     o = np.empty((H, dv), dtype=np.float32)
     for h in range(H):
         r0 = h * (dn + dv)
-        q_lat = vecmat(q[h, :dn], weight_rows(kv_b, r0, r0 + dn))                          # [R]  q_nope·W_uk
+        q_lat = vecmat(q[h, :dn], rows_of(kv_b, r0, r0 + dn))                          # [R]  q_nope·W_uk
         q_pe = apply_rope(q[h, dn:][None, :], ang)[0]                                        # [dr]
         p = softmax((keys @ np.concatenate([q_lat, q_pe])) * np.float32(scale))             # [N]
-        o[h] = mm((p @ keys[:, :R])[None, :], weight_rows(kv_b, r0 + dn, r0 + dn + dv))[0]  # [dv] W_uv·o_lat
+        o[h] = mm((p @ keys[:, :R])[None, :], rows_of(kv_b, r0 + dn, r0 + dn + dv))[0]  # [dv] W_uv·o_lat
     return o.reshape(-1)
 
 

@@ -131,8 +131,7 @@ def validate_checkpoint(ckpt, cfg: KimiVLConfig) -> None:
             continue
         if ckpt.has_weight(name):  # stored quantized as NAME.qweight + NAME.scales
             if qmeta is None:
-                from .quant import _quant_meta
-                qmeta = _quant_meta(ckpt)
+                qmeta = ckpt.quant_meta()
             got = (qmeta.get(name) or {}).get("shape")
             if got is not None and tuple(got) != tuple(shape):
                 raise CheckpointError(f"{os.path.basename(ckpt.info(name + '.qweight').file)}: quantized tensor "

@@ -19,14 +19,14 @@ from typing import Any, Callable
 import numpy as np
 
 from . import kernels, progress
-from .attention import MLAWeights, _f32, mla_decode, mla_prefill
+from .attention import MLAWeights, mla_decode, mla_prefill
 from .cache import LatentCache
 from .errors import InputError
 from .moe import RouterRule, RoutingRecord  # noqa: F401  (RoutingRecord re-exported for notebooks)
 from .moe import dense_mlp, moe_forward, route, route_logits, router_rule
 from .ops import add_rms_norm, rms_norm
 from .trace import active as trace_active, emit, emit_record
-from .weights import Checkpoint, Stored, bf16_to_f32
+from .weights import Checkpoint, Stored, bf16_to_f32, f32_of
 
 LM = "language_model.model"
 
@@ -43,12 +43,10 @@ def embed_rows(embed_table, ids: np.ndarray) -> np.ndarray:
         return rows.astype(np.float32)
     if isinstance(embed_table, np.ndarray):
         return np.asarray(embed_table[ids], dtype=np.float32)
-    if hasattr(embed_table, "rows_f32"):                                # a quantized table: dequantize rows
-        out = np.empty((ids.size, embed_table.shape[1]), dtype=np.float32)
-        for j, i in enumerate(np.asarray(ids).reshape(-1)):
-            out[j] = embed_table.rows_f32(int(i), int(i) + 1)[0]
-        return out
-    raise TypeError(f"unsupported embedding table type {type(embed_table).__name__}")
+    out = np.empty((ids.size, embed_table.shape[1]), dtype=np.float32)  # a quantized table (any Weight)
+    for j, i in enumerate(np.asarray(ids).reshape(-1)):
+        out[j] = embed_table.rows_f32(int(i), int(i) + 1)[0]
+    return out
 
 
 def embed_and_merge(ids: np.ndarray, embed_table, image_features: np.ndarray | None,
@@ -138,18 +136,21 @@ class LayerWeights:
 
 
 def _memo(fn: Callable[[int], tuple], ckpt) -> Callable[[int], tuple]:
-    """fn with its results kept: an expert's weights are resolved the first time a token chooses it (so
-    experts nobody chose are still never read) and reused after. Every use still counts as a read in
-    ``ckpt.read_counter``, which is how tests and tutorial 07 show which experts a step touched."""
+    """fn with its results kept: an expert's weights are resolved (read, and counted in
+    ``ckpt.read_counter``) the first time a token chooses it, so experts nobody chose are never read, and
+    reused after. ``read_counter.clear()`` starts a new generation: the kept weights are dropped and read
+    again on their next use, which is how tests and tutorial 07 see which experts one step touched."""
     kept: dict = {}
+    counter = ckpt.read_counter
+    gen = [getattr(counter, "generation", 0)]
 
     def get(e: int) -> tuple:
+        if gen[0] != getattr(counter, "generation", 0):
+            kept.clear()
+            gen[0] = counter.generation
         w = kept.get(e)
         if w is None:
             w = kept[e] = fn(e)
-        else:
-            for t in w:
-                ckpt._count(t.name)
         return w
     return get
 
@@ -266,7 +267,7 @@ class KimiVL:
         if lw is None:
             lw = LayerWeights.from_checkpoint(self.ckpt, self.text, layer)
             if self.cache_absorbed:
-                lw.attn.kv_b_f32 = _f32(lw.attn.kv_b_proj)                 # [H*(dn+dv), R]
+                lw.attn.kv_b_f32 = f32_of(lw.attn.kv_b_proj)                 # [H*(dn+dv), R]
             self._layers[layer] = lw
         return lw
 

@@ -19,63 +19,16 @@ import os
 import re
 import shutil
 import sys
-from dataclasses import dataclass
-from typing import ClassVar
 
 import numpy as np
 
-from .kernels.ref import QBLOCK, dequant_q4, dequant_q8
+# the formats themselves (Q8Weight, Q4Weight, their decoding and loading) live in weights.py with the Weight
+# protocol; this module makes them (quantize_*) and repacks checkpoints
+from .errors import CheckpointError
+from .weights import (META_KEY, QBLOCK, TILE_ELEMS, Checkpoint, Q4Weight, Q8Weight,  # noqa: F401
+                      SafetensorsWriter, f32_rows, is_quantized, load_quantized)
 
-META_KEY = "pykimi.quant"
 FORMATS = {8: "q8_32", 4: "q4_32"}
-_TILE_ELEMS = 1 << 22  # quantize at most 4M weights (16 MB of f32) at a time
-
-
-# ------------------------------------------------------------------------------------------ weights
-
-@dataclass(frozen=True)
-class Q8Weight:
-    """A linear weight W [out, in] in Q8_32 form (see module docstring)."""
-
-    name: str
-    shape: tuple
-    q: np.ndarray       # int8 [out, in]
-    scales: np.ndarray  # f32 [out, ceil(in/32)]
-    fmt: ClassVar[str] = "q8_32"
-    dtype: ClassVar[str] = "Q8_32"
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.q.nbytes + self.scales.nbytes)
-
-    def rows_f32(self, r0: int, r1: int) -> np.ndarray:
-        return dequant_q8(self.q[r0:r1], self.scales[r0:r1], self.shape[1])
-
-    def f32(self) -> np.ndarray:
-        """Dequantized float32 [out, in] (the NumPy twin of the kernels' decoding)."""
-        return self.rows_f32(0, self.shape[0])
-
-
-@dataclass(frozen=True)
-class Q4Weight:
-    """A linear weight W [out, in] in Q4_32 form (see module docstring)."""
-
-    name: str
-    shape: tuple
-    q: np.ndarray       # uint8 [out, ceil(in/2)]
-    scales: np.ndarray  # f32 [out, ceil(in/32)]
-    fmt: ClassVar[str] = "q4_32"
-    dtype: ClassVar[str] = "Q4_32"
-
-    @property
-    def nbytes(self) -> int:
-        return int(self.q.nbytes + self.scales.nbytes)
-
-    def rows_f32(self, r0: int, r1: int) -> np.ndarray:
-        return dequant_q4(self.q[r0:r1], self.scales[r0:r1], self.shape[1])
-
-    def f32(self) -> np.ndarray:
-        return self.rows_f32(0, self.shape[0])
 
 
 # ------------------------------------------------------------------------------------- quantization
@@ -114,16 +67,15 @@ def _q4_tile(w: np.ndarray):
 
 
 def _quantize(w, bits: int, name: str):
-    """Quantize W [out, in] (ndarray or anything with .shape and rows via weight_rows_f32) in row tiles."""
-    from .kernels.ref import weight_rows_f32
+    """Quantize W [out, in] (an ndarray or a Weight) in row tiles of at most TILE_ELEMS weights."""
     out_f, in_f = (int(s) for s in w.shape)
     nb = -(-in_f // QBLOCK)
     q = np.empty((out_f, in_f if bits == 8 else -(-in_f // 2)), dtype=np.int8 if bits == 8 else np.uint8)
     scales = np.empty((out_f, nb), dtype=np.float32)
-    step = max(1, _TILE_ELEMS // max(in_f, 1))
+    step = max(1, TILE_ELEMS // max(in_f, 1))
     for r0 in range(0, out_f, step):
         r1 = min(out_f, r0 + step)
-        tile = np.asarray(weight_rows_f32(w, r0, r1), dtype=np.float32)
+        tile = np.asarray(f32_rows(w, r0, r1), dtype=np.float32)
         q[r0:r1], scales[r0:r1] = (_q8_tile if bits == 8 else _q4_tile)(tile)
     cls = Q8Weight if bits == 8 else Q4Weight
     return cls(name, (out_f, in_f), q, scales)
@@ -162,64 +114,6 @@ def should_quantize(name: str, shape, what: str = "experts") -> bool:
     return True
 
 
-# ----------------------------------------------------------------------------------- load side
-
-def _quant_meta(ckpt) -> dict:
-    cached = getattr(ckpt, "_pykimi_quant_meta", None)
-    if cached is not None:
-        return cached
-    raw = (getattr(ckpt, "metadata", None) or {}).get(META_KEY)
-    meta = {}
-    if raw:
-        try:
-            meta = json.loads(raw) if isinstance(raw, str) else dict(raw)
-        except (ValueError, TypeError):
-            meta = {}
-    try:
-        ckpt._pykimi_quant_meta = meta
-    except AttributeError:
-        pass
-    return meta
-
-
-def is_quantized(ckpt, name: str) -> bool:
-    """True when the checkpoint stores `name` quantized (header lookup only: no data view, no read count)."""
-    return (name + ".qweight") in ckpt and (name + ".scales") in ckpt
-
-
-def load_quantized(ckpt, name: str):
-    """The quantized weight stored for `name` (NAME.qweight + NAME.scales), or None if there is none."""
-    from .errors import CheckpointError
-    qname, sname = name + ".qweight", name + ".scales"
-    if qname not in ckpt:
-        return None
-    entry = _quant_meta(ckpt).get(name) or {}
-    qinfo = ckpt.info(qname)
-    fmt = entry.get("format") or {"I8": "q8_32", "U8": "q4_32"}.get(qinfo.dtype)
-    if fmt not in ("q8_32", "q4_32"):
-        raise CheckpointError(f"{os.path.basename(qinfo.file)}: tensor {qname!r} has dtype {qinfo.dtype}, "
-                              f"expected I8 (q8_32) or U8 (q4_32)")
-    if sname not in ckpt:
-        raise CheckpointError(f"{os.path.basename(qinfo.file)}: quantized tensor {qname!r} has no {sname!r}")
-    q, scales = ckpt.get(qname), ckpt.get(sname)
-    rows = q.shape[0] if q.ndim == 2 else -1
-    if "shape" in entry:
-        shape = tuple(int(s) for s in entry["shape"])
-    else:
-        shape = (rows, q.shape[1] if fmt == "q8_32" else 2 * q.shape[1])
-    want_q = (shape[0], shape[1] if fmt == "q8_32" else -(-shape[1] // 2))
-    want_s = (shape[0], -(-shape[1] // QBLOCK))
-    want_dt = "I8" if fmt == "q8_32" else "U8"
-    if tuple(q.shape) != want_q or qinfo.dtype != want_dt:
-        raise CheckpointError(f"{os.path.basename(qinfo.file)}: tensor {qname!r} is {qinfo.dtype}{list(q.shape)}, "
-                              f"expected {want_dt}{list(want_q)} for {fmt} weight of shape {list(shape)}")
-    if tuple(scales.shape) != want_s or scales.dtype != np.float32:
-        raise CheckpointError(f"{os.path.basename(qinfo.file)}: tensor {sname!r} is {scales.dtype}"
-                              f"{list(scales.shape)}, expected float32{list(want_s)}")
-    cls = Q8Weight if fmt == "q8_32" else Q4Weight
-    return cls(name, shape, q, scales)
-
-
 # ------------------------------------------------------------------------------------ the repack
 
 def _planned_pair(name: str, shape, bits: int) -> list:
@@ -250,9 +144,6 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
     re-quantized from their dequantized values, the rest keep their stored codes and scales. Returns a summary
     dict (tensors quantized, bytes in / out).
     """
-    from .errors import CheckpointError
-    from .weights import Checkpoint, SafetensorsWriter
-
     if bits not in FORMATS:
         raise ValueError(f"quantize: bits must be 8 or 4, got {bits!r}")
     if what not in ("experts", "all"):
@@ -275,9 +166,9 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
              if n.endswith(".qweight") and n[:-len(".qweight")] + ".scales" in infos}
     chosen = {n for n in names if infos[n].dtype in ("BF16", "F16", "F32")
               and should_quantize(n, infos[n].shape, what)}
-    requant = {b for b, qw in src_q.items() if qw.fmt != fmt and should_quantize(b, qw.shape, what)}
+    requant = {b for b, qw in src_q.items() if qw.kind != fmt and should_quantize(b, qw.shape, what)}
     qmeta = {n: {"format": fmt, "shape": [int(s) for s in infos[n].shape]} for n in chosen}
-    qmeta.update({b: {"format": fmt if b in requant else qw.fmt, "shape": [int(s) for s in qw.shape]}
+    qmeta.update({b: {"format": fmt if b in requant else qw.kind, "shape": [int(s) for s in qw.shape]}
                   for b, qw in src_q.items()})
     qmeta = dict(sorted(qmeta.items()))
     meta = {"format": "pt", META_KEY: json.dumps(qmeta, separators=(",", ":"), sort_keys=True),

@@ -17,8 +17,7 @@ from .config import KimiVLConfig
 from .errors import CheckpointError
 from .layout import expected_tensors, stored_dtype
 from .weights import DTYPES, Checkpoint, SafetensorsWriter, Stored, f32_to_bf16
-
-CHUNK = 1 << 22  # elements generated per step (16 MB of f32)
+from .weights import TILE_ELEMS as CHUNK  # elements generated per step (16 MB of f32)
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -9,12 +9,13 @@ Every structural problem is a one-line ``CheckpointError`` naming the file and t
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import mmap
 import os
 import struct
-from dataclasses import dataclass, field
-from typing import Iterable
+from dataclasses import dataclass
+from typing import ClassVar, Iterable, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -41,10 +42,12 @@ _NP_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F
              np.dtype("<u2"): "U16", np.dtype("<u4"): "U32", np.dtype("<u8"): "U64", np.dtype("?"): "BOOL"}
 
 MAX_HEADER = 100 * 1024 * 1024  # the official library's limit too
-TILE_ELEMS = 1 << 22            # widen at most 4M elements (16 MB of f32) per step
+TILE_ELEMS = 1 << 22            # widen / quantize at most 4M elements (16 MB of f32) per step
+QBLOCK = 32                     # the block of Q8_32 / Q4_32 along `in`: one f32 scale per 32 weights
+META_KEY = "pykimi.quant"       # shard metadata of a repacked checkpoint: {NAME: {"format", "shape"}}
 
 
-# --------------------------------------------------------------------------------------------- bf16
+# --------------------------------------------------------------------------------- decoding the formats
 
 def bf16_to_f32(bits: np.ndarray, out: np.ndarray | None = None) -> np.ndarray:
     """Exact bf16 -> f32: the bf16 bits are the high half of the f32 bits (uint16 -> uint32 << 16)."""
@@ -67,9 +70,65 @@ def f32_to_bf16(x: np.ndarray) -> np.ndarray:
     return rounded
 
 
+def dequant_q8(q: np.ndarray, scales: np.ndarray, in_features: int | None = None) -> np.ndarray:
+    """Q8_32 -> float32 [rows, in]: W[o, i] = q[o, i] * scales[o, i // 32] (twin of numba_kernels.dequant_q8)."""
+    q = np.asarray(q)
+    scale_per_col = np.repeat(np.asarray(scales, np.float32), QBLOCK, axis=1)[:, :q.shape[1]]  # [rows, in]
+    return q.astype(np.float32) * scale_per_col
+
+
+def unpack_q4(q: np.ndarray, in_features: int) -> np.ndarray:
+    """Q4_32 packed bytes [rows, ceil(in/2)] -> int8 values -8..7 [rows, in] (element 2j: low nibble)."""
+    q = np.asarray(q, dtype=np.uint8)
+    codes = np.empty((q.shape[0], q.shape[1] * 2), dtype=np.int8)
+    codes[:, 0::2] = q & 0x0F  # element 2j: low nibble
+    codes[:, 1::2] = q >> 4    # element 2j+1: high nibble
+    return codes[:, :in_features] - np.int8(8)
+
+
+def dequant_q4(q: np.ndarray, scales: np.ndarray, in_features: int) -> np.ndarray:
+    """Q4_32 -> float32 [rows, in]: W[o, i] = (code - 8) * scales[o, i // 32] (twin of numba_kernels.dequant_q4)."""
+    vals = unpack_q4(q, in_features)
+    scale_per_col = np.repeat(np.asarray(scales, np.float32), QBLOCK, axis=1)[:, :in_features]
+    return vals.astype(np.float32) * scale_per_col
+
+
+# ---------------------------------------------------------------------------------- the Weight protocol
+
+KINDS = ("f32", "bf16", "f16", "q8_32", "q4_32")
+_STORED_KINDS = {"F32": "f32", "BF16": "bf16", "F16": "f16"}   # safetensors dtype -> weight kind
+
+
+@runtime_checkable
+class Weight(Protocol):
+    """A linear weight W [out, in] in its stored form: what kernels.matmul and the stages take.
+
+    name:  the checkpoint tensor name;  shape: (out, in);
+    kind:  "f32" | "bf16" | "f16" (a Stored tensor) | "q8_32" | "q4_32" (pykimi-quantized), one spelling each
+           (f16 is not one of the kernels' formats: a checkpoint may hold F16 weights, widened in tiles);
+    rows(r0, r1):     rows r0:r1 as a Weight of the same kind, a view (nothing read or copied);
+    rows_f32(r0, r1): rows r0:r1 widened to a new float32 array [r1 - r0, in];
+    f32():            all of W as a new float32 array.
+    Stored, Q8Weight and Q4Weight implement it; a float32 ndarray is accepted wherever a Weight is (kind_of,
+    f32_rows, rows_of, f32_of below)."""
+
+    name: str
+    shape: tuple
+
+    @property
+    def kind(self) -> str: ...
+
+    def rows(self, r0: int, r1: int) -> "Weight": ...
+
+    def rows_f32(self, r0: int, r1: int) -> np.ndarray: ...
+
+    def f32(self) -> np.ndarray: ...
+
+
 @dataclass(frozen=True)
 class Stored:
-    """A tensor in its stored form: ``data`` is the raw view (BF16 as uint16 bits), zero-copy when read."""
+    """A tensor in its stored form: ``data`` is the raw view (BF16 as uint16 bits), zero-copy when read.
+    A float tensor is a Weight (kind f32 / bf16 / f16)."""
 
     name: str
     dtype: str
@@ -82,6 +141,21 @@ class Stored:
     @property
     def nbytes(self) -> int:
         return int(self.data.nbytes)
+
+    @property
+    def kind(self) -> str:
+        k = _STORED_KINDS.get(self.dtype)
+        if k is None:
+            raise CheckpointError(f"tensor {self.name!r} is {self.dtype}, not a float weight "
+                                  f"(expected one of {', '.join(_STORED_KINDS)})")
+        return k
+
+    def rows(self, r0: int, r1: int) -> "Stored":
+        return Stored(self.name, self.dtype, self.data[r0:r1])
+
+    def rows_f32(self, r0: int, r1: int) -> np.ndarray:
+        d = self.data[r0:r1]
+        return bf16_to_f32(d) if self.dtype == "BF16" else np.asarray(d, dtype=np.float32)
 
     def f32(self) -> np.ndarray:
         """A new float32 array, widened in bounded tiles (bf16 exact, f16 exact, ints converted)."""
@@ -98,6 +172,71 @@ class Stored:
             else:
                 flat_out[s:e] = flat_src[s:e]
         return out
+
+
+@dataclass(frozen=True)
+class _Blocks:
+    """A block-quantized weight W [out, in]: codes ``q`` and one f32 scale per block of 32 along ``in``
+    (pykimi.quant makes them; the kernels in csrc/ read them directly)."""
+
+    name: str
+    shape: tuple
+    q: np.ndarray
+    scales: np.ndarray      # f32 [out, ceil(in/32)]
+
+    @property
+    def nbytes(self) -> int:
+        return int(self.q.nbytes + self.scales.nbytes)
+
+    def rows(self, r0: int, r1: int):
+        return dataclasses.replace(self, shape=(r1 - r0,) + tuple(self.shape[1:]), q=self.q[r0:r1],
+                                   scales=self.scales[r0:r1])
+
+    def f32(self) -> np.ndarray:
+        return self.rows_f32(0, self.shape[0])
+
+
+@dataclass(frozen=True)
+class Q8Weight(_Blocks):
+    """Q8_32: q int8 [out, in]; W[o, i] = q[o, i] * scales[o, i // 32]."""
+
+    kind: ClassVar[str] = "q8_32"
+
+    def rows_f32(self, r0: int, r1: int) -> np.ndarray:
+        return dequant_q8(self.q[r0:r1], self.scales[r0:r1], self.shape[1])
+
+
+@dataclass(frozen=True)
+class Q4Weight(_Blocks):
+    """Q4_32: q uint8 [out, ceil(in/2)], element 2j in the low nibble, code = value + 8;
+    W[o, i] = (code - 8) * scales[o, i // 32]."""
+
+    kind: ClassVar[str] = "q4_32"
+
+    def rows_f32(self, r0: int, r1: int) -> np.ndarray:
+        return dequant_q4(self.q[r0:r1], self.scales[r0:r1], self.shape[1])
+
+
+def kind_of(w) -> str:
+    """A weight's kind; "f32" for a float32 ndarray."""
+    return "f32" if isinstance(w, np.ndarray) else w.kind
+
+
+def rows_of(w, r0: int, r1: int):
+    """Rows r0:r1 of W in its stored form (a view)."""
+    return w[r0:r1] if isinstance(w, np.ndarray) else w.rows(r0, r1)
+
+
+def f32_rows(w, r0: int, r1: int) -> np.ndarray:
+    """Rows r0:r1 of W as float32 [r1 - r0, in] (the bounded tile the BLAS path widens)."""
+    return np.asarray(w[r0:r1], dtype=np.float32) if isinstance(w, np.ndarray) else w.rows_f32(r0, r1)
+
+
+def f32_of(w) -> np.ndarray:
+    """All of W as float32 (an f32 ndarray as is)."""
+    if isinstance(w, np.ndarray):
+        return w if w.dtype == np.float32 else w.astype(np.float32)
+    return w.f32()
 
 
 def to_bf16(x: np.ndarray, name: str = "") -> Stored:
@@ -234,12 +373,24 @@ class SafetensorsFile:
         self._mm = None
 
 
+class ReadCounter(dict):
+    """tensor name -> calls that handed out its data. ``clear()`` starts a new count and bumps
+    ``generation``: the model drops the expert weights it keeps when the generation changes, so the experts
+    a step uses after a clear are read (and counted) again -- tests and tutorial 07 see one step's reads."""
+
+    generation = 0
+
+    def clear(self) -> None:
+        super().clear()
+        self.generation += 1
+
+
 class Checkpoint:
     """A checkpoint: one .safetensors file, or a directory with model.safetensors or an index + shards.
 
     ``read_counter`` counts, per tensor name, the calls that hand out its data (get/tensor/weight/f32):
     tests use it to prove that experts no token chose are never read. The model resolves each weight once
-    and keeps it (KimiVL.layer_weights); an expert's kept weights still count one read per use.
+    and keeps it (KimiVL.layer_weights, chosen experts on first use) until read_counter.clear().
     """
 
     def __init__(self, path: str, files: dict[str, SafetensorsFile], where: dict[str, str], config=None):
@@ -247,11 +398,11 @@ class Checkpoint:
         self._files = files
         self._where = where  # tensor name -> file path
         self.config = config
-        self.read_counter: dict[str, int] = {}
+        self.read_counter = ReadCounter()
         self.metadata: dict[str, str] = {}
         for f in files.values():
             self.metadata.update(f.metadata)
-        self._quant = None
+        self._quant_meta: dict | None = None
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
@@ -354,25 +505,27 @@ class Checkpoint:
         return self.tensor(name).f32()
 
     def weight(self, name: str):
-        """What the kernels take for a linear weight: a quantized weight if the file holds one under this
-        name, else the ``Stored`` tensor."""
+        """What the kernels take for a linear weight (a Weight): the Q8Weight / Q4Weight the file holds under
+        this name (NAME.qweight + NAME.scales), else the ``Stored`` tensor."""
         if name not in self._where:
-            q = self._quantized(name)
+            q = load_quantized(self, name)
             if q is not None:
                 self._count(name)
                 return q
         return self.tensor(name)
 
-    def _quantized(self, name: str):
-        if self._quant is None:
-            try:
-                from . import quant
-                self._quant = quant
-            except ImportError:
-                self._quant = False
-        if self._quant is False or not hasattr(self._quant, "load_quantized"):
-            return None
-        return self._quant.load_quantized(self, name)
+    def quant_meta(self) -> dict:
+        """{NAME: {"format": "q8_32" | "q4_32", "shape": [out, in]}} of a repacked checkpoint ({} otherwise)."""
+        if self._quant_meta is None:
+            raw = (self.metadata or {}).get(META_KEY)
+            meta = {}
+            if raw:
+                try:
+                    meta = json.loads(raw) if isinstance(raw, str) else dict(raw)
+                except (ValueError, TypeError):
+                    meta = {}
+            self._quant_meta = meta
+        return self._quant_meta
 
     def has_weight(self, name: str) -> bool:
         """Present as a plain or a quantized tensor (header lookup only: no data view, no read count)."""
@@ -392,6 +545,43 @@ class Checkpoint:
     def close(self):
         for f in self._files.values():
             f.close()
+
+
+def is_quantized(ckpt, name: str) -> bool:
+    """True when the checkpoint stores `name` quantized (header lookup only: no data view, no read count)."""
+    return (name + ".qweight") in ckpt and (name + ".scales") in ckpt
+
+
+def load_quantized(ckpt, name: str):
+    """The quantized weight stored for `name` (NAME.qweight + NAME.scales), or None if there is none."""
+    qname, sname = name + ".qweight", name + ".scales"
+    if qname not in ckpt:
+        return None
+    entry = ckpt.quant_meta().get(name) or {}
+    qinfo = ckpt.info(qname)
+    kind = entry.get("format") or {"I8": "q8_32", "U8": "q4_32"}.get(qinfo.dtype)
+    if kind not in ("q8_32", "q4_32"):
+        raise CheckpointError(f"{os.path.basename(qinfo.file)}: tensor {qname!r} has dtype {qinfo.dtype}, "
+                              f"expected I8 (q8_32) or U8 (q4_32)")
+    if sname not in ckpt:
+        raise CheckpointError(f"{os.path.basename(qinfo.file)}: quantized tensor {qname!r} has no {sname!r}")
+    q, scales = ckpt.get(qname), ckpt.get(sname)
+    rows = q.shape[0] if q.ndim == 2 else -1
+    if "shape" in entry:
+        shape = tuple(int(s) for s in entry["shape"])
+    else:
+        shape = (rows, q.shape[1] if kind == "q8_32" else 2 * q.shape[1])
+    want_q = (shape[0], shape[1] if kind == "q8_32" else -(-shape[1] // 2))
+    want_s = (shape[0], -(-shape[1] // QBLOCK))
+    want_dt = "I8" if kind == "q8_32" else "U8"
+    if tuple(q.shape) != want_q or qinfo.dtype != want_dt:
+        raise CheckpointError(f"{os.path.basename(qinfo.file)}: tensor {qname!r} is {qinfo.dtype}{list(q.shape)}, "
+                              f"expected {want_dt}{list(want_q)} for {kind} weight of shape {list(shape)}")
+    if tuple(scales.shape) != want_s or scales.dtype != np.float32:
+        raise CheckpointError(f"{os.path.basename(qinfo.file)}: tensor {sname!r} is {scales.dtype}"
+                              f"{list(scales.shape)}, expected float32{list(want_s)}")
+    cls = Q8Weight if kind == "q8_32" else Q4Weight
+    return cls(name, shape, q, scales)
 
 
 # --------------------------------------------------------------------------------------------- writer

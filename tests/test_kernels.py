@@ -12,6 +12,7 @@ from pykimi.kernels import linear, probe
 from pykimi import attention, moe, ops
 from pykimi.kernels import ref
 from pykimi.quant import Q4Weight, Q8Weight, quantize_q4, quantize_q8
+from pykimi import weights
 from pykimi.weights import Stored, f32_to_bf16
 
 AVAILABLE = [b for b in K.BACKENDS if K.backends()[b]["available"]]
@@ -70,7 +71,7 @@ def test_matmul_matches_ref(use_backend, out_f, in_f):
             err = _relerr(y, r)
             assert err < 2e-5, f"backend={use_backend} form={form} shape={(out_f, in_f)} n={n}: rel err {err:.2e}"
             # whatever the path, within the activation-quantization bound of the float product
-            scale = np.abs(x).sum(1).max() * np.abs(ref.weight_f32(W)).max()
+            scale = np.abs(x).sum(1).max() * np.abs(weights.f32_of(W)).max()
             assert np.max(np.abs(y - ref.matmul(x, W))) / scale < (4e-3 if form == "q4" else 2e-5)
 
 
@@ -159,7 +160,7 @@ def test_c_act_quant_kernels(scalar):
                 assert K.act_quant() == setting
                 for W in (quantize_q8(w), quantize_q4(w)):
                     np.testing.assert_allclose(K.matmul(x, W), K.reference(x, W), rtol=1e-5, atol=1e-5)
-                    twin = twins.get((W.fmt, modes[W.fmt]), ref.matmul) if K.backend() == "c" else ref.matmul
+                    twin = twins.get((W.kind, modes[W.kind]), ref.matmul) if K.backend() == "c" else ref.matmul
                     np.testing.assert_allclose(K.reference(x, W), twin(x, W))
             with pytest.raises(ValueError):
                 K.set_act_quant("sometimes")
@@ -272,11 +273,11 @@ def test_c_level_matmul_many(simd_level):
         w = rng.standard_normal((out_f, in_f)).astype(np.float32)
         x = rng.standard_normal((n, in_f)).astype(np.float32)
         q8, q4 = quantize_q8(w), quantize_q4(w)
-        forms = [(x, "BF16", f32_to_bf16(w), None, "f32", lambda x=x, w=w: x @ ref.bf16_to_f32(f32_to_bf16(w)).T),
+        forms = [(x, "bf16", f32_to_bf16(w), None, "f32", lambda x=x, w=w: x @ ref.bf16_to_f32(f32_to_bf16(w)).T),
                  (x, "q8_32", q8.q, q8.scales, "i16", lambda x=x, q=q8: ref.matmul_act16_q8(x, q)),
                  (x, "q4_32", q4.q, q4.scales, "i8", lambda x=x, q=q4: ref.matmul_act_q4(x, q)),
                  (x, "q8_32", q8.q, q8.scales, "i8", lambda x=x, q=q8: ref.matmul_act_q8(x, q)),
-                 (x, "F32", w, None, "f32", lambda x=x, w=w: x @ w.T),
+                 (x, "f32", w, None, "f32", lambda x=x, w=w: x @ w.T),
                  (x, "q4_32", q4.q, q4.scales, "f32", lambda x=x, q=q4: x @ q.f32().T),
                  (x, "q8_32", q8.q, q8.scales, "f32", lambda x=x, q=q8: x @ q.f32().T)]
         job = forms[k % len(forms)]
@@ -310,7 +311,7 @@ def test_c_level_bf16_batches(simd_level):
             err = np.max(np.abs(y - r)) / (np.abs(x).sum(1).max() * np.abs(wf).max())
             assert err < 2e-6, f"{out_f}x{in_f} n={n} level={simd_level}: {err:.2e}"
             q8 = quantize_q8(w)
-            ys = c.matmul_many([(x, "BF16", bits, None, "f32"), (x[:3], "q8_32", q8.q, q8.scales, "f32")])
+            ys = c.matmul_many([(x, "bf16", bits, None, "f32"), (x[:3], "q8_32", q8.q, q8.scales, "f32")])
             np.testing.assert_array_equal(ys[0], y)
             np.testing.assert_allclose(ys[1], x[:3] @ q8.f32().T, rtol=1e-4, atol=1e-4 * np.abs(ys[1]).max())
             # Q8 with f32 activations (from 24 rows batch-vectorised at the AVX-512 level): the exact product
@@ -410,16 +411,16 @@ def test_c_level_vecmat(simd_level):
         for form, W in _forms(w, rng).items():
             if form in ("ndarray", "F16"):
                 continue
-            kind = ref.weight_kind(W)
+            kind = W.kind
             data, sc = (W.data, None) if form in ("BF16", "F32") else (W.q, W.scales)
             y = c.heads("vecmat", x, kind, data, sc, in_f, 0, rows, rows)
             assert y.shape == (3, in_f)
             for h in range(3):
                 single = c.heads("vecmat", x[h:h + 1], kind, data, sc, in_f, h * rows, rows, rows)[0]
                 np.testing.assert_array_equal(y[h], single)   # in parallel or alone: the same loop, identical
-                part = ref.weight_rows(W, h * rows, (h + 1) * rows)
+                part = weights.rows_of(W, h * rows, (h + 1) * rows)
                 r = ref.vecmat(x[h], part)
-                err = np.max(np.abs(y[h] - r)) / (np.abs(x[h]).sum() * np.abs(ref.weight_f32(part)).max())
+                err = np.max(np.abs(y[h] - r)) / (np.abs(x[h]).sum() * np.abs(weights.f32_of(part)).max())
                 assert err < 1e-6, f"vecmat {form} {(rows, in_f)} head {h} level={simd_level}: {err:.2e}"
 
 
@@ -437,13 +438,13 @@ def test_heads_products(use_backend):
             got_o = K.heads_matvec(xo, W, dn, dn + dv, dv)
             assert got_q.shape == (H, R) and got_o.shape == (H, dv)
             for h in range(H):
-                uk = ref.weight_rows(W, h * (dn + dv), h * (dn + dv) + dn)
-                uv = ref.weight_rows(W, h * (dn + dv) + dn, (h + 1) * (dn + dv))
+                uk = weights.rows_of(W, h * (dn + dv), h * (dn + dv) + dn)
+                uv = weights.rows_of(W, h * (dn + dv) + dn, (h + 1) * (dn + dv))
                 r0 = h * (dn + dv) + dn
-                np.testing.assert_array_equal(ref.weight_f32(uv), ref.weight_f32(W)[r0:r0 + dv])  # a view of W
+                np.testing.assert_array_equal(weights.f32_of(uv), weights.f32_of(W)[r0:r0 + dv])  # a view of W
                 rq, ro = ref.vecmat(xq[h], uk), K.reference(xo[h][None], uv)[0]
-                eq = np.abs(got_q[h] - rq).max() / (np.abs(xq[h]).sum() * np.abs(ref.weight_f32(uk)).max())
-                eo = np.abs(got_o[h] - ro).max() / (np.abs(xo[h]).sum() * np.abs(ref.weight_f32(uv)).max())
+                eq = np.abs(got_q[h] - rq).max() / (np.abs(xq[h]).sum() * np.abs(weights.f32_of(uk)).max())
+                eo = np.abs(got_o[h] - ro).max() / (np.abs(xo[h]).sum() * np.abs(weights.f32_of(uv)).max())
                 assert eq < 1e-6 and eo < 1e-6, f"{use_backend} {form} H={H} dn={dn} R={R} head {h}: {eq:.1e} {eo:.1e}"
     with pytest.raises(ValueError, match="do not fit"):      # a block past the last row: refused, not read
         K.heads_vecmat(np.zeros((4, 8), np.float32), _forms(w, rng)["BF16"], 1, w.shape[0] // 3, 8)
@@ -531,14 +532,14 @@ def test_tiled_blas_path_matches(monkeypatch):
 
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
 def test_widen_matches_twin(use_backend, monkeypatch):
-    """kernels.widen: every stored form decoded exactly as ref.weight_f32, in several row tiles, into a new
+    """kernels.widen: every stored form decoded exactly as weights.f32_of, in several row tiles, into a new
     array or a given one; a wrong ``out`` is refused."""
     monkeypatch.setattr(linear, "TASK_ELEMS", 3 * 160)                 # several tiles on the worker threads
     rng = np.random.default_rng(11)
     for out_f, in_f in ((5, 31), (129, 160), (33, 2048), (1, 1)):
         w = rng.standard_normal((out_f, in_f)).astype(np.float32)
         for form, W in _forms(w, rng).items():
-            want = ref.weight_f32(W)
+            want = weights.f32_of(W)
             np.testing.assert_array_equal(K.widen(W), want, err_msg=f"{form} {out_f}x{in_f}")
             buf = np.full((out_f, in_f), np.nan, dtype=np.float32)
             assert K.widen(W, out=buf) is buf
@@ -723,8 +724,8 @@ def test_c_bf16_batches_on_amx():
     try:
         for amx in (True, False):
             assert c.set_amx(amx) == amx
-            assert linear._small_n("BF16") == (linear.C_AMX_ROWS if amx and c.get_simd() == "avx512"
-                                          else K.SMALL_N_ACT[("BF16", "f32")] if c.get_simd() == "avx512"
+            assert linear._small_n("bf16") == (linear.C_AMX_ROWS if amx and c.get_simd() == "avx512"
+                                          else K.SMALL_N_ACT[("bf16", "f32")] if c.get_simd() == "avx512"
                                           else K.SMALL_N)
             for out_f, in_f in ((37, 101), (50, 97), (129, 160), (16, 32), (300, 2048)):
                 w = rng.standard_normal((out_f, in_f)).astype(np.float32)

@@ -136,7 +136,7 @@ def test_absorbed_decode_reads_stored_kv_b(tiny, form, kernel_backend):
     stored = {"bf16": lambda: Stored("kv_b", "BF16", f32_to_bf16(kvb)), "q8": lambda: quantize_q8(kvb, "kv_b"),
               "q4": lambda: quantize_q4(kvb, "kv_b")}[form]()
     w_st = dataclasses.replace(w, kv_b_proj=stored)
-    w_f32 = dataclasses.replace(w, kv_b_proj=stored, kv_b_f32=K.ref.weight_f32(stored))
+    w_f32 = dataclasses.replace(w, kv_b_proj=stored, kv_b_f32=stored.f32())
     S = 7
     x = rng.standard_normal((S, cfg.hidden_size)).astype(np.float32)
     prev, prev_act = K.backend(), K.act_quant()

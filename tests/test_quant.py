@@ -24,7 +24,7 @@ def test_q8_round_trip(shape):
     w = (rng.standard_normal(shape) * rng.uniform(0.01, 3, (shape[0], 1))).astype(np.float32)
     q = quantize_q8(w, "w")
     nb = -(-shape[1] // 32)
-    assert isinstance(q, Q8Weight) and q.shape == shape and q.fmt == "q8_32"
+    assert isinstance(q, Q8Weight) and q.shape == shape and q.kind == "q8_32"
     assert q.q.dtype == np.int8 and q.q.shape == shape and q.scales.shape == (shape[0], nb)
     deq = q.f32()
     assert deq.dtype == np.float32 and deq.shape == shape
@@ -41,7 +41,7 @@ def test_q4_round_trip(shape):
     w = rng.standard_normal(shape).astype(np.float32)
     q = quantize_q4(w, "w")
     nb = -(-shape[1] // 32)
-    assert isinstance(q, Q4Weight) and q.shape == shape and q.fmt == "q4_32"
+    assert isinstance(q, Q4Weight) and q.shape == shape and q.kind == "q4_32"
     assert q.q.dtype == np.uint8 and q.q.shape == (shape[0], -(-shape[1] // 2)) and q.scales.shape == (shape[0], nb)
     deq = q.f32()
     step = _block_scales_per_col(q.scales, shape[1])

@@ -323,3 +323,33 @@ def test_weight_mappings_ask_for_huge_pages(tmp_path):
     assert flags is not None, f"no mapping of {path} in /proc/self/smaps"
     assert "hg" in flags, f"VmFlags {flags}"
     del view
+
+
+def test_weight_protocol_one_kind_spelling_and_rows():
+    """Stored, Q8Weight and Q4Weight implement weights.Weight: kind in KINDS (one spelling each), rows() a
+    view of the same kind, rows_f32 / f32 the same decoding."""
+    import ast
+    import inspect
+
+    from pykimi import quant, weights
+    rng = np.random.default_rng(3)
+    w = rng.standard_normal((9, 70)).astype(np.float32)
+    forms = {"bf16": weights.Stored("a", "BF16", weights.f32_to_bf16(w)), "f32": weights.Stored("b", "F32", w),
+             "q8_32": quant.quantize_q8(w, "c"), "q4_32": quant.quantize_q4(w, "d")}
+    for kind, W in forms.items():
+        assert isinstance(W, weights.Weight) and W.kind == kind and kind in weights.KINDS
+        assert weights.kind_of(W) == kind and W.shape == (9, 70)
+        part = W.rows(2, 5)
+        assert part.kind == kind and part.shape == (3, 70)
+        full = W.f32()
+        np.testing.assert_array_equal(part.f32(), full[2:5])
+        np.testing.assert_array_equal(W.rows_f32(2, 5), full[2:5])
+        np.testing.assert_array_equal(weights.f32_rows(W, 2, 5), full[2:5])
+    assert weights.kind_of(w) == "f32" and weights.rows_of(w, 1, 2).base is w
+    with pytest.raises(CheckpointError, match="not a float weight"):
+        weights.Stored("ids", "I64", np.zeros(3, np.int64)).kind
+    # no import circle: weights.py never imports quant.py (quant builds on weights)
+    tree = ast.parse(inspect.getsource(weights))
+    imported = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom)} | \
+               {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert not any(m and "quant" in m for m in imported), imported

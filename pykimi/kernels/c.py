@@ -100,7 +100,7 @@ def quant_act(x: np.ndarray):
     return xq, xd
 
 
-FMT = {"F32": 0, "f32": 0, "BF16": 1, "q8_32": 2, "q4_32": 3}
+FMT = {"f32": 0, "bf16": 1, "q8_32": 2, "q4_32": 3}   # weights.KINDS the C kernels read
 ACT = {"f32": 0, "i8": 1, "i16": 2}
 _CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
 

@@ -12,8 +12,7 @@ import functools
 
 import numpy as np
 
-from . import ref
-from .linear import _C_KINDS, _act_mode, _owned, act_quant
+from .linear import _C_KINDS, _act_mode, _kind, _owned, act_quant
 from .probe import _mods, backend, numba_module
 
 _TWINS: dict = {}      # "pykimi.ops.rms_norm" -> twin(definition, *args)
@@ -72,8 +71,8 @@ def _c_experts(experts, coefs, d: int):
         got = getattr(g, "_c_expert", None)
         if got is None or got[0] != setting or got[1] is not u or got[2] is not dn:
             check_experts(d, [e], [1.0])
-            kind = ref.weight_kind(g)
-            if kind not in _C_KINDS or ref.weight_kind(u) != kind or ref.weight_kind(dn) != kind:
+            kind = _kind(g)
+            if kind not in _C_KINDS or _kind(u) != kind or _kind(dn) != kind:
                 return None
             rec = _mods["c"].expert_record(kind, _act_mode(kind), _owned(g, kind), _owned(u, kind),
                                            _owned(dn, kind))
@@ -91,7 +90,7 @@ def mla_absorbed(definition, q, kva, ln, eps: float, inv_freq, pos: int, rows: n
                  scale: float, dims, matmul=None) -> np.ndarray:
     """One decode token's absorbed MLA attention in one C call (pk_mla_absorbed: heads in parallel, W_uk /
     W_uv read in the stored form) with the C backend; otherwise the definition."""
-    kind = ref.weight_kind(kv_b)
+    kind = _kind(kv_b)
     if backend() == "c" and kind in _C_KINDS and matmul is None:
         from ..attention import check_absorbed    # the definition's checks (the C kernel writes rows[n])
         check_absorbed(q, kva, rows, n, pos, kv_b, dims)

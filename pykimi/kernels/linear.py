@@ -22,6 +22,7 @@ import threading
 
 import numpy as np
 
+from ..weights import f32_of, f32_rows, rows_of
 from . import ref
 from .pool import parallel_for
 from .probe import _mods, backend, numba_module
@@ -31,16 +32,16 @@ SMALL_N = 32              # rows of x up to which the stored-form kernels beat w
 # per (weight format, activation mode), C backend: quantized activations make the stored-form kernel cheaper
 # per row than sgemm on widened tiles (int4 never goes to the tiles); bf16 at the AVX-512 level (x-batched)
 MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62,
-                        ("BF16", "f32"): 112}
+                        ("bf16", "f32"): 112}
 SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
 C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
 C_AMX_MIN_Q8 = 32
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
-_C_KINDS = ("BF16", "q8_32", "q4_32", "F32")
+_C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
 # (kind, activation mode) -> the C function taking x [n, in] and the stored arrays
-_C_MATMUL = {("BF16", "f32"): "matmul_bf16", ("F32", "f32"): "matmul_f32", ("q8_32", "f32"): "matmul_q8",
+_C_MATMUL = {("bf16", "f32"): "matmul_bf16", ("f32", "f32"): "matmul_f32", ("q8_32", "f32"): "matmul_q8",
              ("q8_32", "i8"): "matmul_q8a", ("q8_32", "i16"): "matmul_q8w", ("q4_32", "f32"): "matmul_q4",
              ("q4_32", "i8"): "matmul_q4a"}
 # ... and its NumPy twin when the activations are quantized
@@ -97,9 +98,9 @@ def _act_mode(kind: str) -> str:
 def _small_n(kind: str) -> int:
     """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
     n = SMALL_N_ACT.get((kind, _act_mode(kind)))
-    if n is None or (kind == "BF16" and not _c_avx512()):
+    if n is None or (kind == "bf16" and not _c_avx512()):
         return SMALL_N
-    if kind in ("BF16", "q8_32") and _c_amx():
+    if kind in ("bf16", "q8_32") and _c_amx():
         return max(n, C_AMX_ROWS)
     if kind == "q8_32" and _c_avx512() and n >= C_BATCH_ROWS_Q8[0]:
         n = max(n, C_BATCH_ROWS_Q8[1])
@@ -127,11 +128,16 @@ def _c_amx() -> bool:
     return c is not None and c.get_simd() == "avx512" and c.get_amx()
 
 
+def _kind(w) -> str:
+    """"dense" for an ndarray (BLAS reads it as it is), else the Weight's kind (weights.KINDS)."""
+    return "dense" if isinstance(w, np.ndarray) else w.kind
+
+
 def plan(kind: str, n: int) -> tuple[str, str]:
-    """How matmul computes n rows of x on a weight of ``kind`` -> (path, activation mode):
-    "blas" (an f32 ndarray, few rows: one x @ W.T), "tiles" (widened row tiles + single-threaded sgemm on the
+    """How matmul computes n rows of x on a weight of ``kind`` ("dense" for an ndarray) -> (path, mode):
+    "blas" (an ndarray, few rows: one x @ W.T), "tiles" (widened row tiles + single-threaded sgemm on the
     worker threads), "c" / "numba" (the stored-form kernel); the mode ("f32" | "i8" | "i16") is the C kernel's."""
-    if kind == "f32":
+    if kind == "dense":
         return ("blas" if n <= SMALL_N else "tiles"), "f32"
     be = backend()
     if be == "numpy" or kind not in _C_KINDS or n == 0 or n > (_small_n(kind) if be == "c" else SMALL_N):
@@ -143,7 +149,7 @@ def plan(kind: str, n: int) -> tuple[str, str]:
 
 def reference(x, w) -> np.ndarray:
     """The NumPy twin of exactly what matmul(x, w) computes under the current settings (for tests)."""
-    kind = ref.weight_kind(w)
+    kind = _kind(w)
     x = np.asarray(x, dtype=np.float32)
     path, act = plan(kind, int(np.prod(x.shape[:-1], dtype=np.int64)))
     twin = _ACT_TWINS.get((kind, act)) if path == "c" else None
@@ -156,19 +162,19 @@ def reference(x, w) -> np.ndarray:
 def _widen_rows(w, kind: str, r0: int, r1: int, buf: np.ndarray | None) -> np.ndarray:
     """Rows r0:r1 of W as f32 into buf (when given), single-threaded: called from the worker tasks of
     parallel_for, so it must neither fork threads of its own nor hold the GIL (Numba, nogil)."""
-    if kind == "f32":
+    if kind == "dense":
         return w[r0:r1]                                  # nothing to widen: a view
     dst = buf[: (r1 - r0) * w.shape[1]].reshape(r1 - r0, w.shape[1]) if buf is not None else None
-    nb = numba_module() if kind in ("BF16", "q8_32", "q4_32") else None
+    nb = numba_module() if kind in ("bf16", "q8_32", "q4_32") else None
     if nb is None:
-        t = ref.weight_rows_f32(w, r0, r1)
+        t = f32_rows(w, r0, r1)
         if dst is None:
             return t
         dst[...] = t
         return dst
     if dst is None:
         dst = np.empty((r1 - r0, w.shape[1]), dtype=np.float32)
-    if kind == "BF16":
+    if kind == "bf16":
         nb.widen_bf16(np.ascontiguousarray(w.data[r0:r1]).view(np.uint16), dst)
     elif kind == "q8_32":
         nb.dequant_q8(np.ascontiguousarray(w.q[r0:r1]), np.ascontiguousarray(w.scales[r0:r1]), dst)
@@ -209,18 +215,18 @@ def _matmul_tiled(x2: np.ndarray, w, kind: str) -> np.ndarray:
 def widen(w, out: np.ndarray | None = None) -> np.ndarray:
     """W in any stored form as float32 [out, in] (or any shape for 1-D / f32 tensors), written into ``out``
     when given (same shape), else a new array. 2-D stored weights are widened in row tiles of TASK_ELEMS by
-    the worker threads (parallel_for; Numba, nogil). Twin: ref.weight_f32 (the same exact decoding)."""
-    kind = ref.weight_kind(w)
+    the worker threads (parallel_for; Numba, nogil). Twin: weights.f32_of (the same exact decoding)."""
+    kind = _kind(w)
     shape = tuple(int(s) for s in w.shape)
     if out is None:
         out = np.empty(shape, dtype=np.float32)
     elif out.shape != shape or out.dtype != np.float32 or not out.flags.c_contiguous:
         raise ValueError(f"widen: out is {out.dtype}{list(out.shape)}, expected contiguous float32{list(shape)}")
-    if kind == "f32":
+    if kind == "dense":
         out[...] = w
         return out
     if len(shape) != 2 or shape[0] == 0 or shape[1] == 0:
-        out[...] = w.f32() if hasattr(w, "f32") else ref.weight_f32(w)
+        out[...] = f32_of(w)
         return out
     step = max(1, TASK_ELEMS // shape[1])
 
@@ -237,7 +243,7 @@ def widen(w, out: np.ndarray | None = None) -> np.ndarray:
 
 def _stored(w, kind: str) -> tuple:
     """(data, scales or None): the arrays the C kernels read for a weight of a C kind."""
-    return (w.data, None) if kind in ("BF16", "F32") else (w.q, w.scales)
+    return (w.data, None) if kind in ("bf16", "f32") else (w.q, w.scales)
 
 
 def _owned(w, kind: str) -> tuple:
@@ -257,7 +263,7 @@ def _check_features(x: np.ndarray, w, who: str, label="W") -> tuple[int, int]:
 def matmul(x, w) -> np.ndarray:
     """x @ W.T in float32. x [n, in] or [in] (any leading dims are flattened); W [out, in] in any stored form."""
     x = np.asarray(x)
-    kind = ref.weight_kind(w)
+    kind = _kind(w)
     out_f, in_f = _check_features(x, w, "matmul: x")
     lead = x.shape[:-1]
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype=np.float32)
@@ -266,13 +272,13 @@ def matmul(x, w) -> np.ndarray:
     if path == "blas":
         y = x2 @ np.asarray(w, dtype=np.float32).T
     elif path == "tiles":
-        y = _matmul_tiled(x2, np.asarray(w, dtype=np.float32) if kind == "f32" else w, kind)
+        y = _matmul_tiled(x2, np.asarray(w, dtype=np.float32) if kind == "dense" else w, kind)
     elif path == "c":
         y = getattr(_mods["c"], _C_MATMUL[(kind, act)])(x2, *(a for a in _stored(w, kind) if a is not None))
     else:  # numba
         nm = _mods["numba"]
         y = np.empty((n, out_f), dtype=np.float32)
-        if kind == "BF16":
+        if kind == "bf16":
             nm.matmul_bf16(x2, np.ascontiguousarray(w.data), y)
         elif kind == "q8_32":
             nm.matmul_q8(x2, np.ascontiguousarray(w.q), np.ascontiguousarray(w.scales), y)
@@ -298,7 +304,7 @@ def matmul_many(xs, ws) -> list:
     jobs, where, shapes = [], [], []
     for i, (x, w) in enumerate(zip(xs, ws)):
         x = np.asarray(x)
-        kind = ref.weight_kind(w)
+        kind = _kind(w)
         out_f, in_f = _check_features(x, w, f"matmul_many: x[{i}]", i)
         x2 = x.reshape(-1, in_f)
         n = x2.shape[0]
@@ -331,10 +337,10 @@ def heads_vecmat(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
     object per head); the others use the NumPy twin ref.vecmat on row views."""
     x = np.asarray(x, dtype=np.float32)
     _check_heads(x, w, row0, stride, rows, rows, "heads_vecmat")
-    kind = ref.weight_kind(w)
+    kind = _kind(w)
     if backend() == "c" and kind in _C_KINDS:
         return _mods["c"].heads("vecmat", x, kind, *_stored(w, kind), int(w.shape[1]), row0, stride, rows)
-    return np.stack([ref.vecmat(x[h], ref.weight_rows(w, row0 + h * stride, row0 + h * stride + rows))
+    return np.stack([ref.vecmat(x[h], rows_of(w, row0 + h * stride, row0 + h * stride + rows))
                      for h in range(x.shape[0])])
 
 
@@ -343,9 +349,9 @@ def heads_matvec(x, w, row0: int, stride: int, rows: int) -> np.ndarray:
     each head's row block (same numerics as matmul, activation quantization included)."""
     x = np.asarray(x, dtype=np.float32)
     _check_heads(x, w, row0, stride, rows, int(w.shape[1]), "heads_matvec")
-    kind = ref.weight_kind(w)
+    kind = _kind(w)
     if backend() == "c" and kind in _C_KINDS:
         return _mods["c"].heads("matvec", x, kind, *_stored(w, kind), int(w.shape[1]), row0, stride, rows,
                                 _act_mode(kind))
-    return np.stack([matmul(x[h], ref.weight_rows(w, row0 + h * stride, row0 + h * stride + rows))
+    return np.stack([matmul(x[h], rows_of(w, row0 + h * stride, row0 + h * stride + rows))
                      for h in range(x.shape[0])])

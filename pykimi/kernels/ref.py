@@ -1,104 +1,32 @@
-"""NumPy reference twins of every kernel: the specification the fast kernels are tested against.
+"""NumPy twins of the matmul kernels: the specification the GEMV / GEMM kernels are tested against
+(kernels.linear.reference picks the one matching a product's path). The fused ops' twins are stage
+definitions (ops, attention, moe), not here.
 
 Every function here is plain NumPy, float32 in / float32 out, and is what a Numba or C kernel of the same
 name must reproduce (up to float summation order). Weight formats are described in csrc/pykimi_kernels.h
-and pykimi/quant.py:
+and pykimi/weights.py (their decoding is defined there):
 
   Q8_32: q int8 [out, in], scales f32 [out, ceil(in/32)];   W[o, i] = q[o, i] * scales[o, i // 32]
   Q4_32: q uint8 [out, ceil(in/2)] (element 2j = low nibble, 2j+1 = high nibble), scales as Q8_32;
          W[o, i] = (code - 8) * scales[o, i // 32]
 """
-import dataclasses
-
 import numpy as np
 
-QBLOCK = 32  # quantization block along `in`
-
-
-# ------------------------------------------------------------------------------------- weight decoding
-
-def bf16_to_f32(bits: np.ndarray) -> np.ndarray:
-    """bf16 bits (uint16) -> float32, exact: the bits become the high half of the f32 (twin of numba_kernels.widen_bf16)."""
-    bits = np.asarray(bits, dtype=np.uint16)
-    return (bits.astype(np.uint32) << 16).view(np.float32)
-
-
-def dequant_q8(q: np.ndarray, scales: np.ndarray, in_features: int | None = None) -> np.ndarray:
-    """Q8_32 -> float32 [rows, in] (twin of numba_kernels.dequant_q8)."""
-    q = np.asarray(q)
-    rows, n_in = q.shape
-    scale_per_col = np.repeat(np.asarray(scales, np.float32), QBLOCK, axis=1)[:, :n_in]  # [rows, in]
-    return q.astype(np.float32) * scale_per_col
-
-
-def unpack_q4(q: np.ndarray, in_features: int) -> np.ndarray:
-    """Q4_32 packed bytes [rows, ceil(in/2)] -> int8 values -8..7 [rows, in]."""
-    q = np.asarray(q, dtype=np.uint8)
-    codes = np.empty((q.shape[0], q.shape[1] * 2), dtype=np.int8)
-    codes[:, 0::2] = q & 0x0F  # element 2j: low nibble
-    codes[:, 1::2] = q >> 4    # element 2j+1: high nibble
-    return codes[:, :in_features] - np.int8(8)
-
-
-def dequant_q4(q: np.ndarray, scales: np.ndarray, in_features: int) -> np.ndarray:
-    """Q4_32 -> float32 [rows, in] (twin of numba_kernels.dequant_q4)."""
-    vals = unpack_q4(q, in_features)
-    scale_per_col = np.repeat(np.asarray(scales, np.float32), QBLOCK, axis=1)[:, :in_features]
-    return vals.astype(np.float32) * scale_per_col
-
-
-def weight_kind(w) -> str:
-    """'f32' | 'BF16' | 'F16' | ... | 'q8_32' | 'q4_32' -- what matmul has to decode."""
-    if isinstance(w, np.ndarray):
-        return "f32"
-    fmt = getattr(w, "fmt", None)
-    if fmt is not None:
-        return fmt
-    return str(w.dtype)
-
-
-def weight_rows_f32(w, r0: int, r1: int) -> np.ndarray:
-    """Rows r0:r1 of W as a new float32 array [r1-r0, in] (the bounded tile the BLAS path widens)."""
-    kind = weight_kind(w)
-    if kind == "f32":
-        return np.asarray(w[r0:r1], dtype=np.float32)
-    if kind == "q8_32":
-        return dequant_q8(w.q[r0:r1], w.scales[r0:r1], w.shape[1])
-    if kind == "q4_32":
-        return dequant_q4(w.q[r0:r1], w.scales[r0:r1], w.shape[1])
-    if kind == "BF16":
-        return bf16_to_f32(w.data[r0:r1])
-    return np.asarray(w.data[r0:r1], dtype=np.float32)  # F32, F16, ints
-
-
-def weight_rows(w, r0: int, r1: int):
-    """Rows r0:r1 of W in its stored form (a view: nothing is read or copied)."""
-    if isinstance(w, np.ndarray):
-        return w[r0:r1]
-    if hasattr(w, "q"):                                      # Q8Weight / Q4Weight
-        return dataclasses.replace(w, shape=(r1 - r0,) + tuple(w.shape[1:]), q=w.q[r0:r1],
-                                   scales=w.scales[r0:r1])
-    return type(w)(w.name, w.dtype, w.data[r0:r1])           # Stored
-
-
-def weight_f32(w) -> np.ndarray:
-    """All of W as float32 [out, in]."""
-    if isinstance(w, np.ndarray):
-        return w if w.dtype == np.float32 else w.astype(np.float32)
-    return weight_rows_f32(w, 0, w.shape[0])
+# the formats' decodings are defined with the Weight protocol, in weights.py
+from ..weights import QBLOCK, bf16_to_f32, dequant_q4, dequant_q8, f32_of, unpack_q4  # noqa: F401
 
 
 # ------------------------------------------------------------------------------------------- matmul
 
 def matmul(x, w):
     """x @ W.T for x [n, in] or [in], W [out, in] (ndarray, Stored or quantized weight) -> float32."""
-    return np.asarray(x, dtype=np.float32) @ weight_f32(w).T
+    return np.asarray(x, dtype=np.float32) @ f32_of(w).T
 
 
 def vecmat(x, w) -> np.ndarray:
     """x @ W for x [rows] (or [n, rows]), W [rows, in] in any stored form -> float32 [in] ([n, in]):
     a combination of W's rows (the absorbed MLA decode's q_nope · W_uk). Twin of pk_vecmat_many."""
-    return np.asarray(x, dtype=np.float32) @ weight_f32(w)
+    return np.asarray(x, dtype=np.float32) @ f32_of(w)
 
 
 def quantize_act(x: np.ndarray, bits: int = 8):
