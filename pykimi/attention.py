@@ -208,6 +208,11 @@ def absorbed_kv_b(w: MLAWeights, cfg):
 FUSED_DECODE_HIDES = ("q_rope", "k_rope", "attn_probs")
 
 
+@lru_cache(maxsize=None)
+def _hidden_names(layer: int) -> tuple:
+    return tuple(f"language_model.model.layers.{layer}.self_attn.{n}" for n in FUSED_DECODE_HIDES)
+
+
 def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) -> np.ndarray:
     """MLA for new tokens ``x`` [S, D] (usually S = 1) in the absorbed form over the latent cache.
 
@@ -224,8 +229,7 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     S = x.shape[0]
     H, dn, dr, dv, R = (cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.qk_rope_head_dim, cfg.v_head_dim,
                         cfg.kv_lora_rank)
-    name = f"language_model.model.layers.{layer}.self_attn"
-    if S == 1 and w.kv_b_f32 is None and not trace.wants(*(f"{name}.{n}" for n in FUSED_DECODE_HIDES)):
+    if S == 1 and w.kv_b_f32 is None and not (trace.active() and trace.wants(*_hidden_names(layer))):
         # the two input projections in one kernel call, the whole absorbed attention in another: the step by
         # step form is ~15 NumPy calls per layer and token around the kernels, more than its arithmetic
         if cfg.q_lora_rank:
@@ -299,7 +303,7 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
 
 def check_absorbed(q, kva, rows, n: int, pos: int, kv_b, dims) -> None:
     """One-line ValueError unless mla_absorbed's arguments fit dims = (H, dn, dr, dv, R) and the cache row n."""
-    H, dn, dr, dv, R = (int(d) for d in dims)
+    H, dn, dr, dv, R = map(int, dims)
     qs, ks = int(np.size(q)), int(np.size(kva))
     if qs != H * (dn + dr) or ks != R + dr or tuple(kv_b.shape) != (H * (dn + dv), R):
         raise ValueError(f"mla_absorbed: q [{qs}], kva [{ks}], kv_b {list(kv_b.shape)} do not fit "

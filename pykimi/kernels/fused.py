@@ -15,6 +15,18 @@ import numpy as np
 from .linear import _C_KINDS, _act_mode, _kind, _owned, act_quant
 from .probe import _mods, backend, numba_module
 
+_CHECKS: list = []     # (attention.check_absorbed, moe.check_experts), looked up on first use: those
+                       # modules import kernels, so kernels cannot import them while it loads
+
+
+def _checks() -> list:
+    if not _CHECKS:
+        from ..attention import check_absorbed
+        from ..moe import check_experts
+        _CHECKS.extend((check_absorbed, check_experts))
+    return _CHECKS
+
+
 _TWINS: dict = {}      # "pykimi.ops.rms_norm" -> twin(definition, *args)
 _FAST: dict = {}       # definition -> its fast version, bound on first ask
 
@@ -61,7 +73,7 @@ def _c_experts(experts, coefs, d: int):
     in a form the C kernels read. A record is made once per expert and activation setting and kept on its
     gate weight, with the up and down objects it was made for: a decode step hands over 7 experts a layer,
     and re-deriving their kinds, modes and pointers was the larger part of its Python time."""
-    from ..moe import check_experts          # the definition's checks (the C kernel reads raw rows)
+    check_experts = _checks()[1]             # the definition's checks (the C kernel reads raw rows)
     if len(coefs) != len(experts):
         check_experts(d, experts, coefs)
     setting = act_quant()
@@ -92,13 +104,11 @@ def mla_absorbed(definition, q, kva, ln, eps: float, inv_freq, pos: int, rows: n
     W_uv read in the stored form) with the C backend; otherwise the definition."""
     kind = _kind(kv_b)
     if backend() == "c" and kind in _C_KINDS and matmul is None:
-        from ..attention import check_absorbed    # the definition's checks (the C kernel writes rows[n])
-        check_absorbed(q, kva, rows, n, pos, kv_b, dims)
-        H, dn, dr, dv, R = (int(d) for d in dims)
+        _checks()[0](q, kva, rows, n, pos, kv_b, dims)   # the definition's checks (C writes rows[n])
         return _mods["c"].mla_absorbed(np.asarray(q, dtype=np.float32).reshape(-1),
                                        np.asarray(kva, dtype=np.float32).reshape(-1), ln, eps, inv_freq, pos,
                                        rows, n, kind, _act_mode(kind), *_owned(kv_b, kind), scale,
-                                       (H, dn, dr, dv, R)).reshape(-1)
+                                       tuple(map(int, dims))).reshape(-1)
     return definition(q, kva, ln, eps, inv_freq, pos, rows, n, kv_b, scale, dims, matmul)
 
 

@@ -111,6 +111,8 @@ def _c_mode(kind: str, n: int) -> str:
     """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
     C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
     product (batch-vectorised kernel, AMX tiles)."""
+    if kind in ("bf16", "f32"):
+        return "f32"
     if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
                                             or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
         return "f32"
@@ -274,7 +276,8 @@ def matmul(x, w) -> np.ndarray:
     elif path == "tiles":
         y = _matmul_tiled(x2, np.asarray(w, dtype=np.float32) if kind == "dense" else w, kind)
     elif path == "c":
-        y = getattr(_mods["c"], _C_MATMUL[(kind, act)])(x2, *(a for a in _stored(w, kind) if a is not None))
+        fn = getattr(_mods["c"], _C_MATMUL[(kind, act)])
+        y = fn(x2, w.data) if kind in ("bf16", "f32") else fn(x2, w.q, w.scales)
     else:  # numba
         nm = _mods["numba"]
         y = np.empty((n, out_f), dtype=np.float32)
