@@ -283,7 +283,10 @@ def cmd_info(args) -> int:
         from .layout import expected_tensors
         from .weights import Checkpoint
 
+        from .config import check_fits
+
         ck = Checkpoint.open(d)
+        check_fits(cfg, ck)                        # sizes bounded by the files before the tensor table is built
         dt = Counter()
         by = Counter()
         for n in ck.names():

@@ -6,6 +6,7 @@ same code path. A setting pykimi does not implement is refused here, not at laye
 from __future__ import annotations
 
 import json
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -15,16 +16,69 @@ from .errors import ConfigError
 _WHERE = "config.json"
 
 
-def _need(d: dict, key: str, typ, where: str, positive: bool = True):
+# Upper bounds on sizes, far above any released Kimi-VL / DeepSeek-V3 setting (27 or 61 layers, hidden 7168,
+# vocabulary 163840, 256 experts). They keep a corrupted or hostile config.json from asking for a loop of
+# 10^12 layers or an allocation of petabytes before anything is checked against the tensors (issue 19 #3);
+# ``check_fits`` then bounds the sizes by what a checkpoint's tensors actually hold.
+MAX_LAYERS = 4096
+MAX_DIM = 1 << 20          # widths, intermediate sizes, LoRA ranks
+MAX_HEADS = 1 << 12
+MAX_HEAD_DIM = 1 << 12
+MAX_VOCAB = 1 << 24
+MAX_EXPERTS = 1 << 16
+MAX_POSITIONS = 1 << 30
+MAX_PATCH = 1 << 10
+MAX_POS_TABLE = 1 << 12
+
+
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _need(d: dict, key: str, typ, where: str, positive: bool = True, hi=None, lo=None):
+    """A required field of type int / float: finite, > 0 (positive) and within [lo, hi] when given."""
     if key not in d:
         raise ConfigError(f"{_WHERE}: {where}.{key} is missing")
     v = d[key]
-    if typ is float and isinstance(v, int) and not isinstance(v, bool):
+    if typ is float and _is_int(v):
         v = float(v)
     if not isinstance(v, typ) or isinstance(v, bool) and typ is not bool:
         raise ConfigError(f"{_WHERE}: {where}.{key} = {v!r}, expected {typ.__name__}")
+    if typ is float and not math.isfinite(v):
+        raise ConfigError(f"{_WHERE}: {where}.{key} = {v!r}, expected a finite number")
     if positive and typ in (int, float) and v <= 0:
         raise ConfigError(f"{_WHERE}: {where}.{key} = {v!r}, expected > 0")
+    if lo is not None and v < lo:
+        raise ConfigError(f"{_WHERE}: {where}.{key} = {v!r}, expected >= {lo}")
+    if hi is not None and v > hi:
+        raise ConfigError(f"{_WHERE}: {where}.{key} = {v!r}, expected <= {hi}")
+    return v
+
+
+def _opt_float(d: dict, key: str, default: float, where: str, lo: float = 0.0, hi: float = 1e12,
+               lo_open: bool = True) -> float:
+    """An optional float field: finite and in (lo, hi] (or [lo, hi] when not lo_open)."""
+    v = d.get(key, default)
+    if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v > hi \
+            or (v <= lo if lo_open else v < lo):
+        rng = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ConfigError(f"{_WHERE}: {where}.{key} = {v!r}, expected a finite number in {rng}")
+    return float(v)
+
+
+def _opt_bool(d: dict, key: str, default: bool, where: str) -> bool:
+    v = d.get(key, default)
+    if v is None:
+        return default
+    if not isinstance(v, bool):
+        raise ConfigError(f"{_WHERE}: {where}.{key} = {v!r}, expected true or false")
+    return v
+
+
+def _opt_str(d: dict, key: str, default: str, where: str) -> str:
+    v = d.get(key, default)
+    if not isinstance(v, str):
+        raise ConfigError(f"{_WHERE}: {where}.{key} = {v!r}, expected a string")
     return v
 
 
@@ -55,16 +109,18 @@ class VisionConfig:
         if mt != "moonvit":
             raise ConfigError(f"{_WHERE}: vision_config.model_type = {mt!r}, expected 'moonvit'")
         mk = d.get("merge_kernel_size", [2, 2])
-        if (not isinstance(mk, (list, tuple)) or len(mk) != 2 or not all(isinstance(k, int) and k > 0 for k in mk)):
-            raise ConfigError(f"{_WHERE}: vision_config.merge_kernel_size = {mk!r}, expected [kh, kw]")
+        if (not isinstance(mk, (list, tuple)) or len(mk) != 2
+                or not all(_is_int(k) and 0 < k <= 64 for k in mk)):
+            raise ConfigError(f"{_WHERE}: vision_config.merge_kernel_size = {mk!r}, expected [kh, kw] "
+                              f"(positive integers <= 64)")
         c = cls(
-            patch_size=_need(d, "patch_size", int, w),
-            hidden_size=_need(d, "hidden_size", int, w),
-            intermediate_size=_need(d, "intermediate_size", int, w),
-            num_hidden_layers=_need(d, "num_hidden_layers", int, w),
-            num_attention_heads=_need(d, "num_attention_heads", int, w),
-            init_pos_emb_height=_need(d, "init_pos_emb_height", int, w),
-            init_pos_emb_width=_need(d, "init_pos_emb_width", int, w),
+            patch_size=_need(d, "patch_size", int, w, hi=MAX_PATCH),
+            hidden_size=_need(d, "hidden_size", int, w, hi=MAX_DIM),
+            intermediate_size=_need(d, "intermediate_size", int, w, hi=MAX_DIM),
+            num_hidden_layers=_need(d, "num_hidden_layers", int, w, hi=MAX_LAYERS),
+            num_attention_heads=_need(d, "num_attention_heads", int, w, hi=MAX_HEADS),
+            init_pos_emb_height=_need(d, "init_pos_emb_height", int, w, hi=MAX_POS_TABLE),
+            init_pos_emb_width=_need(d, "init_pos_emb_width", int, w, hi=MAX_POS_TABLE),
             merge_kernel_size=tuple(mk),
         )
         if c.hidden_size % c.num_attention_heads:
@@ -119,6 +175,17 @@ class TextConfig:
         return (self.n_routed_experts is not None and self.n_routed_experts > 0
                 and i >= self.first_k_dense_replace and i % self.moe_layer_freq == 0)
 
+    @property
+    def n_moe_layers(self) -> int:
+        """How many layers ``is_moe_layer`` selects, in closed form (no loop over the layers): the multiples
+        of moe_layer_freq in [first_k_dense_replace, num_hidden_layers)."""
+        if not self.n_routed_experts:
+            return 0
+        a, L, f = self.first_k_dense_replace, self.num_hidden_layers, self.moe_layer_freq
+        if a >= L:
+            return 0
+        return (L - 1) // f - ((a - 1) // f if a > 0 else -1)
+
     @classmethod
     def from_dict(cls, d: dict) -> "TextConfig":
         w = "text_config"
@@ -128,45 +195,54 @@ class TextConfig:
         if mt not in ("deepseek_v3", "deepseek_v2", "kimi_vl_text"):
             raise ConfigError(f"{_WHERE}: text_config.model_type = {mt!r}, expected 'deepseek_v3'")
 
-        def opt_int(key, default=None):
+        def opt_int(key, default=None, hi=MAX_EXPERTS):
             v = d.get(key, default)
-            if v is not None and (not isinstance(v, int) or isinstance(v, bool) or v < 0):
-                raise ConfigError(f"{_WHERE}: text_config.{key} = {v!r}, expected a non-negative integer or null")
+            if v is not None and (not _is_int(v) or v < 0 or v > hi):
+                raise ConfigError(f"{_WHERE}: text_config.{key} = {v!r}, expected an integer in 0..{hi} or null")
+            return v
+
+        vocab = _need(d, "vocab_size", int, w, hi=MAX_VOCAB)
+
+        def token_id(key):
+            v = d.get(key)
+            if v is not None and (not _is_int(v) or not 0 <= v < vocab):
+                raise ConfigError(f"{_WHERE}: text_config.{key} = {v!r}, expected an id below vocab_size {vocab} "
+                                  f"or null")
             return v
 
         c = cls(
-            vocab_size=_need(d, "vocab_size", int, w),
-            hidden_size=_need(d, "hidden_size", int, w),
-            intermediate_size=_need(d, "intermediate_size", int, w),
-            moe_intermediate_size=d.get("moe_intermediate_size", 0) or 0,
-            num_hidden_layers=_need(d, "num_hidden_layers", int, w),
-            num_attention_heads=_need(d, "num_attention_heads", int, w),
-            q_lora_rank=opt_int("q_lora_rank"),
-            kv_lora_rank=_need(d, "kv_lora_rank", int, w),
-            qk_nope_head_dim=_need(d, "qk_nope_head_dim", int, w),
-            qk_rope_head_dim=_need(d, "qk_rope_head_dim", int, w),
-            v_head_dim=_need(d, "v_head_dim", int, w),
+            vocab_size=vocab,
+            hidden_size=_need(d, "hidden_size", int, w, hi=MAX_DIM),
+            intermediate_size=_need(d, "intermediate_size", int, w, hi=MAX_DIM),
+            moe_intermediate_size=opt_int("moe_intermediate_size", 0, hi=MAX_DIM) or 0,
+            num_hidden_layers=_need(d, "num_hidden_layers", int, w, hi=MAX_LAYERS),
+            num_attention_heads=_need(d, "num_attention_heads", int, w, hi=MAX_HEADS),
+            q_lora_rank=opt_int("q_lora_rank", hi=MAX_DIM),
+            kv_lora_rank=_need(d, "kv_lora_rank", int, w, hi=MAX_DIM),
+            qk_nope_head_dim=_need(d, "qk_nope_head_dim", int, w, hi=MAX_HEAD_DIM),
+            qk_rope_head_dim=_need(d, "qk_rope_head_dim", int, w, hi=MAX_HEAD_DIM),
+            v_head_dim=_need(d, "v_head_dim", int, w, hi=MAX_HEAD_DIM),
             n_routed_experts=opt_int("n_routed_experts"),
             n_shared_experts=opt_int("n_shared_experts"),
             num_experts_per_tok=opt_int("num_experts_per_tok"),
-            first_k_dense_replace=opt_int("first_k_dense_replace", 0),
-            moe_layer_freq=opt_int("moe_layer_freq", 1) or 1,
-            topk_method=d.get("topk_method", "noaux_tc"),
-            scoring_func=d.get("scoring_func", "sigmoid"),
+            first_k_dense_replace=opt_int("first_k_dense_replace", 0, hi=MAX_LAYERS),
+            moe_layer_freq=opt_int("moe_layer_freq", 1, hi=MAX_LAYERS) or 1,
+            topk_method=_opt_str(d, "topk_method", "noaux_tc", w),
+            scoring_func=_opt_str(d, "scoring_func", "sigmoid", w),
             n_group=opt_int("n_group", 1) or 1,
             topk_group=opt_int("topk_group", 1) or 1,
-            norm_topk_prob=bool(d.get("norm_topk_prob", True)),
-            routed_scaling_factor=float(d.get("routed_scaling_factor", 1.0)),
-            hidden_act=d.get("hidden_act", "silu"),
-            rms_norm_eps=_need(d, "rms_norm_eps", float, w),
-            rope_theta=_need(d, "rope_theta", float, w),
+            norm_topk_prob=_opt_bool(d, "norm_topk_prob", True, w),
+            routed_scaling_factor=_opt_float(d, "routed_scaling_factor", 1.0, w, hi=1e6),
+            hidden_act=_opt_str(d, "hidden_act", "silu", w),
+            rms_norm_eps=_need(d, "rms_norm_eps", float, w, hi=1.0),
+            rope_theta=_need(d, "rope_theta", float, w, hi=1e12),
             rope_scaling=d.get("rope_scaling"),
-            max_position_embeddings=_need(d, "max_position_embeddings", int, w),
-            bos_token_id=d.get("bos_token_id"),
-            eos_token_id=d.get("eos_token_id"),
-            pad_token_id=d.get("pad_token_id"),
-            tie_word_embeddings=bool(d.get("tie_word_embeddings", False)),
-            attention_bias=bool(d.get("attention_bias", False)),
+            max_position_embeddings=_need(d, "max_position_embeddings", int, w, hi=MAX_POSITIONS),
+            bos_token_id=token_id("bos_token_id"),
+            eos_token_id=token_id("eos_token_id"),
+            pad_token_id=token_id("pad_token_id"),
+            tie_word_embeddings=_opt_bool(d, "tie_word_embeddings", False, w),
+            attention_bias=_opt_bool(d, "attention_bias", False, w),
         )
         c._validate()
         return c
@@ -221,11 +297,27 @@ class KimiVLConfig:
         vision = VisionConfig.from_dict(d.get("vision_config"))
         text = TextConfig.from_dict(d.get("text_config"))
         mp = d.get("media_placeholder_token_id")
-        if not isinstance(mp, int) or not 0 <= mp < text.vocab_size:
+        if not _is_int(mp) or not 0 <= mp < text.vocab_size:
             raise ConfigError(f"{_WHERE}: media_placeholder_token_id = {mp!r}, expected an id below vocab_size "
                               f"{text.vocab_size}")
+        vocab = d.get("vocab_size", text.vocab_size)
+        if not _is_int(vocab) or not 0 < vocab <= MAX_VOCAB:
+            raise ConfigError(f"{_WHERE}: vocab_size = {vocab!r}, expected an integer in 1..{MAX_VOCAB}")
         return cls(vision=vision, text=text, media_placeholder_token_id=mp,
-                   vocab_size=int(d.get("vocab_size", text.vocab_size)), model_type=mt, raw=d, path=path)
+                   vocab_size=vocab, model_type=mt, raw=d, path=path)
+
+    # ------------------------------------------------------------------------------------------------
+    def n_tensors(self) -> int:
+        """How many tensors the model reads (layout.expected_tensors without the ignored ones), in closed
+        form: used to bound the config's sizes by a checkpoint before any per-layer table is built."""
+        v, t = self.vision, self.text
+        n = 3 + 12 * v.num_hidden_layers + 2 + 6                       # vision tower + projector
+        per_layer = 2 + (3 if t.q_lora_rank else 1) + 4                # norms + MLA
+        n_moe = t.n_moe_layers
+        n += 1 + t.num_hidden_layers * per_layer + 1 + (0 if t.tie_word_embeddings else 1)
+        n += (t.num_hidden_layers - n_moe) * 3
+        n += n_moe * (3 * (t.n_routed_experts or 0) + 2 + (3 if t.n_shared_experts else 0))
+        return n
 
     # ------------------------------------------------------------------------------------------------
     def param_counts(self) -> dict:
@@ -250,7 +342,7 @@ class KimiVLConfig:
         dense = 3 * H * t.intermediate_size
         expert = 3 * H * t.moe_intermediate_size
         shared = expert * (t.n_shared_experts or 0)
-        n_moe = sum(t.is_moe_layer(i) for i in range(t.num_hidden_layers))
+        n_moe = t.n_moe_layers
         n_dense = t.num_hidden_layers - n_moe
         router = (t.n_routed_experts or 0) * H + (t.n_routed_experts or 0)
         layers_common = t.num_hidden_layers * (attn + 2 * H) + n_dense * dense + n_moe * (shared + router)
@@ -269,7 +361,7 @@ class KimiVLConfig:
     def summary(self) -> str:
         v, t = self.vision, self.text
         p = self.param_counts()
-        n_moe = sum(t.is_moe_layer(i) for i in range(t.num_hidden_layers))
+        n_moe = t.n_moe_layers
 
         def b(n):
             return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
@@ -294,6 +386,25 @@ class KimiVLConfig:
             f"  latent KV cache: {t.num_hidden_layers * (t.kv_lora_rank + t.qk_rope_head_dim) * 4} bytes/token (f32)",
         ]
         return "\n".join(lines)
+
+
+def check_fits(cfg: KimiVLConfig, ckpt) -> None:
+    """Bound the config's sizes by what the checkpoint's tensors can hold, from the headers alone and before
+    any per-layer table or array is made (issue 19 #3): the model reads ``cfg.n_tensors()`` tensors and
+    ``param_counts()['total']`` values, each stored in at least half a byte (int4 codes). A config asking
+    for more cannot match the files (e.g. num_hidden_layers 10^12 on a 4-layer checkpoint)."""
+    src = os.path.join(cfg.path, "config.json") if cfg.path else _WHERE
+    need_t = cfg.n_tensors()
+    have_t = len(ckpt)
+    if need_t > have_t:
+        raise ConfigError(f"{src}: these sizes need {need_t} tensors (text num_hidden_layers "
+                          f"{cfg.text.num_hidden_layers}, n_routed_experts {cfg.text.n_routed_experts}, vision "
+                          f"num_hidden_layers {cfg.vision.num_hidden_layers}) but the checkpoint holds {have_t}")
+    need_b = cfg.param_counts()["total"] // 2
+    have_b = ckpt.total_bytes()
+    if need_b > have_b:
+        raise ConfigError(f"{src}: these sizes need {cfg.param_counts()['total']} parameters (at least "
+                          f"{need_b} bytes) but the checkpoint's tensors hold {have_b} bytes")
 
 
 def load_config(path: str) -> KimiVLConfig:

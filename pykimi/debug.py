@@ -204,3 +204,45 @@ def golden_tolerances(case_dir: str) -> dict:
         if isinstance(tol, dict) and "rel" in tol:
             out[name] = float(tol["rel"])
     return out
+
+
+# --------------------------------------------------------------------------------------------- non-finite
+
+class _Found(Exception):
+    pass
+
+
+def first_nonfinite(model, inputs_embeds: np.ndarray, new_ids=(), replay_embed=None) -> str | None:
+    """The name of the first intermediate (execution order, checkpoint module path) that holds NaN or inf
+    when the prompt ``inputs_embeds`` [S, D] plus the generated ``new_ids`` run through the model's prefill
+    path; None when everything stays finite. When inputs_embeds itself is not finite, ``replay_embed()``
+    (the embedding + image encoding) is re-run under the check to find the vision stage. Used by generation
+    only after the cheap per-step check on the logits failed, so the normal path pays nothing for it."""
+    from .model import embed_rows
+    from .trace import Trace
+
+    class _Check(Trace):
+        def _emit(self, name, value):
+            value = super()._emit(name, value)
+            a = value if isinstance(value, np.ndarray) else None
+            if a is not None and a.dtype.kind == "f" and not np.isfinite(a).all():
+                self.found = name
+                raise _Found(name)
+            return value
+
+    chk = _Check(model, names=[], record=False)
+    chk.found = None
+    try:
+        with chk:
+            if not np.isfinite(inputs_embeds).all():
+                if replay_embed is not None:
+                    replay_embed()
+                return chk.found or "inputs_embeds"
+            x = inputs_embeds
+            if len(new_ids):
+                x = np.concatenate([x, embed_rows(model.embed_table(), np.asarray(new_ids, dtype=np.int64))])
+            cache = model.new_cache(capacity=x.shape[0])
+            model.prefill(x, cache, all_logits=False)
+    except _Found:
+        pass
+    return chk.found

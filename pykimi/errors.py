@@ -20,3 +20,8 @@ class InputError(PykimiError):
 
 class TokenizerError(PykimiError):
     """tiktoken.model or tokenizer_config.json is missing or malformed."""
+
+
+class NumericsError(PykimiError):
+    """The model produced non-finite values (NaN / inf): the message names the first stage where they appear,
+    so damaged weights or a bad setting are found instead of being turned into tokens."""

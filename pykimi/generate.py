@@ -184,13 +184,33 @@ def generate(model, input_ids, pixel_values=None, image_grid_hws=None, max_new_t
     x = model.embed(ids, pixel_values, image_grid_hws, image_features)     # images encoded and checked now
     t_embed = time.perf_counter() - t_embed
     stops = set(default_stop_ids(model) if stop_ids is None else (int(s) for s in stop_ids))
+    def replay():   # only run when the logits went non-finite: the embedding again, under a checking trace
+        return model.embed(ids, pixel_values, image_grid_hws, image_features)
+
     it = _generate_iter(model, ids, x, int(max_new_tokens), float(temperature), float(top_p), int(top_k),
-                        float(min_p), float(repetition_penalty), seed, stops, t_embed)
+                        float(min_p), float(repetition_penalty), seed, stops, t_embed, replay=replay)
     return it if stream else list(it)
 
 
+def _check_finite(model, logits: np.ndarray, ids: np.ndarray, new_ids: list, x: np.ndarray, replay=None) -> None:
+    """Never turn NaN / inf into a token (argmax of all-NaN logits is id 0). The per-step cost is one pass over
+    the V logits; only when it fails is the sequence re-run under a checking trace to name the first stage
+    that went non-finite (pykimi.debug.first_nonfinite)."""
+    if np.isfinite(logits).all():
+        return
+    from .debug import first_nonfinite
+    from .errors import NumericsError
+
+    where = "the prompt" if not new_ids else f"decode step {len(new_ids)}"
+    stage = first_nonfinite(model, x, new_ids, replay_embed=replay)
+    if stage is None:
+        stage = "logits (a re-run through the prefill path stayed finite: the decode path diverged)"
+    raise NumericsError(f"non-finite values (NaN/inf) in the logits after {where}; they first appear at "
+                        f"{stage} -- check the checkpoint's weights and config.json (model {model.ckpt.path})")
+
+
 def _generate_iter(model, ids, x, max_new_tokens, temperature, top_p, top_k, min_p, penalty, seed,
-                   stops, embed_s: float = 0.0) -> Iterator[int]:
+                   stops, embed_s: float = 0.0, replay=None) -> Iterator[int]:
     if max_new_tokens == 0:
         return
     rng = np.random.default_rng(seed)
@@ -202,9 +222,11 @@ def _generate_iter(model, ids, x, max_new_tokens, temperature, top_p, top_k, min
     t0 = time.perf_counter()
     cache = model.new_cache(capacity=ids.size + max_new_tokens)        # preallocated: decode never grows it
     logits = model.prefill(x, cache, all_logits=False)                 # f32[V], last prompt position
+    _check_finite(model, logits, ids, [], x, replay)
     stats["prefill_s"] = time.perf_counter() - t0
     stats["cache_bytes"] = cache.nbytes()
     seen = set(ids.tolist()) if penalty != 1.0 else None
+    new_ids: list[int] = []
     for step in range(max_new_tokens):
         if seen:
             logits = apply_repetition_penalty(logits, np.fromiter(seen, dtype=np.int64, count=len(seen)), penalty)
@@ -215,6 +237,8 @@ def _generate_iter(model, ids, x, max_new_tokens, temperature, top_p, top_k, min
             return
         if seen is not None:
             seen.add(tok)
+        new_ids.append(tok)
         t0 = time.perf_counter()
         logits = model.decode_step(tok, cache)
+        _check_finite(model, logits, ids, new_ids, x, replay)
         stats["decode_s"] += time.perf_counter() - t0

@@ -122,8 +122,10 @@ def validate_checkpoint(ckpt, cfg: KimiVLConfig) -> None:
     a one-line CheckpointError naming the tensor -- not at layer 14."""
     import os
 
+    from .config import check_fits
     from .errors import CheckpointError
 
+    check_fits(cfg, ckpt)                     # sizes bounded by the files before the per-layer table is built
     qmeta = None
     for name, shape in expected_tensors(cfg, include_ignored=False):
         if name in ckpt:

@@ -273,6 +273,26 @@ def _advise_huge(mm: mmap.mmap) -> None:
         pass
 
 
+def _check_coverage(fname: str, spans: list, data_len: int) -> None:
+    """The tensors' byte ranges must tile the data region exactly: sorted by offset, the first starts at 0,
+    each starts where the previous ends (no gap, no overlap) and the last ends at the end of the file (the
+    safetensors format requires it; the official reader refuses anything else). A header length one byte
+    short or long, bytes appended or cut, or offsets shifted by a corruption all fail here instead of
+    reading tensors from the wrong bytes. ``spans``: (begin, end, name) relative to the data start."""
+    pos, prev = 0, None
+    for b, e, name in sorted(spans):
+        if b > pos:
+            raise CheckpointError(f"{fname}: tensor {name!r}: data_offsets [{b}, {e}] leave a gap of {b - pos} "
+                                  f"bytes after offset {pos} (the tensors must tile the data region exactly)")
+        if b < pos:
+            raise CheckpointError(f"{fname}: tensors {prev!r} and {name!r} overlap in the data (data_offsets "
+                                  f"[{b}, {e}] start before {pos})")
+        pos, prev = e, name
+    if pos != data_len:
+        raise CheckpointError(f"{fname}: the tensors cover {pos} bytes of data but the file holds {data_len} after "
+                              f"its header (header length wrong, or the file truncated or extended)")
+
+
 class SafetensorsFile:
     """One .safetensors file: header parsed and validated eagerly, data memory-mapped lazily."""
 
@@ -338,12 +358,8 @@ class SafetensorsFile:
                 raise CheckpointError(f"{fname}: tensor {name!r}: {offs[1] - offs[0]} bytes stored but dtype "
                                       f"{dt} shape {shape} needs {need}")
             self.infos[name] = TensorInfo(name, tuple(shape), dt, need, path, self.data_start + offs[0])
-            if need:
-                spans.append((offs[0], offs[1], name))
-        spans.sort()
-        for (b0, e0, n0), (b1, e1, n1) in zip(spans, spans[1:]):
-            if b1 < e0:
-                raise CheckpointError(f"{fname}: tensors {n0!r} and {n1!r} overlap in the data")
+            spans.append((offs[0], offs[1], name))
+        _check_coverage(fname, spans, data_len)
         self._mm = None
         self._size = size
 
