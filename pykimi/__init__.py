@@ -26,6 +26,9 @@ def load(path: str, **options):
     """Open a Kimi-VL checkpoint directory (HF layout) with memory-mapped weights; see pykimi.model.load."""
     from .model import load as _load
 
+    if isinstance(path, (str, os.PathLike)) and os.path.isfile(path):
+        raise CheckpointError(f"{os.fspath(path)}: this is a file; pass the checkpoint directory "
+                              f"({os.path.dirname(os.path.abspath(path))})")
     return _load(path, **options)
 
 

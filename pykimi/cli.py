@@ -5,15 +5,21 @@ Errors a user can cause exit with status 2 and one line (no traceback) unless ``
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import math
 import os
 import resource
+import signal
 import sys
+import tempfile
 import time
 
-from .errors import PykimiError
+from .errors import InputError, PykimiError
 
 DEFAULT_PROMPT = "Describe the image."
+CHAT_HELP = ("commands: /image PATH attaches an image to the next message, /reset forgets the history and the "
+             "attached images, /help, /quit; start a line with // to send a text beginning with /")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -52,6 +58,11 @@ class StreamText:
 
 def _model_dir(args) -> str:
     if args.model:
+        if os.path.isfile(args.model):
+            d = os.path.dirname(os.path.abspath(args.model))
+            raise InputError(f"-m {args.model}: this is a file; pass the checkpoint directory (e.g. -m {d})")
+        if not os.path.exists(args.model):
+            raise InputError(f"-m {args.model}: no such checkpoint directory")
         return args.model
     from . import demo_checkpoint
 
@@ -72,7 +83,7 @@ def _load(args):
         opts["backend"] = args.backend
     if getattr(args, "threads", None):
         opts["threads"] = args.threads
-    if getattr(args, "max_context", None):
+    if getattr(args, "max_context", None) is not None:
         opts["max_context"] = args.max_context
     model = load(path, **opts)
     proc = Processor.from_pretrained(path)
@@ -162,25 +173,141 @@ def _timing_line(load_s, stats) -> str:
     return "[" + " | ".join(parts) + "]"
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where it lands so the same cleanup as for Ctrl-C runs (then exit status 143)."""
+
+
+@contextlib.contextmanager
+def _sigterm_as_interrupt():
+    """While writing files: turn SIGTERM into an exception (the code's own cleanup then removes partial
+    output, as for SIGINT). Only in the main thread; the previous handler comes back afterwards."""
+    try:
+        prev = signal.signal(signal.SIGTERM, _raise_terminated)
+    except ValueError:               # not the main thread
+        yield
+        return
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, prev)
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _check_out_file(path: str, what: str) -> None:
+    """Refuse an output file path that cannot work before any long computation."""
+    if os.path.isdir(path):
+        raise InputError(f"{what} {path}: is a directory; pass a file name (e.g. {os.path.join(path, 'trace.safetensors')})")
+    parent = os.path.dirname(os.path.abspath(path))
+    probe = parent
+    while not os.path.exists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        raise InputError(f"{what} {path}: {probe} is a file, not a directory")
+    try:
+        os.makedirs(parent, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".pykimi-probe-")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise InputError(f"{what} {path}: cannot write in {parent} ({e.strerror or e})") from None
+
+
+def _positive_int(s: str) -> int:
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"{v}: expected a positive number of tokens (omit the option for the "
+                                         f"model's own limit)")
+    return v
+
+
+def _positive_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) and v > 0):
+        raise argparse.ArgumentTypeError(f"{s}: expected a finite number > 0")
+    return v
+
+
+def _nonneg_float(s: str) -> float:
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
+    if not (math.isfinite(v) and v >= 0):
+        raise argparse.ArgumentTypeError(f"{s}: expected a finite number >= 0")
+    return v
+
+
+def _seed(s: str):
+    """--seed N (N >= 0), or -1 = a random seed (llama.cpp's meaning)."""
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
+    if v == -1:
+        return None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"{v}: expected an integer >= 0, or -1 for a random seed")
+    return v
+
+
 # --------------------------------------------------------------------------------------------- commands
 
+def _is_demo(path: str) -> bool:
+    from . import demo_checkpoint
+
+    return os.path.realpath(path) == os.path.realpath(demo_checkpoint())
+
+
+def _save_scene(img, wanted: str | None):
+    """Save the demo's scene: to --save-scene (an error if that fails: the user asked for it), else to
+    ./pykimi_scene.png, else (read-only working directory) to the temp directory. Returns (path, note)."""
+    if wanted:
+        try:
+            img.save(wanted)
+        except (OSError, ValueError) as e:
+            raise InputError(f"--save-scene {wanted}: cannot write the scene ({getattr(e, 'strerror', None) or e})") \
+                from None
+        return wanted, ""
+    for d in (os.getcwd(), tempfile.gettempdir()):
+        p = os.path.join(d, "pykimi_scene.png")
+        try:
+            img.save(p)
+            return p, ("" if d == os.getcwd() else " (the working directory is not writable)")
+        except OSError:
+            continue
+    return None, ""
+
+
 def cmd_run(args) -> int:
+    if args.save_scene and os.path.isdir(args.save_scene):
+        raise InputError(f"--save-scene {args.save_scene}: is a directory; pass a file name ending in .png")
     model, proc, path, load_s = _load(args)
     images = _open_images(args.image)
     prompt = args.prompt
     scene_path = None
-    if not images and not args.model and prompt is None:
-        # the demo model sees: draw a fresh scene and ask for its description
+    if not images and _is_demo(path):
+        # the demo model only answers questions about an image (pykimi/demo/README.md): draw a fresh scene
+        # rather than let it answer a question about a picture it was never shown
         from .scenes import random_scene
         import numpy as np
 
         rng = np.random.default_rng(args.seed)
         img, shapes = random_scene(rng)
-        scene_path = args.save_scene or os.path.join(os.getcwd(), "pykimi_scene.png")
-        img.save(scene_path)
+        scene_path, why = _save_scene(img, args.save_scene)
         images = [img]
         if not args.json:
-            print(f"(no --image: drew a random scene, saved to {scene_path})", file=sys.stderr)
+            where = f"saved to {scene_path}{why}" if scene_path else "not saved: no writable directory"
+            print(f"(no --image: the demo model answers questions about an image; drew a random scene, {where})",
+                  file=sys.stderr)
     if prompt is None:
         prompt = DEFAULT_PROMPT
     msgs = _messages(args.system, prompt, len(images))
@@ -200,8 +327,8 @@ def cmd_run(args) -> int:
 
 def cmd_chat(args) -> int:
     model, proc, path, load_s = _load(args)
-    print(f"pykimi chat on {path} (load {load_s:.1f} s). /image PATH attaches an image, /reset starts over, "
-          f"/quit leaves; Ctrl-C stops an answer.", file=sys.stderr)
+    print(f"pykimi chat on {path} (load {load_s:.1f} s). {CHAT_HELP}; Ctrl-C stops an answer.", file=sys.stderr)
+    demo = _is_demo(path)
     history: list = []
     images: list = []
     pending: list = []
@@ -223,18 +350,35 @@ def cmd_chat(args) -> int:
         if line in ("/quit", "/exit"):
             break
         if line == "/reset":
+            n_img = len(images) + len(pending)
             history = history[:1] if args.system else []
             images, pending = [], []
-            print("(conversation reset)", file=sys.stderr)
+            print(f"(conversation reset: history and {n_img} image(s) dropped"
+                  + (", the system prompt kept" if args.system else "")
+                  + "; /image PATH to attach one again)", file=sys.stderr)
             continue
-        if line.startswith("/image"):
+        if line == "/help":
+            print(CHAT_HELP, file=sys.stderr)
+            continue
+        if line == "/image" or line.startswith("/image "):
             p = line[len("/image"):].strip()
+            if not p:
+                print("error: /image needs a path: /image PATH", file=sys.stderr)
+                continue
             try:
                 pending.extend(_open_images([p]))
                 print(f"(attached {p})", file=sys.stderr)
             except PykimiError as e:
                 print(f"error: {e}", file=sys.stderr)
             continue
+        if line.startswith("//"):
+            line = line[1:]                     # "//text" sends "/text" to the model
+        elif line.startswith("/"):
+            print(f"unknown command {line.split()[0]!r}; {CHAT_HELP}", file=sys.stderr)
+            continue
+        if demo and not images and not pending:
+            print("(note: no image attached; the demo model answers questions about an image: /image PATH)",
+                  file=sys.stderr)
         content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
         history.append({"role": "user", "content": content if pending else line})
         images.extend(pending)
@@ -314,6 +458,7 @@ def cmd_trace(args) -> int:
 
     from .trace import trace
 
+    _check_out_file(args.out, "--out")
     model, proc, path, load_s = _load(args)
     images = _open_images(args.image)
     if args.inputs:
@@ -321,6 +466,9 @@ def cmd_trace(args) -> int:
 
         ck = Checkpoint.open(args.inputs)
         inputs = {n: np.array(ck.get(n)) for n in ck.names()}
+        if "input_ids" not in inputs:
+            raise InputError(f"--inputs {args.inputs}: has no 'input_ids' tensor (expected input_ids and, with "
+                             f"images, pixel_values and image_grid_hws); it holds {', '.join(sorted(inputs)) or 'nothing'}")
     else:
         msgs = _messages(args.system, args.prompt or DEFAULT_PROMPT, len(images))
         inputs = proc.prepare(msgs, images=images or None)
@@ -328,7 +476,13 @@ def cmd_trace(args) -> int:
     with trace(model, names=names) as t:
         model.forward(inputs["input_ids"], pixel_values=inputs.get("pixel_values"),
                       image_grid_hws=inputs.get("image_grid_hws"))
-    t.save(args.out, metadata={"model": path})
+    try:
+        t.save(args.out, metadata={"model": path})
+    except OSError as e:
+        raise InputError(f"--out {args.out}: cannot write the dump ({e.strerror or e})") from None
+    finally:
+        with contextlib.suppress(OSError):
+            os.remove(args.out + ".tmp")        # the writer's temporary file, if the final rename failed
     print(f"wrote {len(t)} tensors to {args.out}")
     return 0
 
@@ -345,14 +499,15 @@ def cmd_diff(args) -> int:
     rep = compare(args.a, args.b, atol=args.atol, rtol=args.rtol, rel_tol=args.rel or 2e-5, tolerances=tols,
                   names=args.names or None)
     print(rep.format(all_rows=not args.only_bad))
-    return 0 if rep.ok else 1
+    return 0 if rep.ok else 1         # nothing compared is not ok (Report.ok)
 
 
 def cmd_quantize(args) -> int:
     from .quant import quantize_checkpoint
 
-    quantize_checkpoint(args.src, args.dst, bits=args.bits, what=args.what, progress=not args.quiet,
-                        overwrite=args.overwrite)
+    with _sigterm_as_interrupt():   # a SIGTERM cleans DST.partial up like Ctrl-C does
+        quantize_checkpoint(args.src, args.dst, bits=args.bits, what=args.what, progress=not args.quiet,
+                            overwrite=args.overwrite)
     print(f"wrote {args.dst}")
     return 0
 
@@ -363,24 +518,29 @@ def _add_model_args(p):
     p.add_argument("-m", "--model", help="checkpoint directory (HF layout); default: the bundled demo checkpoint")
     p.add_argument("-t", "--threads", type=int, help="kernel threads (default: PYKIMI_THREADS or all cores)")
     p.add_argument("--backend", choices=["numpy", "numba", "c"], help="kernel backend (default: fastest available)")
-    p.add_argument("--max-context", type=int, help="refuse prompts + answers longer than this many tokens")
+    p.add_argument("-c", "--max-context", "--ctx-size", dest="max_context", type=_positive_int,
+                   help="refuse prompts + answers longer than this many tokens (default: the model's "
+                        "max_position_embeddings)")
 
 
 def _add_gen_args(p):
     p.add_argument("--system", help="system prompt (default: the template's 'You are a helpful assistant')")
-    p.add_argument("-n", "--max-new-tokens", type=int, default=256)
-    p.add_argument("--temp", type=float, default=0.0, help="temperature; 0 = greedy (default)")
+    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=256)
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.0,
+                   help="temperature; 0 = greedy (default)")
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--min-p", type=float, default=0.0)
     p.add_argument("--repeat-penalty", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--seed", type=_seed, default=None, help="sampling seed; -1 or omitted = random")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop on [EOS] / <|im_end|> (benchmarks)")
 
 
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pykimi", description="Kimi-VL-A3B-Instruct on the CPU")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
+    from . import __version__
+    ap.add_argument("--version", action="version", version=f"pykimi {__version__}")
     sub = ap.add_subparsers(dest="cmd", required=True)
 
     p = sub.add_parser("run", help="answer one prompt (with images), streaming")
@@ -417,9 +577,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("diff", help="compare two dumps (A under test, B reference) in execution order")
     p.add_argument("a")
     p.add_argument("b")
-    p.add_argument("--atol", type=float, default=0.0)
-    p.add_argument("--rtol", type=float, default=0.0)
-    p.add_argument("--rel", type=float, help="scale-relative tolerance (default: B's manifest, else 2e-5)")
+    p.add_argument("--atol", type=_nonneg_float, default=0.0)
+    p.add_argument("--rtol", type=_nonneg_float, default=0.0)
+    p.add_argument("--rel", type=_positive_float, help="scale-relative tolerance (default: B's manifest, else 2e-5)")
     p.add_argument("--names", action="append")
     p.add_argument("--only-bad", action="store_true")
     p.set_defaults(fn=cmd_diff)
@@ -454,11 +614,20 @@ def main(argv=None) -> int:
             raise
         print(f"pykimi: error: {e}", file=sys.stderr)
         return 2
+    except Terminated:
+        print("\npykimi: terminated", file=sys.stderr)
+        return 143
     except KeyboardInterrupt:
         print("\npykimi: interrupted", file=sys.stderr)
         return 130
     except BrokenPipeError:
         return 0
+    except OSError as e:     # a file the user named cannot be read or written: one line, not a traceback
+        if args.debug:
+            raise
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"pykimi: error: {where}{e.strerror or e}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -96,6 +96,7 @@ class Report:
     rows: list = field(default_factory=list)
     only_a: list = field(default_factory=list)
     only_b: list = field(default_factory=list)
+    empty_reason: str = ""      # why nothing was compared, when rows is empty
 
     @property
     def first_divergence(self) -> Row | None:
@@ -103,7 +104,8 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        return self.first_divergence is None
+        """Every compared tensor agrees, and at least one was compared (a check of nothing is not a pass)."""
+        return bool(self.rows) and self.first_divergence is None
 
     def format(self, all_rows: bool = True) -> str:
         lines = [f"{'tensor':<58} {'shape':<16} {'max abs':>10} {'rel':>10}  status"]
@@ -122,8 +124,11 @@ class Report:
         if self.only_b:
             lines.append(f"only in B ({len(self.only_b)}): {', '.join(self.only_b[:6])}"
                          + (" ..." if len(self.only_b) > 6 else ""))
-        lines.append("all compared tensors agree" if first is None else
-                     f"first divergence: {first.name} (rel {first.rel:.3g})")
+        if not self.rows:
+            lines.append(f"nothing compared: {self.empty_reason or 'no tensor in common'}")
+        else:
+            lines.append("all compared tensors agree" if first is None else
+                         f"first divergence: {first.name} (rel {first.rel:.3g})")
         return "\n".join(lines)
 
 
@@ -180,12 +185,18 @@ def compare(a, b, atol: float = 0.0, rtol: float = 0.0, rel_tol: float | None = 
         common = [n for n in order_b if n in da]
     if not (order_a or order_b):
         common = execution_order(set(da) & set(db))
+    rep = Report()
+    if not common:
+        rep.empty_reason = f"A ({len(da)} tensors) and B ({len(db)} tensors) have no tensor name in common"
     if names is not None:
         import fnmatch
 
         pats = [names] if isinstance(names, str) else list(names)
+        n_before = len(common)
         common = [n for n in common if any(fnmatch.fnmatchcase(n, p) for p in pats)]
-    rep = Report()
+        if n_before and not common:
+            rep.empty_reason = (f"--names {' '.join(pats)} matched none of the {n_before} tensors A and B have "
+                                f"in common")
     for n in common:
         tol = (tolerances or {}).get(n, rel_tol)
         rep.rows.append(compare_arrays(n, da[n], db[n], atol, rtol, tol))

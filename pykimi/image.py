@@ -6,7 +6,8 @@ For each image, in order:
   2. pad right/bottom with zeros to multiples of patch*merge (28), still in the original mode
      (torchvision ``pad`` on a PIL image = ``ImageOps.expand(fill=0)``); pad_input=false centre-crops instead.
   3. a padded side of >= 512 patches is refused (the 2-D RoPE table is 512x512).
-  4. convert('RGB'), uint8/255 in float32, (x - mean)/std per channel.
+  4. convert('RGB'), uint8/255 in float32, (x - mean)/std per channel. (16-bit and float single-channel
+     images are first mapped to 8 bits with their real range, see ``to_8bit``: Pillow would clip them.)
   5. patchify in raster order into [gh*gw, 3, 14, 14] (C, ky, kx), grid_hw = (H/14, W/14).
 """
 from __future__ import annotations
@@ -48,9 +49,11 @@ class ImageSettings:
             if isinstance(v, (int, float)) and not isinstance(v, bool):
                 v = [v] * 3
             if (not isinstance(v, (list, tuple)) or len(v) != 3
-                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v)
+                    or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                               for x in v)
                     or (positive and not all(x > 0 for x in v))):
-                raise ConfigError(f"{source}: {key} must be 3 {'positive ' if positive else ''}numbers, got {v!r}")
+                raise ConfigError(f"{source}: {key} must be 3 finite {'positive ' if positive else ''}numbers, "
+                                  f"got {v!r}")
             return tuple(float(x) for x in v)
 
         mk = d.get("merge_kernel_size", [2, 2])
@@ -262,10 +265,42 @@ def patchify(x: np.ndarray, patch: int) -> np.ndarray:
     return np.ascontiguousarray(x.transpose(1, 3, 0, 2, 4)).reshape(gh * gw, c, patch, patch)
 
 
+def to_8bit(img, name: str | None = None):
+    """Wide-range single-channel images -> mode 'L' with their real range, before any other step.
+
+    Pillow's convert('RGB') clips 16-bit pixels ('I;16*', and 'I' as older Pillow opens 16-bit PNGs) to
+    0..255, so a 16-bit PNG became all white (issue 19; HF's processor does the same, a deliberate departure
+    from spec §5 step 4 for these modes only). The real range is mapped instead: v -> round(v * 255 / 65535).
+    An 'I' image whose values are all in 0..255 is 8-bit data in a wide mode and keeps Pillow's conversion;
+    'I' values outside 0..65535 are refused, as are NaN / inf pixels of a float ('F') image, rather than
+    guessed. Every other mode is returned unchanged (the spec's path)."""
+    from PIL import Image
+
+    mode = img.mode
+    if mode not in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
+        return img
+    what = _describe(img, name)
+    a = np.asarray(img)
+    if mode == "F":
+        if not np.isfinite(a).all():
+            raise InputError(f"{what}: float image (mode F) holds NaN or inf pixels")
+        return img
+    a = a.astype(np.int64)
+    lo, hi = (int(a.min()), int(a.max())) if a.size else (0, 0)
+    if mode == "I":
+        if 0 <= lo and hi <= 255:
+            return img
+        if lo < 0 or hi > 65535:
+            raise InputError(f"{what}: 32-bit integer image (mode I) with values in [{lo}, {hi}]; expected 8-bit "
+                             f"(0..255) or 16-bit (0..65535) data")
+    out = (a * 255 + 32767) // 65535          # round(v * 255 / 65535), exact in integers
+    return Image.fromarray(out.astype(np.uint8), mode="L")
+
+
 def preprocess_image(img, settings: ImageSettings | None = None, name: str | None = None):
     """One image (PIL or path) -> (pixel_values f32[gh*gw, 3, p, p], grid_hw (gh, gw))."""
     s = _settings(settings)
-    img = load_image(img, name)
+    img = to_8bit(load_image(img, name), name)
     img = resize_and_pad(img, s, name)
     x = normalize(to_rgb_array(img, name), s.image_mean, s.image_std)  # [3, H, W]
     gh, gw = x.shape[1] // s.patch_size, x.shape[2] // s.patch_size

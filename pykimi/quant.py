@@ -133,6 +133,67 @@ def _progress(total: int, enabled: bool, desc: str):
         return None
 
 
+_PARTIAL_MARKER = ".pykimi-partial"   # written first into DST.partial: only a directory holding it is ours to delete
+
+
+def _inside(a: str, b: str) -> bool:
+    """Real path a equals b or lies under it."""
+    return a == b or a.startswith(b.rstrip(os.sep) + os.sep)
+
+
+def _check_destination(src: str, dst: str, overwrite: bool) -> str:
+    """Refuse a destination that would destroy data, before anything is read or written; returns DST.partial.
+
+    Symlinks are resolved. Refused: an empty name; DST equal to, inside or containing the source (the repack
+    replaces DST, so `quantize X/ck X --overwrite` once deleted the source); DST.partial or DST.old being or
+    containing the source; an existing DST without --overwrite; with --overwrite, an existing directory that
+    holds no checkpoint (config.json or *.safetensors), so a mistyped `.` or `~` is never replaced; a DST.partial
+    that pykimi did not create (no marker file)."""
+    from .errors import CheckpointError
+
+    if not dst:
+        raise CheckpointError("quantize: the destination is an empty path")
+    if not os.path.exists(src):
+        raise CheckpointError(f"{src}: no such checkpoint directory or file")
+    src_real = os.path.realpath(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)))
+    dst_real = os.path.realpath(dst)
+    part = dst + ".partial"
+    for name, real in ((dst, dst_real), (part, os.path.realpath(part)), (dst + ".old", os.path.realpath(dst + ".old"))):
+        if _inside(real, src_real):
+            raise CheckpointError(f"{dst}: the destination is the source checkpoint {src} or inside it; choose a "
+                                  f"path outside {src_real}")
+        if _inside(src_real, real):
+            raise CheckpointError(f"{dst}: the destination contains the source checkpoint {src} (replacing it "
+                                  f"would delete the source); choose another path")
+    if os.path.lexists(dst):
+        if not overwrite:
+            raise CheckpointError(f"{dst}: already exists (pass overwrite=True / --overwrite to replace it)")
+        if os.path.isdir(dst) and not any(f == "config.json" or f.endswith(".safetensors") for f in os.listdir(dst)):
+            raise CheckpointError(f"{dst}: is a directory without a checkpoint in it (no config.json or "
+                                  f"*.safetensors); refusing to replace it even with --overwrite")
+    if os.path.lexists(part) and not os.path.exists(os.path.join(part, _PARTIAL_MARKER)):
+        raise CheckpointError(f"{part}: exists but was not made by pykimi; remove it or choose another destination")
+    return part
+
+
+def _swap_in(part: str, dst: str) -> None:
+    """Move the finished DST.partial to DST; an existing DST (directory or file, overwrite) goes away whole."""
+    if not os.path.lexists(dst):
+        os.replace(part, dst)
+        return
+    old = dst + ".old"
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+    elif os.path.lexists(old):
+        os.remove(old)
+    os.replace(dst, old)
+    os.replace(part, dst)
+    if os.path.isdir(old) and not os.path.islink(old):
+        shutil.rmtree(old)
+    else:
+        os.remove(old)
+
+
 def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", progress: bool = True,
                         overwrite: bool = False) -> dict:
     """Stream a checkpoint tensor by tensor into a new one with selected weights quantized.
@@ -149,14 +210,15 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
     if what not in ("experts", "all"):
         raise ValueError(f"quantize: what must be 'experts' or 'all', got {what!r}")
     fmt = FORMATS[bits]
-    src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir).rstrip("/")
-    if os.path.abspath(src_dir) == os.path.abspath(dst_dir):
-        raise CheckpointError(f"{dst_dir}: destination must differ from the source checkpoint")
-    if os.path.exists(dst_dir) and not overwrite:
-        raise CheckpointError(f"{dst_dir}: already exists (pass overwrite=True / --overwrite to replace it)")
+    src_dir, dst_dir = os.fspath(src_dir), os.fspath(dst_dir)
+    dst_dir = dst_dir.rstrip("/") or dst_dir
+    part = _check_destination(src_dir, dst_dir, overwrite)
     ckpt = Checkpoint.open(src_dir, load_config=False)
     if not os.path.isdir(src_dir):
         src_dir = os.path.dirname(os.path.abspath(src_dir))
+    if os.path.isfile(os.path.join(src_dir, "config.json")):
+        from .config import load_config
+        load_config(src_dir)          # a source whose config.json is invalid would give an unloadable repack
 
     names = ckpt.names()
     infos = {n: ckpt.info(n) for n in names}
@@ -181,10 +243,16 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
     for f in by_file:
         by_file[f].sort(key=lambda n: infos[n].offset)
 
-    part = dst_dir + ".partial"
-    if os.path.exists(part):
+    if os.path.exists(part):      # our own marker is in it (checked by _check_destination)
+        print(f"pykimi: removing {part}, left by an interrupted repack", file=sys.stderr)
         shutil.rmtree(part)
-    os.makedirs(part)
+    try:
+        os.makedirs(part)
+        open(os.path.join(part, _PARTIAL_MARKER), "w").close()
+    except OSError as e:
+        shutil.rmtree(part, ignore_errors=True)
+        raise CheckpointError(f"{dst_dir}: cannot create the destination ({e.strerror or e}: "
+                              f"{e.filename or part})") from None
     total = sum(i.nbytes for i in infos.values())
     bar = _progress(total, progress, f"quantize q{bits} {what}")
     weight_map: dict[str, str] = {}
@@ -244,21 +312,22 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
             if (os.path.isfile(p) and not fn.endswith(".safetensors") and fn != "model.safetensors.index.json"
                     and not fn.endswith((".tmp", ".partial"))):
                 shutil.copy2(p, os.path.join(part, fn))
-    except BaseException:
+    except BaseException as e:
         if bar is not None:
             bar.close()
         shutil.rmtree(part, ignore_errors=True)
+        if isinstance(e, OSError) and not isinstance(e, CheckpointError):
+            raise CheckpointError(f"{dst_dir}: writing the repack failed ({e.strerror or e}"
+                                  + (f": {e.filename}" if e.filename else "") + "); nothing was left behind") from None
         raise
     if bar is not None:
         bar.close()
     ckpt.close()
-    if os.path.exists(dst_dir):  # overwrite=True: swap, then drop the old one
-        old = dst_dir + ".old"
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(dst_dir, old)
-        os.replace(part, dst_dir)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(part, dst_dir)
+    try:
+        _swap_in(part, dst_dir)
+    except OSError as e:
+        shutil.rmtree(part, ignore_errors=True)
+        raise CheckpointError(f"{dst_dir}: cannot move the finished repack into place ({e.strerror or e})") from None
+    os.remove(os.path.join(dst_dir, _PARTIAL_MARKER))   # after the swap: a DST.partial without it is never ours
     return {"quantized": len(chosen) + len(requant), "tensors": len(names), "bytes_in": total,
             "bytes_out": out_bytes, "format": fmt, "what": what, "path": dst_dir}

@@ -89,7 +89,7 @@ def test_chat_multi_turn_with_image_and_reset(model_dir):
     script = f"hello\n/image {IMG}\nwhat is this?\n/reset\nagain\n/quit\n"
     r = cli("chat", "-m", model_dir, "-n", "4", stdin=script)
     assert r.returncode == 0, r.stderr
-    assert "(attached" in r.stderr and "(conversation reset)" in r.stderr
+    assert "(attached" in r.stderr and "(conversation reset: history and 1 image(s) dropped" in r.stderr
     assert r.stderr.count("[load") == 3  # one timing line per answer
 
 

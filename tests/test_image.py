@@ -144,7 +144,7 @@ def test_settings_mean_std_from_dir(tmp_path):
 @pytest.mark.parametrize("cfg,msg", [
     ({"patch_size": 0}, "patch_size must be a positive integer"),
     ({"merge_kernel_size": [2]}, "merge_kernel_size must be two positive integers"),
-    ({"image_std": [0.5, 0, 0.5]}, "image_std must be 3 positive numbers"),
+    ({"image_std": [0.5, 0, 0.5]}, "image_std must be 3 finite positive numbers"),
     ({"pad_input": "yes"}, "pad_input must be true or false"),
 ])
 def test_bad_settings(tmp_path, cfg, msg):
@@ -193,11 +193,13 @@ def test_modes_equal_convert_then_process(mode):
 
 
 def test_mode_i16():
-    a = (np.arange(20 * 33, dtype=np.uint16).reshape(20, 33) % 300)
+    # 16-bit pixels keep their real range (Pillow's convert('RGB') would clip them to 255: issue 19)
+    a = (np.arange(20 * 33, dtype=np.uint16).reshape(20, 33) * 99)
     img = Image.fromarray(a)
     assert img.mode == "I;16"
     pv, g = preprocess_image(img)
-    ref, _ = _reference(img.convert("RGB"))
+    eight = Image.fromarray(((a.astype(np.int64) * 255 + 32767) // 65535).astype(np.uint8), "L")
+    ref, _ = _reference(eight.convert("RGB"))
     assert g == (2, 4) and np.array_equal(pv, ref)
 
 
