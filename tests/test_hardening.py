@@ -246,3 +246,268 @@ def test_tensor_count_formula_matches_layout(path):
 
     c = pykimi.load_config(path)
     assert c.n_tensors() == len(expected_tensors(c, include_ignored=False))
+
+
+# ------------------------------------------------------------------------------- 4. quantize: no lost files
+
+def test_quantize_into_the_parent_of_the_source_is_refused(tmp_path, model_dir):
+    """Was: `pykimi quantize X/ck X --overwrite` exited 0 and deleted the source X/ck."""
+    x = tmp_path / "X"
+    x.mkdir()
+    src = str(x / "ck")
+    shutil.copytree(model_dir, src)
+    before = tree_hash(str(x))
+    one_line_error(cli("quantize", src, str(x), "--overwrite", "--quiet"), "contains the source")
+    one_line_error(cli("quantize", src, os.path.join(src, "q8"), "--quiet"), "inside it")
+    one_line_error(cli("quantize", src, src + "/", "--overwrite", "--quiet"), "is the source")
+    os.symlink(str(x), str(tmp_path / "link"))                              # through a symlink
+    one_line_error(cli("quantize", src, str(tmp_path / "link"), "--overwrite", "--quiet"), "contains the source")
+    os.symlink(src, str(tmp_path / "srclink"))
+    one_line_error(cli("quantize", str(tmp_path / "srclink"), os.path.join(src, "sub"), "--quiet"), "inside it")
+    assert tree_hash(str(x)) == before
+
+
+def test_quantize_refuses_when_dst_partial_is_the_source(tmp_path, model_dir):
+    src = str(tmp_path / "out.partial")             # the cleanup of DST.partial would delete it
+    shutil.copytree(model_dir, src)
+    before = tree_hash(src)
+    one_line_error(cli("quantize", src, str(tmp_path / "out"), "--quiet"), "source")
+    assert tree_hash(src) == before
+
+
+def test_quantize_overwrite_onto_a_file_leaves_nothing_stray(tmp_path, model_dir):
+    """Was: --overwrite onto a file left `afile.old` behind."""
+    f = tmp_path / "afile"
+    f.write_text("x")
+    r = cli("quantize", model_dir, str(f), "--overwrite", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert os.path.isdir(str(f)) and sorted(os.listdir(str(tmp_path))) == ["afile"]
+    assert pykimi.load(str(f)) is not None
+    # a directory that holds no checkpoint is never replaced, even with --overwrite (a mistyped `.` or `~`)
+    d = tmp_path / "notes"
+    d.mkdir()
+    (d / "todo.txt").write_text("keep me")
+    one_line_error(cli("quantize", model_dir, str(d), "--overwrite", "--quiet"), "without a checkpoint")
+    assert (d / "todo.txt").read_text() == "keep me"
+
+
+def _slow_quantize_proc(src, dst):
+    """`pykimi quantize` in a subprocess with every tensor slowed down, so a signal lands mid-write."""
+    code = ("import sys, time, pykimi.quant as q\n"
+            "real = q._quantize\n"
+            "def slow(*a, **k):\n    time.sleep(0.3)\n    return real(*a, **k)\n"
+            "q._quantize = slow\n"
+            "from pykimi.cli import main\n"
+            f"sys.exit(main(['quantize', {src!r}, {dst!r}, '--bits', '8', '--what', 'all', '--quiet']))\n")
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, cwd=ROOT)
+
+
+@pytest.mark.parametrize("sig,status", [("SIGTERM", 143), ("SIGINT", 130)])
+def test_quantize_signal_cleans_up_partial(tmp_path, model_dir, sig, status):
+    """Was: SIGTERM left DST.partial/ with a half-written shard (SIGINT was clean)."""
+    import signal
+
+    dst = str(tmp_path / "q8")
+    p = _slow_quantize_proc(model_dir, dst)
+    try:
+        t0 = time.time()
+        while not any(f.endswith(".tmp") for f in (os.listdir(dst + ".partial") if os.path.isdir(dst + ".partial")
+                                                   else [])):
+            assert time.time() - t0 < 120 and p.poll() is None, "the repack never started writing"
+            time.sleep(0.05)
+        p.send_signal(getattr(signal, sig))
+        out, err = p.communicate(timeout=60)
+    finally:
+        if p.poll() is None:
+            p.kill()
+            p.wait()
+    assert p.returncode == status, err
+    assert "Traceback" not in err
+    assert sorted(os.listdir(str(tmp_path))) == [], os.listdir(str(tmp_path))
+
+
+def test_quantize_leftover_partial_cleaned_with_a_message(tmp_path, model_dir):
+    dst = str(tmp_path / "q8")
+    os.makedirs(dst + ".partial")
+    open(os.path.join(dst + ".partial", ".pykimi-partial"), "w").close()   # as an interrupted run leaves it
+    open(os.path.join(dst + ".partial", "model-00001-of-00002.safetensors.tmp"), "wb").write(b"half")
+    r = cli("quantize", model_dir, dst, "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert f"removing {dst}.partial, left by an interrupted repack" in r.stderr
+    assert sorted(os.listdir(str(tmp_path))) == ["q8"] and ".pykimi-partial" not in os.listdir(dst)
+    # a DST.partial pykimi did not make is not deleted
+    dst2 = str(tmp_path / "q4")
+    os.makedirs(dst2 + ".partial")
+    (tmp_path / "q4.partial" / "mine.txt").write_text("keep")
+    one_line_error(cli("quantize", model_dir, dst2, "--quiet"), "not made by pykimi")
+    assert (tmp_path / "q4.partial" / "mine.txt").read_text() == "keep"
+
+
+def test_quantize_refuses_source_with_invalid_config(tiny_copy, tmp_path):
+    """Was: quantize repacked a source whose config.json was invalid."""
+    _edit_config(tiny_copy, lambda c: c["text_config"].__setitem__("rope_theta", float("nan")))
+    dst = str(tmp_path / "q")
+    one_line_error(cli("quantize", tiny_copy, dst, "--quiet"), "rope_theta = nan")
+    assert not os.path.exists(dst) and not os.path.exists(dst + ".partial")
+
+
+@pytest.mark.parametrize("where", ["proc", "under_file", "readonly"])
+def test_quantize_unwritable_destination_one_line(tmp_path, model_dir, where):
+    """Was: a traceback (status 1) for /proc/x, a path under a file, an unwritable directory."""
+    if where == "proc":
+        dst = "/proc/pykimi_x"
+    elif where == "under_file":
+        (tmp_path / "f").write_text("x")
+        dst = str(tmp_path / "f" / "q8")
+    else:
+        if os.geteuid() == 0:
+            pytest.skip("root writes into read-only directories (the /proc case covers the path)")
+        ro = tmp_path / "ro"
+        ro.mkdir()
+        ro.chmod(0o500)
+        dst = str(ro / "q8")
+    one_line_error(cli("quantize", model_dir, dst, "--quiet"), "cannot create the destination")
+    if where == "under_file":
+        assert sorted(os.listdir(str(tmp_path))) == ["f"]
+
+
+# ------------------------------------------------------------------------------- 5. one-line errors
+
+def test_trace_out_onto_a_directory_or_unwritable(tmp_path, model_dir):
+    """Was: a traceback, and DIR.tmp left behind."""
+    case = os.path.join(GOLDEN, "text_only", "inputs.safetensors")
+    d = tmp_path / "dumps"
+    d.mkdir()
+    one_line_error(cli("trace", "-m", model_dir, "--inputs", case, "--out", str(d)), "is a directory")
+    assert sorted(os.listdir(str(tmp_path))) == ["dumps"] and os.listdir(str(d)) == []
+    one_line_error(cli("trace", "-m", model_dir, "--inputs", case, "--out", "/proc/pykimi.safetensors"),
+                   "cannot write in /proc")
+    (tmp_path / "afile").write_text("x")
+    one_line_error(cli("trace", "-m", model_dir, "--inputs", case, "--out", str(tmp_path / "afile" / "t.st")),
+                   "is a file, not a directory")
+
+
+def test_trace_inputs_without_input_ids(tmp_path, model_dir):
+    """Was: KeyError traceback."""
+    p = str(tmp_path / "in.safetensors")
+    save_file({"pixel_values": np.zeros((4, 3, 14, 14), np.float32)}, p)
+    one_line_error(cli("trace", "-m", model_dir, "--inputs", p, "--out", str(tmp_path / "o.safetensors")),
+                   "has no 'input_ids'", "in.safetensors")
+    assert not os.path.exists(str(tmp_path / "o.safetensors"))
+
+
+def test_run_in_a_read_only_directory_saves_the_scene_elsewhere():
+    """Was: a traceback when the demo scene could not be saved in the working directory (here /proc)."""
+    r = cli("run", "--json", "-n", "8", "--seed", "3", cwd="/proc")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert len(out["images"]) == 1 and out["images"][0] != "/proc/pykimi_scene.png"
+    assert os.path.exists(out["images"][0])
+    r = cli("run", "-n", "4", "--seed", "3", cwd="/proc")
+    assert r.returncode == 0 and "the working directory is not writable" in r.stderr, r.stderr
+    r = cli("run", "-n", "4", "--save-scene", "/proc/s.png")                  # asked for: an error
+    one_line_error(r, "--save-scene /proc/s.png: cannot write")
+
+
+def test_seed_minus_one_means_random(model_dir):
+    """Was: ValueError traceback. -1 is llama.cpp's 'random'."""
+    r = cli("run", "-m", model_dir, "-p", "hi", "-n", "3", "--temp", "0.9", "--seed", "-1", "--json",
+            "--ignore-eos")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["ids"]) == 3, r.stderr
+    r = cli("run", "-m", model_dir, "-p", "hi", "--seed", "-7")
+    assert r.returncode == 2 and "-1 for a random seed" in r.stderr and "Traceback" not in r.stderr
+
+
+# ------------------------------------------------------------------------------- 6. diff: nothing compared
+
+def test_diff_with_nothing_compared_fails(tmp_path):
+    """Was: 'all compared tensors agree', status 0, with no tensor in common or --names matching nothing."""
+    a, b = str(tmp_path / "a.safetensors"), str(tmp_path / "b.safetensors")
+    save_file({"x": np.ones(3, np.float32)}, a)
+    save_file({"y": np.ones(3, np.float32)}, b)
+    r = cli("diff", a, b)
+    assert r.returncode == 1 and "nothing compared: A (1 tensors) and B (1 tensors) have no tensor name in " \
+        "common" in r.stdout and "agree" not in r.stdout, r.stdout
+    r = cli("diff", a, a, "--names", "nomatch*")
+    assert r.returncode == 1 and "--names nomatch* matched none of the 1 tensors" in r.stdout, r.stdout
+    r = cli("diff", a, a)
+    assert r.returncode == 0 and "all compared tensors agree" in r.stdout
+    for bad in (["--rel", "-1"], ["--rel", "0"], ["--rel", "nan"], ["--atol", "-1"], ["--rtol", "inf"]):
+        r = cli("diff", a, a, *bad)
+        assert r.returncode == 2 and "Traceback" not in r.stderr and bad[0] in r.stderr, (bad, r.stderr)
+    from pykimi.debug import compare
+
+    assert not compare({"x": np.ones(2)}, {"y": np.ones(2)}).ok
+
+
+# ------------------------------------------------------------------------------- 7. surprises
+
+def test_demo_question_without_image_draws_a_scene(tmp_path):
+    """Was: `run -p "How many shapes are there?"` on the demo answered about no image at all."""
+    scene = str(tmp_path / "s.png")
+    r = cli("run", "-p", "How many shapes are there?", "-n", "12", "--seed", "5", "--save-scene", scene, "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert out["images"] == [scene] and os.path.exists(scene) and out["stats"]["images"] == 1
+    assert out["text"].startswith("There ") and out["text"].endswith("."), out["text"]
+    r = cli("run", "-p", "How many shapes are there?", "-n", "12", "--seed", "5", "--save-scene", scene)
+    assert "(no --image: the demo model answers questions about an image; drew a random scene" in r.stderr
+
+
+def test_chat_reset_and_unknown_commands(model_dir):
+    script = (f"/image {IMG}\nwhat is this?\n/frobnicate now\n//etc is a folder\n/reset\nagain\n/image\n"
+              f"/help\n/quit\n")
+    r = cli("chat", "-m", model_dir, "-n", "3", stdin=script)
+    assert r.returncode == 0, r.stderr
+    err = r.stderr
+    assert "unknown command '/frobnicate'; commands: /image PATH" in err
+    assert "(conversation reset: history and 1 image(s) dropped; /image PATH to attach one again)" in err
+    assert "error: /image needs a path" in err
+    assert err.count("[load") == 3     # answers to 'what is this?', '/etc is a folder' and 'again' only
+
+
+def test_chat_on_demo_without_image_notes_it():
+    r = cli("chat", "-n", "3", stdin="How many shapes are there?\n/quit\n")
+    assert r.returncode == 0 and "(note: no image attached; the demo model answers questions about an image" \
+        in r.stderr, r.stderr
+
+
+def test_max_context_zero_and_model_file(model_dir):
+    """Was: --max-context 0 meant 'no limit'; -m config.json gave a header-length message."""
+    r = cli("run", "-m", model_dir, "-p", "hi", "--max-context", "0")
+    assert r.returncode == 2 and "expected a positive number of tokens" in r.stderr
+    cfg = os.path.join(model_dir, "config.json")
+    one_line_error(cli("run", "-m", cfg, "-p", "hi"), "this is a file; pass the checkpoint directory",
+                   f"-m {model_dir}")
+    with pytest.raises(CheckpointError, match="this is a file; pass the checkpoint directory"):
+        pykimi.load(cfg)
+
+
+def test_version_and_common_aliases(model_dir):
+    r = cli("--version")
+    assert r.returncode == 0 and r.stdout.strip() == f"pykimi {pykimi.__version__}"
+    r = cli("run", "-m", model_dir, "-p", "hi", "--max-tokens", "3", "--temperature", "0", "-c", "200", "--json",
+            "--ignore-eos")
+    assert r.returncode == 0 and len(json.loads(r.stdout)["ids"]) == 3, r.stderr
+    r = cli("run", "-m", model_dir, "-p", "hello there", "--ctx-size", "5")
+    one_line_error(r, "context limit")
+
+
+def test_16bit_png_keeps_its_range(tmp_path):
+    """Was: a 16-bit PNG became all white (Pillow clips I;16 to 255 in convert('RGB'))."""
+    from PIL import Image
+    from pykimi.image import preprocess_image
+
+    a = np.zeros((28, 56), np.uint16)
+    a[:, 28:] = 65535                       # left half black, right half white
+    a[:14, :28] = 32896                     # a mid grey: round(32896 * 255 / 65535) = 128
+    p = str(tmp_path / "g16.png")
+    Image.fromarray(a).save(p)
+    assert Image.open(p).mode.startswith("I")
+    pv, g = preprocess_image(p)
+    assert g == (2, 4)
+    x = pv * 0.5 + 0.5                      # undo mean = std = 0.5
+    # patches in raster order: row 0 = grey, grey, white, white; row 1 = black, black, white, white
+    assert np.allclose(x[:2], 128 / 255) and np.allclose(x[4:6], 0.0) and np.allclose(x[[2, 3, 6, 7]], 1.0)
