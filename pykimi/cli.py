@@ -221,8 +221,7 @@ def _positive_int(s: str) -> int:
     except ValueError:
         raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
     if v < 1:
-        raise argparse.ArgumentTypeError(f"{v}: expected a positive number of tokens (omit the option for the "
-                                         f"model's own limit)")
+        raise argparse.ArgumentTypeError(f"{v}: expected a positive integer (omit the option for the default)")
     return v
 
 
@@ -477,7 +476,8 @@ def cmd_trace(args) -> int:
         model.forward(inputs["input_ids"], pixel_values=inputs.get("pixel_values"),
                       image_grid_hws=inputs.get("image_grid_hws"))
     try:
-        t.save(args.out, metadata={"model": path})
+        with _sigterm_as_interrupt():
+            t.save(args.out, metadata={"model": path})
     except OSError as e:
         raise InputError(f"--out {args.out}: cannot write the dump ({e.strerror or e})") from None
     finally:
@@ -516,7 +516,7 @@ def cmd_quantize(args) -> int:
 
 def _add_model_args(p):
     p.add_argument("-m", "--model", help="checkpoint directory (HF layout); default: the bundled demo checkpoint")
-    p.add_argument("-t", "--threads", type=int, help="kernel threads (default: PYKIMI_THREADS or all cores)")
+    p.add_argument("-t", "--threads", type=_positive_int, help="kernel threads (default: PYKIMI_THREADS or all cores)")
     p.add_argument("--backend", choices=["numpy", "numba", "c"], help="kernel backend (default: fastest available)")
     p.add_argument("-c", "--max-context", "--ctx-size", dest="max_context", type=_positive_int,
                    help="refuse prompts + answers longer than this many tokens (default: the model's "

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -171,16 +172,21 @@ def load_image(img, name: str | None = None):
         if not os.path.isfile(path):
             raise InputError(f"{what}: not a file")
         try:
-            with Image.open(path) as im:
-                im.load()
-                img = im
-        except Image.DecompressionBombError as e:
+            with warnings.catch_warnings():
+                # Pillow only warns between MAX_IMAGE_PIXELS and twice that, then decodes hundreds of MB: refuse
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                with Image.open(path) as im:
+                    im.load()
+                    img = im
+        except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
             raise InputError(f"{what}: refused by Pillow's decompression-bomb limit ({_first_line(e)}); "
                              f"raise PIL.Image.MAX_IMAGE_PIXELS if the file is trusted") from None
         except UnidentifiedImageError:
             raise InputError(f"{what}: not a readable image file") from None
         except (OSError, SyntaxError, ValueError, EOFError) as e:
             raise InputError(f"{what}: truncated or corrupt image ({_first_line(e)})") from None
+        except Exception as e:  # noqa: BLE001 -- a decoder tripping over damaged bytes (struct.error, IndexError..)
+            raise InputError(f"{what}: corrupt image ({type(e).__name__}: {_first_line(e)})") from None
     elif isinstance(img, Image.Image):
         try:
             img.load()

@@ -477,7 +477,7 @@ def test_chat_on_demo_without_image_notes_it():
 def test_max_context_zero_and_model_file(model_dir):
     """Was: --max-context 0 meant 'no limit'; -m config.json gave a header-length message."""
     r = cli("run", "-m", model_dir, "-p", "hi", "--max-context", "0")
-    assert r.returncode == 2 and "expected a positive number of tokens" in r.stderr
+    assert r.returncode == 2 and "--max-context" in r.stderr and "expected a positive integer" in r.stderr
     cfg = os.path.join(model_dir, "config.json")
     one_line_error(cli("run", "-m", cfg, "-p", "hi"), "this is a file; pass the checkpoint directory",
                    f"-m {model_dir}")
@@ -511,3 +511,15 @@ def test_16bit_png_keeps_its_range(tmp_path):
     x = pv * 0.5 + 0.5                      # undo mean = std = 0.5
     # patches in raster order: row 0 = grey, grey, white, white; row 1 = black, black, white, white
     assert np.allclose(x[:2], 128 / 255) and np.allclose(x[4:6], 0.0) and np.allclose(x[[2, 3, 6, 7]], 1.0)
+
+
+def test_image_between_bomb_limits_is_refused(tmp_path, monkeypatch):
+    """Pillow only warns between MAX_IMAGE_PIXELS and twice that and then decodes it all: refused instead."""
+    from PIL import Image
+    from pykimi.image import load_image
+
+    p = str(tmp_path / "big.png")
+    Image.new("RGB", (50, 30)).save(p)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)          # 1500 pixels: in the warning band
+    with pytest.raises(InputError, match="big.png.*decompression-bomb limit"):
+        load_image(p)
