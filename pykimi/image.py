@@ -39,10 +39,10 @@ class ImageSettings:
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "preprocessor_config.json") -> "ImageSettings":
-        def pos_int(key, default):
+        def pos_int(key, default, hi):
             v = d.get(key, default)
-            if isinstance(v, bool) or not isinstance(v, int) or v <= 0:
-                raise ConfigError(f"{source}: {key} must be a positive integer, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or not 0 < v <= hi:
+                raise ConfigError(f"{source}: {key} must be an integer in 1..{hi}, got {v!r}")
             return v
 
         def triple(key, default, positive):
@@ -61,12 +61,14 @@ class ImageSettings:
         if isinstance(mk, int) and not isinstance(mk, bool):
             mk = [mk, mk]
         if (not isinstance(mk, (list, tuple)) or len(mk) != 2
-                or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in mk)):
-            raise ConfigError(f"{source}: merge_kernel_size must be two positive integers, got {mk!r}")
+                or not all(isinstance(x, int) and not isinstance(x, bool) and 0 < x <= 8 for x in mk)):
+            raise ConfigError(f"{source}: merge_kernel_size must be two integers in 1..8, got {mk!r}")
         pad = d.get("pad_input", True)
         if not isinstance(pad, bool):
             raise ConfigError(f"{source}: pad_input must be true or false, got {pad!r}")
-        return cls(patch_size=pos_int("patch_size", 14), in_token_limit=pos_int("in_token_limit", 4096),
+        # bounds far above the released settings (14, 4096, 2x2) that keep a padded image within reach of
+        # memory: sides < 512 patches of at most 64 px
+        return cls(patch_size=pos_int("patch_size", 14, 64), in_token_limit=pos_int("in_token_limit", 4096, 1 << 18),
                    merge_kernel_size=(int(mk[0]), int(mk[1])), pad_input=pad,
                    image_mean=triple("image_mean", [0.5] * 3, False),
                    image_std=triple("image_std", [0.5] * 3, True))

@@ -142,8 +142,9 @@ def test_settings_mean_std_from_dir(tmp_path):
 
 
 @pytest.mark.parametrize("cfg,msg", [
-    ({"patch_size": 0}, "patch_size must be a positive integer"),
-    ({"merge_kernel_size": [2]}, "merge_kernel_size must be two positive integers"),
+    ({"patch_size": 0}, "patch_size must be an integer in 1..64"),
+    ({"patch_size": 10 ** 6}, "patch_size must be an integer in 1..64"),
+    ({"merge_kernel_size": [2]}, "merge_kernel_size must be two integers in 1..8"),
     ({"image_std": [0.5, 0, 0.5]}, "image_std must be 3 finite positive numbers"),
     ({"pad_input": "yes"}, "pad_input must be true or false"),
 ])
