@@ -25,7 +25,7 @@ import numpy as np
 import pytest
 
 hypothesis = pytest.importorskip("hypothesis")
-from hypothesis import HealthCheck, given, settings, strategies as st  # noqa: E402
+from hypothesis import HealthCheck, example, given, settings, strategies as st  # noqa: E402
 
 import pykimi  # noqa: E402
 from conftest import GOLDEN, TINY  # noqa: E402
@@ -236,16 +236,28 @@ def _apply_bytes(raw, edit):
     raise AssertionError(kind)
 
 
-@given(edit=st.one_of(json_edit, byte_edit), shard=st.sampled_from(SHARDS))
-@_settings(110)
-def test_fuzz_safetensors_header_and_layout(work, edit, shard):
+def _repad(raw: bytes, extra: int) -> bytes:
+    """The same file with ``extra`` more spaces of header padding (JSON whitespace: means the same)."""
+    n, hb, data = _split(raw)
+    return struct.pack("<Q", n + extra) + hb + b" " * extra + data
+
+
+# the probe's original cases, always run: a header length one byte short (issue 19 #1) or long, across padding
+@example(edit=("hlen", -1), shard=SHARDS[0], pad=0)
+@example(edit=("hlen", -1), shard=SHARDS[1], pad=9)
+@example(edit=("hlen", 1), shard=SHARDS[1], pad=0)
+@example(edit=("append", b"\0"), shard=SHARDS[0], pad=3)
+@example(edit=("reorder", 5, 0, 0), shard=SHARDS[0], pad=0)
+@given(edit=st.one_of(json_edit, byte_edit), shard=st.sampled_from(SHARDS), pad=st.integers(0, 16))
+@_settings(250)
+def test_fuzz_safetensors_header_and_layout(work, edit, shard, pad):
     _restore(work)
     p = os.path.join(work["dir"], shard)
     raw = work["orig"][shard]
     if edit[0] in ("offset", "shape", "shape_len", "dtype", "drop", "junk", "reorder", "metadata"):
         new, weak, _ = _apply_json(raw, edit)
     else:
-        new, weak = _apply_bytes(raw, edit), False
+        new, weak = _apply_bytes(_repad(raw, pad), edit), False
     with open(p, "wb") as fh:
         fh.write(new)
     # the error names the shard, or (a tensor gone / renamed) the checkpoint directory and config.json's need
@@ -295,7 +307,7 @@ raw_file = st.one_of(
 
 
 @given(data=raw_file)
-@_settings(150)
+@_settings(400)
 def test_fuzz_safetensors_reader_never_crashes(tmp_path_factory, data):
     """Arbitrary bytes, or random headers over random data lengths, as a .safetensors file: a CheckpointError
     naming it, or a file whose tensors tile its data region exactly (sorted, from 0, no gap or overlap, to the
@@ -353,7 +365,7 @@ def _config_keys():
 
 
 @given(key=st.sampled_from(_config_keys()), value=values, delete=st.sampled_from([False, False, False, True]))
-@_settings(110)
+@_settings(250)
 def test_fuzz_config_values(work, key, value, delete):
     _restore(work)
     p = os.path.join(work["dir"], "config.json")
@@ -414,7 +426,7 @@ image_edit = st.one_of(
 
 @given(mode=st.sampled_from(MODES), fmt=st.sampled_from(sorted(FORMATS)), w=st.integers(1, 80),
        h=st.integers(1, 80), seed=st.integers(0, 2 ** 16), edit=image_edit)
-@_settings(160)
+@_settings(400)
 def test_fuzz_image_files(tmp_path_factory, mode, fmt, w, h, seed, edit):
     """An image file, intact or damaged: an InputError naming the file, or pixel values that are finite, of
     the grid's shape, and -- for the intact file and for PNG, whose chunks carry CRCs and whose pixels a zlib
