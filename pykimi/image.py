@@ -173,6 +173,7 @@ def load_image(img, name: str | None = None):
             raise InputError(f"{what}: file not found")
         if not os.path.isfile(path):
             raise InputError(f"{what}: not a file")
+        _check_png_crcs(path, what)
         try:
             with warnings.catch_warnings():
                 # Pillow only warns between MAX_IMAGE_PIXELS and twice that, then decodes hundreds of MB: refuse
@@ -202,6 +203,40 @@ def load_image(img, name: str | None = None):
     if w <= 0 or h <= 0:
         raise InputError(f"{what}: zero-size image ({w}x{h})")
     return img
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _check_png_crcs(path: str, what: str) -> None:
+    """A PNG's chunks each carry a CRC-32, but Pillow does not check the image-data chunks' ones and stops
+    inflating once it has every row, so a damaged byte can decode to different pixels without an error (found by
+    tests/test_fuzz.py). Walk the chunks up to IEND and check every CRC: a damaged PNG is refused instead."""
+    import zlib
+
+    try:
+        with open(path, "rb") as fh:
+            if fh.read(8) != _PNG_SIGNATURE:
+                return                                  # not a PNG: Pillow decides
+            while True:
+                head = fh.read(8)
+                if len(head) < 8:
+                    raise InputError(f"{what}: truncated or corrupt image (PNG without its IEND chunk)")
+                n = int.from_bytes(head[:4], "big")
+                ctype = head[4:]
+                if n > 0x7FFFFFFF:
+                    raise InputError(f"{what}: truncated or corrupt image (PNG chunk length {n} over the format's limit)")
+                data = fh.read(n)
+                crc = fh.read(4)
+                if len(data) < n or len(crc) < 4:
+                    raise InputError(f"{what}: truncated or corrupt image (PNG chunk {ctype.decode('latin-1')!r} cut short)")
+                if zlib.crc32(ctype + data) != int.from_bytes(crc, "big"):
+                    raise InputError(f"{what}: truncated or corrupt image (PNG chunk {ctype.decode('latin-1')!r} fails its "
+                                     f"CRC check)")
+                if ctype == b"IEND":
+                    return
+    except OSError as e:
+        raise InputError(f"{what}: cannot read ({e.strerror or e})") from None
 
 
 def _first_line(e: BaseException) -> str:

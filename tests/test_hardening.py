@@ -523,3 +523,24 @@ def test_image_between_bomb_limits_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)          # 1500 pixels: in the warning band
     with pytest.raises(InputError, match="big.png.*decompression-bomb limit"):
         load_image(p)
+
+
+def test_png_with_a_damaged_data_byte_is_refused(tmp_path):
+    """Found by the fuzz: Pillow skips the image-data chunks' CRCs, so one flipped IDAT byte decoded to other
+    pixels without an error. Every chunk's CRC is now checked."""
+    import io
+
+    from PIL import Image
+    from pykimi.image import preprocess_image
+
+    img = Image.fromarray(np.random.default_rng(95).integers(0, 256, (6, 21, 3), dtype=np.uint8)).convert("RGBA")
+    buf = io.BytesIO()
+    img.save(buf, "PNG")
+    good = buf.getvalue()
+    i = 193                                            # the fuzz's case: inside IDAT, Pillow decodes other pixels
+    assert good.index(b"IDAT") < i < good.index(b"IEND")
+    bad = good[:i] + bytes([good[i] ^ 0x40]) + good[i + 1:]
+    p = tmp_path / "flip.png"
+    p.write_bytes(bad)
+    with pytest.raises(InputError, match="flip.png': truncated or corrupt image .PNG chunk 'IDAT' fails its CRC"):
+        preprocess_image(str(p))
