@@ -196,7 +196,9 @@ class TextConfig:
             raise ConfigError(f"{_WHERE}: text_config.model_type = {mt!r}, expected 'deepseek_v3'")
 
         def opt_int(key, default=None, hi=MAX_EXPERTS):
-            v = d.get(key, default)
+            v = d.get(key)
+            if v is None:               # absent or null: the default (HF's DeepseekV3Config defaults)
+                v = default
             if v is not None and (not _is_int(v) or v < 0 or v > hi):
                 raise ConfigError(f"{_WHERE}: text_config.{key} = {v!r}, expected an integer in 0..{hi} or null")
             return v

@@ -544,3 +544,13 @@ def test_png_with_a_damaged_data_byte_is_refused(tmp_path):
     p.write_bytes(bad)
     with pytest.raises(InputError, match="flip.png': truncated or corrupt image .PNG chunk 'IDAT' fails its CRC"):
         preprocess_image(str(p))
+
+
+def test_null_optional_config_ints_take_their_default(tiny_copy):
+    """Found by the fuzz: "first_k_dense_replace": null raised a TypeError (a traceback) at load."""
+    base = pykimi.load_config(tiny_copy).text
+    _edit_config(tiny_copy, lambda c: c["text_config"].update(first_k_dense_replace=None, n_group=None))
+    t = pykimi.load_config(tiny_copy).text
+    assert t.first_k_dense_replace == 0 and t.n_group == 1 and base.first_k_dense_replace == 1
+    with pytest.raises(ConfigError, match="config.json: these sizes need 146 tensors .* holds 123"):
+        pykimi.load(tiny_copy)                 # layer 0 is then a MoE layer: its experts are not in the files
