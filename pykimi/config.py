@@ -420,6 +420,9 @@ def load_config(path: str) -> KimiVLConfig:
         raise ConfigError(f"{path}: no such checkpoint directory")
     if not os.path.exists(f):
         raise ConfigError(f"{f}: config.json is missing (expected a Hugging Face checkpoint directory)")
+    if f is path and not f.endswith(".json"):
+        raise ConfigError(f"{path}: this is a file; pass the checkpoint directory "
+                          f"({os.path.dirname(os.path.abspath(path))}) or its config.json")
     try:
         with open(f, encoding="utf-8") as fh:
             d = json.load(fh)

@@ -426,6 +426,7 @@ image_edit = st.one_of(
 )
 
 
+@pytest.mark.filterwarnings("ignore::UserWarning")     # Pillow's notes on the damaged TIFFs it still reads
 @given(mode=st.sampled_from(MODES), fmt=st.sampled_from(sorted(FORMATS)), w=st.integers(1, 80),
        h=st.integers(1, 80), seed=st.integers(0, 2 ** 16), edit=image_edit)
 @_settings(400)

@@ -483,6 +483,8 @@ def test_max_context_zero_and_model_file(model_dir):
                    f"-m {model_dir}")
     with pytest.raises(CheckpointError, match="this is a file; pass the checkpoint directory"):
         pykimi.load(cfg)
+    shard = os.path.join(model_dir, SHARD1)
+    one_line_error(cli("info", shard), "this is a file; pass the checkpoint directory")
 
 
 def test_version_and_common_aliases(model_dir):
