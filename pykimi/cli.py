@@ -199,20 +199,19 @@ def _raise_terminated(signum, frame):
 def _check_out_file(path: str, what: str) -> None:
     """Refuse an output file path that cannot work before any long computation."""
     if os.path.isdir(path):
-        raise InputError(f"{what} {path}: is a directory; pass a file name (e.g. {os.path.join(path, 'trace.safetensors')})")
-    parent = os.path.dirname(os.path.abspath(path))
-    probe = parent
+        raise InputError(f"{what} {path}: is a directory; pass a file name "
+                         f"(e.g. {os.path.join(path, 'trace.safetensors')})")
+    probe = os.path.dirname(os.path.abspath(path))     # the nearest existing ancestor: the writer creates the rest
     while not os.path.exists(probe):
         probe = os.path.dirname(probe)
     if not os.path.isdir(probe):
         raise InputError(f"{what} {path}: {probe} is a file, not a directory")
-    try:
-        os.makedirs(parent, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=parent, prefix=".pykimi-probe-")
+    try:                                                # os.access is no proof (root, read-only mounts): try it
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".pykimi-probe-")
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
-        raise InputError(f"{what} {path}: cannot write in {parent} ({e.strerror or e})") from None
+        raise InputError(f"{what} {path}: cannot write in {probe} ({e.strerror or e})") from None
 
 
 def _positive_int(s: str) -> int:
@@ -423,10 +422,9 @@ def cmd_info(args) -> int:
     if has_weights:
         from collections import Counter
 
+        from .config import check_fits
         from .layout import expected_tensors
         from .weights import Checkpoint
-
-        from .config import check_fits
 
         ck = Checkpoint.open(d)
         check_fits(cfg, ck)                        # sizes bounded by the files before the tensor table is built
@@ -466,8 +464,9 @@ def cmd_trace(args) -> int:
         ck = Checkpoint.open(args.inputs)
         inputs = {n: np.array(ck.get(n)) for n in ck.names()}
         if "input_ids" not in inputs:
+            held = ", ".join(sorted(inputs)) or "nothing"
             raise InputError(f"--inputs {args.inputs}: has no 'input_ids' tensor (expected input_ids and, with "
-                             f"images, pixel_values and image_grid_hws); it holds {', '.join(sorted(inputs)) or 'nothing'}")
+                             f"images, pixel_values and image_grid_hws); it holds {held}")
     else:
         msgs = _messages(args.system, args.prompt or DEFAULT_PROMPT, len(images))
         inputs = proc.prepare(msgs, images=images or None)

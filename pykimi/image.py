@@ -214,6 +214,9 @@ def _check_png_crcs(path: str, what: str) -> None:
     tests/test_fuzz.py). Walk the chunks up to IEND and check every CRC: a damaged PNG is refused instead."""
     import zlib
 
+    def bad(why):
+        return InputError(f"{what}: truncated or corrupt image ({why})")
+
     try:
         with open(path, "rb") as fh:
             if fh.read(8) != _PNG_SIGNATURE:
@@ -221,19 +224,18 @@ def _check_png_crcs(path: str, what: str) -> None:
             while True:
                 head = fh.read(8)
                 if len(head) < 8:
-                    raise InputError(f"{what}: truncated or corrupt image (PNG without its IEND chunk)")
+                    raise bad("PNG without its IEND chunk")
                 n = int.from_bytes(head[:4], "big")
-                ctype = head[4:]
+                name = head[4:].decode("latin-1")
                 if n > 0x7FFFFFFF:
-                    raise InputError(f"{what}: truncated or corrupt image (PNG chunk length {n} over the format's limit)")
-                data = fh.read(n)
+                    raise bad(f"PNG chunk length {n} over the format's limit")
+                data = fh.read(n)                       # at most what the file holds
                 crc = fh.read(4)
                 if len(data) < n or len(crc) < 4:
-                    raise InputError(f"{what}: truncated or corrupt image (PNG chunk {ctype.decode('latin-1')!r} cut short)")
-                if zlib.crc32(ctype + data) != int.from_bytes(crc, "big"):
-                    raise InputError(f"{what}: truncated or corrupt image (PNG chunk {ctype.decode('latin-1')!r} fails its "
-                                     f"CRC check)")
-                if ctype == b"IEND":
+                    raise bad(f"PNG chunk {name!r} cut short")
+                if zlib.crc32(head[4:] + data) != int.from_bytes(crc, "big"):
+                    raise bad(f"PNG chunk {name!r} fails its CRC check")
+                if name == "IEND":
                     return
     except OSError as e:
         raise InputError(f"{what}: cannot read ({e.strerror or e})") from None
