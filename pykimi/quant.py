@@ -145,7 +145,7 @@ def _check_destination(src: str, dst: str, overwrite: bool) -> str:
     """Refuse a destination that would destroy data, before anything is read or written; returns DST.partial.
 
     Symlinks are resolved. Refused: an empty name; DST equal to, inside or containing the source (the repack
-    replaces DST, so `quantize X/ck X --overwrite` once deleted the source); DST.partial or DST.old being or
+    replaces DST, so `quantize X/ck X --overwrite` once deleted the source); DST.partial being or
     containing the source; an existing DST without --overwrite; with --overwrite, an existing directory that
     holds no checkpoint (config.json or *.safetensors), so a mistyped `.` or `~` is never replaced; a DST.partial
     that pykimi did not create (no marker file)."""
@@ -158,7 +158,7 @@ def _check_destination(src: str, dst: str, overwrite: bool) -> str:
     src_real = os.path.realpath(src if os.path.isdir(src) else os.path.dirname(os.path.abspath(src)))
     dst_real = os.path.realpath(dst)
     part = dst + ".partial"
-    for name, real in ((dst, dst_real), (part, os.path.realpath(part)), (dst + ".old", os.path.realpath(dst + ".old"))):
+    for real in (dst_real, os.path.realpath(part)):
         if _inside(real, src_real):
             raise CheckpointError(f"{dst}: the destination is the source checkpoint {src} or inside it; choose a "
                                   f"path outside {src_real}")
@@ -176,16 +176,20 @@ def _check_destination(src: str, dst: str, overwrite: bool) -> str:
     return part
 
 
+def _unused_name(base: str) -> str:
+    name, k = base, 0
+    while os.path.lexists(name):
+        k += 1
+        name = f"{base}{k}"
+    return name
+
+
 def _swap_in(part: str, dst: str) -> None:
     """Move the finished DST.partial to DST; an existing DST (directory or file, overwrite) goes away whole."""
     if not os.path.lexists(dst):
         os.replace(part, dst)
         return
-    old = dst + ".old"
-    if os.path.isdir(old) and not os.path.islink(old):
-        shutil.rmtree(old)
-    elif os.path.lexists(old):
-        os.remove(old)
+    old = _unused_name(dst + ".old")                    # never a name that holds something of the user's
     os.replace(dst, old)
     os.replace(part, dst)
     if os.path.isdir(old) and not os.path.islink(old):

@@ -556,3 +556,16 @@ def test_null_optional_config_ints_take_their_default(tiny_copy):
     assert t.first_k_dense_replace == 0 and t.n_group == 1 and base.first_k_dense_replace == 1
     with pytest.raises(ConfigError, match="config.json: these sizes need 146 tensors .* holds 123"):
         pykimi.load(tiny_copy)                 # layer 0 is then a MoE layer: its experts are not in the files
+
+
+def test_quantize_overwrite_keeps_a_users_dst_old(tmp_path, model_dir):
+    """The swap used to clear DST.old first: a user's directory of that name was deleted."""
+    dst = tmp_path / "q8"
+    r = cli("quantize", model_dir, str(dst), "--quiet")
+    assert r.returncode == 0, r.stderr
+    (tmp_path / "q8.old").mkdir()
+    (tmp_path / "q8.old" / "notes.txt").write_text("mine")
+    r = cli("quantize", model_dir, str(dst), "--overwrite", "--bits", "4", "--quiet")
+    assert r.returncode == 0, r.stderr
+    assert (tmp_path / "q8.old" / "notes.txt").read_text() == "mine"
+    assert sorted(os.listdir(str(tmp_path))) == ["q8", "q8.old"]
