@@ -15,14 +15,17 @@
 # %% [markdown]
 # # 00 · A tour of Kimi-VL in pykimi
 #
-# **What it teaches.** One image and one question, end to end: the processor, the vision tower (MoonViT), the projector, the image tokens in the prompt, the Moonlight MoE language model, and greedy decoding. Then the trace of the whole run: every named intermediate, with its shape.
+# **What it teaches.** One image and one question, end to end: the processor, the vision tower (MoonViT),
+# the projector, the image tokens in the prompt, the Moonlight MoE language model and greedy decoding. Then
+# the trace of the whole run: every named intermediate, with its shape.
 #
-# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib. By default the bundled demo
-# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes); set the
-# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells on
-# the real model (weights stay memory-mapped, so it fits in 24 GiB). 
+# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib, and the bundled demo
+# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes). Set the
+# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
+# on the real model (weights stay memory-mapped, so it fits in 24 GiB).
 #
-# **How long.** about 10 s on 2 cores with the demo checkpoint; with the real checkpoint several minutes (four forward passes and a short answer).
+# **How long.** About 5 s on 2 cores with the demo checkpoint; several minutes with the real one (three
+# forward passes and a short answer).
 
 # %%
 import os, sys, time
@@ -35,13 +38,14 @@ except ImportError:                      # a source checkout without `pip instal
     sys.path.insert(0, os.path.abspath(".."))
     import pykimi
 
-MODEL_DIR = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
+# a downloaded Kimi-VL-A3B-Instruct directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
 IS_DEMO = not os.environ.get("PYKIMI_MODEL")
-print("model directory:", MODEL_DIR)
+print("checkpoint:", MODEL_DIR)
 
 
 def show(**arrays):
-    """Print name, shape and dtype of each array (display only)."""
+    """Print the name, shape and dtype of each array (display only)."""
     for k, v in arrays.items():
         v = np.asarray(v)
         print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
@@ -54,12 +58,18 @@ def show(**arrays):
 # memory-maps the weights. Nothing is converted up front. The `Processor` holds the tokenizer, the chat
 # template and the image preprocessing.
 
-# %%
+# %% tags=["timing"]
 t0 = time.perf_counter()
 model = pykimi.load(MODEL_DIR)
 proc = pykimi.Processor.from_pretrained(MODEL_DIR)
 print(f"loaded in {time.perf_counter() - t0:.2f} s")
-print(model.config.summary())
+
+# %% [markdown]
+# The configuration in brief: the vision tower, the projector, the language model and its experts, the
+# parameter counts. The demo checkpoint has the real architecture at a tiny width.
+
+# %%
+print(model.config.summary().replace(model.config.path, MODEL_DIR))     # the path as given, not absolute
 
 # %% [markdown]
 # ## 2. A picture and a question
@@ -75,7 +85,11 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 3)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+
+# %% [markdown]
+# The question goes into a chat message with an image part; the chat template turns the messages into the
+# prompt text, special tokens included (notebook 02 takes it apart).
 
 # %%
 question = scenes.QUESTION_DESCRIBE
@@ -107,12 +121,21 @@ print(f"grid {gh}x{gw} = {gh * gw} patches -> {n_img} image tokens (one per 2x2 
 # `<|im_end|>`.
 
 # %%
-new_ids = model.generate(ids, pixel_values=pv, image_grid_hws=grid, max_new_tokens=24)
+new_ids = model.generate(ids, pixel_values=pv, image_grid_hws=grid, max_new_tokens=24)     # a list of ids
 print("new ids:", new_ids)
 print("answer :", repr(proc.decode(new_ids, skip_special=True)))
 if IS_DEMO:
     print("truth  :", repr(scenes.describe_answer(shapes)))
-print("stats  :", {k: round(v, 4) if isinstance(v, float) else v for k, v in model.last_stats.items()})
+
+# %% [markdown]
+# `model.last_stats` says what that cost: the vision tower and projector (`encode_s`), the prompt in one
+# batch (`prefill_s`), then one decode step per new token (`decode_s`). Notebook 08 looks closer.
+
+# %% tags=["timing"]
+st = model.last_stats
+print(f"{st['prompt_tokens']} prompt tokens, {st['new_tokens']} new tokens")
+print(f"vision {1e3 * st['encode_s']:.0f} ms, prefill {1e3 * st['prefill_s']:.0f} ms, "
+      f"decode {1e3 * st['decode_s']:.0f} ms")
 
 # %% [markdown]
 # ## 5. The same thing, one stage at a time
@@ -155,7 +178,7 @@ for name in t:       # block 0, layer 0 and the first MoE layer in full, then on
 # every decoder layer. The vision stream and the text stream are separate sequences joined at
 # `inputs_embeds`.
 
-# %%
+# %% tags=["thumbnail"]
 stages = ["vision_tower.patch_embed"]
 stages += [f"vision_tower.encoder.blocks.{i}" for i in range(model.config.vision.num_hidden_layers)]
 stages += ["vision_tower.encoder.final_layernorm", "multi_modal_projector", "inputs_embeds"]
@@ -172,6 +195,8 @@ plt.ylabel("RMS"); plt.title("size of the stream after each stage (orange: visio
 plt.tight_layout(); plt.show()
 
 # %% [markdown]
-# The next notebooks open each stage: the checkpoint file (01), tokens and the chat template (02), pixels
-# to patches (03), MoonViT (04), the merger and projector (05), MLA attention (06), MoE routing (07),
-# generation (08) and debugging with traces (09).
+# The next notebooks open each stage: the checkpoint file ([01](01_checkpoint.ipynb)), tokens and the chat
+# template ([02](02_tokens_and_chat.ipynb)), pixels to patches ([03](03_pixels_to_patches.ipynb)), MoonViT
+# ([04](04_moonvit.ipynb)), the merger and projector ([05](05_merger_and_projector.ipynb)), MLA attention
+# ([06](06_mla.ipynb)), MoE routing ([07](07_moe_routing.ipynb)), generation ([08](08_generation.ipynb)) and
+# debugging with traces ([09](09_debugging.ipynb)).

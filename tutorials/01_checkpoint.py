@@ -15,14 +15,18 @@
 # %% [markdown]
 # # 01 · The checkpoint: safetensors, memory mapping, bf16, parameter counts
 #
-# **What it teaches.** What is in a Kimi-VL checkpoint and how pykimi reads it without loading it: the safetensors header, zero-copy memory-mapped views, the bf16 → float32 trick (a 16-bit shift), and how many parameters the real model has in total versus how many one token actually uses.
+# **What it teaches.** What is in a Kimi-VL checkpoint and how pykimi reads it without loading it: the
+# safetensors header, zero-copy memory-mapped views, the bf16 → float32 widening (a 16-bit shift), and how
+# many parameters the real model has in total versus how many one token uses.
 #
-# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib. By default the bundled demo
-# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes); set the
-# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells on
-# the real model (weights stay memory-mapped, so it fits in 24 GiB). The parameter counts of the real model come from its config.json (`pykimi/data/reference_config.json`), so they need no download.
+# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib, and the bundled demo
+# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes). Set the
+# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
+# on the real model (weights stay memory-mapped, so it fits in 24 GiB).
+# The parameter counts of the real model come from its config.json, which ships with
+# pykimi (`pykimi/data/reference_config.json`), so they need no download.
 #
-# **How long.** about 10 s on 2 cores, with either checkpoint (only headers and a few small tensors are read).
+# **How long.** About 3 s on 2 cores, with either checkpoint (only headers and a few small tensors are read).
 
 # %%
 import os, sys, time
@@ -35,13 +39,14 @@ except ImportError:                      # a source checkout without `pip instal
     sys.path.insert(0, os.path.abspath(".."))
     import pykimi
 
-MODEL_DIR = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
+# a downloaded Kimi-VL-A3B-Instruct directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
 IS_DEMO = not os.environ.get("PYKIMI_MODEL")
-print("model directory:", MODEL_DIR)
+print("checkpoint:", MODEL_DIR)
 
 
 def show(**arrays):
-    """Print name, shape and dtype of each array (display only)."""
+    """Print the name, shape and dtype of each array (display only)."""
     for k, v in arrays.items():
         v = np.asarray(v)
         print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
@@ -53,7 +58,7 @@ def show(**arrays):
 # `pykimi.Checkpoint.open` reads `config.json`, the shard index and each file's header. It reads no
 # weights.
 
-# %%
+# %% tags=["timing"]
 t0 = time.perf_counter()
 ckpt = pykimi.Checkpoint.open(MODEL_DIR)
 files = sorted({ckpt.info(n).file for n in ckpt.names()})
@@ -145,6 +150,10 @@ print(f"max relative error {rel.max():.5f} (bound 2^-8 = {2.0 ** -8:.5f})")
 plt.figure(figsize=(6, 2.5)); plt.hist(rel, bins=100); plt.yscale("log")
 plt.xlabel("|bf16(x) - x| / |x|"); plt.title("bf16 rounding error of 100k normal samples"); plt.show()
 
+# %% [markdown]
+# `ckpt.f32(name)` is the widened float32 copy of one tensor (the kernels widen tile by tile instead).
+# Trained weights are small and centred on zero:
+
 # %%
 w = ckpt.f32(name)                                                 # [out, in] float32 copy
 show(kv_b_proj=w)
@@ -181,20 +190,20 @@ plt.title("bytes by component (this checkpoint)"); plt.show()
 # dense + 26 MoE with 64 routed experts, top-6, and 2 shared experts).
 
 # %%
-ref_path = os.path.join(os.path.dirname(pykimi.__file__), "data", "reference_config.json")
+ref_path = os.path.relpath(os.path.join(os.path.dirname(pykimi.__file__), "data", "reference_config.json"))
 real = pykimi.load_config(ref_path)
 pc = real.param_counts()
 for k, v in pc.items():
     print(f"  {k:<16} {v / 1e9:8.3f} B")
 print()
-print(real.summary())
+print(real.summary().replace(real.path, os.path.dirname(ref_path)))      # the path as given, not absolute
 
 # %% [markdown]
 # "A3B": about 3 billion parameters active per token, out of 16.4 billion. Each token goes through the
 # attention, the dense/shared FFNs and 6 of the 64 experts in each MoE layer (the embedding contributes
 # one row, lm_head all of it).
 
-# %%
+# %% tags=["thumbnail"]
 lm_common = pc["language"] - pc["routed_experts"]          # everything in the LM but routed experts
 stored = {"vision + projector": pc["vision"] + pc["projector"], "LM (not routed experts)": lm_common,
           "routed experts": pc["routed_experts"]}
@@ -207,6 +216,12 @@ for k, c in zip(stored, ["tab:orange", "tab:blue", "tab:green"]):
     left += vals
 ax.set_xlabel("billion parameters"); ax.legend(fontsize=8); ax.set_title("total vs active")
 plt.tight_layout(); plt.show()
+
+# %% [markdown]
+# Decoding one token reads every active weight once, so memory bandwidth bounds the speed: the bytes of
+# the active weights per token (bf16: 2 bytes each) over the bytes per second the memory delivers.
+
+# %%
 V, H = real.text.vocab_size, real.text.hidden_size
 per_token = (pc["active_no_embed"] + V * H) * 2          # bf16 bytes read per decoded token
 print(f"bytes of weights read per decoded token (bf16, one embedding row): {per_token / 1e9:.2f} GB"

@@ -15,14 +15,17 @@
 # %% [markdown]
 # # 02 · Tokens and the chat template
 #
-# **What it teaches.** How text becomes ids: the pre-tokenizer regex that splits text into pieces, byte-level BPE inside each piece, the 256 special ids, the Kimi-VL chat template, and the image placeholders the processor expands to one id per image token. Also streaming decoding that never cuts a character in half.
+# **What it teaches.** How text becomes ids: the pre-tokenizer regex that cuts text into pieces, byte-level
+# BPE inside each piece, the 256 special ids, the Kimi-VL chat template, and the image placeholders the
+# processor expands to one id per image token. Then streaming decoding that never cuts a character in half.
 #
-# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib. By default the bundled demo
-# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes); set the
-# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells on
-# the real model (weights stay memory-mapped, so it fits in 24 GiB). The tokenizer vocabulary `tiktoken.model` of the checkpoint directory.
+# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib, and the bundled demo
+# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes). Set the
+# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
+# on the real model (weights stay memory-mapped, so it fits in 24 GiB).
+# Only the tokenizer file (`tiktoken.model`) and the chat template are read, no weights.
 #
-# **How long.** about 5 s on 2 cores, with either checkpoint (no model weights are read).
+# **How long.** About 3 s on 2 cores, with either checkpoint.
 
 # %%
 import os, sys, time
@@ -35,17 +38,22 @@ except ImportError:                      # a source checkout without `pip instal
     sys.path.insert(0, os.path.abspath(".."))
     import pykimi
 
-MODEL_DIR = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
+# a downloaded Kimi-VL-A3B-Instruct directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
 IS_DEMO = not os.environ.get("PYKIMI_MODEL")
-print("model directory:", MODEL_DIR)
+print("checkpoint:", MODEL_DIR)
 
 
 def show(**arrays):
-    """Print name, shape and dtype of each array (display only)."""
+    """Print the name, shape and dtype of each array (display only)."""
     for k, v in arrays.items():
         v = np.asarray(v)
         print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
 
+
+# %% [markdown]
+# The processor bundles the tokenizer (a tiktoken vocabulary of byte-level BPE merges), the chat template
+# and the image preprocessing. Only the tokenizer file is read here.
 
 # %%
 proc = pykimi.Processor.from_pretrained(MODEL_DIR)
@@ -189,7 +197,7 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 3)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
 
 # %%
 inputs = proc.prepare(scenes.messages_for("How many shapes are there?"), images=[image])
@@ -199,7 +207,7 @@ pad = proc.media_placeholder_token_id
 gh, gw = inputs["image_grid_hws"][0]
 print(f"{int((ids == pad).sum())} placeholders = ({gh}/2)*({gw}/2)")
 
-# %%
+# %% tags=["thumbnail"]
 kind = np.where(ids == pad, 2, np.where(ids >= tok.n_base, 1, 0))          # [S] 0 text, 1 special, 2 image
 W = 32
 grid = np.full(((len(ids) + W - 1) // W) * W, -1)
@@ -209,6 +217,8 @@ plt.figure(figsize=(8, 2.5))
 plt.imshow(grid.reshape(-1, W), cmap=cmap, vmin=-1, vmax=2)
 plt.title("the prompt, 32 ids per row: blue text, yellow special, red image placeholders", fontsize=9)
 plt.xticks([]); plt.yticks([]); plt.show()
+
+# %%
 print(proc.decode(ids[:40]), "...")
 
 # %% [markdown]
@@ -233,4 +243,10 @@ for i in ids:
     out = dec.add(i)
     print(f"id {i:>4} bytes {tok.token_bytes(i)!r:<16} -> emits {out!r:<6} pending {dec.pending!r}")
 print("flush:", repr(dec.flush()))
+
+# %% [markdown]
+# Generation stops at either of two special ids: `[EOS]` (the config's `eos_token_id`) and `<|im_end|>`,
+# which ends every assistant turn (notebook 08).
+
+# %%
 print("stop ids:", proc.stop_ids, [tok.decode([i]) for i in proc.stop_ids])

@@ -15,14 +15,16 @@
 # %% [markdown]
 # # 03 · From pixels to patches
 #
-# **What it teaches.** The image preprocessing of Kimi-VL, step by step (spec §5): the resize rule that caps an image at 4096 patches, padding to multiples of 28, normalisation to [-1, 1], and cutting into 14×14 patches in raster order. The patch grid is drawn over the image.
+# **What it teaches.** The image preprocessing of Kimi-VL step by step (spec §5): the resize rule that caps an
+# image at 4096 patches, padding to multiples of 28, normalisation to [-1, 1], and cutting into 14×14
+# patches in raster order, drawn over the image.
 #
-# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib. By default the bundled demo
-# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes); set the
-# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells on
-# the real model (weights stay memory-mapped, so it fits in 24 GiB). 
+# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib, and the bundled demo
+# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes). Set the
+# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
+# on the real model (weights stay memory-mapped, so it fits in 24 GiB).
 #
-# **How long.** about 10 s on 2 cores, with either checkpoint (most of it drawing the patch thumbnails).
+# **How long.** About 5 s on 2 cores, with either checkpoint (most of it drawing the patch thumbnails).
 
 # %%
 import os, sys, time
@@ -35,13 +37,14 @@ except ImportError:                      # a source checkout without `pip instal
     sys.path.insert(0, os.path.abspath(".."))
     import pykimi
 
-MODEL_DIR = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
+# a downloaded Kimi-VL-A3B-Instruct directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
 IS_DEMO = not os.environ.get("PYKIMI_MODEL")
-print("model directory:", MODEL_DIR)
+print("checkpoint:", MODEL_DIR)
 
 
 def show(**arrays):
-    """Print name, shape and dtype of each array (display only)."""
+    """Print the name, shape and dtype of each array (display only)."""
     for k, v in arrays.items():
         v = np.asarray(v)
         print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
@@ -70,6 +73,10 @@ for w, h in [(123, 97), (448, 448), (1024, 768), (1920, 1080), (4000, 3000), (20
     print(f"{w:>5}x{h:<5} -> resized {rw:>4}x{rh:<4} -> padded {pw:>4}x{ph:<4} grid {gh:>3}x{gw:<3} "
           f"= {gh * gw:>5} patches, {kimg.num_image_tokens(w, h, settings):>5} image tokens")
 
+# %% [markdown]
+# The same rule as a curve: the number of image tokens grows with the area of the image, until the cap
+# shrinks every larger image back to about 4096 patches (1024 tokens).
+
 # %%
 sides = np.arange(28, 2400, 8)
 toks = [kimg.num_image_tokens(int(s), int(s * 3 / 4), settings) for s in sides]
@@ -80,6 +87,8 @@ plt.title("image tokens grow with the area until the 4096-patch cap"); plt.show(
 
 # %% [markdown]
 # ## 2. Our image: padding
+#
+# The demo scenes are small, so nothing is resized; padding brings both sides up to multiples of 28.
 
 # %%
 from pykimi import scenes
@@ -89,7 +98,7 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 3)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
 
 # %%
 padded = kimg.resize_and_pad(image, settings)
@@ -132,7 +141,7 @@ r, c = divmod(k, gw)
 assert np.array_equal(patches[k], x[:, r * p:(r + 1) * p, c * p:(c + 1) * p])
 print(f"grid {gh}x{gw}; patch {k} is the crop at row {r}, column {c}")
 
-# %%
+# %% tags=["thumbnail"]
 fig, ax = plt.subplots(figsize=(7, 7))
 ax.imshow(arr)
 for i in range(gh + 1):
@@ -155,6 +164,9 @@ plt.subplots_adjust(wspace=0.08, hspace=0.08); plt.show()
 
 # %% [markdown]
 # ## 5. The processor does all of this
+#
+# `proc(text=..., images=[...])` runs the same steps and returns the patches as `pixel_values`, with the
+# grid of each image in `image_grid_hws`.
 
 # %%
 inputs = proc(text="<|media_pad|>", images=[image])

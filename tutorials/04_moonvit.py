@@ -15,14 +15,17 @@
 # %% [markdown]
 # # 04 · MoonViT: position table, 2-D RoPE, attention over the image
 #
-# **What it teaches.** The vision tower's two position signals: a learned 2-D position table resized bicubically to each image's patch grid, and 2-D rotary embeddings whose pairs alternate between the x (column) and y (row) axes. Then attention maps of each head over the image, and the block-diagonal attention that keeps several images apart in one packed sequence.
+# **What it teaches.** The vision tower's two position signals: a learned 2-D position table resized
+# bicubically to each image's patch grid, and 2-D rotary embeddings whose pairs alternate between the x
+# (column) and y (row) axes. Then the attention maps of each head over the image, and the block-diagonal
+# attention that keeps several images apart in one packed sequence.
 #
-# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib. By default the bundled demo
-# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes); set the
-# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells on
-# the real model (weights stay memory-mapped, so it fits in 24 GiB). 
+# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib, and the bundled demo
+# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes). Set the
+# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
+# on the real model (weights stay memory-mapped, so it fits in 24 GiB).
 #
-# **How long.** about 10 s on 2 cores with the demo checkpoint; a few minutes with the real one (vision tower only).
+# **How long.** About 5 s on 2 cores with the demo checkpoint; a few minutes with the real one (vision tower only).
 
 # %%
 import os, sys, time
@@ -35,17 +38,22 @@ except ImportError:                      # a source checkout without `pip instal
     sys.path.insert(0, os.path.abspath(".."))
     import pykimi
 
-MODEL_DIR = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
+# a downloaded Kimi-VL-A3B-Instruct directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
 IS_DEMO = not os.environ.get("PYKIMI_MODEL")
-print("model directory:", MODEL_DIR)
+print("checkpoint:", MODEL_DIR)
 
 
 def show(**arrays):
-    """Print name, shape and dtype of each array (display only)."""
+    """Print the name, shape and dtype of each array (display only)."""
     for k, v in arrays.items():
         v = np.asarray(v)
         print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
 
+
+# %% [markdown]
+# MoonViT is a ViT over 14×14 patches at the image's own resolution (no resize to a fixed square). Its
+# configuration:
 
 # %%
 model = pykimi.load(MODEL_DIR)
@@ -62,7 +70,10 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 3)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+
+# %% [markdown]
+# The processor cuts it into patches (notebook 03): `L = gh·gw` patches on a `gh × gw` grid.
 
 # %%
 inputs = proc(text="<|media_pad|>", images=[image])
@@ -188,7 +199,7 @@ s0 = shapes[0]
 query = at(int(s0.cy // 14), int(s0.cx // 14))
 print(f"query: patch {query}, the centre of the {s0.color} {s0.kind}")
 
-# %%
+# %% tags=["thumbnail"]
 from pykimi import image as kimg
 arr = np.asarray(kimg.resize_and_pad(image, proc.image_settings))   # [H, W, 3]
 H = probs.shape[0]
@@ -231,7 +242,7 @@ print("probability mass across images:", across)
 assert across == 0.0
 
 # %%
-plt.figure(figsize=(5, 5))
+plt.figure(figsize=(4, 4))
 plt.imshow(np.log10(p0[0] + 1e-6), cmap="viridis")
 plt.axhline(cu[1] - 0.5, color="w", lw=0.8); plt.axvline(cu[1] - 0.5, color="w", lw=0.8)
 plt.title("block 0, head 0: log10 attention probability"); plt.xlabel("key patch"); plt.ylabel("query patch")
@@ -247,5 +258,5 @@ alone2 = model.encode_images(*(lambda d: (d["pixel_values"], d["image_grid_hws"]
 together = np.concatenate([alone1, alone2])
 show(alone1=alone1, alone2=alone2)
 err = float(np.abs(feats_both - together).max())
-print("max |together - alone|:", err)
+print(f"max |together - alone|: {err:.1e}")
 assert err <= 1e-4 * float(np.abs(together).max())

@@ -15,14 +15,17 @@
 # %% [markdown]
 # # 05 · The patch merger, the projector, and image tokens in the text
 #
-# **What it teaches.** How MoonViT's patches become language-model tokens: the 2×2 merge (which four patches, in which order), the projector (LayerNorm on each of the four sub-vectors, linear, exact GELU, linear), and where the resulting rows land in the prompt.
+# **What it teaches.** How MoonViT's patches become language-model tokens: the 2×2 merge (which four patches,
+# in which order), the projector (LayerNorm on each of the four sub-vectors, linear, exact GELU, linear),
+# and where the resulting rows land in the prompt.
 #
-# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib. By default the bundled demo
-# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes); set the
-# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells on
-# the real model (weights stay memory-mapped, so it fits in 24 GiB). 
+# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib, and the bundled demo
+# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes). Set the
+# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
+# on the real model (weights stay memory-mapped, so it fits in 24 GiB).
 #
-# **How long.** about 10 s on 2 cores with the demo checkpoint; a few minutes with the real one (vision tower and projector only).
+# **How long.** About 5 s on 2 cores with the demo checkpoint; a few minutes with the real one (vision tower and
+# projector only).
 
 # %%
 import os, sys, time
@@ -35,13 +38,14 @@ except ImportError:                      # a source checkout without `pip instal
     sys.path.insert(0, os.path.abspath(".."))
     import pykimi
 
-MODEL_DIR = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
+# a downloaded Kimi-VL-A3B-Instruct directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
 IS_DEMO = not os.environ.get("PYKIMI_MODEL")
-print("model directory:", MODEL_DIR)
+print("checkpoint:", MODEL_DIR)
 
 
 def show(**arrays):
-    """Print name, shape and dtype of each array (display only)."""
+    """Print the name, shape and dtype of each array (display only)."""
     for k, v in arrays.items():
         v = np.asarray(v)
         print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
@@ -63,7 +67,12 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 3)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+
+# %% [markdown]
+# One traced pass through the vision side records the tensors this notebook follows: the last LayerNorm of
+# MoonViT (one row per patch), the merger's output (one row of four sub-vectors per image token), the
+# projector's steps and the prompt's embeddings with the image features written in.
 
 # %%
 inputs = proc.prepare(scenes.messages_for("Describe the image."), images=[image])
@@ -93,7 +102,10 @@ print("merged token 0 <- patches", idx[0], "| token 1 <- patches", idx[1])
 merged, fin = t["vision_tower.merger"], t["vision_tower.encoder.final_layernorm"]   # [T, 4, C], [L, C]
 print("merger output == final_layernorm rows at those indices:", np.array_equal(merged, fin[idx]))
 
-# %%
+# %% [markdown]
+# On the patch grid: each colour is one merged token, each patch labelled with its token and its slot.
+
+# %% tags=["thumbnail"]
 fig, ax = plt.subplots(figsize=(gw * 0.55, gh * 0.55))
 tok_of = np.zeros(L, int); sub_of = np.zeros(L, int)
 for tkn, row in enumerate(idx):
@@ -113,7 +125,8 @@ ax.set_title("patch grid: merged token id and sub-token slot"); plt.show()
 # to 4C, `linear_1` (4C → 4C), exact erf GELU, `linear_2` (4C → text hidden size).
 
 # %%
-w = model.vision.projector_weights()                        # float32 copies, short names
+parts = ["pre_norm.weight", "pre_norm.bias", "linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias"]
+w = {n: model.ckpt.f32("multi_modal_projector." + n) for n in parts}     # float32 copies, by checkpoint name
 show(**{k.replace(".", "_"): v for k, v in w.items()})
 
 # %%
@@ -122,15 +135,17 @@ wrong = layer_norm(merged.reshape(len(merged), -1), np.tile(w["pre_norm.weight"]
                    np.tile(w["pre_norm.bias"], 4)).reshape(merged.shape)          # one norm over 4C
 show(pre_norm=pre)
 print("per-sub-vector LayerNorm == trace:", np.allclose(pre, t["multi_modal_projector.pre_norm"], atol=1e-6))
-print("a single LayerNorm over 4C would differ by up to", float(np.abs(wrong - pre).max()))
+print(f"a single LayerNorm over 4C would differ by up to {np.abs(wrong - pre).max():.2f}")
 
 # %% [markdown]
-# The projector's GELU is the exact (erf) one; MoonViT's MLP uses the tanh approximation. They differ by at most ~5e-4 (spec §7).
+# The projector's GELU is the exact (erf) one; MoonViT's MLP uses the tanh approximation. They differ by at
+# most ~5e-4 (spec §7), small next to the spread of the values they are applied to (right).
 
 # %%
 xs = np.linspace(-5, 3, 400).astype(np.float32)
 fig, axes = plt.subplots(1, 3, figsize=(13, 3))
-axes[0].plot(xs, gelu_erf(xs), label="erf (projector)"); axes[0].plot(xs, gelu_tanh(xs), "--", label="tanh (ViT MLP)")
+axes[0].plot(xs, gelu_erf(xs), label="erf (projector)")
+axes[0].plot(xs, gelu_tanh(xs), "--", label="tanh (ViT MLP)")
 axes[0].legend(); axes[0].set_title("GELU")
 axes[1].plot(xs, gelu_erf(xs) - gelu_tanh(xs)); axes[1].set_title("erf - tanh")
 axes[2].hist(t["multi_modal_projector.linear_1"].ravel(), bins=100)
@@ -162,7 +177,8 @@ plt.xlabel("position"); plt.ylabel("|embedding|")
 plt.title("inputs_embeds: text tokens (blue) and image tokens (red)"); plt.show()
 
 # %% [markdown]
-# Each image token covers a 28×28 pixel cell. Cosine similarity of every image token to the one at the first shape's centre, drawn on the merged grid:
+# Each image token covers a 28×28 pixel cell. The cosine similarity of every image token to the one at the
+# centre of the first shape, drawn on the merged grid: the tokens of the same shape look alike.
 
 # %%
 s0 = shapes[0]

@@ -15,14 +15,19 @@
 # %% [markdown]
 # # 06 · MLA: multi-head latent attention
 #
-# **What it teaches.** DeepSeek-V3's attention as the Moonlight LM uses it, one step at a time on layer 0: the queries, the compressed latent `c` and the shared rotary key `k_pe`; the expanded form (prefill) that rebuilds per-head keys and values; the absorbed form (decode) that folds `kv_b_proj` into the query and the output and attends directly over the latent cache, checked equal to the expanded form; and what the latent cache saves for the real model.
+# **What it teaches.** DeepSeek-V3's attention as the Moonlight LM uses it, one step at a time on layer 0: the
+# queries, the compressed latent `c` and the shared rotary key `k_pe`; the expanded form (prefill) that
+# rebuilds per-head keys and values; the absorbed form (decode) that folds `kv_b_proj` into the query and
+# the output and attends directly over the latent cache, checked equal to the expanded form; and what the
+# latent cache saves for the real model.
 #
-# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib. By default the bundled demo
-# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes); set the
-# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells on
-# the real model (weights stay memory-mapped, so it fits in 24 GiB). 
+# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib, and the bundled demo
+# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes). Set the
+# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
+# on the real model (weights stay memory-mapped, so it fits in 24 GiB).
 #
-# **How long.** about 10 s on 2 cores with the demo checkpoint; several minutes with the real one (two forward passes).
+# **How long.** About 5 s on 2 cores with the demo checkpoint; several minutes with the real one (two forward
+# passes).
 
 # %%
 import os, sys, time
@@ -35,13 +40,14 @@ except ImportError:                      # a source checkout without `pip instal
     sys.path.insert(0, os.path.abspath(".."))
     import pykimi
 
-MODEL_DIR = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
+# a downloaded Kimi-VL-A3B-Instruct directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
 IS_DEMO = not os.environ.get("PYKIMI_MODEL")
-print("model directory:", MODEL_DIR)
+print("checkpoint:", MODEL_DIR)
 
 
 def show(**arrays):
-    """Print name, shape and dtype of each array (display only)."""
+    """Print the name, shape and dtype of each array (display only)."""
     for k, v in arrays.items():
         v = np.asarray(v)
         print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
@@ -49,7 +55,6 @@ def show(**arrays):
 
 # %%
 from pykimi import attention as mla
-from pykimi import kernels
 from pykimi.cache import LatentCache
 
 model = pykimi.load(MODEL_DIR)
@@ -68,7 +73,12 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 3)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+
+# %% [markdown]
+# The input of layer 0's attention: the prompt's embeddings (image features merged in, notebook 05) after
+# the layer's RMSNorm. `model.layer_weights(0)` holds the layer's weights under their checkpoint names;
+# `lw.attn` is what the attention stage functions take.
 
 # %%
 inputs = proc.prepare(scenes.messages_for("How many shapes are there?"), images=[image])
@@ -80,8 +90,9 @@ lw = model.layer_weights(0)
 w = lw.attn                                                     # MLAWeights of layer 0
 h = mla.rms_norm(x, lw.input_layernorm, tc.rms_norm_eps)        # [S, D] the attention's input
 show(inputs_embeds=x, h=h)
+prefix = "language_model.model.layers.0.self_attn."
 for k in ("q_proj", "kv_a_proj_with_mqa", "kv_a_layernorm", "kv_b_proj", "o_proj"):
-    print(f"  self_attn.{k:<22} {list(np.shape(getattr(w, k)) if isinstance(getattr(w, k), np.ndarray) else getattr(w, k).shape)}")
+    print(f"  self_attn.{k + '.weight':<29} {list(model.ckpt.info(prefix + k + '.weight').shape)}")
 
 # %% [markdown]
 # ## 1. Projections
@@ -104,7 +115,7 @@ show(q_nope=q_nope, q_pe=q_pe, c=c, k_pe=k_pe)
 # `(q_nope·k_nope + q_pe·k_pe) / sqrt(dn + dr)`, causal, softmax in fp32.
 
 # %%
-kvb = w.kv_b_f32 if w.kv_b_f32 is not None else w.kv_b_proj.f32()        # [H*(dn+dv), R]
+kvb = model.ckpt.f32(prefix + "kv_b_proj.weight")                          # [H*(dn+dv), R]
 kv = (c @ kvb.T).reshape(S, H, dn + dv)                                   # [S, H, dn+dv]
 k_nope, v = kv[..., :dn], kv[..., dn:]                                    # [S, H, dn], [S, H, dv]
 scale = (dn + dr) ** -0.5
@@ -113,7 +124,7 @@ scores = (np.einsum("shd,thd->hst", q_nope, k_nope)
 scores[:, np.triu(np.ones((S, S), bool), 1)] = -np.inf                    # causal mask
 p = mla.softmax(scores)                                                   # [H, S, S]
 o = np.einsum("hst,thd->shd", p, v).reshape(S, H * dv)                    # [S, H*dv]
-out_expanded = kernels.matmul(o, w.o_proj)                                # [S, D]
+out_expanded = o @ model.ckpt.f32(prefix + "o_proj.weight").T             # [S, D]
 show(kv_b_proj=kvb, k_nope=k_nope, v=v, scores=scores, probs=p, out=out_expanded)
 
 # %%
@@ -122,7 +133,7 @@ out_lib = mla.mla_prefill(h, w, cache, 0, positions, tc)                  # [S, 
 show(mla_prefill=out_lib, cache_rows=cache.rows(0))
 print("by hand == pykimi.attention.mla_prefill:", np.allclose(out_expanded, out_lib, atol=1e-5))
 
-# %%
+# %% tags=["thumbnail"]
 pad = model.config.media_placeholder_token_id
 img = np.flatnonzero(ids == pad)
 cols = min(H, 4)
@@ -154,31 +165,34 @@ o_lat = np.einsum("hst,tr->shr", p_abs, c)                                # [S, 
 o_abs = np.einsum("shr,hdr->shd", o_lat, W_uv).reshape(S, H * dv)         # [S, H*dv]
 show(W_uk=W_uk, W_uv=W_uv, q_lat=q_lat, o_lat=o_lat)
 finite = np.isfinite(scores)
-print("max |scores_abs - scores|:", float(np.abs(scores_abs[finite] - scores[finite]).max()))
-print("max |o_abs - o|          :", float(np.abs(o_abs - o).max()))
+print(f"max |scores_abs - scores|: {np.abs(scores_abs[finite] - scores[finite]).max():.1e}")
+print(f"max |o_abs - o|          : {np.abs(o_abs - o).max():.1e}   (float32 round-off)")
 assert np.abs(o_abs - o).max() <= 1e-4 * np.abs(o).max()
 
 # %% [markdown]
 # pykimi's decode path does the same over the cache: `mla_decode` on the last token, after `mla_prefill`
-# of the others, equals the last row of the expanded form. And for the whole model: prefill all but the
-# last token, then one `decode_step`, gives the logits of a full forward pass.
+# of the others, equals the last row of the expanded form.
 
 # %%
 cache = LatentCache.for_config(tc, capacity=S)
 mla.mla_prefill(h[:-1], w, cache, 0, positions[:-1], tc)
 last = mla.mla_decode(h[-1:], w, cache, 0, positions[-1:], tc)            # [1, D]
 show(decode_out=last)
-print("absorbed decode vs expanded, last token: max abs diff",
-      float(np.abs(last[0] - out_expanded[-1]).max()))
+print(f"absorbed decode vs expanded, last token: max abs diff {np.abs(last[0] - out_expanded[-1]).max():.1e}")
 assert np.abs(last[0] - out_expanded[-1]).max() <= 1e-4 * np.abs(out_expanded[-1]).max()
 
+# %% [markdown]
+# And for the whole model: prefill all but the last token into a cache, then one `decode_step` gives the
+# logits of a full forward pass at the last position.
+
+# %%
 full = model.forward(ids, pv, grid)                                       # [S, V]
 kv_cache = model.new_cache(capacity=S)
 model.prefill(x[:-1], kv_cache, all_logits=False)
 step = model.decode_step(int(ids[-1]), kv_cache)                          # [V]
 show(forward_logits=full, decode_step_logits=step)
-print("whole model, decode_step vs forward: max abs diff", float(np.abs(step - full[-1]).max()),
-      "| same argmax:", int(step.argmax()) == int(full[-1].argmax()))
+print(f"decode_step vs forward: max abs diff {np.abs(step - full[-1]).max():.1e} "
+      f"(logits up to {np.abs(full[-1]).max():.0f}) | same argmax: {int(step.argmax()) == int(full[-1].argmax())}")
 assert np.abs(step - full[-1]).max() <= 1e-3 * np.abs(full[-1]).max()
 
 # %% [markdown]
@@ -188,7 +202,8 @@ assert np.abs(step - full[-1]).max() <= 1e-3 * np.abs(full[-1]).max()
 # The latent cache keeps `R + dr`: for Kimi-VL, 576 instead of 5120 numbers, 8.9× less.
 
 # %%
-real = pykimi.load_config(os.path.join(os.path.dirname(pykimi.__file__), "data", "reference_config.json")).text
+ref_path = os.path.join(os.path.dirname(pykimi.__file__), "data", "reference_config.json")   # shipped
+real = pykimi.load_config(ref_path).text
 latent = LatentCache.for_config(real, capacity=1).bytes_per_token()        # f32 bytes / token, all layers
 full_kv = real.num_hidden_layers * real.num_attention_heads * (real.qk_head_dim + real.v_head_dim) * 4
 print(f"real model, f32: latent {latent:,} B/token, full KV {full_kv:,} B/token ({full_kv / latent:.1f}x)")
@@ -201,10 +216,13 @@ plt.xlabel("context (tokens)"); plt.ylabel("GiB (float32)"); plt.legend(); plt.t
 plt.show()
 
 # %% [markdown]
-# The price of absorbing: per decoded token and layer, work that does not grow with the context vs work that does.
+# What absorbing saves in work: per decoded token and layer, the expanded form re-expands every cached
+# latent (work that grows with the context times `H·(dn+dv)·R`); the absorbed form maps the query once and
+# scores against the latents directly.
 
 # %%
-Hr, dnr, dvr, Rr, drr = real.num_attention_heads, real.qk_nope_head_dim, real.v_head_dim, real.kv_lora_rank, real.qk_rope_head_dim
+Hr, dnr, dvr, Rr, drr = (real.num_attention_heads, real.qk_nope_head_dim, real.v_head_dim, real.kv_lora_rank,
+                         real.qk_rope_head_dim)
 N = np.arange(1, 32_001, 500)
 expanded = N * Rr * Hr * (dnr + dvr) + N * Hr * (dnr + drr) + N * Hr * dvr          # expand, score, mix
 absorbed = Hr * dnr * Rr + N * Hr * (Rr + drr) + N * Hr * Rr + Hr * Rr * dvr       # q_lat, score, mix, W_uv

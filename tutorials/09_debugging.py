@@ -15,14 +15,21 @@
 # %% [markdown]
 # # 09 · Debugging with traces: plant a bug, find it with `pykimi diff`
 #
-# **What it teaches.** The workflow for a wrong answer: record a reference dump of every named intermediate, run the suspect code on the same inputs, and compare the two in execution order; the first tensor that differs names the stage with the bug. We plant a classic one (the x and y pairs of MoonViT's 2-D RoPE swapped, the mistake the HF docstring invites) and find it with the `pykimi diff` command and with `pykimi.debug.compare`.
+# **What it teaches.** The workflow for a wrong answer: record a reference dump of every named intermediate,
+# run the suspect code on the same inputs, and compare the two in execution order; the first tensor that
+# differs names the stage with the bug. We plant a classic one (the x and y pairs of MoonViT's 2-D RoPE
+# swapped, the mistake the HF docstring invites) and find it with the `pykimi diff` command and with
+# `pykimi.debug.compare`.
 #
-# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib. By default the bundled demo
-# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes); set the
-# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells on
-# the real model (weights stay memory-mapped, so it fits in 24 GiB). Runs the `pykimi` command as `python -m pykimi.cli`; writes its dumps to a temporary directory.
+# **What it needs.** pykimi (this repository) with NumPy, Pillow and matplotlib, and the bundled demo
+# checkpoint (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes). Set the
+# environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
+# on the real model (weights stay memory-mapped, so it fits in 24 GiB).
+# The notebook runs the `pykimi` command as `python -m pykimi.cli` and writes its dumps
+# to a temporary directory.
 #
-# **How long.** about 25 s on 2 cores with the demo checkpoint (the command loads the model once more); tens of minutes with the real one.
+# **How long.** About 8 s on 2 cores with the demo checkpoint (the command loads the model once more); tens of
+# minutes with the real one.
 
 # %%
 import os, sys, time
@@ -35,13 +42,14 @@ except ImportError:                      # a source checkout without `pip instal
     sys.path.insert(0, os.path.abspath(".."))
     import pykimi
 
-MODEL_DIR = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
+# a downloaded Kimi-VL-A3B-Instruct directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
 IS_DEMO = not os.environ.get("PYKIMI_MODEL")
-print("model directory:", MODEL_DIR)
+print("checkpoint:", MODEL_DIR)
 
 
 def show(**arrays):
-    """Print name, shape and dtype of each array (display only)."""
+    """Print the name, shape and dtype of each array (display only)."""
     for k, v in arrays.items():
         v = np.asarray(v)
         print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
@@ -56,15 +64,17 @@ from PIL import Image
 
 model = pykimi.load(MODEL_DIR)
 proc = pykimi.Processor.from_pretrained(MODEL_DIR)
-work = tempfile.mkdtemp(prefix="pykimi-debug-")
-print("dumps go to", work)
-# the command runs in a fresh process: make sure it imports this same pykimi
-env = dict(os.environ, PYTHONPATH=os.pathsep.join(
+work = tempfile.mkdtemp(prefix="pykimi-debug-")     # the dumps go here; removed at the end
+# the command runs in a fresh process: make sure it imports this same pykimi; no progress bars (they
+# appear only when a step is slow, so they would make this notebook's output differ from run to run)
+env = dict(os.environ, TQDM_DISABLE="1", PYTHONPATH=os.pathsep.join(
     [os.path.dirname(os.path.dirname(pykimi.__file__)), os.environ.get("PYTHONPATH", "")]))
 
+
 def pykimi_cmd(*args):
-    """Run `pykimi ARGS...` and print what it prints; returns the exit status."""
-    r = subprocess.run([sys.executable, "-m", "pykimi.cli", *args], capture_output=True, text=True, env=env)
+    """Run `pykimi ARGS...` in the work directory and print what it prints; returns the exit status."""
+    r = subprocess.run([sys.executable, "-m", "pykimi.cli", *args], capture_output=True, text=True, env=env,
+                       cwd=work)
     print(r.stdout + r.stderr)
     return r.returncode
 
@@ -77,7 +87,7 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 3)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
 
 # %% [markdown]
 # ## 1. A reference dump
@@ -91,7 +101,8 @@ png = os.path.join(work, "scene.png")
 image.save(png)
 question = scenes.QUESTION_DESCRIBE
 ref_path = os.path.join(work, "reference.safetensors")
-status = pykimi_cmd("trace", "--model", MODEL_DIR, "--image", png, "-p", question, "--out", ref_path)
+status = pykimi_cmd("trace", "--model", os.path.abspath(MODEL_DIR), "--image", "scene.png", "-p", question,
+                    "--out", "reference.safetensors")
 assert status == 0
 
 # %% [markdown]
@@ -156,7 +167,7 @@ print("answer with the bug:", repr(answer_bug), "| without:", repr(answer_ok))
 # something differs.
 
 # %%
-status = pykimi_cmd("diff", bug_path, ref_path)
+status = pykimi_cmd("diff", "buggy.safetensors", "reference.safetensors")
 print("exit status:", status)
 
 # %% [markdown]
@@ -164,7 +175,7 @@ print("exit status:", status)
 # the position table before it agree exactly. The bug is in how the angles are built, not in the weights or
 # the attention. The same comparison from Python, as a picture:
 
-# %%
+# %% tags=["thumbnail"]
 rep = pykimi.debug.compare(bug_path, ref_path)
 first = rep.first_divergence
 print("first divergence:", first.name, "| rel error", f"{first.rel:.3g}", "| first bad index", first.first_bad)
@@ -190,7 +201,7 @@ fixed_path = os.path.join(work, "fixed.safetensors")
 with pykimi.trace(model) as t:
     model.forward(ids, pv, grid)
 t.save(fixed_path)
-status = pykimi_cmd("diff", fixed_path, ref_path, "--only-bad")
+status = pykimi_cmd("diff", "fixed.safetensors", "reference.safetensors", "--only-bad")
 print("exit status:", status)
 assert status == 0
 
@@ -216,9 +227,9 @@ finally:
 t.save(eps_path)
 rep = pykimi.debug.compare(eps_path, ref_path)
 for r in rep.rows[:8]:
-    print(f"  {r.name:<56} rel {r.rel:.2e}  {'ok' if r.ok else 'DIFFERS'}")
+    print(f"  {r.name:<56} rel {r.rel:.0e}  {'ok' if r.ok else 'DIFFERS'}")
 worst = max(rep.rows, key=lambda r: r.rel)
-print(f"largest relative error: {worst.rel:.2e} at {worst.name}")
+print(f"largest relative error: {worst.rel:.0e} at {worst.name}")
 print("first divergence:", rep.first_divergence.name if rep.first_divergence else "none at 2e-5")
 
 # %% [markdown]
