@@ -70,7 +70,7 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
 
 # %% [markdown]
 # The processor cuts it into patches (notebook 03): `L = gh·gw` patches on a `gh × gw` grid.
@@ -199,6 +199,10 @@ s0 = shapes[0]
 query = at(int(s0.cy // 14), int(s0.cx // 14))
 print(f"query: patch {query}, the centre of the {s0.color} {s0.kind}")
 
+# %% [markdown]
+# Each head's attention from the marked patch, over the padded image (darker red: more attention). Heads
+# differ: some look at the neighbours of the query, some at the other shape.
+
 # %% tags=["thumbnail"]
 from pykimi import image as kimg
 arr = np.asarray(kimg.resize_and_pad(image, proc.image_settings))   # [H, W, 3]
@@ -211,7 +215,7 @@ for h, ax in enumerate(axes.ravel()):
     if h >= H:
         continue
     ax.imshow(arr)
-    ax.imshow(probs[h, query].reshape(gh, gw), cmap="magma", alpha=0.6,
+    ax.imshow(probs[h, query].reshape(gh, gw), cmap="Reds", alpha=0.65,
               extent=(-0.5, arr.shape[1] - 0.5, arr.shape[0] - 0.5, -0.5))
     r, c = divmod(query, gw)
     ax.plot(c * 14 + 7, r * 14 + 7, "c+", ms=12, mew=2)

@@ -67,7 +67,7 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
 
 # %% [markdown]
 # One traced pass through the vision side records the tensors this notebook follows: the last LayerNorm of

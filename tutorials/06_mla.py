@@ -73,7 +73,7 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
 
 # %% [markdown]
 # The input of layer 0's attention: the prompt's embeddings (image features merged in, notebook 05) after

@@ -65,7 +65,7 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
 
 
 # %% [markdown]
@@ -90,27 +90,39 @@ for question, truth, kind in scenes.qa_pairs(shapes):
 # Sampling draws from `softmax(logits / T)` after filters: top-k keeps the k most likely tokens, top-p the
 # smallest set whose probability reaches p. `filter_probs` shows the candidate set of one step.
 
+# %% [markdown]
+# To see the candidates, take the greedy answer and the logits of every step of it (one forward pass over
+# the prompt and the answer), and find the step where the model was least sure.
+
 # %%
 inp = proc.prepare(scenes.messages_for(scenes.QUESTION_DESCRIBE), images=[image])
 ids, pv, grid = inp["input_ids"], inp["pixel_values"], inp["image_grid_hws"]
-first = model.forward(ids, pv, grid)[-1]                                 # [V] logits of the first answer token
-show(first_step_logits=first)
+answer = model.generate(ids, pv, grid, max_new_tokens=24)                 # greedy
+steps = model.forward(np.concatenate([ids, answer[:-1]]), pv, grid)[len(ids) - 1:]   # [n, V] logits per answer step
+top1 = np.array([filter_probs(z)[1][0] for z in steps])                  # [n] probability of the chosen token
+step = int(np.argmin(top1))                                               # where the model is least sure
+show(answer_step_logits=steps)
+print("probability of each greedy token:", np.round(top1, 3))
+print(f"least sure at step {step}: after {proc.decode(answer[:step])!r}")
 
 # %% [markdown]
-# The twelve most likely first tokens at three temperatures. Dividing the logits by T < 1 sharpens the
-# distribution, T > 1 flattens it, so more tokens are needed to reach 90 % of the probability.
+# The demo model is almost certain at every step, so the twelve most likely tokens at its least sure step
+# are drawn on a log scale, at three temperatures. Dividing the logits by T < 1 sharpens the distribution,
+# T > 1 flattens it: the runners-up gain probability, and more tokens are needed to reach 90 % of it.
 
 # %% tags=["thumbnail"]
-fig, axes = plt.subplots(1, 3, figsize=(13, 3), sharey=True)
+fig, axes = plt.subplots(1, 3, figsize=(11, 3), sharey=True)
 for ax, T in zip(axes, [0.5, 1.0, 2.0]):
-    cand, prob = filter_probs(first, temperature=T)                       # sorted by probability
-    kept, _ = filter_probs(first, temperature=T, top_p=0.9)
+    cand, prob = filter_probs(steps[step], temperature=T)                 # sorted by probability
+    kept, _ = filter_probs(steps[step], temperature=T, top_p=0.9)
     n = 12
     ax.bar(range(n), prob[:n], color=["tab:blue" if j < len(kept) else "lightgray" for j in range(n)])
+    ax.set_yscale("log"); ax.set_ylim(1e-8, 1.5)
     ax.set_xticks(range(n)); ax.set_xticklabels([repr(proc.decode([int(i)]))[1:-1][:6] for i in cand[:n]],
-                                                 rotation=70, fontsize=7)
-    ax.set_title(f"T = {T}: {len(kept)} tokens inside top-p 0.9")
-axes[0].set_ylabel("probability"); plt.suptitle("the first answer token (blue: kept by top_p=0.9)")
+                                                 rotation=70, fontsize=8)
+    ax.set_title(f"T = {T}: {len(kept)} token(s) inside top-p 0.9", fontsize=10)
+axes[0].set_ylabel("probability")
+plt.suptitle(f"the next token after {proc.decode(answer[:step])!r} (blue: kept by top_p=0.9)")
 plt.tight_layout(); plt.show()
 
 # %% [markdown]

@@ -87,7 +87,7 @@ image, shapes = scenes.random_scene(rng)
 print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
-plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.axis("off"); plt.show()
+plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
 
 # %% [markdown]
 # ## 1. A reference dump
