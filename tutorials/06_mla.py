@@ -164,10 +164,15 @@ p_abs = mla.softmax(scores_abs)
 o_lat = np.einsum("hst,tr->shr", p_abs, c)                                # [S, H, R]
 o_abs = np.einsum("shr,hdr->shd", o_lat, W_uv).reshape(S, H * dv)         # [S, H*dv]
 show(W_uk=W_uk, W_uv=W_uv, q_lat=q_lat, o_lat=o_lat)
+def rel_err(a, b):
+    """max |a - b| / max |b|: the scale-relative error (the digits below 1e-6 are float32 round-off, and
+    differ between kernel backends, so we print bounds)."""
+    return float(np.abs(a - b).max() / np.abs(b).max())
+
 finite = np.isfinite(scores)
-print(f"max |scores_abs - scores|: {np.abs(scores_abs[finite] - scores[finite]).max():.1e}")
-print(f"max |o_abs - o|          : {np.abs(o_abs - o).max():.1e}   (float32 round-off)")
-assert np.abs(o_abs - o).max() <= 1e-4 * np.abs(o).max()
+print("scores: absorbed == expanded (relative error < 1e-5):", rel_err(scores_abs[finite], scores[finite]) < 1e-5)
+print("output: absorbed == expanded (relative error < 1e-5):", rel_err(o_abs, o) < 1e-5)
+assert rel_err(o_abs, o) < 1e-4
 
 # %% [markdown]
 # pykimi's decode path does the same over the cache: `mla_decode` on the last token, after `mla_prefill`
@@ -178,8 +183,9 @@ cache = LatentCache.for_config(tc, capacity=S)
 mla.mla_prefill(h[:-1], w, cache, 0, positions[:-1], tc)
 last = mla.mla_decode(h[-1:], w, cache, 0, positions[-1:], tc)            # [1, D]
 show(decode_out=last)
-print(f"absorbed decode vs expanded, last token: max abs diff {np.abs(last[0] - out_expanded[-1]).max():.1e}")
-assert np.abs(last[0] - out_expanded[-1]).max() <= 1e-4 * np.abs(out_expanded[-1]).max()
+print("mla_decode == the expanded form's last row (relative error < 1e-5):",
+      rel_err(last[0], out_expanded[-1]) < 1e-5)
+assert rel_err(last[0], out_expanded[-1]) < 1e-4
 
 # %% [markdown]
 # And for the whole model: prefill all but the last token into a cache, then one `decode_step` gives the
@@ -191,9 +197,9 @@ kv_cache = model.new_cache(capacity=S)
 model.prefill(x[:-1], kv_cache, all_logits=False)
 step = model.decode_step(int(ids[-1]), kv_cache)                          # [V]
 show(forward_logits=full, decode_step_logits=step)
-print(f"decode_step vs forward: max abs diff {np.abs(step - full[-1]).max():.1e} "
-      f"(logits up to {np.abs(full[-1]).max():.0f}) | same argmax: {int(step.argmax()) == int(full[-1].argmax())}")
-assert np.abs(step - full[-1]).max() <= 1e-3 * np.abs(full[-1]).max()
+print("decode_step == forward's last row (relative error < 1e-5):", rel_err(step, full[-1]) < 1e-5,
+      "| same argmax:", int(step.argmax()) == int(full[-1].argmax()))
+assert rel_err(step, full[-1]) < 1e-3
 
 # %% [markdown]
 # ## 4. The latent cache vs a full KV cache (real model)

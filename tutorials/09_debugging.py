@@ -211,7 +211,8 @@ assert status == 0
 # Spec §11.4: vLLM and SGLang build `kv_a_layernorm` with eps 1e-5, HF with 1e-6. We make the same
 # change (the config is a frozen dataclass, so we replace it) and diff only the language-model tensors.
 # Whether it crosses the tolerance depends on the size of the latent rows of the checkpoint at hand:
-# this is why the comparison reports the size of each error, not just equal / not equal.
+# this is why the comparison reports the size of each error, not just equal / not equal. Here, with the
+# demo checkpoint, every error stays below the tolerance (the picture shows by how much).
 
 # %%
 import dataclasses
@@ -226,11 +227,14 @@ finally:
     model.text = good_text
 t.save(eps_path)
 rep = pykimi.debug.compare(eps_path, ref_path)
-for r in rep.rows[:8]:
-    print(f"  {r.name:<56} rel {r.rel:.0e}  {'ok' if r.ok else 'DIFFERS'}")
-worst = max(rep.rows, key=lambda r: r.rel)
-print(f"largest relative error: {worst.rel:.0e} at {worst.name}")
-print("first divergence:", rep.first_divergence.name if rep.first_divergence else "none at 2e-5")
+rel = np.array([r.rel for r in rep.rows])                                   # [tensors]
+print(f"{len(rep.rows)} tensors compared, {sum(r.ok for r in rep.rows)} within the tolerance 2e-5")
+print("first divergence:", rep.first_divergence.name if rep.first_divergence else "none")
+fig, ax = plt.subplots(figsize=(9, 2.8))
+ax.semilogy(np.arange(len(rel)), np.maximum(rel, 1e-12), "o-", ms=3)
+ax.axhline(2e-5, color="gray", ls="--", label="tolerance 2e-5")
+ax.set_xlabel("tensor, in execution order (inputs_embeds first, logits last)"); ax.set_ylabel("max|a-b| / max|b|")
+ax.set_title("kv_a_layernorm eps 1e-5 instead of 1e-6"); ax.legend(); plt.tight_layout(); plt.show()
 
 # %% [markdown]
 # Remove the temporary dumps (for the real model they are hundreds of megabytes).
