@@ -24,7 +24,7 @@
 # environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
 # on the real model (weights stay memory-mapped, so it fits in 24 GiB).
 #
-# **How long.** About 5 s on 2 cores, with either checkpoint (most of it drawing the patch thumbnails).
+# **How long.** About 8 s on 2 cores, with either checkpoint (most of it drawing the patch thumbnails).
 
 # %%
 import os, sys, time

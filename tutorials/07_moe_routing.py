@@ -25,7 +25,7 @@
 # environment variable `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Instruct directory to run the same cells
 # on the real model (weights stay memory-mapped, so it fits in 24 GiB).
 #
-# **How long.** About 6 s on 2 cores with the demo checkpoint (five short answers); tens of minutes with the
+# **How long.** About 7 s on 2 cores with the demo checkpoint (five short answers); tens of minutes with the
 # real one.
 
 # %%
@@ -72,6 +72,11 @@ print("image size (w, h):", image.size)
 for s in shapes:
     print("  ", s)
 plt.figure(figsize=(3, 2.2)); plt.imshow(image); plt.title("the scene"); plt.xticks([]); plt.yticks([]); plt.show()
+
+# %% [markdown]
+# One traced forward pass over the prompt records, for every MoE layer, the router's logits, the chosen
+# experts (`topk_ids`, sorted), their weights, and the router's decision record (`routing`: scores, choices,
+# the margin between the last chosen and the first unchosen expert). We look at the first MoE layer.
 
 # %%
 inputs = proc.prepare(scenes.messages_for("Describe the image."), images=[image])

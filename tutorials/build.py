@@ -252,7 +252,8 @@ def check(selected: list[str]) -> int:
     for p in problems:
         print(p)
     if problems:
-        print("stale: run  python tutorials/build.py", " ".join(selected) if len(selected) < len(names()) else "")
+        stale = sorted({p.split(":")[0].split(".")[0] for p in problems} & set(selected))
+        print("stale; to regenerate:  python tutorials/build.py", " ".join(n[:2] for n in stale))
     return 1 if problems else 0
 
 
