@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import importlib.util
 import io
 import json
 import os
@@ -262,6 +263,11 @@ def main(argv: list[str] | None = None) -> int:
     if any(a in ("-h", "--help") for a in argv):
         print(__doc__)
         return 0
+    missing = [m for m in ("jupytext", "nbformat", "nbclient", "ipykernel", "matplotlib", "PIL")
+               if importlib.util.find_spec(m) is None]
+    if missing:
+        print(f"build.py needs {', '.join(missing)}: pip install -e \".[tutorials]\"", file=sys.stderr)
+        return 2
     prefixes = [a for a in argv if not a.startswith("-")]
     selected = [n for n in names() if not prefixes or any(n.startswith(p) for p in prefixes)]
     if not selected:
