@@ -158,6 +158,7 @@ def _repo_snapshot():
     return top, {n for n in os.listdir(TUTORIALS) if n not in ("__pycache__", ".ipynb_checkpoints")}
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", NAMES)
 def test_notebook_reexecutes_to_its_committed_outputs(name, kernel_env):
     from nbclient.exceptions import CellExecutionError, CellTimeoutError

@@ -140,6 +140,10 @@ try:
 finally:
     pykimi.rope.vision_rope_angles = correct
 
+# %% [markdown]
+# Now plant it where the vision tower looks it up, record a dump of the buggy run with the same inputs,
+# and ask the question again.
+
 # %%
 bug_path = os.path.join(work, "buggy.safetensors")
 pykimi.vision.vision_rope_angles = swapped_xy              # the bug
