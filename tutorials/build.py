@@ -25,6 +25,7 @@ import io
 import json
 import os
 import re
+import subprocess
 import sys
 import tempfile
 import time
@@ -96,7 +97,9 @@ def execute(nb, env: dict, timeout: float = 600, model_dir: str | None = None):
         env["PYKIMI_MODEL"] = model_dir
     client = NotebookClient(nb, timeout=int(timeout), kernel_name=KERNEL, record_timing=False,
                             resources={"metadata": {"path": HERE}})
-    client.execute(env=env)
+    # the kernel process's own stderr only carries jupyter_client's transport warning; what the cells print
+    # on stderr comes through the notebook protocol and lands in the outputs as usual
+    client.execute(env=env, stderr=subprocess.DEVNULL)
     return tidy(nb)
 
 
