@@ -87,7 +87,36 @@ def _load(args):
         opts["max_context"] = args.max_context
     model = load(path, **opts)
     proc = Processor.from_pretrained(path)
+    _apply_generation_defaults(args, path)
     return model, proc, path, time.perf_counter() - t0
+
+
+# built-in sampling defaults, used when neither a flag nor the checkpoint's generation_config.json gives one
+GEN_DEFAULTS = {"max_new_tokens": 256, "temp": 0.0, "top_p": 1.0, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0}
+_GEN_CONFIG_KEYS = {"max_new_tokens": "max_new_tokens", "temp": "temperature", "top_p": "top_p", "top_k": "top_k",
+                    "repeat_penalty": "repetition_penalty"}
+
+
+def _apply_generation_defaults(args, path) -> None:
+    """Fill the sampling options no flag set: generation_config.json of the checkpoint first, then GEN_DEFAULTS.
+    ``args.gen_sources`` says where each value came from ('flag', 'generation_config.json', 'default')."""
+    from .variants import generation_defaults
+
+    if not hasattr(args, "temp"):
+        return
+    gen = generation_defaults(path)
+    args.gen_config = gen
+    src = {}
+    for key, default in GEN_DEFAULTS.items():
+        if getattr(args, key, None) is not None:
+            src[key] = "flag"
+        elif _GEN_CONFIG_KEYS.get(key) in gen:
+            setattr(args, key, gen[_GEN_CONFIG_KEYS[key]])
+            src[key] = "generation_config.json"
+        else:
+            setattr(args, key, default)
+            src[key] = "default"
+    args.gen_sources = src
 
 
 def _open_images(paths):
@@ -105,43 +134,109 @@ def _messages(system, prompt, n_images):
     return msgs
 
 
-def _gen_kwargs(args) -> dict:
+def _gen_kwargs(args, model=None, prompt_len: int | None = None) -> dict:
+    if getattr(args, "temp", None) is None:            # options not resolved against a checkpoint (_load)
+        for key, default in GEN_DEFAULTS.items():
+            if getattr(args, key, None) is None:
+                setattr(args, key, default)
     kw = dict(max_new_tokens=args.max_new_tokens, temperature=args.temp, top_p=args.top_p, top_k=args.top_k,
               min_p=args.min_p, repetition_penalty=args.repeat_penalty, seed=args.seed)
+    gen = getattr(args, "gen_config", None) or {}
+    srcs = getattr(args, "gen_sources", {})
+    if "max_length" in gen and prompt_len is not None and srcs.get("max_new_tokens") != "flag":
+        kw["max_new_tokens"] = max(0, min(kw["max_new_tokens"], gen["max_length"] - prompt_len))
     if getattr(args, "ignore_eos", False):
         kw["stop_ids"] = []
+    elif gen.get("stop_ids") and model is not None:
+        # generation_config.json's eos ids stop too, beside [EOS] and <|im_end|>
+        kw["stop_ids"] = list(dict.fromkeys(list(model.stop_ids) + gen["stop_ids"]))
     return kw
 
 
-def _generate(model, proc, inputs, args, out=sys.stdout, stream=True):
-    """Run one answer; returns (text, ids, stats). Prints tokens as they come when ``stream``."""
+class ReasoningView:
+    """Shows an answer as it streams, with the reasoning of a thinking model kept apart (--reasoning):
+    'show' prints it under a '[reasoning]' header (dimmed on a terminal) and the answer under '[answer]';
+    'hide' prints the answer only; 'raw' prints the text as generated, markers included. A text without
+    think markers prints as it is in every mode."""
+
+    DIM, RESET = "\x1b[2m", "\x1b[0m"
+
+    def __init__(self, mode: str, out, color: bool | None = None):
+        self.mode = mode
+        self.out = out
+        self.color = (hasattr(out, "isatty") and out.isatty()) if color is None else color
+        self.kind = None
+        self.shown_reasoning = False
+
+    def write_raw(self, text: str) -> None:
+        if self.mode == "raw" and text:
+            self.out.write(text)
+            self.out.flush()
+
+    def write(self, pieces) -> None:
+        if self.mode == "raw":
+            return
+        for kind, text in pieces:
+            if kind == "reasoning":
+                if self.mode == "hide":
+                    continue
+                if self.kind != "reasoning":
+                    self.out.write("[reasoning]\n")
+                    self.shown_reasoning = True
+                self.out.write(f"{self.DIM}{text}{self.RESET}" if self.color else text)
+            else:
+                if self.kind == "reasoning" and self.mode == "show":
+                    self.out.write("\n[answer]\n")
+                self.out.write(text)
+            self.kind = kind
+        self.out.flush()
+
+
+def _generate(model, proc, inputs, args, out=None, stream=True):
+    """Run one answer; returns (text, ids, stats). Prints tokens as they come when ``stream``; the reasoning
+    of a thinking model is split off (``stats['reasoning']``, ``stats['answer']``) and shown per --reasoning."""
     import numpy as np
+
+    from .reasoning import ReasoningBudget
+
+    out = sys.stdout if out is None else out           # looked up per call (tests replace sys.stdout)
 
     ids = np.asarray(inputs["input_ids"])
     pv, grid = inputs.get("pixel_values"), inputs.get("image_grid_hws")
     t0 = time.perf_counter()
-    st = StreamText(proc)
+    rs = proc.reasoning_stream()
+    view = ReasoningView(getattr(args, "reasoning", None) or "show", out)
     new = []
     t_first = None
-    it = model.generate(ids, pixel_values=pv, image_grid_hws=grid, stream=True, **_gen_kwargs(args))
+    kw = _gen_kwargs(args, model, int(ids.shape[-1]))
+    budget = getattr(args, "reasoning_budget", None)
+    budget = None if budget is None else ReasoningBudget(proc.tokenizer, budget, proc.think_start, proc.think_end)
+    if budget is not None:
+        from .generate import generate as _gen      # the decode loop that takes forced ids
+        it = _gen(model, ids, pixel_values=pv, image_grid_hws=grid, stream=True, force=budget.force, **kw)
+    else:
+        it = model.generate(ids, pixel_values=pv, image_grid_hws=grid, stream=True, **kw)
     try:
         for tok in it:
             if t_first is None:
                 t_first = time.perf_counter()
             new.append(int(tok))
-            piece = st.push(tok)
-            if stream and piece:
-                out.write(piece)
-                out.flush()
+            n0 = len(rs.text)
+            pieces = rs.add(tok)
+            if stream:
+                view.write_raw(rs.text[n0:])
+                view.write(pieces)
     finally:
         close = getattr(it, "close", None)
         if close:
             close()
-    tail = st.flush()
-    if stream and tail:
-        out.write(tail)
+    n0 = len(rs.text)
+    pieces = rs.flush()
+    if stream:
+        view.write_raw(rs.text[n0:])
+        view.write(pieces)
     t_end = time.perf_counter()
-    text = st.emitted
+    text = rs.text
     stats = getattr(model, "last_stats", None) or {}
     stats = dict(stats)
     stats.setdefault("prompt_tokens", int(ids.shape[0]))
@@ -154,6 +249,11 @@ def _generate(model, proc, inputs, args, out=sys.stdout, stream=True):
     elif t_first is not None and len(new) > 1:
         stats["decode_tok_s"] = (len(new) - 1) / max(t_end - t_first, 1e-9)
     stats["total_s"] = t_end - t0
+    stats["reasoning"], stats["answer"] = rs.reasoning, rs.answer
+    stats["reasoning_tokens"] = rs.reasoning_tokens if rs.reasoning is not None else 0
+    if budget is not None:
+        stats["reasoning_budget"] = {"budget": budget.record.budget, "forced": budget.record.forced,
+                                     "forced_at": budget.record.forced_at}
     return text, new, stats
 
 
@@ -312,12 +412,17 @@ def cmd_run(args) -> int:
     inputs = proc.prepare(msgs, images=images or None)
     stream = not args.no_stream and not args.json
     text, ids, stats = _generate(model, proc, inputs, args, stream=stream)
+    reasoning, answer = stats.pop("reasoning"), stats.pop("answer")
     if args.json:
         print(json.dumps({"model": path, "prompt": prompt, "images": args.image or ([scene_path] if scene_path else []),
-                          "text": text, "ids": ids, "stats": stats, "load_s": load_s, **_mem()}))
+                          "text": text, "reasoning": reasoning, "answer": answer, "ids": ids, "stats": stats,
+                          "options": {k: getattr(args, k) for k in GEN_DEFAULTS},
+                          "option_sources": getattr(args, "gen_sources", {}), "load_s": load_s, **_mem()}))
     else:
         if not stream:
-            sys.stdout.write(text)
+            view = ReasoningView(args.reasoning, sys.stdout)
+            view.write_raw(text)
+            view.write(([("reasoning", reasoning)] if reasoning is not None else []) + [("answer", answer)])
         sys.stdout.write("\n")
         print(_timing_line(load_s, stats), file=sys.stderr)
     return 0
@@ -395,7 +500,13 @@ def cmd_chat(args) -> int:
         sys.stdout.write("\n")
         sys.stdout.flush()
         print(_timing_line(0.0, stats), file=sys.stderr)
-        history.append({"role": "assistant", "content": text})
+        # the answer goes back into the prompt; the reasoning rides along as reasoning_content, which the
+        # Kimi-VL chat template does not render (it writes message['content'] only): earlier turns' thinking
+        # is not shown to the model again (tests/test_reasoning.py::test_template_drops_reasoning_content)
+        turn = {"role": "assistant", "content": stats["answer"]}
+        if stats["reasoning"] is not None:
+            turn["reasoning_content"] = stats["reasoning"]
+        history.append(turn)
     return 0
 
 
@@ -415,9 +526,12 @@ def cmd_info(args) -> int:
             return 0
     from .config import load_config
 
+    from .variants import detect_variant
+
     cfg = load_config(args.dir)
-    print(cfg.summary())
     d = args.dir if os.path.isdir(args.dir) else os.path.dirname(args.dir)
+    print(cfg.summary())
+    print(detect_variant(d or ".", cfg).summary())
     has_weights = any(f.endswith(".safetensors") for f in os.listdir(d))
     if has_weights:
         from collections import Counter
@@ -444,7 +558,8 @@ def cmd_info(args) -> int:
         if args.tensors:
             for n in ck.names():
                 i = ck.info(n)
-                print(f"    {n:<70} {i.dtype:<5} {list(i.shape)}")
+                stored = getattr(ck, "stored_names", {}).get(n, n)          # Moonlight: the name in the file
+                print(f"    {stored:<70} {i.dtype:<5} {list(i.shape)}")
     else:
         print("  (no weights in this directory: config only)")
     return 0
@@ -523,16 +638,33 @@ def _add_model_args(p):
 
 
 def _add_gen_args(p):
+    # sampling options default to the checkpoint's generation_config.json, then to GEN_DEFAULTS; a flag wins
     p.add_argument("--system", help="system prompt (default: the template's 'You are a helpful assistant')")
-    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=256)
-    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=0.0,
-                   help="temperature; 0 = greedy (default)")
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--min-p", type=float, default=0.0)
-    p.add_argument("--repeat-penalty", type=float, default=1.0)
+    p.add_argument("-n", "--max-new-tokens", "--max-tokens", dest="max_new_tokens", type=int, default=None,
+                   help="default: generation_config.json's max_new_tokens, else 256")
+    p.add_argument("--temp", "--temperature", dest="temp", type=float, default=None,
+                   help="temperature; 0 = greedy (default: generation_config.json's, else 0)")
+    p.add_argument("--top-p", type=float, default=None)
+    p.add_argument("--top-k", type=int, default=None)
+    p.add_argument("--min-p", type=float, default=None)
+    p.add_argument("--repeat-penalty", type=float, default=None)
     p.add_argument("--seed", type=_seed, default=None, help="sampling seed; -1 or omitted = random")
     p.add_argument("--ignore-eos", action="store_true", help="do not stop on [EOS] / <|im_end|> (benchmarks)")
+    p.add_argument("--reasoning", choices=["show", "hide", "raw"], default="show",
+                   help="a thinking model's ◁think▷ reasoning: under its own header, dimmed (show, default), "
+                        "not printed (hide), or as generated with the markers (raw)")
+    p.add_argument("--reasoning-budget", type=_nonneg_int, default=None, metavar="N",
+                   help="close the thinking after N generated tokens by inserting ◁/think▷")
+
+
+def _nonneg_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
+    return v
 
 
 def build_parser() -> argparse.ArgumentParser:

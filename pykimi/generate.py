@@ -166,12 +166,15 @@ def _check_options(max_new_tokens, temperature, top_p, top_k, min_p, repetition_
 def generate(model, input_ids, pixel_values=None, image_grid_hws=None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed=None, stream: bool = False, stop_ids=None,
-             image_features=None):
+             image_features=None, force=None):
     """Generate up to ``max_new_tokens`` ids after the prompt.
 
     Returns the list of new ids, or (stream=True) an iterator yielding each id as soon as it is chosen.
     Input errors (ids, options, context length, images) are raised here, before any iteration.
     ``stop_ids=None`` uses :func:`default_stop_ids`; pass ``[]`` to never stop early.
+    ``force``: optional ``callable(new_ids) -> id | None`` asked before each pick; an id it returns is emitted
+    instead of the sampled one and decoded like any other (e.g. ``pykimi.reasoning.ReasoningBudget.force``,
+    which closes the thinking after a budget).
     """
     _check_options(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
     ids = model.check_ids(input_ids)
@@ -188,7 +191,7 @@ def generate(model, input_ids, pixel_values=None, image_grid_hws=None, max_new_t
         return model.embed(ids, pixel_values, image_grid_hws, image_features)
 
     it = _generate_iter(model, ids, x, int(max_new_tokens), float(temperature), float(top_p), int(top_k),
-                        float(min_p), float(repetition_penalty), seed, stops, t_embed, replay=replay)
+                        float(min_p), float(repetition_penalty), seed, stops, t_embed, replay=replay, force=force)
     return it if stream else list(it)
 
 
@@ -210,7 +213,7 @@ def _check_finite(model, logits: np.ndarray, ids: np.ndarray, new_ids: list, x: 
 
 
 def _generate_iter(model, ids, x, max_new_tokens, temperature, top_p, top_k, min_p, penalty, seed,
-                   stops, embed_s: float = 0.0, replay=None) -> Iterator[int]:
+                   stops, embed_s: float = 0.0, replay=None, force=None) -> Iterator[int]:
     if max_new_tokens == 0:
         return
     rng = np.random.default_rng(seed)
@@ -228,9 +231,14 @@ def _generate_iter(model, ids, x, max_new_tokens, temperature, top_p, top_k, min
     seen = set(ids.tolist()) if penalty != 1.0 else None
     new_ids: list[int] = []
     for step in range(max_new_tokens):
-        if seen:
-            logits = apply_repetition_penalty(logits, np.fromiter(seen, dtype=np.int64, count=len(seen)), penalty)
-        tok = pick_token(logits, rng, temperature, top_k, top_p, min_p)
+        forced = force(new_ids) if force is not None else None     # new_ids: the ids chosen so far
+        if forced is not None:
+            tok = int(forced)
+        else:
+            if seen:
+                logits = apply_repetition_penalty(logits, np.fromiter(seen, dtype=np.int64, count=len(seen)),
+                                                  penalty)
+            tok = pick_token(logits, rng, temperature, top_k, top_p, min_p)
         stats["new_tokens"] = step + 1
         yield tok
         if tok in stops or step + 1 == max_new_tokens:

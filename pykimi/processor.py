@@ -13,6 +13,7 @@ import numpy as np
 
 from .errors import ConfigError, InputError, TokenizerError
 from .image import ImageSettings, preprocess_images
+from .reasoning import THINK_END, THINK_START, ReasoningStream, split_reasoning
 from .tokenizer import MEDIA_PAD, ChatTemplate, Tokenizer, check_messages, is_image_part
 
 
@@ -26,7 +27,9 @@ class Processor:
         self.chat_template = chat_template if chat_template is not None else ChatTemplate()
         self.media_placeholder_token_id = (tokenizer.media_pad_id if media_placeholder_token_id is None
                                            else int(media_placeholder_token_id))
-        if self.media_placeholder_token_id != tokenizer.media_pad_id:
+        # the reasoning markers of the thinking checkpoints (pykimi.reasoning); plain text, not special ids
+        self.think_start, self.think_end = THINK_START, THINK_END
+        if self.media_placeholder_token_id is not None and self.media_placeholder_token_id != tokenizer.media_pad_id:
             raise ConfigError(f"media_placeholder_token_id {self.media_placeholder_token_id} is not the "
                               f"tokenizer's {MEDIA_PAD} id {tokenizer.media_pad_id}")
 
@@ -61,6 +64,17 @@ class Processor:
     def decode(self, ids, skip_special: bool = False) -> str:
         return self.tokenizer.decode(_as_list(ids), skip_special=skip_special)
 
+    # -- reasoning (Kimi-VL-A3B-Thinking / -Thinking-2506: ◁think▷ reasoning ◁/think▷ answer)
+
+    def split_reasoning(self, text: str, start_in_reasoning: bool = False) -> tuple[str | None, str]:
+        """A decoded answer -> (reasoning, answer); reasoning is None when the text does not start with the
+        think marker (pykimi.reasoning.split_reasoning has the rules)."""
+        return split_reasoning(text, self.think_start, self.think_end, start_in_reasoning)
+
+    def reasoning_stream(self, start_in_reasoning: bool = False) -> ReasoningStream:
+        """Generated ids in, ("reasoning" | "answer", text) pieces out, markers split across tokens included."""
+        return ReasoningStream(self.tokenizer, self.think_start, self.think_end, start_in_reasoning)
+
     # -- model inputs
 
     def __call__(self, text: str | None = None, images=None) -> dict:
@@ -73,7 +87,10 @@ class Processor:
         images = [] if images is None else list(images) if not _is_single_image(images) else [images]
         ids = self.tokenizer.encode(text, allow_special=True)
         pad = self.tokenizer.media_pad_id
-        n_pads = sum(1 for t in ids if t == pad)
+        if pad is None and images:
+            raise InputError(f"this tokenizer has no {MEDIA_PAD} token (a language model alone): it cannot take "
+                             f"images")
+        n_pads = sum(1 for t in ids if t == pad) if pad is not None else 0
         if n_pads != len(images):
             raise InputError(f"the prompt has {n_pads} {MEDIA_PAD} placeholder(s) but {len(images)} image(s) "
                              f"were given; each image needs exactly one")
