@@ -279,23 +279,43 @@ class TextConfig:
             bad(f"first_k_dense_replace {self.first_k_dense_replace} > num_hidden_layers {self.num_hidden_layers}")
 
 
+LM_ONLY_MODEL_TYPES = ("deepseek_v3", "deepseek_v2")   # Moonlight-16B-A3B(-Instruct): the LM alone, flat config
+
+
 @dataclass(frozen=True)
 class KimiVLConfig:
-    vision: VisionConfig
+    """A Kimi-VL config, or (``vision`` None) the language model alone: Moonlight-16B-A3B(-Instruct) ships a
+    flat ``deepseek_v3`` config (the text_config fields at the top level, no vision_config) and tensors named
+    ``model.*`` / ``lm_head.weight`` (``layout == "flat"``; pykimi.variants)."""
+    vision: VisionConfig | None
     text: TextConfig
-    media_placeholder_token_id: int
+    media_placeholder_token_id: int | None
     vocab_size: int
     model_type: str = "kimi_vl"
     raw: dict = field(default_factory=dict, compare=False, repr=False)
     path: str | None = None
+
+    @property
+    def has_vision(self) -> bool:
+        return self.vision is not None
+
+    @property
+    def layout(self) -> str:
+        """'kimi_vl' (language_model.model.*, vision_tower.*) or 'flat' (model.*, lm_head.weight: Moonlight)."""
+        return "kimi_vl" if self.model_type == "kimi_vl" else "flat"
 
     @classmethod
     def from_dict(cls, d: dict, path: str | None = None) -> "KimiVLConfig":
         if not isinstance(d, dict):
             raise ConfigError(f"{_WHERE}: expected a JSON object")
         mt = d.get("model_type")
+        if mt in LM_ONLY_MODEL_TYPES and "text_config" not in d:
+            text = TextConfig.from_dict(d)
+            return cls(vision=None, text=text, media_placeholder_token_id=None, vocab_size=text.vocab_size,
+                       model_type=mt, raw=d, path=path)
         if mt != "kimi_vl":
-            raise ConfigError(f"{_WHERE}: model_type = {mt!r}, expected 'kimi_vl' (a Kimi-VL checkpoint)")
+            raise ConfigError(f"{_WHERE}: model_type = {mt!r}, expected 'kimi_vl' (a Kimi-VL checkpoint) or "
+                              f"'deepseek_v3' (Moonlight, the language model alone)")
         vision = VisionConfig.from_dict(d.get("vision_config"))
         text = TextConfig.from_dict(d.get("text_config"))
         mp = d.get("media_placeholder_token_id")
@@ -326,6 +346,8 @@ class KimiVLConfig:
         """Parameter counts from the config alone: {'vision', 'projector', 'language', 'total',
         'active', 'active_no_embed', 'routed_experts'} (spec §1)."""
         v, t = self.vision, self.text
+        if v is None:
+            return self._lm_param_counts(0, 0)
         C, F = v.hidden_size, v.intermediate_size
         vis = 3 * v.patch_size ** 2 * C + C + v.init_pos_emb_height * v.init_pos_emb_width * C
         per_block = 2 * 2 * C + (3 * C * C + 3 * C) + (C * C + C) + (F * C + F) + (C * F + C)
@@ -333,6 +355,10 @@ class KimiVLConfig:
         kh, kw = v.merge_kernel_size
         M = C * kh * kw
         proj = 2 * C + (M * M + M) + (t.hidden_size * M + t.hidden_size)
+        return self._lm_param_counts(vis, proj)
+
+    def _lm_param_counts(self, vis: int, proj: int) -> dict:
+        t = self.text
         H = t.hidden_size
         nh = t.num_attention_heads
         if t.q_lora_rank:
@@ -368,12 +394,18 @@ class KimiVLConfig:
         def b(n):
             return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
-        lines = [
-            f"Kimi-VL ({self.model_type})" + (f" at {self.path}" if self.path else ""),
-            f"  vision  MoonViT: {v.num_hidden_layers} blocks, width {v.hidden_size}, {v.num_attention_heads} heads "
-            f"x {v.head_dim}, MLP {v.intermediate_size}, patch {v.patch_size}, pos table "
-            f"{v.init_pos_emb_height}x{v.init_pos_emb_width}, merge {v.merge_kernel_size[0]}x{v.merge_kernel_size[1]}",
-            f"  projector: {v.hidden_size * v.merge_kernel_size[0] * v.merge_kernel_size[1]} -> {t.hidden_size}",
+        if v is None:
+            head = [f"language model only ({self.model_type}, flat layout: model.*, lm_head.weight)"
+                    + (f" at {self.path}" if self.path else ""), "  no vision tower"]
+        else:
+            head = [
+                f"Kimi-VL ({self.model_type})" + (f" at {self.path}" if self.path else ""),
+                f"  vision  MoonViT: {v.num_hidden_layers} blocks, width {v.hidden_size}, {v.num_attention_heads} "
+                f"heads x {v.head_dim}, MLP {v.intermediate_size}, patch {v.patch_size}, pos table "
+                f"{v.init_pos_emb_height}x{v.init_pos_emb_width}, merge "
+                f"{v.merge_kernel_size[0]}x{v.merge_kernel_size[1]}",
+                f"  projector: {v.hidden_size * v.merge_kernel_size[0] * v.merge_kernel_size[1]} -> {t.hidden_size}"]
+        lines = head + [
             f"  language  DeepSeek-V3 MLA/MoE: {t.num_hidden_layers} layers ({t.num_hidden_layers - n_moe} dense, "
             f"{n_moe} MoE), hidden {t.hidden_size}, {t.num_attention_heads} heads, q/k {t.qk_nope_head_dim}+"
             f"{t.qk_rope_head_dim}, v {t.v_head_dim}, kv_lora_rank {t.kv_lora_rank}, q_lora_rank {t.q_lora_rank}",

@@ -100,7 +100,11 @@ def language_tensors(cfg: KimiVLConfig, include_ignored: bool = True) -> list[tu
 
 
 def expected_tensors(cfg: KimiVLConfig, include_ignored: bool = True) -> list[tuple[str, tuple]]:
-    """Every tensor of a Kimi-VL checkpoint for this config, in a fixed order (vision, projector, LM)."""
+    """Every tensor of a Kimi-VL checkpoint for this config, in a fixed order (vision, projector, LM). A config
+    without a vision tower (Moonlight) has the LM's only, under these names (pykimi.variants maps its flat
+    ``model.*`` / ``lm_head.weight`` names onto them when the checkpoint is opened)."""
+    if getattr(cfg, "vision", None) is None:
+        return language_tensors(cfg, include_ignored)
     return vision_tensors(cfg) + projector_tensors(cfg) + language_tensors(cfg, include_ignored)
 
 

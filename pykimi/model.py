@@ -308,6 +308,8 @@ class KimiVL:
             return None
         if image_grid_hws is None:
             raise InputError("pixel_values given without image_grid_hws ([n_images, 2] patch grid per image)")
+        if getattr(self.config, "vision", True) is None:
+            raise InputError(f"{self.ckpt.path} is a language model alone (no vision tower): it cannot take images")
         return self.encode_images(pixel_values, image_grid_hws)
 
     def embed(self, input_ids, pixel_values=None, image_grid_hws=None, image_features=None) -> np.ndarray:

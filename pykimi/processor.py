@@ -117,6 +117,9 @@ class Processor:
         check_messages(messages)
         given = [] if images is None else list(images) if not _is_single_image(images) else [images]
         parts = [p for m in messages if not isinstance(m["content"], str) for p in m["content"] if is_image_part(p)]
+        if parts and self.tokenizer.media_pad_id is None:
+            raise InputError(f"this tokenizer has no {MEDIA_PAD} token (a language model alone): it cannot take "
+                             f"images")
         inline = [p.get("image") for p in parts]  # None: the picture comes from images=
         n_missing = sum(1 for x in inline if x is None)
         if n_missing != len(given):

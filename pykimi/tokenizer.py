@@ -293,7 +293,8 @@ class Tokenizer:
         self.bos_id = need(bos_token)
         self.eos_id = need(eos_token)
         self.im_end_id = need(IM_END)
-        self.media_pad_id = need(MEDIA_PAD)
+        # the language model alone (Moonlight) has no media tokens: no image placeholder then
+        self.media_pad_id = specials.get(MEDIA_PAD)
 
     # -- construction
 

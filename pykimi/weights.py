@@ -419,6 +419,9 @@ class Checkpoint:
         for f in files.values():
             self.metadata.update(f.metadata)
         self._quant_meta: dict | None = None
+        if config is not None and getattr(config, "layout", "kimi_vl") == "flat":
+            from .variants import use_kimi_vl_names
+            use_kimi_vl_names(self)          # Moonlight: model.* -> language_model.model.* (one table of names)
 
     # -- opening ----------------------------------------------------------------------------------
     @classmethod
