@@ -18,8 +18,9 @@ import time
 from .errors import InputError, PykimiError
 
 DEFAULT_PROMPT = "Describe the image."
-CHAT_HELP = ("commands: /image PATH attaches an image to the next message, /reset forgets the history and the "
-             "attached images, /help, /quit; start a line with // to send a text beginning with /")
+CHAT_HELP = ("commands: /image PATH attaches an image to the next message, /video PATH [FRAMES] a video (as "
+             "frames), /reset forgets the history and the attached images, /help, /quit; start a line with // to "
+             "send a text beginning with /")
 
 
 # --------------------------------------------------------------------------------------------- helpers
@@ -392,7 +393,7 @@ def cmd_run(args) -> int:
     images = _open_images(args.image)
     prompt = args.prompt
     scene_path = None
-    if not images and _is_demo(path):
+    if not images and _is_demo(path) and not getattr(args, "video", None):
         # the demo model only answers questions about an image (pykimi/demo/README.md): draw a fresh scene
         # rather than let it answer a question about a picture it was never shown
         from .scenes import random_scene
@@ -406,12 +407,24 @@ def cmd_run(args) -> int:
             where = f"saved to {scene_path}{why}" if scene_path else "not saved: no writable directory"
             print(f"(no --image: the demo model answers questions about an image; drew a random scene, {where})",
                   file=sys.stderr)
-    if prompt is None:
-        prompt = DEFAULT_PROMPT
-    msgs = _messages(args.system, prompt, len(images))
-    inputs = proc.prepare(msgs, images=images or None)
+    fit = None
+    if getattr(args, "video", None):
+        # a video goes in as frames with timestamps, fitted to the context (pykimi/video.py has the choice)
+        msgs = _messages(args.system, DEFAULT_VIDEO_PROMPT if prompt is None else prompt, 0)
+        if images:
+            msgs[-1]["content"] = ([{"type": "image", "image": im} for im in images]
+                                   + [{"type": "text", "text": msgs[-1]["content"]}])
+        msgs, fit = _attach_video(model, proc, msgs, args.video, args)
+        inputs = proc.prepare(msgs)
+    else:
+        if prompt is None:
+            prompt = DEFAULT_PROMPT
+        msgs = _messages(args.system, prompt, len(images))
+        inputs = proc.prepare(msgs, images=images or None)
     stream = not args.no_stream and not args.json
     text, ids, stats = _generate(model, proc, inputs, args, stream=stream)
+    if fit is not None:
+        stats["video"] = dict(vars(fit), timestamps=[round(t, 3) for t in fit.timestamps])
     reasoning, answer = stats.pop("reasoning"), stats.pop("answer")
     if args.json:
         print(json.dumps({"model": path, "prompt": prompt, "images": args.image or ([scene_path] if scene_path else []),
@@ -428,10 +441,30 @@ def cmd_run(args) -> int:
     return 0
 
 
+DEFAULT_VIDEO_PROMPT = "Describe the video."
+
+
+def _attach_video(model, proc, msgs, path, args, frames=None):
+    """Load a video, sample its frames and fit them into the context (--max-context, else the model's) with room
+    for --max-new-tokens; returns (messages with the frames inline, the fit record)."""
+    from .video import fit_video, load_video
+
+    video = load_video(path, frames=frames if frames is not None else getattr(args, "frames", None),
+                       fps=None if frames is not None else getattr(args, "fps", None))
+    ctx = getattr(args, "max_context", None) or model.context_limit
+    msgs, fit = fit_video(proc, msgs, video, ctx, args.max_new_tokens)
+    fit.timestamps = list(video.timestamps)
+    if not getattr(args, "json", False):
+        print(f"(video {path}: {len(video)} frames at " + ", ".join(f"{t:.1f}" for t in video.timestamps)
+              + f" s of {video.duration:.1f} s, {fit.tokens_per_frame} image tokens each)", file=sys.stderr)
+    return msgs, fit
+
+
 def cmd_chat(args) -> int:
     model, proc, path, load_s = _load(args)
     print(f"pykimi chat on {path} (load {load_s:.1f} s). {CHAT_HELP}; Ctrl-C stops an answer.", file=sys.stderr)
     demo = _is_demo(path)
+    pending_video = None
     history: list = []
     images: list = []
     pending: list = []
@@ -463,6 +496,14 @@ def cmd_chat(args) -> int:
         if line == "/help":
             print(CHAT_HELP, file=sys.stderr)
             continue
+        if line == "/video" or line.startswith("/video "):
+            parts = line[len("/video"):].split()
+            if not parts or len(parts) > 2 or (len(parts) == 2 and not parts[1].isdigit()):
+                print("error: usage: /video PATH [FRAMES]", file=sys.stderr)
+                continue
+            pending_video = (parts[0], int(parts[1]) if len(parts) == 2 else None)
+            print(f"(video {parts[0]} goes with your next message)", file=sys.stderr)
+            continue
         if line == "/image" or line.startswith("/image "):
             p = line[len("/image"):].strip()
             if not p:
@@ -482,12 +523,18 @@ def cmd_chat(args) -> int:
         if demo and not images and not pending:
             print("(note: no image attached; the demo model answers questions about an image: /image PATH)",
                   file=sys.stderr)
-        content = [{"type": "image"} for _ in pending] + [{"type": "text", "text": line}]
+        # images inline in the history, so a later video can count their tokens (pykimi.video.fit_video)
+        content = [{"type": "image", "image": im} for im in pending] + [{"type": "text", "text": line}]
         history.append({"role": "user", "content": content if pending else line})
         images.extend(pending)
         pending = []
         try:
-            inputs = proc.prepare(history, images=images or None)
+            if pending_video is not None:
+                vpath, vframes = pending_video
+                pending_video = None
+                # on an error the history is unchanged and the except below drops this user turn
+                history, _ = _attach_video(model, proc, history, vpath, args, frames=vframes)
+            inputs = proc.prepare(history)
             text, ids, stats = _generate(model, proc, inputs, args, stream=True)
         except KeyboardInterrupt:
             print("\n(stopped)", file=sys.stderr)
@@ -657,6 +704,26 @@ def _add_gen_args(p):
                    help="close the thinking after N generated tokens by inserting ◁/think▷")
 
 
+def _pos_int(s):
+    try:
+        v = int(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
+    return v
+
+
+def _pos_float(s):
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
+    if not v > 0 or v == float("inf"):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
+    return v
+
+
 def _nonneg_int(s):
     try:
         v = int(s)
@@ -678,7 +745,13 @@ def build_parser() -> argparse.ArgumentParser:
     _add_model_args(p)
     _add_gen_args(p)
     p.add_argument("--image", action="append", default=[], help="image file (repeatable)")
-    p.add_argument("-p", "--prompt", help=f"the question (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("--video", help="a video file: sampled frames go in as images with their timestamps "
+                                   "(needs PyAV: pip install 'pykimi[video]')")
+    g = p.add_mutually_exclusive_group()
+    g.add_argument("--frames", type=_pos_int, help="frames sampled uniformly from --video (default 8)")
+    g.add_argument("--fps", type=_pos_float, help="sample --video at this many frames per second")
+    p.add_argument("-p", "--prompt", help=f"the question (default: {DEFAULT_PROMPT!r}, with --video "
+                                          f"{DEFAULT_VIDEO_PROMPT!r})")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
     p.add_argument("--json", action="store_true", help="print one JSON object (text, ids, timings)")
     p.add_argument("--save-scene", help="where the demo's random scene is saved (default ./pykimi_scene.png)")
