@@ -6,6 +6,8 @@ on the same weights, same machine.
     python bench/bench_vision.py --full          # all 27 blocks
     python bench/bench_vision.py --size 896      # 4096 patches
     python bench/bench_vision.py --attn16k       # one layer's attention at 16,384 patches: time + peak memory
+    python bench/bench_vision.py --size 1792 --blocks 1 --repeat 1   # a 3.2 MP image (16,384 patches, the
+                                                 # Thinking-2506 budget): time and peak anonymous memory, both
 
 pykimi is timed twice: widening one block's bf16 weights at a time (the default, as from the memory-mapped
 checkpoint) and with the widened weights cached (compute only). The torch twin below is written for this
@@ -17,6 +19,7 @@ import argparse
 import math
 import os
 import sys
+import threading
 import time
 import tracemalloc
 
@@ -115,6 +118,43 @@ def torch_encode(torch, W: dict, cfg: KimiVLConfig, pv: np.ndarray, grids: np.nd
 
 
 # ---------------------------------------------------------------------------------------------------------
+def rss_anon() -> int:
+    """This process's anonymous resident memory in bytes (RssAnon in /proc/self/status; 0 where absent)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def peak_anon(fn, every: float = 0.005):
+    """(result, peak anonymous memory above the level before the call, in bytes): RssAnon sampled every few ms by
+    a thread while ``fn`` runs. The memory-mapped (file-backed) weights of a real checkpoint are not anonymous;
+    here the bf16 weights live in anonymous memory before the call and are part of the baseline."""
+    import gc
+    gc.collect()
+    base = rss_anon()
+    peak = [base]
+    done = threading.Event()
+
+    def watch():
+        while not done.is_set():
+            peak[0] = max(peak[0], rss_anon())
+            time.sleep(every)
+    th = threading.Thread(target=watch, daemon=True)
+    th.start()
+    try:
+        out = fn()
+    finally:
+        done.set()
+        th.join()
+    peak[0] = max(peak[0], rss_anon())
+    return out, peak[0] - base
+
+
 def best_of(fn, repeat):
     times, out = [], None
     for _ in range(repeat):
@@ -143,10 +183,12 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--blocks", type=int, default=4, help="vision blocks to run (default 4; 27 = real)")
     ap.add_argument("--full", action="store_true", help="all 27 blocks")
-    ap.add_argument("--size", type=int, default=448, choices=(448, 896), help="square image side in pixels")
+    ap.add_argument("--size", type=int, default=448, choices=(448, 896, 1792),
+                    help="square image side in pixels (1792: 16,384 patches, about 3.2 MP)")
     ap.add_argument("--repeat", type=int, default=3, help="best of N (the machine is shared)")
     ap.add_argument("--no-torch", action="store_true")
     ap.add_argument("--attn16k", action="store_true", help="also time one 16,384-patch attention layer")
+    ap.add_argument("--memory", action="store_true", help="peak anonymous memory of pykimi and torch (always at 1792)")
     a = ap.parse_args(argv)
 
     real = reference_config()
@@ -163,6 +205,11 @@ def main(argv=None):
     print(f"synthetic bf16 weights: {time.perf_counter() - t0:.1f} s")
     pv, grids = synthetic_image(a.size, v.patch_size)
     L = len(pv)
+    if a.size >= 1792:
+        # a 3.2 MP image: one encode takes minutes on 2 cores, so only the side-by-side memory + time rounds
+        cached = vision.VisionTower(ck, cfg, cache_weights=True)
+        compare_memory(a, cfg, ck, cached, pv, grids, nb)
+        return
 
     tower = vision.VisionTower(ck, cfg)
     t_stream, out = best_of(lambda: tower.encode(pv, grids), a.repeat)
@@ -182,6 +229,8 @@ def main(argv=None):
 
     if not a.no_torch:
         compare_torch(a, cfg, cached, pv, grids, out, t_cached, t_stream, nb)
+    if a.memory:
+        compare_memory(a, cfg, ck, cached, pv, grids, nb)
     if a.attn16k:
         bench_attn16k(v.num_attention_heads, v.head_dim)
 
@@ -200,6 +249,33 @@ def compare_torch(a, cfg, cached, pv, grids, out, t_cached, t_stream, nb):
     print(f"torch {torch.__version__} fp32 ({torch.get_num_threads()} threads): {nb} blocks {t_torch:.2f} s")
     print(f"ratio pykimi/torch: {t_cached / t_torch:.2f}x (cached weights), {t_stream / t_torch:.2f}x (widening "
           f"per block); max rel. difference of the features {err:.2e}")
+
+
+def compare_memory(a, cfg, ck, cached, pv, grids, nb):
+    """Peak anonymous memory of one encode, pykimi (bf16 widened per block, the default) then torch fp32 on the
+    same widened weights, alternating twice; each above its own baseline, times beside them."""
+    try:
+        import torch
+        torch.set_grad_enabled(False)
+        W = {n: torch.from_numpy(cached._f32(n)) for n, _ in vision_tensors(cfg) + projector_tensors(cfg)}
+    except ImportError:
+        torch = None
+    n = int(np.prod(grids[0]))
+    H = cfg.vision.num_attention_heads
+    print(f"peak anonymous memory above the baseline, {n} patches, {nb} block(s) (a full [heads, n, n] f32 score "
+          f"matrix would be {H * n * n * 4 / 2**30:.1f} GiB):")
+    tower = vision.VisionTower(ck, cfg)
+    for rnd in range(a.repeat if a.size < 1792 else max(1, min(a.repeat, 2))):
+        t0 = time.perf_counter()
+        out, pk = peak_anon(lambda: tower.encode(pv, grids))
+        print(f"  round {rnd + 1}: pykimi {pk / 2**20:7.0f} MiB  {time.perf_counter() - t0:6.1f} s", end="", flush=True)
+        if torch is not None:
+            t0 = time.perf_counter()
+            ref, pt = peak_anon(lambda: torch_encode(torch, W, cfg, pv, grids))
+            err = np.abs(out - ref.numpy()).max() / np.abs(ref.numpy()).max()
+            print(f"   | torch fp32 {pt / 2**20:7.0f} MiB  {time.perf_counter() - t0:6.1f} s   (max rel. diff "
+                  f"{err:.1e})", end="")
+        print(flush=True)
 
 
 if __name__ == "__main__":

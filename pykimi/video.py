@@ -262,26 +262,42 @@ def video_inputs(processor, messages, video: Video, max_context: int, max_new_to
     return inputs, fit
 
 
-def write_test_video(path: str, frames: int = 12, fps: int = 4, size=(96, 64), codec: str = "mpeg4") -> list:
-    """Write a small synthetic clip (frame i is a flat colour that changes with i, plus a white bar whose
-    position encodes i) and return the frames' RGB colours; for tests and tutorials. Needs PyAV."""
+def write_video(path: str, images, fps: float = 4, codec: str = "mpeg4") -> None:
+    """Write PIL images (one size) as a video file at ``fps`` frames per second (tests, tutorials). Needs PyAV."""
     av = _need_av()
     import numpy as np
+    from fractions import Fraction
 
-    colours = []
+    images = list(images)
+    if not images:
+        raise InputError("write_video: no images")
+    w, h = images[0].size
     with av.open(path, "w") as out:
-        st = out.add_stream(codec, rate=fps)
-        st.width, st.height = size
+        st = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1000))
+        st.width, st.height = w - w % 2, h - h % 2                       # yuv420p needs even sides
         st.pix_fmt = "yuv420p"
-        for i in range(frames):
-            c = ((37 * i) % 256, (255 - 20 * i) % 256, (90 + 50 * i) % 256)
-            colours.append(c)
-            a = np.empty((size[1], size[0], 3), dtype=np.uint8)
-            a[:] = c
-            x = int(i * (size[0] - 8) / max(1, frames - 1))
-            a[:, x:x + 8] = 255
-            for pkt in st.encode(av.VideoFrame.from_ndarray(a, format="rgb24")):
+        for img in images:
+            a = np.asarray(img.convert("RGB"))[:st.height, :st.width]
+            for pkt in st.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(a), format="rgb24")):
                 out.mux(pkt)
         for pkt in st.encode():
             out.mux(pkt)
+
+
+def write_test_video(path: str, frames: int = 12, fps: int = 4, size=(96, 64), codec: str = "mpeg4") -> list:
+    """Write a small synthetic clip (frame i is a flat colour that changes with i, plus a white bar whose
+    position encodes i) and return the frames' RGB colours; for tests and tutorials. Needs PyAV."""
+    import numpy as np
+    from PIL import Image
+
+    colours, images = [], []
+    for i in range(frames):
+        c = ((37 * i) % 256, (255 - 20 * i) % 256, (90 + 50 * i) % 256)
+        colours.append(c)
+        a = np.empty((size[1], size[0], 3), dtype=np.uint8)
+        a[:] = c
+        x = int(i * (size[0] - 8) / max(1, frames - 1))
+        a[:, x:x + 8] = 255
+        images.append(Image.fromarray(a))
+    write_video(path, images, fps, codec)
     return colours
