@@ -19,9 +19,11 @@ whose pieces concatenate to exactly what :func:`split_reasoning` returns for the
   middle of an answer is answer text.
 
 Consumers: ``Processor.split_reasoning``, ``pykimi run / chat --reasoning hide|show|raw``, and the server
-(``message.reasoning_content`` / ``delta.reasoning_content``): it feeds generated ids to a
-:class:`ReasoningStream` and sends each ``("reasoning", text)`` / ``("answer", text)`` piece to its field.
-:class:`ReasoningBudget` closes the thinking after N tokens by forcing the end marker's ids.
+(``message.reasoning_content`` / ``delta.reasoning_content``, the llama-server / DeepSeek convention, with a
+per-request ``reasoning_format`` of 'auto' / 'deepseek' / 'none'): :class:`DeltaStream` turns generated ids into
+``{"reasoning_content": ...}`` / ``{"content": ...}`` deltas and :func:`message_fields` a finished text into the
+message's fields. :class:`ReasoningBudget` closes the thinking after N tokens by forcing the end marker's ids
+(``generate(..., force=budget.force)``; an engine asks ``budget.force(new_ids)`` before each pick).
 """
 from __future__ import annotations
 
@@ -250,3 +252,65 @@ class ReasoningBudget:
             self._queue = list(self.end_ids)
             return self._queue.pop(0)
         return None
+
+
+# ---------------------------------------------------------------------------------------------------------
+# OpenAI-style fields (the llama-server / DeepSeek convention), for the server
+# ---------------------------------------------------------------------------------------------------------
+REASONING_FORMATS = ("auto", "deepseek", "none")
+
+
+def check_reasoning_format(fmt) -> str:
+    """A request's ``reasoning_format``: 'auto' / 'deepseek' (reasoning in ``reasoning_content``) or 'none'
+    (the raw text, markers included, in ``content``). None means 'auto'."""
+    if fmt is None:
+        return "auto"
+    if fmt not in REASONING_FORMATS:
+        raise ValueError(f"reasoning_format={fmt!r}: expected one of {', '.join(REASONING_FORMATS)}")
+    return fmt
+
+
+def message_fields(text: str, reasoning_format: str | None = "auto", start: str = THINK_START,
+                   end: str = THINK_END, start_in_reasoning: bool = False) -> dict:
+    """A finished answer -> the assistant message's fields: ``{"content": answer, "reasoning_content":
+    reasoning}`` (reasoning_content only when there was reasoning), or ``{"content": text}`` for 'none'."""
+    if check_reasoning_format(reasoning_format) == "none":
+        return {"content": text}
+    reasoning, answer = split_reasoning(text, start, end, start_in_reasoning)
+    out = {"content": answer}
+    if reasoning is not None:
+        out["reasoning_content"] = reasoning
+    return out
+
+
+class DeltaStream:
+    """Generated ids in, streaming ``delta`` dicts out: ``{"reasoning_content": "..."}`` / ``{"content": "..."}``
+    per piece ('auto' / 'deepseek'), or the raw text as ``content`` ('none'). ``message()`` gives the whole
+    message's fields at the end (equal to :func:`message_fields` on the whole text)."""
+
+    def __init__(self, tokenizer, reasoning_format: str | None = "auto", start: str = THINK_START,
+                 end: str = THINK_END, start_in_reasoning: bool = False):
+        self.format = check_reasoning_format(reasoning_format)
+        self.stream = ReasoningStream(tokenizer, start, end, start_in_reasoning)
+
+    def _deltas(self, n0: int, pieces) -> list[dict]:
+        if self.format == "none":
+            t = self.stream.text[n0:]
+            return [{"content": t}] if t else []
+        return [{"reasoning_content" if k == REASONING else "content": t} for k, t in pieces]
+
+    def add(self, token_id: int) -> list[dict]:
+        n0 = len(self.stream.text)
+        return self._deltas(n0, self.stream.add(token_id))
+
+    def flush(self) -> list[dict]:
+        n0 = len(self.stream.text)
+        return self._deltas(n0, self.stream.flush())
+
+    def message(self) -> dict:
+        if self.format == "none":
+            return {"content": self.stream.text}
+        out = {"content": self.stream.answer}
+        if self.stream.reasoning is not None:
+            out["reasoning_content"] = self.stream.reasoning
+        return out

@@ -323,3 +323,29 @@ def test_template_drops_reasoning_content():
     assert "<|im_assistant|>assistant<|im_middle|>Two.<|im_end|>" in a
     raw = [dict(msgs[1], content=f"{S}I count two.{E}Two.")]
     assert f"{S}I count two.{E}Two." in render_kimi_chat(msgs[:1] + raw)
+
+
+# ------------------------------------------------------------------------------------------ server fields
+def test_message_fields_and_delta_stream(proc):
+    from pykimi.reasoning import DeltaStream, check_reasoning_format, message_fields
+
+    assert message_fields(SCRIPT) == {"content": "There are two red circles.",
+                                      "reasoning_content": "Two circles, both red."}
+    assert message_fields(SCRIPT, "none") == {"content": SCRIPT}
+    assert message_fields("plain") == {"content": "plain"}                # no reasoning_content at all
+    for fmt in ("auto", "deepseek", "none", None):
+        ds = DeltaStream(proc.tokenizer, fmt)
+        deltas = []
+        for i in proc.tokenizer.encode(SCRIPT):
+            deltas += ds.add(i)
+        deltas += ds.flush()
+        joined = {}
+        for d in deltas:
+            (k, v), = d.items()
+            joined[k] = joined.get(k, "") + v
+        assert joined == ds.message() == message_fields(SCRIPT, fmt)
+        if fmt != "none":
+            kinds = [next(iter(d)) for d in deltas]
+            assert kinds == sorted(kinds, key=lambda k: k != "reasoning_content")
+    with pytest.raises(ValueError, match="reasoning_format"):
+        check_reasoning_format("r1")
