@@ -218,6 +218,9 @@ def quantize_checkpoint(src_dir, dst_dir, bits: int = 8, what: str = "experts", 
     dst_dir = dst_dir.rstrip("/") or dst_dir
     part = _check_destination(src_dir, dst_dir, overwrite)
     ckpt = Checkpoint.open(src_dir, load_config=False)
+    from .variants import is_flat_layout, use_kimi_vl_names
+    if is_flat_layout(src_dir):
+        use_kimi_vl_names(ckpt)          # Moonlight: select by the one table of names (the repack keeps them)
     if not os.path.isdir(src_dir):
         src_dir = os.path.dirname(os.path.abspath(src_dir))
     if os.path.isfile(os.path.join(src_dir, "config.json")):

@@ -233,6 +233,19 @@ def flat_name(kimi_vl: str) -> str | None:
     return None
 
 
+def is_flat_layout(path: str) -> bool:
+    """True when the directory's config.json is a flat language-model config (Moonlight), read without
+    validating the rest (for tools that open a checkpoint without its config, e.g. the int8 / int4 repack)."""
+    from .config import LM_ONLY_MODEL_TYPES
+
+    d = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    try:
+        cfg = _read_json(os.path.join(d, "config.json"))
+    except ConfigError:
+        return False
+    return isinstance(cfg, dict) and cfg.get("model_type") in LM_ONLY_MODEL_TYPES and "text_config" not in cfg
+
+
 def use_kimi_vl_names(ckpt) -> None:
     """Let a flat (Moonlight) checkpoint answer to the Kimi-VL names, so the one table of names
     (pykimi.layout) and every stage serve both: ``model.X`` is read as ``language_model.model.X`` and

@@ -203,3 +203,19 @@ def test_moonlight_missing_tensor_named(dirs, tmp_path):
                 w.add(n, Stored(n, t.dtype, t.data))
     with pytest.raises(CheckpointError, match="norm.weight"):
         pykimi.load(str(d))
+
+
+def test_moonlight_quantized_repack_equals_kimi_vl_repack(dirs, tmp_path):
+    """int8 repacks of the two layouts give the same logits (the repack writes the one table of names)."""
+    from pykimi.quant import quantize_checkpoint
+
+    quantize_checkpoint(dirs["plain"], str(tmp_path / "k8"), bits=8, what="all", progress=False)
+    quantize_checkpoint(dirs["moonlight"], str(tmp_path / "m8"), bits=8, what="all", progress=False)
+    ids = np.arange(3, 40, dtype=np.int64)
+    a = pykimi.load(str(tmp_path / "k8")).forward(ids)
+    b = pykimi.load(str(tmp_path / "m8")).forward(ids)
+    assert np.array_equal(a, b)
+    assert detect_variant(str(tmp_path / "m8")).family == "moonlight"
+    from pykimi.weights import Checkpoint
+    q = [n for n in Checkpoint.open(str(tmp_path / "m8")).names() if n.endswith(".qweight")]
+    assert len(q) == len([n for n in Checkpoint.open(str(tmp_path / "k8")).names() if n.endswith(".qweight")]) > 10
