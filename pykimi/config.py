@@ -412,8 +412,8 @@ class KimiVLConfig:
             f"  experts: {t.n_routed_experts} routed x {t.moe_intermediate_size} (top-{t.num_experts_per_tok}, "
             f"{t.scoring_func}, {t.topk_method}, scale {t.routed_scaling_factor}) + {t.n_shared_experts} shared; "
             f"dense FFN {t.intermediate_size}",
-            f"  vocab {t.vocab_size}, rope theta {t.rope_theta:g}, context {t.max_position_embeddings}, "
-            f"media placeholder id {self.media_placeholder_token_id}",
+            f"  vocab {t.vocab_size}, rope theta {t.rope_theta:g}, context {t.max_position_embeddings}"
+            + (f", media placeholder id {self.media_placeholder_token_id}" if v is not None else ""),
             f"  parameters: total {b(p['total'])} (vision {b(p['vision'])}, projector {b(p['projector'])}, "
             f"language {b(p['language'])}); active per token {b(p['active'])} "
             f"({b(p['active_no_embed'])} without embedding and lm_head)",

@@ -2,12 +2,12 @@
 
 One code path serves them all; what differs is read, never assumed:
 
-| checkpoint | config.json | tensors | what else differs (from its files) |
-| --- | --- | --- | --- |
-| Kimi-VL-A3B-Instruct | ``kimi_vl`` (vision_config + text_config) | ``vision_tower.*``, ``language_model.model.*`` | |
-| Kimi-VL-A3B-Thinking | the same | the same | writes ``◁think▷ … ◁/think▷`` before its answer |
-| Kimi-VL-A3B-Thinking-2506 | the same | the same | the image budget: ``in_token_limit`` of its preprocessor_config.json |
-| Moonlight-16B-A3B(-Instruct) | flat ``deepseek_v3``, no text_config | ``model.*``, ``lm_head.weight``, no vision tower | its own rope_theta and context length |
+* Kimi-VL-A3B-Instruct: a ``kimi_vl`` config (vision_config + text_config); tensors ``vision_tower.*``,
+  ``multi_modal_projector.*``, ``language_model.model.*``.
+* Kimi-VL-A3B-Thinking: the same files; it writes ``◁think▷ … ◁/think▷`` before its answer (pykimi.reasoning).
+* Kimi-VL-A3B-Thinking-2506: the same; a larger image budget, ``in_token_limit`` of its preprocessor_config.json.
+* Moonlight-16B-A3B(-Instruct): a flat ``deepseek_v3`` config without text_config; tensors ``model.*`` and
+  ``lm_head.weight``, no vision tower; its own rope_theta, context length and chat template.
 
 The name comes from what the directory says about itself, in this order: config.json's ``_name_or_path`` /
 ``name_or_path``, a Hugging Face cache path (``models--moonshotai--NAME``), the model card (README.md) title or
@@ -27,8 +27,8 @@ from .errors import ConfigError
 
 KNOWN = ("Kimi-VL-A3B-Instruct", "Kimi-VL-A3B-Thinking-2506", "Kimi-VL-A3B-Thinking",
          "Moonlight-16B-A3B-Instruct", "Moonlight-16B-A3B")
-_NAME_RE = re.compile(r"(kimi[-_]vl[-_]a3b[-_](?:instruct|thinking(?:[-_]2506)?)|moonlight[-_]16b[-_]a3b(?:[-_]instruct)?)",
-                      re.IGNORECASE)
+_NAME_RE = re.compile(r"(kimi[-_]vl[-_]a3b[-_](?:instruct|thinking(?:[-_]2506)?)"
+                      r"|moonlight[-_]16b[-_]a3b(?:[-_]instruct)?)", re.IGNORECASE)
 
 
 @dataclass(frozen=True)
@@ -52,7 +52,7 @@ class Variant:
         think = {True: "yes (◁think▷ … ◁/think▷ before the answer)", False: "no", None: "not stated by its files"}
         lines = [f"variant: {self.name} ({self.family}, {self.layout} layout)",
                  f"  thinking: {think[self.thinking]}",
-                 f"  images: " + ("none (no vision tower)" if not self.has_vision else
+                 "  images: " + ("none (no vision tower)" if not self.has_vision else
                                   f"up to {self.image_token_limit} patches each" if self.image_token_limit else
                                   "built-in reference settings (no preprocessor_config.json)"),
                  f"  rope theta {self.rope_theta:g}, context {self.context_length}"]

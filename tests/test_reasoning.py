@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings, strategies as st
 
 from cli_helpers import make_tiny_model_dir
-from pykimi.reasoning import (THINK_END, THINK_START, ReasoningBudget, ReasoningSplitter, ReasoningStream,
+from pykimi.reasoning import (THINK_END, THINK_START, ReasoningBudget, ReasoningSplitter,
                               split_reasoning)
 
 S, E = THINK_START, THINK_END

@@ -122,7 +122,8 @@ def test_truncated_video_one_line_or_its_frames(tmp_path, clip):
 
 @pytest.mark.parametrize("src, match", [
     ("/no/such/clip.mp4", "no such video file"), ("data:video/mp4,abc", "base64 only"),
-    ("data:video/mp4;base64,@@@", "not valid base64"), ("data:video/mp4;base64,", "empty payload"), (3, "expected a path"),
+    ("data:video/mp4;base64,@@@", "not valid base64"), ("data:video/mp4;base64,", "empty payload"),
+    (3, "expected a path"),
 ])
 def test_bad_sources(src, match):
     with pytest.raises(InputError, match=match):
