@@ -99,8 +99,11 @@ def torch_encode(torch, W: dict, cfg: KimiVLConfig, pv: np.ndarray, grids: np.nd
         q, k = rope(q), rope(k)
         att = torch.empty(L, H, D)
         for s, e in spans:                                                        # per image: no mixing
-            att[s:e] = F.scaled_dot_product_attention(q[s:e].transpose(0, 1), k[s:e].transpose(0, 1),
-                                                      vv[s:e].transpose(0, 1)).transpose(0, 1)
+            # 4-D [1, H, n, D] as transformers calls it: torch's CPU flash kernel then runs in tiles. With 3-D
+            # inputs it falls back to the math path, which holds the [H, n, n] scores (2.3 GiB and 4x slower at
+            # 4096 patches; OOM-killed at 16,384): the bench compared against that slower path before.
+            att[s:e] = F.scaled_dot_product_attention(q[s:e].transpose(0, 1)[None], k[s:e].transpose(0, 1)[None],
+                                                      vv[s:e].transpose(0, 1)[None])[0].transpose(0, 1)
         x = x + F.linear(att.reshape(L, C), t(b + "wo.weight"), t(b + "wo.bias"))
         h = F.layer_norm(x, (C,), t(b + "norm1.weight"), t(b + "norm1.bias"), 1e-5)
         h = F.gelu(F.linear(h, t(b + "mlp.fc0.weight"), t(b + "mlp.fc0.bias")), approximate="tanh")
@@ -134,8 +137,13 @@ def peak_anon(fn, every: float = 0.005):
     """(result, peak anonymous memory above the level before the call, in bytes): RssAnon sampled every few ms by
     a thread while ``fn`` runs. The memory-mapped (file-backed) weights of a real checkpoint are not anonymous;
     here the bf16 weights live in anonymous memory before the call and are part of the baseline."""
+    import ctypes
     import gc
     gc.collect()
+    try:                                       # hand freed heap back, so a run does not reuse the previous one's
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
     base = rss_anon()
     peak = [base]
     done = threading.Event()
@@ -251,6 +259,14 @@ def compare_torch(a, cfg, cached, pv, grids, out, t_cached, t_stream, nb):
           f"per block); max rel. difference of the features {err:.2e}")
 
 
+def torch_attention_is_tiled(torch, n: int = 2048, H: int = 16, D: int = 72) -> bool:
+    """Does torch's SDPA (4-D fp32, CPU) run without the [H, n, n] scores? A 2048-token probe: those would be
+    256 MiB."""
+    q = torch.randn(1, H, n, D)
+    _, pk = peak_anon(lambda: torch.nn.functional.scaled_dot_product_attention(q, q, q))
+    return pk < H * n * n * 4 / 4
+
+
 def compare_memory(a, cfg, ck, cached, pv, grids, nb):
     """Peak anonymous memory of one encode, pykimi (bf16 widened per block, the default) then torch fp32 on the
     same widened weights, alternating twice; each above its own baseline, times beside them."""
@@ -262,6 +278,11 @@ def compare_memory(a, cfg, ck, cached, pv, grids, nb):
         torch = None
     n = int(np.prod(grids[0]))
     H = cfg.vision.num_attention_heads
+    if torch is not None and not torch_attention_is_tiled(torch):
+        # a torch whose SDPA materialises the scores would need ~3 x 16 GiB at 16,384 patches (the 3-D call did:
+        # OOM-killed at 22 GB on this 24 GiB machine)
+        print("torch fp32 skipped: this torch's scaled_dot_product_attention holds the whole score matrix")
+        torch = None
     print(f"peak anonymous memory above the baseline, {n} patches, {nb} block(s) (a full [heads, n, n] f32 score "
           f"matrix would be {H * n * n * 4 / 2**30:.1f} GiB):")
     tower = vision.VisionTower(ck, cfg)

@@ -43,6 +43,11 @@ PROJ_KEYS = ("pre_norm.weight", "pre_norm.bias", "linear_1.weight", "linear_1.bi
 ATTN_BLOCK_BYTES = 128 << 20
 # one worker's score tile [block_q, n] (1 MB: it stays in L2 from the q.k^T sgemm through exp to P.V)
 ATTN_TILE_BYTES = 1 << 20
+# ... but never fewer query rows than this: past ~4,000 patches 1 MB is a thin tile (16 rows at 16,384), and
+# each tile streams all of K and V again ([n, D] each, 4.7 MB at 16,384 x 72). Measured, 16,384 patches x 2 heads
+# of 72, 2 threads: 16 rows 10.6-11.3 s, 64 6.3 s, 256 5.1 s, 1024 6.7 s. 256 rows x 16,384 x 4 B = 16 MiB a
+# worker, still far below ATTN_BLOCK_BYTES (and a full [16, n, n] score matrix, 16 GiB).
+ATTN_MIN_ROWS = 256
 # rows of x per worker task in the row-local parts of a block (LN, qkv, RoPE, wo, MLP): big enough that
 # single-threaded sgemm runs near full speed, small enough to share out (4 tasks per 448 px image; the
 # measurements are in bench/RESULTS.md, "Measurements behind the code").
@@ -143,8 +148,9 @@ def vision_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cu: Sequence[i
     return_probs also f32[H,L,L] (zero across images). Scores (q/sqrt(D)).k^T and the softmax are fp32; the
     softmax is normalised after P.V (D << n). One task per (image, head), shared out to the worker threads
     (kernels.parallel_for, BLAS single-threaded inside); each walks its queries in tiles of ``block_q`` rows
-    (default: a tile of ATTN_TILE_BYTES, so all threads together stay under ATTN_BLOCK_BYTES) and never holds
-    more than one [block_q, n] score tile: a 16,384-patch image never builds an n x n matrix per head."""
+    (default: a tile of ATTN_TILE_BYTES but at least ATTN_MIN_ROWS rows, all threads together under
+    ATTN_BLOCK_BYTES) and never holds more than one [block_q, n] score tile: a 16,384-patch image never builds
+    an n x n matrix per head (16 MiB a worker instead of 16 GiB)."""
     L, H, D = q.shape
     if return_probs:
         return _vision_attention_probs(q, k, v, cu, block_q)
@@ -158,8 +164,8 @@ def vision_attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, cu: Sequence[i
     def task(t):
         s, e, h = t
         n = e - s
-        tile = min(ATTN_TILE_BYTES, max(4 * n, ATTN_BLOCK_BYTES // max(1, nt)))
-        bq = max(1, min(n, block_q or tile // (4 * n)))
+        cap = max(1, ATTN_BLOCK_BYTES // max(1, nt) // (4 * n))          # rows all workers together may hold
+        bq = max(1, min(n, block_q or min(cap, max(ATTN_MIN_ROWS, ATTN_TILE_BYTES // (4 * n)))))
         key = (threading.get_ident(), bq, n)
         buf = bufs.get(key)
         if buf is None:
