@@ -22,7 +22,8 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TUTORIALS = os.path.join(ROOT, "tutorials")
 EXPECTED = ["00_tour", "01_checkpoint", "02_tokens_and_chat", "03_pixels_to_patches", "04_moonvit",
-            "05_merger_and_projector", "06_mla", "07_moe_routing", "08_generation", "09_debugging"]
+            "05_merger_and_projector", "06_mla", "07_moe_routing", "08_generation", "09_debugging", "10_thinking",
+            "11_video"]
 # Seconds per notebook (each takes 3-10 s on the demo checkpoint on 2 cores, kernel start included). A real
 # 16B checkpoint via PYKIMI_MODEL gets a larger budget.
 BUDGET_S = float(os.environ.get("PYKIMI_TUTORIAL_BUDGET", 600 if os.environ.get("PYKIMI_MODEL") else 120))

@@ -1,3 +1,17 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: kernelspec,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 10 · Thinking models: the markers, the split, the budget
 #
@@ -6,26 +20,44 @@
 # across tokens); how `--reasoning-budget` closes the thinking; what the chat template does with earlier turns'
 # reasoning; and how pykimi tells the variants apart from their own files.
 #
-# **What it needs.** pykimi (this repository) with NumPy. By default the bundled demo checkpoint
+# **What it needs.** pykimi (this repository) with NumPy and matplotlib. By default the bundled demo checkpoint
 # (`pykimi.demo_checkpoint()`, a tiny Kimi-VL trained on pictures of coloured shapes), which does *not* think:
 # where a thinking model is needed, its first tokens are forced to the start marker, as the tests do. Set
 # `PYKIMI_MODEL` to a downloaded Kimi-VL-A3B-Thinking(-2506) directory to see the real thing.
 #
-# **How long.** About 10 s on 2 cores with the demo checkpoint.
+# **How long.** About 10 s on 2 cores with the demo checkpoint; minutes with a real thinking checkpoint.
 
 # %%
-import os
-
+import os, sys
 import numpy as np
+import matplotlib.pyplot as plt
+# %matplotlib inline
+try:
+    import pykimi
+except ImportError:                      # a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.abspath(".."))
+    import pykimi
 
-import pykimi
+# a downloaded Kimi-VL checkpoint directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
+IS_DEMO = not os.environ.get("PYKIMI_MODEL")
+print("checkpoint:", MODEL_DIR)
+
+
+def show(**arrays):
+    """Print the name, shape and dtype of each array (display only)."""
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
+
+
+# %%
 from pykimi.reasoning import THINK_END, THINK_START, ReasoningBudget, split_reasoning
 from pykimi.variants import detect_variant
 
-path = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
-proc = pykimi.Processor.from_pretrained(path)
-model = pykimi.load(path)
-print(detect_variant(path).summary())
+proc = pykimi.Processor.from_pretrained(MODEL_DIR)
+model = pykimi.load(MODEL_DIR)
+print(detect_variant(MODEL_DIR).summary().replace(MODEL_DIR, "MODEL_DIR"))
 
 # %% [markdown]
 # ## The markers are plain text
@@ -69,13 +101,31 @@ rs = proc.reasoning_stream()
 rows = []
 for i in ids:
     pieces = rs.add(i)
-    rows.append((i, tok.token_bytes(i), pieces))
+    rows.append((i, tok.token_bytes(i), pieces, rs.state))
 rs.flush()
-for i, b, pieces in rows[:16]:
-    print(f"{i:5d} {str(b):14s} {pieces}")
+for i, b, pieces, state in rows[:16]:
+    print(f"{i:5d} {str(b):14s} {state:10s} {pieces}")
 print("...")
 print("reasoning:", repr(rs.reasoning), "\nanswer:   ", repr(rs.answer))
-assert (rs.reasoning, rs.answer) == proc.split_reasoning(text)
+print("equal to the whole-text split:", (rs.reasoning, rs.answer) == proc.split_reasoning(text))
+show(ids=ids)
+
+# %% [markdown]
+# Each token of that answer, coloured by where the splitter stood after it: still deciding (grey: whitespace
+# or a piece of `◁think▷`), inside the reasoning (orange), in the answer (blue). The end marker's tokens sit at
+# the border: its text is held back until the last `▷` byte arrives.
+
+# %% tags=["thumbnail"]
+colour = {"start": "0.75", "reasoning": "tab:orange", "answer": "tab:blue"}
+fig, ax = plt.subplots(figsize=(10, 1.6))
+for j, (i, b, pieces, state) in enumerate(rows):
+    ax.bar(j, 1, width=1.0, color=colour[state], edgecolor="white")
+ax.set_xlim(-0.5, len(rows) - 0.5)
+ax.set_yticks([])
+ax.set_xlabel("token position in the answer")
+ax.set_title("state of the reasoning splitter after each token (grey: undecided, orange: reasoning, blue: answer)",
+             fontsize=9)
+plt.show()
 
 # %% [markdown]
 # ## A reasoning budget
@@ -101,7 +151,7 @@ def force(new):
 
 
 new = generate(model, prompt, max_new_tokens=40, force=force)
-print("budget record:", budget.record)
+print("budget:", budget.record.budget, "| forced:", budget.record.forced, "| at token", budget.record.forced_at)
 print("ids", budget.record.forced_at, "..", budget.record.forced_at + len(end_ids), "are the end marker:",
       new[budget.record.forced_at:budget.record.forced_at + len(end_ids)] == end_ids)
 print(proc.split_reasoning(proc.decode(new, skip_special=True)))
@@ -128,7 +178,7 @@ print(proc.apply_chat_template(msgs))
 # the same.
 
 # %%
-v = detect_variant(path)
+v = detect_variant(MODEL_DIR)
 print(v.name, "| thinking:", v.thinking, "| image budget:", v.image_token_limit, "patches")
 for e in v.evidence:
-    print(" -", e)
+    print(" -", e.replace(MODEL_DIR, "MODEL_DIR"))

@@ -1,3 +1,17 @@
+# ---
+# jupyter:
+#   jupytext:
+#     notebook_metadata_filter: kernelspec,-jupytext.text_representation.jupytext_version
+#     text_representation:
+#       extension: .py
+#       format_name: percent
+#       format_version: '1.3'
+#   kernelspec:
+#     display_name: Python 3
+#     language: python
+#     name: python3
+# ---
+
 # %% [markdown]
 # # 11 · Video as frames
 #
@@ -7,24 +21,43 @@
 #
 # **What it needs.** pykimi (this repository) with NumPy, matplotlib and PyAV (`pip install 'pykimi[video]'`).
 # By default the bundled demo checkpoint (`pykimi.demo_checkpoint()`); set `PYKIMI_MODEL` to a downloaded
-# Kimi-VL checkpoint to run the same cells on the real model. The clip is written to a temporary directory.
+# Kimi-VL checkpoint to run the same cells on the real model. The clip is written to a temporary directory, removed at the end.
 #
 # **How long.** About 15 s on 2 cores with the demo checkpoint.
 
 # %%
-import os
+import os, sys
+import numpy as np
+import matplotlib.pyplot as plt
+# %matplotlib inline
+try:
+    import pykimi
+except ImportError:                      # a source checkout without `pip install -e .`
+    sys.path.insert(0, os.path.abspath(".."))
+    import pykimi
+
+# a downloaded Kimi-VL checkpoint directory named by $PYKIMI_MODEL, else the bundled demo checkpoint
+MODEL_DIR = os.environ.get("PYKIMI_MODEL") or os.path.relpath(pykimi.demo_checkpoint())
+IS_DEMO = not os.environ.get("PYKIMI_MODEL")
+print("checkpoint:", MODEL_DIR)
+
+
+def show(**arrays):
+    """Print the name, shape and dtype of each array (display only)."""
+    for k, v in arrays.items():
+        v = np.asarray(v)
+        print(f"{k:<28} {str(list(v.shape)):<20} {v.dtype}")
+
+
+# %%
+import shutil
 import tempfile
 
-import matplotlib.pyplot as plt
-import numpy as np
-
-import pykimi
 from pykimi.scenes import random_scene
 from pykimi.video import fit_video, load_video, sample_times, video_inputs, write_video
 
-path = os.environ.get("PYKIMI_MODEL") or pykimi.demo_checkpoint()
-proc = pykimi.Processor.from_pretrained(path)
-model = pykimi.load(path)
+proc = pykimi.Processor.from_pretrained(MODEL_DIR)
+model = pykimi.load(MODEL_DIR)
 
 # %% [markdown]
 # ## A clip made of four scenes
@@ -39,9 +72,9 @@ frames = [img for img, _ in scenes for _ in range(4)]
 tmp = tempfile.mkdtemp()
 clip = os.path.join(tmp, "scenes.mp4")
 write_video(clip, frames, fps=4)
-print(clip, os.path.getsize(clip), "bytes;", len(frames), "frames of", frames[0].size)
+print(os.path.basename(clip), len(frames), "frames of", frames[0].size, "at 4 frames per second")
 for k, (_, shapes) in enumerate(scenes):
-    print(f"second {k}:", shapes)
+    print(f"second {k}:", ", ".join(f"{s.color} {s.kind}" for s in shapes))
 
 # %% [markdown]
 # ## Uniform sampling at segment centres
@@ -50,12 +83,12 @@ for k, (_, shapes) in enumerate(scenes):
 # `t_i = (i + 1/2) * duration / N`. The first and last frames (often fades) are avoided and the clip is covered
 # evenly. `--fps F` asks for `round(duration * F)` frames the same way.
 
-# %%
+# %% tags=["thumbnail"]
 print("requested times for 4 frames of 4 s:", sample_times(4.0, frames=4))
 video = load_video(clip, frames=4)
 print("taken at:", video.timestamps, "| duration", video.duration, "s |", video.sampling["frames_in_clip"],
       "frames in the clip")
-fig, axes = plt.subplots(1, len(video), figsize=(3 * len(video), 3))
+fig, axes = plt.subplots(1, len(video), figsize=(10, 2.6))
 for ax, img, t in zip(axes, video.frames, video.timestamps):
     ax.imshow(img)
     ax.set_title(f"t = {t:.2f} s")
@@ -105,3 +138,6 @@ for t, img in zip(video.timestamps, video.frames):
                                                      {"type": "text", "text": "Describe the image."}]}])
     ids = model.generate(one["input_ids"], one["pixel_values"], one["image_grid_hws"], max_new_tokens=32)
     print(f"frame at {t:.1f} s:", proc.decode(ids, skip_special=True))
+
+# %%
+shutil.rmtree(tmp)                       # the clip was only needed here
