@@ -333,7 +333,7 @@ class KimiVLConfig:
         """How many tensors the model reads (layout.expected_tensors without the ignored ones), in closed
         form: used to bound the config's sizes by a checkpoint before any per-layer table is built."""
         v, t = self.vision, self.text
-        n = 3 + 12 * v.num_hidden_layers + 2 + 6                       # vision tower + projector
+        n = 0 if v is None else 3 + 12 * v.num_hidden_layers + 2 + 6  # vision tower + projector (none: Moonlight)
         per_layer = 2 + (3 if t.q_lora_rank else 1) + 4                # norms + MLA
         n_moe = t.n_moe_layers
         n += 1 + t.num_hidden_layers * per_layer + 1 + (0 if t.tie_word_embeddings else 1)
@@ -432,8 +432,9 @@ def check_fits(cfg: KimiVLConfig, ckpt) -> None:
     have_t = len(ckpt)
     if need_t > have_t:
         raise ConfigError(f"{src}: these sizes need {need_t} tensors (text num_hidden_layers "
-                          f"{cfg.text.num_hidden_layers}, n_routed_experts {cfg.text.n_routed_experts}, vision "
-                          f"num_hidden_layers {cfg.vision.num_hidden_layers}) but the checkpoint holds {have_t}")
+                          f"{cfg.text.num_hidden_layers}, n_routed_experts {cfg.text.n_routed_experts}"
+                          + (f", vision num_hidden_layers {cfg.vision.num_hidden_layers}" if cfg.vision else "")
+                          + f") but the checkpoint holds {have_t}")
     need_b = cfg.param_counts()["total"] // 2
     have_b = ckpt.total_bytes()
     if need_b > have_b:
