@@ -2102,3 +2102,125 @@ int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R
     free(scratch);
     return 0;
 }
+
+/* --------------------------------------------------------------- MoE FFN of a decode batch (serve engine)
+ * pk_swiglu_sum for B tokens at once, each chosen expert's weights read once per call (continuous batching:
+ * decode is bound by reading weights, so B sequences that share an expert share its bytes). Row b's result
+ * is bit for bit pk_swiglu_sum of row b with its experts in the order sel[b][0..nsel[b]): the rows that chose
+ * an expert are gathered into jobs of at most PK_ROWWISE rows, which always run the row kernels (tile_*),
+ * whose result for one row of x does not depend on the other rows of the tile; the batch-vectorised and AMX
+ * kernels (other summation orders) start at PK_AMX_MIN = 8 rows. silu and the weighted sum are
+ * pk_swiglu_sum's expressions in the same order. */
+#define PK_ROWWISE 7
+
+int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t B, int64_t d, int kmax,
+                    const int *nsel, const int *sel, const float *coef, float *out) {
+    int64_t *nrows = NULL, *first = NULL, *slot = NULL, *goff = NULL;
+    float *xg = NULL, *gu = NULL, *ys = NULL;
+    pk_job *jobs = NULL;
+    int64_t b, i, tot_rows = 0, tot_gu = 0, njobs = 0;
+    int k, j, rc = 0;
+    if (count < 0 || B < 0 || d < 0 || kmax < 0) return -3;
+    nrows = (int64_t *)calloc((size_t)count + 1, sizeof(int64_t));
+    first = (int64_t *)calloc((size_t)count + 1, sizeof(int64_t));
+    goff = (int64_t *)calloc((size_t)count + 1, sizeof(int64_t));
+    slot = (int64_t *)malloc(sizeof(int64_t) * (size_t)(B * kmax + 1));
+    if (!nrows || !first || !goff || !slot) {
+        rc = -1;
+        goto done;
+    }
+    for (k = 0; k < count; k++)
+        if (experts[k].fmt < F_F32 || experts[k].fmt > F_Q4) {
+            rc = -2;
+            goto done;
+        }
+    /* rows per expert; slot[b][j] = the position of row b among the rows of its j-th expert */
+    for (b = 0; b < B; b++) {
+        if (nsel[b] < 0 || nsel[b] > kmax) {
+            rc = -3;
+            goto done;
+        }
+        for (j = 0; j < nsel[b]; j++) {
+            const int e = sel[b * kmax + j];
+            if (e < 0 || e >= count) {
+                rc = -3;
+                goto done;
+            }
+            slot[b * kmax + j] = nrows[e]++;
+        }
+    }
+    for (k = 0; k < count; k++) {
+        first[k] = tot_rows;                   /* the expert's rows in xg / ys start here */
+        goff[k] = tot_gu;                      /* its gate (then up) block in gu */
+        tot_rows += nrows[k];
+        tot_gu += 2 * nrows[k] * experts[k].inter;
+        njobs += (nrows[k] + PK_ROWWISE - 1) / PK_ROWWISE;
+    }
+    xg = (float *)malloc(sizeof(float) * (size_t)(tot_rows * d + 1));
+    ys = (float *)malloc(sizeof(float) * (size_t)(tot_rows * d + 1));
+    gu = (float *)malloc(sizeof(float) * (size_t)(tot_gu + 1));
+    jobs = (pk_job *)malloc(sizeof(pk_job) * (size_t)(2 * njobs + 1));
+    if (!xg || !ys || !gu || !jobs) {
+        rc = -1;
+        goto done;
+    }
+    for (b = 0; b < B; b++) /* gather: row b into the block of each of its experts */
+        for (j = 0; j < nsel[b]; j++) {
+            const int e = sel[b * kmax + j];
+            const int64_t r = first[e] + slot[b * kmax + j];
+            memcpy(xg + r * d, x + b * d, sizeof(float) * (size_t)d);
+        }
+    /* gate and up: expert k's rows in chunks of PK_ROWWISE; g [n_k, I_k] at gu + goff, u right after it */
+    {
+        int64_t nj = 0, c;
+        for (k = 0; k < count; k++) {
+            const pk_expert *e = &experts[k];
+            float *g = gu + goff[k], *u = g + nrows[k] * e->inter;
+            for (c = 0; c < nrows[k]; c += PK_ROWWISE) {
+                const int64_t n = nrows[k] - c < PK_ROWWISE ? nrows[k] - c : PK_ROWWISE;
+                job_set(&jobs[nj++], e->fmt, e->act, xg + (first[k] + c) * d, n, d, e->g, e->sg, e->inter,
+                        g + c * e->inter);
+                job_set(&jobs[nj++], e->fmt, e->act, xg + (first[k] + c) * d, n, d, e->u, e->su, e->inter,
+                        u + c * e->inter);
+            }
+        }
+        run_jobs(jobs, (int)nj);
+        for (k = 0; k < count; k++) { /* silu(g) * u, in place over g, as pk_swiglu_sum */
+            float *g = gu + goff[k];
+            const float *u = g + nrows[k] * experts[k].inter;
+            for (i = 0; i < nrows[k] * experts[k].inter; i++) {
+                const float gv = g[i];
+                g[i] = gv / (1.0f + expf(-gv)) * u[i];
+            }
+        }
+        nj = 0;
+        for (k = 0; k < count; k++) {
+            const pk_expert *e = &experts[k];
+            for (c = 0; c < nrows[k]; c += PK_ROWWISE) {
+                const int64_t n = nrows[k] - c < PK_ROWWISE ? nrows[k] - c : PK_ROWWISE;
+                job_set(&jobs[nj++], e->fmt, e->act, gu + goff[k] + c * e->inter, n, e->inter, e->d, e->sd, d,
+                        ys + (first[k] + c) * d);
+            }
+        }
+        run_jobs(jobs, (int)nj);
+    }
+    for (b = 0; b < B; b++) { /* weighted sum per row in its experts' order (as pk_swiglu_sum) */
+        float *o = out + b * d;
+        for (i = 0; i < d; i++) o[i] = 0.0f;
+        for (j = 0; j < nsel[b]; j++) {
+            const float c = coef[b * kmax + j];
+            const float *y = ys + (first[sel[b * kmax + j]] + slot[b * kmax + j]) * d;
+            for (i = 0; i < d; i++) o[i] += c * y[i];
+        }
+    }
+done:
+    free(nrows);
+    free(first);
+    free(goff);
+    free(slot);
+    free(xg);
+    free(ys);
+    free(gu);
+    free(jobs);
+    return rc;
+}

@@ -104,6 +104,13 @@ int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R
                     const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
                     int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out);
 
+/* The MoE FFN of B decode tokens in one call: row b gets exactly pk_swiglu_sum(x[b]) over its experts
+ * experts[sel[b*kmax + j]] with coef[b*kmax + j], j < nsel[b], in that order; each expert's weights are read
+ * once for all the rows that chose it (serve's batched decode step). x, out f32 [B, d].
+ * Returns 0, -1 (no memory), -2 (bad format) or -3 (bad selection). */
+int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t B, int64_t d, int kmax,
+                    const int *nsel, const int *sel, const float *coef, float *out);
+
 /* CDEF END */
 
 #endif

@@ -1,0 +1,809 @@
+"""The serving engine: sequences, one scheduler thread that owns the model, and the batched decode step.
+
+    eng = Engine(model, parallel=4)            # one scheduler thread owns the model
+    req = eng.submit(input_ids, pixel_values, image_grid_hws, params=SamplingParams(max_new_tokens=64))
+    for ev in req: ...                         # Event(token_id, logprob, top_logprobs, finish_reason)
+    res = req.result()                         # Result(ids, finish_reason, prompt_tokens, completion_tokens, timings)
+
+Continuous batching (issue 20). CPU decode is bound by reading weights, so the scheduler advances every running
+sequence (up to ``parallel``) in ONE forward per step (:func:`decode_batch`): attention per sequence against its
+own latent cache (the same fused C call as a single decode, ``kernels.mla_absorbed``); the attention projections,
+o_proj, dense layers, router and lm_head as products on the [B, D] batch; routed and shared experts grouped
+across the batch (``pk_swiglu_batch``) so that each chosen expert's weights are read once per step. New requests
+join between steps; a prompt is prefilled one chunk per scheduler iteration, between decode steps, so running
+streams keep flowing.
+
+Batching changes nothing: every product of the batched step runs kernels whose result for one row of x does not
+depend on the other rows (the C row kernels, :func:`_row_cap`; f32 router weights row by row), and the MoE
+kernel is bit for bit ``pk_swiglu_sum`` per row; so a batched step's logits for a sequence are bit-identical to
+``model.decode_step`` on that sequence alone, and a request's greedy tokens are the same alone or beside others
+(tests/test_engine.py holds it on the demo and the tiny golden checkpoint, bf16 and quantised). When the fast
+path does not apply (not the C backend, a trace active, an f32 kv_b copy) the step falls back to
+``model.decode_step`` per sequence: slower, the same numbers.
+
+Reuse: image features are cached by pixel content (bounded bytes); a finished sequence's latent cache is kept
+(bounded by the cache budget) and a new prompt that extends that conversation (starts with its whole prompt)
+reuses the rows it shares. Memory: every sequence's cache is allocated up front for prompt + max_new_tokens;
+admission waits while the sum would pass ``cache_budget_mb`` (kept prefixes are dropped first) and
+:class:`QueueFull` is raised when ``max_queue`` requests already wait.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import itertools
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import kernels
+from .errors import InputError, PykimiError
+from .generate import apply_repetition_penalty, default_stop_ids, pick_token
+from .model import LM, embed_and_merge, embed_rows, final_norm
+from .trace import active as trace_active
+
+
+class QueueFull(PykimiError):
+    """The engine's wait queue is full (the server answers 503 with Retry-After)."""
+
+
+class EngineStopped(PykimiError):
+    """The engine was stopped before the request finished."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Requests
+# ---------------------------------------------------------------------------------------------------------
+@dataclass
+class SamplingParams:
+    """How one request picks its tokens (the order of generate.py: penalties -> bias -> temperature -> top-k
+    -> top-p -> min-p). temperature 0 is greedy. stop_ids None: the model's [EOS] and <|im_end|>."""
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    seed: int | None = None
+    stop_ids: tuple | None = None
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    logit_bias: dict | None = None
+    logprobs: int = 0               # 0: none; n >= 1: the chosen token's logprob and the n most likely
+
+    def check(self, vocab_size: int) -> "SamplingParams":
+        def num(name, lo=None, hi=None, lo_open=False):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)) or not np.isfinite(v):
+                raise InputError(f"{name}={v!r}: expected a number")
+            if lo is not None and (v <= lo if lo_open else v < lo):
+                raise InputError(f"{name}={v!r}: expected {'>' if lo_open else '>='} {lo}")
+            if hi is not None and v > hi:
+                raise InputError(f"{name}={v!r}: expected <= {hi}")
+
+        def integer(name, lo):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, (int, np.integer)) or v < lo:
+                raise InputError(f"{name}={v!r}: expected an integer >= {lo}")
+
+        integer("max_new_tokens", 1)
+        num("temperature", 0.0, 100.0)
+        num("top_p", 0.0, 1.0, lo_open=True)
+        integer("top_k", 0)
+        num("min_p", 0.0, 1.0)
+        num("repetition_penalty", 0.0, lo_open=True)
+        num("presence_penalty", -2.0, 2.0)
+        num("frequency_penalty", -2.0, 2.0)
+        integer("logprobs", 0)
+        if self.logprobs > 20:
+            raise InputError(f"logprobs={self.logprobs}: expected at most 20")
+        if self.seed is not None and (isinstance(self.seed, bool) or not isinstance(self.seed, (int, np.integer))
+                                      or self.seed < 0):
+            raise InputError(f"seed={self.seed!r}: expected a non-negative integer")
+        if self.stop_ids is not None:
+            for s in self.stop_ids:
+                if isinstance(s, bool) or not isinstance(s, (int, np.integer)) or not 0 <= s < vocab_size:
+                    raise InputError(f"stop_ids: {s!r} is not a token id in [0, {vocab_size})")
+        if self.logit_bias:
+            if not isinstance(self.logit_bias, dict):
+                raise InputError("logit_bias: expected a mapping from token id to a bias in [-100, 100]")
+            for k, v in self.logit_bias.items():
+                try:
+                    t = int(k)
+                except (TypeError, ValueError):
+                    raise InputError(f"logit_bias: key {k!r} is not a token id") from None
+                if not 0 <= t < vocab_size:
+                    raise InputError(f"logit_bias: token id {t} is outside the vocabulary [0, {vocab_size})")
+                if isinstance(v, bool) or not isinstance(v, (int, float)) or not -100 <= v <= 100:
+                    raise InputError(f"logit_bias[{k}]={v!r}: expected a number in [-100, 100]")
+        return self
+
+
+@dataclass
+class Event:
+    """One generated token (finish_reason None until the last event; a final event without a token, token_id
+    None, ends a cancelled request)."""
+    token_id: int | None
+    logprob: float | None = None
+    top_logprobs: list | None = None          # [(token_id, logprob)] most likely first
+    finish_reason: str | None = None          # "stop" | "length" | "cancelled"
+
+
+@dataclass
+class Result:
+    ids: list
+    finish_reason: str
+    prompt_tokens: int
+    completion_tokens: int
+    timings: dict = field(default_factory=dict)
+
+
+class Request:
+    """A submitted request: iterate for its events as they come, cancel() to free it, result() to wait."""
+
+    def __init__(self, rid: int, prompt_tokens: int):
+        self.id = rid
+        self.prompt_tokens = prompt_tokens
+        self._events: queue.Queue = queue.Queue()
+        self._done = threading.Event()
+        self._cancel = threading.Event()
+        self._result: Result | None = None
+        self._error: BaseException | None = None
+        self.ids: list[int] = []
+
+    def __iter__(self):
+        while True:
+            ev = self._events.get()
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def events(self, timeout: float | None = None):
+        """Like iteration, but raise TimeoutError when no event comes for ``timeout`` seconds."""
+        while True:
+            try:
+                ev = self._events.get(timeout=timeout)
+            except queue.Empty:
+                raise TimeoutError(f"request {self.id}: no event for {timeout} s") from None
+            if isinstance(ev, BaseException):
+                raise ev
+            yield ev
+            if ev.finish_reason is not None:
+                return
+
+    def cancel(self) -> None:
+        """Ask the scheduler to drop this request; it is freed at the next step boundary."""
+        self._cancel.set()
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel.is_set()
+
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def result(self, timeout: float | None = None) -> Result:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.id} not finished after {timeout} s")
+        if self._error is not None:
+            raise self._error
+        return self._result
+
+    # scheduler side
+    def _emit(self, ev: Event) -> None:
+        if ev.token_id is not None:
+            self.ids.append(ev.token_id)
+        self._events.put(ev)
+
+    def _finish(self, result: Result | None, error: BaseException | None = None) -> None:
+        self._result, self._error = result, error
+        if error is not None:
+            self._events.put(error)
+        self._done.set()
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The batched decode step
+# ---------------------------------------------------------------------------------------------------------
+def _row_cap(w) -> int:
+    """Rows of x per kernel call for which ``kernels.matmul(x, w)`` gives each row exactly what it gives that
+    row alone; 1 = one row per call. C backend: the row kernels (csrc tile_*: each row of x its own
+    accumulators) run bf16 below 12 rows (the batch-vectorised kernel, PK_TN_MIN; with AMX tiles from 8),
+    Q8_32 with int16 activations below 24 (C_BATCH_ROWS_Q8 switches to the f32 product), Q4_32 and stored
+    F32 always. f32 ndarrays (router weights) go to BLAS, whose result may depend on the batch: row by row."""
+    if kernels.backend() != "c":
+        return 1
+    kind = kernels.ref.weight_kind(w)
+    if kind == "BF16":
+        return 7 if kernels._c_amx() else 11
+    if kind == "q8_32":
+        return 7
+    if kind in ("q4_32", "F32"):
+        return 64
+    return 1
+
+
+def rowwise_products(xs, ws) -> list:
+    """[x @ W.T for x, w] where each row of each result equals the product of that row alone, all in one
+    kernels.matmul_many call (so one read of each weight per chunk of rows)."""
+    flat_x, flat_w, plan = [], [], []
+    for x, w in zip(xs, ws):
+        cap = _row_cap(w)
+        n = x.shape[0]
+        k = -(-n // cap)
+        size = -(-n // k)                                   # even chunks: 8 rows at cap 7 -> 4 + 4
+        parts = [(r, min(n, r + size)) for r in range(0, n, size)]
+        plan.append(len(parts))
+        for r0, r1 in parts:
+            flat_x.append(x[r0:r1])
+            flat_w.append(w)
+    ys = kernels.matmul_many(flat_x, flat_w) if len(flat_x) > 1 else [kernels.matmul(flat_x[0], flat_w[0])]
+    out, i = [], 0
+    for k in plan:
+        out.append(ys[i] if k == 1 else np.concatenate(ys[i:i + k], axis=0))
+        i += k
+    return out
+
+
+def _swiglu_batch(h: np.ndarray, experts: list, sel: list, coefs: list) -> np.ndarray | None:
+    """out[b] = kernels.swiglu_sum(h[b], [experts[e] for e in sel[b]], coefs[b]) for every row, each expert's
+    weights read once (pk_swiglu_batch); None when the C kernel cannot take these weights."""
+    c = kernels._mods.get("c")
+    lib = getattr(c, "lib", None)
+    if lib is None or not hasattr(lib, "pk_swiglu_batch") or not hasattr(kernels, "_c_experts"):
+        return None
+    B, d = h.shape
+    recs = kernels._c_experts(experts, d)
+    if recs is None:
+        return None
+    kmax = max(len(s) for s in sel)
+    sel_a = np.zeros((B, kmax), dtype=np.int32)
+    coef_a = np.zeros((B, kmax), dtype=np.float32)
+    nsel = np.zeros(B, dtype=np.int32)
+    for b, (s, cf) in enumerate(zip(sel, coefs)):
+        nsel[b] = len(s)
+        sel_a[b, :len(s)] = s
+        coef_a[b, :len(s)] = cf
+    x = np.ascontiguousarray(h, dtype=np.float32)
+    out = np.empty((B, d), dtype=np.float32)
+    arr = c.ffi.new("pk_expert[]", [r[0][0] for r in recs])
+    p = c.ffi.from_buffer
+    rc = lib.pk_swiglu_batch(len(recs), arr, p("float[]", x), B, d, kmax, p("int[]", nsel), p("int[]", sel_a),
+                             p("float[]", coef_a), p("float[]", out))
+    if rc != 0:
+        raise MemoryError(f"pk_swiglu_batch failed ({rc})")
+    return out
+
+
+def batched_available(model) -> bool:
+    """Whether :func:`decode_batch` takes the batched path (else it runs model.decode_step per sequence)."""
+    return (kernels.backend() == "c" and not trace_active() and not model.text.q_lora_rank
+            and hasattr(kernels, "mla_absorbed"))
+
+
+def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndarray:
+    """One decode step for B sequences: token_ids[b] at position len(caches[b])   -> logits f32[B, V].
+
+    Row b is bit-identical to ``model.decode_step(token_ids[b], caches[b])``. ``stats`` (optional) receives
+    the step's weight reads: bytes of every distinct weight touched ("bytes_read") and of the routed experts
+    chosen ("expert_bytes"), and the number of distinct experts per layer."""
+    B = len(token_ids)
+    for c in caches:
+        model.check_length(len(c) + 1)
+    if B == 0:
+        return np.zeros((0, model.text.vocab_size), np.float32)
+    lw0 = model.layer_weights(0)
+    if not batched_available(model) or lw0.attn.kv_b_f32 is not None:
+        return np.stack([model.decode_step(int(t), c) for t, c in zip(token_ids, caches)])
+    t = model.text
+    H, dn, dr, dv, R = t.num_attention_heads, t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim, t.kv_lora_rank
+    from .attention import _inv_freq
+    inv_freq = _inv_freq(dr, float(t.rope_theta))
+    scale = t.qk_head_dim ** -0.5
+    x = embed_rows(model.embed_table(), np.asarray(token_ids, dtype=np.int64))          # [B, D]
+    nbytes = 0
+    n_experts = []
+    for layer in range(t.num_hidden_layers):
+        lw = model.layer_weights(layer)
+        h = kernels.rms_norm(x, lw.input_layernorm, t.rms_norm_eps)                      # [B, D]
+        # -- attention: projections as [B, D] products, the absorbed attention per sequence (its own cache)
+        a = lw.attn
+        q, kva = rowwise_products([h, h], [a.q_proj, a.kv_a_proj_with_mqa])            # [B, H*(dn+dr)], [B, R+dr]
+        o = np.empty((B, H * dv), dtype=np.float32)
+        for b, cache in enumerate(caches):
+            rows, n = cache.next_row(layer)
+            o[b] = kernels.mla_absorbed(q[b], kva[b], a.kv_a_layernorm, t.kv_a_layernorm_eps, inv_freq, n, rows,
+                                        n, a.kv_b_proj, scale, (H, dn, dr, dv, R))
+            cache.commit(layer)
+        att = rowwise_products([o], [a.o_proj])[0]                                       # [B, D]
+        x, h = kernels.add_rms_norm(x, att, lw.post_attention_layernorm, t.rms_norm_eps)
+        if stats is not None:
+            nbytes += sum(_nbytes(w) for w in (a.q_proj, a.kv_a_proj_with_mqa, a.o_proj, a.kv_b_proj))
+        # -- FFN
+        if not lw.is_moe:
+            g, u = rowwise_products([h, h], [lw.mlp[0], lw.mlp[1]])
+            m = rowwise_products([kernels.ref.silu(g) * u], [lw.mlp[2]])[0]
+            if stats is not None:
+                nbytes += sum(_nbytes(w) for w in lw.mlp)
+        else:
+            from .moe import route_logits
+            logits = np.concatenate([kernels.matmul(h[b:b + 1], lw.gate_w) for b in range(B)], axis=0)
+            rec = route_logits(logits.astype(np.float32, copy=False), lw.gate_bias, t)  # ids ascending per row
+            chosen = sorted({int(e) for e in rec.topk_ids.ravel()})
+            index = {e: i for i, e in enumerate(chosen)}
+            experts = [tuple(lw.get_expert(e)) for e in chosen]
+            # per row: routed experts in ascending id order, as moe_forward's one-token path
+            order = [np.argsort(rec.topk_ids[b], kind="stable") for b in range(B)]
+            sel = [[index[int(rec.topk_ids[b, j])] for j in order[b]] for b in range(B)]
+            coefs = [[float(rec.topk_weights[b, j]) for j in order[b]] for b in range(B)]
+            if lw.shared is not None:                                # the shared experts last, weight 1
+                experts.append(tuple(lw.shared))
+                for b in range(B):
+                    sel[b].append(len(experts) - 1)
+                    coefs[b].append(1.0)
+            m = _swiglu_batch(h, experts, sel, coefs)
+            if m is None:
+                m = np.stack([kernels.swiglu_sum(h[b], [experts[e] for e in sel[b]], coefs[b]) for b in range(B)])
+            if stats is not None:
+                eb = sum(_nbytes(w) for e in experts[:len(chosen)] for w in e)
+                stats["expert_bytes"] = stats.get("expert_bytes", 0) + eb
+                nbytes += eb + (sum(_nbytes(w) for w in lw.shared) if lw.shared is not None else 0)
+                nbytes += _nbytes(lw.gate_w)
+                n_experts.append(len(chosen))
+        x = x + m
+    hn = final_norm(x, model._kept(f"{LM}.norm.weight", lambda: model.ckpt.f32(f"{LM}.norm.weight")),
+                    t.rms_norm_eps)
+    name = "language_model.lm_head.weight"
+    head = model._kept(name, lambda: model.ckpt.weight(name))
+    logits = rowwise_products([hn], [head])[0]                                         # [B, V]
+    if stats is not None:
+        stats["bytes_read"] = stats.get("bytes_read", 0) + nbytes + _nbytes(head)
+        stats["experts_per_layer"] = n_experts
+    return logits
+
+
+def _nbytes(w) -> int:
+    if w is None:
+        return 0
+    if isinstance(w, np.ndarray):
+        return int(w.nbytes)
+    n = getattr(w, "nbytes", None)
+    if callable(n):
+        return int(n())
+    if n is not None:
+        return int(n)
+    data = getattr(w, "data", None)
+    return int(data.nbytes) if data is not None else 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reuse
+# ---------------------------------------------------------------------------------------------------------
+class ImageFeatureCache:
+    """Image features keyed by pixel content (sha256 of the patch array and grid), least recently used out
+    first, at most ``max_bytes`` of features."""
+
+    def __init__(self, max_bytes: int = 256 << 20):
+        self.max_bytes = int(max_bytes)
+        self._d: collections.OrderedDict = collections.OrderedDict()
+        self.bytes = 0
+        self.hits = 0
+        self.misses = 0
+
+    @staticmethod
+    def key(pixels: np.ndarray, grid) -> str:
+        h = hashlib.sha256(np.ascontiguousarray(pixels).view(np.uint8).tobytes())
+        h.update(np.asarray(grid, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+    def get(self, key: str):
+        f = self._d.get(key)
+        if f is None:
+            self.misses += 1
+            return None
+        self._d.move_to_end(key)
+        self.hits += 1
+        return f
+
+    def put(self, key: str, feats: np.ndarray) -> None:
+        if feats.nbytes > self.max_bytes:
+            return
+        old = self._d.pop(key, None)
+        if old is not None:
+            self.bytes -= old.nbytes
+        self._d[key] = feats
+        self.bytes += feats.nbytes
+        while self.bytes > self.max_bytes:
+            _, f = self._d.popitem(last=False)
+            self.bytes -= f.nbytes
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Sequences and the scheduler
+# ---------------------------------------------------------------------------------------------------------
+class Sequence:
+    """One request inside the scheduler: its prompt, latent cache, sampling state and timings."""
+
+    def __init__(self, req: Request, ids: np.ndarray, pixel_values, grids, params: SamplingParams, stops: set,
+                 need_bytes: int):
+        self.req = req
+        self.ids = ids                                  # int64[S] prompt
+        self.pixel_values = pixel_values
+        self.grids = grids
+        self.params = params
+        self.stops = stops
+        self.need_bytes = need_bytes                    # cache bytes reserved at admission
+        self.x = None                                   # prompt embeddings [S, D] (made at the first chunk)
+        self.cache = None
+        self.done_tokens = 0                            # prompt positions in the cache
+        self.reused = 0
+        self.generated: list[int] = []
+        self.counts: dict[int, int] = {}
+        self.rng = np.random.default_rng(params.seed)
+        self.next_token: int | None = None
+        self.t_submit = time.perf_counter()
+        self.t_start = None
+        self.t_first = None
+        self.t_end = None
+        self.image_cached = 0
+
+
+class Engine:
+    """Continuous-batching scheduler over one model (see the module docstring and HELPERS.md's contract).
+
+    parallel: sequences decoded together; max_context: a cap on positions per sequence (<= the model's);
+    cache_budget_mb: latent cache of all sequences (and kept prefixes) together; max_queue: requests that may
+    wait before submit raises QueueFull; prefill_chunk: prompt tokens per scheduler iteration (default: the
+    model's, so a prompt is prefilled exactly as model.generate does); image_cache_mb: the feature cache;
+    prefix_cache: keep finished caches for conversations that continue."""
+
+    def __init__(self, model, parallel: int = 4, max_context: int | None = None, cache_budget_mb: float | None = None,
+                 max_queue: int = 64, prefill_chunk: int | None = None, image_cache_mb: float = 256,
+                 prefix_cache: bool = True):
+        if isinstance(parallel, bool) or not isinstance(parallel, (int, np.integer)) or parallel < 1:
+            raise InputError(f"parallel={parallel!r}: expected an integer >= 1")
+        if max_context is not None and (not isinstance(max_context, (int, np.integer)) or max_context < 2):
+            raise InputError(f"max_context={max_context!r}: expected an integer >= 2")
+        if cache_budget_mb is not None and not cache_budget_mb > 0:
+            raise InputError(f"cache_budget_mb={cache_budget_mb!r}: expected a positive number of MB")
+        self.model = model
+        self.parallel = int(parallel)
+        self.max_context = min(model.context_limit, int(max_context)) if max_context else model.context_limit
+        self.cache_budget = None if cache_budget_mb is None else int(cache_budget_mb * (1 << 20))
+        self.max_queue = int(max_queue)
+        self.prefill_chunk = int(prefill_chunk or model.prefill_chunk)
+        self.images = ImageFeatureCache(int(image_cache_mb * (1 << 20)))
+        self.prefix_cache = bool(prefix_cache)
+        self.bytes_per_token = model.new_cache(capacity=1).bytes_per_token()
+        self.default_stops = tuple(default_stop_ids(model))
+        self._lock = threading.Condition()
+        self._waiting: collections.deque = collections.deque()
+        self._active: list[Sequence] = []          # prefilling or decoding, in admission order
+        self._kept: collections.OrderedDict = collections.OrderedDict()   # finished caches: key -> (ids, cache)
+        self._thread: threading.Thread | None = None
+        self._stop = False
+        self._ids = itertools.count(1)
+        self.reserved = 0                          # bytes of caches of active sequences
+        self.kept_bytes = 0
+        self.metrics = collections.Counter()       # requests_total, tokens_generated, prompt_tokens, ...
+        self.last_step: dict = {}                  # the last decode step: batch, seconds, bytes_read, ...
+        self.decode_tps = 0.0                      # tokens per second of the last decode steps (smoothed)
+        self.error: BaseException | None = None
+
+    # -- life cycle ---------------------------------------------------------------------------------------
+    def start(self) -> "Engine":
+        with self._lock:
+            if self._thread is not None and self._thread.is_alive():
+                return self
+            self._stop = False
+            self._thread = threading.Thread(target=self._loop, name="pykimi-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self, timeout: float = 30.0) -> None:
+        with self._lock:
+            self._stop = True
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._thread = None
+        with self._lock:
+            rest = list(self._waiting) + list(self._active)
+            self._waiting.clear()
+            self._active.clear()
+            self.reserved = 0
+        for s in rest:
+            s.req._finish(None, EngineStopped(f"request {s.req.id}: the engine stopped"))
+
+    def __enter__(self):
+        return self.start()
+
+    def __exit__(self, *exc):
+        self.stop()
+
+    @property
+    def running(self) -> int:
+        return sum(1 for s in self._active if s.cache is not None and s.done_tokens >= len(s.ids))
+
+    @property
+    def queued(self) -> int:
+        return len(self._waiting) + sum(1 for s in self._active if not (s.cache is not None
+                                                                          and s.done_tokens >= len(s.ids)))
+
+    # -- submission ---------------------------------------------------------------------------------------
+    def submit(self, input_ids, pixel_values=None, image_grid_hws=None, params: SamplingParams | None = None,
+               block: bool = False) -> Request:
+        """Queue one request. Bad input raises InputError here (nothing queued); QueueFull when ``max_queue``
+        requests wait (or, with block=True, waits for room)."""
+        m = self.model
+        params = (params or SamplingParams()).check(m.text.vocab_size)
+        ids = m.check_ids(input_ids)
+        S = int(ids.size)
+        if S + params.max_new_tokens > self.max_context:
+            if S >= self.max_context:
+                raise InputError(f"the prompt has {S} tokens; the context limit is {self.max_context}")
+            raise InputError(f"prompt of {S} tokens + max_new_tokens={params.max_new_tokens} exceeds the context "
+                             f"limit of {self.max_context}; lower max_new_tokens")
+        grids = None
+        if pixel_values is not None or image_grid_hws is not None:
+            if pixel_values is None or image_grid_hws is None:
+                raise InputError("pixel_values and image_grid_hws go together")
+            grids = np.asarray(image_grid_hws, dtype=np.int64).reshape(-1, 2)
+            pixel_values = np.asarray(pixel_values, dtype=np.float32)
+            n_patch = int((grids[:, 0] * grids[:, 1]).sum())
+            if pixel_values.shape[0] != n_patch:
+                raise InputError(f"pixel_values has {pixel_values.shape[0]} patches but image_grid_hws adds up to "
+                                 f"{n_patch}")
+            n_feat = int((grids[:, 0] * grids[:, 1]).sum() // 4)
+            n_ph = int((ids == m.config.media_placeholder_token_id).sum())
+            if n_ph != n_feat:
+                raise InputError(f"input_ids hold {n_ph} image placeholder tokens but the images give {n_feat}")
+        elif int((ids == m.config.media_placeholder_token_id).sum()):
+            raise InputError("input_ids hold image placeholder tokens but no pixel_values were given")
+        need = (S + params.max_new_tokens) * self.bytes_per_token
+        if self.cache_budget is not None and need > self.cache_budget:
+            raise InputError(f"the request needs {need / 2**20:.1f} MB of latent cache ({S} prompt tokens + "
+                             f"max_new_tokens={params.max_new_tokens}), over the cache budget of "
+                             f"{self.cache_budget / 2**20:.1f} MB; lower max_new_tokens")
+        stops = set(self.default_stops if params.stop_ids is None else (int(s) for s in params.stop_ids))
+        req = Request(next(self._ids), S)
+        seq = Sequence(req, ids, pixel_values, grids, params, stops, need)
+        with self._lock:
+            while len(self._waiting) >= self.max_queue:
+                if not block:
+                    raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
+                self._lock.wait(0.1)
+            if self._stop and self._thread is None:
+                pass
+            self._waiting.append(seq)
+            self.metrics["requests_total"] += 1
+            self._lock.notify_all()
+        return req
+
+    # -- scheduler ----------------------------------------------------------------------------------------
+    def _loop(self) -> None:
+        try:
+            while True:
+                with self._lock:
+                    if self._stop:
+                        return
+                    self._drop_cancelled_waiting()
+                    self._admit()
+                    if not self._active:
+                        self._lock.wait(0.05)
+                        continue
+                    active = list(self._active)
+                self._step(active)
+        except BaseException as e:  # noqa: BLE001 -- a bug: fail every request loudly rather than hang them
+            self.error = e
+            with self._lock:
+                rest = list(self._waiting) + list(self._active)
+                self._waiting.clear()
+                self._active.clear()
+            for s in rest:
+                s.req._finish(None, e)
+
+    def _drop_cancelled_waiting(self) -> None:
+        for s in [s for s in self._waiting if s.req.cancelled]:
+            self._waiting.remove(s)
+            self._finish(s, "cancelled", emit_final=True)
+
+    def _admit(self) -> None:
+        while self._waiting and len(self._active) < self.parallel:
+            s = self._waiting[0]
+            if self.cache_budget is not None:
+                while self.reserved + self.kept_bytes + s.need_bytes > self.cache_budget and self._kept:
+                    self._evict_kept()
+                if self.reserved + s.need_bytes > self.cache_budget:
+                    return                                           # waits for a running sequence to end
+            self._waiting.popleft()
+            self.reserved += s.need_bytes
+            self._active.append(s)
+
+    def _evict_kept(self) -> None:
+        _, (_, cache, nb) = self._kept.popitem(last=False)
+        self.kept_bytes -= nb
+
+    def _step(self, active: list) -> None:
+        # cancellations: freed before any work of this step
+        for s in [s for s in active if s.req.cancelled]:
+            self._release(s)
+            self._finish(s, "cancelled", emit_final=True)
+            active.remove(s)
+        prefilling = [s for s in active if s.next_token is None]
+        decoding = [s for s in active if s.next_token is not None]
+        if prefilling:
+            self._prefill_chunk(prefilling[0])
+        if decoding:
+            self._decode(decoding)
+
+    def _embed(self, s: Sequence) -> np.ndarray:
+        m = self.model
+        feats = None
+        if s.pixel_values is not None:
+            parts, off = [], 0
+            for gh, gw in s.grids:
+                n = int(gh * gw)
+                px = s.pixel_values[off:off + n]
+                off += n
+                key = self.images.key(px, (gh, gw))
+                f = self.images.get(key)
+                if f is None:
+                    f = m.encode_images(px, np.array([[gh, gw]], dtype=np.int64))
+                    self.images.put(key, f)
+                else:
+                    s.image_cached += 1
+                parts.append(f)
+            feats = np.concatenate(parts, axis=0)
+        return embed_and_merge(s.ids, m.embed_table(), feats, m.config.media_placeholder_token_id)
+
+    def _take_prefix(self, s: Sequence):
+        """A kept cache whose conversation this prompt extends (it starts with that whole prompt): (cache, n
+        rows reused), else (None, 0)."""
+        best, best_n, best_key = None, 0, None
+        ids = s.ids
+        for key, (kids, cache, nb) in self._kept.items():
+            prompt_len = key[1]
+            n = min(len(kids), len(ids) - 1, len(cache))
+            if n < prompt_len or n <= best_n:
+                continue
+            common = int(np.argmin(np.append(kids[:n] == ids[:n], False)))   # first mismatch
+            if common >= prompt_len and common > best_n:
+                best, best_n, best_key = cache, common, key
+        if best is None:
+            return None, 0
+        _, _, nb = self._kept.pop(best_key)
+        self.kept_bytes -= nb
+        return best, best_n
+
+    def _prefill_chunk(self, s: Sequence) -> None:
+        m = self.model
+        S = len(s.ids)
+        if s.cache is None:
+            s.t_start = time.perf_counter()
+            s.x = self._embed(s)
+            cache, n = self._take_prefix(s) if self.prefix_cache else (None, 0)
+            if cache is not None:
+                cache.truncate(n)
+                cache.reserve(S + s.params.max_new_tokens)
+                s.reused = n
+                self.metrics["prefix_reused_tokens"] += n
+            else:
+                cache = m.new_cache(capacity=S + s.params.max_new_tokens)
+            s.cache = cache
+            s.done_tokens = n
+        c0 = s.done_tokens
+        c1 = min(S, c0 + self.prefill_chunk)
+        h = m.run_layers(s.x[c0:c1], s.cache)
+        s.done_tokens = c1
+        if c1 == S:
+            logits = m.logits(h[-1:])[0]
+            s.x = None
+            s.t_first = time.perf_counter()
+            self.metrics["prompt_tokens"] += S
+            self._pick(s, logits)
+
+    def _decode(self, seqs: list) -> None:
+        t0 = time.perf_counter()
+        stats: dict = {}
+        logits = decode_batch(self.model, [s.next_token for s in seqs], [s.cache for s in seqs], stats)
+        dt = time.perf_counter() - t0
+        self.last_step = dict(batch=len(seqs), seconds=dt, **stats)
+        self.metrics["decode_steps"] += 1
+        self.metrics["decode_seconds_total"] += dt
+        tps = len(seqs) / dt if dt > 0 else 0.0
+        self.decode_tps = tps if self.decode_tps == 0 else 0.8 * self.decode_tps + 0.2 * tps
+        for s, row in zip(seqs, logits):
+            self._pick(s, row)
+
+    def _pick(self, s: Sequence, logits: np.ndarray) -> None:
+        """Choose the next token of s from its logits, emit it, finish or queue it for the next step."""
+        p = s.params
+        z = logits
+        if p.repetition_penalty != 1.0:
+            seen = np.unique(np.concatenate([s.ids, np.asarray(s.generated, dtype=np.int64)]))
+            z = apply_repetition_penalty(z.copy(), seen, p.repetition_penalty)
+        if (p.presence_penalty or p.frequency_penalty) and s.counts:
+            z = z.copy() if z is logits else z
+            idx = np.fromiter(s.counts.keys(), dtype=np.int64)
+            cnt = np.fromiter(s.counts.values(), dtype=np.float32)
+            z[idx] -= np.float32(p.presence_penalty) + np.float32(p.frequency_penalty) * cnt
+        if p.logit_bias:
+            z = z.copy() if z is logits else z
+            for k, v in p.logit_bias.items():
+                z[int(k)] += np.float32(v)
+        tok = pick_token(z, s.rng, p.temperature, p.top_k, p.top_p, p.min_p)
+        lp = top = None
+        if p.logprobs:
+            zz = z.astype(np.float64)
+            mx = zz.max()
+            lse = mx + np.log(np.exp(zz - mx).sum())
+            lp = float(zz[tok] - lse)
+            k = min(p.logprobs, zz.size)
+            best = np.argpartition(-zz, k - 1)[:k]
+            best = best[np.lexsort((best, -zz[best]))]
+            top = [(int(i), float(zz[i] - lse)) for i in best]
+        s.generated.append(tok)
+        s.counts[tok] = s.counts.get(tok, 0) + 1
+        self.metrics["tokens_generated"] += 1
+        reason = None
+        if tok in s.stops:
+            reason = "stop"
+        elif len(s.generated) >= p.max_new_tokens:
+            reason = "length"
+        if reason is None:
+            s.next_token = tok
+            s.req._emit(Event(tok, lp, top, None))
+            return
+        s.next_token = None
+        s.req._emit(Event(tok, lp, top, reason))
+        self._release(s, keep=True)
+        self._finish(s, reason)
+
+    def _release(self, s: Sequence, keep: bool = False) -> None:
+        with self._lock:
+            if s in self._active:
+                self._active.remove(s)
+                self.reserved -= s.need_bytes
+            if keep and self.prefix_cache and s.cache is not None:
+                # the rows held: prompt + generated[:-1] (the last token was never fed through the model)
+                kids = np.concatenate([s.ids, np.asarray(s.generated[:-1], dtype=np.int64)])[:len(s.cache)]
+                nb = s.cache.nbytes()
+                if self.cache_budget is None or nb <= self.cache_budget // 2:
+                    self._kept[(s.req.id, len(s.ids))] = (kids, s.cache, nb)
+                    self.kept_bytes += nb
+                    limit = self.cache_budget // 2 if self.cache_budget is not None else 256 << 20
+                    while self.kept_bytes > limit or len(self._kept) > 4 * self.parallel:
+                        self._evict_kept()
+            s.cache = None if not keep else s.cache
+            self._lock.notify_all()
+
+    def _finish(self, s: Sequence, reason: str, emit_final: bool = False) -> None:
+        s.t_end = time.perf_counter()
+        if emit_final:
+            s.req._emit(Event(None, None, None, reason))
+        n = len(s.generated)
+        t_start = s.t_start or s.t_end
+        t_first = s.t_first or s.t_end
+        prompt_s = t_first - t_start
+        decode_s = s.t_end - t_first
+        timings = {
+            "queue_ms": 1e3 * (t_start - s.t_submit),
+            "ttft_ms": 1e3 * (t_first - s.t_submit),
+            "prompt_n": len(s.ids) - s.reused, "prompt_ms": 1e3 * prompt_s,
+            "prompt_per_second": (len(s.ids) - s.reused) / prompt_s if prompt_s > 0 else 0.0,
+            "predicted_n": n, "predicted_ms": 1e3 * decode_s,
+            "predicted_per_second": (n - 1) / decode_s if decode_s > 0 and n > 1 else 0.0,
+            "cache_n": s.reused, "images_cached": s.image_cached,
+        }
+        if reason == "cancelled":
+            self.metrics["requests_cancelled"] += 1
+        else:
+            self.metrics["requests_finished"] += 1
+        s.req._finish(Result(list(s.generated), reason, len(s.ids), n, timings))
