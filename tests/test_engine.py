@@ -1,0 +1,249 @@
+"""The serving engine (issue 20): batched decode == single decode bit for bit, greedy tokens identical alone
+and beside others, cancellation, cache budget, queue limit, image / prefix reuse, sampling options."""
+import time
+
+import numpy as np
+import pytest
+
+import pykimi
+from pykimi import kernels, scenes
+from pykimi.engine import Engine, QueueFull, SamplingParams, batched_available, decode_batch
+from pykimi.errors import InputError
+
+from conftest import TINY
+
+TIMEOUT = 120
+
+
+@pytest.fixture(scope="module")
+def quant_dirs(tmp_path_factory):
+    """int8 and int4 copies (every weight quantized) of the demo and the tiny golden checkpoint."""
+    from pykimi.quant import quantize_checkpoint
+    root = tmp_path_factory.mktemp("engine_q")
+    out = {}
+    for name, src in (("demo", pykimi.demo_checkpoint()), ("tiny", TINY)):
+        for bits in (8, 4):
+            dst = root / f"{name}{bits}"
+            quantize_checkpoint(src, str(dst), bits=bits, what="all", progress=False)
+            out[f"{name}{bits}"] = str(dst)
+    return out
+
+
+def _path(which, quant_dirs):
+    return {"demo": pykimi.demo_checkpoint(), "tiny": TINY}.get(which) or quant_dirs[which]
+
+
+def _ids(m, rng, n):
+    """n random token ids, never the image placeholder."""
+    pool = np.setdiff1d(np.arange(min(m.text.vocab_size, 400)), [m.config.media_placeholder_token_id])
+    return rng.choice(pool, size=int(n))
+
+
+CHECKPOINTS = ["demo", "tiny", "demo8", "demo4", "tiny8", "tiny4"]
+
+
+@pytest.mark.parametrize("which", CHECKPOINTS)
+def test_decode_batch_rows_equal_single_decode(which, quant_dirs):
+    """Each row of a batched step (B = 1..8, changing between steps) is bit-identical to decode_step alone."""
+    m = pykimi.load(_path(which, quant_dirs))
+    V = m.text.vocab_size
+    rng = np.random.default_rng(1)
+    B = 8
+    prompts = [_ids(m, rng, rng.integers(3, 30)) for _ in range(B)]
+
+    def caches():
+        out = []
+        for p in prompts:
+            c = m.new_cache(capacity=64)
+            m.prefill(m.embed(p), c, all_logits=False)
+            out.append(c)
+        return out
+
+    alone, batched = caches(), caches()
+    for step, n in enumerate([8, 1, 5, 7, 2, 8, 3]):
+        toks = [int(t) for t in _ids(m, rng, B)]
+        stats = {}
+        got = decode_batch(m, toks[:n], batched[:n], stats)
+        for b in range(n):
+            ref = m.decode_step(toks[b], alone[b])
+            diff = np.flatnonzero(ref != got[b])
+            assert diff.size == 0, (f"{which} step {step} batch {n} row {b}: {diff.size} logits differ, first at "
+                                    f"{diff[0]}: {got[b][diff[0]]!r} vs alone {ref[diff[0]]!r}")
+        for b in range(n, B):                      # the others advance alone in both
+            m.decode_step(toks[b], alone[b])
+            m.decode_step(toks[b], batched[b])
+        if batched_available(m):
+            assert stats["bytes_read"] > 0 and len(stats["experts_per_layer"]) == m.text.num_hidden_layers - 1
+    if kernels.backend() == "c":
+        assert batched_available(m), "the C backend should take the batched path"
+
+
+def test_batched_step_reads_each_expert_once():
+    """All experts chosen in a step are fetched once (the read counter counts one use per expert per step)."""
+    m = pykimi.load(pykimi.demo_checkpoint())
+    if not batched_available(m):
+        pytest.skip("the batched path needs the C backend")
+    rng = np.random.default_rng(2)
+    cs = []
+    for _ in range(6):
+        c = m.new_cache(capacity=32)
+        m.prefill(m.embed(_ids(m, rng, 8)), c, all_logits=False)
+        cs.append(c)
+    m.ckpt.read_counter.clear()
+    stats = {}
+    decode_batch(m, [int(t) for t in _ids(m, rng, 6)], cs, stats)
+    counts = {k: v for k, v in m.ckpt.read_counter.items() if ".mlp.experts." in k}
+    assert counts and set(counts.values()) == {1}, counts
+    n_chosen = len({k.rsplit(".", 2)[0] for k in counts})
+    assert n_chosen == sum(stats["experts_per_layer"])
+
+
+def _scene_inputs(proc, seeds):
+    out = []
+    for seed in seeds:
+        img, shapes = scenes.random_scene(np.random.default_rng(seed))
+        q = [scenes.QUESTION_COUNT, scenes.QUESTION_DESCRIBE, scenes.qa_pairs(shapes)[0][0]][seed % 3]
+        out.append(proc.prepare(scenes.messages_for(q), images=[img]))
+    return out
+
+
+def _run(eng, inputs, params):
+    reqs = [eng.submit(i["input_ids"], i.get("pixel_values"), i.get("image_grid_hws"), params=params)
+            for i in inputs]
+    return [r.result(TIMEOUT) for r in reqs]
+
+
+def test_engine_demo_greedy_alone_equals_together_equals_generate():
+    path = pykimi.demo_checkpoint()
+    m = pykimi.load(path)
+    proc = pykimi.Processor.from_pretrained(path)
+    inputs = _scene_inputs(proc, range(100, 108))
+    params = SamplingParams(max_new_tokens=24)
+    gen = [m.generate(i["input_ids"], i["pixel_values"], i["image_grid_hws"], max_new_tokens=24) for i in inputs]
+    with Engine(m, parallel=1) as eng:
+        alone = [_run(eng, [i], params)[0] for i in inputs]
+    with Engine(m, parallel=4) as eng:
+        together = _run(eng, inputs, params)
+        assert eng.metrics["decode_steps"] < sum(r.completion_tokens for r in together)   # steps were shared
+    for k, (g, a, t) in enumerate(zip(gen, alone, together)):
+        assert a.ids == g, f"request {k}: engine alone {a.ids} != model.generate {g}"
+        assert t.ids == a.ids, f"request {k}: beside others {t.ids} != alone {a.ids}"
+        assert t.finish_reason == "stop" and t.completion_tokens == len(t.ids)
+
+
+@pytest.mark.parametrize("which", ["tiny", "tiny8", "tiny4", "demo4"])
+def test_engine_text_greedy_alone_equals_together(which, quant_dirs):
+    m = pykimi.load(_path(which, quant_dirs))
+    rng = np.random.default_rng(3)
+    prompts = [_ids(m, rng, rng.integers(4, 40)) for _ in range(6)]
+    params = SamplingParams(max_new_tokens=int(rng.integers(10, 20)), stop_ids=())
+    with Engine(m, parallel=1) as eng:
+        alone = [_run(eng, [{"input_ids": p}], params)[0].ids for p in prompts]
+    with Engine(m, parallel=6, prefix_cache=False) as eng:
+        together = [r.ids for r in _run(eng, [{"input_ids": p} for p in prompts], params)]
+    assert together == alone
+    assert alone[0] == m.generate(prompts[0], max_new_tokens=params.max_new_tokens, stop_ids=[])
+
+
+def test_cancel_frees_within_a_step_and_others_continue():
+    m = pykimi.load(TINY)
+    rng = np.random.default_rng(4)
+    p1, p2 = _ids(m, rng, 10), _ids(m, rng, 12)
+    params = SamplingParams(max_new_tokens=40, stop_ids=())
+    with Engine(m, parallel=1) as eng:
+        ref = eng.submit(p2, params=params).result(TIMEOUT).ids
+    with Engine(m, parallel=2) as eng:
+        long = eng.submit(p1, params=SamplingParams(max_new_tokens=1000, stop_ids=()))
+        other = eng.submit(p2, params=params)
+        it = long.events(timeout=TIMEOUT)
+        for _ in range(3):
+            next(it)
+        long.cancel()
+        res = long.result(TIMEOUT)
+        assert res.finish_reason == "cancelled" and res.completion_tokens < 1000
+        assert other.result(TIMEOUT).ids == ref
+        t0 = time.time()
+        while eng.reserved and time.time() - t0 < 10:
+            time.sleep(0.01)
+        assert eng.reserved == 0 and eng.metrics["requests_cancelled"] == 1
+
+
+def test_cache_budget_waits_and_refuses_what_cannot_fit():
+    m = pykimi.load(TINY)
+    bpt = m.new_cache(capacity=1).bytes_per_token()
+    budget_mb = 60 * bpt / 2**20                          # room for one 50-position request at a time
+    rng = np.random.default_rng(5)
+    prompts = [_ids(m, rng, 20) for _ in range(3)]
+    params = SamplingParams(max_new_tokens=30, stop_ids=())
+    with Engine(m, parallel=3, cache_budget_mb=budget_mb) as eng:
+        reqs = [eng.submit(p, params=params) for p in prompts]
+        peak = 0
+        while not all(r.done for r in reqs):
+            peak = max(peak, eng.reserved)
+            time.sleep(0.002)
+        assert all(r.result(1).completion_tokens == 30 for r in reqs)
+        assert peak <= budget_mb * 2**20
+        with pytest.raises(InputError, match="cache budget"):
+            eng.submit(prompts[0], params=SamplingParams(max_new_tokens=100))
+
+
+def test_queue_full_and_bad_input():
+    m = pykimi.load(TINY)
+    eng = Engine(m, parallel=1, max_queue=2)              # not started: requests wait
+    eng.submit([1, 2, 3])
+    eng.submit([1, 2, 3])
+    with pytest.raises(QueueFull):
+        eng.submit([1, 2, 3])
+    for bad, msg in [(dict(temperature=-1), "temperature"), (dict(top_p=0), "top_p"), (dict(max_new_tokens=0),
+                     "max_new_tokens"), (dict(top_k=-2), "top_k"), (dict(logit_bias={"x": 1}), "logit_bias"),
+                     (dict(logit_bias={5: 1000}), "logit_bias"), (dict(seed=-1), "seed"),
+                     (dict(presence_penalty=3), "presence_penalty"), (dict(stop_ids=(10**9,)), "stop_ids")]:
+        with pytest.raises(InputError, match=msg):
+            Engine(m).submit([1, 2, 3], params=SamplingParams(**bad))
+    with pytest.raises(InputError, match="context"):
+        Engine(m).submit([1] * 10, params=SamplingParams(max_new_tokens=m.context_limit))
+    with pytest.raises(InputError, match="vocabulary"):
+        Engine(m).submit([1, 10**6])
+    eng.start()
+    eng.stop()
+
+
+def test_image_cache_and_prefix_reuse():
+    path = pykimi.demo_checkpoint()
+    m = pykimi.load(path)
+    proc = pykimi.Processor.from_pretrained(path)
+    img, shapes = scenes.random_scene(np.random.default_rng(101))
+    q1 = scenes.messages_for(scenes.QUESTION_COUNT)
+    with Engine(m, parallel=2) as eng:
+        i1 = proc.prepare(q1, images=[img])
+        r1 = _run(eng, [i1], SamplingParams(max_new_tokens=24))[0]
+        assert proc.decode(r1.ids, skip_special=True) == scenes.count_answer(shapes)
+        assert r1.timings["images_cached"] == 0 and r1.timings["cache_n"] == 0
+        # the next turn re-sends the image and extends the conversation
+        answer = proc.decode(r1.ids, skip_special=True)
+        msgs = q1 + [{"role": "assistant", "content": answer},
+                     {"role": "user", "content": scenes.QUESTION_DESCRIBE}]
+        i2 = proc.prepare(msgs, images=[img])
+        r2 = _run(eng, [i2], SamplingParams(max_new_tokens=24))[0]
+        assert r2.timings["images_cached"] == 1
+        assert r2.timings["cache_n"] >= len(i1["input_ids"]), r2.timings
+        assert eng.images.hits == 1 and eng.metrics["prefix_reused_tokens"] == r2.timings["cache_n"]
+        assert proc.decode(r2.ids, skip_special=True) == scenes.describe_answer(shapes)
+
+
+def test_sampling_seeded_and_logprobs():
+    m = pykimi.load(TINY)
+    p = np.arange(5, 20)
+    with Engine(m, parallel=2) as eng:
+        a, b = _run(eng, [{"input_ids": p}] * 2, SamplingParams(max_new_tokens=12, temperature=1.0, seed=7,
+                                                                   stop_ids=()))
+        assert a.ids == b.ids                                    # same seed, same tokens, batched or not
+        req = eng.submit(p, params=SamplingParams(max_new_tokens=5, logprobs=3, stop_ids=()))
+        evs = list(req.events(timeout=TIMEOUT))
+        assert [e.finish_reason for e in evs] == [None] * 4 + ["length"]
+        for e in evs:                                            # greedy: the chosen token is the most likely
+            assert len(e.top_logprobs) == 3 and e.top_logprobs[0][0] == e.token_id
+            assert e.logprob == pytest.approx(e.top_logprobs[0][1]) and e.logprob <= 0
+        bias = {int(evs[0].token_id): -100.0}
+        r = eng.submit(p, params=SamplingParams(max_new_tokens=1, logit_bias=bias, stop_ids=())).result(TIMEOUT)
+        assert r.ids[0] != evs[0].token_id
