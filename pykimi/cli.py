@@ -675,6 +675,53 @@ def cmd_quantize(args) -> int:
 
 # --------------------------------------------------------------------------------------------- parser
 
+def cmd_serve(args) -> int:
+    """The OpenAI-compatible server (issue 20): one engine thread owns the model, uvicorn serves the app."""
+    import logging
+    import socket
+
+    try:
+        import uvicorn
+
+        from .server.app import create_app
+    except ImportError as e:
+        raise PykimiError(f"pykimi serve needs the 'serve' extra (pip install 'pykimi[serve]'): {e}") from None
+    from .engine import Engine
+
+    if args.parallel < 1:
+        raise PykimiError(f"--parallel {args.parallel}: expected an integer >= 1")
+    if not 0 <= args.port <= 65535:
+        raise PykimiError(f"--port {args.port}: expected 0..65535")
+    if args.cache_budget is not None and not args.cache_budget > 0:
+        raise PykimiError(f"--cache-budget {args.cache_budget}: expected a positive number of MB")
+    if args.media_dir is not None and not os.path.isdir(args.media_dir):
+        raise PykimiError(f"--media-dir {args.media_dir}: not a directory")
+    if args.max_context is not None and args.max_context < 2:
+        raise PykimiError(f"--max-context {args.max_context}: expected an integer >= 2")
+    try:                                    # a taken port is a one-line error, before the model loads
+        fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
+        with socket.socket(fam, socket.SOCK_STREAM) as s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            s.bind((args.host, args.port))
+    except OSError as e:
+        raise PykimiError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
+    model, proc, path, load_s = _load(args)
+    engine = Engine(model, parallel=args.parallel, max_context=args.max_context, cache_budget_mb=args.cache_budget,
+                    max_queue=args.max_queue)
+    model_id = args.alias or os.path.basename(os.path.normpath(path))
+    app = create_app(model, proc, engine, model_id=model_id, api_key=args.api_key, media_dir=args.media_dir,
+                     allow_remote=args.allow_remote_images)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
+    engine.start()
+    print(f"pykimi serve: {model_id} ({path}) loaded in {load_s:.1f} s; OpenAI API at "
+          f"http://{args.host}:{args.port}/v1, {args.parallel} parallel sequences", file=sys.stderr, flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        engine.stop()
+    return 0
+
+
 def _add_model_args(p):
     p.add_argument("-m", "--model", help="checkpoint directory (HF layout); default: the bundled demo checkpoint")
     p.add_argument("-t", "--threads", type=_positive_int, help="kernel threads (default: PYKIMI_THREADS or all cores)")
@@ -800,6 +847,20 @@ def build_parser() -> argparse.ArgumentParser:
 
     from .bench import add_parser as add_bench
     add_bench(sub)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible HTTP server with continuous batching")
+    _add_model_args(p)
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default: loopback only)")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("-np", "--parallel", type=int, default=4, help="sequences decoded together (default 4)")
+    p.add_argument("--api-key", default=os.environ.get("PYKIMI_API_KEY"),
+                   help="require 'Authorization: Bearer KEY' (default: $PYKIMI_API_KEY, else none)")
+    p.add_argument("--cache-budget", type=float, help="MB of latent cache for all sequences (admission waits)")
+    p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
+    p.add_argument("--media-dir", help="allow file:// image URLs inside this directory")
+    p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size cap, timeout)")
+    p.add_argument("--alias", help="the model id clients send (default: the checkpoint directory's name)")
+    p.set_defaults(fn=cmd_serve)
     return ap
 
 
@@ -810,7 +871,7 @@ def main(argv=None) -> int:
         os.environ["PYKIMI_THREADS"] = str(args.threads)
     from . import progress
 
-    progress.enable(not getattr(args, "json", False))   # bars on stderr for long steps (prefill, vision)
+    progress.enable(not getattr(args, "json", False) and args.cmd != "serve")   # bars on stderr for long steps (prefill, vision)
     try:
         return args.fn(args)
     except PykimiError as e:

@@ -152,6 +152,8 @@ class Request:
         self._cancel = threading.Event()
         self._result: Result | None = None
         self._error: BaseException | None = None
+        self._listeners: list = []
+        self._sub = threading.Lock()
         self.ids: list[int] = []
 
     def __iter__(self):
@@ -195,16 +197,36 @@ class Request:
             raise self._error
         return self._result
 
+    def subscribe(self, fn) -> None:
+        """Deliver every event (and a final exception, if any) to ``fn`` instead of the iterator, from the
+        scheduler thread; events already queued are handed over first. For an asyncio server:
+        ``req.subscribe(lambda ev: loop.call_soon_threadsafe(q.put_nowait, ev))``."""
+        with self._sub:
+            while True:
+                try:
+                    fn(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            self._listeners.append(fn)
+
     # scheduler side
+    def _put(self, item) -> None:
+        with self._sub:
+            if self._listeners:
+                for fn in self._listeners:
+                    fn(item)
+            else:
+                self._events.put(item)
+
     def _emit(self, ev: Event) -> None:
         if ev.token_id is not None:
             self.ids.append(ev.token_id)
-        self._events.put(ev)
+        self._put(ev)
 
     def _finish(self, result: Result | None, error: BaseException | None = None) -> None:
         self._result, self._error = result, error
         if error is not None:
-            self._events.put(error)
+            self._put(error)
         self._done.set()
 
 
