@@ -713,6 +713,7 @@ def cmd_serve(args) -> int:
                      allow_remote=args.allow_remote_images)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     engine.start()
+    engine.warmup()
     print(f"pykimi serve: {model_id} ({path}) loaded in {load_s:.1f} s; OpenAI API at "
           f"http://{args.host}:{args.port}/v1, {args.parallel} parallel sequences", file=sys.stderr, flush=True)
     try:

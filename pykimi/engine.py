@@ -543,6 +543,15 @@ class Engine:
         for s in rest:
             s.req._finish(None, EngineStopped(f"request {s.req.id}: the engine stopped"))
 
+    def warmup(self, timeout: float = 300.0) -> None:
+        """One short request through the running engine (JIT compilation, first reads of the weights)."""
+        ids = [i for i in range(1, 9) if i != self.model.config.media_placeholder_token_id]
+        self.submit(ids, params=SamplingParams(max_new_tokens=2, stop_ids=())).result(timeout)
+        for k in ("requests_total", "requests_finished", "prompt_tokens", "tokens_generated", "decode_steps",
+                  "decode_seconds_total"):
+            self.metrics.pop(k, None)
+        self.decode_tps = 0.0
+
     def __enter__(self):
         return self.start()
 

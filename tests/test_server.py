@@ -339,3 +339,58 @@ def test_api_key_and_queue_full(demo):
             assert first.result(TIMEOUT).status_code == 200
         assert httpx.post(url, json=body, headers=auth, timeout=TIMEOUT).status_code == 200
     eng.stop()
+
+
+def test_cli_serve_answers_and_logs_one_line_per_request(tmp_path):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, PYTHONPATH=root)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    err = open(tmp_path / "stderr.txt", "w+")
+    proc = subprocess.Popen([sys.executable, "-m", "pykimi.cli", "serve", "--port", str(port), "-np", "2"],
+                            env=env, stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        url = f"http://127.0.0.1:{port}"
+        t0 = time.time()
+        while True:
+            assert proc.poll() is None, open(tmp_path / "stderr.txt").read()
+            assert time.time() - t0 < 120, "pykimi serve did not come up"
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        img, shapes = scenes.random_scene(np.random.default_rng(104))
+        r = httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT,
+                       json={"messages": user(scenes.QUESTION_COUNT, data_uri(img)), "max_tokens": 16})
+        assert r.json()["choices"][0]["message"]["content"] == scenes.count_answer(shapes)
+        assert httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT, json={"messages": []}).status_code == 400
+        # a second server on the same port: one line, exit status 2
+        busy = subprocess.run([sys.executable, "-m", "pykimi.cli", "serve", "--port", str(port)], env=env,
+                              capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and busy.stderr.strip().count("\n") == 0 and "cannot listen" in busy.stderr
+    finally:
+        proc.terminate()
+        proc.wait(30)
+        err.close()
+    log = open(tmp_path / "stderr.txt").read()
+    done = [ln for ln in log.splitlines() if " done: prompt=" in ln]
+    assert len(done) == 1 and "completion=" in done[0] and "ttft=" in done[0] and "tok/s" in done[0], log
+    assert sum("-> 400" in ln for ln in log.splitlines()) == 1, log
+
+
+@pytest.mark.parametrize("args, what", [(["--parallel", "0"], "--parallel"), (["--media-dir", "/nonexistent/x"],
+                                         "--media-dir"), (["--port", "70000"], "--port"),
+                                        (["--cache-budget", "-1"], "--cache-budget")])
+def test_cli_serve_bad_flags(args, what):
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, "-m", "pykimi.cli", "serve", *args], capture_output=True, text=True,
+                       env=dict(os.environ, PYTHONPATH=root), timeout=120)
+    assert r.returncode == 2 and what in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr

@@ -372,6 +372,8 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
     @app.exception_handler(APIError)
     async def _api_error(request, e: APIError):
         count_error(e.status)
+        log.info("%s %s -> %d %s: %s", request.method, request.url.path, e.status, e.code or e.type,
+                 " ".join(e.message.split())[:200])
         return error_response(e)
 
     @app.exception_handler(StarletteHTTPException)
