@@ -696,6 +696,8 @@ def cmd_serve(args) -> int:
         raise PykimiError(f"--cache-budget {args.cache_budget}: expected a positive number of MB")
     if args.media_dir is not None and not os.path.isdir(args.media_dir):
         raise PykimiError(f"--media-dir {args.media_dir}: not a directory")
+    if args.prefill_chunk is not None and args.prefill_chunk < 1:
+        raise PykimiError(f"--prefill-chunk {args.prefill_chunk}: expected an integer >= 1")
     if args.max_context is not None and args.max_context < 2:
         raise PykimiError(f"--max-context {args.max_context}: expected an integer >= 2")
     try:                                    # a taken port is a one-line error, before the model loads
@@ -707,7 +709,7 @@ def cmd_serve(args) -> int:
         raise PykimiError(f"cannot listen on {args.host}:{args.port}: {e.strerror or e}") from None
     model, proc, path, load_s = _load(args)
     engine = Engine(model, parallel=args.parallel, max_context=args.max_context, cache_budget_mb=args.cache_budget,
-                    max_queue=args.max_queue)
+                    max_queue=args.max_queue, prefill_chunk=args.prefill_chunk)
     model_id = args.alias or os.path.basename(os.path.normpath(path))
     app = create_app(model, proc, engine, model_id=model_id, api_key=args.api_key, media_dir=args.media_dir,
                      allow_remote=args.allow_remote_images)
@@ -858,6 +860,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="require 'Authorization: Bearer KEY' (default: $PYKIMI_API_KEY, else none)")
     p.add_argument("--cache-budget", type=float, help="MB of latent cache for all sequences (admission waits)")
     p.add_argument("--max-queue", type=int, default=64, help="waiting requests before 503 (default 64)")
+    p.add_argument("--prefill-chunk", type=int, help="prompt tokens prefilled between two decode steps "
+                   "(default: the model's 512; smaller keeps running streams flowing during a long prompt)")
     p.add_argument("--media-dir", help="allow file:// image URLs inside this directory")
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size cap, timeout)")
     p.add_argument("--alias", help="the model id clients send (default: the checkpoint directory's name)")

@@ -606,12 +606,12 @@ class Engine:
         req = Request(next(self._ids), S)
         seq = Sequence(req, ids, pixel_values, grids, params, stops, need)
         with self._lock:
+            if self._stop:
+                raise EngineStopped("the engine is stopped; start() it again to submit")
             while len(self._waiting) >= self.max_queue:
                 if not block:
                     raise QueueFull(f"{len(self._waiting)} requests are waiting (max_queue={self.max_queue})")
                 self._lock.wait(0.1)
-            if self._stop and self._thread is None:
-                pass
             self._waiting.append(seq)
             self.metrics["requests_total"] += 1
             self._lock.notify_all()

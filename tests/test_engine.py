@@ -7,7 +7,7 @@ import pytest
 
 import pykimi
 from pykimi import kernels, scenes
-from pykimi.engine import Engine, QueueFull, SamplingParams, batched_available, decode_batch
+from pykimi.engine import Engine, EngineStopped, QueueFull, SamplingParams, batched_available, decode_batch
 from pykimi.errors import InputError
 
 from conftest import TINY
@@ -205,7 +205,10 @@ def test_queue_full_and_bad_input():
     with pytest.raises(InputError, match="vocabulary"):
         Engine(m).submit([1, 10**6])
     eng.start()
+    assert eng.submit([1, 2, 3], block=True).result(TIMEOUT).completion_tokens >= 1
     eng.stop()
+    with pytest.raises(EngineStopped):
+        eng.submit([1, 2, 3])
 
 
 def test_image_cache_and_prefix_reuse():

@@ -532,6 +532,9 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
                            headers={"Retry-After": "1"}) from None
         except InputError as e:
             raise _bad(str(e).splitlines()[0], None, "invalid_request") from None
+        except EngineStopped:
+            raise APIError(503, "the server is shutting down", None, "shutting_down",
+                           headers={"Retry-After": "5"}) from None
         loop = asyncio.get_running_loop()
         events: asyncio.Queue = asyncio.Queue()
         req.subscribe(lambda ev: loop.call_soon_threadsafe(events.put_nowait, ev))
@@ -543,7 +546,7 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
         async def next_event(poll_disconnect: bool):
             while True:
                 try:
-                    ev = await asyncio.wait_for(events.get(), 0.25)
+                    ev = await asyncio.wait_for(events.get(), 0.1)
                 except asyncio.TimeoutError:
                     if poll_disconnect and await request.is_disconnected():
                         return None
