@@ -2107,11 +2107,20 @@ int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R
  * pk_swiglu_sum for B tokens at once, each chosen expert's weights read once per call (continuous batching:
  * decode is bound by reading weights, so B sequences that share an expert share its bytes). Row b's result
  * is bit for bit pk_swiglu_sum of row b with its experts in the order sel[b][0..nsel[b]): the rows that chose
- * an expert are gathered into jobs of at most PK_ROWWISE rows, which always run the row kernels (tile_*),
- * whose result for one row of x does not depend on the other rows of the tile; the batch-vectorised and AMX
- * kernels (other summation orders) start at PK_AMX_MIN = 8 rows. silu and the weighted sum are
- * pk_swiglu_sum's expressions in the same order. */
-#define PK_ROWWISE 7
+ * an expert are gathered into jobs of at most rowwise_max rows, which always run the row kernels (tile_*),
+ * whose result for one row of x does not depend on the other rows of the tile, never the batch-vectorised
+ * or AMX kernels (other summation orders; see job_prepare). silu and the weighted sum are pk_swiglu_sum's
+ * expressions in the same order. */
+static int64_t rowwise_max(int fmt, int act) {
+    if (fmt == F_BF16) {
+#if PK_HAVE_AMX
+        if (pk_get_amx()) return PK_AMX_MIN - 1;
+#endif
+        return PK_TN_MIN - 1;
+    }
+    if (fmt == F_Q8 && act == A_F32) return PK_TN_MIN_Q8 - 1; /* AMX Q8 starts later, at PK_AMX_MIN_Q8 */
+    return (int64_t)1 << 40;                                   /* int8 / int16 activations, Q4, f32: rows */
+}
 
 int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t B, int64_t d, int kmax,
                     const int *nsel, const int *sel, const float *coef, float *out) {
@@ -2154,7 +2163,8 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
         goff[k] = tot_gu;                      /* its gate (then up) block in gu */
         tot_rows += nrows[k];
         tot_gu += 2 * nrows[k] * experts[k].inter;
-        njobs += (nrows[k] + PK_ROWWISE - 1) / PK_ROWWISE;
+        njobs += (nrows[k] + rowwise_max(experts[k].fmt, experts[k].act) - 1) /
+                 rowwise_max(experts[k].fmt, experts[k].act);
     }
     xg = (float *)malloc(sizeof(float) * (size_t)(tot_rows * d + 1));
     ys = (float *)malloc(sizeof(float) * (size_t)(tot_rows * d + 1));
@@ -2170,14 +2180,15 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
             const int64_t r = first[e] + slot[b * kmax + j];
             memcpy(xg + r * d, x + b * d, sizeof(float) * (size_t)d);
         }
-    /* gate and up: expert k's rows in chunks of PK_ROWWISE; g [n_k, I_k] at gu + goff, u right after it */
+    /* gate and up: expert k's rows in chunks of rowwise_max; g [n_k, I_k] at gu + goff, u right after it */
     {
         int64_t nj = 0, c;
         for (k = 0; k < count; k++) {
             const pk_expert *e = &experts[k];
             float *g = gu + goff[k], *u = g + nrows[k] * e->inter;
-            for (c = 0; c < nrows[k]; c += PK_ROWWISE) {
-                const int64_t n = nrows[k] - c < PK_ROWWISE ? nrows[k] - c : PK_ROWWISE;
+            const int64_t rw = rowwise_max(e->fmt, e->act);
+            for (c = 0; c < nrows[k]; c += rw) {
+                const int64_t n = nrows[k] - c < rw ? nrows[k] - c : rw;
                 job_set(&jobs[nj++], e->fmt, e->act, xg + (first[k] + c) * d, n, d, e->g, e->sg, e->inter,
                         g + c * e->inter);
                 job_set(&jobs[nj++], e->fmt, e->act, xg + (first[k] + c) * d, n, d, e->u, e->su, e->inter,
@@ -2196,8 +2207,9 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
         nj = 0;
         for (k = 0; k < count; k++) {
             const pk_expert *e = &experts[k];
-            for (c = 0; c < nrows[k]; c += PK_ROWWISE) {
-                const int64_t n = nrows[k] - c < PK_ROWWISE ? nrows[k] - c : PK_ROWWISE;
+            const int64_t rw = rowwise_max(e->fmt, e->act);
+            for (c = 0; c < nrows[k]; c += rw) {
+                const int64_t n = nrows[k] - c < rw ? nrows[k] - c : rw;
                 job_set(&jobs[nj++], e->fmt, e->act, gu + goff[k] + c * e->inter, n, e->inter, e->d, e->sd, d,
                         ys + (first[k] + c) * d);
             }

@@ -237,15 +237,15 @@ def _row_cap(w) -> int:
     """Rows of x per kernel call for which ``kernels.matmul(x, w)`` gives each row exactly what it gives that
     row alone; 1 = one row per call. C backend: the row kernels (csrc tile_*: each row of x its own
     accumulators) run bf16 below 12 rows (the batch-vectorised kernel, PK_TN_MIN; with AMX tiles from 8),
-    Q8_32 with int16 activations below 24 (C_BATCH_ROWS_Q8 switches to the f32 product), Q4_32 and stored
-    F32 always. f32 ndarrays (router weights) go to BLAS, whose result may depend on the batch: row by row."""
+    Q8_32 below C_BATCH_ROWS_Q8[0] = 24 (from there matmul switches to the f32 product), Q4_32 and stored
+    F32 always (csrc job_prepare). f32 ndarrays (router weights) go to BLAS, whose result may depend on the batch: row by row."""
     if kernels.backend() != "c":
         return 1
     kind = kernels.ref.weight_kind(w)
     if kind == "BF16":
         return 7 if kernels._c_amx() else 11
     if kind == "q8_32":
-        return 7
+        return kernels.C_BATCH_ROWS_Q8[0] - 1
     if kind in ("q4_32", "F32"):
         return 64
     return 1
