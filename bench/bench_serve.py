@@ -14,9 +14,9 @@ synthetic prompts of ``--prompt`` tokens, ``--tokens`` new tokens each, never st
   aggregate over the c streams; and wall tok/s: all new tokens / wall time from submit to the last token;
 * TTFT p50 / p95 over every request of every round (submit to first token: queueing + prefill);
 * per step: bytes of every distinct weight the step read (quantized = codes + scales; the batch's union of
-  routed experts + everything dense + lm_head) and its bound, bytes / bandwidth (a NumPy sum over 1 GiB, best
-  of 3, 1 and 2 threads, sampled before and after every checkpoint; the best sample), as a fraction of the
-  step's time; and "alone bytes" = c x the bytes of a one-sequence
+  routed experts + everything dense + lm_head) and its bound, bytes / bandwidth (bench/bandwidth.py's probe
+  over 1 GiB, best of 5, 1 and 2 threads, sampled before and after every checkpoint; the best sample), as a
+  fraction of the step's time; and "alone bytes" = c x the bytes of a one-sequence
   step, what c separate streams would read.
 
 ``--reuse`` (demo): a second turn that re-sends the image and extends the first, with the image feature cache
@@ -32,8 +32,6 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
-
 import numpy as np
 
 BENCH = os.path.dirname(os.path.abspath(__file__))
@@ -45,19 +43,11 @@ import pykimi  # noqa: E402
 from pykimi.engine import Engine, SamplingParams, decode_batch  # noqa: E402
 
 
-def bandwidth(nbytes: int = 1 << 30, repeat: int = 3) -> float:
-    a = np.ones(nbytes // 4, dtype=np.float32)
-    best = {}
-    for threads in (1, 2):
-        parts = np.array_split(a, threads)
-        t = float("inf")
-        with ThreadPoolExecutor(threads) as ex:
-            for _ in range(repeat):
-                t0 = time.perf_counter()
-                list(ex.map(np.sum, parts))
-                t = min(t, time.perf_counter() - t0)
-        best[threads] = nbytes / t / 1e9
-    return max(best.values())
+def bandwidth() -> float:
+    """Read bandwidth in GB/s: bench/bandwidth.py's C probe (streams a buffer the way decode reads weights),
+    best of 5 at 1 and 2 threads; the NumPy sum when that cannot be built."""
+    import bandwidth as bw
+    return float(bw.measure(gib=1.0, repeat=5)["gbs"])
 
 
 def prompts(model, n: int, length: int, seed: int) -> list:
