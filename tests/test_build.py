@@ -75,7 +75,7 @@ def test_failed_compiler_does_not_fail_install(tmp_path):
         s = os.path.join(ROOT, item)
         (shutil.copytree if os.path.isdir(s) else shutil.copy2)(s, src / item)
     (src / "README.md").write_text("# pykimi\n")
-    for pkg in ("pykimi", "pykimi/kernels", "pykimi/data", "pykimi/demo"):
+    for pkg in ("pykimi", "pykimi/kernels", "pykimi/data", "pykimi/demo", "pykimi/server"):
         (src / pkg).mkdir(parents=True, exist_ok=True)
         (src / pkg / "__init__.py").write_text("")
     shutil.copy2(os.path.join(ROOT, "pykimi", "kernels", "_build.py"), src / "pykimi" / "kernels" / "_build.py")
