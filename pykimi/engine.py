@@ -669,10 +669,20 @@ class Engine:
             active.remove(s)
         prefilling = [s for s in active if s.next_token is None]
         decoding = [s for s in active if s.next_token is not None]
+        # a failure (bad input found late, e.g. an image the vision tower refuses) ends the requests it
+        # concerns with that error; the engine and the other sequences go on
         if prefilling:
-            self._prefill_chunk(prefilling[0])
+            try:
+                self._prefill_chunk(prefilling[0])
+            except Exception as e:  # noqa: BLE001 -- handed to the request's owner
+                self._fail(prefilling[0], e)
         if decoding:
-            self._decode(decoding)
+            try:
+                self._decode(decoding)
+            except Exception as e:  # noqa: BLE001
+                for s in decoding:
+                    if not s.req.done:
+                        self._fail(s, e)
 
     def _embed(self, s: Sequence) -> np.ndarray:
         m = self.model
@@ -814,6 +824,12 @@ class Engine:
                         self._evict_kept()
             s.cache = None if not keep else s.cache
             self._lock.notify_all()
+
+    def _fail(self, s: Sequence, error: BaseException) -> None:
+        self._release(s)
+        s.next_token = None
+        self.metrics["requests_failed"] += 1
+        s.req._finish(None, error)
 
     def _finish(self, s: Sequence, reason: str, emit_final: bool = False) -> None:
         s.t_end = time.perf_counter()

@@ -250,3 +250,28 @@ def test_sampling_seeded_and_logprobs():
         bias = {int(evs[0].token_id): -100.0}
         r = eng.submit(p, params=SamplingParams(max_new_tokens=1, logit_bias=bias, stop_ids=())).result(TIMEOUT)
         assert r.ids[0] != evs[0].token_id
+
+
+def test_a_failing_request_does_not_stop_the_engine():
+    """An error found inside the scheduler (here the vision tower refusing an image) ends that request with
+    the error; the others finish and the engine keeps serving."""
+    path = pykimi.demo_checkpoint()
+    m = pykimi.load(path)
+    proc = pykimi.Processor.from_pretrained(path)
+    inputs = _scene_inputs(proc, [100])[0]
+
+    def refuse(pixel_values, grid):
+        raise InputError("image 0: refused by the test")
+
+    m.encode_images = refuse
+    with Engine(m, parallel=2) as eng:
+        text = eng.submit([5, 6, 7, 8], params=SamplingParams(max_new_tokens=20, stop_ids=()))
+        bad = eng.submit(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_hws"])
+        with pytest.raises(InputError, match="refused by the test"):
+            bad.result(TIMEOUT)
+        with pytest.raises(InputError):
+            list(bad.events(timeout=TIMEOUT))
+        assert text.result(TIMEOUT).completion_tokens == 20
+        assert eng.error is None and eng.metrics["requests_failed"] == 1
+        assert eng.submit([9, 10], params=SamplingParams(max_new_tokens=3, stop_ids=())).result(TIMEOUT).ids
+        assert eng.reserved == 0

@@ -212,6 +212,7 @@ def _err(r, status, param_or_code=None):
 
 
 def test_bad_inputs_get_their_status_and_one_line(served):
+    from PIL import Image
     url = served.url + "/v1/chat/completions"
     ok_msgs = user("How many shapes are there?", _small_png())
     small = _small_png()
@@ -244,6 +245,13 @@ def test_bad_inputs_get_their_status_and_one_line(served):
         ("file missing", dict(json={"messages": user("q", f"file://{served.media}/nope.png")}), 400,
          "file_not_found"),
         ("ftp url", dict(json={"messages": user("q", "ftp://x/y.png")}), 400, "invalid_image"),
+        ("image too wide", dict(json={"messages": user("q", data_uri(Image.new("RGB", (8000, 14))))}), 400,
+         "messages"),
+        ("null content", dict(json={"messages": [{"role": "assistant", "content": None}]}), 400, "content"),
+        ("message not object", dict(json={"messages": ["hi"]}), 400, "messages[0]"),
+        ("image_url no url", dict(json={"messages": [{"role": "user", "content": [{"type": "image_url",
+                                                                                      "image_url": {}}]}]}), 400,
+         "image_url"),
         ("prompt over context", dict(json={"messages": [{"role": "user", "content": "red blue " * 3000}]}), 400,
          "context_length_exceeded"),
         ("max_tokens over context", dict(json={"messages": ok_msgs, "max_tokens": 10 ** 6}), 400, "max_tokens"),

@@ -600,6 +600,8 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
             except EngineStopped:
                 raise APIError(503, "the server is shutting down", None, "shutting_down",
                                headers={"Retry-After": "5"}) from None
+            except PykimiError as e:                             # bad input found by the engine
+                raise _bad(str(e).splitlines()[0], None, "invalid_request") from None
             except asyncio.CancelledError:
                 req.cancel()
                 raise
@@ -651,6 +653,10 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
                 yield format_sse_event(data_str="[DONE]")
             except EngineStopped:
                 yield format_sse_event(data_str=json.dumps(_err_body(503, "the server is shutting down")))
+            except PykimiError as e:
+                count_error(400)
+                yield format_sse_event(data_str=json.dumps(_err_body(400, str(e).splitlines()[0], None,
+                                                                     "invalid_request")))
             finally:
                 if not finished and not req.done:          # the client went away mid-stream: free the sequence
                     req.cancel()
