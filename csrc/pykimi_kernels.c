@@ -2236,3 +2236,97 @@ done:
     free(jobs);
     return rc;
 }
+
+/* ------------------------------------------------------ absorbed MLA attention of a decode batch (serve engine)
+ * pk_mla_absorbed for B sequences, each against its own cache, in ONE parallel region: the five phases run
+ * over (sequence, item) pairs, so a layer pays one fork and five barriers instead of B of each (on a shared
+ * 2-core machine a barrier waits for a descheduled thread, which made 8 single calls cost ~25x their
+ * arithmetic). Every item is the single call's function on that sequence's pk_mla, and the per-sequence setup
+ * below is pk_mla_absorbed's, so each sequence's cache row and output are bit for bit those of
+ * pk_mla_absorbed (tests/test_engine.py compares whole decode steps). q [B][heads*(dn+dr)], kva [B][R+dr],
+ * pos[b], rows[b] (that sequence's cache buffer, n[b] rows held, row n[b] written), out [B][heads*dv]. */
+int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
+                          const float *kva, const float *ln, float eps, const float *inv_freq, const int64_t *pos,
+                          float *const *rows, const int64_t *n, int fmt, int act, const void *kvb,
+                          const float *kvb_scales, float scale, float *out) {
+    const int nth = pk_get_threads();
+    const int64_t W = R + dr, half = dr / 2, ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
+    pk_mla *ms;
+    float **scr;
+    int64_t *rb0, b, i, nrb_all = 0;
+    int rc = 0;
+    if (fmt < F_F32 || fmt > F_Q4) return -2;
+    if (B < 0 || heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2) return -3;
+    for (b = 0; b < B; b++)
+        if (pos[b] < 0 || n[b] < 0) return -3;
+    ms = (pk_mla *)calloc((size_t)B + 1, sizeof(pk_mla));
+    scr = (float **)calloc((size_t)B + 1, sizeof(float *));
+    rb0 = (int64_t *)calloc((size_t)B + 1, sizeof(int64_t)); /* first score block of each sequence */
+    if (!ms || !scr || !rb0) {
+        rc = -1;
+        goto done;
+    }
+    for (b = 0; b < B; b++) { /* pk_mla_absorbed's setup, per sequence */
+        pk_mla *m = &ms[b];
+        const int64_t N = n[b] + 1;
+        const float *kv = kva + b * W;
+        float *row = rows[b] + n[b] * W, *cs;
+        double ss = 0.0;
+        scr[b] = (float *)malloc(sizeof(float) * (size_t)(heads * (W + N + R) + dr + 1));
+        if (!scr[b]) {
+            rc = -1;
+            goto done;
+        }
+        m->H = heads, m->dn = dn, m->dr = dr, m->dv = dv, m->R = R, m->W = W, m->N = N;
+        m->nvis = pos[b] + 1 < N ? pos[b] + 1 : N;
+        m->nbk = (R + PK_BLOCK - 1) / PK_BLOCK, m->rb = row_bytes_of(fmt, R);
+        m->q = q + b * heads * (dn + dr), m->rows = rows[b], m->sc = kvb_scales, m->kvb = (const char *)kvb;
+        m->scale = scale, m->out = out + b * heads * dv, m->fmt = fmt, m->act = act, m->simd = pk_get_simd();
+        m->qc = scr[b], m->s = scr[b] + heads * W, m->ol = scr[b] + heads * (W + N);
+        cs = scr[b] + heads * (W + N + R);
+        for (i = 0; i < half; i++) {
+            const float a = (float)pos[b] * inv_freq[i];
+            cs[i] = cosf(a);
+            cs[half + i] = sinf(a);
+        }
+        m->cs = cs;
+        for (i = 0; i < R; i++) ss += (double)kv[i] * (double)kv[i];
+        {
+            const float inv = 1.0f / sqrtf((float)(ss / (double)R) + eps);
+            for (i = 0; i < R; i++) row[i] = kv[i] * inv * ln[i];
+        }
+        rope_pairs(kv + R, cs, half, row + R);
+        rb0[b] = nrb_all;
+        nrb_all += (m->nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
+    }
+#pragma omp parallel num_threads(nth) if (nth > 1)
+    {
+        int64_t k;
+#pragma omp for schedule(static)
+        for (k = 0; k < B * heads; k++) mla_query(&ms[k / heads], k % heads);
+#pragma omp for schedule(dynamic, 1)
+        for (k = 0; k < nrb_all; k++) {
+            int64_t s = 0, t0;
+            while (s + 1 < B && rb0[s + 1] <= k) s++;
+            t0 = (k - rb0[s]) * PK_MLA_ROWS;
+            mla_scores(&ms[s], t0, t0 + PK_MLA_ROWS < ms[s].nvis ? t0 + PK_MLA_ROWS : ms[s].nvis);
+        }
+#pragma omp for schedule(static)
+        for (k = 0; k < B * heads; k++) mla_softmax(&ms[k / heads], k % heads);
+#pragma omp for schedule(static)
+        for (k = 0; k < B * ncb; k++) {
+            const int64_t c0 = (k % ncb) * PK_MLA_COLS;
+            mla_values(&ms[k / ncb], c0, c0 + PK_MLA_COLS < R ? c0 + PK_MLA_COLS : R);
+        }
+#pragma omp for schedule(static)
+        for (k = 0; k < B * heads; k++) mla_output(&ms[k / heads], k % heads);
+    }
+    (void)nth;
+done:
+    if (scr)
+        for (b = 0; b < B; b++) free(scr[b]);
+    free(scr);
+    free(ms);
+    free(rb0);
+    return rc;
+}

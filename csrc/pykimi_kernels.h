@@ -111,6 +111,14 @@ int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R
 int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t B, int64_t d, int kmax,
                     const int *nsel, const int *sel, const float *coef, float *out);
 
+/* pk_mla_absorbed for B sequences in one parallel region, each against its own cache: q [B][heads*(dn+dr)],
+ * kva [B][R+dr], pos[b], rows[b] (n[b] rows held; row n[b] written), out [B][heads*dv]. Each sequence's row
+ * and output are bit for bit pk_mla_absorbed's. Returns 0, -1, -2 or -3 as pk_mla_absorbed. */
+int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
+                          const float *kva, const float *ln, float eps, const float *inv_freq, const int64_t *pos,
+                          float *const *rows, const int64_t *n, int fmt, int act, const void *kvb,
+                          const float *kvb_scales, float scale, float *out);
+
 /* CDEF END */
 
 #endif

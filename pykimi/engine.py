@@ -303,6 +303,46 @@ def _swiglu_batch(h: np.ndarray, experts: list, sel: list, coefs: list) -> np.nd
     return out
 
 
+def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
+    """kernels.mla_absorbed for every sequence b (its own cache, position len(cache)) in one C call
+    (pk_mla_absorbed_batch: one parallel region, bit for bit the single calls) -> o f32[B, H*dv]; writes and
+    commits each cache's new row. None when the C kernel is not there."""
+    c = kernels._mods.get("c")
+    lib = getattr(c, "lib", None)
+    if lib is None or not hasattr(lib, "pk_mla_absorbed_batch") or not hasattr(c, "_weight_buffers"):
+        return None
+    kind = kernels.ref.weight_kind(a.kv_b_proj)
+    if kind not in c.FMT or not hasattr(kernels, "_stored"):
+        return None
+    H, dn, dr, dv, R = dims
+    B = len(caches)
+    bufs, ns = [], []
+    for cache in caches:
+        rows, n = cache.next_row(layer)
+        if rows.dtype != np.float32 or not rows.flags.c_contiguous:
+            return None
+        bufs.append(rows)
+        ns.append(n)
+    wdata, scales, wp, sp = c._weight_buffers(c.FMT[kind], *kernels._stored(a.kv_b_proj, kind), a.kv_b_proj)
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    kva = np.ascontiguousarray(kva, dtype=np.float32)
+    ln = np.ascontiguousarray(a.kv_a_layernorm, dtype=np.float32)
+    freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
+    n_a = np.asarray(ns, dtype=np.int64)
+    out = np.empty((B, H * dv), dtype=np.float32)
+    p = c.ffi.from_buffer
+    rc = lib.pk_mla_absorbed_batch(B, H, dn, dr, dv, R, p("float[]", q), p("float[]", kva), p("float[]", ln),
+                                   float(t.kv_a_layernorm_eps), p("float[]", freq), p("int64_t[]", n_a),
+                                   [c.ffi.cast("float *", p("float[]", r)) for r in bufs], p("int64_t[]", n_a),
+                                   c.FMT[kind], c.ACT[kernels._act_mode(kind)], wp, sp, float(scale),
+                                   p("float[]", out))
+    if rc != 0:
+        raise (MemoryError if rc == -1 else ValueError)(f"pk_mla_absorbed_batch failed ({rc})")
+    for cache in caches:
+        cache.commit(layer)
+    return out
+
+
 def batched_available(model) -> bool:
     """Whether :func:`decode_batch` takes the batched path (else it runs model.decode_step per sequence)."""
     return (kernels.backend() == "c" and not trace_active() and not model.text.q_lora_rank
@@ -337,12 +377,14 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndar
         # -- attention: projections as [B, D] products, the absorbed attention per sequence (its own cache)
         a = lw.attn
         q, kva = rowwise_products([h, h], [a.q_proj, a.kv_a_proj_with_mqa])            # [B, H*(dn+dr)], [B, R+dr]
-        o = np.empty((B, H * dv), dtype=np.float32)
-        for b, cache in enumerate(caches):
-            rows, n = cache.next_row(layer)
-            o[b] = kernels.mla_absorbed(q[b], kva[b], a.kv_a_layernorm, t.kv_a_layernorm_eps, inv_freq, n, rows,
-                                        n, a.kv_b_proj, scale, (H, dn, dr, dv, R))
-            cache.commit(layer)
+        o = _mla_batch(q, kva, a, t, inv_freq, caches, layer, scale, (H, dn, dr, dv, R))
+        if o is None:                                   # one fused call per sequence (the same arithmetic)
+            o = np.empty((B, H * dv), dtype=np.float32)
+            for b, cache in enumerate(caches):
+                rows, n = cache.next_row(layer)
+                o[b] = kernels.mla_absorbed(q[b], kva[b], a.kv_a_layernorm, t.kv_a_layernorm_eps, inv_freq, n,
+                                            rows, n, a.kv_b_proj, scale, (H, dn, dr, dv, R))
+                cache.commit(layer)
         att = rowwise_products([o], [a.o_proj])[0]                                       # [B, D]
         x, h = kernels.add_rms_norm(x, att, lw.post_attention_layernorm, t.rms_norm_eps)
         if stats is not None:
