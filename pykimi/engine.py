@@ -7,7 +7,7 @@
 
 Continuous batching (issue 20). CPU decode is bound by reading weights, so the scheduler advances every running
 sequence (up to ``parallel``) in ONE forward per step (:func:`decode_batch`): attention per sequence against its
-own latent cache (the same fused C call as a single decode, ``kernels.mla_absorbed``); the attention projections,
+own latent cache (the fused C attention of a single decode, for all sequences in one call); the projections,
 o_proj, dense layers, router and lm_head as products on the [B, D] batch; routed and shared experts grouped
 across the batch (``pk_swiglu_batch``) so that each chosen expert's weights are read once per step. New requests
 join between steps; a prompt is prefilled one chunk per scheduler iteration, between decode steps, so running
@@ -40,9 +40,13 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from . import kernels
+from .attention import mla_absorbed
 from .errors import InputError, PykimiError
 from .generate import apply_repetition_penalty, default_stop_ids, pick_token
+from .kernels import linear as _linear, probe as _probe
 from .model import LM, embed_and_merge, embed_rows, final_norm
+from .moe import route_logits, router_rule, swiglu_sum
+from .ops import add_rms_norm, rms_norm, silu
 from .trace import active as trace_active
 
 
@@ -239,16 +243,21 @@ def _row_cap(w) -> int:
     accumulators) run bf16 below 12 rows (the batch-vectorised kernel, PK_TN_MIN; with AMX tiles from 8),
     Q8_32 below C_BATCH_ROWS_Q8[0] = 24 (from there matmul switches to the f32 product), Q4_32 and stored
     F32 always (csrc job_prepare). f32 ndarrays (router weights) go to BLAS, whose result may depend on the batch: row by row."""
-    if kernels.backend() != "c":
+    kind = _kind(w)
+    if kind == "dense" or kernels.plan(kind, 1)[0] != "c":
         return 1
-    kind = kernels.ref.weight_kind(w)
-    if kind == "BF16":
-        return 7 if kernels._c_amx() else 11
+    if kind == "bf16":
+        return 7 if _linear._c_amx() else 11
     if kind == "q8_32":
-        return kernels.C_BATCH_ROWS_Q8[0] - 1
-    if kind in ("q4_32", "F32"):
+        return _linear.C_BATCH_ROWS_Q8[0] - 1
+    if kind in ("q4_32", "f32"):
         return 64
     return 1
+
+
+def _kind(w) -> str:
+    """kernels' name for a weight's stored form: "dense" for an ndarray, else weights.KINDS."""
+    return "dense" if isinstance(w, np.ndarray) else str(getattr(w, "kind", ""))
 
 
 def rowwise_products(xs, ws) -> list:
@@ -276,12 +285,12 @@ def rowwise_products(xs, ws) -> list:
 def _swiglu_batch(h: np.ndarray, experts: list, sel: list, coefs: list) -> np.ndarray | None:
     """out[b] = kernels.swiglu_sum(h[b], [experts[e] for e in sel[b]], coefs[b]) for every row, each expert's
     weights read once (pk_swiglu_batch); None when the C kernel cannot take these weights."""
-    c = kernels._mods.get("c")
+    c = _probe._mods.get("c") if kernels.backend() == "c" else None
     lib = getattr(c, "lib", None)
-    if lib is None or not hasattr(lib, "pk_swiglu_batch") or not hasattr(kernels, "_c_experts"):
+    if lib is None or not hasattr(lib, "pk_swiglu_batch"):
         return None
     B, d = h.shape
-    recs = kernels._c_experts(experts, d)
+    recs = kernels.fused._c_experts(experts, [1.0] * len(experts), d)
     if recs is None:
         return None
     kmax = max(len(s) for s in sel)
@@ -307,12 +316,12 @@ def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
     """kernels.mla_absorbed for every sequence b (its own cache, position len(cache)) in one C call
     (pk_mla_absorbed_batch: one parallel region, bit for bit the single calls) -> o f32[B, H*dv]; writes and
     commits each cache's new row. None when the C kernel is not there."""
-    c = kernels._mods.get("c")
+    c = _probe._mods.get("c") if kernels.backend() == "c" else None
     lib = getattr(c, "lib", None)
-    if lib is None or not hasattr(lib, "pk_mla_absorbed_batch") or not hasattr(c, "_weight_buffers"):
+    if lib is None or not hasattr(lib, "pk_mla_absorbed_batch"):
         return None
-    kind = kernels.ref.weight_kind(a.kv_b_proj)
-    if kind not in c.FMT or not hasattr(kernels, "_stored"):
+    kind = _kind(a.kv_b_proj)
+    if kind not in c.FMT:
         return None
     H, dn, dr, dv, R = dims
     B = len(caches)
@@ -323,7 +332,7 @@ def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
             return None
         bufs.append(rows)
         ns.append(n)
-    wdata, scales, wp, sp = c._weight_buffers(c.FMT[kind], *kernels._stored(a.kv_b_proj, kind), a.kv_b_proj)
+    wdata, scales, wp, sp = c._weight_buffers(c.FMT[kind], *_linear._stored(a.kv_b_proj, kind), a.kv_b_proj)
     q = np.ascontiguousarray(q, dtype=np.float32)
     kva = np.ascontiguousarray(kva, dtype=np.float32)
     ln = np.ascontiguousarray(a.kv_a_layernorm, dtype=np.float32)
@@ -334,7 +343,7 @@ def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
     rc = lib.pk_mla_absorbed_batch(B, H, dn, dr, dv, R, p("float[]", q), p("float[]", kva), p("float[]", ln),
                                    float(t.kv_a_layernorm_eps), p("float[]", freq), p("int64_t[]", n_a),
                                    [c.ffi.cast("float *", p("float[]", r)) for r in bufs], p("int64_t[]", n_a),
-                                   c.FMT[kind], c.ACT[kernels._act_mode(kind)], wp, sp, float(scale),
+                                   c.FMT[kind], c.ACT[_linear._act_mode(kind)], wp, sp, float(scale),
                                    p("float[]", out))
     if rc != 0:
         raise (MemoryError if rc == -1 else ValueError)(f"pk_mla_absorbed_batch failed ({rc})")
@@ -345,8 +354,7 @@ def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
 
 def batched_available(model) -> bool:
     """Whether :func:`decode_batch` takes the batched path (else it runs model.decode_step per sequence)."""
-    return (kernels.backend() == "c" and not trace_active() and not model.text.q_lora_rank
-            and hasattr(kernels, "mla_absorbed"))
+    return kernels.backend() == "c" and not trace_active() and not model.text.q_lora_rank
 
 
 def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndarray:
@@ -373,7 +381,7 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndar
     n_experts = []
     for layer in range(t.num_hidden_layers):
         lw = model.layer_weights(layer)
-        h = kernels.rms_norm(x, lw.input_layernorm, t.rms_norm_eps)                      # [B, D]
+        h = kernels.fast(rms_norm)(x, lw.input_layernorm, t.rms_norm_eps)                      # [B, D]
         # -- attention: projections as [B, D] products, the absorbed attention per sequence (its own cache)
         a = lw.attn
         q, kva = rowwise_products([h, h], [a.q_proj, a.kv_a_proj_with_mqa])            # [B, H*(dn+dr)], [B, R+dr]
@@ -382,23 +390,23 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndar
             o = np.empty((B, H * dv), dtype=np.float32)
             for b, cache in enumerate(caches):
                 rows, n = cache.next_row(layer)
-                o[b] = kernels.mla_absorbed(q[b], kva[b], a.kv_a_layernorm, t.kv_a_layernorm_eps, inv_freq, n,
+                o[b] = kernels.fast(mla_absorbed)(q[b], kva[b], a.kv_a_layernorm, t.kv_a_layernorm_eps, inv_freq, n,
                                             rows, n, a.kv_b_proj, scale, (H, dn, dr, dv, R))
                 cache.commit(layer)
         att = rowwise_products([o], [a.o_proj])[0]                                       # [B, D]
-        x, h = kernels.add_rms_norm(x, att, lw.post_attention_layernorm, t.rms_norm_eps)
+        x, h = kernels.fast(add_rms_norm)(x, att, lw.post_attention_layernorm, t.rms_norm_eps)
         if stats is not None:
             nbytes += sum(_nbytes(w) for w in (a.q_proj, a.kv_a_proj_with_mqa, a.o_proj, a.kv_b_proj))
         # -- FFN
         if not lw.is_moe:
             g, u = rowwise_products([h, h], [lw.mlp[0], lw.mlp[1]])
-            m = rowwise_products([kernels.ref.silu(g) * u], [lw.mlp[2]])[0]
+            m = rowwise_products([silu(g) * u], [lw.mlp[2]])[0]
             if stats is not None:
                 nbytes += sum(_nbytes(w) for w in lw.mlp)
         else:
-            from .moe import route_logits
             logits = np.concatenate([kernels.matmul(h[b:b + 1], lw.gate_w) for b in range(B)], axis=0)
-            rec = route_logits(logits.astype(np.float32, copy=False), lw.gate_bias, t)  # ids ascending per row
+            rule = lw.router if getattr(lw, "router", None) is not None else router_rule(t)
+            rec = route_logits(logits.astype(np.float32, copy=False), lw.gate_bias, rule)  # ids ascending per row
             chosen = sorted({int(e) for e in rec.topk_ids.ravel()})
             index = {e: i for i, e in enumerate(chosen)}
             experts = [tuple(lw.get_expert(e)) for e in chosen]
@@ -413,7 +421,7 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndar
                     coefs[b].append(1.0)
             m = _swiglu_batch(h, experts, sel, coefs)
             if m is None:
-                m = np.stack([kernels.swiglu_sum(h[b], [experts[e] for e in sel[b]], coefs[b]) for b in range(B)])
+                m = np.stack([kernels.fast(swiglu_sum)(h[b], [experts[e] for e in sel[b]], coefs[b]) for b in range(B)])
             if stats is not None:
                 eb = sum(_nbytes(w) for e in experts[:len(chosen)] for w in e)
                 stats["expert_bytes"] = stats.get("expert_bytes", 0) + eb
