@@ -169,6 +169,17 @@ def drive(driver, url: str, scene_path: str, tmp_path, timeout: float = 120.0) -
     shot = tmp_path / "webpage.png"
     driver.save_screenshot(str(shot))
     seen["screenshot"] = shot
+
+    # New chat empties the conversation; markup typed by the user is shown as text, never parsed
+    driver.find_element(By.CSS_SELECTOR, '[data-testid="new-chat"]').click()
+    wait.until(lambda d: not d.find_elements(By.CSS_SELECTOR, ".msg") and not tid("inspector").is_displayed())
+    html = '<img src="x" onerror="window.__pwned=1"><b>hi</b>'
+    tid("prompt").send_keys(html, Keys.ENTER)
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="answer"]')
+               and not tid("send").get_attribute("disabled"))
+    seen["html_text"] = driver.find_element(By.CSS_SELECTOR, ".msg.user .text").text
+    seen["html_nodes"] = len(driver.find_elements(By.CSS_SELECTOR, ".msg .text *"))
+    seen["pwned"] = driver.execute_script("return window.__pwned || 0")
     return seen
 
 
@@ -194,6 +205,8 @@ def test_chat_and_inspector_in_chromium(server, tmp_path):
     assert seen["routing0"][2] != seen["routing1"][2], "the routing heat map did not change with the token"
     assert seen["attention0"][2] != seen["attention1"][2], "the attention map did not change with the token"
     assert seen["top0"] != seen["top1"]
+    assert seen["html_text"] == '<img src="x" onerror="window.__pwned=1"><b>hi</b>'
+    assert seen["html_nodes"] == 0 and seen["pwned"] == 0
     severe = [e for e in logs if e.get("level") == "SEVERE"]
     assert not severe, severe                                       # no JavaScript errors, no failed loads
     shot = seen["screenshot"]

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import io
 import threading
 
@@ -227,7 +228,7 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
     vblock = _int_or(vision_block, vc.num_hidden_layers - 1, "vision_block", 0, vc.num_hidden_layers)
     layer = _int_or(lm_layer, tc.num_hidden_layers - 1, "lm_layer", 0, tc.num_hidden_layers)
     vhead = _int_or(vision_head, None, "vision_head", 0, vc.num_attention_heads)
-    out: dict = {"prompt_tokens": int(prompt.size), "answer_tokens": n}
+    out: dict = {"prompt_tokens": int(prompt.size), "answer_tokens": n, "n_images": n_img}
     feats = None
     if n_img:
         img = _int_or(image if image >= 0 else n_img + image, None, "image", 0, n_img)
@@ -371,7 +372,12 @@ def register(app, ctx) -> None:
 
     def run(body: dict) -> dict:
         model, processor = _get(ctx, "model"), _get(ctx, "processor")
-        with lock:
+        # pykimi.trace is process-wide: while a trace is open, every emit in the process goes through it.
+        # An engine that can pause its scheduler between steps (``engine.exclusive()``) keeps its decoding out
+        # of this trace and this trace out of its decoding; without one, inspections are only serialised.
+        engine = _get(ctx, "engine", None)
+        pause = getattr(engine, "exclusive", None)
+        with lock, (pause() if callable(pause) else contextlib.nullcontext()):
             return inspect_answer(model, processor, body.get("messages"), answer=body.get("answer"),
                                   answer_ids=body.get("answer_ids"), image=_field(body, "image", -1),
                                   vision_block=body.get("vision_block"), vision_head=body.get("vision_head"),
@@ -406,5 +412,7 @@ def _field(body: dict, key: str, default):
     return v
 
 
-def _get(ctx, name: str):
-    return ctx[name] if isinstance(ctx, dict) else getattr(ctx, name)
+def _get(ctx, name: str, *default):
+    if isinstance(ctx, dict):
+        return ctx.get(name, *default) if default else ctx[name]
+    return getattr(ctx, name, *default)

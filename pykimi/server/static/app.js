@@ -412,7 +412,7 @@ function loadPreview(d) {
 function drawImageWithMap(cv, d, map, cellPx, pool, highlight) {
   const im = loadPreview(d);
   const [pw, ph] = d.image.padded;
-  const scale = Math.min(290 / pw, 290 / ph, 3);
+  const scale = Math.min(270 / pw, 270 / ph, 3);
   cv.width = Math.round(pw * scale);
   cv.height = Math.round(ph * scale);
   const ctx = cv.getContext("2d");
