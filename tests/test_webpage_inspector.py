@@ -191,3 +191,35 @@ def test_register_endpoint(demo):
         assert r.status_code == 400 and "vision_block" in r.json()["error"]["message"]
         r = c.post("/pykimi/inspect", json={"messages": oai, "answer": answer, "image": True})
         assert r.status_code == 400
+
+
+def test_inspector_ignores_other_threads(demo):
+    """The server's engine decodes in another thread while the page inspects: nothing of it may land in the
+    inspection (pykimi.trace is process-wide) and the inspection must not touch it."""
+    import threading
+
+    model, proc, img, msgs, inp, answer = demo
+    alone = inspect_answer(model, proc, msgs, answer=answer)
+    ids = inp["input_ids"]
+    ref = model.forward(ids, inp["pixel_values"], inp["image_grid_hws"])
+    stop, errors, runs = threading.Event(), [], []
+
+    def busy():
+        try:
+            for _ in range(200):                                      # bounded
+                if stop.is_set():
+                    return
+                runs.append(np.array_equal(model.forward(ids, inp["pixel_values"], inp["image_grid_hws"]), ref))
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    th = threading.Thread(target=busy)
+    th.start()
+    try:
+        together = [inspect_answer(model, proc, msgs, answer=answer) for _ in range(3)]
+    finally:
+        stop.set()
+        th.join(60)
+    assert not errors and runs and all(runs), (errors, runs)
+    for t in together:
+        assert t == alone

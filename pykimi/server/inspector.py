@@ -17,7 +17,8 @@ JSON-able dict:
 The answer is teacher-forced: the prompt (minus its last token) is prefilled untraced, then the last prompt
 token and the answer tokens but the last are prefilled under the trace, so row i of every record is the step
 whose logits chose answer token i (the same row a decode step computes, in the expanded MLA form, equal up to
-float rounding, spec §8.3). Only the answer rows and one attention layer of each tower are recorded.
+float rounding, spec §8.3). Only the answer rows and one attention layer of each tower are recorded, by a
+:class:`ThreadTrace`, which ignores what other threads (the server's engine) compute meanwhile.
 
 :func:`register` adds ``POST /pykimi/inspect`` to the server's app; the ordinary OpenAI endpoints never trace.
 """
@@ -28,12 +29,13 @@ import binascii
 import contextlib
 import io
 import threading
+import weakref
 
 import numpy as np
 
-from .. import trace as _trace
 from ..errors import InputError
 from ..image import load_image, resized_size
+from ..trace import Trace
 
 LM = "language_model.model"
 VT = "vision_tower.encoder.blocks"
@@ -186,6 +188,50 @@ def _int_or(v, default, name: str, lo: int, hi: int):
 # ---------------------------------------------------------------------------------------------------------
 # The inspector
 # ---------------------------------------------------------------------------------------------------------
+_TOWERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+_TOWERS_LOCK = threading.Lock()
+
+
+def own_tower(model):
+    """(tower, lock): the inspector's own :class:`pykimi.vision.VisionTower` on ``model``'s checkpoint (the
+    same class and weights as ``model.vision``) and the lock its users hold. A tower widens each block into
+    scratch arrays it reuses, so two threads must not run one at once, and the engine may encode an image
+    with ``model.vision`` while the page inspects."""
+    from ..vision import VisionTower
+
+    with _TOWERS_LOCK:
+        t = _TOWERS.get(model)
+        if t is None:
+            t = _TOWERS[model] = (VisionTower(model.ckpt, model.config,
+                                              cache_weights=getattr(model, "vision_cache_weights", False)),
+                                  threading.Lock())
+        return t
+
+
+class ThreadTrace(Trace):
+    """A :class:`pykimi.trace.Trace` that sees only the thread that made it.
+
+    Traces are process-wide: while one is open every ``emit`` in the process passes through it. The server's
+    engine decodes other requests in its own thread meanwhile; their intermediates must neither land in
+    this record nor be touched by it, so every hook answers "not wanted" outside the owner thread."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self._owner = threading.get_ident()
+
+    def _mine(self) -> bool:
+        return threading.get_ident() == self._owner
+
+    def _wanted(self, name: str) -> bool:
+        return self._mine() and super()._wanted(name)
+
+    def wants_attn_probs(self, layer_name: str) -> bool:
+        return self._mine() and super().wants_attn_probs(layer_name)
+
+    def _emit(self, name: str, value):
+        return super()._emit(name, value) if self._mine() else value
+
+
 def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, image: int = -1,
                    vision_block: int | None = None, vision_head: int | None = None,
                    vision_patch: int | None = None, lm_layer: int | None = None, top: int = TOP) -> dict:
@@ -239,8 +285,10 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
         qpatch = _int_or(vision_patch, None, "vision_patch", 0, gh * gw)
         vname = f"{VT}.{vblock}"
         want_probs = vc.num_attention_heads * L * L * 4 <= VISION_PROBS_BUDGET
-        with _trace(model, names=[], attn_probs=[vname] if want_probs else []) as tv:
-            feats = model.encode_images(pv, grid)                             # [T, D]
+        with ThreadTrace(model, names=[], attn_probs=[vname] if want_probs else []) as tv:
+            tower, busy = own_tower(model)
+            with busy:
+                feats = np.asarray(tower.encode(pv, grid), dtype=np.float32)  # [T, D]
         out["image"] = _image_payload(processor, images[img] if img < len(images) else None, img,
                                       pv[cu[img]:cu[img + 1]], gh, gw)
         out["config_vision"] = {"blocks": vc.num_hidden_layers, "heads": vc.num_attention_heads}
@@ -267,7 +315,7 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
         model.prefill(x[:-1], cache, all_logits=False)
     xa = np.concatenate([x[-1:], model.embed(ans[:-1])], axis=0) if n > 1 else x[-1:]   # [n, D]
     lname = f"{LM}.layers.{layer}.self_attn"
-    with _trace(model, names=[f"{LM}.layers.*.mlp.routing"], attn_probs=[lname]) as tl:
+    with ThreadTrace(model, names=[f"{LM}.layers.*.mlp.routing"], attn_probs=[lname]) as tl:
         logits = model.prefill(xa, cache, all_logits=True)                     # [n, V]
     logits = np.asarray(logits, dtype=np.float64).reshape(n, -1)
 
@@ -372,9 +420,9 @@ def register(app, ctx) -> None:
 
     def run(body: dict) -> dict:
         model, processor = _get(ctx, "model"), _get(ctx, "processor")
-        # pykimi.trace is process-wide: while a trace is open, every emit in the process goes through it.
-        # An engine that can pause its scheduler between steps (``engine.exclusive()``) keeps its decoding out
-        # of this trace and this trace out of its decoding; without one, inspections are only serialised.
+        # ThreadTrace keeps the engine's concurrent steps out of the record (and the record out of them). An
+        # open trace still turns the engine's fused decode off for its duration (trace.active() is
+        # process-wide); an engine that can pause between steps (``engine.exclusive()``) avoids even that.
         engine = _get(ctx, "engine", None)
         pause = getattr(engine, "exclusive", None)
         with lock, (pause() if callable(pause) else contextlib.nullcontext()):
