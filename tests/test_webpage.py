@@ -117,8 +117,9 @@ return [c.width * c.height, seen.size, c.toDataURL()];
 """
 
 
-def drive(driver, url: str, scene_path: str, tmp_path, timeout: float = 120.0) -> dict:
-    """The user's path through the page; returns what it saw. Every wait is bounded by ``timeout``."""
+def drive(driver, url: str, scene_path: str, tmp_path, point=None, timeout: float = 120.0) -> dict:
+    """The user's path through the page; returns what it saw. Every wait is bounded by ``timeout``.
+    point: (x, y) in image pixels to click on the vision attention map (its query patch)."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
@@ -166,6 +167,19 @@ def drive(driver, url: str, scene_path: str, tmp_path, timeout: float = 120.0) -
     seen["top1"] = tid("top-tokens").text
     seen["routing1"] = driver.execute_script(CANVAS_STATS, '[data-testid="routing-heatmap"]')
     seen["attention1"] = driver.execute_script(CANVAS_STATS, '[data-testid="attention-map"]')
+    if point is not None:                         # pick the vision query patch under ``point``
+        from selenium.webdriver.common.action_chains import ActionChains
+
+        cv = tid("vision-attention-map")
+        w, pw = driver.execute_script("return [arguments[0].getBoundingClientRect().width, "
+                                      "arguments[0].width]", cv)
+        padded = driver.execute_script("return state.insp.image.padded[0]")
+        css = w / padded                                        # CSS px per image px
+        ActionChains(driver).move_to_element_with_offset(
+            cv, point[0] * css - w / 2, point[1] * css - cv.size["height"] / 2).click().perform()
+        wait.until(lambda d: d.execute_script("return state.insp.vision_attention.patch") is not None)
+        seen["vision_patch"] = driver.execute_script("return state.insp.vision_attention.patch")
+        seen["vision1"] = driver.execute_script(CANVAS_STATS, '[data-testid="vision-attention-map"]')
     shot = tmp_path / "webpage.png"
     driver.save_screenshot(str(shot))
     seen["screenshot"] = shot
@@ -189,7 +203,8 @@ def test_chat_and_inspector_in_chromium(server, tmp_path):
     img.save(scene)
     driver = make_driver(tmp_path)
     try:
-        seen = drive(driver, server, str(scene), tmp_path)
+        s0 = shapes[0]
+        seen = drive(driver, server, str(scene), tmp_path, point=(s0.cx, s0.cy))
         logs = driver.get_log("browser") if hasattr(driver, "get_log") else []
     finally:
         driver.quit()
@@ -205,6 +220,9 @@ def test_chat_and_inspector_in_chromium(server, tmp_path):
     assert seen["routing0"][2] != seen["routing1"][2], "the routing heat map did not change with the token"
     assert seen["attention0"][2] != seen["attention1"][2], "the attention map did not change with the token"
     assert seen["top0"] != seen["top1"]
+    gw = -(-img.size[0] // 28) * 2                                  # patches per row after padding
+    assert seen["vision_patch"] == int(s0.cy // 14) * gw + int(s0.cx // 14), seen["vision_patch"]
+    assert seen["vision1"][2] != seen["vision0"][2], "the vision map did not change with the query patch"
     assert seen["html_text"] == '<img src="x" onerror="window.__pwned=1"><b>hi</b>'
     assert seen["html_nodes"] == 0 and seen["pwned"] == 0
     severe = [e for e in logs if e.get("level") == "SEVERE"]

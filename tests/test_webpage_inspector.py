@@ -192,6 +192,17 @@ def test_register_endpoint(demo):
         r = c.post("/pykimi/inspect", json={"messages": oai, "answer": answer, "image": True})
         assert r.status_code == 400
 
+    small = Starlette()
+    inspector.register(small, {"model": model, "processor": proc, "engine": None, "api_key": "k",
+                               "max_body_bytes": 1000})
+    with TestClient(small) as c:
+        body = {"messages": oai, "answer": answer}
+        assert c.post("/pykimi/inspect", json=body).status_code == 401
+        r = c.post("/pykimi/inspect", json=body, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 413 and "limit" in r.json()["error"]["message"]
+        r = c.post("/pykimi/inspect", json={"messages": "x", "answer": "y"}, headers={"Authorization": "Bearer k"})
+        assert r.status_code == 400
+
 
 def test_inspector_ignores_other_threads(demo):
     """The server's engine decodes in another thread while the page inspects: nothing of it may land in the

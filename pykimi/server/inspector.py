@@ -28,12 +28,13 @@ import base64
 import binascii
 import contextlib
 import io
+import json
 import threading
 import weakref
 
 import numpy as np
 
-from ..errors import InputError
+from ..errors import InputError, PykimiError
 from ..image import load_image, resized_size
 from ..trace import Trace
 
@@ -402,17 +403,24 @@ def _image_payload(processor, picture, img: int, pv: np.ndarray, gh: int, gw: in
 # HTTP
 # ---------------------------------------------------------------------------------------------------------
 def register(app, ctx) -> None:
-    """Add ``POST /pykimi/inspect`` to a Starlette/FastAPI ``app``. ctx gives model, processor, engine.
+    """Add ``POST /pykimi/inspect`` to a Starlette/FastAPI ``app``. ctx (pykimi.server.app.ServerContext, or a
+    dict) gives model, processor, engine, and optionally api_key, max_body_bytes.
 
-    Body: {"messages": [...OpenAI chat messages, images as data: URIs...], "answer": "text" (or
-    "answer_ids": [...]), "image", "vision_block", "vision_head", "vision_patch", "lm_layer"} -> the
-    :func:`inspect_answer` dict; 400 {"error": {...}} for bad input. The model runs in a worker thread, one
-    inspection at a time, and only when this endpoint is called."""
+    Body: {"messages": [...the OpenAI chat messages of the answered request...], "answer": "text" (or
+    "answer_ids": [...]), and optionally "image", "vision_block", "vision_head", "vision_patch", "lm_layer"}
+    -> the :func:`inspect_answer` dict. Errors in OpenAI's shape: 400 bad input, 401 wrong key, 413 body over
+    the limit. The model runs in a worker thread, one inspection at a time, only when this is called; images
+    are parsed by the server's own ``parse_messages`` when it has one (same formats and limits as the chat)."""
     from starlette.concurrency import run_in_threadpool
     from starlette.requests import Request
     from starlette.responses import JSONResponse
 
     lock = threading.Lock()
+    limit = int(_get(ctx, "max_body_bytes", None) or (32 << 20))
+    try:
+        from .app import parse_messages as server_parse         # the serve helper's parser, when present
+    except ImportError:
+        server_parse = None
 
     def err(status: int, msg: str, param=None):
         return JSONResponse({"error": {"message": msg, "type": "invalid_request_error", "param": param,
@@ -420,32 +428,43 @@ def register(app, ctx) -> None:
 
     def run(body: dict) -> dict:
         model, processor = _get(ctx, "model"), _get(ctx, "processor")
+        messages = body.get("messages")
+        if server_parse is not None and not isinstance(ctx, dict):
+            messages = server_parse(messages, ctx)
         # ThreadTrace keeps the engine's concurrent steps out of the record (and the record out of them). An
         # open trace still turns the engine's fused decode off for its duration (trace.active() is
         # process-wide); an engine that can pause between steps (``engine.exclusive()``) avoids even that.
         engine = _get(ctx, "engine", None)
         pause = getattr(engine, "exclusive", None)
         with lock, (pause() if callable(pause) else contextlib.nullcontext()):
-            return inspect_answer(model, processor, body.get("messages"), answer=body.get("answer"),
+            return inspect_answer(model, processor, messages, answer=body.get("answer"),
                                   answer_ids=body.get("answer_ids"), image=_field(body, "image", -1),
                                   vision_block=body.get("vision_block"), vision_head=body.get("vision_head"),
                                   vision_patch=body.get("vision_patch"), lm_layer=body.get("lm_layer"))
 
     async def inspect(request: Request):
+        key = _get(ctx, "api_key", None)
+        if key is not None and request.headers.get("authorization", "") != f"Bearer {key}":
+            return err(401, "invalid or missing API key (send 'Authorization: Bearer KEY')")
+        buf = bytearray()
+        async for chunk in request.stream():
+            buf += chunk
+            if len(buf) > limit:
+                return err(413, f"request body is over the limit of {limit} bytes")
         try:
-            body = await request.json()
-        except Exception:  # noqa: BLE001 -- any undecodable body is the client's error
+            body = json.loads(bytes(buf))
+        except (ValueError, UnicodeDecodeError):
             return err(400, "the request body is not valid JSON")
         if not isinstance(body, dict):
             return err(400, "the request body must be a JSON object")
         try:
             return JSONResponse(await run_in_threadpool(run, body))
-        except InputError as e:
+        except PykimiError as e:                                # InputError, ConfigError, ...: bad input
             return err(400, str(e).splitlines()[0])
-        except Exception as e:  # noqa: BLE001 -- the page shows the message; the server keeps serving
-            from ..errors import PykimiError
-            if isinstance(e, PykimiError):
-                return err(400, str(e).splitlines()[0])
+        except Exception as e:  # noqa: BLE001
+            status = getattr(e, "status", None)                 # the server's APIError (bad image, ...)
+            if isinstance(status, int) and 400 <= status < 500:
+                return err(status, str(getattr(e, "message", e)), getattr(e, "param", None))
             raise
 
     app.add_route("/pykimi/inspect", inspect, methods=["POST"])

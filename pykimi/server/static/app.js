@@ -61,6 +61,13 @@ function samplingParams() {
   return p;
 }
 
+function headers() {
+  const h = {"Content-Type": "application/json"};
+  const key = $("api-key").value.trim();
+  if (key) h["Authorization"] = "Bearer " + key;
+  return h;
+}
+
 async function errorText(resp) {
   try {
     const j = await resp.json();
@@ -102,7 +109,7 @@ async function send() {
     const body = Object.assign({model: state.model || "pykimi", messages: request, stream: true,
                                 stream_options: {include_usage: true}}, samplingParams());
     const resp = await fetch("/v1/chat/completions", {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(body),
+      method: "POST", headers: headers(), body: JSON.stringify(body),
       signal: ctrl.signal,
     });
     if (!resp.ok) throw new Error(await errorText(resp));
@@ -262,7 +269,7 @@ async function refreshInspector() {
   $("inspector").classList.add("loading");
   try {
     const resp = await fetch("/pykimi/inspect", {
-      method: "POST", headers: {"Content-Type": "application/json"}, body: JSON.stringify(inspectBody()),
+      method: "POST", headers: headers(), body: JSON.stringify(inspectBody()),
     });
     if (!resp.ok) throw new Error(await errorText(resp));
     state.insp = await resp.json();
@@ -514,7 +521,9 @@ function init() {
   for (const id of ["lm-layer", "v-block", "v-head", "image-select"]) $(id).addEventListener("change", refreshInspector);
   $("v-mean").addEventListener("click", () => { state.patch = null; refreshInspector(); });
   $("show-grid").addEventListener("change", renderInspector);
-  fetch("/v1/models").then((r) => r.ok ? r.json() : null).then((j) => {
+  $("api-key").value = sessionStorage.getItem("pykimi-api-key") || "";
+  $("api-key").addEventListener("change", () => sessionStorage.setItem("pykimi-api-key", $("api-key").value.trim()));
+  fetch("/v1/models", {headers: headers()}).then((r) => r.ok ? r.json() : null).then((j) => {
     if (j && j.data && j.data.length) { state.model = j.data[0].id; $("model-name").textContent = state.model; }
   }).catch(() => {});
   $("prompt").focus();
