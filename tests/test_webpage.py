@@ -19,6 +19,7 @@ import urllib.request
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from pykimi import scenes
 
@@ -117,9 +118,10 @@ return [c.width * c.height, seen.size, c.toDataURL()];
 """
 
 
-def drive(driver, url: str, scene_path: str, tmp_path, point=None, timeout: float = 120.0) -> dict:
+def drive(driver, url: str, scene_path: str, tmp_path, point=None, big_path=None, timeout: float = 120.0) -> dict:
     """The user's path through the page; returns what it saw. Every wait is bounded by ``timeout``.
-    point: (x, y) in image pixels to click on the vision attention map (its query patch)."""
+    point: (x, y) in image pixels to click on the vision attention map (its query patch); big_path: a large
+    image to ask about and stop before the answer comes."""
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
     from selenium.webdriver.support import expected_conditions as EC
@@ -194,6 +196,26 @@ def drive(driver, url: str, scene_path: str, tmp_path, point=None, timeout: floa
     seen["html_text"] = driver.find_element(By.CSS_SELECTOR, ".msg.user .text").text
     seen["html_nodes"] = len(driver.find_elements(By.CSS_SELECTOR, ".msg .text *"))
     seen["pwned"] = driver.execute_script("return window.__pwned || 0")
+
+    # Stop: a large picture (4096 patches, ~1000 LM tokens) keeps the server busy for seconds before the first
+    # token; Stop aborts the request, the page says so and stays usable (checked by the next answer)
+    if big_path is not None:
+        tid("image-input").send_keys(big_path)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments img"))
+        tid("prompt").send_keys(scenes.QUESTION_COUNT, Keys.ENTER)
+        wait.until(lambda d: not tid("stop").get_attribute("disabled"))
+        t_stop = time.monotonic()
+        tid("stop").click()
+        wait.until(lambda d: not tid("send").get_attribute("disabled") and tid("stop").get_attribute("disabled"))
+        seen["stop_seconds"] = time.monotonic() - t_stop
+        seen["stop_meta"] = driver.find_elements(By.CSS_SELECTOR, ".msg.assistant .meta")[-1].text
+        driver.find_element(By.CSS_SELECTOR, '[data-testid="new-chat"]').click()
+        tid("image-input").send_keys(scene_path)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments img"))
+        tid("prompt").send_keys(scenes.QUESTION_COUNT, Keys.ENTER)
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, '[data-testid="answer-meta"]')
+                   and not tid("send").get_attribute("disabled"))
+        seen["after_stop"] = tid("answer").text
     return seen
 
 
@@ -204,7 +226,10 @@ def test_chat_and_inspector_in_chromium(server, tmp_path):
     driver = make_driver(tmp_path)
     try:
         s0 = shapes[0]
-        seen = drive(driver, server, str(scene), tmp_path, point=(s0.cx, s0.cy))
+        y, x = np.mgrid[0:896, 0:896]
+        big = tmp_path / "big.png"
+        Image.fromarray(np.stack([x % 256, y % 256, (x + y) % 256], -1).astype(np.uint8)).save(big)
+        seen = drive(driver, server, str(scene), tmp_path, point=(s0.cx, s0.cy), big_path=str(big))
         logs = driver.get_log("browser") if hasattr(driver, "get_log") else []
     finally:
         driver.quit()
@@ -225,6 +250,8 @@ def test_chat_and_inspector_in_chromium(server, tmp_path):
     assert seen["vision1"][2] != seen["vision0"][2], "the vision map did not change with the query patch"
     assert seen["html_text"] == '<img src="x" onerror="window.__pwned=1"><b>hi</b>'
     assert seen["html_nodes"] == 0 and seen["pwned"] == 0
+    assert "stopped" in seen["stop_meta"] and seen["stop_seconds"] < 5, (seen["stop_meta"], seen["stop_seconds"])
+    assert seen["after_stop"] == scenes.count_answer(shapes)
     severe = [e for e in logs if e.get("level") == "SEVERE"]
     assert not severe, severe                                       # no JavaScript errors, no failed loads
     shot = seen["screenshot"]
