@@ -118,6 +118,21 @@ return [c.width * c.height, seen.size, c.toDataURL()];
 """
 
 
+# a drop on the page or a paste into the prompt, carrying a small PNG drawn on a canvas
+SYNTHETIC_FILE_EVENT = """
+const kind = arguments[0];
+const c = document.createElement('canvas'); c.width = 30; c.height = 20;
+const g = c.getContext('2d'); g.fillStyle = '#f00'; g.fillRect(5, 5, 10, 10);
+c.toBlob((blob) => {
+  const dt = new DataTransfer();
+  dt.items.add(new File([blob], 'x.png', {type: 'image/png'}));
+  const ev = kind === 'drop' ? new DragEvent('drop', {dataTransfer: dt, bubbles: true, cancelable: true})
+                             : new ClipboardEvent('paste', {clipboardData: dt, bubbles: true, cancelable: true});
+  (kind === 'drop' ? document.body : document.getElementById('prompt')).dispatchEvent(ev);
+}, 'image/png');
+"""
+
+
 def drive(driver, url: str, scene_path: str, tmp_path, point=None, big_path=None, timeout: float = 120.0) -> dict:
     """The user's path through the page; returns what it saw. Every wait is bounded by ``timeout``.
     point: (x, y) in image pixels to click on the vision attention map (its query patch); big_path: a large
@@ -135,6 +150,15 @@ def drive(driver, url: str, scene_path: str, tmp_path, point=None, big_path=None
     driver.get(url + "/")
     wait.until(EC.presence_of_element_located((By.CSS_SELECTOR, '[data-testid="prompt"]')))
     assert not tid("inspector").is_displayed()
+    # drag and drop, then paste, of a PNG file made in the page (synthetic events carrying a real File)
+    n_thumbs = "return document.querySelectorAll('#attachments img').length"
+    for kind in ("drop", "paste"):
+        driver.execute_script(SYNTHETIC_FILE_EVENT, kind)
+        wait.until(lambda d: d.execute_script(n_thumbs) == 1)
+        seen_kind = driver.execute_script("return document.querySelector('#attachments img').src.slice(0, 22)")
+        assert seen_kind == "data:image/png;base64,", (kind, seen_kind)
+        driver.find_element(By.CSS_SELECTOR, "#attachments .remove").click()
+        wait.until(lambda d: d.execute_script(n_thumbs) == 0)
     tid("image-input").send_keys(scene_path)
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#attachments img"))
     prompt = tid("prompt")
