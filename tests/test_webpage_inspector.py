@@ -234,3 +234,28 @@ def test_inspector_ignores_other_threads(demo):
     assert not errors and runs and all(runs), (errors, runs)
     for t in together:
         assert t == alone
+
+
+def test_memo_gives_the_same_answers(demo):
+    """A Memo reuses the prompt's work across views of one conversation; every view equals a fresh run, and
+    another conversation (or another answer) is not served from the memo."""
+    from pykimi.server.inspector import Memo
+
+    model, proc, img, msgs, inp, answer = demo
+    memo = Memo()
+    views = [dict(), dict(lm_layer=1), dict(vision_block=0, vision_head=1), dict(vision_block=0, vision_patch=5),
+             dict(vision_block=2), dict(lm_layer=0, vision_block=3, vision_head=3, vision_patch=0)]
+    for kw in views:
+        assert inspect_answer(model, proc, msgs, answer=answer, memo=memo, **kw) == \
+            inspect_answer(model, proc, msgs, answer=answer, **kw), kw
+    key = memo.key
+    short = "There are"
+    assert inspect_answer(model, proc, msgs, answer=short, memo=memo) == inspect_answer(model, proc, msgs, answer=short)
+    assert memo.key == key                                         # same prompt: reused
+    img2, _ = scenes.random_scene(np.random.default_rng(5), n_shapes=1)
+    msgs2 = [{"role": "user", "content": [{"type": "image", "image": img2},
+                                          {"type": "text", "text": scenes.QUESTION_COUNT}]}]
+    assert inspect_answer(model, proc, msgs2, answer=answer, memo=memo) == \
+        inspect_answer(model, proc, msgs2, answer=answer)
+    assert memo.key != key
+    assert inspect_answer(model, proc, msgs, answer=answer, memo=memo) == inspect_answer(model, proc, msgs, answer=answer)

@@ -189,6 +189,39 @@ def _int_or(v, default, name: str, lo: int, hi: int):
 # ---------------------------------------------------------------------------------------------------------
 # The inspector
 # ---------------------------------------------------------------------------------------------------------
+class Memo:
+    """What :func:`inspect_answer` may reuse for the same prompt (ids + pixels): the image features, the
+    latent cache of the prompt but its last token (truncated back after each answer), that token's embedding,
+    and a few blocks' attention probabilities of one image. One conversation at a time (bounded memory)."""
+
+    MAX_VISION = 4
+
+    def __init__(self):
+        self.key = None
+        self.feats = self.cache = self.last = None
+        self.vision: dict = {}
+
+    def reset(self, key, feats, cache, last) -> None:
+        self.key, self.feats, self.cache, self.last = key, feats, cache, last
+        self.vision = {}
+
+    def keep_vision(self, k, probs) -> None:
+        self.vision.pop(k, None)
+        self.vision[k] = probs
+        while len(self.vision) > self.MAX_VISION:
+            self.vision.pop(next(iter(self.vision)))
+
+
+def _key(prompt: np.ndarray, pv, grid) -> str:
+    import hashlib
+
+    h = hashlib.sha1(np.ascontiguousarray(prompt, dtype=np.int64).tobytes())
+    if pv is not None:
+        h.update(np.ascontiguousarray(grid, dtype=np.int64).tobytes())
+        h.update(np.ascontiguousarray(pv, dtype=np.float32).tobytes())
+    return h.hexdigest()
+
+
 _TOWERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
 _TOWERS_LOCK = threading.Lock()
 
@@ -235,14 +268,18 @@ class ThreadTrace(Trace):
 
 def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, image: int = -1,
                    vision_block: int | None = None, vision_head: int | None = None,
-                   vision_patch: int | None = None, lm_layer: int | None = None, top: int = TOP) -> dict:
+                   vision_patch: int | None = None, lm_layer: int | None = None, top: int = TOP,
+                   memo: "Memo | None" = None) -> dict:
     """How ``model`` produced ``answer`` to ``messages``, as a JSON-able dict (see the module docstring).
 
     messages: chat messages for ``processor.prepare`` (images inline as {"type": "image", "image": PIL}) or
     OpenAI messages with ``image_url`` data: URIs; answer: the answer text (tokenized without special tokens)
     or answer_ids; image: which image of the conversation (default the last); vision_block / lm_layer:
     which block / layer's attention (default the last); vision_head: a head, or None for the mean over heads;
-    vision_patch: a query patch of the image (row * gw + col), or None for the mean over its patches.
+    vision_patch: a query patch of the image (row * gw + col), or None for the mean over its patches;
+    memo: a :class:`Memo` that keeps the last conversation's prompt work (image features, the latent cache of
+    the prompt, vision probabilities per block), so that looking at another layer, block, head or patch of the
+    same answer runs only the answer rows.
     """
     tok = processor.tokenizer
     vc, tc = model.config.vision, model.config.text
@@ -276,7 +313,9 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
     layer = _int_or(lm_layer, tc.num_hidden_layers - 1, "lm_layer", 0, tc.num_hidden_layers)
     vhead = _int_or(vision_head, None, "vision_head", 0, vc.num_attention_heads)
     out: dict = {"prompt_tokens": int(prompt.size), "answer_tokens": n, "n_images": n_img}
-    feats = None
+    key = _key(prompt, pv, grid)
+    keep = memo if memo is not None and memo.key == key else None            # the same conversation as before
+    feats = keep.feats if keep is not None else None
     if n_img:
         img = _int_or(image if image >= 0 else n_img + image, None, "image", 0, n_img)
         grid = np.asarray(grid, dtype=np.int64).reshape(-1, 2)
@@ -286,15 +325,18 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
         qpatch = _int_or(vision_patch, None, "vision_patch", 0, gh * gw)
         vname = f"{VT}.{vblock}"
         want_probs = vc.num_attention_heads * L * L * 4 <= VISION_PROBS_BUDGET
-        with ThreadTrace(model, names=[], attn_probs=[vname] if want_probs else []) as tv:
-            tower, busy = own_tower(model)
-            with busy:
-                feats = np.asarray(tower.encode(pv, grid), dtype=np.float32)  # [T, D]
+        probs = keep.vision.get((img, vblock)) if keep is not None else None
+        if feats is None or (want_probs and probs is None):
+            with ThreadTrace(model, names=[], attn_probs=[vname] if want_probs else []) as tv:
+                tower, busy = own_tower(model)
+                with busy:
+                    feats = np.asarray(tower.encode(pv, grid), dtype=np.float32)  # [T, D]
+            if want_probs:
+                probs = tv[vname + ".attn_probs"][:, cu[img]:cu[img + 1], cu[img]:cu[img + 1]]   # [H, l, l]
         out["image"] = _image_payload(processor, images[img] if img < len(images) else None, img,
                                       pv[cu[img]:cu[img + 1]], gh, gw)
         out["config_vision"] = {"blocks": vc.num_hidden_layers, "heads": vc.num_attention_heads}
         if want_probs:
-            probs = tv[vname + ".attn_probs"][:, cu[img]:cu[img + 1], cu[img]:cu[img + 1]]   # [H, l, l]
             ph = probs.mean(axis=0) if vhead is None else probs[vhead]                        # [l, l]
             row = ph.mean(axis=0) if qpatch is None else ph[qpatch]                            # [l] keys
             m, f = _pool(row.reshape(gh, gw).astype(np.float64))
@@ -309,12 +351,23 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
         out["image"] = None
         out["vision_attention"] = None
 
-    # -- the language model: prefill the prompt untraced, then the answer rows under the trace
-    x = model.embed(prompt, image_features=feats)                                # [S, D]
-    cache = model.new_cache(capacity=prompt.size + n)
-    if prompt.size > 1:
-        model.prefill(x[:-1], cache, all_logits=False)
-    xa = np.concatenate([x[-1:], model.embed(ans[:-1])], axis=0) if n > 1 else x[-1:]   # [n, D]
+    # -- the language model: prefill the prompt but its last token untraced (or take it from the memo),
+    #    then the answer rows under the trace
+    if keep is not None:
+        cache, last = keep.cache, keep.last
+        cache.truncate(prompt.size - 1)                                          # drop the previous answer
+    else:
+        x = model.embed(prompt, image_features=feats)                            # [S, D]
+        cache = model.new_cache(capacity=prompt.size + n)
+        if prompt.size > 1:
+            model.prefill(x[:-1], cache, all_logits=False)
+        last = x[-1:]                                                            # [1, D]
+    if memo is not None:
+        if keep is None:
+            memo.reset(key, feats, cache, last)
+        if n_img and want_probs:
+            memo.keep_vision((img, vblock), probs)
+    xa = np.concatenate([last, model.embed(ans[:-1])], axis=0) if n > 1 else last   # [n, D]
     lname = f"{LM}.layers.{layer}.self_attn"
     with ThreadTrace(model, names=[f"{LM}.layers.*.mlp.routing"], attn_probs=[lname]) as tl:
         logits = model.prefill(xa, cache, all_logits=True)                     # [n, V]
@@ -416,6 +469,7 @@ def register(app, ctx) -> None:
     from starlette.responses import JSONResponse
 
     lock = threading.Lock()
+    memo = Memo()                                               # guarded by lock
     limit = int(_get(ctx, "max_body_bytes", None) or (32 << 20))
     try:
         from .app import parse_messages as server_parse         # the serve helper's parser, when present
@@ -440,7 +494,8 @@ def register(app, ctx) -> None:
             return inspect_answer(model, processor, messages, answer=body.get("answer"),
                                   answer_ids=body.get("answer_ids"), image=_field(body, "image", -1),
                                   vision_block=body.get("vision_block"), vision_head=body.get("vision_head"),
-                                  vision_patch=body.get("vision_patch"), lm_layer=body.get("lm_layer"))
+                                  vision_patch=body.get("vision_patch"), lm_layer=body.get("lm_layer"),
+                                  memo=memo)
 
     async def inspect(request: Request):
         key = _get(ctx, "api_key", None)
