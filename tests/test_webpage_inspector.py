@@ -259,3 +259,23 @@ def test_memo_gives_the_same_answers(demo):
         inspect_answer(model, proc, msgs2, answer=answer)
     assert memo.key != key
     assert inspect_answer(model, proc, msgs, answer=answer, memo=memo) == inspect_answer(model, proc, msgs, answer=answer)
+
+
+def test_text_only_and_two_images(demo):
+    model, proc, img, msgs, inp, answer = demo
+    text = inspect_answer(model, proc, [{"role": "user", "content": "hello"}], answer="There are")
+    assert text["image"] is None and text["vision_attention"] is None and text["lm_attention"]["maps"] is None
+    assert [t["text"] for t in text["tokens"]] == ["There", " are"] and len(text["routing"]["chosen"]) == 2
+
+    img2, _ = scenes.random_scene(np.random.default_rng(8), n_shapes=2)
+    two = [{"role": "user", "content": [{"type": "image", "image": img}, {"type": "image", "image": img2},
+                                        {"type": "text", "text": scenes.QUESTION_COUNT}]}]
+    a, b = (inspect_answer(model, proc, two, answer=answer, image=i) for i in (0, 1))
+    assert a["n_images"] == b["n_images"] == 2
+    assert a["image"]["original"] == list(img.size) and b["image"]["original"] == list(img2.size)
+    assert b == inspect_answer(model, proc, two, answer=answer)   # default: the last image
+    # each image's token map has its own merged grid; together they hold the attention on both images
+    ids = proc.prepare(two)["input_ids"]
+    n_img_tokens = int((ids == model.config.media_placeholder_token_id).sum())
+    ta, tb = (np.prod(x["lm_attention"]["grid"]) for x in (a, b))
+    assert ta + tb == n_img_tokens

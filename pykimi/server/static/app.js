@@ -177,6 +177,7 @@ async function send() {
       document.querySelectorAll("#inspect-btn").forEach((x) => x.remove());
       b.addEventListener("click", () => openInspector());
       node.appendChild(b);
+      if (!$("inspector").hidden) openInspector();   // an open inspector follows the newest answer
     } else {
       // nothing came back: keep the conversation consistent by dropping the unanswered question
       state.messages.pop();
