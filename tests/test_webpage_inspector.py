@@ -279,3 +279,14 @@ def test_text_only_and_two_images(demo):
     n_img_tokens = int((ids == model.config.media_placeholder_token_id).sum())
     ta, tb = (np.prod(x["lm_attention"]["grid"]) for x in (a, b))
     assert ta + tb == n_img_tokens
+
+
+def test_long_answer_is_cut(demo, monkeypatch):
+    from pykimi.server import inspector
+
+    model, proc, img, msgs, inp, answer = demo
+    full = inspect_answer(model, proc, msgs, answer=answer)
+    monkeypatch.setattr(inspector, "MAX_ANSWER_TOKENS", 3)
+    cut = inspect_answer(model, proc, msgs, answer=answer)
+    assert cut["truncated"] and not full["truncated"] and cut["answer_tokens"] == 3
+    assert cut["tokens"] == full["tokens"][:3]

@@ -301,8 +301,9 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
     ans = np.asarray([int(i) for i in answer_ids], dtype=np.int64)            # [n]
     if ans.size == 0:
         raise InputError("answer: empty; there is nothing to inspect")
-    if ans.size > MAX_ANSWER_TOKENS:
-        raise InputError(f"answer: {ans.size} tokens, the inspector takes at most {MAX_ANSWER_TOKENS}")
+    truncated = ans.size > MAX_ANSWER_TOKENS
+    if truncated:                                   # a long answer: its first MAX_ANSWER_TOKENS tokens
+        ans = ans[:MAX_ANSWER_TOKENS]
     model.check_ids(ans)
     model.check_length(prompt.size + ans.size, "prompt + answer")
     n = int(ans.size)
@@ -312,7 +313,8 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
     vblock = _int_or(vision_block, vc.num_hidden_layers - 1, "vision_block", 0, vc.num_hidden_layers)
     layer = _int_or(lm_layer, tc.num_hidden_layers - 1, "lm_layer", 0, tc.num_hidden_layers)
     vhead = _int_or(vision_head, None, "vision_head", 0, vc.num_attention_heads)
-    out: dict = {"prompt_tokens": int(prompt.size), "answer_tokens": n, "n_images": n_img}
+    out: dict = {"prompt_tokens": int(prompt.size), "answer_tokens": n, "truncated": bool(truncated),
+                 "n_images": n_img}
     key = _key(prompt, pv, grid)
     keep = memo if memo is not None and memo.key == key else None            # the same conversation as before
     feats = keep.feats if keep is not None else None

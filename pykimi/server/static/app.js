@@ -277,7 +277,8 @@ async function refreshInspector() {
     if (state.sel >= state.insp.tokens.length) state.sel = 0;
     fillSelectors();
     renderInspector();
-    s.textContent = state.insp.prompt_tokens + " prompt + " + state.insp.answer_tokens + " answer tokens";
+    s.textContent = state.insp.prompt_tokens + " prompt + " + state.insp.answer_tokens + " answer tokens" +
+      (state.insp.truncated ? " (the first ones of a longer answer)" : "");
   } catch (e) {
     s.textContent = "error: " + e.message;
   } finally {
