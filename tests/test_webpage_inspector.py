@@ -290,3 +290,30 @@ def test_long_answer_is_cut(demo, monkeypatch):
     cut = inspect_answer(model, proc, msgs, answer=answer)
     assert cut["truncated"] and not full["truncated"] and cut["answer_tokens"] == 3
     assert cut["tokens"] == full["tokens"][:3]
+
+
+def test_served_by_the_server_app(demo):
+    """Through `pykimi serve`'s own app: the page at /, the inspector at /pykimi/inspect with the server's
+    message parser (its image checks answer 400 in OpenAI's shape)."""
+    pytest.importorskip("fastapi")
+    pytest.importorskip("httpx")
+    app_mod = pytest.importorskip("pykimi.server.app")
+    from starlette.testclient import TestClient
+
+    from pykimi.engine import Engine
+
+    model, proc, img, msgs, inp, answer = demo
+    eng = Engine(model, parallel=1)                  # never started: the inspector does not need it to run
+    app = app_mod.create_app(model, proc, eng)
+    oai = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": _data_uri(img)}},
+                                        {"type": "text", "text": scenes.QUESTION_COUNT}]}]
+    with TestClient(app) as c:
+        r = c.get("/")
+        assert r.status_code == 200 and 'data-testid="inspector"' in r.text
+        assert c.get("/app.js").status_code == 200 and c.get("/style.css").status_code == 200
+        r = c.post("/pykimi/inspect", json={"messages": oai, "answer": answer})
+        assert r.status_code == 200, r.text
+        assert r.json() == inspect_answer(model, proc, msgs, answer=answer)
+        bad = [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA"}}]}]
+        r = c.post("/pykimi/inspect", json={"messages": bad, "answer": answer})
+        assert r.status_code == 400 and r.json()["error"]["message"], r.text
