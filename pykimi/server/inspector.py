@@ -328,13 +328,16 @@ def inspect_answer(model, processor, messages, answer=None, answer_ids=None, *, 
         vname = f"{VT}.{vblock}"
         want_probs = vc.num_attention_heads * L * L * 4 <= VISION_PROBS_BUDGET
         probs = keep.vision.get((img, vblock)) if keep is not None else None
-        if feats is None or (want_probs and probs is None):
-            with ThreadTrace(model, names=[], attn_probs=[vname] if want_probs else []) as tv:
-                tower, busy = own_tower(model)
-                with busy:
-                    feats = np.asarray(tower.encode(pv, grid), dtype=np.float32)  # [T, D]
-            if want_probs:
-                probs = tv[vname + ".attn_probs"][:, cu[img]:cu[img + 1], cu[img]:cu[img + 1]]   # [H, l, l]
+        tower, busy = own_tower(model)
+        if feats is None:
+            # the features the answer was made from: an untraced run (recording a block's probabilities
+            # takes the step-by-step attention, whose rounding differs, and would move what follows)
+            with busy:
+                feats = np.asarray(tower.encode(pv, grid), dtype=np.float32)      # [T, D]
+        if want_probs and probs is None:
+            with ThreadTrace(model, names=[], attn_probs=[vname]) as tv, busy:
+                tower.encode(pv, grid)
+            probs = tv[vname + ".attn_probs"][:, cu[img]:cu[img + 1], cu[img]:cu[img + 1]]       # [H, l, l]
         out["image"] = _image_payload(processor, images[img] if img < len(images) else None, img,
                                       pv[cu[img]:cu[img + 1]], gh, gw)
         out["config_vision"] = {"blocks": vc.num_hidden_layers, "heads": vc.num_attention_heads}
