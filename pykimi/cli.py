@@ -1,4 +1,4 @@
-"""The ``pykimi`` command: run, chat, info, trace, diff, quantize.
+"""The ``pykimi`` command: run, chat, info, trace, diff, quantize, batch.
 
 Errors a user can cause exit with status 2 and one line (no traceback) unless ``--debug``.
 """
@@ -673,6 +673,51 @@ def cmd_quantize(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    """One prompt per image over a folder or a JSONL file -> OUT.jsonl, resumable (pykimi.batch)."""
+    import signal
+    import threading
+
+    from . import progress
+    from .batch import Settings, run_batch
+
+    progress.enable(False)                     # one bar for the job, not one per prefill
+    if args.parallel < 1:
+        raise PykimiError(f"--parallel {args.parallel}: expected an integer >= 1")
+    if args.workers < 1:
+        raise PykimiError(f"--workers {args.workers}: expected an integer >= 1")
+    if args.parallel > 1 and args.ray is not None:
+        raise PykimiError("--parallel applies to one process; with --ray use --workers N (one model per actor)")
+    settings = Settings(system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temp,
+                        top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
+                        repetition_penalty=args.repeat_penalty, seed=args.seed,
+                        stop_ids=() if args.ignore_eos else None)
+    opts = {k: getattr(args, k) for k in ("backend", "threads", "max_context") if getattr(args, k, None)}
+    stop = threading.Event()
+
+    def on_sigint(signum, frame):              # first Ctrl-C: finish and write the rows in flight; second: abort
+        if stop.is_set():
+            raise KeyboardInterrupt
+        stop.set()
+        print("\npykimi: stopping after the rows in flight (Ctrl-C again to abort them)", file=sys.stderr)
+
+    def log(msg):
+        print(f"pykimi: {msg}", file=sys.stderr)
+
+    old = signal.signal(signal.SIGINT, on_sigint)
+    try:
+        summary = run_batch(args.input, args.out, _model_dir(args), settings, prompt=args.prompt,
+                            parallel=args.parallel, load_options=opts, fail_fast=args.fail_fast, stop=stop,
+                            show_progress=not args.quiet, ray_address=args.ray, workers=args.workers, log=log)
+    finally:
+        signal.signal(signal.SIGINT, old)
+    if summary.actors:
+        for pid, anon in sorted(summary.actors.items()):
+            log(f"ray actor pid {pid}: RssAnon {anon:.0f} MB")
+    print(summary.line(args.out))
+    return 130 if summary.interrupted else 0
+
+
 # --------------------------------------------------------------------------------------------- parser
 
 def cmd_serve(args) -> int:
@@ -866,6 +911,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-remote-images", action="store_true", help="fetch http(s) image URLs (size cap, timeout)")
     p.add_argument("--alias", help="the model id clients send (default: the checkpoint directory's name)")
     p.set_defaults(fn=cmd_serve)
+
+    p = sub.add_parser("batch", help="one prompt per image over a folder or JSONL file -> OUT.jsonl (resumable)")
+    p.add_argument("input", help="a folder of images (recursive; id = relative path) or a JSONL file of "
+                                 '{"id", "image", "prompt"?} rows')
+    p.add_argument("-o", "--out", required=True, help="output JSONL; rows already in it are skipped (resume)")
+    _add_model_args(p)
+    _add_gen_args(p)
+    p.add_argument("-p", "--prompt", help=f"the question for rows without one (default: {DEFAULT_PROMPT!r})")
+    p.add_argument("-np", "--parallel", type=int, default=1,
+                   help="sequences decoded together in this process (> 1 needs the batched engine)")
+    p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
+                   help="run as a Ray Data pipeline: alone starts a small local Ray, ADDRESS joins a cluster "
+                        "(put it after INPUT, or write --ray=ADDRESS)")
+    p.add_argument("--workers", type=int, default=2, help="Ray actors, each with its own memory-mapped model")
+    p.add_argument("--fail-fast", action="store_true", help="stop at the first failing row instead of writing "
+                                                             '{"id", "error"} and going on')
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(fn=cmd_batch)
     return ap
 
 
