@@ -471,3 +471,114 @@ def run_batch(src: str, out_path: str, model_dir: str, settings: Settings, promp
                 close()
         summary.interrupted = bool(stop is not None and stop.is_set()) and summary.done + summary.failed < len(todo)
     return summary
+
+
+# --------------------------------------------------------------------------------------------- Ray Data
+
+def rss_anon_mb(pid: int | str = "self") -> float | None:
+    """Anonymous resident memory (RssAnon of /proc/PID/status) in MB: what a process holds beside the
+    page cache it shares with others mapping the same weights."""
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("RssAnon:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class RayPredictor:
+    """The callable class of ``map_batches``: each Ray actor opens the memory-mapped model once in its
+    constructor and answers the rows of the batches it is given (``run_one``, as one process does).
+
+    Returns one JSON-encoded OUT row per input row (a column of strings, so answer and error rows need no
+    common schema), and the actor's pid and RssAnon for the driver's memory report."""
+
+    def __init__(self, model_dir: str, settings: dict, load_options: dict):
+        from . import load
+        from .processor import Processor
+
+        self.model = load(model_dir, **load_options)
+        self.proc = Processor.from_pretrained(model_dir)
+        self.settings = Settings(**settings)
+
+    def __call__(self, batch: dict) -> dict:
+        import numpy as np
+
+        rows = []
+        for i in range(len(batch["id"])):
+            job = Job(str(batch["id"][i]), str(batch["image"][i]), str(batch["prompt"][i]), str(batch["path"][i]))
+            rows.append(json.dumps(run_one(self.model, self.proc, job, self.settings), ensure_ascii=False))
+        n = len(rows)
+        return {"row": np.array(rows, dtype=object), "pid": np.full(n, os.getpid(), dtype=np.int64),
+                "anon_mb": np.full(n, rss_anon_mb() or 0.0, dtype=np.float64)}
+
+
+def _ray_init(ray, address: str, workers: int, log=None) -> bool:
+    """Start a small local Ray (address 'local') or join ``address``; False when Ray was already running."""
+    if ray.is_initialized():
+        return False
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {"PYTHONPATH": os.pathsep.join(p for p in (pkg_parent, os.environ.get("PYTHONPATH", "")) if p)}
+    kw = dict(include_dashboard=False, log_to_driver=False, configure_logging=True, logging_level="ERROR")
+    if address == "local":
+        # small and private: two CPUs (or one per worker), loopback only, no dashboard
+        ray.init(num_cpus=max(2, workers), _node_ip_address="127.0.0.1", runtime_env={"env_vars": env}, **kw)
+    else:
+        # on a cluster pykimi must be importable on every node (installed, or this runtime_env's path shared)
+        try:
+            ray.init(address=address, **kw)
+        except (ConnectionError, ValueError, RuntimeError) as e:
+            raise InputError(f"--ray {address}: cannot join a Ray cluster there ({str(e).splitlines()[0]})") from None
+    if log:
+        log(f"ray {ray.__version__} {'started locally' if address == 'local' else 'joined ' + address}")
+    return True
+
+
+def run_ray(todo: list[Job], model_dir: str, settings: Settings, load_options: dict, workers: int = 2,
+            address: str = "local", stop: threading.Event | None = None, summary: Summary | None = None,
+            log=None) -> Iterator[dict]:
+    """The rows of ``todo`` through a Ray Data pipeline, yielded to the driver as they come (any order).
+
+    dataset of rows -> ``map_batches(RayPredictor, concurrency=workers)`` -> ``iter_batches`` on the driver,
+    whose caller writes OUT (one writer: the exactly-once rules of one process hold). Each actor asks Ray for
+    ``threads`` CPUs (``-t``, default 1) and runs its kernels on as many threads."""
+    try:
+        import ray
+        import ray.data
+    except ImportError:
+        raise InputError("--ray needs Ray Data, which is not installed: pip install 'pykimi[ray]'") from None
+    from dataclasses import asdict
+
+    import logging
+
+    logging.getLogger("ray.data").setLevel(logging.WARNING)   # Ray Data's plan and timing lines: not for the user
+    started = _ray_init(ray, address, workers, log)
+    try:
+        ctx = ray.data.DataContext.get_current()
+        ctx.enable_progress_bars = False                  # the driver's own bar counts written rows
+        ctx.execution_options.preserve_order = False      # rows leave as they finish
+        threads = int(load_options.get("threads") or 1)
+        opts = dict(load_options, threads=threads)
+        n = len(todo)
+        per_block = max(1, min(16, n // (4 * workers)))   # small blocks: every actor busy, rows back early
+        items = [{"id": j.id, "image": j.image, "prompt": j.prompt, "path": os.path.abspath(j.path)} for j in todo]
+        ds = ray.data.from_items(items, override_num_blocks=-(-n // per_block))
+        ds = ds.map_batches(RayPredictor, fn_constructor_kwargs={"model_dir": os.path.abspath(model_dir),
+                                                                 "settings": asdict(settings),
+                                                                 "load_options": opts},
+                            compute=ray.data.ActorPoolStrategy(size=workers),   # = concurrency=workers
+                            num_cpus=threads, batch_size=1, batch_format="numpy")
+        if summary is not None and summary.actors is None:
+            summary.actors = {}
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            for row, pid, anon in zip(batch["row"], batch["pid"], batch["anon_mb"]):
+                if summary is not None:
+                    summary.actors[int(pid)] = max(float(anon), summary.actors.get(int(pid), 0.0))
+                yield json.loads(row)
+            if stop is not None and stop.is_set():
+                return                                    # rows still inside actors are redone on resume
+    finally:
+        if started:
+            ray.shutdown()
