@@ -56,3 +56,76 @@ def test_ray_two_actors_equal_single_process_and_resume(tmp_path):
     print("actors (pid, RssAnon MB):", actors)
     assert len({pid for pid, _ in actors}) == 2, r.stderr
     assert all(0 < int(mb) < 2000 for _, mb in actors), actors
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ray_data_driving_two_pykimi_serve_instances_over_http(tmp_path):
+    """docs/ray_http_example.py: Ray Data actors send rows to two `pykimi serve` processes (127.0.0.1, free
+    ports); its OUT rows equal `pykimi batch`'s, a refused row is an error row, and a rerun skips every row."""
+    import time
+
+    try:
+        import pykimi.server.app  # noqa: F401
+    except ImportError:
+        pytest.skip("needs pykimi serve (pykimi.server with the 'serve' extra)")
+    import httpx
+    from pykimi.scenes import random_scene
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(11)
+    for i in range(4):
+        random_scene(rng)[0].save(src / f"s{i}.png")
+    (src / "broken.png").write_bytes(b"not an image")
+    single = str(tmp_path / "single.jsonl")
+    r = cli("batch", str(src), "-o", single, *GEN, "-q")
+    assert r.returncode == 0, r.stderr
+    want = {row["id"]: {k: v for k, v in row.items() if k != "seconds"} for row in rows_of(single)}
+
+    env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
+    ports = [_free_port(), _free_port()]
+    servers = [subprocess.Popen([sys.executable, "-m", "pykimi.cli", "serve", "--port", str(p), "-np", "2", "-t", "1"],
+                                env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+               for p in ports]
+    try:
+        for p, s in zip(ports, servers):
+            t0 = time.time()
+            while time.time() - t0 < 180:
+                assert s.poll() is None, s.stderr.read()
+                try:
+                    if httpx.get(f"http://127.0.0.1:{p}/health", timeout=2).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                time.sleep(0.5)
+            else:
+                pytest.fail(f"pykimi serve on port {p} not up within 180 s")
+        out = str(tmp_path / "http.jsonl")
+        cmd = [sys.executable, os.path.join(ROOT, "docs", "ray_http_example.py"), str(src), out, "-n", GEN[1],
+               "--actors-per-server", "2"] + [a for p in ports for a in ("--url", f"http://127.0.0.1:{p}/v1")]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert r.returncode == 0, r.stderr
+        assert r.stdout.strip().startswith("4 done, 0 skipped as already done, 1 failed"), r.stdout
+        got = {row["id"]: row for row in rows_of(out)}
+        assert len(got) == 5 and set(got["broken.png"]) == {"id", "error"}
+        for rid in want:
+            if rid != "broken.png":
+                assert {k: v for k, v in got[rid].items() if k != "seconds"} == want[rid], rid
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env, cwd=ROOT)
+        assert r.returncode == 0 and r.stdout.startswith("0 done, 5 skipped as already done"), r.stdout + r.stderr
+    finally:
+        for s in servers:
+            s.terminate()
+        for s in servers:
+            try:
+                s.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                s.kill()
+                s.wait()
