@@ -455,7 +455,7 @@ def run_batch(src: str, out_path: str, model_dir: str, settings: Settings, promp
             return summary
         if ray_address is not None:
             rows = run_ray(todo, model_dir, settings, load_options or {}, workers=workers, address=ray_address,
-                           stop=stop, summary=summary, log=log)
+                           stop=stop, summary=summary, log=log, parallel=parallel)
         else:
             from . import load
             from .processor import Processor
@@ -495,21 +495,21 @@ class RayPredictor:
     Returns one JSON-encoded OUT row per input row (a column of strings, so answer and error rows need no
     common schema), and the actor's pid and RssAnon for the driver's memory report."""
 
-    def __init__(self, model_dir: str, settings: dict, load_options: dict):
+    def __init__(self, model_dir: str, settings: dict, load_options: dict, parallel: int = 1):
         from . import load
         from .processor import Processor
 
         self.model = load(model_dir, **load_options)
         self.proc = Processor.from_pretrained(model_dir)
         self.settings = Settings(**settings)
+        self.runner = make_runner(self.model, self.proc, self.settings, parallel)   # the engine when parallel > 1
 
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        rows = []
-        for i in range(len(batch["id"])):
-            job = Job(str(batch["id"][i]), str(batch["image"][i]), str(batch["prompt"][i]), str(batch["path"][i]))
-            rows.append(json.dumps(run_one(self.model, self.proc, job, self.settings), ensure_ascii=False))
+        jobs = [Job(str(batch["id"][i]), str(batch["image"][i]), str(batch["prompt"][i]), str(batch["path"][i]))
+                for i in range(len(batch["id"]))]
+        rows = [json.dumps(row, ensure_ascii=False) for row in self.runner.run(jobs)]
         n = len(rows)
         return {"row": np.array(rows, dtype=object), "pid": np.full(n, os.getpid(), dtype=np.int64),
                 "anon_mb": np.full(n, rss_anon_mb() or 0.0, dtype=np.float64)}
@@ -538,12 +538,16 @@ def _ray_init(ray, address: str, workers: int, log=None) -> bool:
 
 def run_ray(todo: list[Job], model_dir: str, settings: Settings, load_options: dict, workers: int = 2,
             address: str = "local", stop: threading.Event | None = None, summary: Summary | None = None,
-            log=None) -> Iterator[dict]:
+            log=None, parallel: int = 1) -> Iterator[dict]:
     """The rows of ``todo`` through a Ray Data pipeline, yielded to the driver as they come (any order).
 
     dataset of rows -> ``map_batches(RayPredictor, concurrency=workers)`` -> ``iter_batches`` on the driver,
     whose caller writes OUT (one writer: the exactly-once rules of one process hold). Each actor asks Ray for
-    ``threads`` CPUs (``-t``, default 1) and runs its kernels on as many threads."""
+    ``threads`` CPUs (``-t``, default 1) and runs its kernels on as many threads; with ``parallel`` > 1 it
+    decodes the ``parallel`` rows of each batch together with the engine (one weight read per step for all)."""
+    if parallel > 1 and not engine_available():
+        raise InputError(f"--parallel {parallel} needs the batched engine (pykimi.engine), which this pykimi does "
+                         f"not have; use --parallel 1")
     try:
         import ray
         import ray.data
@@ -562,14 +566,15 @@ def run_ray(todo: list[Job], model_dir: str, settings: Settings, load_options: d
         threads = int(load_options.get("threads") or 1)
         opts = dict(load_options, threads=threads)
         n = len(todo)
-        per_block = max(1, min(16, n // (4 * workers)))   # small blocks: every actor busy, rows back early
+        # small blocks: every actor busy, rows back early (a block's rows reach the driver when the block is done)
+        per_block = max(parallel, min(16 * parallel, n // (4 * workers)))
         items = [{"id": j.id, "image": j.image, "prompt": j.prompt, "path": os.path.abspath(j.path)} for j in todo]
         ds = ray.data.from_items(items, override_num_blocks=-(-n // per_block))
         ds = ds.map_batches(RayPredictor, fn_constructor_kwargs={"model_dir": os.path.abspath(model_dir),
                                                                  "settings": asdict(settings),
-                                                                 "load_options": opts},
+                                                                 "load_options": opts, "parallel": parallel},
                             compute=ray.data.ActorPoolStrategy(size=workers),   # = concurrency=workers
-                            num_cpus=threads, batch_size=1, batch_format="numpy")
+                            num_cpus=threads, batch_size=parallel, batch_format="numpy")
         if summary is not None and summary.actors is None:
             summary.actors = {}
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):

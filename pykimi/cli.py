@@ -686,8 +686,6 @@ def cmd_batch(args) -> int:
         raise PykimiError(f"--parallel {args.parallel}: expected an integer >= 1")
     if args.workers < 1:
         raise PykimiError(f"--workers {args.workers}: expected an integer >= 1")
-    if args.parallel > 1 and args.ray is not None:
-        raise PykimiError("--parallel applies to one process; with --ray use --workers N (one model per actor)")
     settings = Settings(system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temp,
                         top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                         repetition_penalty=args.repeat_penalty, seed=args.seed,
@@ -920,7 +918,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_gen_args(p)
     p.add_argument("-p", "--prompt", help=f"the question for rows without one (default: {DEFAULT_PROMPT!r})")
     p.add_argument("-np", "--parallel", type=int, default=1,
-                   help="sequences decoded together in this process (> 1 needs the batched engine)")
+                   help="sequences decoded together in this process, or in each Ray actor (> 1: the batched engine)")
     p.add_argument("--ray", nargs="?", const="local", default=None, metavar="ADDRESS",
                    help="run as a Ray Data pipeline: alone starts a small local Ray, ADDRESS joins a cluster "
                         "(put it after INPUT, or write --ray=ADDRESS)")
