@@ -250,10 +250,21 @@ def prepare(job: Job, proc, settings: Settings) -> dict:
 
 
 def result_row(job: Job, proc, ids, prompt_tokens: int, seconds: float) -> dict:
+    """The OUT row of an answer; a thinking model's ``◁think▷ ... ◁/think▷`` part goes to "reasoning" (when
+    this pykimi has pykimi.reasoning), the answer after it to "text"."""
     ids = [int(t) for t in ids]
-    return {"id": job.id, "image": job.image, "prompt": job.prompt,
-            "text": proc.decode(ids, skip_special=True), "prompt_tokens": int(prompt_tokens),
-            "completion_tokens": len(ids), "seconds": round(seconds, 3)}
+    text = proc.decode(ids, skip_special=True)
+    row = {"id": job.id, "image": job.image, "prompt": job.prompt, "text": text}
+    try:
+        from .reasoning import split_reasoning
+    except ImportError:
+        split_reasoning = None
+    if split_reasoning is not None:
+        reasoning, answer = split_reasoning(text)
+        if reasoning is not None:
+            row["text"], row["reasoning"] = answer, reasoning
+    row.update(prompt_tokens=int(prompt_tokens), completion_tokens=len(ids), seconds=round(seconds, 3))
+    return row
 
 
 def error_row(job: Job, e: BaseException) -> dict:

@@ -332,3 +332,19 @@ def test_parallel_1_and_4_give_identical_rows(tmp_path, images, reference):
     assert r.returncode == 0, r.stderr
     rows = read_rows(out)
     assert len(rows) == N_IMAGES and strip_seconds(rows) == reference
+
+
+def test_a_thinking_answer_puts_its_reasoning_apart(images):
+    """A row whose text starts with the thinking markers keeps the answer in "text" and the thinking in
+    "reasoning" (needs pykimi.reasoning, from the family issue)."""
+    pytest.importorskip("pykimi.reasoning", reason="needs pykimi.reasoning (the family issue)")
+    from pykimi.batch import Job, result_row
+
+    class Proc:
+        def decode(self, ids, skip_special=True):
+            return "◁think▷ two shapes, both red ◁/think▷ Two red shapes."
+
+    row = result_row(Job("a", "a.png", "q", "a.png"), Proc(), [1, 2, 3], 10, 0.5)
+    assert list(row) == ["id", "image", "prompt", "text", "reasoning", "prompt_tokens", "completion_tokens",
+                         "seconds"]
+    assert row["text"] == "Two red shapes." and row["reasoning"] == "two shapes, both red"
