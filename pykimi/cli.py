@@ -702,7 +702,9 @@ def cmd_batch(args) -> int:
     def log(msg):
         print(f"pykimi: {msg}", file=sys.stderr)
 
-    old = signal.signal(signal.SIGINT, on_sigint)
+    # a job started with SIGINT ignored (nohup, `cmd &` from a script) keeps ignoring it
+    ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+    old = signal.getsignal(signal.SIGINT) if ignored else signal.signal(signal.SIGINT, on_sigint)
     try:
         summary = run_batch(args.input, args.out, _model_dir(args), settings, prompt=args.prompt,
                             parallel=args.parallel, load_options=opts, fail_fast=args.fail_fast, stop=stop,

@@ -23,9 +23,12 @@ def cli(*args, timeout=300):
 
 
 def popen(*args):
+    """The job as a terminal starts it: SIGINT at its default even when this test run was started in the
+    background (which hands children SIGINT ignored, kept ignored by pykimi batch on purpose)."""
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "pykimi.cli", *args], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT)
+                            stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 def read_rows(path):
