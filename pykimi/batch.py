@@ -334,7 +334,12 @@ class EngineRunner:
         if own:
             from .engine import Engine
 
-            eng = Engine(self.model, parallel=self.parallel, max_context=getattr(self.model, "max_context", None))
+            import inspect
+
+            # every row is a new conversation: keeping finished caches for a continuation would only hold memory
+            extra = {"prefix_cache": False} if "prefix_cache" in inspect.signature(Engine).parameters else {}
+            eng = Engine(self.model, parallel=self.parallel, max_context=getattr(self.model, "max_context", None),
+                         **extra)
         eng.start()
         params = self._params()
         done: queue.Queue = queue.Queue()
