@@ -351,3 +351,14 @@ def test_a_thinking_answer_puts_its_reasoning_apart(images):
     assert list(row) == ["id", "image", "prompt", "text", "reasoning", "prompt_tokens", "completion_tokens",
                          "seconds"]
     assert row["text"] == "Two red shapes." and row["reasoning"] == "two shapes, both red"
+
+
+def test_ray_missing_is_a_clear_error(monkeypatch, images):
+    """--ray without Ray installed: one line naming the extra (Ray is hidden from the import here)."""
+    from pykimi.batch import Settings, read_jobs, run_ray
+    from pykimi.errors import InputError
+
+    monkeypatch.setitem(sys.modules, "ray", None)
+    monkeypatch.setitem(sys.modules, "ray.data", None)
+    with pytest.raises(InputError, match=r"--ray needs Ray Data.*pip install 'pykimi\[ray\]'"):
+        next(run_ray(read_jobs(images), "unused", Settings(), {}))
