@@ -129,3 +129,27 @@ def test_ray_data_driving_two_pykimi_serve_instances_over_http(tmp_path):
             except subprocess.TimeoutExpired:
                 s.kill()
                 s.wait()
+
+
+def test_ray_actor_with_the_engine_gives_the_same_rows(tmp_path):
+    """--ray --parallel 2: the actor decodes the rows of each batch together with the engine; rows as alone."""
+    from pykimi.batch import engine_available
+
+    if not engine_available():
+        pytest.skip("needs pykimi.engine (the batched engine of pykimi serve), not in this tree yet")
+    from pykimi.scenes import random_scene
+
+    src = tmp_path / "imgs"
+    src.mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(4):
+        random_scene(rng)[0].save(src / f"s{i}.png")
+    single = str(tmp_path / "single.jsonl")
+    r = cli("batch", str(src), "-o", single, *GEN, "-q")
+    assert r.returncode == 0, r.stderr
+    want = {row["id"]: {k: v for k, v in row.items() if k != "seconds"} for row in rows_of(single)}
+    out = str(tmp_path / "ray.jsonl")
+    r = cli("batch", str(src), "-o", out, *GEN, "--ray", "--workers", "1", "--parallel", "2", "-t", "1", "-q")
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip().splitlines()[-1].startswith("4 done, 0 skipped as already done, 0 failed"), r.stdout
+    assert {row["id"]: {k: v for k, v in row.items() if k != "seconds"} for row in rows_of(out)} == want
