@@ -31,6 +31,7 @@ from typing import Iterable, Iterator
 from .errors import InputError, PykimiError
 
 DEFAULT_PROMPT = "Describe the image."
+DEFAULT_VIDEO_PROMPT = "Describe the video."
 IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".ppm", ".pgm")
 
 
@@ -38,22 +39,23 @@ IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".
 
 @dataclass(frozen=True)
 class Job:
-    """One input row: ``image`` as written in OUT, ``path`` the file opened (``image`` resolved against the
-    JSONL file's folder)."""
+    """One input row: ``image`` the media as written in OUT, ``path`` the file opened (``image`` resolved against
+    the JSONL file's folder); ``kind`` 'image', or 'video' for a JSONL row with "video" (frames with timestamps,
+    fitted to the context as ``pykimi run --video`` does)."""
     id: str
     image: str
     prompt: str
     path: str
+    kind: str = "image"
 
 
 def read_jobs(src: str, prompt: str | None = None) -> list[Job]:
     """A folder of images (recursive, sorted by relative path, which is the id) or a JSONL file of
     ``{"id", "image", "prompt"?}`` rows (``prompt`` defaults to ``prompt``, then "Describe the image.")."""
-    default = prompt if prompt is not None else DEFAULT_PROMPT
     if os.path.isdir(src):
-        return _folder_jobs(src, default)
+        return _folder_jobs(src, prompt if prompt is not None else DEFAULT_PROMPT)
     if os.path.isfile(src):
-        return _jsonl_jobs(src, default)
+        return _jsonl_jobs(src, prompt)
     raise InputError(f"{src}: no such file or folder; expected a folder of images or a JSONL file of "
                      f'{{"id", "image", "prompt"?}} rows')
 
@@ -71,7 +73,7 @@ def _folder_jobs(root: str, prompt: str) -> list[Job]:
     return [Job(r, os.path.join(root, r), prompt, os.path.join(root, r)) for r in rels]
 
 
-def _jsonl_jobs(path: str, prompt: str) -> list[Job]:
+def _jsonl_jobs(path: str, prompt: str | None) -> list[Job]:
     base = os.path.dirname(os.path.abspath(path))
     jobs, seen = [], {}
     try:
@@ -99,21 +101,33 @@ def _jsonl_jobs(path: str, prompt: str) -> list[Job]:
         if isinstance(rid, bool) or not isinstance(rid, (str, int)) or rid == "":
             raise InputError(f'{where}: "id" must be a non-empty string or an integer, got {rid!r}')
         rid = str(rid)
-        if "video" in row:
-            raise InputError(f'{where}: "video" rows are not supported by this pykimi (images only)')
-        img = row.get("image")
+        kind = "video" if "video" in row else "image"
+        if kind == "video" and "image" in row:
+            raise InputError(f'{where}: a row has "image" or "video", not both')
+        if kind == "video" and not _video_available():
+            raise InputError(f'{where}: "video" rows need pykimi.video, which this pykimi does not have')
+        img = row.get(kind)
         if not isinstance(img, str) or not img:
-            raise InputError(f'{where}: "image" must be a path string, got {img!r}')
-        p = row.get("prompt", prompt)
+            raise InputError(f'{where}: "{kind}" must be a path string, got {img!r}')
+        p = row.get("prompt", prompt if prompt is not None else
+                    DEFAULT_VIDEO_PROMPT if kind == "video" else DEFAULT_PROMPT)
         if not isinstance(p, str):
             raise InputError(f'{where}: "prompt" must be a string, got {type(p).__name__}')
         if rid in seen:
             raise InputError(f"{where}: id {rid!r} already used on line {seen[rid]}; ids must be unique")
         seen[rid] = n
-        jobs.append(Job(rid, img, p, img if os.path.isabs(img) else os.path.join(base, img)))
+        jobs.append(Job(rid, img, p, img if os.path.isabs(img) else os.path.join(base, img), kind))
     if not jobs:
         raise InputError(f"{path}: no rows; expected one {{\"id\", \"image\", \"prompt\"?}} object per line")
     return jobs
+
+
+def _video_available() -> bool:
+    try:
+        from .video import fit_video, load_video  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -225,12 +239,22 @@ class Settings:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop_ids: tuple | None = None          # None: the model's defaults; () never stops early
+    extra_stop_ids: tuple = ()             # generation_config.json's eos ids, beside the model's defaults
 
-    def gen_kwargs(self) -> dict:
+    def stops(self, model) -> list | None:
+        if self.stop_ids is not None:
+            return list(self.stop_ids)
+        if self.extra_stop_ids:
+            return list(dict.fromkeys(list(model.stop_ids) + list(self.extra_stop_ids)))
+        return None
+
+    def gen_kwargs(self, model=None) -> dict:
         kw = dict(max_new_tokens=self.max_new_tokens, temperature=self.temperature, top_p=self.top_p,
                   top_k=self.top_k, min_p=self.min_p, repetition_penalty=self.repetition_penalty, seed=self.seed)
-        if self.stop_ids is not None:
-            kw["stop_ids"] = list(self.stop_ids)
+        stops = self.stops(model) if model is not None else (list(self.stop_ids) if self.stop_ids is not None
+                                                             else None)
+        if stops is not None:
+            kw["stop_ids"] = stops
         return kw
 
 
@@ -241,8 +265,16 @@ def messages(system: str | None, prompt: str) -> list:
     return msgs
 
 
-def prepare(job: Job, proc, settings: Settings) -> dict:
-    """Open the image and build the model inputs (raises PykimiError on a bad image or prompt)."""
+def prepare(job: Job, proc, settings: Settings, context_limit: int | None = None) -> dict:
+    """Open the image (or the video's frames) and build the model inputs (raises PykimiError on a bad image,
+    video or prompt). A video is fitted into ``context_limit`` with room for the answer, as by ``pykimi run``."""
+    if job.kind == "video":
+        from .video import fit_video, load_video
+
+        msgs = [{"role": "system", "content": settings.system}] if settings.system else []
+        msgs.append({"role": "user", "content": job.prompt})
+        msgs, _ = fit_video(proc, msgs, load_video(job.path), context_limit, settings.max_new_tokens)
+        return proc.prepare(msgs)
     from .image import load_image
 
     img = load_image(job.path, name=job.image)
@@ -254,11 +286,13 @@ def result_row(job: Job, proc, ids, prompt_tokens: int, seconds: float) -> dict:
     this pykimi has pykimi.reasoning), the answer after it to "text"."""
     ids = [int(t) for t in ids]
     text = proc.decode(ids, skip_special=True)
-    row = {"id": job.id, "image": job.image, "prompt": job.prompt, "text": text}
-    try:
-        from .reasoning import split_reasoning
-    except ImportError:
-        split_reasoning = None
+    row = {"id": job.id, job.kind: job.image, "prompt": job.prompt, "text": text}
+    split_reasoning = getattr(proc, "split_reasoning", None)          # the checkpoint's own markers
+    if split_reasoning is None:
+        try:
+            from .reasoning import split_reasoning
+        except ImportError:
+            split_reasoning = None
     if split_reasoning is not None:
         reasoning, answer = split_reasoning(text)
         if reasoning is not None:
@@ -278,9 +312,9 @@ def run_one(model, proc, job: Job, settings: Settings) -> dict:
     """One row with ``model.generate``: the answer row, or an error row when the input is unusable."""
     t0 = time.perf_counter()
     try:
-        inputs = prepare(job, proc, settings)
+        inputs = prepare(job, proc, settings, model.context_limit)
         ids = model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_hws"],
-                             **settings.gen_kwargs())
+                             **settings.gen_kwargs(model))
     except PykimiError as e:
         return error_row(job, e)
     return result_row(job, proc, ids, len(inputs["input_ids"]), time.perf_counter() - t0)
@@ -323,7 +357,7 @@ class EngineRunner:
         from .engine import SamplingParams
 
         s = self.settings
-        stops = tuple(s.stop_ids) if s.stop_ids is not None else tuple(self.model.stop_ids)
+        stops = tuple(s.stops(self.model) or self.model.stop_ids)
         return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, min_p=s.min_p, seed=s.seed, stop_ids=stops,
                               repetition_penalty=s.repetition_penalty)
@@ -366,7 +400,8 @@ class EngineRunner:
                         break
                     t0 = time.perf_counter()
                     try:
-                        inputs = prepare(job, self.proc, self.settings)
+                        inputs = prepare(job, self.proc, self.settings, eng.max_context
+                                         if getattr(eng, "max_context", None) else self.model.context_limit)
                         req = eng.submit(inputs["input_ids"], pixel_values=inputs["pixel_values"],
                                          image_grid_hws=inputs["image_grid_hws"], params=params)
                     except PykimiError as e:
@@ -523,8 +558,8 @@ class RayPredictor:
     def __call__(self, batch: dict) -> dict:
         import numpy as np
 
-        jobs = [Job(str(batch["id"][i]), str(batch["image"][i]), str(batch["prompt"][i]), str(batch["path"][i]))
-                for i in range(len(batch["id"]))]
+        jobs = [Job(str(batch["id"][i]), str(batch["image"][i]), str(batch["prompt"][i]), str(batch["path"][i]),
+                    str(batch["kind"][i])) for i in range(len(batch["id"]))]
         rows = [json.dumps(row, ensure_ascii=False) for row in self.runner.run(jobs)]
         n = len(rows)
         return {"row": np.array(rows, dtype=object), "pid": np.full(n, os.getpid(), dtype=np.int64),
@@ -584,7 +619,8 @@ def run_ray(todo: list[Job], model_dir: str, settings: Settings, load_options: d
         n = len(todo)
         # small blocks: every actor busy, rows back early (a block's rows reach the driver when the block is done)
         per_block = max(parallel, min(16 * parallel, n // (4 * workers)))
-        items = [{"id": j.id, "image": j.image, "prompt": j.prompt, "path": os.path.abspath(j.path)} for j in todo]
+        items = [{"id": j.id, "image": j.image, "prompt": j.prompt, "path": os.path.abspath(j.path), "kind": j.kind}
+                 for j in todo]
         ds = ray.data.from_items(items, override_num_blocks=-(-n // per_block))
         ds = ds.map_batches(RayPredictor, fn_constructor_kwargs={"model_dir": os.path.abspath(model_dir),
                                                                  "settings": asdict(settings),

@@ -686,10 +686,16 @@ def cmd_batch(args) -> int:
         raise PykimiError(f"--parallel {args.parallel}: expected an integer >= 1")
     if args.workers < 1:
         raise PykimiError(f"--workers {args.workers}: expected an integer >= 1")
+    if getattr(args, "reasoning_budget", None) is not None:
+        raise PykimiError("--reasoning-budget is not supported by pykimi batch (rows keep the whole reasoning)")
+    model_dir = _model_dir(args)
+    _apply_generation_defaults(args, model_dir)          # flags, then generation_config.json, then the defaults
+    gen = getattr(args, "gen_config", None) or {}
     settings = Settings(system=args.system, max_new_tokens=args.max_new_tokens, temperature=args.temp,
                         top_p=args.top_p, top_k=args.top_k, min_p=args.min_p,
                         repetition_penalty=args.repeat_penalty, seed=args.seed,
-                        stop_ids=() if args.ignore_eos else None)
+                        stop_ids=() if args.ignore_eos else None,
+                        extra_stop_ids=tuple(int(i) for i in gen.get("stop_ids") or ()))
     opts = {k: getattr(args, k) for k in ("backend", "threads", "max_context") if getattr(args, k, None)}
     stop = threading.Event()
 
@@ -706,7 +712,7 @@ def cmd_batch(args) -> int:
     ignored = signal.getsignal(signal.SIGINT) == signal.SIG_IGN
     old = signal.getsignal(signal.SIGINT) if ignored else signal.signal(signal.SIGINT, on_sigint)
     try:
-        summary = run_batch(args.input, args.out, _model_dir(args), settings, prompt=args.prompt,
+        summary = run_batch(args.input, args.out, model_dir, settings, prompt=args.prompt,
                             parallel=args.parallel, load_options=opts, fail_fast=args.fail_fast, stop=stop,
                             show_progress=not args.quiet, ray_address=args.ray, workers=args.workers, log=log)
     finally:

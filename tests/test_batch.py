@@ -13,7 +13,7 @@ import pytest
 from conftest import ROOT
 
 N_IMAGES = 10
-GEN = ["-n", "40", "--ignore-eos"]        # ~0.5 s a row on the demo: long enough to kill a job mid-way
+GEN = ["-n", "100", "--ignore-eos"]       # 0.3-2 s a row on the demo: long enough to kill a job mid-way
 
 
 def cli(*args, timeout=300):
@@ -104,7 +104,7 @@ def test_jsonl_rows_and_relative_images(tmp_path, images):
     ('{"id": "a", "image": 3}\n', '"image" must be a path'),
     ('{"id": "a", "image": "a.png", "prompt": 5}\n', '"prompt" must be a string'),
     ('{"id": "a", "image": "a.png"}\n{"id": "a", "image": "b.png"}\n', "in.jsonl:2: id 'a' already used on line 1"),
-    ('{"id": "v", "video": "a.mp4", "image": "x.png"}\n', '"video" rows are not supported'),
+    ('{"id": "v", "video": "a.mp4", "image": "x.png"}\n', 'a row has "image" or "video", not both'),
     ("\n\n", "no rows"),
 ])
 def test_bad_jsonl_input_is_one_line_exit_2_and_out_untouched(tmp_path, text, msg):
@@ -192,7 +192,7 @@ def test_batch_rows_equal_pykimi_run(images, reference):
         assert row["image"] == os.path.join(images, rid) and row["prompt"] == "Describe the image."
         inputs = proc.prepare(messages(None, row["prompt"]), images=[row["image"]])
         ids = model.generate(inputs["input_ids"], inputs["pixel_values"], inputs["image_grid_hws"],
-                             max_new_tokens=40, stop_ids=[])
+                             max_new_tokens=int(GEN[1]), stop_ids=[])
         assert (row["text"], row["completion_tokens"], row["prompt_tokens"]) == \
             (proc.decode(ids, skip_special=True), len(ids), len(inputs["input_ids"])), rid
     for rid in sorted(reference)[:2]:
@@ -257,8 +257,7 @@ def test_kill_9_three_times_then_resume_gives_every_row_once(tmp_path, images, r
                 time.sleep(0.3)                                     # inside imports / model loading
             else:
                 while n_lines(out) < target and time.time() - t0 < 180 and p.poll() is None:
-                    time.sleep(0.02)
-                time.sleep(0.2)                                     # land somewhere inside the next row
+                    time.sleep(0.01)                                # then kill at once: inside the next row
             assert p.poll() is None, f"the job ended before the kill: {p.communicate()[1]}"
             p.send_signal(signal.SIGKILL)
         finally:
@@ -362,3 +361,34 @@ def test_ray_missing_is_a_clear_error(monkeypatch, images):
     monkeypatch.setitem(sys.modules, "ray.data", None)
     with pytest.raises(InputError, match=r"--ray needs Ray Data.*pip install 'pykimi\[ray\]'"):
         next(run_ray(read_jobs(images), "unused", Settings(), {}))
+
+
+def test_video_rows_equal_pykimi_run_video(tmp_path, images):
+    """A JSONL row with "video": frames with timestamps fitted to the context as `pykimi run --video` does; the
+    row is {"id", "video", "prompt", "text", ...} and equals run's answer. A broken video is an error row."""
+    pytest.importorskip("av", reason="video rows need PyAV (the 'video' extra)")
+    from PIL import Image
+
+    from pykimi.video import write_video
+
+    frames = [Image.open(os.path.join(images, "a", f"scene_{i:02d}.png")).convert("RGB").resize((112, 112))
+              for i in (1, 2)]
+    clip = str(tmp_path / "clip.mp4")
+    write_video(clip, [f for f in frames for _ in range(4)], fps=4)
+    (tmp_path / "broken.mp4").write_bytes(b"not a video")
+    f = tmp_path / "in.jsonl"
+    f.write_text(json.dumps({"id": "v", "video": "clip.mp4"}) + "\n"
+                 + json.dumps({"id": "bad", "video": "broken.mp4"}) + "\n"
+                 + json.dumps({"id": "i", "image": os.path.join(images, "a", "scene_01.png")}) + "\n")
+    out = str(tmp_path / "out.jsonl")
+    r = cli("batch", str(f), "-o", out, "-n", "12", "-q")
+    assert r.returncode == 0, r.stderr
+    got = {row["id"]: row for row in read_rows(out)}
+    assert list(got["v"])[:4] == ["id", "video", "prompt", "text"] and got["v"]["prompt"] == "Describe the video."
+    assert set(got["bad"]) == {"id", "error"} and "broken.mp4" in got["bad"]["error"], got["bad"]
+    assert got["i"]["prompt"] == "Describe the image."
+    r = cli("run", "--video", clip, "-n", "12", "--json")
+    assert r.returncode == 0, r.stderr
+    run = json.loads(r.stdout)
+    assert (got["v"]["text"], got["v"]["completion_tokens"], got["v"]["prompt_tokens"]) == \
+        (run["answer"], len(run["ids"]), run["stats"]["prompt_tokens"])
