@@ -357,7 +357,8 @@ class EngineRunner:
         from .engine import SamplingParams
 
         s = self.settings
-        stops = tuple(s.stops(self.model) or self.model.stop_ids)
+        stops = s.stops(self.model)                       # [] never stops early (--ignore-eos)
+        stops = tuple(stops) if stops is not None else tuple(self.model.stop_ids)
         return SamplingParams(max_new_tokens=s.max_new_tokens, temperature=s.temperature, top_p=s.top_p,
                               top_k=s.top_k, min_p=s.min_p, seed=s.seed, stop_ids=stops,
                               repetition_penalty=s.repetition_penalty)
