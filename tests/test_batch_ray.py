@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT
 
+pytestmark = pytest.mark.reference  # a heavy optional extra: .ci/run installs it after the README commands
+
 pytest.importorskip("ray.data", reason="--ray needs the optional extra: pip install 'pykimi[ray]'")
 
 GEN = ["-n", "24"]
