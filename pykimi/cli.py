@@ -315,34 +315,22 @@ def _check_out_file(path: str, what: str) -> None:
         raise InputError(f"{what} {path}: cannot write in {probe} ({e.strerror or e})") from None
 
 
-def _positive_int(s: str) -> int:
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not an integer") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"{v}: expected a positive integer (omit the option for the default)")
-    return v
+def _checked(conv, ok, expected: str):
+    """An argparse type: ``conv(s)`` that must satisfy ``ok``, else a one-line error saying what was expected."""
+    def parse(s: str):
+        try:
+            v = conv(s)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{s!r} is not {'an integer' if conv is int else 'a number'}") from None
+        if not ok(v):
+            raise argparse.ArgumentTypeError(f"{s}: expected {expected}")
+        return v
+    return parse
 
 
-def _positive_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (math.isfinite(v) and v > 0):
-        raise argparse.ArgumentTypeError(f"{s}: expected a finite number > 0")
-    return v
-
-
-def _nonneg_float(s: str) -> float:
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"{s!r} is not a number") from None
-    if not (math.isfinite(v) and v >= 0):
-        raise argparse.ArgumentTypeError(f"{s}: expected a finite number >= 0")
-    return v
+_positive_int = _checked(int, lambda v: v >= 1, "a positive integer (omit the option for the default)")
+_positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
+_nonneg_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
 def _seed(s: str):
