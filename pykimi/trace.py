@@ -5,10 +5,16 @@ Every stage of the model calls ``x = emit(name, x)`` with its checkpoint module 
 ``with pykimi.trace(model) as t:`` it records a copy of each matching tensor in execution order, and an
 ``edit={name: fn}`` replaces the value, which then flows onward.
 
-A traced run executes the same code as an untraced one, with one documented exception: the fused decode
-attention (one C call per layer and token) cannot report ``...self_attn.q_rope``, ``.k_rope`` or
-``.attn_probs``; a trace that records or edits one of those names for a layer (``wants``) runs that layer's
-decode step by step instead (the same values up to float rounding; tests/test_trace.py shows both).
+A traced run executes the same code as an untraced one, with two documented exceptions, each taken only for the
+layer or block whose hidden name a trace records or edits (``wants``), each giving the same values up to float
+rounding:
+* the fused decode attention (one C call per layer and token) cannot report ``...self_attn.q_rope``, ``.k_rope``
+  or ``.attn_probs``: that layer's decode runs step by step instead (tests/test_trace.py shows both);
+* the vision tower's tiled attention never forms the probabilities: a block whose ``.attn_probs`` is asked runs
+  the attention that materializes them (``vision_attention(..., return_probs=True)``; the block output moved by
+  about 6e-6 on the demo), so the web page's inspector takes the features from an untraced run.
+A trace is process-wide: while one is active, other threads' forward passes (the server's engine) see it too and
+leave their fused paths (same values up to rounding, slower).
 """
 from __future__ import annotations
 
