@@ -104,8 +104,6 @@ def _jsonl_jobs(path: str, prompt: str | None) -> list[Job]:
         kind = "video" if "video" in row else "image"
         if kind == "video" and "image" in row:
             raise InputError(f'{where}: a row has "image" or "video", not both')
-        if kind == "video" and not _video_available():
-            raise InputError(f'{where}: "video" rows need pykimi.video, which this pykimi does not have')
         img = row.get(kind)
         if not isinstance(img, str) or not img:
             raise InputError(f'{where}: "{kind}" must be a path string, got {img!r}')
@@ -120,14 +118,6 @@ def _jsonl_jobs(path: str, prompt: str | None) -> list[Job]:
     if not jobs:
         raise InputError(f"{path}: no rows; expected one {{\"id\", \"image\", \"prompt\"?}} object per line")
     return jobs
-
-
-def _video_available() -> bool:
-    try:
-        from .video import fit_video, load_video  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 # --------------------------------------------------------------------------------------------- output
@@ -287,16 +277,12 @@ def result_row(job: Job, proc, ids, prompt_tokens: int, seconds: float) -> dict:
     ids = [int(t) for t in ids]
     text = proc.decode(ids, skip_special=True)
     row = {"id": job.id, job.kind: job.image, "prompt": job.prompt, "text": text}
-    split_reasoning = getattr(proc, "split_reasoning", None)          # the checkpoint's own markers
-    if split_reasoning is None:
-        try:
-            from .reasoning import split_reasoning
-        except ImportError:
-            split_reasoning = None
-    if split_reasoning is not None:
-        reasoning, answer = split_reasoning(text)
-        if reasoning is not None:
-            row["text"], row["reasoning"] = answer, reasoning
+    from .reasoning import split_reasoning
+
+    split = getattr(proc, "split_reasoning", split_reasoning)         # the checkpoint's own markers if it has them
+    reasoning, answer = split(text)
+    if reasoning is not None:
+        row["text"], row["reasoning"] = answer, reasoning
     row.update(prompt_tokens=int(prompt_tokens), completion_tokens=len(ids), seconds=round(seconds, 3))
     return row
 
@@ -334,14 +320,6 @@ class SequentialRunner:
             if stop is not None and stop.is_set():
                 return
             yield run_one(self.model, self.proc, job, self.settings)
-
-
-def engine_available() -> bool:
-    try:
-        from .engine import Engine, SamplingParams  # noqa: F401
-    except ImportError:
-        return False
-    return True
 
 
 class EngineRunner:
@@ -424,14 +402,11 @@ class EngineRunner:
 
 
 def make_runner(model, proc, settings: Settings, parallel: int = 1):
-    """--parallel 1: model.generate; more: the batched engine (an error when pykimi.engine is missing)."""
+    """--parallel 1: model.generate; more: the batched engine."""
     if parallel < 1:
         raise InputError(f"--parallel {parallel}: expected an integer >= 1")
     if parallel == 1:
         return SequentialRunner(model, proc, settings)
-    if not engine_available():
-        raise InputError(f"--parallel {parallel} needs the batched engine (pykimi.engine), which this pykimi does "
-                         f"not have; use --parallel 1 or --ray --workers N")
     return EngineRunner(model, proc, settings, parallel)
 
 
@@ -597,9 +572,6 @@ def run_ray(todo: list[Job], model_dir: str, settings: Settings, load_options: d
     whose caller writes OUT (one writer: the exactly-once rules of one process hold). Each actor asks Ray for
     ``threads`` CPUs (``-t``, default 1) and runs its kernels on as many threads; with ``parallel`` > 1 it
     decodes the ``parallel`` rows of each batch together with the engine (one weight read per step for all)."""
-    if parallel > 1 and not engine_available():
-        raise InputError(f"--parallel {parallel} needs the batched engine (pykimi.engine), which this pykimi does "
-                         f"not have; use --parallel 1")
     try:
         import ray
         import ray.data

@@ -314,21 +314,7 @@ def test_ctrl_c_finishes_the_row_in_flight_then_resume(tmp_path, images, referen
 
 # --------------------------------------------------------------------------------------------- engine runner
 
-def test_parallel_above_one_without_engine_is_a_clear_error(tmp_path, images):
-    from pykimi.batch import engine_available
-
-    if engine_available():
-        pytest.skip("pykimi.engine is present: --parallel > 1 runs (test_parallel_1_and_4_give_identical_rows)")
-    r = cli("batch", images, "-o", str(tmp_path / "o.jsonl"), "--parallel", "4")
-    assert r.returncode == 2 and "needs the batched engine" in r.stderr, r.stderr
-    assert not os.path.exists(tmp_path / "o.jsonl") or os.path.getsize(tmp_path / "o.jsonl") == 0
-
-
 def test_parallel_1_and_4_give_identical_rows(tmp_path, images, reference):
-    from pykimi.batch import engine_available
-
-    if not engine_available():
-        pytest.skip("needs pykimi.engine (the batched engine of pykimi serve), not in this tree yet")
     out = str(tmp_path / "p4.jsonl")
     r = cli("batch", images, "-o", out, *GEN, "--parallel", "4", "-q")
     assert r.returncode == 0, r.stderr
@@ -338,8 +324,7 @@ def test_parallel_1_and_4_give_identical_rows(tmp_path, images, reference):
 
 def test_a_thinking_answer_puts_its_reasoning_apart(images):
     """A row whose text starts with the thinking markers keeps the answer in "text" and the thinking in
-    "reasoning" (needs pykimi.reasoning, from the family issue)."""
-    pytest.importorskip("pykimi.reasoning", reason="needs pykimi.reasoning (the family issue)")
+    "reasoning"."""
     from pykimi.batch import Job, result_row
 
     class Proc:

@@ -135,10 +135,6 @@ def test_ray_data_driving_two_pykimi_serve_instances_over_http(tmp_path):
 
 def test_ray_actor_with_the_engine_gives_the_same_rows(tmp_path):
     """--ray --parallel 2: the actor decodes the rows of each batch together with the engine; rows as alone."""
-    from pykimi.batch import engine_available
-
-    if not engine_available():
-        pytest.skip("needs pykimi.engine (the batched engine of pykimi serve), not in this tree yet")
     from pykimi.scenes import random_scene
 
     src = tmp_path / "imgs"
