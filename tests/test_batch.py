@@ -10,6 +10,7 @@ import time
 import numpy as np
 import pytest
 
+from cli_helpers import sigint_as_a_terminal_leaves_it
 from conftest import ROOT
 
 N_IMAGES = 10
@@ -28,7 +29,7 @@ def popen(*args):
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-m", "pykimi.cli", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env, cwd=ROOT,
-                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                            preexec_fn=sigint_as_a_terminal_leaves_it)
 
 
 def read_rows(path):

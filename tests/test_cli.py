@@ -7,7 +7,7 @@ import sys
 import numpy as np
 import pytest
 
-from cli_helpers import make_tiny_model_dir
+from cli_helpers import make_tiny_model_dir, sigint_as_a_terminal_leaves_it
 from conftest import GOLDEN, ROOT
 
 IMG = os.path.join(GOLDEN, "one_image", "images", "img0.png")
@@ -153,13 +153,10 @@ def test_chat_ctrl_c_stops_the_answer_not_the_session(model_dir, tmp_path):
     json.dump(cfg, open(cfg_path, "w"), indent=1)
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    # A terminal's Ctrl-C reaches a program whose SIGINT is at its default. A test run started in the background
-    # by a non-interactive shell (`cmd &`, as CI harnesses may) inherits SIGINT *ignored*, and Python then keeps
-    # it ignored: the child starts with the terminal's disposition instead.
     p = subprocess.Popen([sys.executable, "-m", "pykimi.cli", "chat", "-m", long_dir, "-n", "100000",
                           "--ignore-eos"],
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                         env=env, cwd=ROOT, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+                         env=env, cwd=ROOT, preexec_fn=sigint_as_a_terminal_leaves_it)
     got: list = []
     errs: list = []
     for stream, sink in ((p.stdout, got), (p.stderr, errs)):

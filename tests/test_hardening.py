@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from cli_helpers import make_tiny_model_dir
+from cli_helpers import make_tiny_model_dir, sigint_as_a_terminal_leaves_it
 from conftest import GOLDEN, ROOT, TINY
 
 import pykimi
@@ -301,7 +301,7 @@ def _slow_quantize_proc(src, dst):
             f"sys.exit(main(['quantize', {src!r}, {dst!r}, '--bits', '8', '--what', 'all', '--quiet']))\n")
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     return subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, env=env, cwd=ROOT)
+                            text=True, env=env, cwd=ROOT, preexec_fn=sigint_as_a_terminal_leaves_it)
 
 
 @pytest.mark.parametrize("sig,status", [("SIGTERM", 143), ("SIGINT", 130)])
