@@ -41,7 +41,7 @@ import numpy as np
 
 from . import kernels
 from .attention import mla_absorbed
-from .errors import InputError, PykimiError
+from .errors import InputError, NumericsError, PykimiError
 from .generate import apply_repetition_penalty, default_stop_ids, pick_token
 from .kernels import linear as _linear, probe as _probe
 from .model import LM, embed_and_merge, embed_rows, final_norm
@@ -815,6 +815,12 @@ class Engine:
 
     def _pick(self, s: Sequence, logits: np.ndarray) -> None:
         """Choose the next token of s from its logits, emit it, finish or queue it for the next step."""
+        if not np.isfinite(logits).all():         # never a token from NaN / inf (argmax of all-NaN is id 0)
+            where = "the prompt" if not s.generated else f"decode step {len(s.generated)}"
+            self._fail(s, NumericsError(
+                f"request {s.req.id}: non-finite values (NaN/inf) in the logits after {where}; `pykimi run` on "
+                f"the same prompt names the first stage that went non-finite (model {self.model.ckpt.path})"))
+            return
         p = s.params
         z = logits
         if p.repetition_penalty != 1.0:

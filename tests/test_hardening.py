@@ -569,3 +569,22 @@ def test_quantize_overwrite_keeps_a_users_dst_old(tmp_path, model_dir):
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "q8.old" / "notes.txt").read_text() == "mine"
     assert sorted(os.listdir(str(tmp_path))) == ["q8", "q8.old"]
+
+
+def test_engine_never_turns_nan_logits_into_a_token(tiny_copy):
+    """The batched engine (pykimi serve, batch --parallel) fails the request with a NumericsError, as
+    generate does, instead of emitting token 0; the engine goes on serving a healthy model's requests."""
+    from pykimi.engine import Engine, SamplingParams
+
+    _poison(tiny_copy, "language_model.lm_head.weight")
+    eng = Engine(pykimi.load(tiny_copy), parallel=2)
+    eng.start()
+    try:
+        req = eng.submit([5, 6, 7], params=SamplingParams(max_new_tokens=3))
+        with pytest.raises(NumericsError, match=r"non-finite values \(NaN/inf\) in the logits after the prompt"):
+            for _ in req:
+                pass
+            req.result()
+        assert eng.metrics["requests_failed"] == 1
+    finally:
+        eng.stop()
