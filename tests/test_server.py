@@ -402,3 +402,47 @@ def test_cli_serve_bad_flags(args, what):
     r = subprocess.run([sys.executable, "-m", "pykimi.cli", "serve", *args], capture_output=True, text=True,
                        env=dict(os.environ, PYTHONPATH=root), timeout=120)
     assert r.returncode == 2 and what in r.stderr and r.stderr.strip().count("\n") == 0, r.stderr
+
+
+def test_reasoning_content_fields(demo):
+    """reasoning_format (llama-server's convention): the text between the think markers goes to
+    message.reasoning_content / delta.reasoning_content, the rest to content; 'none' keeps the raw text.
+    The demo model writes no ◁think▷, so this server's processor takes markers from the demo's own answer
+    ("There are 3 shapes.": start "There", end "3"): the plumbing is what is tested, the splitter itself is
+    tests/test_reasoning.py's."""
+    import copy
+
+    model, proc = demo
+    proc = copy.copy(proc)
+    proc.think_start, proc.think_end = "There", "3"
+    img, _ = scenes.random_scene(np.random.default_rng(7))
+    raw = greedy_text(model, proc, img, "How many shapes are there?")
+    reasoning, answer = proc.split_reasoning(raw)
+    assert reasoning is not None, raw
+    eng = Engine(model, parallel=2).start()
+    app = create_app(model, proc, eng, model_id="demo")
+    try:
+        with ServerThread(app) as srv:
+            url = srv.url + "/v1/chat/completions"
+            q = "How many shapes are there?"
+            for fmt in (None, "deepseek"):
+                body = {"model": "demo", "messages": user(q, data_uri(img)), "max_tokens": 32}
+                if fmt:
+                    body["reasoning_format"] = fmt
+                m = httpx.post(url, json=body, timeout=TIMEOUT).json()["choices"][0]["message"]
+                assert (m["reasoning_content"], m["content"]) == (reasoning, answer), m
+                got = {"reasoning_content": "", "content": ""}
+                with httpx.Client(timeout=TIMEOUT) as c:
+                    with c.stream("POST", url, json=dict(body, stream=True)) as r:
+                        for line in r.iter_lines():
+                            if line.startswith("data: ") and line != "data: [DONE]":
+                                ch = json.loads(line[6:])
+                                for k in got:
+                                    got[k] += (ch["choices"][0]["delta"].get(k) or "") if ch["choices"] else ""
+                assert (got["reasoning_content"], got["content"]) == (reasoning, answer), got
+            body = {"model": "demo", "messages": user(q, data_uri(img)), "max_tokens": 32, "reasoning_format": "none"}
+            m = httpx.post(url, json=body, timeout=TIMEOUT).json()["choices"][0]["message"]
+            assert m["content"] == raw and "reasoning_content" not in m
+            _err(httpx.post(url, json=dict(body, reasoning_format="html"), timeout=TIMEOUT), 400, "reasoning_format")
+    finally:
+        eng.stop()

@@ -34,6 +34,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from ..engine import EngineStopped, QueueFull, SamplingParams
 from ..errors import InputError, PykimiError
+from ..reasoning import REASONING, ReasoningSplitter, check_reasoning_format, message_fields
 
 log = logging.getLogger("pykimi.server")
 
@@ -499,6 +500,10 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
             raise APIError(404, f"the model '{name}' does not exist (this server runs '{ctx.model_id}')", "model",
                            "model_not_found")
         params, extra = parse_params(body, ctx, model.text.vocab_size)
+        try:          # the thinking checkpoints' ◁think▷…◁/think▷ -> reasoning_content (llama-server's convention)
+            extra["reasoning_format"] = check_reasoning_format(body.get("reasoning_format"))
+        except ValueError as e:
+            raise _bad(str(e), "reasoning_format") from None
         msgs = parse_messages(body.get("messages"), ctx)
         try:
             inputs = processor.prepare(msgs)
@@ -608,7 +613,9 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
             usage, timings = finish_fields(reason)
             return {"id": cid, "object": "chat.completion", "created": created, "model": ctx.model_id,
                     "system_fingerprint": "pykimi",
-                    "choices": [{"index": 0, "message": {"role": "assistant", "content": "".join(pieces)},
+                    "choices": [{"index": 0, "message": {"role": "assistant", **message_fields(
+                                     "".join(pieces), extra["reasoning_format"], processor.think_start,
+                                     processor.think_end)},
                                  "logprobs": {"content": lps} if n_top is not None else None,
                                  "finish_reason": reason}],
                     "usage": usage, "timings": timings}
@@ -618,6 +625,16 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
                  "system_fingerprint": "pykimi",
                  "choices": [{"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": reason}]}
             return format_sse_event(data_str=json.dumps(c, ensure_ascii=False))
+
+        split = (None if extra["reasoning_format"] == "none"
+                 else ReasoningSplitter(processor.think_start, processor.think_end))
+
+        def deltas(piece: str, final: bool = False) -> list[dict]:
+            """Text pieces -> delta dicts: reasoning_content / content (the raw text with reasoning_format none)."""
+            if split is None:
+                return [{"content": piece}] if piece else []
+            parts = split.feed(piece) + (split.finish() if final else [])
+            return [{"reasoning_content" if kind == REASONING else "content": t} for kind, t in parts if t]
 
         async def sse():
             finished = False
@@ -631,8 +648,11 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
                         piece = text.add(ev.token_id, ev.finish_reason is not None)
                         if n_top is not None:
                             lp = {"content": [_logprob_entry(processor, ev, n_top)]}
-                    if piece or lp:
-                        yield chunk({"content": piece}, None, lp)
+                    out = deltas(piece, final=ev.finish_reason is not None or text.stopped)
+                    if lp and not out:
+                        out = [{"content": ""}]
+                    for k, d in enumerate(out):
+                        yield chunk(d, None, lp if k == 0 else None)
                     if text.stopped and ev.finish_reason is None:
                         req.cancel()
                         while (await next_event(False)).finish_reason is None:
