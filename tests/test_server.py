@@ -446,3 +446,29 @@ def test_reasoning_content_fields(demo):
             _err(httpx.post(url, json=dict(body, reasoning_format="html"), timeout=TIMEOUT), 400, "reasoning_format")
     finally:
         eng.stop()
+
+
+def test_video_url_part(served, tmp_path):
+    """A video as a base64 data URI (llama-server's convention): frames sampled uniformly with their times in
+    the text, as `pykimi run --video` sends them; anything but a data URI, or bytes that are no video, is a 400."""
+    pytest.importorskip("av", reason="video needs PyAV (the optional 'video' extra)")
+    from pykimi.video import load_video, video_parts, write_test_video
+
+    clip = tmp_path / "clip.mp4"
+    write_test_video(str(clip), frames=12, fps=4)
+    uri = "data:video/mp4;base64," + base64.b64encode(clip.read_bytes()).decode()
+    parts = [{"type": "video_url", "video_url": {"url": uri}}, {"type": "text", "text": "Describe the image."}]
+    body = {"model": "demo", "messages": [{"role": "user", "content": parts}], "max_tokens": 8}
+    r = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+    assert r.status_code == 200, r.text
+    video = load_video(str(clip), frames=8)
+    msgs = [{"role": "user", "content": video_parts(video) + [{"type": "text", "text": "Describe the image."}]}]
+    want = len(served.proc.prepare(msgs)["input_ids"])
+    assert r.json()["usage"]["prompt_tokens"] == want
+    url = served.url + "/v1/chat/completions"
+    bad = lambda u: {"model": "demo", "messages": [{"role": "user", "content": [
+        {"type": "video_url", "video_url": {"url": u}}, {"type": "text", "text": "hi"}]}]}
+    _err(httpx.post(url, json=bad("file:///etc/passwd"), timeout=TIMEOUT), 400)
+    _err(httpx.post(url, json=bad("https://example.com/a.mp4"), timeout=TIMEOUT), 400)
+    _err(httpx.post(url, json=bad("data:video/mp4;base64," + base64.b64encode(b"not a video").decode()),
+                    timeout=TIMEOUT), 400)

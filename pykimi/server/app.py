@@ -232,9 +232,27 @@ def parse_messages(messages, ctx: ServerContext) -> list:
                 if n_images > ctx.max_images:
                     raise _bad(f"too many images: at most {ctx.max_images} per request", pw, "too_many_images")
                 parts.append({"type": "image", "image": _load_image(url, f"{pw}.image_url", ctx)})
+            elif t == "video_url":             # llama-server's convention: video as a base64 data URI only
+                vu = p.get("video_url")
+                url = vu.get("url") if isinstance(vu, dict) else vu
+                if not isinstance(url, str) or not url.startswith("data:"):
+                    raise _bad(f"{pw}.video_url must be a data: URI (base64 video); paths and remote URLs are not "
+                               f"read for video", f"{pw}.video_url")
+                from ..video import DEFAULT_FRAMES, load_video, video_parts
+
+                room = ctx.max_images - n_images          # each frame counts as an image
+                if room < 1:
+                    raise _bad(f"too many images: at most {ctx.max_images} per request (video frames included)", pw,
+                               "too_many_images")
+                try:       # frames sampled uniformly (pykimi.video), '<t=..s>' before each, as `pykimi run --video`
+                    video = load_video(url, frames=min(DEFAULT_FRAMES, room))
+                except PykimiError as e:
+                    raise _bad(f"{pw}.video_url: {str(e).splitlines()[0]}", f"{pw}.video_url") from None
+                n_images += len(video)
+                parts.extend(video_parts(video))
             else:
-                raise _bad(f"{pw}.type {json.dumps(t)[:40]} is not supported (expected 'text' or 'image_url')",
-                           f"{pw}.type")
+                raise _bad(f"{pw}.type {json.dumps(t)[:40]} is not supported (expected 'text', 'image_url' or "
+                           f"'video_url')", f"{pw}.type")
         out.append({"role": role, "content": parts})
     return out
 
