@@ -452,7 +452,7 @@ def test_video_url_part(served, tmp_path):
     """A video as a base64 data URI (llama-server's convention): frames sampled uniformly with their times in
     the text, as `pykimi run --video` sends them; anything but a data URI, or bytes that are no video, is a 400."""
     pytest.importorskip("av", reason="video needs PyAV (the optional 'video' extra)")
-    from pykimi.video import load_video, video_parts, write_test_video
+    from pykimi.video import load_video, video_inputs, write_test_video
 
     clip = tmp_path / "clip.mp4"
     write_test_video(str(clip), frames=12, fps=4)
@@ -462,9 +462,21 @@ def test_video_url_part(served, tmp_path):
     r = httpx.post(served.url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
     assert r.status_code == 200, r.text
     video = load_video(str(clip), frames=8)
-    msgs = [{"role": "user", "content": video_parts(video) + [{"type": "text", "text": "Describe the image."}]}]
-    want = len(served.proc.prepare(msgs)["input_ids"])
-    assert r.json()["usage"]["prompt_tokens"] == want
+    msgs = [{"role": "user", "content": [{"type": "text", "text": "Describe the image."}]}]
+    inputs, fit = video_inputs(served.proc, msgs, video, served.engine.max_context, 8, where=0)
+    assert r.json()["usage"]["prompt_tokens"] == len(inputs["input_ids"]) == fit.prompt_tokens
+    # a context too small for the frames as they are: every frame gets a smaller budget, prompt + answer fit
+    model, proc = served.model, served.proc
+    assert fit.tokens_per_frame >= 4, fit
+    eng = Engine(model, parallel=1, max_context=fit.text_tokens + 8 + 8 * (fit.tokens_per_frame // 2)).start()
+    try:
+        with ServerThread(create_app(model, proc, eng, model_id="demo")) as small:
+            r = httpx.post(small.url + "/v1/chat/completions", json=body, timeout=TIMEOUT)
+            assert r.status_code == 200, r.text
+            used = r.json()["usage"]
+            assert used["prompt_tokens"] + 8 <= eng.max_context < fit.prompt_tokens, used
+    finally:
+        eng.stop()
     url = served.url + "/v1/chat/completions"
     bad = lambda u: {"model": "demo", "messages": [{"role": "user", "content": [
         {"type": "video_url", "video_url": {"url": u}}, {"type": "text", "text": "hi"}]}]}

@@ -35,6 +35,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from ..engine import EngineStopped, QueueFull, SamplingParams
 from ..errors import InputError, PykimiError
 from ..reasoning import REASONING, ReasoningSplitter, check_reasoning_format, message_fields
+from ..video import DEFAULT_FRAMES, fit_video, load_video, video_parts
 
 log = logging.getLogger("pykimi.server")
 
@@ -194,8 +195,10 @@ def _fetch_remote(url: str, where: str, ctx: ServerContext):
     return _decode_image_bytes(bytes(buf), where, ctx)
 
 
-def parse_messages(messages, ctx: ServerContext) -> list:
-    """OpenAI messages -> the processor's messages (image parts carry the decoded PIL image)."""
+def parse_messages(messages, ctx: ServerContext, videos: list | None = None) -> list:
+    """OpenAI messages -> the processor's messages (image parts carry the decoded PIL image). A ``video_url``
+    part becomes its sampled frames' parts; with a ``videos`` list it is appended there as (message index,
+    Video) instead, for the caller to fit into the context (pykimi.video.fit_video)."""
     if not isinstance(messages, list) or not messages:
         raise _bad("'messages' must be a non-empty array of {role, content} objects", "messages")
     out, n_images = [], 0
@@ -238,8 +241,6 @@ def parse_messages(messages, ctx: ServerContext) -> list:
                 if not isinstance(url, str) or not url.startswith("data:"):
                     raise _bad(f"{pw}.video_url must be a data: URI (base64 video); paths and remote URLs are not "
                                f"read for video", f"{pw}.video_url")
-                from ..video import DEFAULT_FRAMES, load_video, video_parts
-
                 room = ctx.max_images - n_images          # each frame counts as an image
                 if room < 1:
                     raise _bad(f"too many images: at most {ctx.max_images} per request (video frames included)", pw,
@@ -249,7 +250,10 @@ def parse_messages(messages, ctx: ServerContext) -> list:
                 except PykimiError as e:
                     raise _bad(f"{pw}.video_url: {str(e).splitlines()[0]}", f"{pw}.video_url") from None
                 n_images += len(video)
-                parts.extend(video_parts(video))
+                if videos is None:
+                    parts.extend(video_parts(video))
+                else:
+                    videos.append((i, video))
             else:
                 raise _bad(f"{pw}.type {json.dumps(t)[:40]} is not supported (expected 'text', 'image_url' or "
                            f"'video_url')", f"{pw}.type")
@@ -522,8 +526,12 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
             extra["reasoning_format"] = check_reasoning_format(body.get("reasoning_format"))
         except ValueError as e:
             raise _bad(str(e), "reasoning_format") from None
-        msgs = parse_messages(body.get("messages"), ctx)
+        videos: list = []
+        msgs = parse_messages(body.get("messages"), ctx, videos)
         try:
+            for i, video in videos:      # every frame the same image budget, so prompt + answer fit the context
+                want = extra["max_tokens"] if extra["max_tokens"] is not None else min(ctx.default_max_tokens, 256)
+                msgs, _ = fit_video(processor, msgs, video, engine.max_context, want, where=i)
             inputs = processor.prepare(msgs)
         except PykimiError as e:
             raise _bad(str(e).splitlines()[0], "messages") from None
