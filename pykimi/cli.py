@@ -331,6 +331,8 @@ def _checked(conv, ok, expected: str):
 _positive_int = _checked(int, lambda v: v >= 1, "a positive integer (omit the option for the default)")
 _positive_float = _checked(float, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 _nonneg_float = _checked(float, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+_nonneg_int = _checked(int, lambda v: v >= 0, "an integer >= 0")
+_count = _checked(int, lambda v: v >= 1, "an integer >= 1")
 
 
 def _seed(s: str):
@@ -793,36 +795,6 @@ def _add_gen_args(p):
                    help="close the thinking after N generated tokens by inserting ◁/think▷")
 
 
-def _pos_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}") from None
-    if v < 1:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {s!r}")
-    return v
-
-
-def _pos_float(s):
-    try:
-        v = float(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}") from None
-    if not v > 0 or v == float("inf"):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {s!r}")
-    return v
-
-
-def _nonneg_int(s):
-    try:
-        v = int(s)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}") from None
-    if v < 0:
-        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {s!r}")
-    return v
-
-
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="pykimi", description="Kimi-VL-A3B-Instruct on the CPU")
     ap.add_argument("--debug", action="store_true", help="show tracebacks")
@@ -837,8 +809,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--video", help="a video file: sampled frames go in as images with their timestamps "
                                    "(needs PyAV: pip install 'pykimi[video]')")
     g = p.add_mutually_exclusive_group()
-    g.add_argument("--frames", type=_pos_int, help="frames sampled uniformly from --video (default 8)")
-    g.add_argument("--fps", type=_pos_float, help="sample --video at this many frames per second")
+    g.add_argument("--frames", type=_count, help="frames sampled uniformly from --video (default 8)")
+    g.add_argument("--fps", type=_positive_float, help="sample --video at this many frames per second")
     p.add_argument("-p", "--prompt", help=f"the question (default: {DEFAULT_PROMPT!r}, with --video "
                                           f"{DEFAULT_VIDEO_PROMPT!r})")
     p.add_argument("--no-stream", action="store_true", help="print the answer at the end")
