@@ -5,6 +5,8 @@ and per decode step the weight bytes read against the bound for the batch's unio
     python bench/bench_serve.py --ckpt DIR [--ckpt DIR2 ...]    # given checkpoints (bf16 or repacked)
     python bench/bench_serve.py --int4                          # also the int4 (experts) repack of the 4-layer one
     python bench/bench_serve.py --streams 1,2,4 --tokens 16 --rounds 2 --reuse
+    python bench/bench_serve.py --ckpt bench/out/synth-L27-q4-all \
+        --llama-server PATH/llama-server --gguf bench/out/synth-L27-q4_0.gguf    # + llama.cpp's server, same weights
 
 Per checkpoint and stream count c, ``rounds`` times, alternating the stream counts inside each round (so drift on
 a shared machine hits all of them alike): one Engine(parallel=c), c requests submitted together (distinct
@@ -18,6 +20,11 @@ synthetic prompts of ``--prompt`` tokens, ``--tokens`` new tokens each, never st
   over 1 GiB, best of 5, 1 and 2 threads, sampled before and after every checkpoint; the best sample), as a
   fraction of the step's time; and "alone bytes" = c x the bytes of a one-sequence
   step, what c separate streams would read.
+
+``--llama-server BIN --gguf FILE``: after the last checkpoint, llama.cpp's own server on the same weights (a GGUF
+written from that checkpoint by bench/peers/gguf_export.py), ``-np c`` slots, the same token-id prompts, measured
+the same way from the client (bench/peers/llamaserver_peer.py); pykimi's wall tok/s and TTFT are the figures
+directly comparable with it.
 
 ``--reuse`` (demo): a second turn that re-sends the image and extends the first, with the image feature cache
 and prefix reuse on vs off (TTFT of the second turn, alternating).
@@ -163,8 +170,13 @@ def main(argv=None) -> int:
     ap.add_argument("--prompt", type=int, default=32, help="prompt tokens per stream")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--reuse", action="store_true", help="also the image-cache / prefix-reuse measurement (demo)")
+    ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: also run it on --gguf (the peer)")
+    ap.add_argument("--gguf", help="the GGUF of the last --ckpt's weights, for --llama-server")
+    ap.add_argument("--threads", type=int, default=2, help="llama-server's threads (pykimi uses its default)")
     ap.add_argument("--out", default=os.path.join(BENCH, "out", "serve.json"))
     args = ap.parse_args(argv)
+    if bool(args.llama_server) != bool(args.gguf):
+        ap.error("--llama-server and --gguf go together")
     streams = [int(s) for s in args.streams.split(",")]
     paths = args.ckpt
     if not paths:
@@ -181,6 +193,15 @@ def main(argv=None) -> int:
         samples.append(bandwidth())
     # the bounds use the best bandwidth sample of the run (a sample taken while the host was busy would
     # make every bound look easy)
+    if args.llama_server:
+        from peers import llamaserver_peer
+        model = pykimi.load(paths[-1])                   # for its vocabulary: the same prompts as pykimi's
+        print(f"[llama-server {args.gguf}]", flush=True)
+        res["llama_server"] = llamaserver_peer.bench(
+            args.llama_server, args.gguf, streams, lambda c, seed: prompts(model, c, args.prompt, seed),
+            args.prompt, args.tokens, args.rounds, threads=args.threads)
+        del model
+        samples.append(bandwidth())
     gbs = max(samples)
     res["bandwidth_gbs"], res["bandwidth_samples_gbs"] = gbs, samples
     for ck in res["checkpoints"]:
@@ -204,6 +225,18 @@ def main(argv=None) -> int:
                   f"{r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} | {r['step_ms']:.1f} | {r['step_bytes'] / 1e6:.1f} | "
                   f"{r['alone_bytes'] / 1e6:.1f} | {r['bound_ms']:.1f} | {100 * r['bound_fraction']:.0f} % | "
                   f"{r['experts_per_layer']:.1f} |")
+    if "llama_server" in res:
+        print(f"\nllama-server on {args.gguf} (-np = streams)")
+        print("| streams | decode tok/s | x one stream | wall tok/s | TTFT p50 / p95 ms | pykimi wall tok/s / llama-server |")
+        print("| ---: | ---: | ---: | ---: | ---: | ---: |")
+        mine = {r["streams"]: r for r in res["checkpoints"][-1]["rows"]}
+        for r in res["llama_server"]["rows"]:
+            if "error" in r:
+                print(f"| {r['streams']} | {r['error']} | | | | |")
+                continue
+            ratio = mine[r["streams"]]["wall_tps"] / r["wall_tps"] if r["wall_tps"] else 0.0
+            print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['speedup']:.2f} | {r['wall_tps']:.1f} | "
+                  f"{r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} | {ratio:.2f} |")
     if "reuse" in res:
         on, off = res["reuse"]["on"], res["reuse"]["off"]
         print(f"\nsecond turn (image re-sent, conversation extended): TTFT {on['ttft_ms_median']:.0f} ms with the "

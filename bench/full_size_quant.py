@@ -87,11 +87,15 @@ def main(argv=None) -> int:
     ap.add_argument("--tokens", type=int, default=32)
     ap.add_argument("--warmup", type=int, default=8)
     ap.add_argument("--modes", default="int8,int4")
+    ap.add_argument("--llamacpp-extra-bufts", action="store_true",
+                    help="llama.cpp with its default extra buffer types (REPACK, AMX where built), as its users run "
+                         "it; off by default only because its AMX buffer crashed on this model on the AMX machine")
+    ap.add_argument("--prepare-only", action="store_true", help="only make the checkpoints and GGUFs, time nothing")
     ap.add_argument("--out", default=os.path.join(OUT, "results-L27-quant.json"))
     args = ap.parse_args(argv)
     from peers import gguf_export, llamacpp_peer
 
-    why = llamacpp_peer.unavailable()
+    why = None if args.prepare_only else llamacpp_peer.unavailable()
     if why:
         print(f"error: the llama.cpp peer is needed for this comparison: {why}", file=sys.stderr)
         return 2
@@ -103,6 +107,8 @@ def main(argv=None) -> int:
     T = args.threads
 
     def pair(mode: str, ckpt: str, gg: str) -> dict:
+        if args.prepare_only:
+            return {"pykimi": {"path": ckpt}, "llamacpp": {"path": gg}}
         out = {"pykimi": {"path": ckpt, "active_bytes": run.active_bytes_per_token(ckpt)},
                "llamacpp": {"path": gg, "active_bytes": gguf_export.active_bytes_per_token(gg)}}
         out["bandwidth"] = run.run_worker({"kind": "bandwidth", "repeat": 8, "threads": T})
@@ -114,7 +120,7 @@ def main(argv=None) -> int:
             else:
                 r = run.run_worker({"kind": "llamacpp", "label": f"L27-llamacpp-{mode}", "gguf": gg, "threads": T,
                                     "prompt": 16, "tokens": args.tokens, "warmup": args.warmup, "prefill": [],
-                                    "path": "", "extra_bufts": False})
+                                    "path": "", "extra_bufts": args.llamacpp_extra_bufts})
             out[who]["run"] = r
         bw = out["bandwidth"].get("gbs")
         for who in ("pykimi", "llamacpp"):
