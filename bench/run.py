@@ -607,7 +607,7 @@ def main(argv=None) -> int:
         for m, p in modes.items():
             if q and m != "bf16":
                 continue
-            lengths = [128, 512] if m == "bf16" and not q else [128]
+            lengths = [128] if q else [64, 128, 512]                    # issue 25: 64 / 128 / 512 in every mode
             res["prefill"][m] = run_worker({"kind": "prefill", "label": f"prefill-{m}", "ckpt": p, "threads": T,
                                             "lengths": lengths, "repeat": 1 if q else 2, "prefault": prefault_ok})
     sizes = [448] if q else [448, 896]
@@ -627,7 +627,7 @@ def main(argv=None) -> int:
         for dt in ("float32", "bfloat16"):
             res["torch"][dt] = run_worker({"kind": "torch", "label": f"torch-{dt}", "what": "lm", "ckpt": src,
                                            "dtype": dt, "threads": T, "prompt": 16, "tokens": 8 if q else 24,
-                                           "warmup": 2, "prefill": [128] if q else [128, 512]})
+                                           "warmup": 2, "prefill": [128] if q else [64, 128, 512]})
     if peers and want("torchvision"):
         res.setdefault("torch", {})["vision"] = run_worker({"kind": "torch", "label": "torch-vision",
                                                             "what": "vision", "ckpt": src, "threads": T,
@@ -652,7 +652,7 @@ def main(argv=None) -> int:
                     gguf_export.export(src, path, qt)
                 res["llamacpp"][qt] = run_worker({"kind": "llamacpp", "label": f"llamacpp-{qt}", "gguf": path,
                                                   "threads": T, "prompt": 16, "tokens": n_tok, "warmup": warm,
-                                                  "prefill": [128] if q else [128, 512],
+                                                  "prefill": [128] if q else [64, 128, 512],
                                                   "path": lib_path,
                                                   "extra_bufts": args.llamacpp_extra_bufts})
                 res["llamacpp"][qt]["active_bytes"] = gguf_export.active_bytes_per_token(path)
@@ -672,22 +672,30 @@ def targets(res: dict) -> list:
     """(target of issue 8, measured value, met?) for every target this run could measure."""
     s = res.get("summary", {})
     out = []
-    for m, peer, need in (("int8", "Q8_0", 1.0), ("int4", "Q4_0", 1.0)):
+    # the goals of issue 25 ("Speed, round 2"), per CPU class
+    for m, peer in (("bf16", "bf16"), ("int8", "Q8_0"), ("int4", "Q4_0")):
         r = _get(s, f"decode_{m}", "ratio_llamacpp")
         if r is not None:
-            out.append((f"decode {m} >= {need:.1f}x llama.cpp {peer}", f"{r:.2f}x", r >= need))
+            out.append((f"decode {m} >= 1.0x llama.cpp {peer}", f"{r:.2f}x", r >= 1.0))
     r = _get(s, "decode_bf16", "ratio_torch_bf16")
     if r is not None:
-        out.append(("decode bf16 >= 2.5x torch eager bf16", f"{r:.2f}x", r >= 2.5))
-    for m in ("bf16", "int8", "int4"):
+        out.append(("decode bf16 >= 2.0x torch eager bf16", f"{r:.2f}x", r >= 2.0))
+    f = _get(s, "decode_bf16", "fraction_of_bound")
+    if f is not None:
+        out.append(("decode bf16 >= 85% of its bandwidth bound", f"{100 * f:.1f}%", f >= 0.85))
+    for m in ("int8", "int4"):
         f = _get(s, f"decode_{m}", "fraction_of_bound")
-        if f is not None:
-            out.append((f"decode {m} >= 60% of its bandwidth bound", f"{100 * f:.1f}%", f >= 0.6))
+        if f is not None:   # issue 25 sets 85 % at 27 layers (bench/full_size_quant.py); 4 layers shown for reference
+            out.append((f"decode {m} fraction of its bandwidth bound (4 layers; the 85 % goal is at 27)",
+                        f"{100 * f:.1f}%", None))
     for m in ("bf16", "int8", "int4"):
-        for n in ("128", "512"):
+        for n in ("64", "128", "512"):
             r = s.get(f"prefill_{m}_{n}_ratio_llamacpp")
             if r is not None:
-                out.append((f"prefill {n} {m} >= 0.8x llama.cpp same bits", f"{r:.2f}x", r >= 0.8))
+                out.append((f"prefill {n} {m} >= 1.0x llama.cpp same bits", f"{r:.2f}x", r >= 1.0))
+            r = s.get(f"prefill_{m}_{n}_ratio_torch_bf16")
+            if r is not None:
+                out.append((f"prefill {n} {m} >= 1.0x torch bf16", f"{r:.2f}x", r >= 1.0))
     for size in ("448", "896"):
         r = s.get(f"vision_{size}_ratio_torch")
         if r is not None:
@@ -746,9 +754,9 @@ def markdown(res: dict) -> str:
                 lines.append(f"| llama.cpp {qt} | {ab['total'] / 1e9:.3f} GB | {ab['lm_head'] / 1e9:.3f} GB | "
                              f"{bound:.1f} tok/s | {d['decode_tok_s']:.2f} tok/s | {100 * d['decode_tok_s'] / bound:.0f}% |")
     if res.get("targets"):
-        lines += ["", "| target (issue 8) | measured | |", "| --- | ---: | --- |"]
+        lines += ["", "| target (issue 25) | measured | |", "| --- | ---: | --- |"]
         for name, value, ok in res["targets"]:
-            lines.append(f"| {name} | {value} | {'met' if ok else '**missed**'} |")
+            lines.append(f"| {name} | {value} | {'' if ok is None else 'met' if ok else '**missed**'} |")
     return "\n".join(lines) + "\n"
 
 
@@ -809,7 +817,7 @@ def summarize(res: dict) -> None:
     for m, pf in (res.get("prefill") or {}).items():
         if pf.get("error"):
             rows.append((f"prefill {m}", "error", pf["error"]))
-        for n in ("128", "512"):
+        for n in ("64", "128", "512"):
             if n not in pf:
                 continue
             v = pf[n]["tok_s"]
@@ -818,6 +826,10 @@ def summarize(res: dict) -> None:
             if lq:
                 notes.append(f"{v / lq:.2f}x llama.cpp {peer_for[m][1]}")
                 s[f"prefill_{m}_{n}_ratio_llamacpp"] = v / lq
+            tb = _get(res, "torch", "bfloat16", "prefill", n, "tok_s")
+            if tb:                                   # issue 25: every mode against PyTorch bf16 on the same weights
+                notes.append(f"{v / tb:.2f}x torch bf16")
+                s[f"prefill_{m}_{n}_ratio_torch_bf16"] = v / tb
             tp = _get(res, "torch", "float32", "prefill", n, "tok_s")
             if tp and m == "bf16":
                 notes.append(f"{v / tp:.2f}x torch fp32")
@@ -898,7 +910,7 @@ def summarize(res: dict) -> None:
     res["table"] = rows
     res["targets"] = targets(res)
     for name, value, ok in res["targets"]:
-        rows.append((f"target: {name}", value, "met" if ok else "MISSED"))
+        rows.append((f"target: {name}", value, "" if ok is None else "met" if ok else "MISSED"))
     w = max(len(r[0]) for r in rows) if rows else 10
     print()
     print(f"pykimi bench -- {res['checkpoint']['layers']}-layer checkpoint, {res['threads']} threads, "
