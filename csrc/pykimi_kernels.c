@@ -340,12 +340,14 @@ PK_AVX2_INLINE void decode32(int fmt, const void *w, const float *sc, int64_t bl
     }
 }
 
-/* nt rows of x against one weight row. fmt and nt are compile-time constants at every call site
- * (see tile_avx2), so the accumulators live in registers. One row of x gets 4 independent
- * FMA chains (hides the FMA latency in the GEMV); 3-4 rows get 2 each (fits the 16 ymm registers). */
+/* nt (1 or 2) rows of x against one weight row. fmt and nt are compile-time constants at every call site
+ * (see tile_avx2), so the accumulators live in registers. Every row of x gets 4 independent FMA chains
+ * (hides the FMA latency in the GEMV), whatever nt: a row's sum must not depend on how many rows share the
+ * tile (the serve engine's batched step is bit for bit a single decode's, tests/test_engine.py). 3-4 rows
+ * with 4 chains each would not fit the 16 ymm registers, so tile_avx2 runs them as pairs. */
 PK_AVX2_INLINE void row_avx2(int fmt, int nt, const float *x, int64_t in, const void *w, const float *sc,
                              float *res) {
-    const int nacc = nt <= 2 ? 4 : 2;
+    const int nacc = 4;
     __m256 acc[PK_NT][4];
     int64_t nfull = in / 32, b, i;
     int t, k;
@@ -374,10 +376,20 @@ PK_AVX2_INLINE void row_avx2(int fmt, int nt, const float *x, int64_t in, const 
 static PK_AVX2 void tile_avx2(const pk_tile *tl) {
     const float *x = tl->x;
     const int64_t in = tl->in;
-#define PK_R_F32(NT) row_avx2(F_F32, NT, x, in, wr, sr, res)
-#define PK_R_BF16(NT) row_avx2(F_BF16, NT, x, in, wr, sr, res)
-#define PK_R_Q8(NT) row_avx2(F_Q8, NT, x, in, wr, sr, res)
-#define PK_R_Q4(NT) row_avx2(F_Q4, NT, x, in, wr, sr, res)
+/* 3-4 rows as a pair, then the rest (NT is a constant: the branch folds); the weight row is in L1 again */
+#define PK_R_PAIRS(FMT, NT)                                                         \
+    do {                                                                            \
+        if ((NT) <= 2) {                                                            \
+            row_avx2(FMT, (NT) <= 2 ? (NT) : 2, x, in, wr, sr, res);                \
+        } else {                                                                    \
+            row_avx2(FMT, 2, x, in, wr, sr, res);                                   \
+            row_avx2(FMT, (NT) > 2 ? (NT) - 2 : 1, x + 2 * in, in, wr, sr, res + 2); \
+        }                                                                           \
+    } while (0)
+#define PK_R_F32(NT) PK_R_PAIRS(F_F32, NT)
+#define PK_R_BF16(NT) PK_R_PAIRS(F_BF16, NT)
+#define PK_R_Q8(NT) PK_R_PAIRS(F_Q8, NT)
+#define PK_R_Q4(NT) PK_R_PAIRS(F_Q4, NT)
     switch (tl->fmt) {
     case F_F32: PK_BY_NT(PK_R_F32) break;
     case F_BF16: PK_BY_NT(PK_R_BF16) break;
@@ -1762,6 +1774,163 @@ done:
     return rc;
 }
 
+/* ----------------------------------------------------------------------------- the MoE router (spec §8.4)
+ * route_row: the selection of ONE token from its logits, moe.select_experts' rule exactly (the Numba
+ * route_select is the same loop): scores = sigmoid(logits) (or softmax), choice = scores + bias (bias only
+ * for the selection, NULL = none); with n_group > 1 only the topk_group best groups stay selectable (a
+ * group's score: the sum of its two best choices when group_top2, else its best; the others -inf); the k
+ * best choices by k passes of "largest not yet taken", ties to the LOWER id (what a stable descending sort
+ * gives -- the NumPy definition's argsort(kind="stable")), groups the same way; ids ascending; weights =
+ * the chosen UNBIASED scores, divided by their sum (+1e-20) when norm and k > 1, times scaling; margin = k-th
+ * minus (k+1)-th choice (inf when k = E). scratch: 2 * E + 2 * n_group floats. */
+static void route_row(const float *logits, const float *bias, int E, int k, int n_group, int topk_group,
+                      int group_top2, int norm, float scaling, int sigmoid, float *scores, int *ids,
+                      float *weights, float *margin, float *scratch) {
+    float *choice = scratch, *taken = scratch + E, *gscore = scratch + 2 * E, *gkeep = gscore + n_group;
+    const int per = E / n_group;
+    float kth = 0.0f, tot = 0.0f;
+    int e, g, j;
+    if (sigmoid) {
+        for (e = 0; e < E; e++) scores[e] = 1.0f / (1.0f + expf(-logits[e]));
+    } else {
+        float m = logits[0], sum = 0.0f;
+        for (e = 1; e < E; e++) m = logits[e] > m ? logits[e] : m;
+        for (e = 0; e < E; e++) {
+            scores[e] = expf(logits[e] - m);
+            sum += scores[e];
+        }
+        for (e = 0; e < E; e++) scores[e] = scores[e] / sum;
+    }
+    for (e = 0; e < E; e++) choice[e] = bias ? scores[e] + bias[e] : scores[e];
+    if (n_group > 1) {
+        for (g = 0; g < n_group; g++) {
+            float a1 = -INFINITY, a2 = -INFINITY; /* the group's largest and second largest choice */
+            for (e = g * per; e < (g + 1) * per; e++) {
+                const float v = choice[e];
+                if (v > a1) {
+                    a2 = a1;
+                    a1 = v;
+                } else if (v > a2) {
+                    a2 = v;
+                }
+            }
+            gscore[g] = group_top2 && per > 1 ? a2 + a1 : a1;
+            gkeep[g] = 0.0f;
+        }
+        for (j = 0; j < (topk_group < n_group ? topk_group : n_group); j++) {
+            int best = -1;
+            for (g = 0; g < n_group; g++)
+                if (gkeep[g] == 0.0f && (best < 0 || gscore[g] > gscore[best])) best = g;
+            gkeep[best] = 1.0f;
+        }
+        for (e = 0; e < E; e++)
+            if (gkeep[e / per] == 0.0f) choice[e] = -INFINITY;
+    }
+    for (e = 0; e < E; e++) taken[e] = 0.0f;
+    for (j = 0; j < (k + 1 < E ? k + 1 : E); j++) {
+        int best = -1;
+        for (e = 0; e < E; e++)
+            if (taken[e] == 0.0f && (best < 0 || choice[e] > choice[best])) best = e;
+        if (j < k) {
+            taken[best] = 1.0f;
+            kth = choice[best];
+        } else {
+            *margin = kth - choice[best];
+        }
+    }
+    if (k >= E) *margin = INFINITY;
+    for (e = 0, j = 0; e < E; e++) /* ascending ids */
+        if (taken[e] != 0.0f) {
+            ids[j] = e;
+            weights[j] = scores[e];
+            tot += scores[e];
+            j++;
+        }
+    for (j = 0; j < k; j++) {
+        if (norm && k > 1) weights[j] = weights[j] / (tot + 1e-20f);
+        weights[j] = weights[j] * scaling;
+    }
+}
+
+static int route_check(const pk_linear *gate, int64_t d, int E, int k, int n_group) {
+    if (!gate || gate->fmt < F_F32 || gate->fmt > F_Q4) return -2;
+    if (E < 1 || k < 1 || k > E || n_group < 1 || E % n_group || gate->n_out != E || gate->n_in != d) return -3;
+    return 0;
+}
+
+/* Router logits of B tokens, one job of one row each (kernels.matmul of that row alone: a row's logits do
+ * not depend on the batch), then route_row per token. */
+static int route_rows(int64_t B, const float *x, int64_t d, const pk_linear *gate, const float *bias, int E, int k,
+                      int n_group, int topk_group, int group_top2, int norm, float scaling, int sigmoid,
+                      float *logits, float *scores, int *ids, float *weights, float *margin) {
+    pk_job stack[16], *jobs = B <= 16 ? stack : (pk_job *)malloc(sizeof(pk_job) * (size_t)(B + 1));
+    float *scratch = (float *)malloc(sizeof(float) * (size_t)(2 * E + 2 * n_group + 1));
+    int64_t b;
+    if (!jobs || !scratch) {
+        if (jobs != stack) free(jobs);
+        free(scratch);
+        return -1;
+    }
+    for (b = 0; b < B; b++)
+        job_set(&jobs[b], gate->fmt, gate->act, x + b * d, 1, d, gate->w, gate->scales, E, logits + b * E);
+    run_jobs(jobs, (int)B);
+    for (b = 0; b < B; b++)
+        route_row(logits + b * E, bias, E, k, n_group, topk_group, group_top2, norm, scaling, sigmoid, scores + b * E,
+                  ids + b * k, weights + b * k, margin + b, scratch);
+    if (jobs != stack) free(jobs);
+    free(scratch);
+    return 0;
+}
+
+int pk_route(int64_t B, const float *x, int64_t d, const pk_linear *gate, const float *bias, int E, int k,
+             int n_group, int topk_group, int group_top2, int norm, float scaling, int sigmoid, float *logits,
+             float *scores, int *ids, float *weights, float *margin) {
+    const int rc = route_check(gate, d, E, k, n_group);
+    if (rc) return rc;
+    if (B < 0) return -3;
+    return route_rows(B, x, d, gate, bias, E, k, n_group, topk_group, group_top2, norm, scaling, sigmoid, logits,
+                      scores, ids, weights, margin);
+}
+
+/* See the header. Why: between the router GEMV, the selection and the expert sum a decode step came back to
+ * Python three times a layer (BLAS, the Numba selection, the expert list and coefficients built per token). */
+int pk_moe(const float *x, int64_t d, const pk_linear *gate, const float *bias, int E, int k, int n_group,
+           int topk_group, int group_top2, int norm, float scaling, int sigmoid, const pk_expert *table,
+           int n_shared, const pk_expert *shared, float *logits, float *scores, int *ids, float *weights,
+           float *margin, float *out) {
+    pk_expert stack[72], *list;
+    float cstack[72], *coef;
+    int j, rc = route_check(gate, d, E, k, n_group);
+    if (rc) return rc;
+    if (n_shared < 0) return -3;
+    rc = route_rows(1, x, d, gate, bias, E, k, n_group, topk_group, group_top2, norm, scaling, sigmoid, logits,
+                    scores, ids, weights, margin);
+    if (rc) return rc;
+    for (j = 0; j < k; j++)
+        if (!table[ids[j]].g) return 1; /* not resolved yet: the caller fills its record and calls again */
+    list = k + n_shared <= 72 ? stack : (pk_expert *)malloc(sizeof(pk_expert) * (size_t)(k + n_shared));
+    coef = k + n_shared <= 72 ? cstack : (float *)malloc(sizeof(float) * (size_t)(k + n_shared));
+    if (!list || !coef) {
+        rc = -1;
+        goto done;
+    }
+    /* the routed experts in ascending id order with their weights, then the shared experts with weight 1:
+     * moe_forward's one-token order */
+    for (j = 0; j < k; j++) {
+        list[j] = table[ids[j]];
+        coef[j] = weights[j];
+    }
+    for (j = 0; j < n_shared; j++) {
+        list[k + j] = shared[j];
+        coef[k + j] = 1.0f;
+    }
+    rc = pk_swiglu_sum(k + n_shared, list, x, d, coef, out);
+done:
+    if (list != stack) free(list);
+    if (coef != cstack) free(coef);
+    return rc;
+}
+
 /* ------------------------------------------------------------------------- vector x matrix (y = x W) */
 /* The absorbed MLA decode (spec §8.3) needs q_lat[h] = q_nope[h] · W_uk[h], a combination of the ROWS of
  * a stored weight block W [rows, in] (rows = qk_nope_head_dim, in = kv_lora_rank): y[0:in] = sum_r x[r] W[r].
@@ -2047,10 +2216,12 @@ static void mla_output(const pk_mla *m, int64_t h) {
  * the attention's arithmetic. One parallel region, five phases split between the threads: queries (per
  * head), scores (per block of cache rows), softmax (per head), values (per block of latent columns), outputs
  * (per head). NumPy twin: kernels.mla_absorbed_reference. */
-int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
-                    const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
-                    int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out) {
+static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
+                            const float *kva, const float *ln, float eps, const float *inv_freq, int64_t pos,
+                            float *rows, int64_t n, int fmt, int act, const void *kvb, const float *kvb_scales,
+                            float scale, float *out, const pk_linear *o_proj, float *y) {
     const int nth = pk_get_threads();
+    pk_job oj; /* o_proj: y [out] = out [heads * dv] @ W_o^T (only with o_proj) */
     const int64_t W = R + dr, N = n + 1, half = dr / 2;
     float *row = rows + n * W, *scratch, *cs;
     double ss = 0.0;
@@ -2058,6 +2229,8 @@ int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R
     pk_mla m;
     if (fmt < F_F32 || fmt > F_Q4) return -2;
     if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
+    if (o_proj && (o_proj->fmt < F_F32 || o_proj->fmt > F_Q4)) return -2;
+    if (o_proj && (o_proj->n_in != heads * dv || o_proj->n_out < 0)) return -3;
     scratch = (float *)malloc(sizeof(float) * (size_t)(heads * (W + N + R) + dr + 1));
     if (!scratch) return -1;
     m.H = heads, m.dn = dn, m.dr = dr, m.dv = dv, m.R = R, m.W = W, m.N = N;
@@ -2097,10 +2270,44 @@ int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R
             mla_values(&m, k * PK_MLA_COLS, (k + 1) * PK_MLA_COLS < R ? (k + 1) * PK_MLA_COLS : R);
 #pragma omp for schedule(static)
         for (k = 0; k < heads; k++) mla_output(&m, k);
+        if (o_proj) {
+            /* o_proj in the same region: the job is kernels.matmul's for one row of x (run_jobs: prepared
+             * once -- the activation quantization of its mode --, then its rows in chunks), so y equals
+             * matmul(out, o_proj) bit for bit; each output row's sum does not depend on the chunking. */
+            const int64_t nch = o_proj->n_out < 8 * (int64_t)nth ? o_proj->n_out : 8 * (int64_t)nth;
+#pragma omp single
+            {
+                job_set(&oj, o_proj->fmt, o_proj->act, out, 1, o_proj->n_in, o_proj->w, o_proj->scales,
+                        o_proj->n_out, y);
+                oj.nb = (oj.in + PK_BLOCK - 1) / PK_BLOCK;
+                job_prepare(&oj, m.simd);
+            }
+#pragma omp for schedule(dynamic, 1)
+            for (k = 0; k < nch; k++) job_rows(&oj, o_proj->n_out * k / nch, o_proj->n_out * (k + 1) / nch, m.simd);
+        }
     }
+    if (o_proj) job_free(&oj);
     (void)nth; /* unused without OpenMP */
     free(scratch);
     return 0;
+}
+
+int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
+                    const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
+                    int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out) {
+    return mla_absorbed_run(heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, n, fmt, act, kvb,
+                            kvb_scales, scale, out, NULL, NULL);
+}
+
+/* pk_mla_absorbed, then o_proj in the same parallel region (see the header). Why: the separate o_proj GEMV
+ * was one more Python call, argument conversion and thread fork/join per layer and token. */
+int pk_mla_absorbed_o(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
+                      const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
+                      int fmt, int act, const void *kvb, const float *kvb_scales, float scale,
+                      const pk_linear *o_proj, float *out, float *y) {
+    if (!o_proj) return -3;
+    return mla_absorbed_run(heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, n, fmt, act, kvb,
+                            kvb_scales, scale, out, o_proj, y);
 }
 
 /* --------------------------------------------------------------- MoE FFN of a decode batch (serve engine)

@@ -119,6 +119,41 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
                           float *const *rows, const int64_t *n, int fmt, int act, const void *kvb,
                           const float *kvb_scales, float scale, float *out);
 
+/* One stored weight [out, in] for a fused call: format and activation mode as in pk_matmul_many, scales NULL
+ * for f32 / bf16 (o_proj in pk_mla_absorbed_o, the router in pk_route / pk_moe). */
+typedef struct {
+    int fmt, act;
+    int64_t n_out, n_in;          /* logical shape [n_out, n_in] */
+    const void *w;
+    const float *scales;
+} pk_linear;
+
+/* pk_mla_absorbed (out [heads * dv] as there), then y [o_proj.n_out] = out @ o_proj^T in the same parallel
+ * region, bit for bit pk_matmul_many of that one row (o_proj.n_in must be heads * dv). Returns as
+ * pk_mla_absorbed. */
+int pk_mla_absorbed_o(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
+                      const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
+                      int fmt, int act, const void *kvb, const float *kvb_scales, float scale,
+                      const pk_linear *o_proj, float *out, float *y);
+
+/* The MoE router of B tokens x [B, d] (spec §8.4): logits [B, E] = x @ gate^T (each row alone), then per
+ * token moe.select_experts' rule: scores [B, E] (sigmoid = 1, else softmax), ids [B, k] ascending, weights
+ * [B, k], margin [B]; bias [E] (e_score_correction_bias, selection only) or NULL; E % n_group == 0.
+ * Returns 0, -1 (no memory), -2 (bad format) or -3 (bad sizes). */
+int pk_route(int64_t B, const float *x, int64_t d, const pk_linear *gate, const float *bias, int E, int k,
+             int n_group, int topk_group, int group_top2, int norm, float scaling, int sigmoid, float *logits,
+             float *scores, int *ids, float *weights, float *margin);
+
+/* One decode token's whole MoE FFN: pk_route of x [d] (outputs as there, B = 1), then out [d] =
+ * pk_swiglu_sum over table[ids[0..k)] (ascending ids, coefficients = weights) followed by shared[0..n_shared)
+ * (coefficient 1). table: the records of all E routed experts; a record whose g is NULL is not resolved yet:
+ * then the routing outputs are written, out is not, and 1 is returned (the caller resolves those experts and
+ * calls again). Returns 0, 1, or < 0 as pk_route / pk_swiglu_sum. */
+int pk_moe(const float *x, int64_t d, const pk_linear *gate, const float *bias, int E, int k, int n_group,
+           int topk_group, int group_top2, int norm, float scaling, int sigmoid, const pk_expert *table,
+           int n_shared, const pk_expert *shared, float *logits, float *scores, int *ids, float *weights,
+           float *margin, float *out);
+
 /* CDEF END */
 
 #endif

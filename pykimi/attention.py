@@ -220,8 +220,8 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     score[h, n] = (q_lat[h]·c_n + q_pe[h]·k_pe_n) · qk_head_dim^-0.5, causal softmax
     o[h] = W_uv[h] · Σ_n p[h, n] c_n           then o_proj.
     Equal to :func:`mla_prefill` up to float rounding (spec §8.3, "weight absorption").
-    One token on a stored kv_b_proj: the projections, then :func:`mla_absorbed` (through its fast twin: one C
-    call), then o_proj. Otherwise (several tokens, an f32 kv_b copy in ``w.kv_b_f32``, or a trace asking for
+    One token on a stored kv_b_proj: the projections, then :func:`mla_absorbed_out` (the attention and o_proj;
+    through its fast twin: one C call). Otherwise (several tokens, an f32 kv_b copy in ``w.kv_b_f32``, or a trace asking for
     one of FUSED_DECODE_HIDES) step by step below, the absorbed products on kv_b_proj's stored form through
     kernels.heads_vecmat / heads_matvec (all heads in one call).
     """
@@ -238,11 +238,12 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
         else:
             q, kva = kernels.matmul_many([x, x], [w.q_proj, w.kv_a_proj_with_mqa])   # [1, H*(dn+dr)], [1, R+dr]
         rows, n = cache.next_row(layer)
-        o = kernels.fast(mla_absorbed)(q, kva, w.kv_a_layernorm, cfg.kv_a_layernorm_eps,
-                                       _inv_freq(dr, float(cfg.rope_theta)), int(positions.reshape(-1)[-1]),
-                                       rows, n, w.kv_b_proj, cfg.qk_head_dim ** -0.5, (H, dn, dr, dv, R))
+        y = kernels.fast(mla_absorbed_out)(q, kva, w.kv_a_layernorm, cfg.kv_a_layernorm_eps,
+                                           _inv_freq(dr, float(cfg.rope_theta)), int(positions.reshape(-1)[-1]),
+                                           rows, n, w.kv_b_proj, w.o_proj, cfg.qk_head_dim ** -0.5,
+                                           (H, dn, dr, dv, R))
         cache.commit(layer)                                                      # rows[n] was written
-        return kernels.matmul(o[None, :], w.o_proj)                              # [1, D]
+        return y[None, :]                                                        # [1, D]
     q_nope, q_pe, c, k_pe = mla_project(x, w, positions, cfg, layer)
     cache.append(layer, c, k_pe)
     rows = cache.rows(layer)                                                     # [N, R + dr]  = [c | k_pe]
@@ -299,6 +300,27 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
         p = softmax((keys @ np.concatenate([q_lat, q_pe])) * np.float32(scale))             # [N]
         o[h] = mm((p @ keys[:, :R])[None, :], rows_of(kv_b, r0 + dn, r0 + dn + dv))[0]  # [dv] W_uv·o_lat
     return o.reshape(-1)
+
+
+def mla_absorbed_out(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b, o_proj,
+                     scale: float, dims, matmul=None) -> np.ndarray:
+    """:func:`mla_absorbed`, then o_proj: one decode token's attention output (spec §8.3)   -> f32[D].
+
+    o_proj: [D, H * dv] in any stored form; the other arguments as mla_absorbed (writes rows[n]). Fast twin:
+    kernels/fused.py (pk_mla_absorbed_o: the attention and o_proj in ONE C call and one parallel region --
+    the separate o_proj GEMV was one more Python call and thread fork/join per layer and token)."""
+    mm = kernels.matmul if matmul is None else matmul
+    check_out_proj(o_proj, dims)
+    o = mla_absorbed(q, kva, ln, eps, inv_freq, pos, rows, n, kv_b, scale, dims, matmul)   # [H * dv]
+    return mm(o[None, :], o_proj)[0]                                                     # [D]
+
+
+def check_out_proj(o_proj, dims) -> None:
+    """One-line ValueError unless o_proj is [D, H * dv] for dims = (H, dn, dr, dv, R)."""
+    H, dv = int(dims[0]), int(dims[3])
+    if len(o_proj.shape) != 2 or int(o_proj.shape[1]) != H * dv:
+        raise ValueError(f"mla_absorbed_out: o_proj is {list(o_proj.shape)}, expected [D, {H * dv}] "
+                         f"(heads={H} x dv={dv})")
 
 
 def check_absorbed(q, kva, rows, n: int, pos: int, kv_b, dims) -> None:

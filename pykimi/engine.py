@@ -14,8 +14,8 @@ join between steps; a prompt is prefilled one chunk per scheduler iteration, bet
 streams keep flowing.
 
 Batching changes nothing: every product of the batched step runs kernels whose result for one row of x does not
-depend on the other rows (the C row kernels, :func:`_row_cap`; f32 router weights row by row), and the MoE
-kernel is bit for bit ``pk_swiglu_sum`` per row; so a batched step's logits for a sequence are bit-identical to
+depend on the other rows (the C row kernels, :func:`_row_cap`; the router is ``pk_route``, each row's GEMV
+alone, the arithmetic of a single step's ``pk_moe``), and the MoE kernel is bit for bit ``pk_swiglu_sum`` per row; so a batched step's logits for a sequence are bit-identical to
 ``model.decode_step`` on that sequence alone, and a request's greedy tokens are the same alone or beside others
 (tests/test_engine.py holds it on the demo and the tiny golden checkpoint, bf16 and quantised). When the fast
 path does not apply (not the C backend, a trace active, an f32 kv_b copy) the step falls back to
@@ -45,7 +45,7 @@ from .errors import InputError, NumericsError, PykimiError
 from .generate import apply_repetition_penalty, default_stop_ids, pick_token
 from .kernels import linear as _linear, probe as _probe
 from .model import LM, embed_and_merge, embed_rows, final_norm
-from .moe import route_logits, router_rule, swiglu_sum
+from .moe import route, router_rule, swiglu_sum
 from .ops import add_rms_norm, rms_norm, silu
 from .trace import active as trace_active
 
@@ -404,9 +404,10 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndar
             if stats is not None:
                 nbytes += sum(_nbytes(w) for w in lw.mlp)
         else:
-            logits = np.concatenate([kernels.matmul(h[b:b + 1], lw.gate_w) for b in range(B)], axis=0)
             rule = lw.router if getattr(lw, "router", None) is not None else router_rule(t)
-            rec = route_logits(logits.astype(np.float32, copy=False), lw.gate_bias, rule)  # ids ascending per row
+            # the single decode step's router (pk_route: each row's logits a GEMV of that row alone, the same
+            # selection as its pk_moe), so a row's experts and weights are bit for bit decode_step's
+            rec = kernels.fast(route)(h, lw.gate_w, lw.gate_bias, rule)                     # ids ascending per row
             chosen = sorted({int(e) for e in rec.topk_ids.ravel()})
             index = {e: i for i, e in enumerate(chosen)}
             experts = [tuple(lw.get_expert(e)) for e in chosen]

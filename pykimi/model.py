@@ -14,6 +14,7 @@ dtype and are widened per use by ``pykimi.kernels.matmul``. :func:`load` is ``py
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any, Callable
 
 import numpy as np
@@ -23,9 +24,9 @@ from .attention import MLAWeights, mla_decode, mla_prefill
 from .cache import LatentCache
 from .errors import InputError
 from .moe import RouterRule, RoutingRecord  # noqa: F401  (RoutingRecord re-exported for notebooks)
-from .moe import dense_mlp, moe_forward, route, route_logits, router_rule
+from .moe import dense_mlp, moe_decode, moe_forward, route, route_logits, router_rule
 from .ops import add_rms_norm, rms_norm
-from .trace import active as trace_active, emit, emit_record
+from .trace import active as trace_active, emit, emit_record, wants as trace_wants
 from .weights import Checkpoint, Stored, bf16_to_f32, f32_of
 
 LM = "language_model.model"
@@ -152,6 +153,9 @@ def _memo(fn: Callable[[int], tuple], ckpt) -> Callable[[int], tuple]:
         if w is None:
             w = kept[e] = fn(e)
         return w
+    # what the fused decode FFN's table of expert records (kernels/fused.py) checks: its records are
+    # dropped with the kept weights when the generation changes
+    get.generation = lambda: getattr(counter, "generation", 0)
     return get
 
 
@@ -161,7 +165,12 @@ def ffn(h: np.ndarray, lw: LayerWeights, cfg) -> np.ndarray:
     if not lw.is_moe:
         return dense_mlp(h, *lw.mlp)
     rule = lw.router if lw.router is not None else router_rule(cfg)   # validated once, at load
-    rec = route(h, lw.gate_w, lw.gate_bias, rule)
+    if h.shape[0] == 1 and not (trace_active() and trace_wants(*_routing_names(lw.layer))):
+        # decode: the router and every expert in one call (fast twin of moe_decode); a trace that records or
+        # edits the routing takes the path below, whose decisions are the same (fast(route) is the same C router)
+        return kernels.fast(moe_decode)(h, lw.gate_w, lw.gate_bias, rule, lw.get_expert, lw.shared,
+                                        n_experts=cfg.n_routed_experts)[0]
+    rec = (kernels.fast(route) if h.shape[0] == 1 else route)(h, lw.gate_w, lw.gate_bias, rule)
     if trace_active():
         # Expose the decision; an edit of logits re-routes, an edit of ids/weights is used as given.
         logits = emit(f"{p}.gate.router_logits", rec.logits)
@@ -172,6 +181,13 @@ def ffn(h: np.ndarray, lw: LayerWeights, cfg) -> np.ndarray:
         rec.topk_margin = emit(f"{p}.topk_margin", rec.topk_margin)
         emit_record(f"{p}.routing", rec)
     return moe_forward(h, rec, lw.get_expert, lw.shared, n_experts=cfg.n_routed_experts)
+
+
+@lru_cache(maxsize=None)
+def _routing_names(layer: int) -> tuple:
+    """The names ffn emits for the router's decision of ``layer`` (the fused decode FFN does not emit them)."""
+    p = f"{LM}.layers.{layer}.mlp"
+    return tuple(f"{p}.{n}" for n in ("gate.router_logits", "topk_ids", "topk_weights", "topk_margin", "routing"))
 
 
 def decoder_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, positions, cfg, layer: int | None = None,

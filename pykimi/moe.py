@@ -8,7 +8,7 @@ argsort; each expert that at least one token chose has its three weights fetched
 callback exactly once per call and applied to its whole group; results are scattered back, weighted, into an
 fp32 accumulator. Experts nobody chose are never fetched, so their weights are never read from disk.
 A decode step (one token) hands its k experts and the shared experts to :func:`swiglu_sum` at once (its fast
-twin: one C call).
+twin: one C call); :func:`moe_decode` is the whole decode FFN, router included (its fast twin: one C call).
 """
 from __future__ import annotations
 
@@ -202,6 +202,19 @@ def route_logits(logits: np.ndarray, bias: np.ndarray | None, cfg) -> RoutingRec
         raise ConfigError("checkpoint: topk_method 'noaux_tc' needs mlp.gate.e_score_correction_bias")
     scores, ids, weights, margin = kernels.fast(select_experts)(logits, bias, rule)
     return RoutingRecord(logits=logits, scores=scores, topk_ids=ids, topk_weights=weights, topk_margin=margin)
+
+
+def moe_decode(h: np.ndarray, gate_w, bias: np.ndarray | None, cfg, get_expert: "ExpertGetter",
+               shared: tuple | None = None, n_experts: int | None = None):
+    """One decode token's whole MoE FFN: :func:`route`, then :func:`moe_forward` (spec §8.4)
+    # h [1, D] -> (f32[1, D], RoutingRecord).
+
+    The record is returned as route returns it, so traces and notebooks read the decision. Fast twin:
+    kernels/fused.py (pk_moe: router GEMV, selection and every chosen + shared expert in ONE C call, over a
+    table of the layer's expert records kept between tokens; an expert is still resolved -- read -- only
+    the first time a token chooses it)."""
+    rec = route(h, gate_w, bias, cfg)
+    return moe_forward(h, rec, get_expert, shared, n_experts=n_experts), rec
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -745,3 +745,145 @@ def test_c_bf16_batches_on_amx():
     finally:
         c.set_amx(prev)
         K.set_backend(prev_b)
+
+
+# ------------------------------------------------------------------ fused decode calls (issue 25 item 4)
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+@pytest.mark.parametrize("form", ["BF16", "F32", "q8", "q4"])
+def test_c_level_mla_absorbed_out(simd_level, form):
+    """pk_mla_absorbed_o (the absorbed attention and o_proj in one call) == fast(mla_absorbed) followed by
+    kernels.matmul bit for bit (o_proj's rows run the same job in the attention's region), at every level,
+    every stored form of kv_b_proj and o_proj, odd widths; and == the definition to the mla tolerance."""
+    prev, prev_act = K.backend(), K.act_quant()
+    K.set_backend("c")
+    OUT = K.fast(attention.mla_absorbed_out)
+    try:
+        rng = np.random.default_rng(91)
+        for H, dn, dr, dv, R, n in MLA_DIMS:
+            for act in ("none", prev_act):
+                K.set_act_quant(act)
+                q, kva, ln, inv, rows, kv_b = _mla_case(rng, form, H, dn, dr, dv, R, n)
+                D = 3 + H * dv // 2
+                wo = (rng.standard_normal((D, H * dv)) / np.sqrt(H * dv)).astype(np.float32)
+                o_proj = _forms(wo, rng)[form]
+                rows2, rows3 = rows.copy(), rows.copy()
+                where = f"{form} act={act} level={simd_level} H={H} dv={dv} R={R} n={n} D={D}"
+                got = OUT(q, kva, ln, 1e-6, inv, n, rows, n, kv_b, o_proj, 0.07, (H, dn, dr, dv, R))
+                o = MLA(q, kva, ln, 1e-6, inv, n, rows2, n, kv_b, 0.07, (H, dn, dr, dv, R))
+                two = K.matmul(o[None, :], o_proj)[0]
+                assert got.shape == (D,), where
+                diff = np.flatnonzero(got != two)
+                assert diff.size == 0, f"{where}: {diff.size} outputs differ from the two calls, first at {diff[0]}"
+                np.testing.assert_array_equal(rows[n], rows2[n], err_msg=f"{where}: cache row")
+                want = attention.mla_absorbed_out(q, kva, ln, 1e-6, inv, n, rows3, n, kv_b, o_proj, 0.07,
+                                                  (H, dn, dr, dv, R), matmul=K.reference)
+                tol = 4e-3 if (form == "q4" and act != "none") else 2e-5
+                assert _relerr(got, want) < tol, f"{where}: vs definition {_relerr(got, want):.2e}"
+        with pytest.raises(ValueError, match="o_proj is"):
+            OUT(q, kva, ln, 1e-6, inv, n, rows, n, kv_b, o_proj.T if isinstance(o_proj, np.ndarray) else wo[:, 1:],
+                0.07, (H, dn, dr, dv, R))
+    finally:
+        K.set_backend(prev)
+        K.set_act_quant(prev_act)
+
+
+ROUTER_CASES = [  # S, E, D, k, scoring, n_group, topk_group, group_top2, norm, scaling, bias
+    (1, 64, 96, 6, "sigmoid", 1, 1, True, True, 2.446, True), (9, 64, 40, 6, "sigmoid", 8, 4, True, True, 2.5, True),
+    (5, 16, 33, 4, "softmax", 4, 2, False, False, 1.0, False), (3, 6, 8, 6, "sigmoid", 1, 1, True, True, 1.0, True),
+    (4, 8, 17, 3, "sigmoid", 8, 3, True, True, 1.0, True), (2, 12, 64, 2, "softmax", 3, 5, True, True, 16.0, False)]
+
+
+def _router_case(rng, S, E, D, with_bias):
+    """h [S, D], gate [E, D] with exact ties: gate rows 3 and 5 equal (a tie for every token), and row 1 of h
+    and every gate row small integers (logits exact, many ties)."""
+    gate = rng.standard_normal((E, D)).astype(np.float32) / np.sqrt(D)
+    gate[5 % E] = gate[3 % E]
+    h = rng.standard_normal((S, D)).astype(np.float32) * 2
+    if S > 1:
+        gate = np.round(gate * 4).astype(np.float32)
+        h[1] = np.round(h[1])
+    bias = rng.standard_normal(E).astype(np.float32) * 0.1 if with_bias else None
+    return h, gate, bias
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_route(simd_level):
+    """pk_route (router GEMV + selection) == moe.route: logits to float rounding, and on the C logits the
+    selection EXACTLY moe.select_experts' (ids, ties -> lower id, also between groups; weights and margins to
+    rounding); each row's logits and decision bit for bit that row routed alone (the engine's batch)."""
+    prev = K.backend()
+    K.set_backend("c")
+    ROUTE = K.fast(moe.route)
+    try:
+        rng = np.random.default_rng(92)
+        for S, E, D, k, scoring, G, TG, top2, norm, scaling, with_bias in ROUTER_CASES:
+            h, gate, bias = _router_case(rng, S, E, D, with_bias)
+            rule = moe.RouterRule(scoring, k, G, TG, top2, norm, scaling, with_bias)
+            where = f"level={simd_level} S={S} E={E} k={k} {scoring} groups={G}/{TG}"
+            got, want = ROUTE(h, gate, bias, rule), moe.route(h, gate, bias, rule)
+            np.testing.assert_allclose(got.logits, want.logits, rtol=1e-5, atol=1e-5, err_msg=f"{where}: logits")
+            scores, ids, weights, margin = moe.select_experts(got.logits, bias, rule)
+            np.testing.assert_array_equal(got.topk_ids, ids, err_msg=f"{where}: ids")
+            assert got.topk_ids.dtype == np.int32 and got.topk_ids.shape == (S, k), where
+            for name, a, b in (("scores", got.scores, scores), ("weights", got.topk_weights, weights),
+                               ("margin", got.topk_margin, margin)):
+                np.testing.assert_allclose(a, b, rtol=2e-6, atol=1e-7, err_msg=f"{where}: {name}")
+            for s in range(S):
+                one = ROUTE(h[s:s + 1], gate, bias, rule)
+                for name in ("logits", "topk_ids", "topk_weights", "topk_margin"):
+                    np.testing.assert_array_equal(getattr(one, name)[0], getattr(got, name)[s],
+                                                  err_msg=f"{where}: row {s} alone, {name}")
+    finally:
+        K.set_backend(prev)
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("form", ["BF16", "q8", "q4"])
+def test_moe_decode_matches_definition(form):
+    """fast(moe_decode) (pk_moe: router, chosen and shared experts in one call) == route + swiglu_sum on the same
+    decision bit for bit; == the definition to rounding (ids exactly where the definition's BLAS logits agree);
+    an expert is resolved only when first chosen, and the table is rebuilt when the read generation changes."""
+    prev = K.backend()
+    K.set_backend("c")
+    MOE = K.fast(moe.moe_decode)
+    try:
+        rng = np.random.default_rng(93)
+        E, D, I = 16, 48, 24
+        experts = [_swiglu_case(rng, D, [I], form)[1][0] for _ in range(E)]
+        shared = _swiglu_case(rng, D, [2 * I], form)[1][0]
+        resolved = []
+
+        def get_expert(e):
+            resolved.append(e)
+            return experts[e]
+        gen = [0]
+        get_expert.generation = lambda: gen[0]
+        rule = moe.RouterRule("sigmoid", 4, 4, 2, True, True, 2.5, True)
+        gate = (rng.standard_normal((E, D)) / np.sqrt(D)).astype(np.float32)
+        bias = rng.standard_normal(E).astype(np.float32) * 0.1
+        chosen = set()
+        for step in range(6):
+            h = rng.standard_normal((1, D)).astype(np.float32)
+            resolved.clear()
+            out, rec = MOE(h, gate, bias, rule, get_expert, shared, n_experts=E)
+            ids = rec.topk_ids[0].tolist()
+            assert sorted(resolved) == sorted(set(ids) - chosen), f"step {step}: resolved {resolved}, chose {ids}"
+            chosen |= set(ids)
+            two = K.fast(moe.swiglu_sum)(h[0], [experts[e] for e in ids] + [shared],
+                                         rec.topk_weights[0].tolist() + [1.0])
+            diff = np.flatnonzero(out[0] != two)
+            assert out.shape == (1, D) and diff.size == 0, f"{form} step {step}: {diff.size} differ from swiglu_sum"
+            ref = K.fast(moe.route)(h, gate, bias, rule)
+            np.testing.assert_array_equal(rec.topk_ids, ref.topk_ids, err_msg=f"step {step}: ids vs fast(route)")
+            want, wrec = moe.moe_decode(h, gate, bias, rule, get_expert, shared, n_experts=E)
+            if wrec.topk_margin[0] > 1e-5:               # no near tie: the BLAS logits pick the same experts
+                np.testing.assert_array_equal(rec.topk_ids, wrec.topk_ids, err_msg=f"step {step}: ids")
+                assert _relerr(out, want) < 2e-5, f"{form} step {step}: vs definition {_relerr(out, want):.2e}"
+        gen[0] += 1                                       # a new read generation: everything resolved again
+        resolved.clear()
+        out, rec = MOE(h, gate, bias, rule, get_expert, shared, n_experts=E)
+        assert sorted(resolved) == sorted(rec.topk_ids[0].tolist())
+    finally:
+        K.set_backend(prev)

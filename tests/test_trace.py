@@ -103,8 +103,8 @@ def test_traced_decode_runs_the_fused_path_unless_a_hidden_name_is_asked(monkeyp
 
     model = pykimi.load(TINY, cache_absorbed=False)                   # stored kv_b_proj: the fused path
     fused_calls = []
-    real = kernels.fast(attention.mla_absorbed)
-    monkeypatch.setitem(fused._FAST, attention.mla_absorbed,
+    real = kernels.fast(attention.mla_absorbed_out)                  # the attention and o_proj in one call
+    monkeypatch.setitem(fused._FAST, attention.mla_absorbed_out,
                         lambda *a, **k: fused_calls.append(1) or real(*a, **k))
     ids = [5, 17, 300, 42, 9]
 
@@ -129,3 +129,54 @@ def test_traced_decode_runs_the_fused_path_unless_a_hidden_name_is_asked(monkeyp
     hidden, t, n_hidden = run(names=["language_model.model.layers.1.self_attn.q_rope"])
     assert n_hidden == layers - 1 and "language_model.model.layers.1.self_attn.q_rope" in t
     np.testing.assert_allclose(hidden, plain, rtol=0, atol=2e-5 * np.abs(plain).max())
+
+
+def test_traced_decode_runs_the_fused_moe_unless_the_routing_is_asked(monkeypatch):
+    """The decode FFN runs fused (moe.moe_decode's twin: router and experts in one call) unless a trace records
+    or edits a routing name; the unfused path routes with the same C router and sums the same experts, so the
+    logits are bit for bit the same, and the routing record it emits is the fused call's."""
+    from conftest import TINY
+    import pykimi
+    from pykimi import kernels, moe
+    from pykimi.kernels import fused
+
+    model = pykimi.load(TINY, cache_absorbed=False)
+    calls, records = [], []
+    real = kernels.fast(moe.moe_decode)
+
+    def counted(*a, **k):
+        out = real(*a, **k)
+        calls.append(1)
+        records.append(out[1])
+        return out
+    monkeypatch.setitem(fused._FAST, moe.moe_decode, counted)
+    ids = [5, 17, 300, 42, 9]
+    n_moe = sum(model.text.is_moe_layer(i) for i in range(model.text.num_hidden_layers))
+    assert n_moe > 0
+
+    def run(**trace_kw):
+        cache = model.new_cache(16)
+        model.prefill(model.embed(ids), cache, all_logits=False)
+        calls.clear()
+        records.clear()
+        if not trace_kw:
+            return model.decode_step(7, cache), None
+        with pykimi.trace(model, **trace_kw) as t:
+            out = model.decode_step(7, cache)
+        return out, t
+
+    plain, _ = run()
+    assert len(calls) == n_moe, f"untraced decode: {len(calls)} fused MoE calls, expected {n_moe}"
+    fused_recs = list(records)
+    other, t = run(names=["language_model.model.layers.*.self_attn"])
+    assert len(calls) == n_moe
+    np.testing.assert_array_equal(other, plain)
+    routed, t = run(names=["*.mlp.topk_ids", "*.mlp.topk_weights", "*.mlp.gate.router_logits"])
+    assert len(calls) == 0, "a trace of the routing must take the unfused path"
+    np.testing.assert_array_equal(routed, plain)
+    moe_layers = [i for i in range(model.text.num_hidden_layers) if model.text.is_moe_layer(i)]
+    for rec, layer in zip(fused_recs, moe_layers):
+        p = f"language_model.model.layers.{layer}.mlp"
+        np.testing.assert_array_equal(t[f"{p}.topk_ids"], rec.topk_ids, err_msg=f"{p}.topk_ids")
+        np.testing.assert_array_equal(t[f"{p}.topk_weights"], rec.topk_weights, err_msg=f"{p}.topk_weights")
+        np.testing.assert_array_equal(t[f"{p}.gate.router_logits"], rec.logits, err_msg=f"{p}.router_logits")

@@ -171,6 +171,66 @@ def swiglu_sum(x: np.ndarray, records, coefs) -> np.ndarray:
     return out
 
 
+def linear_record(kind: str, act: str, shape, wdata, scales, owner=None):
+    """(pk_linear cdata, what keeps its arrays alive) for one stored weight [out, in] of a fused call (o_proj,
+    the router); shape: its logical (out, in); made once and kept on ``owner`` (see _weight_buffers) when it
+    is a weight object."""
+    f = FMT[kind]
+    if owner is not None:
+        got = getattr(owner, "_c_linear", None)
+        if got is not None and got[0] == (f, act):
+            return got[1]
+    b = _weight_buffers(f, wdata, scales, owner)
+    r = ffi.new("pk_linear *")
+    r.fmt, r.act, r.n_out, r.n_in, r.w, r.scales = f, ACT[act], int(shape[0]), int(shape[1]), b[2], b[3]
+    res = (r, b)
+    if owner is not None and hasattr(owner, "__dict__"):
+        object.__setattr__(owner, "_c_linear", ((f, act), res))
+    return res
+
+
+def mla_absorbed_o(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kind: str, act: str,
+                   wdata, scales, owner, scale: float, dims, o_rec) -> np.ndarray:
+    """pk_mla_absorbed_o: pk_mla_absorbed then o_proj (o_rec: linear_record) in one call -> y f32 [out]."""
+    H, dn, dr, dv, R = dims
+    if rows.dtype != np.float32 or not rows.flags.c_contiguous:   # written in place: no converted copy
+        raise ValueError(f"mla_absorbed: cache rows are {rows.dtype}{list(rows.shape)}, expected contiguous float32")
+    q = np.ascontiguousarray(q, dtype=np.float32)
+    kva = np.ascontiguousarray(kva, dtype=np.float32)
+    ln = np.ascontiguousarray(ln, dtype=np.float32)
+    inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
+    f = FMT[kind]
+    wdata, scales, wp, sp = _weight_buffers(f, wdata, scales, owner)
+    o = np.empty(H * dv, dtype=np.float32)
+    y = np.empty(o_rec[0].n_out, dtype=np.float32)
+    rc = lib.pk_mla_absorbed_o(H, dn, dr, dv, R, _ptr("float[]", q), _ptr("float[]", kva), _ptr("float[]", ln),
+                               float(eps), _ptr("float[]", inv_freq), int(pos), _ptr("float[]", rows), int(n), f,
+                               ACT[act], wp, sp, float(scale), o_rec[0], _ptr("float[]", o), _ptr("float[]", y))
+    if rc != 0:
+        raise (MemoryError if rc == -1 else ValueError)(f"pk_mla_absorbed_o failed ({rc})")
+    return y
+
+
+def route(x: np.ndarray, gate_rec, bias, E: int, k: int, n_group: int, topk_group: int, group_top2: bool,
+          norm: bool, scaling: float, sigmoid: bool):
+    """pk_route: router logits of x [B, d] (each row alone) and moe.select_experts' selection
+    -> (logits [B, E], scores [B, E], ids int32 [B, k], weights [B, k], margin [B])."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    B, d = x.shape
+    logits = np.empty((B, E), np.float32)
+    scores = np.empty((B, E), np.float32)
+    ids = np.empty((B, k), np.int32)
+    weights = np.empty((B, k), np.float32)
+    margin = np.empty(B, np.float32)
+    rc = lib.pk_route(B, _ptr("float[]", x), d, gate_rec[0], _ptr("float[]", bias) if bias is not None else ffi.NULL,
+                      E, k, n_group, topk_group, bool(group_top2), bool(norm), float(scaling), bool(sigmoid),
+                      _ptr("float[]", logits), _ptr("float[]", scores), _ptr("int[]", ids), _ptr("float[]", weights),
+                      _ptr("float[]", margin))
+    if rc != 0:
+        raise (MemoryError if rc == -1 else ValueError)(f"pk_route failed ({rc})")
+    return logits, scores, ids, weights, margin
+
+
 def heads(op: str, x: np.ndarray, kind: str, wdata: np.ndarray, scales, in_f: int, row0: int, stride: int,
           rows: int, act: str = "f32") -> np.ndarray:
     """Per-head products on row blocks of ONE stored weight, in one C call, without a Python object per head:

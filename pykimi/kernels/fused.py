@@ -1,7 +1,7 @@
 """Fast twins of the stage definitions, registered under the definition's name.
 
-A stage's NumPy definition lives in its stage file (ops.rms_norm / add_rms_norm, attention.mla_absorbed,
-moe.swiglu_sum, moe.select_experts); its twin is registered here with ``@twin_of("pykimi.module.function")``
+A stage's NumPy definition lives in its stage file (ops.rms_norm / add_rms_norm, attention.mla_absorbed /
+mla_absorbed_out, moe.swiglu_sum, moe.select_experts, moe.route, moe.moe_decode); its twin is registered here with ``@twin_of("pykimi.module.function")``
 and a call site asks for ``fast(definition)(...)``. A twin is called as twin(definition, *args): it runs the
 backend's kernel when it can and the definition otherwise (numpy backend, a form or size the kernel does not
 take). The tests hold every twin to its definition (tests/test_kernels.py).
@@ -9,10 +9,11 @@ take). The tests hold every twin to its definition (tests/test_kernels.py).
 from __future__ import annotations
 
 import functools
+import weakref
 
 import numpy as np
 
-from .linear import _C_KINDS, _act_mode, _kind, _owned, act_quant
+from .linear import _C_KINDS, _act_mode, _kind, _owned, act_quant, plan
 from .probe import _mods, backend, numba_module
 
 _CHECKS: list = []     # (attention.check_absorbed, moe.check_experts), looked up on first use: those
@@ -21,9 +22,9 @@ _CHECKS: list = []     # (attention.check_absorbed, moe.check_experts), looked u
 
 def _checks() -> list:
     if not _CHECKS:
-        from ..attention import check_absorbed
-        from ..moe import check_experts
-        _CHECKS.extend((check_absorbed, check_experts))
+        from ..attention import check_absorbed, check_out_proj
+        from ..moe import RoutingRecord, check_experts, route_logits, router_rule
+        _CHECKS.extend((check_absorbed, check_experts, check_out_proj, RoutingRecord, route_logits, router_rule))
     return _CHECKS
 
 
@@ -159,3 +160,188 @@ def select_experts(definition, logits, bias, rule):
                     int(rule.topk_group), bool(rule.group_top2), bool(rule.norm), float(rule.scaling), scores, ids,
                     weights, margin)
     return scores, ids, weights, margin
+
+
+@twin_of("pykimi.attention.mla_absorbed_out")
+def mla_absorbed_out(definition, q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b,
+                     o_proj, scale: float, dims, matmul=None) -> np.ndarray:
+    """One decode token's absorbed attention AND o_proj in one C call (pk_mla_absorbed_o: o_proj's rows in the
+    attention's parallel region, bit for bit kernels.matmul of the one row) with the C backend, when
+    kernels.matmul would run o_proj on the C kernels; otherwise the definition."""
+    kind, okind = _kind(kv_b), _kind(o_proj)
+    if backend() == "c" and kind in _C_KINDS and okind in _C_KINDS and matmul is None:
+        path, oact = plan(okind, 1)
+        if path == "c":
+            ck = _checks()
+            ck[0](q, kva, rows, n, pos, kv_b, dims)   # the definition's checks (C writes rows[n])
+            ck[2](o_proj, dims)
+            c = _mods["c"]
+            orec = c.linear_record(okind, oact, o_proj.shape, *_owned(o_proj, okind))
+            return c.mla_absorbed_o(np.asarray(q, dtype=np.float32).reshape(-1),
+                                    np.asarray(kva, dtype=np.float32).reshape(-1), ln, eps, inv_freq, pos, rows, n,
+                                    kind, _act_mode(kind), *_owned(kv_b, kind), scale, tuple(map(int, dims)), orec)
+    return definition(q, kva, ln, eps, inv_freq, pos, rows, n, kv_b, o_proj, scale, dims, matmul)
+
+
+# ------------------------------------------------------------------------------------------ the router
+_GATES: dict = {}      # id(f32 ndarray gate) -> (weakref to it, its pk_linear record): an ndarray takes no attribute
+
+
+def _gate_record(gate_w):
+    """The pk_linear record of a router weight [E, d] (an f32 ndarray or a stored form the C kernels read),
+    made once per weight and kept; None when C cannot read it as it is."""
+    c = _mods["c"]
+    if isinstance(gate_w, np.ndarray):
+        if gate_w.dtype != np.float32 or gate_w.ndim != 2 or not gate_w.flags.c_contiguous:
+            return None
+        got = _GATES.get(id(gate_w))
+        if got is not None and got[0]() is gate_w:
+            return got[1]
+        if len(_GATES) > 4096:
+            _GATES.clear()
+        rec = c.linear_record("f32", "f32", gate_w.shape, gate_w, None)
+        _GATES[id(gate_w)] = (weakref.ref(gate_w), rec)
+        return rec
+    kind = _kind(gate_w)
+    if kind not in _C_KINDS or len(gate_w.shape) != 2:
+        return None
+    path, act = plan(kind, 1)
+    return c.linear_record(kind, act if path == "c" else "f32", gate_w.shape, *_owned(gate_w, kind))
+
+
+def _router_args(h, gate_w, bias, cfg):
+    """(x [S, d], gate record, bias or None, rule) for the C router, or None when it does not take these (the
+    definition then runs, and raises its one-line errors for a bad rule or a missing bias)."""
+    rule = _checks()[5](cfg)
+    h = np.asarray(h)
+    if h.ndim != 2 or rule.scoring not in ("sigmoid", "softmax"):
+        return None
+    E = int(gate_w.shape[0]) if len(gate_w.shape) == 2 else 0
+    if not 0 < rule.k <= E or E % max(rule.n_group, 1) or int(gate_w.shape[1]) != h.shape[1]:
+        return None
+    if rule.use_bias:
+        if bias is None:
+            return None
+        bias = np.ascontiguousarray(bias, dtype=np.float32)
+        if bias.shape != (E,):
+            return None
+    else:
+        bias = None                                 # the bias is for noaux_tc's selection only
+    grec = _gate_record(gate_w)
+    if grec is None:
+        return None
+    return np.ascontiguousarray(h, dtype=np.float32), grec, bias, rule
+
+
+def _rule_args(rule) -> tuple:
+    return (int(rule.k), max(int(rule.n_group), 1), int(rule.topk_group), bool(rule.group_top2), bool(rule.norm),
+            float(rule.scaling), rule.scoring == "sigmoid")
+
+
+@twin_of("pykimi.moe.route")
+def route(definition, h, gate_w, bias, cfg):
+    """The router of S tokens in one C call (pk_route: each row's logits a GEMV of that row alone, then the
+    selection of select_experts) with the C backend: the serve engine's batched step routes its rows with
+    the same arithmetic as a single decode step's pk_moe. Otherwise the definition."""
+    if backend() == "c":
+        args = _router_args(h, gate_w, bias, cfg)
+        if args is not None:
+            x, grec, b, rule = args
+            E = int(gate_w.shape[0])
+            logits, scores, ids, weights, margin = _mods["c"].route(x, grec, b, E, *_rule_args(rule))
+            return _checks()[3](logits=logits, scores=scores, topk_ids=ids, topk_weights=weights,
+                                topk_margin=margin)
+    return definition(h, gate_w, bias, cfg)
+
+
+class _ExpertTable:
+    """A layer's pk_expert records of all E routed experts for pk_moe, made once and kept (on the layer's
+    get_expert). A record is filled the first time a token chooses its expert (get_expert resolves -- reads
+    -- it then, as the unfused path does); NULL records are the ones nobody chose yet. The table is emptied
+    when the checkpoint's read generation or the activation setting changes (the records depend on both)."""
+
+    def __init__(self, E: int, d: int, shared, setting, generation):
+        c = _mods["c"]
+        self.E, self.d, self.setting, self.generation = E, d, setting, generation
+        self.arr = c.ffi.new("pk_expert[]", E)
+        self.keep: dict = {}
+        self.shared = None
+        self.n_shared = 0
+        if shared is not None:
+            recs = _c_experts([tuple(shared)], [1.0], d)
+            if recs is None:
+                raise LookupError("shared experts in a form the C kernels do not read")
+            self.shared = c.ffi.new("pk_expert[]", [recs[0][0][0]])
+            self.n_shared = 1
+            self.keep["shared"] = recs
+
+    def fill(self, e: int, get_expert) -> bool:
+        recs = _c_experts([tuple(get_expert(e))], [1.0], self.d)
+        if recs is None:
+            return False
+        self.arr[e] = recs[0][0][0]
+        self.keep[e] = recs
+        return True
+
+
+def _expert_table(get_expert, shared, E: int, d: int):
+    gen_of = getattr(get_expert, "generation", None)
+    gen = gen_of() if gen_of is not None else 0
+    setting = act_quant()
+    tab = getattr(get_expert, "_c_table", None)
+    if (tab is None or tab.E != E or tab.d != d or tab.setting != setting or tab.generation != gen
+            or tab.keep.get("shared_obj") is not shared):
+        try:
+            tab = _ExpertTable(E, d, shared, setting, gen)
+        except LookupError:
+            return None
+        tab.keep["shared_obj"] = shared
+        if hasattr(get_expert, "__dict__"):
+            get_expert._c_table = tab
+    return tab
+
+
+@twin_of("pykimi.moe.moe_decode")
+def moe_decode(definition, h, gate_w, bias, cfg, get_expert, shared=None, n_experts=None):
+    """One decode token's MoE FFN in ONE C call with the C backend (pk_moe: the router GEMV, the selection,
+    every chosen expert and the shared experts, over the layer's table of expert records). An expert chosen
+    for the first time is resolved between two calls (pk_moe returns 1 after routing; the selection is
+    recomputed the same). Otherwise, and for weights C does not read, the definition."""
+    if backend() == "c" and np.ndim(h) == 2 and np.shape(h)[0] == 1:
+        args = _router_args(h, gate_w, bias, cfg)
+        E = int(gate_w.shape[0])
+        if args is not None and (n_experts is None or int(n_experts) == E):
+            x, grec, b, rule = args
+            tab = _expert_table(get_expert, shared, E, x.shape[1])
+            if tab is not None:
+                got = _moe_call(x, grec, b, rule, tab, get_expert)
+                if got is not None:
+                    return got
+    return definition(h, gate_w, bias, cfg, get_expert, shared, n_experts)
+
+
+def _moe_call(x, grec, b, rule, tab, get_expert):
+    c = _mods["c"]
+    ffi, p = c.ffi, c._ptr
+    E, d = tab.E, tab.d
+    k = int(rule.k)
+    logits = np.empty((1, E), np.float32)
+    scores = np.empty((1, E), np.float32)
+    ids = np.empty((1, k), np.int32)
+    weights = np.empty((1, k), np.float32)
+    margin = np.empty(1, np.float32)
+    out = np.empty((1, d), np.float32)
+    for _ in range(2):
+        rc = c.lib.pk_moe(p("float[]", x), d, grec[0], p("float[]", b) if b is not None else ffi.NULL, E,
+                          *_rule_args(rule), tab.arr, tab.n_shared, tab.shared if tab.shared is not None else ffi.NULL,
+                          p("float[]", logits), p("float[]", scores), p("int[]", ids), p("float[]", weights),
+                          p("float[]", margin), p("float[]", out))
+        if rc == 0:
+            return out, _checks()[3](logits=logits, scores=scores, topk_ids=ids, topk_weights=weights,
+                                     topk_margin=margin)
+        if rc != 1:
+            raise (MemoryError if rc == -1 else ValueError)(f"pk_moe failed ({rc})")
+        for e in ids[0]:                           # chosen for the first time: resolve, then route again
+            if tab.arr[int(e)].g == ffi.NULL and not tab.fill(int(e), get_expert):
+                return None
+    raise RuntimeError("pk_moe: expert records still missing after they were filled")

@@ -1,0 +1,219 @@
+"""Where a decode token's time goes outside the kernels (issue 25, item 4: "Python glue <= 2 ms per token").
+
+    python bench/profile_decode.py CKPT_DIR [--tokens 32] [--threads 2] [--cprofile 4] [--json OUT]
+
+For N greedy decode tokens after a short prompt:
+  * step      ms per token, timed with nothing patched (mean / median / p99);
+  * kernels   ms per token inside the kernel calls, timed in a second pass with every cffi ``lib.pk_*`` function,
+              every Numba kernel and every BLAS product (kernels.matmul on an ndarray weight) wrapped in a
+              perf_counter accumulator -- reported per function (calls and ms per token);
+  * glue      step - kernels of that instrumented pass, per token and per decoder layer (the wrappers add
+              ~0.2 us a call, counted as glue);
+  * the top Python costs of a few steps under cProfile (tottime: the function's own time).
+
+Nothing here is a test. Run it with the pykimi under test first on PYTHONPATH (a side-by-side comparison runs
+this same file against two worktrees): ``PYTHONPATH=/path/to/tree python bench/profile_decode.py ...``.
+"""
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import json
+import os
+import pstats
+import sys
+import time
+
+import numpy as np
+
+
+class Clock:
+    """perf_counter accumulators per kernel name, and the wrappers that feed them."""
+
+    def __init__(self):
+        self.t: dict = {}
+        self.n: dict = {}
+        self.on = False
+
+    def wrap(self, name: str, fn):
+        t, n = self.t, self.n
+        t.setdefault(name, 0.0)
+        n.setdefault(name, 0)
+        pc = time.perf_counter
+
+        def timed(*a, **k):
+            if not self.on:
+                return fn(*a, **k)
+            t0 = pc()
+            try:
+                return fn(*a, **k)
+            finally:
+                t[name] += pc() - t0
+                n[name] += 1
+        timed.__wrapped__ = fn
+        return timed
+
+    def reset(self):
+        for k in self.t:
+            self.t[k] = 0.0
+            self.n[k] = 0
+
+    def total(self) -> float:
+        return sum(self.t.values())
+
+
+class _TimedLib:
+    """Stands in for a cffi ``lib``: every pk_* function timed, everything else passed through."""
+
+    def __init__(self, lib, clock: Clock):
+        self._lib, self._clock, self._fns = lib, clock, {}
+
+    def __getattr__(self, name):
+        f = self._fns.get(name)
+        if f is None:
+            f = getattr(self._lib, name)
+            if name.startswith("pk_") and callable(f) and not name.startswith(("pk_get_", "pk_set_", "pk_simd",
+                                                                               "pk_has_", "pk_amx")):
+                f = self._clock.wrap(name, f)
+            self._fns[name] = f
+        return f
+
+
+def instrument(clock: Clock) -> None:
+    """Wrap the kernels where the stage code looks them up (module attributes), so the model runs unchanged."""
+    import pykimi.kernels as K
+    from pykimi.kernels import linear, probe
+    c = probe._mods.get("c")
+    if c is not None:
+        c.lib = _TimedLib(c.lib, clock)
+    nb = probe.numba_module()
+    if nb is not None:
+        from numba.core.registry import CPUDispatcher
+        for name in dir(nb):
+            f = getattr(nb, name)
+            if isinstance(f, CPUDispatcher):
+                setattr(nb, name, clock.wrap(f"numba.{name}", f))
+    # BLAS: kernels.matmul on an ndarray weight (the f32 router) is one x @ W.T -- kernel time, not glue
+    inner = linear.matmul
+    blas = clock.wrap("blas.matmul", inner)
+
+    def matmul(x, w):
+        return blas(x, w) if isinstance(w, np.ndarray) else inner(x, w)
+    for mod in (K, linear):
+        mod.matmul = matmul
+    import pykimi.moe as moe_mod
+    import pykimi.attention as att_mod
+    import pykimi.model as model_mod
+    for mod in (moe_mod, att_mod, model_mod):       # they call kernels.matmul through the package
+        assert getattr(mod, "kernels", K) is K
+
+
+def decode(model, prompt: np.ndarray, n: int):
+    """Prefill the prompt, then n greedy tokens; per-token step seconds."""
+    cache = model.new_cache(capacity=prompt.size + n + 1)
+    logits = model.prefill(model.embed(prompt), cache, all_logits=False)
+    tok = int(np.argmax(logits))
+    times = []
+    for _ in range(n):
+        t0 = time.perf_counter()
+        logits = model.decode_step(tok, cache)
+        times.append(time.perf_counter() - t0)
+        tok = int(np.argmax(logits))
+    return np.asarray(times)
+
+
+def stats(a_ms: np.ndarray) -> dict:
+    return {"mean": float(a_ms.mean()), "median": float(np.median(a_ms)), "p99": float(np.percentile(a_ms, 99)),
+            "min": float(a_ms.min())}
+
+
+def main(argv=None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("ckpt")
+    ap.add_argument("--tokens", type=int, default=32)
+    ap.add_argument("--warmup", type=int, default=6)
+    ap.add_argument("--prompt", type=int, default=16)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--cprofile", type=int, default=4, help="steps under cProfile (0: none)")
+    ap.add_argument("--top", type=int, default=18)
+    ap.add_argument("--json", default=None, help="write the numbers here too")
+    ap.add_argument("--quiet", action="store_true", help="only the summary lines")
+    args = ap.parse_args(argv)
+
+    import pykimi
+    model = pykimi.load(args.ckpt, backend="c", threads=args.threads)
+    L = model.text.num_hidden_layers
+    rng = np.random.default_rng(0)
+    prompt = rng.integers(100, min(model.text.vocab_size, 50000), args.prompt).astype(np.int64)
+    # pre-fault the mapped weights and compile everything once
+    decode(model, prompt, args.warmup)
+
+    step = decode(model, prompt, args.tokens) * 1e3                        # nothing patched
+
+    if args.cprofile:
+        pcache = model.new_cache(capacity=args.prompt + args.cprofile + 1)
+        ptok = int(np.argmax(model.prefill(model.embed(prompt), pcache, all_logits=False)))
+        pr = cProfile.Profile()
+        pr.enable()
+        for _ in range(args.cprofile):
+            ptok = int(np.argmax(model.decode_step(ptok, pcache)))
+        pr.disable()
+        s = io.StringIO()
+        pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(args.top)
+        cprof = s.getvalue()
+
+    clock = Clock()
+    instrument(clock)
+    decode(model, prompt, 2)                                               # wrappers warm
+    cache = model.new_cache(capacity=args.prompt + args.tokens + 1)
+    logits = model.prefill(model.embed(prompt), cache, all_logits=False)
+    tok = int(np.argmax(logits))
+    inst, kern = [], []
+    per_fn_t = {k: 0.0 for k in clock.t}
+    for _ in range(args.tokens):
+        clock.reset()
+        clock.on = True
+        t0 = time.perf_counter()
+        logits = model.decode_step(tok, cache)
+        dt = time.perf_counter() - t0
+        clock.on = False
+        inst.append(dt * 1e3)
+        kern.append(clock.total() * 1e3)
+        for k, v in clock.t.items():
+            per_fn_t[k] = per_fn_t.get(k, 0.0) + v
+        per_fn_n = dict(clock.n)                                           # calls per token (same every step)
+        tok = int(np.argmax(logits))
+    inst, kern = np.asarray(inst), np.asarray(kern)
+    glue = inst - kern
+
+    res = {"ckpt": os.path.abspath(args.ckpt), "layers": L, "threads": args.threads, "tokens": args.tokens,
+           "pykimi": os.path.dirname(os.path.abspath(pykimi.__file__)),
+           "step_ms": stats(step), "instrumented_step_ms": stats(inst), "kernel_ms": stats(kern),
+           "glue_ms": stats(glue), "glue_ms_per_layer": float(glue.mean() / L),
+           "kernels": {k: {"calls_per_token": per_fn_n.get(k, 0), "ms_per_token": v * 1e3 / args.tokens}
+                       for k, v in sorted(per_fn_t.items(), key=lambda kv: -kv[1]) if per_fn_n.get(k, 0)}}
+
+    if args.cprofile:
+        res["cprofile_top"] = cprof
+    f = lambda d: f"mean {d['mean']:.2f}  median {d['median']:.2f}  p99 {d['p99']:.2f}"   # noqa: E731
+    print(f"{args.ckpt}: {L} layers, {args.threads} threads, {args.tokens} tokens ({res['pykimi']})")
+    print(f"  step         ms/token  {f(res['step_ms'])}")
+    print(f"  instrumented ms/token  {f(res['instrumented_step_ms'])}")
+    print(f"  kernels      ms/token  {f(res['kernel_ms'])}")
+    print(f"  glue         ms/token  {f(res['glue_ms'])}   ({res['glue_ms_per_layer']:.3f} ms a layer)")
+    if not args.quiet:
+        print("  kernel calls per token:")
+        for k, v in res["kernels"].items():
+            print(f"    {k:28s} {v['calls_per_token']:4d} calls  {v['ms_per_token']:8.3f} ms")
+        if args.cprofile:
+            print(f"  cProfile, {args.cprofile} steps (tottime):")
+            print(cprof)
+    if args.json:
+        with open(args.json, "w") as fh:
+            json.dump(res, fh, indent=1)
+    return res
+
+
+if __name__ == "__main__":
+    main()
