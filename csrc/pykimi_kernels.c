@@ -2020,59 +2020,63 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
 }
 
 /* ------------------------------------------------------------ the absorbed MLA decode of one token */
-/* Dot products and axpys over f32 rows of the latent cache. The dot keeps 64 independent partial sums (four
+/* Dot products and axpys over rows of the latent cache. The dot keeps 64 independent partial sums (four
  * vector accumulators at AVX-512: one chain would wait on each FMA's latency), so the compiler vectorises
  * it without reassociating anything; one body, compiled once per level with that level's target (the level
- * changes the speed and, for the dot, the summation order). */
-#define PK_DOT_BODY                                                    \
-    {                                                                  \
-        float acc[64] = {0.0f}, s = 0.0f;                              \
-        int64_t i, k;                                                  \
-        for (i = 0; i + 64 <= n; i += 64)                              \
-            for (k = 0; k < 64; k++) acc[k] += a[i + k] * b[i + k];    \
-        for (; i + 16 <= n; i += 16)                                   \
-            for (k = 0; k < 16; k++) acc[k] += a[i + k] * b[i + k];    \
-        for (k = 0; k < 32; k++) acc[k] += acc[k + 32]; /* a tree */  \
-        for (k = 0; k < 16; k++) acc[k] += acc[k + 16];               \
-        for (k = 0; k < 8; k++) acc[k] += acc[k + 8];                  \
-        for (k = 0; k < 4; k++) acc[k] += acc[k + 4];                  \
-        s = (acc[0] + acc[2]) + (acc[1] + acc[3]);                     \
-        for (; i < n; i++) s += a[i] * b[i];                           \
-        return s;                                                      \
+ * changes the speed and, for the dot, the summation order) and once per cache dtype: LD(v) reads one cached
+ * element as f32 -- itself for an f32 cache, the 16-bit shift of bf16_to_f32 for a bf16 one (exact, done in
+ * registers: the cache is never widened in memory). The two dtypes share every summation order, so a bf16
+ * cache gives bit for bit what an f32 cache holding the same (rounded) values gives. */
+#define PK_LD_F32(v) (v)
+#define PK_LD_BF16(v) bf16_to_f32(v)
+#define PK_DOT_BODY(LD)                                                    \
+    {                                                                      \
+        float acc[64] = {0.0f}, s = 0.0f;                                  \
+        int64_t i, k;                                                      \
+        for (i = 0; i + 64 <= n; i += 64)                                  \
+            for (k = 0; k < 64; k++) acc[k] += a[i + k] * LD(b[i + k]);    \
+        for (; i + 16 <= n; i += 16)                                       \
+            for (k = 0; k < 16; k++) acc[k] += a[i + k] * LD(b[i + k]);    \
+        for (k = 0; k < 32; k++) acc[k] += acc[k + 32]; /* a tree */      \
+        for (k = 0; k < 16; k++) acc[k] += acc[k + 16];                   \
+        for (k = 0; k < 8; k++) acc[k] += acc[k + 8];                      \
+        for (k = 0; k < 4; k++) acc[k] += acc[k + 4];                      \
+        s = (acc[0] + acc[2]) + (acc[1] + acc[3]);                         \
+        for (; i < n; i++) s += a[i] * LD(b[i]);                           \
+        return s;                                                          \
     }
-#define PK_AXPY_BODY                                 \
-    {                                                \
-        int64_t i;                                   \
-        for (i = 0; i < n; i++) y[i] += c * a[i];    \
+#define PK_AXPY_BODY(LD)                                 \
+    {                                                    \
+        int64_t i;                                       \
+        for (i = 0; i < n; i++) y[i] += c * LD(a[i]);    \
     }
 /* o[0:64] += sum_t p[t] r_t[0:64] over nt rows r_t = r + t * stride: the 64 sums stay in registers across
  * the rows (a constant width the compiler can keep in four AVX-512 / eight AVX2 vectors). */
-#define PK_AXPY64_BODY                                           \
+#define PK_AXPY64_BODY(LD)                                       \
     {                                                            \
         float acc[64];                                           \
         int64_t t, k;                                            \
         for (k = 0; k < 64; k++) acc[k] = o[k];                  \
         for (t = 0; t < nt; t++) {                               \
-            const float pt = p[t], *rt = r + t * stride;         \
-            for (k = 0; k < 64; k++) acc[k] += pt * rt[k];       \
+            const float pt = p[t];                               \
+            for (k = 0; k < 64; k++) acc[k] += pt * LD(r[t * stride + k]); \
         }                                                        \
         for (k = 0; k < 64; k++) o[k] = acc[k];                  \
     }
 /* y[j] = a . b_j for four rows b_j = b + j * stride: a is loaded once for all four and the four chains are
  * independent (the scores of one head against four cache rows). */
-#define PK_DOT4_BODY                                                                  \
+#define PK_DOT4_BODY(LD)                                                              \
     {                                                                                 \
         float a0[16], a1[16], a2[16], a3[16], *acc[4];                                \
-        const float *b1 = b + stride, *b2 = b + 2 * stride, *b3 = b + 3 * stride;     \
         int64_t i, j, k;                                                              \
         for (k = 0; k < 16; k++) a0[k] = a1[k] = a2[k] = a3[k] = 0.0f;                \
         for (i = 0; i + 16 <= n; i += 16)                                             \
             for (k = 0; k < 16; k++) {                                                \
                 const float ak = a[i + k];                                            \
-                a0[k] += ak * b[i + k];                                               \
-                a1[k] += ak * b1[i + k];                                              \
-                a2[k] += ak * b2[i + k];                                              \
-                a3[k] += ak * b3[i + k];                                              \
+                a0[k] += ak * LD(b[i + k]);                                           \
+                a1[k] += ak * LD(b[stride + i + k]);                                  \
+                a2[k] += ak * LD(b[2 * stride + i + k]);                              \
+                a3[k] += ak * LD(b[3 * stride + i + k]);                              \
             }                                                                         \
         acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;                           \
         for (j = 0; j < 4; j++) {                                                     \
@@ -2080,43 +2084,72 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
             for (k = 0; k < 8; k++) c[k] += c[k + 8]; /* a tree */                    \
             for (k = 0; k < 4; k++) c[k] += c[k + 4];                                 \
             s = (c[0] + c[2]) + (c[1] + c[3]);                                        \
-            for (k = i; k < n; k++) s += a[k] * b[j * stride + k];                    \
+            for (k = i; k < n; k++) s += a[k] * LD(b[j * stride + k]);                \
             y[j] = s;                                                                 \
         }                                                                             \
     }
-static float dot_scalar(const float *a, const float *b, int64_t n) PK_DOT_BODY
-static void dot4_scalar(const float *a, const float *b, int64_t stride, int64_t n, float *y) PK_DOT4_BODY
-static void axpy_scalar(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
-static void axpy64_scalar(const float *p, const float *r, int64_t stride, int64_t nt, float *o) PK_AXPY64_BODY
+/* NAME (f32 cache rows) and NAME##h (bf16 rows, uint16 bits) at one level: ATTR is the level's target. */
+#define PK_CACHE_FNS(ATTR, LEVEL)                                                                              \
+    static ATTR float dot_##LEVEL(const float *a, const float *b, int64_t n) PK_DOT_BODY(PK_LD_F32)            \
+    static ATTR float doth_##LEVEL(const float *a, const uint16_t *b, int64_t n) PK_DOT_BODY(PK_LD_BF16)      \
+    static ATTR void dot4_##LEVEL(const float *a, const float *b, int64_t stride, int64_t n, float *y)         \
+        PK_DOT4_BODY(PK_LD_F32)                                                                                \
+    static ATTR void dot4h_##LEVEL(const float *a, const uint16_t *b, int64_t stride, int64_t n, float *y)     \
+        PK_DOT4_BODY(PK_LD_BF16)                                                                               \
+    static ATTR void axpy_##LEVEL(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY(PK_LD_F32)        \
+    static ATTR void axpyh_##LEVEL(float c, const uint16_t *a, float *y, int64_t n) PK_AXPY_BODY(PK_LD_BF16)  \
+    static ATTR void axpy64_##LEVEL(const float *p, const float *r, int64_t stride, int64_t nt, float *o)      \
+        PK_AXPY64_BODY(PK_LD_F32)                                                                              \
+    static ATTR void axpy64h_##LEVEL(const float *p, const uint16_t *r, int64_t stride, int64_t nt, float *o)  \
+        PK_AXPY64_BODY(PK_LD_BF16)
+#define PK_NO_ATTR
+PK_CACHE_FNS(PK_NO_ATTR, scalar)
 #if PK_X86
-static PK_AVX2 float dot_avx2(const float *a, const float *b, int64_t n) PK_DOT_BODY
-static PK_AVX2 void dot4_avx2(const float *a, const float *b, int64_t stride, int64_t n, float *y) PK_DOT4_BODY
-static PK_AVX2 void axpy_avx2(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
-static PK_AVX2 void axpy64_avx2(const float *p, const float *r, int64_t stride, int64_t nt, float *o) PK_AXPY64_BODY
+PK_CACHE_FNS(PK_AVX2, avx2)
 #endif
 #if PK_HAVE_AVX512
-static PK_AVX512 float dot_avx512(const float *a, const float *b, int64_t n) PK_DOT_BODY
-static PK_AVX512 void dot4_avx512(const float *a, const float *b, int64_t stride, int64_t n, float *y)
-    PK_DOT4_BODY
-static PK_AVX512 void axpy_avx512(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY
-static PK_AVX512 void axpy64_avx512(const float *p, const float *r, int64_t stride, int64_t nt, float *o)
-    PK_AXPY64_BODY
+PK_CACHE_FNS(PK_AVX512, avx512)
 #endif
 
 static float dot_level(int simd, const float *a, const float *b, int64_t n) {
     return PK_LEVEL_CALL(simd, dot, (a, b, n));
 }
 
+static float doth_level(int simd, const float *a, const uint16_t *b, int64_t n) {
+    return PK_LEVEL_CALL(simd, doth, (a, b, n));
+}
+
 static void dot4_level(int simd, const float *a, const float *b, int64_t stride, int64_t n, float *y) {
     PK_LEVEL_CALL(simd, dot4, (a, b, stride, n, y));
+}
+
+static void dot4h_level(int simd, const float *a, const uint16_t *b, int64_t stride, int64_t n, float *y) {
+    PK_LEVEL_CALL(simd, dot4h, (a, b, stride, n, y));
 }
 
 static void axpy_level(int simd, float c, const float *a, float *y, int64_t n) {
     PK_LEVEL_CALL(simd, axpy, (c, a, y, n));
 }
 
+static void axpyh_level(int simd, float c, const uint16_t *a, float *y, int64_t n) {
+    PK_LEVEL_CALL(simd, axpyh, (c, a, y, n));
+}
+
 static void axpy64_level(int simd, const float *p, const float *r, int64_t stride, int64_t nt, float *o) {
     PK_LEVEL_CALL(simd, axpy64, (p, r, stride, nt, o));
+}
+
+static void axpy64h_level(int simd, const float *p, const uint16_t *r, int64_t stride, int64_t nt, float *o) {
+    PK_LEVEL_CALL(simd, axpy64h, (p, r, stride, nt, o));
+}
+
+/* f32 -> bf16 bits, round to nearest even, NaN -> the quiet 0x7FC0: weights.f32_to_bf16 element for element
+ * (the bf16 cache stores rows with it; the NumPy definition of the decode rounds with that function). */
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, sizeof u);
+    if ((u & 0x7FFFFFFFu) > 0x7F800000u) return 0x7FC0;
+    return (uint16_t)((u + 0x7FFFu + ((u >> 16) & 1u)) >> 16);
 }
 
 /* Interleaved RoPE (spec §8.3): pairs (x[2i], x[2i+1]) rotated by the angle whose cos / sin are cs[i] /
@@ -2133,6 +2166,7 @@ static void rope_pairs(const float *x, const float *cs, int64_t half, float *y) 
 typedef struct {
     int64_t H, dn, dr, dv, R, W, N, nvis, nbk, rb;
     const float *q, *cs, *rows, *sc;
+    const uint16_t *rows16; /* a bf16 cache: rows16 set, rows NULL (and the other way round for f32) */
     const char *kvb;
     float scale, *out;
     float *qc, *s, *ol; /* scratch: [q_lat | rope(q_pe)] [H][W], scores / probabilities [H][N], o_lat [H][R] */
@@ -2158,12 +2192,17 @@ static void mla_scores(const pk_mla *m, int64_t t0, int64_t t1) {
     for (t = t0; t + 4 <= t1; t += 4) /* four rows at a time (dot4), then one by one */
         for (h = 0; h < m->H; h++) {
             float *s = m->s + h * m->N + t;
-            dot4_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W, m->W, s);
+            if (m->rows16)
+                dot4h_level(m->simd, m->qc + h * m->W, m->rows16 + t * m->W, m->W, m->W, s);
+            else
+                dot4_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W, m->W, s);
             for (j = 0; j < 4; j++) s[j] *= m->scale;
         }
     for (; t < t1; t++)
         for (h = 0; h < m->H; h++)
-            m->s[h * m->N + t] = dot_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W) * m->scale;
+            m->s[h * m->N + t] = (m->rows16 ? doth_level(m->simd, m->qc + h * m->W, m->rows16 + t * m->W, m->W)
+                                            : dot_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W)) *
+                                 m->scale;
 }
 
 /* Softmax of head h's visible scores in place (f32, max subtracted: as attention.softmax). */
@@ -2187,14 +2226,18 @@ static void mla_values(const pk_mla *m, int64_t c0, int64_t c1) {
         for (i = c0; i < c1; i++) m->ol[h * m->R + i] = 0.0f;
     for (t0 = 0; t0 < m->nvis; t0 += PK_MLA_ROWS) {
         const int64_t nt = m->nvis - t0 < PK_MLA_ROWS ? m->nvis - t0 : PK_MLA_ROWS;
-        const float *rows = m->rows + t0 * m->W + c0;
+        const int64_t off = t0 * m->W + c0;
         for (h = 0; h < m->H; h++) {
             const float *p = m->s + h * m->N + t0;
             float *o = m->ol + h * m->R + c0;
-            if (c1 - c0 == 64)
-                axpy64_level(m->simd, p, rows, m->W, nt, o);
+            if (m->rows16 && c1 - c0 == 64)
+                axpy64h_level(m->simd, p, m->rows16 + off, m->W, nt, o);
+            else if (m->rows16)
+                for (t = 0; t < nt; t++) axpyh_level(m->simd, p[t], m->rows16 + off + t * m->W, o, c1 - c0);
+            else if (c1 - c0 == 64)
+                axpy64_level(m->simd, p, m->rows + off, m->W, nt, o);
             else
-                for (t = 0; t < nt; t++) axpy_level(m->simd, p[t], rows + t * m->W, o, c1 - c0);
+                for (t = 0; t < nt; t++) axpy_level(m->simd, p[t], m->rows + off + t * m->W, o, c1 - c0);
         }
     }
 }
@@ -2211,48 +2254,76 @@ static void mla_output(const pk_mla *m, int64_t h) {
     job_free(&j);
 }
 
-/* See the header. Why: the absorbed decode was ~15 NumPy calls per layer and token around two kernel calls
- * (norm, RoPE twice, concatenation, scores, softmax, the value sum); at 27 layers that glue cost more than
- * the attention's arithmetic. One parallel region, five phases split between the threads: queries (per
- * head), scores (per block of cache rows), softmax (per head), values (per block of latent columns), outputs
- * (per head). NumPy twin: kernels.mla_absorbed_reference. */
-static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
-                            const float *kva, const float *ln, float eps, const float *inv_freq, int64_t pos,
-                            float *rows, int64_t n, int fmt, int act, const void *kvb, const float *kvb_scales,
-                            float scale, float *out, const pk_linear *o_proj, float *y) {
-    const int nth = pk_get_threads();
-    pk_job oj; /* o_proj: y [out] = out [heads * dv] @ W_o^T (only with o_proj) */
+/* One sequence's setup, shared by pk_mla_absorbed and pk_mla_absorbed_batch (so the batch is bit for bit the
+ * single calls): the pk_mla record over scratch (allocated here, freed by the caller) and the new cache row n.
+ * The row is built in f32 -- the kv_a_layernorm'ed latent (f32 statistics, spec §8.2) | the rotated k_pe
+ * (spec §8.3) -- then stored as it is (f32 cache) or rounded to nearest even (bf16 cache, cdt 1); the scores
+ * read it back from the cache like every other row, so the new token sees its own key as cached.
+ * Returns 0 or -1 (no memory). */
+static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
+                       const float *kva, const float *ln, float eps, const float *inv_freq, int64_t pos,
+                       void *rows, int cdt, int64_t n, int fmt, int act, const void *kvb, const float *kvb_scales,
+                       float scale, float *out, float **scratch_out) {
     const int64_t W = R + dr, N = n + 1, half = dr / 2;
-    float *row = rows + n * W, *scratch, *cs;
+    float *scratch, *cs, *nr;
     double ss = 0.0;
-    int64_t i, nrb, ncb;
-    pk_mla m;
-    if (fmt < F_F32 || fmt > F_Q4) return -2;
-    if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
-    if (o_proj && (o_proj->fmt < F_F32 || o_proj->fmt > F_Q4)) return -2;
-    if (o_proj && (o_proj->n_in != heads * dv || o_proj->n_out < 0)) return -3;
-    scratch = (float *)malloc(sizeof(float) * (size_t)(heads * (W + N + R) + dr + 1));
+    int64_t i;
+    /* qc [H][W] | s [H][N] | ol [H][R] | cos, sin [dr] | the new row [W] */
+    scratch = (float *)malloc(sizeof(float) * (size_t)(heads * (W + N + R) + dr + W + 1));
+    *scratch_out = scratch;
     if (!scratch) return -1;
-    m.H = heads, m.dn = dn, m.dr = dr, m.dv = dv, m.R = R, m.W = W, m.N = N;
-    m.nvis = pos + 1 < N ? pos + 1 : N; /* causal: keys after the query's position are masked */
-    m.nbk = (R + PK_BLOCK - 1) / PK_BLOCK, m.rb = row_bytes_of(fmt, R);
-    m.q = q, m.rows = rows, m.sc = kvb_scales, m.kvb = (const char *)kvb;
-    m.scale = scale, m.out = out, m.fmt = fmt, m.act = act, m.simd = pk_get_simd();
-    m.qc = scratch, m.s = scratch + heads * W, m.ol = scratch + heads * (W + N);
+    m->H = heads, m->dn = dn, m->dr = dr, m->dv = dv, m->R = R, m->W = W, m->N = N;
+    m->nvis = pos + 1 < N ? pos + 1 : N; /* causal: keys after the query's position are masked */
+    m->nbk = (R + PK_BLOCK - 1) / PK_BLOCK, m->rb = row_bytes_of(fmt, R);
+    m->q = q, m->sc = kvb_scales, m->kvb = (const char *)kvb;
+    m->rows = cdt ? NULL : (const float *)rows;
+    m->rows16 = cdt ? (const uint16_t *)rows : NULL;
+    m->scale = scale, m->out = out, m->fmt = fmt, m->act = act, m->simd = pk_get_simd();
+    m->qc = scratch, m->s = scratch + heads * W, m->ol = scratch + heads * (W + N);
     cs = scratch + heads * (W + N + R); /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
+    nr = cs + dr;
     for (i = 0; i < half; i++) {
         const float a = (float)pos * inv_freq[i];
         cs[i] = cosf(a);
         cs[half + i] = sinf(a);
     }
-    m.cs = cs;
-    /* the new cache row: the kv_a_layernorm'ed latent (f32 statistics, spec §8.2) | the rotated k_pe */
+    m->cs = cs;
     for (i = 0; i < R; i++) ss += (double)kva[i] * (double)kva[i];
     {
         const float inv = 1.0f / sqrtf((float)(ss / (double)R) + eps);
-        for (i = 0; i < R; i++) row[i] = kva[i] * inv * ln[i];
+        for (i = 0; i < R; i++) nr[i] = kva[i] * inv * ln[i];
     }
-    rope_pairs(kva + R, cs, half, row + R);
+    rope_pairs(kva + R, cs, half, nr + R);
+    if (cdt) {
+        uint16_t *row = (uint16_t *)rows + n * W;
+        for (i = 0; i < W; i++) row[i] = f32_to_bf16(nr[i]);
+    } else {
+        memcpy((float *)rows + n * W, nr, sizeof(float) * (size_t)W);
+    }
+    return 0;
+}
+
+/* See the header. Why: the absorbed decode was ~15 NumPy calls per layer and token around two kernel calls
+ * (norm, RoPE twice, concatenation, scores, softmax, the value sum); at 27 layers that glue cost more than
+ * the attention's arithmetic. One parallel region, five phases split between the threads: queries (per
+ * head), scores (per block of cache rows), softmax (per head), values (per block of latent columns), outputs
+ * (per head). NumPy twin: attention.mla_absorbed. */
+static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
+                            const float *kva, const float *ln, float eps, const float *inv_freq, int64_t pos,
+                            void *rows, int cdt, int64_t n, int fmt, int act, const void *kvb,
+                            const float *kvb_scales, float scale, float *out, const pk_linear *o_proj, float *y) {
+    const int nth = pk_get_threads();
+    pk_job oj; /* o_proj: y [out] = out [heads * dv] @ W_o^T (only with o_proj) */
+    float *scratch = NULL;
+    int64_t nrb, ncb;
+    pk_mla m;
+    if (fmt < F_F32 || fmt > F_Q4 || cdt < 0 || cdt > 1) return -2;
+    if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
+    if (o_proj && (o_proj->fmt < F_F32 || o_proj->fmt > F_Q4)) return -2;
+    if (o_proj && (o_proj->n_in != heads * dv || o_proj->n_out < 0)) return -3;
+    if (mla_prepare(&m, heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, cdt, n, fmt, act, kvb,
+                    kvb_scales, scale, out, &scratch))
+        return -1;
     nrb = (m.nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
     ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
 #pragma omp parallel num_threads(nth) if (nth > 1)
@@ -2293,20 +2364,20 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
 }
 
 int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
-                    const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
+                    const float *ln, float eps, const float *inv_freq, int64_t pos, void *rows, int cdt, int64_t n,
                     int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out) {
-    return mla_absorbed_run(heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, n, fmt, act, kvb,
+    return mla_absorbed_run(heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, cdt, n, fmt, act, kvb,
                             kvb_scales, scale, out, NULL, NULL);
 }
 
 /* pk_mla_absorbed, then o_proj in the same parallel region (see the header). Why: the separate o_proj GEMV
  * was one more Python call, argument conversion and thread fork/join per layer and token. */
 int pk_mla_absorbed_o(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
-                      const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
-                      int fmt, int act, const void *kvb, const float *kvb_scales, float scale,
+                      const float *ln, float eps, const float *inv_freq, int64_t pos, void *rows, int cdt,
+                      int64_t n, int fmt, int act, const void *kvb, const float *kvb_scales, float scale,
                       const pk_linear *o_proj, float *out, float *y) {
     if (!o_proj) return -3;
-    return mla_absorbed_run(heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, n, fmt, act, kvb,
+    return mla_absorbed_run(heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, cdt, n, fmt, act, kvb,
                             kvb_scales, scale, out, o_proj, y);
 }
 
@@ -2454,15 +2525,15 @@ done:
  * pos[b], rows[b] (that sequence's cache buffer, n[b] rows held, row n[b] written), out [B][heads*dv]. */
 int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
                           const float *kva, const float *ln, float eps, const float *inv_freq, const int64_t *pos,
-                          float *const *rows, const int64_t *n, int fmt, int act, const void *kvb,
+                          void *const *rows, int cdt, const int64_t *n, int fmt, int act, const void *kvb,
                           const float *kvb_scales, float scale, float *out) {
     const int nth = pk_get_threads();
-    const int64_t W = R + dr, half = dr / 2, ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
+    const int64_t W = R + dr, ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
     pk_mla *ms;
     float **scr;
-    int64_t *rb0, b, i, nrb_all = 0;
+    int64_t *rb0, b, nrb_all = 0;
     int rc = 0;
-    if (fmt < F_F32 || fmt > F_Q4) return -2;
+    if (fmt < F_F32 || fmt > F_Q4 || cdt < 0 || cdt > 1) return -2;
     if (B < 0 || heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2) return -3;
     for (b = 0; b < B; b++)
         if (pos[b] < 0 || n[b] < 0) return -3;
@@ -2474,37 +2545,14 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
         goto done;
     }
     for (b = 0; b < B; b++) { /* pk_mla_absorbed's setup, per sequence */
-        pk_mla *m = &ms[b];
-        const int64_t N = n[b] + 1;
-        const float *kv = kva + b * W;
-        float *row = rows[b] + n[b] * W, *cs;
-        double ss = 0.0;
-        scr[b] = (float *)malloc(sizeof(float) * (size_t)(heads * (W + N + R) + dr + 1));
-        if (!scr[b]) {
+        if (mla_prepare(&ms[b], heads, dn, dr, dv, R, q + b * heads * (dn + dr), kva + b * W, ln, eps, inv_freq,
+                        pos[b], rows[b], cdt, n[b], fmt, act, kvb, kvb_scales, scale, out + b * heads * dv,
+                        &scr[b])) {
             rc = -1;
             goto done;
         }
-        m->H = heads, m->dn = dn, m->dr = dr, m->dv = dv, m->R = R, m->W = W, m->N = N;
-        m->nvis = pos[b] + 1 < N ? pos[b] + 1 : N;
-        m->nbk = (R + PK_BLOCK - 1) / PK_BLOCK, m->rb = row_bytes_of(fmt, R);
-        m->q = q + b * heads * (dn + dr), m->rows = rows[b], m->sc = kvb_scales, m->kvb = (const char *)kvb;
-        m->scale = scale, m->out = out + b * heads * dv, m->fmt = fmt, m->act = act, m->simd = pk_get_simd();
-        m->qc = scr[b], m->s = scr[b] + heads * W, m->ol = scr[b] + heads * (W + N);
-        cs = scr[b] + heads * (W + N + R);
-        for (i = 0; i < half; i++) {
-            const float a = (float)pos[b] * inv_freq[i];
-            cs[i] = cosf(a);
-            cs[half + i] = sinf(a);
-        }
-        m->cs = cs;
-        for (i = 0; i < R; i++) ss += (double)kv[i] * (double)kv[i];
-        {
-            const float inv = 1.0f / sqrtf((float)(ss / (double)R) + eps);
-            for (i = 0; i < R; i++) row[i] = kv[i] * inv * ln[i];
-        }
-        rope_pairs(kv + R, cs, half, row + R);
         rb0[b] = nrb_all;
-        nrb_all += (m->nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
+        nrb_all += (ms[b].nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
     }
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {

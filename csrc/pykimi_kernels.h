@@ -94,14 +94,16 @@ int pk_swiglu_sum(int count, const pk_expert *experts, const float *x, int64_t d
  *   q    f32 [heads, dn + dr]  q_proj (or q_b_proj) output, q_pe not yet rotated
  *   kva  f32 [R + dr]          kv_a_proj_with_mqa output: latent before kv_a_layernorm (weight ln [R], eps),
  *                              k_pe before RoPE; angle_i = pos * inv_freq[i] (f32), i < dr / 2
- *   rows f32 [n + 1, R + dr]   the layer's latent cache, rows 0..n-1 held; row n := [norm(c) | rope(k_pe)]
+ *   rows [n + 1, R + dr]       the layer's latent cache, rows 0..n-1 held; row n := [norm(c) | rope(k_pe)];
+ *                              cdt 0: f32 rows, cdt 1: bf16 rows (uint16 bits, widened in registers; row n
+ *                              rounded to nearest even before it is stored and read back)
  *   kvb  [heads * (dn + dv), R] kv_b_proj in format fmt (scales NULL for f32 / bf16); W_uk[h] are its rows
  *                              h*(dn+dv) .. +dn, W_uv[h] the dv after them; act: W_uv's activation mode
  *   out  f32 [heads, dv]       o[h] = W_uv[h] sum_t softmax_t(scale * [q_nope W_uk[h] | rope(q_pe)] . rows[t])
  *                              rows[t][:R], over keys t <= pos
- * Heads run in parallel. Returns 0, -1 (no memory), -2 (bad format) or -3 (bad sizes). */
+ * Heads run in parallel. Returns 0, -1 (no memory), -2 (bad format or cdt) or -3 (bad sizes). */
 int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
-                    const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
+                    const float *ln, float eps, const float *inv_freq, int64_t pos, void *rows, int cdt, int64_t n,
                     int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out);
 
 /* The MoE FFN of B decode tokens in one call: row b gets exactly pk_swiglu_sum(x[b]) over its experts
@@ -112,11 +114,11 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
                     const int *nsel, const int *sel, const float *coef, float *out);
 
 /* pk_mla_absorbed for B sequences in one parallel region, each against its own cache: q [B][heads*(dn+dr)],
- * kva [B][R+dr], pos[b], rows[b] (n[b] rows held; row n[b] written), out [B][heads*dv]. Each sequence's row
- * and output are bit for bit pk_mla_absorbed's. Returns 0, -1, -2 or -3 as pk_mla_absorbed. */
+ * kva [B][R+dr], pos[b], rows[b] (n[b] rows held; row n[b] written; every cache of dtype cdt as in
+ * pk_mla_absorbed), out [B][heads*dv]. Each sequence's row and output are bit for bit pk_mla_absorbed's. Returns 0, -1, -2 or -3 as pk_mla_absorbed. */
 int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
                           const float *kva, const float *ln, float eps, const float *inv_freq, const int64_t *pos,
-                          float *const *rows, const int64_t *n, int fmt, int act, const void *kvb,
+                          void *const *rows, int cdt, const int64_t *n, int fmt, int act, const void *kvb,
                           const float *kvb_scales, float scale, float *out);
 
 /* One stored weight [out, in] for a fused call: format and activation mode as in pk_matmul_many, scales NULL
@@ -132,8 +134,8 @@ typedef struct {
  * region, bit for bit pk_matmul_many of that one row (o_proj.n_in must be heads * dv). Returns as
  * pk_mla_absorbed. */
 int pk_mla_absorbed_o(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
-                      const float *ln, float eps, const float *inv_freq, int64_t pos, float *rows, int64_t n,
-                      int fmt, int act, const void *kvb, const float *kvb_scales, float scale,
+                      const float *ln, float eps, const float *inv_freq, int64_t pos, void *rows, int cdt,
+                      int64_t n, int fmt, int act, const void *kvb, const float *kvb_scales, float scale,
                       const pk_linear *o_proj, float *out, float *y);
 
 /* The MoE router of B tokens x [B, d] (spec §8.4): logits [B, E] = x @ gate^T (each row alone), then per

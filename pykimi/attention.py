@@ -28,7 +28,7 @@ from . import kernels
 from .ops import apply_rope, rms_norm, softmax  # noqa: F401  (rms_norm: pykimi.attention.rms_norm stays public)
 from .rope import lm_inv_freq, lm_rope_angles
 from .kernels.ref import vecmat
-from .weights import f32_of, rows_of
+from .weights import bf16_to_f32, f32_of, f32_to_bf16, rows_of
 from . import trace  # a callable module: trace.emit / trace.wants here, pykimi.trace(model) for users
 from .trace import emit
 
@@ -152,17 +152,19 @@ def mla_prefill(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg,
     S = x.shape[0]
     H, dn, dv = cfg.num_attention_heads, cfg.qk_nope_head_dim, cfg.v_head_dim
     q_nope, q_pe, c, k_pe = mla_project(x, w, positions, cfg, layer)
-    c_all, kpe_all = cache.append(layer, c, k_pe)                                # [N, R], [N, dr]
-    N = c_all.shape[0]
+    cache.write(layer, c, k_pe)                                                  # rounded in a bf16 cache
+    N = cache.seq_len(layer)
+    R = cfg.kv_lora_rank
     scale = np.float32(cfg.qk_head_dim ** -0.5)                                  # no yarn mscale (spec §8.3)
     qn = q_nope.transpose(1, 0, 2)                                               # [H, S, dn]
     qp = q_pe.transpose(1, 0, 2)                                                 # [H, S, dr]
 
     def block(k0, k1):
         """Scores [H, S, n] (scaled, causally masked) and values [H, n, dv] of cached positions k0..k1-1."""
-        kv = kernels.matmul(c_all[k0:k1], w.kv_b_proj).reshape(k1 - k0, H, dn + dv)   # [n, H, dn+dv]
+        rows = cache.rows_f32(layer, k0, k1)                                     # [n, R + dr] (bf16 widened per block)
+        kv = kernels.matmul(rows[:, :R], w.kv_b_proj).reshape(k1 - k0, H, dn + dv)   # [n, H, dn+dv]
         s = np.matmul(qn, kv[..., :dn].transpose(1, 2, 0))                       # [H, S, n]  q_nope·k_nope
-        s += np.matmul(qp, kpe_all[k0:k1].T)                                     # + q_pe·k_pe (k_pe shared)
+        s += np.matmul(qp, rows[:, R:].T)                                        # + q_pe·k_pe (k_pe shared)
         s *= scale
         s[:, np.arange(k0, k1)[None, :] > positions[:, None]] = -np.inf          # causal mask
         return s, kv[..., dn:].transpose(1, 0, 2)                                # [H, n, dv]
@@ -245,8 +247,8 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
         cache.commit(layer)                                                      # rows[n] was written
         return y[None, :]                                                        # [1, D]
     q_nope, q_pe, c, k_pe = mla_project(x, w, positions, cfg, layer)
-    cache.append(layer, c, k_pe)
-    rows = cache.rows(layer)                                                     # [N, R + dr]  = [c | k_pe]
+    cache.write(layer, c, k_pe)
+    rows = cache.rows_f32(layer)                                                 # [N, R + dr]  = [c | k_pe]
     N = rows.shape[0]
 
     if w.kv_b_f32 is not None:
@@ -279,7 +281,9 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
 
     q [H * (dn + dr)] (q_pe not rotated yet), kva [R + dr] (kv_a_proj_with_mqa output), ln / eps:
     kv_a_layernorm, inv_freq [dr / 2] (angles pos · inv_freq), rows: the layer's cache buffer [>= n + 1, R + dr]
-    with n rows held -- row n is written here ([RMSNorm(c) | RoPE(k_pe)]); kv_b: kv_b_proj [H * (dn + dv), R]
+    with n rows held -- row n is written here ([RMSNorm(c) | RoPE(k_pe)]); float32, or uint16 for a bf16 cache:
+    then row n is rounded to nearest even (weights.f32_to_bf16) and the keys are the widened rows, the new
+    one included, as the C kernel reads them; kv_b: kv_b_proj [H * (dn + dv), R]
     in any stored form; dims = (H, dn, dr, dv, R). The W_uv products go through ``matmul`` (default
     kernels.matmul; tests pass kernels.reference). Fast twin: kernels/fused.py (one C call, heads in parallel,
     W_uk / W_uv read in the stored form)."""
@@ -289,9 +293,14 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
     q = np.asarray(q, dtype=np.float32).reshape(H, dn + dr)
     kva = np.asarray(kva, dtype=np.float32).reshape(-1)
     ang = (np.float32(pos) * np.asarray(inv_freq, dtype=np.float32))[None, :]              # [1, dr/2]
-    rows[n, :R] = rms_norm(kva[:R], ln, eps)                                                 # c, eps 1e-6
-    rows[n, R:] = apply_rope(kva[None, R:], ang)[0]                                          # k_pe
-    keys = rows[:min(n + 1, pos + 1)]                                                        # [N, R+dr] causal
+    new = np.concatenate([rms_norm(kva[:R], ln, eps),                                        # c, eps 1e-6
+                          apply_rope(kva[None, R:], ang)[0]])                                # k_pe
+    if rows.dtype == np.uint16:                                                              # bf16 cache
+        rows[n] = f32_to_bf16(new)
+        keys = bf16_to_f32(rows[:min(n + 1, pos + 1)])                                       # [N, R+dr] causal
+    else:
+        rows[n] = new
+        keys = rows[:min(n + 1, pos + 1)]                                                    # [N, R+dr] causal
     o = np.empty((H, dv), dtype=np.float32)
     for h in range(H):
         r0 = h * (dn + dv)
@@ -333,3 +342,5 @@ def check_absorbed(q, kva, rows, n: int, pos: int, kv_b, dims) -> None:
     if rows.ndim != 2 or rows.shape[1] != R + dr or not 0 <= n < rows.shape[0] or pos < 0:
         raise ValueError(f"mla_absorbed: cache rows {list(rows.shape)} cannot take row {n} of width {R + dr} "
                          f"(position {pos})")
+    if rows.dtype not in (np.float32, np.uint16):
+        raise ValueError(f"mla_absorbed: cache rows are {rows.dtype}, expected float32 or bf16 bits (uint16)")

@@ -38,6 +38,8 @@ def add_parser(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test (default 5)")
     p.add_argument("-t", "--threads", type=int, help="kernel threads (default: all cores)")
     p.add_argument("--backend", choices=["numpy", "numba", "c"], help="kernel backend (default: fastest available)")
+    from .cli import _add_cache_dtype_arg
+    _add_cache_dtype_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     p.set_defaults(fn=cmd_bench)
 
@@ -149,7 +151,8 @@ def describe(model, path: str) -> dict:
     threads = kernels.get_threads()
     return {"model": name + (f" {quant}" if quant else ""), "model_path": os.path.abspath(path),
             "size_bytes": int(model.ckpt.total_bytes()), "n_params": int(cfg.param_counts()["total"]),
-            "backend": backend + (f"-{simd}" if simd else ""), "threads": int(threads)}
+            "backend": backend + (f"-{simd}" if simd else ""), "threads": int(threads),
+            "cache_dtype": getattr(model, "cache_dtype", "f32")}
 
 
 def run(model, path: str, n_prompt: list[int], n_gen: list[int], image_px: list[int], repetitions: int,
@@ -201,7 +204,8 @@ COLUMNS = ("model", "size", "params", "backend", "threads", "test", "t/s")
 
 def table_row(r: dict) -> list[str]:
     unit = "" if r["unit"] == "tok/s" else f" {r['unit']}"
-    return [r["model"], _size(r["size_bytes"]), _params(r["n_params"]), r["backend"], str(r["threads"]), r["test"],
+    test = r["test"] + (f" kv={r['cache_dtype']}" if r.get("cache_dtype", "f32") != "f32" else "")
+    return [r["model"], _size(r["size_bytes"]), _params(r["n_params"]), r["backend"], str(r["threads"]), test,
             f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}{unit}"]
 
 
@@ -224,7 +228,8 @@ def cmd_bench(args) -> int:
     image_px = _int_list(args.image_px, "--image-px")
     if not (n_prompt or n_gen or image_px):
         raise InputError("nothing to measure: give -p, -n or --image-px a number above 0")
-    model = load(path, backend=args.backend, threads=args.threads)
+    from .cli import _cache_dtype
+    model = load(path, backend=args.backend, threads=args.threads, cache_dtype=_cache_dtype(args) or "f32")
     if args.json:
         run(model, path, n_prompt, n_gen, image_px, args.repetitions,
             on_row=lambda r: (print(json.dumps(r)), sys.stdout.flush()))

@@ -10,19 +10,48 @@ score is a single product with ``rows.T`` and ``rows[:, :R]`` is the value-side 
 
 The arrays are preallocated (``capacity``) and grow geometrically when a write runs past the end (never past
 ``max_len``). ``generate`` sizes the cache to prompt + max_new_tokens up front, so decode never reallocates.
+
+Cache dtype (``dtype="f32" | "bf16"``, CLI ``--cache-dtype``): a bf16 cache stores the rows as bf16 bits
+(uint16), rounded to nearest even when written (weights.f32_to_bf16, the project's one f32 -> bf16 rounding)
+and widened exactly when read (a 16-bit shift: in registers in the C kernels, per block of rows in NumPy).
+It halves the cache (27 × 576 × 2 = 31104 bytes per token for the real model); each cached value carries a
+relative rounding error of at most 2^-9. Attention itself still computes in f32 (DESIGN.md "Numerics").
 """
 from __future__ import annotations
 
 import numpy as np
 
 from .errors import InputError
+from .weights import bf16_to_f32, f32_to_bf16
+
+CACHE_DTYPES = ("f32", "bf16")          # the names users give (load(cache_dtype=), --cache-dtype)
+_STORAGE = {"f32": np.dtype(np.float32), "bf16": np.dtype(np.uint16)}
+
+
+def cache_dtype_name(dtype) -> str:
+    """'f32' | 'bf16' for a cache dtype given as a name ('f32', 'float32', 'bf16', 'bfloat16') or np.float32;
+    InputError (one line) otherwise."""
+    if isinstance(dtype, str):
+        name = {"float32": "f32", "fp32": "f32", "bfloat16": "bf16"}.get(dtype.lower(), dtype.lower())
+        if name in CACHE_DTYPES:
+            return name
+    else:
+        try:
+            if np.dtype(dtype) == np.float32:
+                return "f32"
+        except TypeError:
+            pass
+    raise InputError(f"cache dtype {dtype!r}: expected one of {', '.join(CACHE_DTYPES)}")
 
 
 class LatentCache:
-    """Growable per-layer latent cache. Position i of the sequence is row i of every layer."""
+    """Growable per-layer latent cache. Position i of the sequence is row i of every layer.
+
+    ``dtype``: "f32" (default) or "bf16" (see the module docstring); ``cache_dtype`` is the name, ``dtype``
+    the storage dtype of the rows (float32, or uint16 bits for bf16)."""
 
     def __init__(self, n_layers: int, kv_lora_rank: int, rope_dim: int, capacity: int = 256,
-                 max_len: int | None = None, dtype=np.float32):
+                 max_len: int | None = None, dtype="f32"):
         self.n_layers = int(n_layers)
         self.kv_lora_rank = int(kv_lora_rank)
         self.rope_dim = int(rope_dim)
@@ -31,14 +60,16 @@ class LatentCache:
         cap = max(1, int(capacity))
         if self.max_len is not None:
             cap = min(cap, self.max_len)
-        self.dtype = np.dtype(dtype)
+        self.cache_dtype = cache_dtype_name(dtype)
+        self.dtype = _STORAGE[self.cache_dtype]
         self._rows = [np.zeros((cap, self.width), dtype=self.dtype) for _ in range(self.n_layers)]
         self._len = [0] * self.n_layers
 
     @classmethod
-    def for_config(cls, text_cfg, capacity: int = 256, max_len: int | None = None) -> "LatentCache":
+    def for_config(cls, text_cfg, capacity: int = 256, max_len: int | None = None,
+                   dtype="f32") -> "LatentCache":
         return cls(text_cfg.num_hidden_layers, text_cfg.kv_lora_rank, text_cfg.qk_rope_head_dim,
-                   capacity=capacity, max_len=max_len)
+                   capacity=capacity, max_len=max_len, dtype=dtype)
 
     # -- sizes -------------------------------------------------------------------------------------------
     @property
@@ -53,7 +84,8 @@ class LatentCache:
         return self._len[layer]
 
     def bytes_per_token(self) -> int:
-        """n_layers × (kv_lora_rank + qk_rope_head_dim) × itemsize -- 27 × 576 × 4 = 62208 for the real model."""
+        """n_layers × (kv_lora_rank + qk_rope_head_dim) × itemsize -- 27 × 576 × 4 = 62208 for the real model
+        (31104 with a bf16 cache)."""
         return self.n_layers * self.width * self.dtype.itemsize
 
     def nbytes(self) -> int:
@@ -62,14 +94,23 @@ class LatentCache:
 
     # -- access ------------------------------------------------------------------------------------------
     def rows(self, layer: int) -> np.ndarray:
-        """All cached rows of ``layer``   # [N, R + rope] view (c = [:, :R], k_pe = [:, R:])."""
+        """All cached rows of ``layer`` as stored   # [N, R + rope] view (c = [:, :R], k_pe = [:, R:]);
+        float32, or uint16 bf16 bits for a bf16 cache (:meth:`rows_f32` widens)."""
         return self._rows[layer][: self._len[layer]]
 
+    def rows_f32(self, layer: int, start: int = 0, stop: int | None = None) -> np.ndarray:
+        """Cached rows start..stop-1 of ``layer`` as float32   # [n, R + rope]: a view of an f32 cache, an
+        exact widened copy of a bf16 one (prefill widens one key block at a time)."""
+        n = self._len[layer]
+        stop = n if stop is None else min(int(stop), n)
+        r = self._rows[layer][int(start):stop]
+        return bf16_to_f32(r) if self.cache_dtype == "bf16" else r
+
     def latent(self, layer: int) -> np.ndarray:
-        return self.rows(layer)[:, : self.kv_lora_rank]                     # [N, R]
+        return self.rows_f32(layer)[:, : self.kv_lora_rank]                 # [N, R] f32
 
     def k_pe(self, layer: int) -> np.ndarray:
-        return self.rows(layer)[:, self.kv_lora_rank:]                      # [N, rope]
+        return self.rows_f32(layer)[:, self.kv_lora_rank:]                  # [N, rope] f32
 
     def reserve(self, n_total: int) -> None:
         """Make room for ``n_total`` positions in every layer (at most max_len)."""
@@ -84,19 +125,25 @@ class LatentCache:
                 grown[: self._len[i]] = r[: self._len[i]]
                 self._rows[i] = grown
 
-    def append(self, layer: int, c: np.ndarray, k_pe: np.ndarray):
-        """Write rows for new positions of ``layer``   # c [S, R], k_pe [S, rope].
-
-        Returns views (latent [N, R], k_pe [N, rope]) over every cached position of that layer.
-        """
+    def write(self, layer: int, c: np.ndarray, k_pe: np.ndarray) -> None:
+        """Write rows for new positions of ``layer``   # c [S, R], k_pe [S, rope] f32 (a bf16 cache rounds
+        them to nearest even)."""
         S = c.shape[0]
         n0 = self._len[layer]
         if n0 + S > self._rows[layer].shape[0]:
             self.reserve(n0 + S)
         buf = self._rows[layer]
+        if self.cache_dtype == "bf16":
+            c, k_pe = f32_to_bf16(c), f32_to_bf16(k_pe)
         buf[n0:n0 + S, : self.kv_lora_rank] = c
         buf[n0:n0 + S, self.kv_lora_rank:] = k_pe
         self._len[layer] = n0 + S
+
+    def append(self, layer: int, c: np.ndarray, k_pe: np.ndarray):
+        """:meth:`write`, then (latent [N, R], k_pe [N, rope]) f32 over every cached position of that layer:
+        views of an f32 cache, widened copies of a bf16 one (the model's paths call write and read
+        :meth:`rows_f32` blocks instead)."""
+        self.write(layer, c, k_pe)
         return self.latent(layer), self.k_pe(layer)
 
     def next_row(self, layer: int):

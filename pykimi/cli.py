@@ -73,6 +73,17 @@ def _model_dir(args) -> str:
     return d
 
 
+def _cache_dtype(args) -> str | None:
+    """--cache-dtype checked here rather than by argparse ``choices`` (whose error is a usage block, not the
+    one line every other bad input gets): None when not given."""
+    from .cache import CACHE_DTYPES
+
+    v = getattr(args, "cache_dtype", None)
+    if v is not None and v not in CACHE_DTYPES:
+        raise InputError(f"--cache-dtype {v}: expected one of {', '.join(CACHE_DTYPES)}")
+    return v
+
+
 def _load(args):
     from . import load
     from .processor import Processor
@@ -80,6 +91,8 @@ def _load(args):
     t0 = time.perf_counter()
     path = _model_dir(args)
     opts = {}
+    if _cache_dtype(args):
+        opts["cache_dtype"] = args.cache_dtype
     if getattr(args, "backend", None):
         opts["backend"] = args.backend
     if getattr(args, "threads", None):
@@ -686,7 +699,9 @@ def cmd_batch(args) -> int:
                         repetition_penalty=args.repeat_penalty, seed=args.seed,
                         stop_ids=() if args.ignore_eos else None,
                         extra_stop_ids=tuple(int(i) for i in gen.get("stop_ids") or ()))
-    opts = {k: getattr(args, k) for k in ("backend", "threads", "max_context") if getattr(args, k, None)}
+    _cache_dtype(args)
+    opts = {k: getattr(args, k) for k in ("backend", "threads", "max_context", "cache_dtype")
+            if getattr(args, k, None)}
     stop = threading.Event()
 
     def on_sigint(signum, frame):              # first Ctrl-C: finish and write the rows in flight; second: abort
@@ -741,6 +756,7 @@ def cmd_serve(args) -> int:
         raise PykimiError(f"--prefill-chunk {args.prefill_chunk}: expected an integer >= 1")
     if args.max_context is not None and args.max_context < 2:
         raise PykimiError(f"--max-context {args.max_context}: expected an integer >= 2")
+    _cache_dtype(args)
     try:                                    # a taken port is a one-line error, before the model loads
         fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         with socket.socket(fam, socket.SOCK_STREAM) as s:
@@ -773,6 +789,13 @@ def _add_model_args(p):
     p.add_argument("-c", "--max-context", "--ctx-size", dest="max_context", type=_positive_int,
                    help="refuse prompts + answers longer than this many tokens (default: the model's "
                         "max_position_embeddings)")
+    _add_cache_dtype_arg(p)
+
+
+def _add_cache_dtype_arg(p):
+    p.add_argument("--cache-dtype", metavar="{f32,bf16}",
+                   help="latent KV cache storage: f32 (default) or bf16 (half the bytes per token; each cached "
+                        "value rounded to 8 mantissa bits, README 'Long context')")
 
 
 def _add_gen_args(p):

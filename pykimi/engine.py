@@ -41,6 +41,7 @@ import numpy as np
 
 from . import kernels
 from .attention import mla_absorbed
+from .cache import cache_dtype_name
 from .errors import InputError, NumericsError, PykimiError
 from .generate import apply_repetition_penalty, default_stop_ids, pick_token
 from .kernels import linear as _linear, probe as _probe
@@ -328,7 +329,11 @@ def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
     bufs, ns = [], []
     for cache in caches:
         rows, n = cache.next_row(layer)
-        if rows.dtype != np.float32 or not rows.flags.c_contiguous:
+        if bufs and rows.dtype != bufs[0].dtype:
+            return None                                 # one cdt per call (an engine's caches share one dtype)
+        try:
+            c.cache_dtype_code(rows)
+        except ValueError:
             return None
         bufs.append(rows)
         ns.append(n)
@@ -342,7 +347,8 @@ def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
     p = c.ffi.from_buffer
     rc = lib.pk_mla_absorbed_batch(B, H, dn, dr, dv, R, p("float[]", q), p("float[]", kva), p("float[]", ln),
                                    float(t.kv_a_layernorm_eps), p("float[]", freq), p("int64_t[]", n_a),
-                                   [c.ffi.cast("float *", p("float[]", r)) for r in bufs], p("int64_t[]", n_a),
+                                   [c.ffi.cast("void *", p("char[]", r)) for r in bufs],
+                                   c.cache_dtype_code(bufs[0]) if bufs else 0, p("int64_t[]", n_a),
                                    c.FMT[kind], c.ACT[_linear._act_mode(kind)], wp, sp, float(scale),
                                    p("float[]", out))
     if rc != 0:
@@ -534,11 +540,12 @@ class Engine:
     cache_budget_mb: latent cache of all sequences (and kept prefixes) together; max_queue: requests that may
     wait before submit raises QueueFull; prefill_chunk: prompt tokens per scheduler iteration (default: the
     model's, so a prompt is prefilled exactly as model.generate does); image_cache_mb: the feature cache;
-    prefix_cache: keep finished caches for conversations that continue."""
+    prefix_cache: keep finished caches for conversations that continue; cache_dtype: "f32" | "bf16" latent
+    caches (default: the model's, load(cache_dtype=)) -- the budget counts their bytes."""
 
     def __init__(self, model, parallel: int = 4, max_context: int | None = None, cache_budget_mb: float | None = None,
                  max_queue: int = 64, prefill_chunk: int | None = None, image_cache_mb: float = 256,
-                 prefix_cache: bool = True):
+                 prefix_cache: bool = True, cache_dtype: str | None = None):
         if isinstance(parallel, bool) or not isinstance(parallel, (int, np.integer)) or parallel < 1:
             raise InputError(f"parallel={parallel!r}: expected an integer >= 1")
         if max_context is not None and (not isinstance(max_context, (int, np.integer)) or max_context < 2):
@@ -553,7 +560,8 @@ class Engine:
         self.prefill_chunk = int(prefill_chunk or model.prefill_chunk)
         self.images = ImageFeatureCache(int(image_cache_mb * (1 << 20)))
         self.prefix_cache = bool(prefix_cache)
-        self.bytes_per_token = model.new_cache(capacity=1).bytes_per_token()
+        self.cache_dtype = cache_dtype_name(model.cache_dtype if cache_dtype is None else cache_dtype)
+        self.bytes_per_token = model.new_cache(capacity=1, dtype=self.cache_dtype).bytes_per_token()
         self.default_stops = tuple(default_stop_ids(model))
         self._lock = threading.Condition()
         self._waiting: collections.deque = collections.deque()
@@ -787,7 +795,7 @@ class Engine:
                 s.reused = n
                 self.metrics["prefix_reused_tokens"] += n
             else:
-                cache = m.new_cache(capacity=S + s.params.max_new_tokens)
+                cache = m.new_cache(capacity=S + s.params.max_new_tokens, dtype=self.cache_dtype)
             s.cache = cache
             s.done_tokens = n
         c0 = s.done_tokens

@@ -22,6 +22,7 @@ from typing import Iterator
 
 import numpy as np
 
+from .cache import cache_dtype_name
 from .errors import InputError
 
 IM_END = "<|im_end|>"
@@ -166,7 +167,7 @@ def _check_options(max_new_tokens, temperature, top_p, top_k, min_p, repetition_
 def generate(model, input_ids, pixel_values=None, image_grid_hws=None, max_new_tokens: int = 256,
              temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
              repetition_penalty: float = 1.0, seed=None, stream: bool = False, stop_ids=None,
-             image_features=None, force=None):
+             image_features=None, force=None, cache_dtype=None):
     """Generate up to ``max_new_tokens`` ids after the prompt.
 
     Returns the list of new ids, or (stream=True) an iterator yielding each id as soon as it is chosen.
@@ -175,8 +176,11 @@ def generate(model, input_ids, pixel_values=None, image_grid_hws=None, max_new_t
     ``force``: optional ``callable(new_ids) -> id | None`` asked before each pick; an id it returns is emitted
     instead of the sampled one and decoded like any other (e.g. ``pykimi.reasoning.ReasoningBudget.force``,
     which closes the thinking after a budget).
+    ``cache_dtype``: "f32" | "bf16" for this call's latent cache (default: the model's, load(cache_dtype=)).
     """
     _check_options(max_new_tokens, temperature, top_p, top_k, min_p, repetition_penalty)
+    if cache_dtype is not None:
+        cache_dtype = cache_dtype_name(cache_dtype)
     ids = model.check_ids(input_ids)
     S = ids.size
     if S + max_new_tokens > model.context_limit:
@@ -191,7 +195,8 @@ def generate(model, input_ids, pixel_values=None, image_grid_hws=None, max_new_t
         return model.embed(ids, pixel_values, image_grid_hws, image_features)
 
     it = _generate_iter(model, ids, x, int(max_new_tokens), float(temperature), float(top_p), int(top_k),
-                        float(min_p), float(repetition_penalty), seed, stops, t_embed, replay=replay, force=force)
+                        float(min_p), float(repetition_penalty), seed, stops, t_embed, replay=replay, force=force,
+                        cache_dtype=cache_dtype)
     return it if stream else list(it)
 
 
@@ -213,7 +218,7 @@ def _check_finite(model, logits: np.ndarray, ids: np.ndarray, new_ids: list, x: 
 
 
 def _generate_iter(model, ids, x, max_new_tokens, temperature, top_p, top_k, min_p, penalty, seed,
-                   stops, embed_s: float = 0.0, replay=None, force=None) -> Iterator[int]:
+                   stops, embed_s: float = 0.0, replay=None, force=None, cache_dtype=None) -> Iterator[int]:
     if max_new_tokens == 0:
         return
     rng = np.random.default_rng(seed)
@@ -223,7 +228,7 @@ def _generate_iter(model, ids, x, max_new_tokens, temperature, top_p, top_k, min
              "decode_s": 0.0}
     model.last_stats = stats
     t0 = time.perf_counter()
-    cache = model.new_cache(capacity=ids.size + max_new_tokens)        # preallocated: decode never grows it
+    cache = model.new_cache(capacity=ids.size + max_new_tokens, dtype=cache_dtype)   # preallocated: never grows
     logits = model.prefill(x, cache, all_logits=False)                 # f32[V], last prompt position
     _check_finite(model, logits, ids, [], x, replay)
     stats["prefill_s"] = time.perf_counter() - t0

@@ -21,7 +21,7 @@ import numpy as np
 
 from . import kernels, progress
 from .attention import MLAWeights, mla_decode, mla_prefill
-from .cache import LatentCache
+from .cache import LatentCache, cache_dtype_name
 from .errors import InputError
 from .moe import RouterRule, RoutingRecord  # noqa: F401  (RoutingRecord re-exported for notebooks)
 from .moe import dense_mlp, moe_decode, moe_forward, route, route_logits, router_rule
@@ -218,7 +218,7 @@ class KimiVL:
     """Kimi-VL on a memory-mapped checkpoint. Public API: DESIGN.md "Public API"."""
 
     def __init__(self, ckpt: Checkpoint, config=None, max_context: int | None = None, prefill_chunk: int = 512,
-                 cache_absorbed: bool | None = None, vision_cache_weights: bool = False):
+                 cache_absorbed: bool | None = None, vision_cache_weights: bool = False, cache_dtype="f32"):
         self.ckpt = ckpt
         self.config = config if config is not None else ckpt.config
         if self.config is None:
@@ -230,6 +230,7 @@ class KimiVL:
             raise InputError(f"max_context={max_context!r}: expected a positive integer")
         self.max_context = int(max_context) if max_context is not None else None
         self.prefill_chunk = max(1, int(prefill_chunk))
+        self.cache_dtype = cache_dtype_name(cache_dtype)   # of every cache new_cache makes unless it is told
         # the f32 kv_b copy only pays where the absorbed products are NumPy matmuls; the C kernels read the
         # stored form (kernels.heads_vecmat / heads_matvec)
         self.cache_absorbed = (kernels.backend() != "c") if cache_absorbed is None else bool(cache_absorbed)
@@ -335,8 +336,11 @@ class KimiVL:
         x = embed_and_merge(ids, self.embed_table(), feats, self.config.media_placeholder_token_id)
         return emit("inputs_embeds", x)
 
-    def new_cache(self, capacity: int = 256) -> LatentCache:
-        return LatentCache.for_config(self.text, capacity=capacity, max_len=self.context_limit)
+    def new_cache(self, capacity: int = 256, dtype=None) -> LatentCache:
+        """An empty latent cache for this model; dtype "f32" | "bf16" (default: the model's cache_dtype,
+        from load(cache_dtype=))."""
+        return LatentCache.for_config(self.text, capacity=capacity, max_len=self.context_limit,
+                                      dtype=self.cache_dtype if dtype is None else dtype)
 
     # -- running -----------------------------------------------------------------------------------------
     def run_layers(self, x: np.ndarray, cache: LatentCache, absorbed: bool = False, progress=None) -> np.ndarray:
@@ -399,13 +403,13 @@ class KimiVL:
     def generate(self, input_ids, pixel_values=None, image_grid_hws=None, max_new_tokens: int = 256,
                  temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0, min_p: float = 0.0,
                  repetition_penalty: float = 1.0, seed=None, stream: bool = False, stop_ids=None,
-                 image_features=None):
+                 image_features=None, cache_dtype=None):
         """New token ids (list, or an iterator when stream=True); see :func:`pykimi.generate.generate`."""
         from .generate import generate
         return generate(self, input_ids, pixel_values=pixel_values, image_grid_hws=image_grid_hws,
                         max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, top_k=top_k,
                         min_p=min_p, repetition_penalty=repetition_penalty, seed=seed, stream=stream,
-                        stop_ids=stop_ids, image_features=image_features)
+                        stop_ids=stop_ids, image_features=image_features, cache_dtype=cache_dtype)
 
     @property
     def stop_ids(self) -> list[int]:
@@ -417,15 +421,18 @@ class KimiVL:
 
 
 def load(path, backend: str | None = None, threads: int | None = None, max_context: int | None = None,
-         prefill_chunk: int = 512, cache_absorbed: bool | None = None, vision_cache_weights: bool = False) -> KimiVL:
+         prefill_chunk: int = 512, cache_absorbed: bool | None = None, vision_cache_weights: bool = False,
+         cache_dtype: str = "f32") -> KimiVL:
     """``pykimi.load``: open a checkpoint directory (HF layout) -> :class:`KimiVL`.
 
     Weights stay memory-mapped. backend: 'numpy' | 'numba' | 'c' (default: $PYKIMI_BACKEND or the fastest
     available); threads: kernel threads; max_context: a user cap on positions (<= max_position_embeddings);
     prefill_chunk: prompt tokens per chunk; cache_absorbed: keep each layer's kv_b_proj widened to f32 for the
     absorbed decode (27 × 8 MB for the real model); default: only when the backend is not 'c', whose
-    kernels read the stored kv_b_proj directly.
+    kernels read the stored kv_b_proj directly; cache_dtype: 'f32' (default) or 'bf16', the latent KV cache's
+    storage (bf16 halves it; see pykimi.cache and README "--cache-dtype" for the error bound).
     """
+    cache_dtype = cache_dtype_name(cache_dtype)         # a bad name fails here, before anything is opened
     if backend is not None:
         try:
             kernels.set_backend(backend)
@@ -446,4 +453,4 @@ def load(path, backend: str | None = None, threads: int | None = None, max_conte
         raise InputError(f"max_context={max_context} exceeds max_position_embeddings="
                          f"{cfg.text.max_position_embeddings} of {path}")
     return KimiVL(ckpt, cfg, max_context=max_context, prefill_chunk=prefill_chunk,
-                  cache_absorbed=cache_absorbed, vision_cache_weights=vision_cache_weights)
+                  cache_absorbed=cache_absorbed, vision_cache_weights=vision_cache_weights, cache_dtype=cache_dtype)

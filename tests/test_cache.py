@@ -53,8 +53,8 @@ def test_generate_preallocates_and_cache_holds_prompt_plus_new():
     seen = {}
     orig = m.new_cache
 
-    def spy(capacity=256):
-        c = orig(capacity)
+    def spy(capacity=256, dtype=None):
+        c = orig(capacity, dtype)
         seen["c"] = c
         seen["cap"] = c.capacity
         return c
@@ -64,3 +64,46 @@ def test_generate_preallocates_and_cache_holds_prompt_plus_new():
     c = seen["c"]
     assert seen["cap"] == 15 and c.capacity == 15                # sized once, never grown during decode
     assert len(c) == 14                                           # the last token is not fed back
+
+
+# -- bf16 cache (--cache-dtype bf16) ------------------------------------------------------------------------
+
+def test_bf16_cache_halves_bytes_and_stores_rounded_bits():
+    from pykimi.weights import bf16_to_f32, f32_to_bf16
+    t = KimiVLConfig.from_dict(reference_config()).text
+    assert LatentCache.for_config(t, capacity=1, dtype="bf16").bytes_per_token() == 27 * 576 * 2 == 31104
+    rng = np.random.default_rng(0)
+    c = LatentCache(2, 4, 2, capacity=2, dtype="bf16")
+    assert c.cache_dtype == "bf16" and c.dtype == np.uint16 and c.nbytes() == 2 * 2 * 6 * 2
+    lat, kpe = rng.standard_normal((3, 4)).astype(np.float32), rng.standard_normal((3, 2)).astype(np.float32)
+    a, k = c.append(0, lat, kpe)                                   # grows past capacity, keeps the bits
+    c.append(0, lat[:1] * 2, kpe[:1] * 2)
+    np.testing.assert_array_equal(c.rows(0)[:3, :4], f32_to_bf16(lat))   # round to nearest even, as weights
+    np.testing.assert_array_equal(c.rows(0)[3, 4:], f32_to_bf16(kpe[0] * 2))
+    assert a.dtype == np.float32 and c.latent(0).dtype == np.float32
+    np.testing.assert_array_equal(c.rows_f32(0, 1, 3), bf16_to_f32(c.rows(0)[1:3]))   # exact widening
+    np.testing.assert_array_equal(c.k_pe(0), bf16_to_f32(c.rows(0)[:, 4:]))
+    err = np.abs(c.latent(0)[:3] - lat) / np.abs(lat)
+    assert 0 < err.max() <= 2.0 ** -8                              # bf16: 8 significant bits, half a step
+    f = LatentCache(2, 4, 2, capacity=2)
+    f.append(0, lat, kpe)
+    assert f.rows_f32(0).base is not None and f.dtype == np.float32   # an f32 cache hands out views
+
+
+@pytest.mark.parametrize("bad", ["f16", "int8", np.float16, ""])
+def test_bad_cache_dtype_is_one_line_input_error(bad):
+    with pytest.raises(InputError, match="expected one of f32, bf16"):
+        LatentCache(1, 4, 2, dtype=bad)
+    with pytest.raises(InputError, match="expected one of f32, bf16"):
+        load(TINY, cache_dtype=bad)
+
+
+def test_model_cache_dtype_is_the_default_of_new_cache_and_generate():
+    m = load(TINY, cache_dtype="bf16")
+    assert m.new_cache(4).cache_dtype == "bf16" and m.new_cache(4, dtype="f32").cache_dtype == "f32"
+    ids = np.arange(12)
+    bf = m.generate(ids, max_new_tokens=6, stop_ids=[])
+    assert m.last_stats["cache_bytes"] == 18 * m.new_cache(1).bytes_per_token()
+    f32 = load(TINY).generate(ids, max_new_tokens=6, stop_ids=[], cache_dtype="f32")
+    assert load(TINY).generate(ids, max_new_tokens=6, stop_ids=[], cache_dtype="bf16") == bf
+    assert bf == f32                     # this prompt's greedy ids do not move (margins >> the bf16 error)

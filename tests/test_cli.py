@@ -66,6 +66,31 @@ def test_errors_are_one_line_exit_2(model_dir, args, msg):
     assert len(lines) == 1 and lines[0].startswith("pykimi: error:") and msg in lines[0], r.stderr
 
 
+@pytest.mark.parametrize("cmd", ["run", "chat", "serve", "batch", "bench"])
+def test_bad_cache_dtype_is_one_line_exit_2(model_dir, tmp_path, cmd):
+    """--cache-dtype takes f32 or bf16; anything else is the one-line error (not argparse's usage block), before
+    a model is loaded or a port taken."""
+    extra = {"run": ["-p", "x"], "chat": [], "serve": ["--port", "0"],
+             "batch": [str(tmp_path), "-o", str(tmp_path / "out.jsonl")], "bench": ["-p", "0", "-n", "2"]}[cmd]
+    r = cli(cmd, "-m", model_dir, "--cache-dtype", "f16", *extra, stdin="")
+    assert r.returncode == 2, (r.returncode, r.stderr)
+    lines = r.stderr.strip().splitlines()
+    assert lines == ["pykimi: error: --cache-dtype f16: expected one of f32, bf16"], r.stderr
+
+
+def test_run_bf16_cache_matches_api(model_dir):
+    import pykimi as pk
+
+    r = cli("run", "-m", model_dir, "-p", "abc", "-n", "7", "--json", "--cache-dtype", "bf16")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    model = pk.load(model_dir, cache_dtype="bf16")
+    inputs = pk.Processor.from_pretrained(model_dir).prepare([{"role": "user", "content": "abc"}])
+    assert model.generate(inputs["input_ids"], max_new_tokens=7) == out["ids"]
+    assert out["stats"]["cache_bytes"] == model.last_stats["cache_bytes"] == \
+        (out["stats"]["prompt_tokens"] + 7) * model.new_cache(1, dtype="f32").bytes_per_token() // 2
+
+
 def test_debug_flag_shows_traceback(model_dir):
     r = cli("--debug", "info", "/nonexistent/dir")
     assert r.returncode != 0 and "Traceback" in r.stderr

@@ -78,6 +78,62 @@ def test_decode_batch_rows_equal_single_decode(which, quant_dirs):
         assert batched_available(m), "the C backend should take the batched path"
 
 
+@pytest.mark.parametrize("which", ["demo", "tiny", "demo4"])
+@pytest.mark.parametrize("cache_dtype", ["bf16", "f32"])
+def test_mla_batch_equals_single_fused_calls_per_cache_dtype(which, cache_dtype, quant_dirs):
+    """pk_mla_absorbed_batch (engine._mla_batch) on B caches of either dtype == the single fused call per
+    sequence, bit for bit: the output and the row it writes (the same q / kva go to both, so only the attention
+    kernel is compared; a bf16 cache holds bf16 bits)."""
+    from pykimi.attention import _inv_freq, mla_absorbed
+    from pykimi.engine import _mla_batch
+    if kernels.backend() != "c":
+        pytest.skip("the batched attention is a C kernel")
+    m = pykimi.load(_path(which, quant_dirs), cache_dtype=cache_dtype)
+    t = m.text
+    H, dn, dr, dv, R = t.num_attention_heads, t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim, t.kv_lora_rank
+    rng = np.random.default_rng(3)
+    B, layer = 5, 1
+    lens = [int(n) for n in rng.integers(0, 40, B)]
+    alone, batched = [], []
+    for n in lens:                              # two caches holding the same rows
+        c, d = m.new_cache(capacity=48), m.new_cache(capacity=48)
+        for ly in range(t.num_hidden_layers):
+            lat, kpe = rng.standard_normal((n, R)).astype(np.float32), rng.standard_normal((n, dr)).astype(np.float32)
+            c.write(ly, lat, kpe)
+            d.write(ly, lat, kpe)
+        alone.append(c)
+        batched.append(d)
+    assert all(c.rows(layer).dtype == (np.uint16 if cache_dtype == "bf16" else np.float32) for c in batched)
+    a = m.layer_weights(layer).attn
+    q = rng.standard_normal((B, H * (dn + dr))).astype(np.float32)
+    kva = rng.standard_normal((B, R + dr)).astype(np.float32)
+    inv = _inv_freq(dr, float(t.rope_theta))
+    got = _mla_batch(q, kva, a, t, inv, batched, layer, t.qk_head_dim ** -0.5, (H, dn, dr, dv, R))
+    assert got is not None, "the batched kernel declined these caches"
+    for b, c in enumerate(alone):
+        rows, n = c.next_row(layer)
+        ref = kernels.fast(mla_absorbed)(q[b], kva[b], a.kv_a_layernorm, t.kv_a_layernorm_eps, inv, n, rows, n,
+                                         a.kv_b_proj, t.qk_head_dim ** -0.5, (H, dn, dr, dv, R))
+        c.commit(layer)
+        np.testing.assert_array_equal(got[b], ref, err_msg=f"{which} {cache_dtype} sequence {b} (n={n})")
+        np.testing.assert_array_equal(batched[b].rows(layer), c.rows(layer), err_msg=f"{which} {cache_dtype} rows {b}")
+
+
+def test_engine_cache_dtype_counts_bf16_bytes():
+    """The engine's budget counts a bf16 cache's bytes (half an f32 one's); default: the model's cache dtype."""
+    m32, m16 = pykimi.load(TINY), pykimi.load(TINY, cache_dtype="bf16")
+    assert Engine(m16).cache_dtype == "bf16" and Engine(m32).cache_dtype == "f32"
+    assert Engine(m16).bytes_per_token * 2 == Engine(m32).bytes_per_token == Engine(m32, cache_dtype="f32").bytes_per_token
+    assert Engine(m32, cache_dtype="bf16").bytes_per_token == Engine(m16).bytes_per_token
+    with pytest.raises(InputError, match="expected one of f32, bf16"):
+        Engine(m32, cache_dtype="f16")
+    params = SamplingParams(max_new_tokens=6, stop_ids=())
+    prompt = _ids(m16, np.random.default_rng(7), 10)
+    with Engine(m16, parallel=2, cache_budget_mb=16 * Engine(m16).bytes_per_token / 2**20) as eng:
+        res = eng.submit(prompt, params=params).result(TIMEOUT)      # 16 positions fit only as bf16 rows
+        assert res.ids == m16.generate(prompt, max_new_tokens=6, stop_ids=[])
+
+
 def test_batched_step_reads_each_expert_once():
     """All experts chosen in a step are fetched once (the read counter counts one use per expert per step)."""
     m = pykimi.load(pykimi.demo_checkpoint())

@@ -663,6 +663,68 @@ def test_c_level_mla_absorbed(simd_level, form):
         K.set_act_quant(prev_act)
 
 
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+@pytest.mark.parametrize("form", ["BF16", "F32", "q8", "q4"])
+def test_c_level_mla_absorbed_bf16_cache(simd_level, form):
+    """A bf16 cache (rows as uint16 bits): pk_mla_absorbed reads the rows widened in registers and stores the new
+    row rounded to nearest even, at every level and stored form == the NumPy definition on the same bf16 rows
+    (which rounds with weights.f32_to_bf16 and widens with bf16_to_f32): the output to f32 rounding, the new row
+    to at most one bf16 step (the f32 row before rounding may differ in its last bits), nothing else written."""
+    prev, prev_act = K.backend(), K.act_quant()
+    K.set_backend("c")
+    try:
+        rng = np.random.default_rng(83)
+        for H, dn, dr, dv, R, n in MLA_DIMS:
+            for pos, act in ((n, "none"), (max(n - 3, 0), "none"), (n, prev_act)):
+                K.set_act_quant(act)
+                q, kva, ln, inv, rows32, kv_b = _mla_case(rng, form, H, dn, dr, dv, R, n)
+                rows = f32_to_bf16(rows32)
+                rows[n:] = 0
+                rows_ref = rows.copy()
+                args = (q, kva, ln, 1e-6, inv, pos)
+                got = MLA(*args, rows, n, kv_b, 0.07, (H, dn, dr, dv, R))
+                want = mla_twin(*args, rows_ref, n, kv_b, 0.07, (H, dn, dr, dv, R))
+                where = f"bf16 cache {form} act={act} level={simd_level} H={H} R={R} dr={dr} n={n} pos={pos}"
+                tol = 4e-3 if (form == "q4" and act != "none") else 2e-5
+                assert got.shape == (H * dv,) and _relerr(got, want) < tol, f"{where}: {_relerr(got, want):.2e}"
+                step = np.abs(rows[n].astype(np.int32) - rows_ref[n].astype(np.int32))
+                # one step only where the two f32 rows straddle a rounding boundary: rare (a truncating or
+                # mis-rounding store moves about half of them)
+                assert step.max() <= 1 and (step > 0).mean() <= 0.01, \
+                    f"{where}: new row off by {step.max()} bf16 steps at {int(step.argmax())}, " \
+                    f"{int((step > 0).sum())} of {step.size} differ"
+                np.testing.assert_array_equal(rows[:n], rows_ref[:n], err_msg=f"{where}: held rows changed")
+                assert not rows[n + 1:].any(), f"{where}: wrote past row {n}"
+                # the same step on an f32 cache holding the same values: differs only by the new row's
+                # rounding, so by a bf16-sized amount, not more (a misread row would be far off)
+                r32 = weights.bf16_to_f32(rows_ref)
+                r32[n:] = 0
+                f32_out = MLA(*args, r32, n, kv_b, 0.07, (H, dn, dr, dv, R))
+                assert _relerr(got, f32_out) < 2 ** -7, f"{where}: bf16 vs f32 cache {_relerr(got, f32_out):.2e}"
+    finally:
+        K.set_backend(prev)
+        K.set_act_quant(prev_act)
+
+
+@pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
+def test_mla_absorbed_bf16_cache_every_backend(use_backend):
+    """Every backend's fast twin on a bf16 cache == the definition; a cache of another dtype is a one-line
+    ValueError (the C kernel writes the row in place: no converted copy)."""
+    rng = np.random.default_rng(84)
+    H, dn, dr, dv, R, n = 3, 16, 8, 12, 64, 9
+    q, kva, ln, inv, rows32, kv_b = _mla_case(rng, "BF16", H, dn, dr, dv, R, n)
+    rows = f32_to_bf16(rows32)
+    rows_ref = rows.copy()
+    got = MLA(q, kva, ln, 1e-6, inv, n, rows, n, kv_b, 0.1, (H, dn, dr, dv, R))
+    want = mla_twin(q, kva, ln, 1e-6, inv, n, rows_ref, n, kv_b, 0.1, (H, dn, dr, dv, R))
+    assert _relerr(got, want) < 2e-5, f"{use_backend}: {_relerr(got, want):.2e}"
+    step = np.abs(rows[n].astype(np.int32) - rows_ref[n].astype(np.int32))
+    assert step.max() <= 1 and (step > 0).mean() <= 0.02, f"{use_backend}: new row {step.tolist()}"
+    with pytest.raises(ValueError, match="float32 or bf16"):
+        MLA(q, kva, ln, 1e-6, inv, n, rows32.astype(np.float64), n, kv_b, 0.1, (H, dn, dr, dv, R))
+
+
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
 def test_mla_absorbed_matches_reference_and_checks_shapes(use_backend):
     rng = np.random.default_rng(82)

@@ -171,6 +171,42 @@ def test_blocked_keys_online_softmax_equals_one_block(tiny):
     np.testing.assert_allclose(one, naive_mla(x, w, cfg), rtol=0, atol=2e-5 * np.abs(one).max())
 
 
+@pytest.mark.parametrize("kernel_backend", ["c", "numpy"])
+def test_bf16_cache_every_mla_path_agrees(tiny, kernel_backend):
+    """With a bf16 latent cache every MLA path reads the same rounded rows: prefill (one key block and blocked),
+    the absorbed decode of a block (step by step) and token by token (the fused kernel) agree to f32 rounding;
+    the rows are bf16 bits; against the f32 naive form they differ by a bf16-sized amount (not more)."""
+    import pykimi.kernels as K
+    if not K.backends()[kernel_backend]["available"]:
+        pytest.skip(f"backend {kernel_backend} not available")
+    cfg = tiny.config.text
+    rng = np.random.default_rng(6)
+    w = random_mla(cfg, rng)
+    S = 11
+    x = rng.standard_normal((S, cfg.hidden_size)).astype(np.float32)
+    prev = K.backend()
+    K.set_backend(kernel_backend)
+    try:
+        caches = [LatentCache.for_config(cfg, capacity=S, dtype="bf16") for _ in range(4)]
+        outs = {"prefill": mla_prefill(x, w, caches[0], 0, np.arange(S), cfg),
+                "blocked": np.concatenate([mla_prefill(x[:6], w, caches[1], 0, np.arange(6), cfg, key_block=4),
+                                           mla_prefill(x[6:], w, caches[1], 0, np.arange(6, S), cfg, key_block=3)]),
+                "absorbed block": mla_decode(x, w, caches[2], 0, np.arange(S), cfg),
+                "token by token": np.concatenate([mla_prefill(x[:4], w, caches[3], 0, np.arange(4), cfg)] + [
+                    mla_decode(x[s:s + 1], w, caches[3], 0, np.array([s]), cfg) for s in range(4, S)])}
+    finally:
+        K.set_backend(prev)
+    ref = outs["prefill"]
+    for name, o in outs.items():
+        err = np.abs(o - ref).max() / np.abs(ref).max()
+        assert err < 2e-5, f"{kernel_backend} bf16 cache: {name} differs from prefill by {err:.2e}"
+    for c in caches:
+        assert c.rows(0).dtype == np.uint16
+        assert np.abs(c.rows(0).astype(np.int32) - caches[0].rows(0).astype(np.int32)).max() <= 1
+    err = np.abs(ref - naive_mla(x, w, cfg)).max() / np.abs(ref).max()
+    assert 1e-6 < err < 2.0 ** -7, f"{kernel_backend} bf16 cache vs the f32 naive form: {err:.2e}"
+
+
 def test_chunked_prefill_equals_single_pass(tiny):
     ids = load_file(os.path.join(GOLDEN, "text_only", "inputs.safetensors"))["input_ids"]
     full = tiny.forward(ids)

@@ -191,10 +191,10 @@ def linear_record(kind: str, act: str, shape, wdata, scales, owner=None):
 
 def mla_absorbed_o(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kind: str, act: str,
                    wdata, scales, owner, scale: float, dims, o_rec) -> np.ndarray:
-    """pk_mla_absorbed_o: pk_mla_absorbed then o_proj (o_rec: linear_record) in one call -> y f32 [out]."""
+    """pk_mla_absorbed_o: pk_mla_absorbed then o_proj (o_rec: linear_record) in one call -> y f32 [out]; rows as
+    in :func:`mla_absorbed` (f32 or bf16 bits)."""
     H, dn, dr, dv, R = dims
-    if rows.dtype != np.float32 or not rows.flags.c_contiguous:   # written in place: no converted copy
-        raise ValueError(f"mla_absorbed: cache rows are {rows.dtype}{list(rows.shape)}, expected contiguous float32")
+    cdt = cache_dtype_code(rows)                                  # f32 or bf16 rows, written in place
     q = np.ascontiguousarray(q, dtype=np.float32)
     kva = np.ascontiguousarray(kva, dtype=np.float32)
     ln = np.ascontiguousarray(ln, dtype=np.float32)
@@ -204,8 +204,8 @@ def mla_absorbed_o(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray,
     o = np.empty(H * dv, dtype=np.float32)
     y = np.empty(o_rec[0].n_out, dtype=np.float32)
     rc = lib.pk_mla_absorbed_o(H, dn, dr, dv, R, _ptr("float[]", q), _ptr("float[]", kva), _ptr("float[]", ln),
-                               float(eps), _ptr("float[]", inv_freq), int(pos), _ptr("float[]", rows), int(n), f,
-                               ACT[act], wp, sp, float(scale), o_rec[0], _ptr("float[]", o), _ptr("float[]", y))
+                               float(eps), _ptr("float[]", inv_freq), int(pos), _ptr("char[]", rows), cdt, int(n),
+                               f, ACT[act], wp, sp, float(scale), o_rec[0], _ptr("float[]", o), _ptr("float[]", y))
     if rc != 0:
         raise (MemoryError if rc == -1 else ValueError)(f"pk_mla_absorbed_o failed ({rc})")
     return y
@@ -268,14 +268,22 @@ def heads(op: str, x: np.ndarray, kind: str, wdata: np.ndarray, scales, in_f: in
     return y
 
 
+def cache_dtype_code(rows: np.ndarray) -> int:
+    """The C kernels' cdt of a cache buffer: 0 for float32 rows, 1 for bf16 rows (uint16 bits). ValueError
+    for anything else, or a buffer that is not C-contiguous (written in place: no converted copy)."""
+    if rows.dtype not in (np.float32, np.uint16) or not rows.flags.c_contiguous:
+        raise ValueError(f"mla_absorbed: cache rows are {rows.dtype}{list(rows.shape)}, expected contiguous "
+                         f"float32 or bf16 (uint16)")
+    return 0 if rows.dtype == np.float32 else 1
+
+
 def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kind: str, act: str,
                  wdata, scales, owner, scale: float, dims) -> np.ndarray:
     """pk_mla_absorbed (one decode token's absorbed MLA attention; writes rows[n]) -> o f32 [H, dv].
-    rows: the layer's cache buffer, float32 C-contiguous [>= n + 1, R + dr] (written in place);
-    dims = (H, dn, dr, dv, R)."""
+    rows: the layer's cache buffer, C-contiguous [>= n + 1, R + dr], float32 or bf16 bits (uint16; written in
+    place, the new row rounded to nearest even); dims = (H, dn, dr, dv, R)."""
     H, dn, dr, dv, R = dims
-    if rows.dtype != np.float32 or not rows.flags.c_contiguous:   # written in place: no converted copy
-        raise ValueError(f"mla_absorbed: cache rows are {rows.dtype}{list(rows.shape)}, expected contiguous float32")
+    cdt = cache_dtype_code(rows)
     q = np.ascontiguousarray(q, dtype=np.float32)
     kva = np.ascontiguousarray(kva, dtype=np.float32)
     ln = np.ascontiguousarray(ln, dtype=np.float32)
@@ -284,7 +292,7 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
     wdata, scales, wp, sp = _weight_buffers(f, wdata, scales, owner)
     out = np.empty((H, dv), dtype=np.float32)
     rc = lib.pk_mla_absorbed(H, dn, dr, dv, R, _ptr("float[]", q), _ptr("float[]", kva), _ptr("float[]", ln),
-                             float(eps), _ptr("float[]", inv_freq), int(pos), _ptr("float[]", rows), int(n), f,
+                             float(eps), _ptr("float[]", inv_freq), int(pos), _ptr("char[]", rows), cdt, int(n), f,
                              ACT[act], wp, sp, float(scale), _ptr("float[]", out))
     if rc != 0:
         raise (MemoryError if rc == -1 else ValueError)(f"pk_mla_absorbed failed ({rc})")
