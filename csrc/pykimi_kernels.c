@@ -2644,3 +2644,24 @@ done:
     free(scr);
     return rc;
 }
+
+/* See the header. Why: even at one call a layer, the Python between the calls ran with its data evicted by
+ * the weight stream (each layer reads tens of MB), ~0.1 ms a layer; one call for the stack pays it once a
+ * token. x and xo may be the same buffer: pk_decode_layer reads x[i] before writing xo[i]. */
+int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, int64_t pos, float *const *rows,
+                     const int64_t *ns, float *xo, float *h, float *logits, float *scores, int *ids, float *weights,
+                     float *margin, int *done) {
+    int l, rc = 0;
+    if (count < 1) return -3;
+    if (xo != x) memcpy(xo, x, sizeof(float) * (size_t)layers[0]->D);
+    for (l = 0; l < count; l++) {
+        if (layers[l]->D != layers[0]->D) {
+            rc = -3;
+            break;
+        }
+        rc = pk_decode_layer(layers[l], xo, pos, rows[l], ns[l], xo, h, logits, scores, ids, weights, margin);
+        if (rc) break;
+    }
+    *done = l;
+    return rc;
+}

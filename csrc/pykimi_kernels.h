@@ -193,6 +193,15 @@ typedef struct {
 int pk_decode_layer(const pk_layer *L, const float *x, int64_t pos, float *rows, int64_t n, float *xo, float *h,
                     float *logits, float *scores, int *ids, float *weights, float *margin);
 
+/* pk_decode_layer through layers[0..count) in order (the whole stack of a decode token): xo [D] = the last
+ * layer's output; layer l uses rows[l] with ns[l] rows held. Returns 0 (*done = count), or layer *done's
+ * return code: 1 -- that layer met an unresolved expert, xo = its input plus its attention, h and the routing
+ * as pk_decode_layer leaves them, the layers before it complete (the caller finishes layer *done and calls
+ * again from *done + 1) -- or < 0. x may be xo. */
+int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, int64_t pos, float *const *rows,
+                     const int64_t *ns, float *xo, float *h, float *logits, float *scores, int *ids, float *weights,
+                     float *margin, int *done);
+
 /* CDEF END */
 
 #endif

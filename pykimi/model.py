@@ -206,6 +206,11 @@ def _layer_names(layer: int) -> tuple:
             + _routing_names(layer))
 
 
+@lru_cache(maxsize=None)
+def _stack_names(n_layers: int) -> tuple:
+    return tuple(n for i in range(n_layers) for n in _layer_names(i))
+
+
 def decode_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, pos: int, cfg) -> np.ndarray:
     """ONE decode token through decoder layer ``lw.layer`` (spec §8.2-8.4), absorbed MLA   # x [1, D] -> [1, D].
 
@@ -219,6 +224,16 @@ def decode_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, pos: int, 
     a = mla_decode(h, lw.attn, cache, lw.layer, np.array([pos]), cfg)               # [1, D]
     x, h = kernels.fast(add_rms_norm)(x, a, lw.post_attention_layernorm, eps)
     return x + ffn(h, lw, cfg)                                                       # [1, D]
+
+
+def decode_layers(x: np.ndarray, lws: list, cache: LatentCache, pos: int, cfg) -> np.ndarray:
+    """ONE decode token through the decoder layers ``lws`` in order   # x [1, D] -> [1, D]: decode_layer after
+    decode_layer. Fast twin: kernels/fused.py (pk_decode_layers: the whole stack in one C call -- even at one
+    call a layer, the Python between the calls ran with its data evicted by the layer's weight stream, ~0.1 ms
+    a layer)."""
+    for lw in lws:
+        x = decode_layer(x, lw, cache, pos, cfg)
+    return x
 
 
 def decoder_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, positions, cfg, layer: int | None = None,
@@ -378,7 +393,14 @@ class KimiVL:
         t = self.text
         start = len(cache)
         positions = np.arange(start, start + x.shape[0])               # plain 0..n-1 positions (spec §8.1)
-        for layer in range(t.num_hidden_layers):
+        L = t.num_hidden_layers
+        if absorbed and x.shape[0] == 1 and not (trace_active() and trace_wants(*_stack_names(L))):
+            # one decode token that no trace looks inside: the whole stack in one call (decode_layers' twin)
+            x = kernels.fast(decode_layers)(x, [self.layer_weights(i) for i in range(L)], cache, start, t)
+            if progress is not None:
+                progress.update(L)
+            L = 0
+        for layer in range(L):
             x = decoder_layer(x, self.layer_weights(layer), cache, positions, t, layer, absorbed=absorbed)
             if progress is not None:
                 progress.update(1)

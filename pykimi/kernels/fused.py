@@ -546,3 +546,85 @@ def _layer_call(rec, x, pos: int, rows, n: int, lw):
         from ..moe import moe_decode as definition
         got = definition(h, lw.gate_w, lw.gate_bias, rec.rule, lw.get_expert, lw.shared, n_experts=E)
     return xo + got[0]
+
+
+@twin_of("pykimi.model.decode_layers")
+def decode_layers(definition, x, lws, cache, pos: int, cfg):
+    """One decode token through the whole stack in ONE C call with the C backend (pk_decode_layers over the
+    layers' kept records): bit for bit decode_layer after decode_layer. Every layer's cache row is taken with
+    cache.next_row (pointers passed per call: a buffer may have been reallocated) and committed once written.
+    A layer that meets an expert chosen for the first time stops the call (return 1): its FFN is finished here
+    (the experts resolved, then pk_moe on its h, as the one-layer twin does) and the call goes on from the next
+    layer. Otherwise (a layer C cannot run, another backend) each layer through fast(decode_layer)."""
+    n_l = len(lws)
+    if backend() == "c" and n_l and x.dtype == np.float32 and x.shape == (1, cfg.hidden_size) and x.flags.c_contiguous:
+        recs = []
+        for lw in lws:
+            r = _layer_record(lw, cfg)
+            if r is None:
+                break
+            recs.append(r)
+        else:
+            got = _stack_call(recs, x, int(pos), cache, lws)
+            if got is not None:
+                return got
+    one = fast(_checks_model().decode_layer)
+    for lw in lws:
+        x = one(x, lw, cache, pos, cfg)
+    return x
+
+
+def _checks_model():
+    from .. import model
+    return model
+
+
+def _stack_call(recs, x, pos: int, cache, lws):
+    c = _mods["c"]
+    ffi, fb = c.ffi, c.ffi.from_buffer
+    n_l, D = len(recs), recs[0].D
+    E = max(r.E for r in recs)
+    k = max(r.k for r in recs)
+    bufs, ns = [], np.empty(n_l, np.int64)
+    R = recs[0].rec.R + recs[0].rec.dr
+    for i, lw in enumerate(lws):
+        rows, n = cache.next_row(lw.layer)
+        if rows.dtype != np.float32 or not rows.flags.c_contiguous or rows.shape[1] != R or recs[i].D != D:
+            return None
+        bufs.append(rows)
+        ns[i] = n
+    lp = ffi.new("pk_layer *[]", [r.rec for r in recs])
+    rp = ffi.new("float *[]", [fb("float[]", b) for b in bufs])
+    buf = np.empty(2 * D + 2 * E + k + 1, np.float32)   # xo | h | logits | scores | weights | margin
+    ids = np.empty(max(k, 1), np.int32)
+    done = ffi.new("int *")
+    bp = ffi.cast("float *", fb("float[]", buf))
+    h = bp + D
+    idp = fb("int[]", ids)
+    xo = buf[None, :D]
+    src = fb("float[]", x)
+    start = 0
+    while True:
+        rc = c.lib.pk_decode_layers(n_l - start, lp + start, src, pos, rp + start, fb("int64_t[]", ns) + start, bp, h,
+                                    h + D, h + D + E, idp, h + D + 2 * E, h + D + 2 * E + k, done)
+        end = start + done[0]
+        if rc == 0:
+            for lw in lws[start:]:
+                cache.commit(lw.layer)
+            return xo
+        if rc != 1:
+            raise (MemoryError if rc == -1 else ValueError)(f"pk_decode_layers failed ({rc}) at layer {lws[end].layer}")
+        # layer `end` met an expert chosen for the first time: finish its FFN as the one-layer twin does
+        rec, lw = recs[end], lws[end]
+        hv = buf[None, D:2 * D].copy()
+        got = _moe_call(hv, rec.grec, rec.bias, rec.rule, rec.table, lw.get_expert)
+        if got is None:
+            from ..moe import moe_decode as moe_definition
+            got = moe_definition(hv, lw.gate_w, lw.gate_bias, rec.rule, lw.get_expert, lw.shared, n_experts=rec.E)
+        xo[...] = xo + got[0]
+        for lw_done in lws[start:end + 1]:
+            cache.commit(lw_done.layer)
+        start = end + 1
+        if start == n_l:
+            return xo
+        src = bp
