@@ -1,7 +1,8 @@
 """Fast twins of the stage definitions, registered under the definition's name.
 
 A stage's NumPy definition lives in its stage file (ops.rms_norm / add_rms_norm, attention.mla_absorbed /
-mla_absorbed_out, moe.swiglu_sum, moe.select_experts, moe.route, moe.moe_decode); its twin is registered here with ``@twin_of("pykimi.module.function")``
+mla_absorbed_out, moe.swiglu_sum, moe.select_experts, moe.route, moe.moe_decode, model.decode_layer / decode_layers);
+its twin is registered here with ``@twin_of("pykimi.module.function")``
 and a call site asks for ``fast(definition)(...)``. A twin is called as twin(definition, *args): it runs the
 backend's kernel when it can and the definition otherwise (numpy backend, a form or size the kernel does not
 take). The tests hold every twin to its definition (tests/test_kernels.py).
