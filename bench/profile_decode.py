@@ -1,6 +1,6 @@
 """Where a decode token's time goes outside the kernels (issue 25, item 4: "Python glue <= 2 ms per token").
 
-    python bench/profile_decode.py CKPT_DIR [--tokens 32] [--threads 2] [--cprofile 4] [--json OUT]
+    python bench/profile_decode.py CKPT_DIR [--tokens 32] [--threads 2] [--cprofile 4] [--json OUT] [--layers 27]
 
 For N greedy decode tokens after a short prompt:
   * step      ms per token, timed with nothing patched (mean / median / p99);
@@ -109,6 +109,29 @@ def instrument(clock: Clock) -> None:
         assert getattr(mod, "kernels", K) is K
 
 
+def deepen(model, n_layers: int) -> None:
+    """Run the checkpoint's layers as a stack of n_layers (layer i >= L reuses the weights of layer
+    1 + (i - 1) % (L - 1), a MoE layer, under its own index: its own cache rows and fused-call record), so the
+    glue of a 27-layer token is measured on a 4-layer checkpoint: the per-layer Python and the cold data it
+    meets after each layer's weight stream are the real ones; memory stays that of L layers (the weights are
+    shared; their bytes are read once per use, as in a real stack, but may hit the page cache more)."""
+    import dataclasses
+    L = model.text.num_hidden_layers
+    if n_layers <= L:
+        return
+    if L < 2:
+        raise SystemExit("--layers needs a checkpoint with a MoE layer after layer 0")
+    model.text = dataclasses.replace(model.text, num_hidden_layers=n_layers)
+    base, kept = model.layer_weights, {}
+
+    def layer_weights(i):
+        w = kept.get(i)
+        if w is None:
+            w = kept[i] = base(i) if i < L else dataclasses.replace(base(1 + (i - 1) % (L - 1)), layer=i)
+        return w
+    model.layer_weights = layer_weights
+
+
 def decode(model, prompt: np.ndarray, n: int):
     """Prefill the prompt, then n greedy tokens; per-token step seconds."""
     cache = model.new_cache(capacity=prompt.size + n + 1)
@@ -139,10 +162,13 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--json", default=None, help="write the numbers here too")
     ap.add_argument("--quiet", action="store_true", help="only the summary lines")
+    ap.add_argument("--layers", type=int, default=0,
+                    help="run the checkpoint's layers as a deeper stack of this many (see deepen)")
     args = ap.parse_args(argv)
 
     import pykimi
     model = pykimi.load(args.ckpt, backend="c", threads=args.threads)
+    deepen(model, args.layers)
     L = model.text.num_hidden_layers
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, min(model.text.vocab_size, 50000), args.prompt).astype(np.int64)

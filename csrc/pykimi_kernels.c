@@ -2585,3 +2585,131 @@ done:
     free(rb0);
     return rc;
 }
+
+/* ------------------------------------------------------------------- RMSNorm (spec §8.2) and one decoder layer
+ * rms_row: ops.rms_norm's rounding -- ONE reciprocal 1 / sqrt(mean(x^2) + eps) per row, x times it, then times
+ * the weight -- with the sum of squares accumulated in f64 in index order, which is exactly the Numba twin
+ * (kernels/numba_kernels.rms_norm: same order, same f64 -> f32 steps), so a row normalised here, by Numba or
+ * by pk_rms_norm is the same bits (the engine's batched step normalises with the twin, a single decode step
+ * inside pk_decode_layer; tests/test_engine.py needs them equal). Plain loops, no SIMD: a sum reordered for
+ * vectors would round differently, and 2 x 2048 floats a layer are nothing next to the weights. */
+static void rms_row(const float *x, int64_t d, const float *w, float eps, float *out) {
+    double s = 0.0;
+    int64_t i;
+    float inv;
+    for (i = 0; i < d; i++) s += (double)x[i] * (double)x[i];
+    inv = 1.0f / sqrtf((float)(s / (double)d) + eps);
+    for (i = 0; i < d; i++) out[i] = (x[i] * inv) * w[i];
+}
+
+/* xo = x + a, out = rms_row(xo): the residual add and the next pre-norm (ops.add_rms_norm; the Numba twin's
+ * order). */
+static void add_rms_row(const float *x, const float *a, int64_t d, const float *w, float eps, float *xo, float *out) {
+    double s = 0.0;
+    int64_t i;
+    float inv;
+    for (i = 0; i < d; i++) {
+        const float v = x[i] + a[i];
+        xo[i] = v;
+        s += (double)v * (double)v;
+    }
+    inv = 1.0f / sqrtf((float)(s / (double)d) + eps);
+    for (i = 0; i < d; i++) out[i] = (xo[i] * inv) * w[i];
+}
+
+void pk_rms_norm(const float *x, int64_t rows, int64_t d, const float *w, float eps, float *out) {
+    int64_t r;
+    for (r = 0; r < rows; r++) rms_row(x + r * d, d, w, eps, out + r * d);
+}
+
+void pk_add_rms_norm(const float *x, const float *a, int64_t rows, int64_t d, const float *w, float eps, float *xo,
+                     float *out) {
+    int64_t r;
+    for (r = 0; r < rows; r++) add_rms_row(x + r * d, a + r * d, d, w, eps, xo + r * d, out + r * d);
+}
+
+static int linear_ok(const pk_linear *l, int64_t n_out, int64_t n_in) {
+    return l->fmt >= F_F32 && l->fmt <= F_Q4 && l->w && l->n_out == n_out && l->n_in == n_in;
+}
+
+/* One job of one row of x on a pk_linear: kernels.matmul's product for that row (same job, same result). */
+static void linear_job(pk_job *j, const pk_linear *l, const float *x, float *y) {
+    job_set(j, l->fmt, l->act, x, 1, l->n_in, l->w, l->scales, l->n_out, y);
+}
+
+/* See the header. Why: with the kernels fused per stage a decode token still went through ~300 Python calls a
+ * layer between them (norms, the projections' argument lists, the cache row, two fused calls and their
+ * records, the residual adds); at 27 layers that was ~10 ms a token. Here the same stages run in the same
+ * order on the same kernels, so the result is bit for bit model.decode_layer's on the C backend: the two
+ * input projections as ONE pk_matmul_many-style call (kernels.matmul_many), mla_absorbed_run with o_proj
+ * (pk_mla_absorbed_o), the FFN as pk_moe / pk_swiglu_sum (the dense layer: one expert of weight 1, which is
+ * dense_mlp's sum exactly). */
+int pk_decode_layer(const pk_layer *L, const float *x, int64_t pos, float *rows, int64_t n, float *xo, float *h,
+                    float *logits, float *scores, int *ids, float *weights, float *margin) {
+    const int64_t D = L->D, H = L->H, dq = L->H * (L->dn + L->dr), W = L->R + L->dr;
+    const int64_t nq = L->q_lora > 0 ? L->q_lora : dq;
+    float *scr, *h1, *q, *qa, *kva, *o, *a, *m;
+    pk_job jobs[2];
+    int64_t i;
+    int rc = 0;
+    if (D < 1 || H < 1 || L->R < 1 || pos < 0 || n < 0) return -3;
+    if (!linear_ok(&L->kv_a, W, D) || !linear_ok(&L->o, D, H * L->dv)) return -3;
+    if (L->q_lora > 0 ? !linear_ok(&L->q_a, L->q_lora, D) || !linear_ok(&L->q, dq, L->q_lora)
+                      : !linear_ok(&L->q, dq, D))
+        return -3;
+    if (L->moe ? route_check(&L->gate, D, L->E, L->k, L->n_group) != 0 || L->n_shared < 0
+               : L->mlp.fmt < F_F32 || L->mlp.fmt > F_Q4 || L->mlp.inter < 1)
+        return -3;
+    scr = (float *)malloc(sizeof(float) * (size_t)(3 * D + nq + dq + W + H * L->dv + D + 1));
+    if (!scr) return -1;
+    h1 = scr, a = h1 + D, m = a + D, qa = m + D, q = L->q_lora > 0 ? qa + nq : qa, kva = q + dq, o = kva + W;
+    /* input RMSNorm, then q (or q_a) and kv_a_proj_with_mqa in one call (spec §8.3) */
+    rms_row(x, D, L->in_ln, L->eps, h1);
+    linear_job(&jobs[0], L->q_lora > 0 ? &L->q_a : &L->q, h1, qa);
+    linear_job(&jobs[1], &L->kv_a, h1, kva);
+    run_jobs(jobs, 2);
+    if (L->q_lora > 0) { /* q-LoRA: q_b(RMSNorm(q_a(h))), q_a_layernorm with kv_a_layernorm's eps (spec §8.3) */
+        rms_row(qa, L->q_lora, L->q_ln, L->kv_eps, qa);
+        linear_job(&jobs[0], &L->q, qa, q);
+        run_jobs(jobs, 1);
+    }
+    /* absorbed attention over the latent cache (writes rows[n]) and o_proj */
+    rc = mla_absorbed_run(H, L->dn, L->dr, L->dv, L->R, q, kva, L->kv_ln, L->kv_eps, L->inv_freq, pos, rows, n,
+                          L->kvb_fmt, L->kvb_act, L->kvb, L->kvb_scales, L->scale, o, &L->o, a);
+    if (rc) goto done;
+    /* residual add + post-attention RMSNorm; then the FFN on h */
+    add_rms_row(x, a, D, L->post_ln, L->eps, xo, h);
+    if (L->moe) {
+        rc = pk_moe(h, D, &L->gate, L->bias, L->E, L->k, L->n_group, L->topk_group, L->group_top2, L->norm,
+                    L->scaling, L->sigmoid, L->table, L->n_shared, L->shared, logits, scores, ids, weights, margin, m);
+    } else {
+        const float one = 1.0f;
+        rc = pk_swiglu_sum(1, &L->mlp, h, D, &one, m);
+    }
+    if (rc) goto done; /* 1: an expert is not resolved yet -- xo, h and the routing stay for the caller */
+    for (i = 0; i < D; i++) xo[i] = xo[i] + m[i];
+done:
+    free(scr);
+    return rc;
+}
+
+/* See the header. Why: even at one call a layer, the Python between the calls ran with its data evicted by
+ * the weight stream (each layer reads tens of MB), ~0.1 ms a layer; one call for the stack pays it once a
+ * token. x and xo may be the same buffer: pk_decode_layer reads x[i] before writing xo[i]. */
+int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, int64_t pos, float *const *rows,
+                     const int64_t *ns, float *xo, float *h, float *logits, float *scores, int *ids, float *weights,
+                     float *margin, int *done) {
+    int l, rc = 0;
+    if (count < 1) return -3;
+    if (xo != x) memcpy(xo, x, sizeof(float) * (size_t)layers[0]->D);
+    for (l = 0; l < count; l++) {
+        if (layers[l]->D != layers[0]->D) {
+            rc = -3;
+            break;
+        }
+        rc = pk_decode_layer(layers[l], xo, pos, rows[l], ns[l], xo, h, logits, scores, ids, weights, margin);
+        if (rc) break;
+    }
+    *done = l;
+    return rc;
+}

@@ -156,6 +156,54 @@ int pk_moe(const float *x, int64_t d, const pk_linear *gate, const float *bias, 
            int n_shared, const pk_expert *shared, float *logits, float *scores, int *ids, float *weights,
            float *margin, float *out);
 
+/* RMSNorm of rows x [rows, d] (spec §8.2): out = x * (1 / sqrt(mean(x^2) + eps)) * w, the mean of squares
+ * summed in f64 in index order -- bit for bit the Numba twin. pk_add_rms_norm: xo = x + a, out = that of xo. */
+void pk_rms_norm(const float *x, int64_t rows, int64_t d, const float *w, float eps, float *out);
+void pk_add_rms_norm(const float *x, const float *a, int64_t rows, int64_t d, const float *w, float eps, float *xo,
+                     float *out);
+
+/* Everything one decoder layer needs for a decode token (spec §8.2-8.4), made once per layer by the caller
+ * (kernels/fused.py) and kept: dims, norms, each linear's record, kv_b_proj, and the FFN -- a dense SwiGLU
+ * (moe = 0: mlp, one expert of weight 1) or the router + the table of routed experts + the shared experts as
+ * in pk_moe (moe = 1). q is q_proj [H*(dn+dr), D], or q_b_proj [H*(dn+dr), q_lora] when q_lora > 0 (then q_a
+ * [q_lora, D] and q_ln, normalised with kv_eps). */
+typedef struct {
+    int64_t D, H, dn, dr, dv, R, q_lora;
+    float eps, kv_eps, scale;
+    const float *in_ln, *post_ln, *kv_ln, *q_ln, *inv_freq;
+    pk_linear q, q_a, kv_a, o;
+    int kvb_fmt, kvb_act;
+    const void *kvb;
+    const float *kvb_scales;
+    int moe;
+    pk_expert mlp;
+    pk_linear gate;
+    const float *bias;
+    int E, k, n_group, topk_group, group_top2, norm, sigmoid;
+    float scaling;
+    const pk_expert *table;
+    int n_shared;
+    const pk_expert *shared;
+} pk_layer;
+
+/* One decode token x [D] through one decoder layer: input RMSNorm -> q / kv_a projections -> absorbed
+ * attention over rows (the layer's cache: n rows held, row n written; causal at pos) + o_proj -> residual add
+ * + post-attention RMSNorm (h [D]) -> dense SwiGLU or pk_moe (routing outputs as there) -> residual add into
+ * xo [D]. Returns 0 (xo = the layer's output), 1 (pk_moe met an unresolved expert: xo = x + attention, h and
+ * the routing are written; the caller resolves, runs pk_moe on h and adds), or < 0 as the kernels inside
+ * (-3: a record does not fit the dims). */
+int pk_decode_layer(const pk_layer *L, const float *x, int64_t pos, float *rows, int64_t n, float *xo, float *h,
+                    float *logits, float *scores, int *ids, float *weights, float *margin);
+
+/* pk_decode_layer through layers[0..count) in order (the whole stack of a decode token): xo [D] = the last
+ * layer's output; layer l uses rows[l] with ns[l] rows held. Returns 0 (*done = count), or layer *done's
+ * return code: 1 -- that layer met an unresolved expert, xo = its input plus its attention, h and the routing
+ * as pk_decode_layer leaves them, the layers before it complete (the caller finishes layer *done and calls
+ * again from *done + 1) -- or < 0. x may be xo. */
+int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, int64_t pos, float *const *rows,
+                     const int64_t *ns, float *xo, float *h, float *logits, float *scores, int *ids, float *weights,
+                     float *margin, int *done);
+
 /* CDEF END */
 
 #endif

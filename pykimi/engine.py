@@ -47,7 +47,7 @@ from .generate import apply_repetition_penalty, default_stop_ids, pick_token
 from .kernels import linear as _linear, probe as _probe
 from .model import LM, embed_and_merge, embed_rows, final_norm
 from .moe import route, router_rule, swiglu_sum
-from .ops import add_rms_norm, rms_norm, silu
+from .ops import add_rms_norm, rms_norm
 from .trace import active as trace_active
 
 
@@ -405,8 +405,11 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndar
             nbytes += sum(_nbytes(w) for w in (a.q_proj, a.kv_a_proj_with_mqa, a.o_proj, a.kv_b_proj))
         # -- FFN
         if not lw.is_moe:
-            g, u = rowwise_products([h, h], [lw.mlp[0], lw.mlp[1]])
-            m = rowwise_products([silu(g) * u], [lw.mlp[2]])[0]
+            # the single step's dense FFN is a one-expert swiglu_sum of weight 1 (model.ffn): the same call per
+            # row (pk_swiglu_batch, bit for bit pk_swiglu_sum of the row), so silu rounds the same
+            m = _swiglu_batch(h, [tuple(lw.mlp)], [[0]] * B, [[1.0]] * B)
+            if m is None:
+                m = np.stack([kernels.fast(swiglu_sum)(h[b], [lw.mlp], [1.0]) for b in range(B)])
             if stats is not None:
                 nbytes += sum(_nbytes(w) for w in lw.mlp)
         else:

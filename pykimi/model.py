@@ -24,7 +24,7 @@ from .attention import MLAWeights, mla_decode, mla_prefill
 from .cache import LatentCache, cache_dtype_name
 from .errors import InputError
 from .moe import RouterRule, RoutingRecord  # noqa: F401  (RoutingRecord re-exported for notebooks)
-from .moe import dense_mlp, moe_decode, moe_forward, route, route_logits, router_rule
+from .moe import dense_mlp, moe_decode, moe_forward, route, route_logits, router_rule, swiglu_sum
 from .ops import add_rms_norm, rms_norm
 from .trace import active as trace_active, emit, emit_record, wants as trace_wants
 from .weights import Checkpoint, Stored, bf16_to_f32, f32_of
@@ -163,6 +163,11 @@ def ffn(h: np.ndarray, lw: LayerWeights, cfg) -> np.ndarray:
     """The FFN of one layer on normalised h [S, D]: dense SwiGLU or routed + shared experts (spec §8.4)."""
     p = f"{LM}.layers.{lw.layer}.mlp"
     if not lw.is_moe:
+        if h.shape[0] == 1:
+            # one token: the dense MLP as a one-expert swiglu_sum of weight 1 (the same sum: 0 + 1 * y), whose
+            # fast twin is the C call that the fused decode layer and the engine's batched step also make, so
+            # their silu rounds like this one
+            return kernels.fast(swiglu_sum)(h[0], [lw.mlp], [1.0])[None, :]
         return dense_mlp(h, *lw.mlp)
     rule = lw.router if lw.router is not None else router_rule(cfg)   # validated once, at load
     if h.shape[0] == 1 and not (trace_active() and trace_wants(*_routing_names(lw.layer))):
@@ -190,14 +195,58 @@ def _routing_names(layer: int) -> tuple:
     return tuple(f"{p}.{n}" for n in ("gate.router_logits", "topk_ids", "topk_weights", "topk_margin", "routing"))
 
 
+@lru_cache(maxsize=None)
+def _layer_names(layer: int) -> tuple:
+    """Every name layer ``layer`` emits on its decode path, the hidden attention names included: a trace that
+    records or edits one of them runs the layer step by step (decoder_layer), the others take decode_layer's
+    fused twin, which emits nothing."""
+    from .attention import FUSED_DECODE_HIDES
+    p = f"{LM}.layers.{layer}"
+    return ((p, f"{p}.self_attn", f"{p}.mlp") + tuple(f"{p}.self_attn.{n}" for n in FUSED_DECODE_HIDES)
+            + _routing_names(layer))
+
+
+@lru_cache(maxsize=None)
+def _stack_names(n_layers: int) -> tuple:
+    return tuple(n for i in range(n_layers) for n in _layer_names(i))
+
+
+def decode_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, pos: int, cfg) -> np.ndarray:
+    """ONE decode token through decoder layer ``lw.layer`` (spec §8.2-8.4), absorbed MLA   # x [1, D] -> [1, D].
+
+    The definition is :func:`decoder_layer`'s composition for S = 1: RMSNorm_in -> mla_decode (q / kv_a
+    projections, the absorbed attention over the latent cache writing row ``pos``, o_proj) -> residual add +
+    RMSNorm_post -> ffn (dense SwiGLU or router + experts) -> residual add. Fast twin: kernels/fused.py
+    (pk_decode_layer: the whole layer in ONE C call over a record of the layer's weights made once -- the
+    stage by stage form was ~300 Python calls a layer and token, ~10 ms a token at 27 layers)."""
+    eps = cfg.rms_norm_eps
+    h = kernels.fast(rms_norm)(x, lw.input_layernorm, eps)
+    a = mla_decode(h, lw.attn, cache, lw.layer, np.array([pos]), cfg)               # [1, D]
+    x, h = kernels.fast(add_rms_norm)(x, a, lw.post_attention_layernorm, eps)
+    return x + ffn(h, lw, cfg)                                                       # [1, D]
+
+
+def decode_layers(x: np.ndarray, lws: list, cache: LatentCache, pos: int, cfg) -> np.ndarray:
+    """ONE decode token through the decoder layers ``lws`` in order   # x [1, D] -> [1, D]: decode_layer after
+    decode_layer. Fast twin: kernels/fused.py (pk_decode_layers: the whole stack in one C call -- even at one
+    call a layer, the Python between the calls ran with its data evicted by the layer's weight stream, ~0.1 ms
+    a layer)."""
+    for lw in lws:
+        x = decode_layer(x, lw, cache, pos, cfg)
+    return x
+
+
 def decoder_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, positions, cfg, layer: int | None = None,
                   absorbed: bool = False) -> np.ndarray:
     """One pre-norm residual layer (spec §8.2)   # x [S, D] -> [S, D].
 
     x = x + MLA(RMSNorm_in(x));  x = x + FFN(RMSNorm_post(x)).  The new tokens' latent rows go into ``cache``.
-    ``absorbed`` selects the decode formulation of MLA (equal up to rounding).
+    ``absorbed`` selects the decode formulation of MLA (equal up to rounding). One absorbed token that no
+    trace looks inside goes through :func:`decode_layer`'s fast twin (one C call with the C backend).
     """
     layer = lw.layer if layer is None else layer
+    if absorbed and x.shape[0] == 1 and layer == lw.layer and not (trace_active() and trace_wants(*_layer_names(layer))):
+        return kernels.fast(decode_layer)(x, lw, cache, int(positions[-1]), cfg)
     p = f"{LM}.layers.{layer}"
     # the norms' fast twins (Numba: one call for the residual add and the next norm): the NumPy form is
     # several calls a norm, paid twice a layer per token
@@ -348,7 +397,14 @@ class KimiVL:
         t = self.text
         start = len(cache)
         positions = np.arange(start, start + x.shape[0])               # plain 0..n-1 positions (spec §8.1)
-        for layer in range(t.num_hidden_layers):
+        L = t.num_hidden_layers
+        if absorbed and x.shape[0] == 1 and not (trace_active() and trace_wants(*_stack_names(L))):
+            # one decode token that no trace looks inside: the whole stack in one call (decode_layers' twin)
+            x = kernels.fast(decode_layers)(x, [self.layer_weights(i) for i in range(L)], cache, start, t)
+            if progress is not None:
+                progress.update(L)
+            L = 0
+        for layer in range(L):
             x = decoder_layer(x, self.layer_weights(layer), cache, positions, t, layer, absorbed=absorbed)
             if progress is not None:
                 progress.update(1)

@@ -949,3 +949,217 @@ def test_moe_decode_matches_definition(form):
         assert sorted(resolved) == sorted(rec.topk_ids[0].tolist())
     finally:
         K.set_backend(prev)
+
+
+# ------------------------------------------------------------------ one decoder layer in one call (issue 25 item 4)
+def _layer_cfg(D, H, dn, dr, dv, R, q_lora, E):
+    from types import SimpleNamespace
+    return SimpleNamespace(hidden_size=D, num_attention_heads=H, qk_nope_head_dim=dn, qk_rope_head_dim=dr,
+                           v_head_dim=dv, kv_lora_rank=R, q_lora_rank=q_lora, qk_head_dim=dn + dr,
+                           rms_norm_eps=1e-5, kv_a_layernorm_eps=1e-6, rope_theta=50000.0, n_routed_experts=E)
+
+
+def _layer_case(rng, form, D, H, dn, dr, dv, R, q_lora=0, E=0, I=24):
+    """A decoder layer's weights (every linear in ``form``, norms and the router f32) with a counting
+    get_expert (its resolved list and generation knob) -> (LayerWeights, cfg, resolved, gen)."""
+    from pykimi.attention import MLAWeights
+    from pykimi.model import LayerWeights
+
+    def lin(o, i):
+        return _forms((rng.standard_normal((o, i)) / np.sqrt(i)).astype(np.float32), rng)[form]
+
+    def norm(n):
+        return rng.uniform(0.5, 1.5, n).astype(np.float32)
+    dq = H * (dn + dr)
+    attn = MLAWeights(kv_a_proj_with_mqa=lin(R + dr, D), kv_a_layernorm=norm(R), kv_b_proj=lin(H * (dn + dv), R),
+                      o_proj=lin(D, H * dv))
+    if q_lora:
+        attn.q_a_proj, attn.q_a_layernorm, attn.q_b_proj = lin(q_lora, D), norm(q_lora), lin(dq, q_lora)
+    else:
+        attn.q_proj = lin(dq, D)
+    resolved, gen = [], [0]
+    kw = dict(layer=0, input_layernorm=norm(D), post_attention_layernorm=norm(D), attn=attn)
+    if E:
+        experts = [(lin(I, D), lin(I, D), lin(D, I)) for _ in range(E)]
+
+        def get_expert(e):
+            resolved.append(e)
+            return experts[e]
+        get_expert.generation = lambda: gen[0]
+        kw.update(gate_w=(rng.standard_normal((E, D)) / np.sqrt(D)).astype(np.float32),
+                  gate_bias=(rng.standard_normal(E) * 0.1).astype(np.float32), get_expert=get_expert,
+                  shared=(lin(2 * I, D), lin(2 * I, D), lin(D, 2 * I)),
+                  router=moe.RouterRule("sigmoid", 4, 4, 2, True, True, 2.5, True))
+    else:
+        kw.update(mlp=(lin(5 * I, D), lin(5 * I, D), lin(D, 5 * I)))
+    return LayerWeights(**kw), _layer_cfg(D, H, dn, dr, dv, R, q_lora, E), resolved, gen
+
+
+LAYER_CASES = [  # D, H, dn, dr, dv, R, q_lora, E: a dense layer, MoE layers, odd widths, q-LoRA
+    (64, 4, 16, 8, 16, 32, 0, 0), (72, 3, 16, 8, 12, 40, 0, 16), (40, 2, 8, 6, 10, 70, 24, 8),
+    (96, 5, 24, 4, 20, 33, 0, 0)]
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+@pytest.mark.parametrize("form", ["BF16", "F32", "q8", "q4"])
+def test_c_level_decode_layer(simd_level, form):
+    """pk_decode_layer (model.decode_layer's twin: the whole layer of a decode token in one call) == the
+    definition's stage by stage C path bit for bit -- the output and the cache row -- at every level and stored
+    form, both activation settings, dense and MoE layers, q-LoRA, odd widths, a cache that grows (reallocated
+    between tokens), experts resolved only when first chosen (the call's return-1 path) and again after a new
+    read generation; and == the definition on the NumPy backend to the mla tolerance (exact products)."""
+    from pykimi import model as M
+    from pykimi.cache import LatentCache
+    prev, prev_act = K.backend(), K.act_quant()
+    LAYER = K.fast(M.decode_layer)
+    try:
+        rng = np.random.default_rng(94)
+        for D, H, dn, dr, dv, R, q_lora, E in LAYER_CASES:
+            for act in ("none", prev_act):
+                K.set_backend("c")
+                K.set_act_quant(act)
+                lw, cfg, resolved, gen = _layer_case(rng, form, D, H, dn, dr, dv, R, q_lora, E)
+                fast_c, def_c, def_np = (LatentCache(1, R, dr, capacity=2) for _ in range(3))
+                chosen: set = set()
+                for step in range(7):
+                    where = f"{form} act={act} level={simd_level} D={D} H={H} R={R} q_lora={q_lora} E={E} step {step}"
+                    if step == 5:
+                        gen[0] += 1                       # a new read generation: every expert resolved again
+                        chosen = set()
+                    x = (rng.standard_normal((1, D)) * 2).astype(np.float32)
+                    resolved.clear()
+                    got = LAYER(x, lw, fast_c, step, cfg)
+                    assert getattr(lw, "_c_layer", None) is not None, f"{where}: the fused call did not run"
+                    new = set(resolved)
+                    resolved.clear()
+                    want = M.decode_layer(x, lw, def_c, step, cfg)
+                    assert got.shape == (1, D) and got.dtype == np.float32, where
+                    diff = np.flatnonzero(got != want)
+                    assert diff.size == 0, (f"{where}: {diff.size} outputs differ from the stage by stage path, "
+                                            f"first at {diff[0]}: {got[0, diff[0]]!r} vs {want[0, diff[0]]!r}")
+                    np.testing.assert_array_equal(fast_c.rows(0), def_c.rows(0), err_msg=f"{where}: cache rows")
+                    assert len(fast_c) == step + 1, where
+                    if E:
+                        assert new.isdisjoint(chosen) and len(new) <= 4, f"{where}: resolved {new} again"
+                        chosen |= new
+                    if act == "none":
+                        K.set_backend("numpy")
+                        ref_out = M.decode_layer(x, lw, def_np, step, cfg)
+                        K.set_backend("c")
+                        err = _relerr(got, ref_out)
+                        assert err < 2e-5, f"{where}: vs the NumPy definition {err:.2e}"
+                assert fast_c.capacity > 2, "the cache never grew"
+    finally:
+        K.set_backend(prev)
+        K.set_act_quant(prev_act)
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+def test_decode_layer_falls_back_to_the_definition():
+    """Weights C does not read (F16), an f32 kv_b copy, or a backend other than C: fast(decode_layer) is the
+    definition (same values); the record follows a changed weight object and activation setting."""
+    from pykimi import model as M
+    from pykimi.cache import LatentCache
+    from pykimi.weights import f32_of
+    prev, prev_act = K.backend(), K.act_quant()
+    LAYER = K.fast(M.decode_layer)
+    try:
+        K.set_backend("c")
+        rng = np.random.default_rng(95)
+        D, H, dn, dr, dv, R = 48, 2, 8, 4, 8, 32
+        for how in ("F16", "kv_b_f32", "numba"):
+            lw, cfg, _, _ = _layer_case(rng, "F16" if how == "F16" else "BF16", D, H, dn, dr, dv, R, 0, 8)
+            if how == "kv_b_f32":
+                lw.attn.kv_b_f32 = f32_of(lw.attn.kv_b_proj)
+            a, b = LatentCache(1, R, dr, capacity=4), LatentCache(1, R, dr, capacity=4)
+            x = rng.standard_normal((1, D)).astype(np.float32)
+            K.set_backend("numba" if how == "numba" else "c")
+            np.testing.assert_array_equal(LAYER(x, lw, a, 0, cfg), M.decode_layer(x, lw, b, 0, cfg), err_msg=how)
+            assert getattr(lw, "_c_layer", None) is None, f"{how}: a C record was made"
+        K.set_backend("c")
+        lw, cfg, _, _ = _layer_case(rng, "q8", D, H, dn, dr, dv, R, 0, 0)
+        c1 = LatentCache(1, R, dr)
+        x = rng.standard_normal((1, D)).astype(np.float32)
+        K.set_act_quant("none")
+        LAYER(x, lw, c1, 0, cfg)
+        first = lw._c_layer
+        K.set_act_quant("all")                              # another activation mode: a new record
+        LAYER(x, lw, c1, 1, cfg)
+        assert lw._c_layer is not first and lw._c_layer.setting == "all"
+        second = lw._c_layer
+        lw.attn.o_proj = _forms(rng.standard_normal((D, H * dv)).astype(np.float32), rng)["q4"]   # a new weight
+        c2, c3 = LatentCache(1, R, dr), LatentCache(1, R, dr)
+        got = LAYER(x, lw, c2, 0, cfg)
+        assert lw._c_layer is not second
+        np.testing.assert_array_equal(got, M.decode_layer(x, lw, c3, 0, cfg))
+    finally:
+        K.set_backend(prev)
+        K.set_act_quant(prev_act)
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_rms_norm_is_the_numba_twin(simd_level):
+    """pk_rms_norm / pk_add_rms_norm (what pk_decode_layer normalises with) == the Numba twins bit for bit, and
+    == ops.rms_norm / add_rms_norm to rounding (odd widths, large and tiny rows)."""
+    from pykimi.kernels import c
+    nb = probe.numba_module()
+    rng = np.random.default_rng(96)
+    p = c.ffi.from_buffer
+    for rows, d in ((1, 2048), (3, 33), (2, 1), (5, 70)):
+        x = (rng.standard_normal((rows, d)) * rng.choice([1e-3, 1.0, 3e3], (rows, 1))).astype(np.float32)
+        a = rng.standard_normal((rows, d)).astype(np.float32)
+        w = rng.uniform(0.5, 1.5, d).astype(np.float32)
+        out, xo, out2 = (np.empty((rows, d), np.float32) for _ in range(3))
+        c.lib.pk_rms_norm(p("float[]", x), rows, d, p("float[]", w), 1e-5, p("float[]", out))
+        c.lib.pk_add_rms_norm(p("float[]", x), p("float[]", a), rows, d, p("float[]", w), 1e-6, p("float[]", xo),
+                              p("float[]", out2))
+        where = f"rows={rows} d={d}"
+        if nb is not None:
+            want = np.empty_like(out)
+            nb.rms_norm(x, w, 1e-5, want)
+            np.testing.assert_array_equal(out, want, err_msg=f"{where}: rms_norm vs Numba")
+            wx, wo = np.empty_like(out), np.empty_like(out)
+            nb.add_rms_norm(x, a, w, 1e-6, wx, wo)
+            np.testing.assert_array_equal(xo, wx, err_msg=f"{where}: add_rms_norm x + a vs Numba")
+            np.testing.assert_array_equal(out2, wo, err_msg=f"{where}: add_rms_norm vs Numba")
+        np.testing.assert_allclose(out, ops.rms_norm(x, w, 1e-5), rtol=2e-6, atol=1e-30, err_msg=where)
+        wx, wo = ops.add_rms_norm(x, a, w, 1e-6)
+        np.testing.assert_array_equal(xo, wx, err_msg=where)
+        np.testing.assert_allclose(out2, wo, rtol=2e-6, atol=1e-30, err_msg=where)
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("form", ["BF16", "q4"])
+def test_decode_layers_stack_matches_layer_by_layer(form):
+    """pk_decode_layers (the whole stack of a decode token in one call) == decode_layer after decode_layer bit
+    for bit, the cache rows too, while experts are first chosen in the middle of the stack (the call stops at
+    that layer, its FFN is finished in Python, the call resumes) and after; each cache row committed once."""
+    from pykimi import model as M
+    from pykimi.cache import LatentCache
+    prev = K.backend()
+    K.set_backend("c")
+    STACK = K.fast(M.decode_layers)
+    try:
+        rng = np.random.default_rng(97)
+        D, H, dn, dr, dv, R = 72, 3, 16, 8, 12, 40
+        lws, cfg = [], None
+        for i, E in enumerate((0, 16, 16, 0, 16)):
+            lw, cfg_i, _, _ = _layer_case(rng, form, D, H, dn, dr, dv, R, 0, E)
+            lw.layer = i
+            lws.append(lw)
+            cfg = cfg_i if E else cfg or cfg_i
+        a, b = LatentCache(len(lws), R, dr, capacity=1), LatentCache(len(lws), R, dr, capacity=1)
+        for step in range(6):
+            x = (rng.standard_normal((1, D)) * 2).astype(np.float32)
+            got = STACK(x, lws, a, step, cfg)
+            want = M.decode_layers(x, lws, b, step, cfg)
+            diff = np.flatnonzero(got != want)
+            assert diff.size == 0, f"{form} step {step}: {diff.size} outputs differ, first at {diff[0]}"
+            for i in range(len(lws)):
+                assert a.seq_len(i) == step + 1, f"step {step}: layer {i} holds {a.seq_len(i)} rows"
+                np.testing.assert_array_equal(a.rows(i), b.rows(i), err_msg=f"{form} step {step}: layer {i} rows")
+            assert all(getattr(lw, "_c_layer", None) is not None for lw in lws)
+    finally:
+        K.set_backend(prev)

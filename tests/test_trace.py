@@ -94,24 +94,33 @@ def test_wants_names_recorded_or_edited():
 
 
 def test_traced_decode_runs_the_fused_path_unless_a_hidden_name_is_asked(monkeypatch):
-    """A traced decode executes the same fused attention as an untraced one; only a trace that records or
-    edits one of attention.FUSED_DECODE_HIDES runs the layer step by step, and both give the same values."""
+    """An untraced decode runs the whole layer stack as ONE fused call (model.decode_layers' twin), and so does
+    a trace that looks at nothing inside the layers; a trace of some layer's names runs the layers one by one:
+    that layer stage by stage, with the same fused attention call (attention.mla_absorbed_out's twin), the
+    others one fused call each (model.decode_layer's twin); only one of attention.FUSED_DECODE_HIDES runs its
+    attention step by step. The fused calls give the stage by stage values bit for bit."""
     from conftest import TINY
     import pykimi
-    from pykimi import attention, kernels
+    from pykimi import attention, kernels, model as M
     from pykimi.kernels import fused
 
     model = pykimi.load(TINY, cache_absorbed=False)                   # stored kv_b_proj: the fused path
-    fused_calls = []
+    fused_calls, layer_calls, stack_calls = [], [], []
     real = kernels.fast(attention.mla_absorbed_out)                  # the attention and o_proj in one call
     monkeypatch.setitem(fused._FAST, attention.mla_absorbed_out,
                         lambda *a, **k: fused_calls.append(1) or real(*a, **k))
+    real_layer = kernels.fast(M.decode_layer)                        # the whole layer in one call
+    monkeypatch.setitem(fused._FAST, M.decode_layer, lambda *a, **k: layer_calls.append(1) or real_layer(*a, **k))
+    real_stack = kernels.fast(M.decode_layers)                       # all layers in one call
+    monkeypatch.setitem(fused._FAST, M.decode_layers, lambda *a, **k: stack_calls.append(1) or real_stack(*a, **k))
     ids = [5, 17, 300, 42, 9]
 
     def run(**trace_kw):
         cache = model.new_cache(16)
         model.prefill(model.embed(ids), cache, all_logits=False)
         fused_calls.clear()
+        layer_calls.clear()
+        stack_calls.clear()
         if not trace_kw:
             return model.decode_step(7, cache), None, len(fused_calls)
         with pykimi.trace(model, **trace_kw) as t:
@@ -120,14 +129,19 @@ def test_traced_decode_runs_the_fused_path_unless_a_hidden_name_is_asked(monkeyp
 
     plain, _, n_plain = run()
     layers = model.text.num_hidden_layers
-    assert n_plain == layers
-    # layer outputs, router decisions, logits: all visible with the fused path
+    assert (n_plain, len(layer_calls), len(stack_calls)) == (0, 0, 1)
+    # a trace of the logits only: the stack still one fused call
+    only_logits, t, n = run(names=["logits"])
+    assert (n, len(layer_calls), len(stack_calls)) == (0, 0, 1) and "logits" in t
+    np.testing.assert_array_equal(only_logits, plain)
+    # layer outputs, router decisions, logits: visible, the layers stage by stage with the fused attention
     traced, t, n_traced = run(names=["language_model.model.layers.*.self_attn", "*.mlp.topk_ids", "logits"])
-    assert n_traced == layers and "language_model.model.layers.1.self_attn" in t
+    assert (n_traced, len(layer_calls), len(stack_calls)) == (layers, 0, 0) and "language_model.model.layers.1.self_attn" in t
     np.testing.assert_array_equal(traced, plain)
-    # q_rope of layer 1 asked for: that layer step by step, the others fused; same values up to rounding
+    # q_rope of layer 1 asked for: that layer's attention step by step, the other layers one fused call each;
+    # same values up to rounding
     hidden, t, n_hidden = run(names=["language_model.model.layers.1.self_attn.q_rope"])
-    assert n_hidden == layers - 1 and "language_model.model.layers.1.self_attn.q_rope" in t
+    assert (n_hidden, len(layer_calls), len(stack_calls)) == (0, layers - 1, 0) and "language_model.model.layers.1.self_attn.q_rope" in t
     np.testing.assert_allclose(hidden, plain, rtol=0, atol=2e-5 * np.abs(plain).max())
 
 
@@ -166,10 +180,10 @@ def test_traced_decode_runs_the_fused_moe_unless_the_routing_is_asked(monkeypatc
         return out, t
 
     plain, _ = run()
-    assert len(calls) == n_moe, f"untraced decode: {len(calls)} fused MoE calls, expected {n_moe}"
+    assert len(calls) == 0, "untraced decode: the MoE runs inside the fused layer call (pk_decode_layer)"
+    other, t = run(names=["language_model.model.layers.*.self_attn"])   # the layers stage by stage
+    assert len(calls) == n_moe, f"traced layers: {len(calls)} fused MoE calls, expected {n_moe}"
     fused_recs = list(records)
-    other, t = run(names=["language_model.model.layers.*.self_attn"])
-    assert len(calls) == n_moe
     np.testing.assert_array_equal(other, plain)
     routed, t = run(names=["*.mlp.topk_ids", "*.mlp.topk_weights", "*.mlp.gate.router_logits"])
     assert len(calls) == 0, "a trace of the routing must take the unfused path"

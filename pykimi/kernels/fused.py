@@ -1,7 +1,8 @@
 """Fast twins of the stage definitions, registered under the definition's name.
 
 A stage's NumPy definition lives in its stage file (ops.rms_norm / add_rms_norm, attention.mla_absorbed /
-mla_absorbed_out, moe.swiglu_sum, moe.select_experts, moe.route, moe.moe_decode); its twin is registered here with ``@twin_of("pykimi.module.function")``
+mla_absorbed_out, moe.swiglu_sum, moe.select_experts, moe.route, moe.moe_decode, model.decode_layer / decode_layers);
+its twin is registered here with ``@twin_of("pykimi.module.function")``
 and a call site asks for ``fast(definition)(...)``. A twin is called as twin(definition, *args): it runs the
 backend's kernel when it can and the definition otherwise (numpy backend, a form or size the kernel does not
 take). The tests hold every twin to its definition (tests/test_kernels.py).
@@ -115,30 +116,49 @@ def mla_absorbed(definition, q, kva, ln, eps: float, inv_freq, pos: int, rows: n
 
 @twin_of("pykimi.ops.rms_norm")
 def rms_norm(definition, x, weight, eps: float) -> np.ndarray:
-    """Numba: one pass for the sum of squares (f64), one to write; the definition's rounding otherwise."""
+    """Numba: one pass for the sum of squares (f64), one to write; without Numba, the C backend's pk_rms_norm
+    (the same loop, bit for bit: pk_decode_layer normalises with it); the definition's rounding otherwise."""
     nb = numba_module()
-    if nb is None:
+    c = _mods.get("c") if nb is None and backend() == "c" else None
+    if nb is None and c is None:
         return definition(x, weight, eps)
     x = np.asarray(x, dtype=np.float32)
     x2 = np.ascontiguousarray(x.reshape(-1, x.shape[-1]))
     out = np.empty_like(x2)
-    nb.rms_norm(x2, np.ascontiguousarray(weight, dtype=np.float32), float(eps), out)
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if w.shape != (x2.shape[1],):
+        return definition(x, weight, eps)
+    if nb is not None:
+        nb.rms_norm(x2, w, float(eps), out)
+    else:
+        p = c.ffi.from_buffer
+        c.lib.pk_rms_norm(p("float[]", x2), x2.shape[0], x2.shape[1], p("float[]", w), float(eps), p("float[]", out))
     return out.reshape(x.shape)
 
 
 @twin_of("pykimi.ops.add_rms_norm")
 def add_rms_norm(definition, x, a, weight, eps: float):
-    """(x + a, rms_norm(x + a, weight, eps)) in one Numba pass   # x, a [..., d]."""
+    """(x + a, rms_norm(x + a, weight, eps)) in one Numba pass   # x, a [..., d] (without Numba, the C
+    backend's pk_add_rms_norm: the same loop)."""
     nb = numba_module()
+    c = _mods.get("c") if nb is None and backend() == "c" else None
     x = np.asarray(x, dtype=np.float32)
     a = np.asarray(a, dtype=np.float32)
-    if nb is None or x.shape != a.shape or x.ndim == 0:
+    if (nb is None and c is None) or x.shape != a.shape or x.ndim == 0:
         return definition(x, a, weight, eps)
     d = x.shape[-1]
+    w = np.ascontiguousarray(weight, dtype=np.float32)
+    if w.shape != (d,):
+        return definition(x, a, weight, eps)
     xo = np.empty(x.shape, dtype=np.float32)
     out = np.empty(x.shape, dtype=np.float32)
-    nb.add_rms_norm(np.ascontiguousarray(x).reshape(-1, d), np.ascontiguousarray(a).reshape(-1, d),
-                    np.ascontiguousarray(weight, dtype=np.float32), float(eps), xo.reshape(-1, d), out.reshape(-1, d))
+    x2, a2 = np.ascontiguousarray(x).reshape(-1, d), np.ascontiguousarray(a).reshape(-1, d)
+    if nb is not None:
+        nb.add_rms_norm(x2, a2, w, float(eps), xo.reshape(-1, d), out.reshape(-1, d))
+    else:
+        p = c.ffi.from_buffer
+        c.lib.pk_add_rms_norm(p("float[]", x2), p("float[]", a2), x2.shape[0], d, p("float[]", w), float(eps),
+                              p("float[]", xo), p("float[]", out))
     return xo, out
 
 
@@ -345,3 +365,267 @@ def _moe_call(x, grec, b, rule, tab, get_expert):
             if tab.arr[int(e)].g == ffi.NULL and not tab.fill(int(e), get_expert):
                 return None
     raise RuntimeError("pk_moe: expert records still missing after they were filled")
+
+
+# ------------------------------------------------------------------------------------ one decoder layer
+class _LayerRecord:
+    """A decoder layer's pk_layer record for pk_decode_layer, made once per layer and kept on its
+    LayerWeights (``_c_layer``): the dims, the norms, every linear's pk_linear, kv_b_proj's pointers, the
+    dense MLP's pk_expert or the router's record + the layer's table of expert records (_expert_table). What
+    the record was made for is kept beside it (the activation setting, the weight objects, the expert
+    table): a change of any of them makes a new record (the table follows the read generation)."""
+
+    def __init__(self, lw, cfg, setting):
+        c = _mods["c"]
+        a = lw.attn
+        H, dn, dr, dv, R = (int(cfg.num_attention_heads), int(cfg.qk_nope_head_dim), int(cfg.qk_rope_head_dim),
+                            int(cfg.v_head_dim), int(cfg.kv_lora_rank))
+        D = int(cfg.hidden_size)
+        self.setting, self.D, self.E, self.k = setting, D, 0, 0
+        self.keep: list = []                       # everything the record points into
+        L = self.rec = c.ffi.new("pk_layer *")
+        L.D, L.H, L.dn, L.dr, L.dv, L.R = D, H, dn, dr, dv, R
+        L.q_lora = int(cfg.q_lora_rank or 0)
+        L.eps, L.kv_eps, L.scale = float(cfg.rms_norm_eps), float(cfg.kv_a_layernorm_eps), float(cfg.qk_head_dim) ** -0.5
+        self.weights = (lw.input_layernorm, lw.post_attention_layernorm, a.kv_a_layernorm, a.q_a_layernorm,
+                        a.q_proj, a.q_a_proj, a.q_b_proj, a.kv_a_proj_with_mqa, a.kv_b_proj, a.o_proj, lw.mlp,
+                        lw.gate_w, lw.gate_bias, lw.shared)
+
+        def vec(v, size):                          # a norm weight / inv_freq as a kept f32 [size] pointer
+            v = np.ascontiguousarray(v, dtype=np.float32)
+            if v.shape != (size,):
+                raise LookupError
+            self.keep.append(v)
+            return c.ffi.cast("float *", c._ptr("float[]", v))
+
+        def linear(dst, w, shape):                 # a pk_linear with kernels.matmul's mode for one row
+            kind = _kind(w)
+            if kind not in _C_KINDS or tuple(map(int, w.shape)) != shape:
+                raise LookupError
+            path, act = plan(kind, 1)
+            if path != "c":
+                raise LookupError
+            r = c.linear_record(kind, act, shape, *_owned(w, kind))
+            self.keep.append(r)
+            dst.fmt, dst.act, dst.n_out, dst.n_in, dst.w, dst.scales = (r[0].fmt, r[0].act, r[0].n_out, r[0].n_in,
+                                                                        r[0].w, r[0].scales)
+
+        from ..attention import _inv_freq
+        L.in_ln, L.post_ln = vec(lw.input_layernorm, D), vec(lw.post_attention_layernorm, D)
+        L.kv_ln = vec(a.kv_a_layernorm, R)
+        L.inv_freq = vec(_inv_freq(dr, float(cfg.rope_theta)), dr // 2)
+        dq = H * (dn + dr)
+        if L.q_lora:
+            if a.q_a_proj is None or a.q_b_proj is None or a.q_a_layernorm is None:
+                raise LookupError
+            L.q_ln = vec(a.q_a_layernorm, L.q_lora)
+            linear(L.q_a, a.q_a_proj, (L.q_lora, D))
+            linear(L.q, a.q_b_proj, (dq, L.q_lora))
+        else:
+            if a.q_proj is None:
+                raise LookupError
+            linear(L.q, a.q_proj, (dq, D))
+        linear(L.kv_a, a.kv_a_proj_with_mqa, (R + dr, D))
+        linear(L.o, a.o_proj, (D, H * dv))
+        kind = _kind(a.kv_b_proj)
+        if kind not in _C_KINDS or tuple(map(int, a.kv_b_proj.shape)) != (H * (dn + dv), R):
+            raise LookupError
+        f = c.FMT[kind]
+        b = c._weight_buffers(f, *_owned(a.kv_b_proj, kind))
+        self.keep.append(b)
+        L.kvb_fmt, L.kvb_act, L.kvb, L.kvb_scales = f, c.ACT[_act_mode(kind)], b[2], b[3]
+        if lw.is_moe:
+            L.moe = 1
+            rule = lw.router if lw.router is not None else _checks()[5](cfg)
+            if rule.scoring not in ("sigmoid", "softmax") or len(lw.gate_w.shape) != 2:
+                raise LookupError
+            E = self.E = L.E = int(lw.gate_w.shape[0])
+            self.k = int(rule.k)
+            if (int(lw.gate_w.shape[1]) != D or not 0 < rule.k <= E or E % max(rule.n_group, 1)
+                    or E != int(cfg.n_routed_experts)):
+                raise LookupError
+            grec = _gate_record(lw.gate_w)
+            if grec is None:
+                raise LookupError
+            self.rule, self.grec = rule, grec
+            L.gate = grec[0][0]
+            if rule.use_bias:
+                if lw.gate_bias is None:
+                    raise LookupError           # the definition raises its one-line error
+                L.bias = vec(lw.gate_bias, E)
+                self.bias = self.keep[-1]
+            else:
+                self.bias = None
+                L.bias = c.ffi.NULL               # the bias is for noaux_tc's selection only
+            (L.k, L.n_group, L.topk_group, L.group_top2, L.norm, L.scaling, L.sigmoid) = _rule_args(rule)
+            self.table = None
+        else:
+            L.moe = 0
+            recs = _c_experts([tuple(lw.mlp)], [1.0], D)
+            if recs is None:
+                raise LookupError
+            self.keep.append(recs)
+            L.mlp = recs[0][0][0]
+
+    def fits(self, lw, setting) -> bool:
+        a = lw.attn
+        w = self.weights
+        return (setting == self.setting and w[0] is lw.input_layernorm and w[1] is lw.post_attention_layernorm
+                and w[4] is a.q_proj and w[6] is a.q_b_proj and w[7] is a.kv_a_proj_with_mqa and w[8] is a.kv_b_proj
+                and w[9] is a.o_proj and w[10] is lw.mlp and w[11] is lw.gate_w and w[12] is lw.gate_bias
+                and w[13] is lw.shared and w[2] is a.kv_a_layernorm and w[3] is a.q_a_layernorm
+                and w[5] is a.q_a_proj)
+
+    def use_table(self, tab) -> None:
+        """Point the record at the layer's current table of expert records."""
+        L = self.rec
+        L.table, L.n_shared = tab.arr, tab.n_shared
+        L.shared = tab.shared if tab.shared is not None else _mods["c"].ffi.NULL
+        self.table = tab
+
+
+def _layer_record(lw, cfg):
+    """The layer's kept _LayerRecord (made or remade when it does not fit), or None when C cannot run it."""
+    setting = act_quant()
+    got = getattr(lw, "_c_layer", None)
+    if got is None or not got.fits(lw, setting):
+        if lw.attn.kv_b_f32 is not None:
+            return None                              # an f32 kv_b copy: the definition's NumPy products
+        try:
+            got = _LayerRecord(lw, cfg, setting)
+        except LookupError:
+            return None
+        lw._c_layer = got
+    if got.E:
+        tab = _expert_table(lw.get_expert, lw.shared, got.E, got.D)   # follows the read generation
+        if tab is None:
+            return None
+        if tab is not got.table:
+            got.use_table(tab)
+    return got
+
+
+@twin_of("pykimi.model.decode_layer")
+def decode_layer(definition, x, lw, cache, pos: int, cfg):
+    """One decode token through one decoder layer in ONE C call with the C backend (pk_decode_layer over the
+    layer's record, made once): bit for bit the definition's stages on the C kernels. The cache row is taken
+    with cache.next_row (the buffer may have been reallocated since the last token: its pointer is passed per
+    call) and committed after. An expert chosen for the first time is resolved between the call and a pk_moe
+    on the layer's normalised h (the call returns 1 then). Otherwise the definition."""
+    if backend() == "c" and x.dtype == np.float32 and x.shape == (1, cfg.hidden_size) and x.flags.c_contiguous:
+        rec = _layer_record(lw, cfg)
+        if rec is not None:
+            rows, n = cache.next_row(lw.layer)
+            if rows.dtype == np.float32 and rows.flags.c_contiguous and rows.shape[1] == rec.rec.R + rec.rec.dr:
+                out = _layer_call(rec, x, int(pos), rows, n, lw)
+                cache.commit(lw.layer)
+                return out
+    return definition(x, lw, cache, pos, cfg)
+
+
+def _layer_call(rec, x, pos: int, rows, n: int, lw):
+    c = _mods["c"]
+    fb = c.ffi.from_buffer
+    D, E, k = rec.D, rec.E, rec.k
+    buf = np.empty(2 * D + 2 * E + k + 1, np.float32)   # xo | h | logits | scores | weights | margin
+    ids = np.empty(max(k, 1), np.int32)
+    bp = c.ffi.cast("float *", fb("float[]", buf))
+    h = bp + D
+    rc = c.lib.pk_decode_layer(rec.rec, fb("float[]", x), pos, fb("float[]", rows), n, bp, h, h + D, h + D + E,
+                               fb("int[]", ids), h + D + 2 * E, h + D + 2 * E + k)
+    xo = buf[None, :D]
+    if rc == 0:
+        return xo
+    if rc != 1:
+        raise (MemoryError if rc == -1 else ValueError)(f"pk_decode_layer failed ({rc})")
+    # an expert chosen for the first time: the router and experts again on h over the table, resolving the
+    # new experts in between (pk_moe's contract; the selection is recomputed the same); the residual add as
+    # the definition's x + m
+    h = buf[None, D:2 * D]
+    got = _moe_call(h, rec.grec, rec.bias, rec.rule, rec.table, lw.get_expert)
+    if got is None:                                # an expert C does not read: the definition's FFN on h
+        from ..moe import moe_decode as definition
+        got = definition(h, lw.gate_w, lw.gate_bias, rec.rule, lw.get_expert, lw.shared, n_experts=E)
+    return xo + got[0]
+
+
+@twin_of("pykimi.model.decode_layers")
+def decode_layers(definition, x, lws, cache, pos: int, cfg):
+    """One decode token through the whole stack in ONE C call with the C backend (pk_decode_layers over the
+    layers' kept records): bit for bit decode_layer after decode_layer. Every layer's cache row is taken with
+    cache.next_row (pointers passed per call: a buffer may have been reallocated) and committed once written.
+    A layer that meets an expert chosen for the first time stops the call (return 1): its FFN is finished here
+    (the experts resolved, then pk_moe on its h, as the one-layer twin does) and the call goes on from the next
+    layer. Otherwise (a layer C cannot run, another backend) each layer through fast(decode_layer)."""
+    n_l = len(lws)
+    if backend() == "c" and n_l and x.dtype == np.float32 and x.shape == (1, cfg.hidden_size) and x.flags.c_contiguous:
+        recs = []
+        for lw in lws:
+            r = _layer_record(lw, cfg)
+            if r is None:
+                break
+            recs.append(r)
+        else:
+            got = _stack_call(recs, x, int(pos), cache, lws)
+            if got is not None:
+                return got
+    one = fast(_checks_model().decode_layer)
+    for lw in lws:
+        x = one(x, lw, cache, pos, cfg)
+    return x
+
+
+def _checks_model():
+    from .. import model
+    return model
+
+
+def _stack_call(recs, x, pos: int, cache, lws):
+    c = _mods["c"]
+    ffi, fb = c.ffi, c.ffi.from_buffer
+    n_l, D = len(recs), recs[0].D
+    E = max(r.E for r in recs)
+    k = max(r.k for r in recs)
+    bufs, ns = [], np.empty(n_l, np.int64)
+    R = recs[0].rec.R + recs[0].rec.dr
+    for i, lw in enumerate(lws):
+        rows, n = cache.next_row(lw.layer)
+        if rows.dtype != np.float32 or not rows.flags.c_contiguous or rows.shape[1] != R or recs[i].D != D:
+            return None
+        bufs.append(rows)
+        ns[i] = n
+    lp = ffi.new("pk_layer *[]", [r.rec for r in recs])
+    rp = ffi.new("float *[]", [fb("float[]", b) for b in bufs])
+    buf = np.empty(2 * D + 2 * E + k + 1, np.float32)   # xo | h | logits | scores | weights | margin
+    ids = np.empty(max(k, 1), np.int32)
+    done = ffi.new("int *")
+    bp = ffi.cast("float *", fb("float[]", buf))
+    h = bp + D
+    idp = fb("int[]", ids)
+    xo = buf[None, :D]
+    src = fb("float[]", x)
+    start = 0
+    while True:
+        rc = c.lib.pk_decode_layers(n_l - start, lp + start, src, pos, rp + start, fb("int64_t[]", ns) + start, bp, h,
+                                    h + D, h + D + E, idp, h + D + 2 * E, h + D + 2 * E + k, done)
+        end = start + done[0]
+        if rc == 0:
+            for lw in lws[start:]:
+                cache.commit(lw.layer)
+            return xo
+        if rc != 1:
+            raise (MemoryError if rc == -1 else ValueError)(f"pk_decode_layers failed ({rc}) at layer {lws[end].layer}")
+        # layer `end` met an expert chosen for the first time: finish its FFN as the one-layer twin does
+        rec, lw = recs[end], lws[end]
+        hv = buf[None, D:2 * D].copy()
+        got = _moe_call(hv, rec.grec, rec.bias, rec.rule, rec.table, lw.get_expert)
+        if got is None:
+            from ..moe import moe_decode as moe_definition
+            got = moe_definition(hv, lw.gate_w, lw.gate_bias, rec.rule, lw.get_expert, lw.shared, n_experts=rec.E)
+        xo[...] = xo + got[0]
+        for lw_done in lws[start:end + 1]:
+            cache.commit(lw_done.layer)
+        start = end + 1
+        if start == n_l:
+            return xo
+        src = bp
