@@ -2644,8 +2644,8 @@ static void linear_job(pk_job *j, const pk_linear *l, const float *x, float *y) 
  * input projections as ONE pk_matmul_many-style call (kernels.matmul_many), mla_absorbed_run with o_proj
  * (pk_mla_absorbed_o), the FFN as pk_moe / pk_swiglu_sum (the dense layer: one expert of weight 1, which is
  * dense_mlp's sum exactly). */
-int pk_decode_layer(const pk_layer *L, const float *x, int64_t pos, float *rows, int64_t n, float *xo, float *h,
-                    float *logits, float *scores, int *ids, float *weights, float *margin) {
+int pk_decode_layer(const pk_layer *L, const float *x, int64_t pos, void *rows, int cdt, int64_t n, float *xo,
+                    float *h, float *logits, float *scores, int *ids, float *weights, float *margin) {
     const int64_t D = L->D, H = L->H, dq = L->H * (L->dn + L->dr), W = L->R + L->dr;
     const int64_t nq = L->q_lora > 0 ? L->q_lora : dq;
     float *scr, *h1, *q, *qa, *kva, *o, *a, *m;
@@ -2674,8 +2674,8 @@ int pk_decode_layer(const pk_layer *L, const float *x, int64_t pos, float *rows,
         run_jobs(jobs, 1);
     }
     /* absorbed attention over the latent cache (writes rows[n]) and o_proj */
-    rc = mla_absorbed_run(H, L->dn, L->dr, L->dv, L->R, q, kva, L->kv_ln, L->kv_eps, L->inv_freq, pos, rows, n,
-                          L->kvb_fmt, L->kvb_act, L->kvb, L->kvb_scales, L->scale, o, &L->o, a);
+    rc = mla_absorbed_run(H, L->dn, L->dr, L->dv, L->R, q, kva, L->kv_ln, L->kv_eps, L->inv_freq, pos, rows, cdt,
+                          n, L->kvb_fmt, L->kvb_act, L->kvb, L->kvb_scales, L->scale, o, &L->o, a);
     if (rc) goto done;
     /* residual add + post-attention RMSNorm; then the FFN on h */
     add_rms_row(x, a, D, L->post_ln, L->eps, xo, h);
@@ -2696,8 +2696,8 @@ done:
 /* See the header. Why: even at one call a layer, the Python between the calls ran with its data evicted by
  * the weight stream (each layer reads tens of MB), ~0.1 ms a layer; one call for the stack pays it once a
  * token. x and xo may be the same buffer: pk_decode_layer reads x[i] before writing xo[i]. */
-int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, int64_t pos, float *const *rows,
-                     const int64_t *ns, float *xo, float *h, float *logits, float *scores, int *ids, float *weights,
+int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, int64_t pos, void *const *rows,
+                     int cdt, const int64_t *ns, float *xo, float *h, float *logits, float *scores, int *ids, float *weights,
                      float *margin, int *done) {
     int l, rc = 0;
     if (count < 1) return -3;
@@ -2707,7 +2707,7 @@ int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, i
             rc = -3;
             break;
         }
-        rc = pk_decode_layer(layers[l], xo, pos, rows[l], ns[l], xo, h, logits, scores, ids, weights, margin);
+        rc = pk_decode_layer(layers[l], xo, pos, rows[l], cdt, ns[l], xo, h, logits, scores, ids, weights, margin);
         if (rc) break;
     }
     *done = l;

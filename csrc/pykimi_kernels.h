@@ -187,21 +187,22 @@ typedef struct {
 } pk_layer;
 
 /* One decode token x [D] through one decoder layer: input RMSNorm -> q / kv_a projections -> absorbed
- * attention over rows (the layer's cache: n rows held, row n written; causal at pos) + o_proj -> residual add
+ * attention over rows (the layer's cache, f32 or bf16 bits as cdt in pk_mla_absorbed: n rows held, row n
+ * written; causal at pos) + o_proj -> residual add
  * + post-attention RMSNorm (h [D]) -> dense SwiGLU or pk_moe (routing outputs as there) -> residual add into
  * xo [D]. Returns 0 (xo = the layer's output), 1 (pk_moe met an unresolved expert: xo = x + attention, h and
  * the routing are written; the caller resolves, runs pk_moe on h and adds), or < 0 as the kernels inside
  * (-3: a record does not fit the dims). */
-int pk_decode_layer(const pk_layer *L, const float *x, int64_t pos, float *rows, int64_t n, float *xo, float *h,
-                    float *logits, float *scores, int *ids, float *weights, float *margin);
+int pk_decode_layer(const pk_layer *L, const float *x, int64_t pos, void *rows, int cdt, int64_t n, float *xo,
+                    float *h, float *logits, float *scores, int *ids, float *weights, float *margin);
 
 /* pk_decode_layer through layers[0..count) in order (the whole stack of a decode token): xo [D] = the last
  * layer's output; layer l uses rows[l] with ns[l] rows held. Returns 0 (*done = count), or layer *done's
  * return code: 1 -- that layer met an unresolved expert, xo = its input plus its attention, h and the routing
  * as pk_decode_layer leaves them, the layers before it complete (the caller finishes layer *done and calls
  * again from *done + 1) -- or < 0. x may be xo. */
-int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, int64_t pos, float *const *rows,
-                     const int64_t *ns, float *xo, float *h, float *logits, float *scores, int *ids, float *weights,
+int pk_decode_layers(int count, const pk_layer *const *layers, const float *x, int64_t pos, void *const *rows,
+                     int cdt, const int64_t *ns, float *xo, float *h, float *logits, float *scores, int *ids, float *weights,
                      float *margin, int *done);
 
 /* CDEF END */

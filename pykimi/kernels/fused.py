@@ -516,7 +516,8 @@ def decode_layer(definition, x, lw, cache, pos: int, cfg):
         rec = _layer_record(lw, cfg)
         if rec is not None:
             rows, n = cache.next_row(lw.layer)
-            if rows.dtype == np.float32 and rows.flags.c_contiguous and rows.shape[1] == rec.rec.R + rec.rec.dr:
+            if (rows.dtype in (np.float32, np.uint16) and rows.flags.c_contiguous
+                    and rows.shape[1] == rec.rec.R + rec.rec.dr):
                 out = _layer_call(rec, x, int(pos), rows, n, lw)
                 cache.commit(lw.layer)
                 return out
@@ -531,7 +532,7 @@ def _layer_call(rec, x, pos: int, rows, n: int, lw):
     ids = np.empty(max(k, 1), np.int32)
     bp = c.ffi.cast("float *", fb("float[]", buf))
     h = bp + D
-    rc = c.lib.pk_decode_layer(rec.rec, fb("float[]", x), pos, fb("float[]", rows), n, bp, h, h + D, h + D + E,
+    rc = c.lib.pk_decode_layer(rec.rec, fb("float[]", x), pos, fb("char[]", rows), c.cache_dtype_code(rows), n, bp, h, h + D, h + D + E,
                                fb("int[]", ids), h + D + 2 * E, h + D + 2 * E + k)
     xo = buf[None, :D]
     if rc == 0:
@@ -587,15 +588,19 @@ def _stack_call(recs, x, pos: int, cache, lws):
     E = max(r.E for r in recs)
     k = max(r.k for r in recs)
     bufs, ns = [], np.empty(n_l, np.int64)
+    bufs_dtype = None
     R = recs[0].rec.R + recs[0].rec.dr
     for i, lw in enumerate(lws):
         rows, n = cache.next_row(lw.layer)
-        if rows.dtype != np.float32 or not rows.flags.c_contiguous or rows.shape[1] != R or recs[i].D != D:
+        if (rows.dtype != bufs_dtype if bufs else rows.dtype not in (np.float32, np.uint16)) \
+                or not rows.flags.c_contiguous or rows.shape[1] != R or recs[i].D != D:
             return None
         bufs.append(rows)
+        bufs_dtype = rows.dtype                            # one dtype for the stack (one cdt per call)
         ns[i] = n
     lp = ffi.new("pk_layer *[]", [r.rec for r in recs])
-    rp = ffi.new("float *[]", [fb("float[]", b) for b in bufs])
+    rp = ffi.new("void *[]", [ffi.cast("void *", fb("char[]", b)) for b in bufs])
+    cdt = c.cache_dtype_code(bufs[0])
     buf = np.empty(2 * D + 2 * E + k + 1, np.float32)   # xo | h | logits | scores | weights | margin
     ids = np.empty(max(k, 1), np.int32)
     done = ffi.new("int *")
@@ -606,8 +611,8 @@ def _stack_call(recs, x, pos: int, cache, lws):
     src = fb("float[]", x)
     start = 0
     while True:
-        rc = c.lib.pk_decode_layers(n_l - start, lp + start, src, pos, rp + start, fb("int64_t[]", ns) + start, bp, h,
-                                    h + D, h + D + E, idp, h + D + 2 * E, h + D + 2 * E + k, done)
+        rc = c.lib.pk_decode_layers(n_l - start, lp + start, src, pos, rp + start, cdt, fb("int64_t[]", ns) + start,
+                                    bp, h, h + D, h + D + E, idp, h + D + 2 * E, h + D + 2 * E + k, done)
         end = start + done[0]
         if rc == 0:
             for lw in lws[start:]:
