@@ -20,7 +20,9 @@ are rolled back (cache.truncate(N)), with every weight page touched first (bench
 ``--no-prefault`` skips it). Per length: mean / median / p99 ms per token; the attention kernel's
 share of the step (the fused twin of attention.mla_absorbed_out wrapped with a timer: pk_mla_absorbed_o, the
 attention and its o_proj in one call, on the C backend, the NumPy definition otherwise; ``cache_absorbed=False`` so every backend takes that path) and the
-attention block's (attention.mla_decode with its projections); cache bytes; peak RSS (VmHWM) and peak anonymous
+attention block's (attention.mla_decode with its projections), both measured on a second run of the same steps
+with the layer stack's one-call fusion off (inside pk_decode_layers nothing can be timed from Python; the
+stage by stage path runs the same kernels, one call each, and its median step is reported beside); cache bytes; peak RSS (VmHWM) and peak anonymous
 memory (RssAnon sampled every 5 ms, bench/run.py's MemWatch). Each length runs in its own subprocess, so each
 peak is that length's own. The cache must fit: a length whose cache exceeds MemAvailable is a one-line error
 before anything is allocated. Lengths that do not fit the model's context (N + warmup + tokens positions) are
@@ -181,28 +183,45 @@ def measure(spec: dict) -> dict:
             for _ in range(warmup):                            # JIT, page faults of the weights, scratch
                 tok = int(np.argmax(m.decode_step(tok, cache)))
             cache.truncate(n)
+            tok0 = tok
+            # 1. the speed: decode steps as they run (the layer stack in one C call, pk_decode_layers)
+            steps, ids = [], []
+            for _ in range(tokens):
+                t0 = time.perf_counter()
+                tok = int(np.argmax(m.decode_step(tok, cache)))
+                steps.append(time.perf_counter() - t0)
+                ids.append(tok)
+            # 2. the attention's share: the same steps again, the stack fusion off so that each layer's fused
+            # attention call can be timed from Python (the stage by stage path: the same kernels, one call each)
+            cache.truncate(n)
+            tok = tok0
+            stack = getattr(model_mod, "decode_layers", None)
+            if stack is not None:
+                fused._FAST[stack] = stack                     # kernels.fast(decode_layers) -> the definition
             kern.total = block.total = 0.0
             kern.calls = 0
-            steps, kern_s, block_s, ids = [], [], [], []
+            steps2, kern_s, block_s = [], [], []
             for _ in range(tokens):
                 k0, b0 = kern.total, block.total
                 t0 = time.perf_counter()
                 tok = int(np.argmax(m.decode_step(tok, cache)))
-                steps.append(time.perf_counter() - t0)
+                steps2.append(time.perf_counter() - t0)
                 kern_s.append(kern.total - k0)
                 block_s.append(block.total - b0)
-                ids.append(tok)
         finally:
             fused._FAST[att] = kern.fn
             model_mod.mla_decode = block.fn
+            if getattr(model_mod, "decode_layers", None) is not None:
+                fused._FAST.pop(model_mod.decode_layers, None)  # bound again on the next ask
     steps = np.asarray(steps)
     mem = mw.report()
     return {"cached": n, "tokens": tokens, "ms_per_token_mean": float(1e3 * steps.mean()),
             "ms_per_token_median": float(1e3 * np.median(steps)),
             "ms_per_token_p99": float(1e3 * np.percentile(steps, 99)),
             "attn_kernel_ms_per_token": float(1e3 * np.mean(kern_s)),
-            "attn_share": float(np.sum(kern_s) / steps.sum()),
-            "attn_block_share": float(np.sum(block_s) / steps.sum()),
+            "attn_share": float(np.sum(kern_s) / np.sum(steps2)),
+            "attn_block_share": float(np.sum(block_s) / np.sum(steps2)),
+            "ms_per_token_stage_path": float(1e3 * np.median(steps2)),
             "attn_calls_per_token": kern.calls / tokens,
             "cache_bytes": int(cache.nbytes()), "cache_bytes_per_token": int(bpt),
             "peak_rss": int(mem["peak_rss"]), "peak_anon": int(mem["peak_anon"]),

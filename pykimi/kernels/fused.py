@@ -532,7 +532,8 @@ def _layer_call(rec, x, pos: int, rows, n: int, lw):
     ids = np.empty(max(k, 1), np.int32)
     bp = c.ffi.cast("float *", fb("float[]", buf))
     h = bp + D
-    rc = c.lib.pk_decode_layer(rec.rec, fb("float[]", x), pos, fb("char[]", rows), c.cache_dtype_code(rows), n, bp, h, h + D, h + D + E,
+    rc = c.lib.pk_decode_layer(rec.rec, fb("float[]", x), pos, fb("char[]", rows), c.cache_dtype_code(rows), n,
+                               bp, h, h + D, h + D + E,
                                fb("int[]", ids), h + D + 2 * E, h + D + 2 * E + k)
     xo = buf[None, :D]
     if rc == 0:
