@@ -34,6 +34,11 @@ SMALL_N = 32              # rows of x up to which the stored-form kernels beat w
 MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62,
                         ("bf16", "f32"): 112}
 SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
+# ... at the AVX2 level (no AVX-512), where the int4 x int8 row kernel is compute-bound: from 65 rows the widened
+# tiles + sgemm win (4-layer prefill, AMD EPYC Zen 3, alternating in one process, best of 3: 512 tokens 130 ->
+# 156 tok/s with 64, 150 with 32; 64 / 128 tokens unchanged; bench/RESULTS.md, AVX2 class). q8 (96) and bf16
+# (SMALL_N) measured there too and kept.
+SMALL_N_ACT_AVX2: dict = {("q4_32", "i8"): 64}
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
 C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
 C_AMX_MIN_Q8 = 32
@@ -97,9 +102,12 @@ def _act_mode(kind: str) -> str:
 
 def _small_n(kind: str) -> int:
     """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
-    n = SMALL_N_ACT.get((kind, _act_mode(kind)))
+    mode = _act_mode(kind)
+    n = SMALL_N_ACT.get((kind, mode))
     if n is None or (kind == "bf16" and not _c_avx512()):
         return SMALL_N
+    if not _c_avx512() and (kind, mode) in SMALL_N_ACT_AVX2:
+        return min(n, SMALL_N_ACT_AVX2[(kind, mode)])
     if kind in ("bf16", "q8_32") and _c_amx():
         return max(n, C_AMX_ROWS)
     if kind == "q8_32" and _c_avx512() and n >= C_BATCH_ROWS_Q8[0]:
