@@ -189,18 +189,23 @@ def linear_record(kind: str, act: str, shape, wdata, scales, owner=None):
     return res
 
 
+def _mla_args(q, kva, ln, inv_freq, kind: str, wdata, scales, owner):
+    """The absorbed attention calls' common arguments: contiguous f32 q / kva / ln / inv_freq, the kv_b format and
+    its buffers -> (q, kva, ln, inv_freq, fmt, weight pointer, scales pointer, keep: the buffers to hold alive)."""
+    f = FMT[kind]
+    wdata, scales, wp, sp = _weight_buffers(f, wdata, scales, owner)
+    return (np.ascontiguousarray(q, dtype=np.float32), np.ascontiguousarray(kva, dtype=np.float32),
+            np.ascontiguousarray(ln, dtype=np.float32), np.ascontiguousarray(inv_freq, dtype=np.float32), f, wp, sp,
+            (wdata, scales))
+
+
 def mla_absorbed_o(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kind: str, act: str,
                    wdata, scales, owner, scale: float, dims, o_rec) -> np.ndarray:
     """pk_mla_absorbed_o: pk_mla_absorbed then o_proj (o_rec: linear_record) in one call -> y f32 [out]; rows as
     in :func:`mla_absorbed` (f32 or bf16 bits)."""
     H, dn, dr, dv, R = dims
     cdt = cache_dtype_code(rows)                                  # f32 or bf16 rows, written in place
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    kva = np.ascontiguousarray(kva, dtype=np.float32)
-    ln = np.ascontiguousarray(ln, dtype=np.float32)
-    inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
-    f = FMT[kind]
-    wdata, scales, wp, sp = _weight_buffers(f, wdata, scales, owner)
+    q, kva, ln, inv_freq, f, wp, sp, keep = _mla_args(q, kva, ln, inv_freq, kind, wdata, scales, owner)
     o = np.empty(H * dv, dtype=np.float32)
     y = np.empty(o_rec[0].n_out, dtype=np.float32)
     rc = lib.pk_mla_absorbed_o(H, dn, dr, dv, R, _ptr("float[]", q), _ptr("float[]", kva), _ptr("float[]", ln),
@@ -284,12 +289,7 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
     place, the new row rounded to nearest even); dims = (H, dn, dr, dv, R)."""
     H, dn, dr, dv, R = dims
     cdt = cache_dtype_code(rows)
-    q = np.ascontiguousarray(q, dtype=np.float32)
-    kva = np.ascontiguousarray(kva, dtype=np.float32)
-    ln = np.ascontiguousarray(ln, dtype=np.float32)
-    inv_freq = np.ascontiguousarray(inv_freq, dtype=np.float32)
-    f = FMT[kind]
-    wdata, scales, wp, sp = _weight_buffers(f, wdata, scales, owner)
+    q, kva, ln, inv_freq, f, wp, sp, keep = _mla_args(q, kva, ln, inv_freq, kind, wdata, scales, owner)
     out = np.empty((H, dv), dtype=np.float32)
     rc = lib.pk_mla_absorbed(H, dn, dr, dv, R, _ptr("float[]", q), _ptr("float[]", kva), _ptr("float[]", ln),
                              float(eps), _ptr("float[]", inv_freq), int(pos), _ptr("char[]", rows), cdt, int(n), f,
