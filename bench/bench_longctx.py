@@ -19,10 +19,11 @@ Then ``--tokens`` greedy decode steps run at positions N, N+1, ... through the n
 are rolled back (cache.truncate(N)), with every weight page touched first (bench/run.py's prefault;
 ``--no-prefault`` skips it). Per length: mean / median / p99 ms per token; the attention kernel's
 share of the step (the fused twin of attention.mla_absorbed_out wrapped with a timer: pk_mla_absorbed_o, the
-attention and its o_proj in one call, on the C backend, the NumPy definition otherwise; ``cache_absorbed=False`` so every backend takes that path) and the
-attention block's (attention.mla_decode with its projections), both measured on a second run of the same steps
-with the layer stack's one-call fusion off (inside pk_decode_layers nothing can be timed from Python; the
-stage by stage path runs the same kernels, one call each, and its median step is reported beside); cache bytes; peak RSS (VmHWM) and peak anonymous
+attention and its o_proj in one call, on the C backend, the NumPy definition otherwise; ``cache_absorbed=False``
+so every backend takes that path) and the attention block's (attention.mla_decode with its projections), both
+measured on a second run of the same steps with the layer stack's one-call fusion off (inside pk_decode_layers
+nothing can be timed from Python; the stage by stage path runs the same kernels, one call each, and its median
+step is reported beside); cache bytes; peak RSS (VmHWM) and peak anonymous
 memory (RssAnon sampled every 5 ms, bench/run.py's MemWatch). Each length runs in its own subprocess, so each
 peak is that length's own. The cache must fit: a length whose cache exceeds MemAvailable is a one-line error
 before anything is allocated. Lengths that do not fit the model's context (N + warmup + tokens positions) are

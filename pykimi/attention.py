@@ -223,8 +223,8 @@ def mla_decode(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg) 
     o[h] = W_uv[h] · Σ_n p[h, n] c_n           then o_proj.
     Equal to :func:`mla_prefill` up to float rounding (spec §8.3, "weight absorption").
     One token on a stored kv_b_proj: the projections, then :func:`mla_absorbed_out` (the attention and o_proj;
-    through its fast twin: one C call). Otherwise (several tokens, an f32 kv_b copy in ``w.kv_b_f32``, or a trace asking for
-    one of FUSED_DECODE_HIDES) step by step below, the absorbed products on kv_b_proj's stored form through
+    through its fast twin: one C call). Otherwise (several tokens, an f32 kv_b copy in ``w.kv_b_f32``, or a trace
+    asking for one of FUSED_DECODE_HIDES) step by step below, the absorbed products on kv_b_proj's stored form through
     kernels.heads_vecmat / heads_matvec (all heads in one call).
     """
     positions = np.asarray(positions)

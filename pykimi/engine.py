@@ -15,8 +15,8 @@ streams keep flowing.
 
 Batching changes nothing: every product of the batched step runs kernels whose result for one row of x does not
 depend on the other rows (the C row kernels, :func:`_row_cap`; the router is ``pk_route``, each row's GEMV
-alone, the arithmetic of a single step's ``pk_moe``), and the MoE kernel is bit for bit ``pk_swiglu_sum`` per row; so a batched step's logits for a sequence are bit-identical to
-``model.decode_step`` on that sequence alone, and a request's greedy tokens are the same alone or beside others
+alone, the arithmetic of a single step's ``pk_moe``), and the MoE kernel is bit for bit ``pk_swiglu_sum`` per
+row; so a batched step's logits for a sequence are bit-identical to ``model.decode_step`` on that sequence alone, and a request's greedy tokens are the same alone or beside others
 (tests/test_engine.py holds it on the demo and the tiny golden checkpoint, bf16 and quantised). When the fast
 path does not apply (not the C backend, a trace active, an f32 kv_b copy) the step falls back to
 ``model.decode_step`` per sequence: slower, the same numbers.

@@ -245,7 +245,8 @@ def decoder_layer(x: np.ndarray, lw: LayerWeights, cache: LatentCache, positions
     trace looks inside goes through :func:`decode_layer`'s fast twin (one C call with the C backend).
     """
     layer = lw.layer if layer is None else layer
-    if absorbed and x.shape[0] == 1 and layer == lw.layer and not (trace_active() and trace_wants(*_layer_names(layer))):
+    traced = trace_active() and trace_wants(*_layer_names(layer))
+    if absorbed and x.shape[0] == 1 and layer == lw.layer and not traced:
         return kernels.fast(decode_layer)(x, lw, cache, int(positions[-1]), cfg)
     p = f"{LM}.layers.{layer}"
     # the norms' fast twins (Numba: one call for the residual add and the next norm): the NumPy form is
