@@ -43,6 +43,7 @@ BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
 
+import pykimi  # noqa: F401,E402 -- before NumPy, as the `pykimi` command does (OPENBLAS_THREAD_TIMEOUT)
 import numpy as np  # noqa: E402
 
 DEFAULT_LENGTHS = "1024,8192,32768,131072"

@@ -39,14 +39,13 @@ import json
 import os
 import sys
 import time
-import numpy as np
-
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
 
-import pykimi  # noqa: E402
+import pykimi  # noqa: F401,E402 -- before NumPy, as the `pykimi` command does (OPENBLAS_THREAD_TIMEOUT)
+import numpy as np  # noqa: E402
 from pykimi.engine import Engine, SamplingParams, decode_batch  # noqa: E402
 
 

@@ -23,9 +23,10 @@ import threading
 import time
 import tracemalloc
 
-import numpy as np
-
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import pykimi  # noqa: F401,E402 -- before NumPy, as the `pykimi` command does (OPENBLAS_THREAD_TIMEOUT)
+import numpy as np  # noqa: E402
 
 from pykimi import vision                                   # noqa: E402
 from pykimi.config import KimiVLConfig                      # noqa: E402

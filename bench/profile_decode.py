@@ -25,6 +25,7 @@ import pstats
 import sys
 import time
 
+import pykimi  # noqa: F401 -- before NumPy, as the `pykimi` command does (OPENBLAS_THREAD_TIMEOUT)
 import numpy as np
 
 

@@ -34,13 +34,14 @@ import sys
 import threading
 import time
 
-import numpy as np
-
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
 OUT = os.path.join(BENCH, "out")
 sys.path.insert(0, ROOT)
 sys.path.insert(0, BENCH)
+
+import pykimi  # noqa: F401,E402 -- before NumPy, as the `pykimi` command does (OPENBLAS_THREAD_TIMEOUT)
+import numpy as np  # noqa: E402
 
 LM = "language_model.model"
 GIB = 1 << 30
@@ -888,6 +889,9 @@ def summarize(res: dict) -> None:
         d = lc.get(qt)
         if d and "decode_tok_s" in d:
             note = "; ".join(f"prefill {n}: {v['tok_s']:.1f} tok/s" for n, v in d.get("prefill", {}).items())
+            if "decode_ms_p99" in d:       # beside pykimi's: are the stalls the machine's or pykimi's own?
+                note += (f"; step mean / median / p99 {d['decode_ms']:.1f} / {d['decode_ms_median']:.1f} / "
+                         f"{d['decode_ms_p99']:.1f} ms")
             if bw and d.get("active_bytes"):
                 note += f"; {100 * d['decode_tok_s'] / (bw * 1e9 / d['active_bytes']['total']):.0f}% of its bound"
             rows.append((f"llama.cpp {qt}: decode tok/s", f"{d['decode_tok_s']:.2f}", note))

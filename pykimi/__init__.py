@@ -10,6 +10,14 @@ from __future__ import annotations
 
 import os
 
+# OpenBLAS's idle worker threads busy-wait 2^28 cycles (~0.1 s) after every multi-threaded call (a prefill's
+# attention products); on a 2-core machine they then hold the cores the decode kernels' OpenMP threads need, and
+# the first decode steps after each prefill ran 2-4x slower (bench/RESULTS.md, "Stalls"). 2^20 cycles (~0.3 ms)
+# keeps them awake between the calls of one prefill and asleep by the first decode step. OpenBLAS reads the
+# variable when NumPy loads it: this takes effect when pykimi is imported before NumPy (the `pykimi` command
+# always is), and a value the user set is kept.
+os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
+
 from .config import KimiVLConfig, load_config
 from .errors import CheckpointError, ConfigError, InputError, PykimiError, TokenizerError
 from . import trace

@@ -132,6 +132,54 @@ def test_parallel_for_order_errors_nesting_and_blas_threads(threads):
     assert K.parallel_for(lambda i: i, []) == []
 
 
+_SPIN_PROBE = """
+import os, sys, time
+import pykimi                       # first, as the `pykimi` command imports it: before NumPy loads OpenBLAS
+import numpy as np
+from pykimi.kernels import pool
+f_set, _ = pool._openblas()
+if f_set is None:
+    print("no-openblas")
+    sys.exit(0)
+f_set(2)
+a = np.random.default_rng(0).random((768, 768), dtype=np.float32)
+a @ a                               # the worker threads exist now
+a @ a
+c0 = time.process_time()
+time.sleep(0.25)                    # the main thread sleeps: any CPU time now is OpenBLAS's idle workers spinning
+print(os.environ["OPENBLAS_THREAD_TIMEOUT"], time.process_time() - c0)
+"""
+
+
+def _spin_after_a_call(env_timeout):
+    import os
+    import subprocess
+    import sys
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("OPENBLAS_", "OMP_", "GOTO_"))}
+    if env_timeout is not None:
+        env["OPENBLAS_THREAD_TIMEOUT"] = env_timeout
+    r = subprocess.run([sys.executable, "-c", _SPIN_PROBE], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    if r.stdout.strip() == "no-openblas":
+        pytest.skip("NumPy is not linked to OpenBLAS here: nothing spins after a call")
+    value, cpu = r.stdout.split()
+    return value, float(cpu)
+
+
+@pytest.mark.skipif((__import__("os").cpu_count() or 1) < 2, reason="one CPU: OpenBLAS starts no worker threads")
+def test_openblas_workers_sleep_right_after_a_call():
+    """The decode stalls after a prefill (bench/RESULTS.md, "Stalls"): OpenBLAS's idle workers busy-wait 2^28
+    cycles (~0.1 s) after each multi-threaded call unless OPENBLAS_THREAD_TIMEOUT says otherwise; importing pykimi
+    first sets it to 20 (~0.3 ms), and a user's own value is kept."""
+    value, cpu = _spin_after_a_call(None)
+    assert value == "20", value
+    assert cpu < 0.02, f"OpenBLAS's workers used {cpu:.3f} s of CPU in the 0.25 s after a call (expected ~0)"
+    value, cpu = _spin_after_a_call("28")                 # the user's value (OpenBLAS's default): kept, and it spins
+    assert value == "28", value
+    assert cpu > 0.03, f"with OpenBLAS's default timeout its workers used only {cpu:.3f} s after a call: " \
+                       "the probe no longer shows the spinning it guards against"
+
+
 # ------------------------------------------------------------------------------------ vision block
 
 class VC:

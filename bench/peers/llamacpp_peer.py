@@ -93,7 +93,8 @@ def run(spec: dict) -> dict:
     _greedy(llm, prompt, spec["warmup"] + 1)
     steps, ids = _greedy(llm, prompt, spec["tokens"] + 1)
     out.update(decode_tok_s=float(len(steps) / steps.sum()), decode_ms=float(1e3 * steps.mean()),
-               decode_ms_median=float(1e3 * np.median(steps)), token_ids=ids)
+               decode_ms_median=float(1e3 * np.median(steps)),
+               decode_ms_p99=float(1e3 * np.percentile(steps, 99)), token_ids=ids)
     out["prefill"] = {}
     for n in spec["prefill"]:
         ids_n = list(map(int, _synthetic_prompt(n, vocab, seed=2)))
