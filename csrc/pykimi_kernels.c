@@ -68,6 +68,19 @@
 #define PK_HAVE_AMX 0
 #endif
 
+/* AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4): vdpbf16ps, 32 bf16 products per instruction summed into 16
+ * f32 lanes, for bf16 weights x activations rounded to bf16 (the opt-in "bf16" activation mode of bf16
+ * batches, PYKIMI_ACT_QUANT=all). Needs gcc >= 10 / clang >= 9; the build probes the intrinsics and defines
+ * PK_NO_AVX512BF16 when they do not compile. The CPU is asked at run time (CPUID.(7,1):EAX bit 5). */
+#if PK_HAVE_AVX512 && !defined(PK_NO_AVX512BF16) &&                                                      \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define PK_HAVE_AVX512BF16 1
+#include <cpuid.h>
+#define PK_AVX512BF16 __attribute__((target("avx512bf16," PK_AVX512_TARGET)))
+#else
+#define PK_HAVE_AVX512BF16 0
+#endif
+
 /* NAME_avx512 / NAME_avx2 / NAME_scalar ARGS at SIMD level simd (the levels this build has). */
 #if PK_HAVE_AVX512
 #define PK_LEVEL_CALL(simd, NAME, ARGS) \
@@ -237,6 +250,38 @@ int pk_get_amx(void) {
         pk_amx_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
     }
     return pk_amx_req && pk_amx_available();
+}
+
+static int pk_bf16dp_state = -1; /* -1 = not probed, 0 = the CPU (or build) lacks AVX512_BF16, 1 = has it */
+static int pk_bf16dp_req = -2;   /* -2 = not read yet (PYKIMI_AVX512BF16), 0 = off, 1 = on when available */
+
+/* Probe once: the build has the AVX512_BF16 kernel, the CPU runs the AVX-512 level (which also means the OS
+ * saves the zmm state) and has AVX512_BF16: CPUID leaf 7 subleaf 1, EAX bit 5 (subleaf 1 exists when leaf 7
+ * subleaf 0 reports EAX >= 1). */
+int pk_avx512bf16_available(void) {
+    if (pk_bf16dp_state < 0) {
+        int ok = 0;
+#if PK_HAVE_AVX512BF16
+        unsigned a, b, c, d;
+        if (pk_simd_max() >= 2 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && a >= 1 &&
+            __get_cpuid_count(7, 1, &a, &b, &c, &d))
+            ok = (int)(a >> 5 & 1);
+#endif
+        pk_bf16dp_state = ok;
+    }
+    return pk_bf16dp_state;
+}
+
+/* Use the AVX512_BF16 kernel for bf16-activation batches (1, the default where available) or not (0;
+ * PYKIMI_AVX512BF16=0 before the first call): off, those batches run the exact f32 product. */
+void pk_set_avx512bf16(int on) { pk_bf16dp_req = on ? 1 : 0; }
+
+int pk_get_avx512bf16(void) {
+    if (pk_bf16dp_req == -2) {
+        const char *e = getenv("PYKIMI_AVX512BF16");
+        pk_bf16dp_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
+    }
+    return pk_bf16dp_req && pk_avx512bf16_available();
 }
 
 /* The AVX2-era knobs, kept for their callers: force_scalar(1) = level 0, force_scalar(0) = best;
@@ -1103,7 +1148,9 @@ void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *x
  * so a decode step pays one thread fork/join instead of one per matrix. Rows are split between threads by
  * cost (n * in per row), so matrices of different widths balance. */
 
-enum { A_F32 = 0, A_I8 = 1, A_I16 = 2 };
+/* A_BF16: bf16 weights x activations rounded to bf16 (batches of >= PK_TN_MIN rows on AVX512_BF16; any other
+ * job asking for it runs A_F32, see job_prepare). */
+enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3 };
 
 typedef struct {
     int fmt, act;
@@ -1119,6 +1166,7 @@ typedef struct {
     int32_t *xoff;    /* per block [-8 * sum, 0, 0, 0] (Q4 offset, AVX-512 level) */
     float *xt;        /* x transposed and zero-padded, [in][16 * ceil(n / 16)] (bf16 batches, AVX-512) */
     uint16_t *xb;     /* x as AMX B tiles, bf16 high and low parts (bf16 batches, AMX; see amx_prepare) */
+    uint32_t *xp;     /* x rounded to bf16 as pairs, [ceil(in / 2)][16 * ceil(n / 16)] (A_BF16; bf16a_prepare) */
     int64_t mt;       /* ... tiles of 16 rows of x */
 } pk_job;
 
@@ -1127,6 +1175,8 @@ static void job_free(pk_job *j) {
     j->xt = NULL;
     free(j->xb);
     j->xb = NULL;
+    free(j->xp);
+    j->xp = NULL;
     free(j->xq);
     free(j->xqp);
     free(j->xq16);
@@ -1392,10 +1442,142 @@ static PK_AMX void amx_rows(const pk_job *j, int64_t o0, int64_t o1) {
 #undef PK_AMX_OUT
 #endif
 
+#if PK_HAVE_AVX512BF16
+/* bf16 weights x activations rounded to bf16 (A_BF16: the opt-in mode of bf16 batches, PYKIMI_ACT_QUANT=all;
+ * twin ref.matmul_act_bf16). Why: the exact bf16 batch kernel (bf16_tn_avx512) widens every weight to f32 in
+ * L1 and does one f32 multiply per lane per FMA, and past PK_TN_MAX rows the widened tiles + sgemm take over;
+ * vdpbf16ps multiplies 32 bf16 pairs per instruction (two per f32 lane, summed in f32) straight from the
+ * stored rows, which is what PyTorch and llama.cpp do for bf16 weights on such CPUs -- they round the
+ * activations to bf16 too. The weights are never widened: each stored pair (two bf16 of consecutive k, one
+ * uint32 of the mapped row) is broadcast against NV vectors of x pairs of 16 rows of x each.
+ * Numerics: x is rounded to bf16 (round to nearest even, vcvtne2ps2bf16), every product of two bf16 is exact
+ * in f32 and the sums are f32, so the result is bf16(x) @ W^T up to f32 summation order. vdpbf16ps and the
+ * conversion treat denormal inputs as zero and flush denormal results to zero (DAZ / FTZ, whatever MXCSR
+ * says): activations or weights below 2^-126 count as 0, which moves a result by at most ~2^-126 * in * max|w|
+ * (tests/test_kernels.py holds tiny activations to that). */
+
+/* j->xp = x rounded to bf16, as pairs [ceil(in / 2)][16 * ceil(n / 16)] (uint32: element 2p in the low half,
+ * 2p + 1 in the high half), zero padded (an odd `in`'s last pair, the rows past n); returns 0 (nothing
+ * allocated) when there is no memory. 32 elements of a row of x at a time: one conversion, then its 16
+ * pairs scattered down the rows of xp. */
+static PK_AVX512BF16 int bf16a_prepare(pk_job *j) {
+    const int64_t in = j->in, np = (in + 1) / 2, w16 = 16 * ((j->n + 15) / 16);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)w16)); /* pair p -> u32 offset p * w16 */
+    int64_t t, k0;
+    if (w16 * 16 >= ((int64_t)1 << 31)) return 0; /* the scatter's 32-bit offsets (never for real shapes) */
+    j->xp = (uint32_t *)calloc((size_t)(np * w16), sizeof(uint32_t));
+    if (!j->xp) return 0;
+    for (t = 0; t < j->n; t++) {
+        const float *xr = j->x + t * in;
+        for (k0 = 0; k0 < in; k0 += 32) {
+            const int64_t left = in - k0, pairs = left >= 32 ? 16 : (left + 1) / 2;
+            const __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+            const __m512 a = _mm512_maskz_loadu_ps(m0, xr + k0), b = _mm512_maskz_loadu_ps(m1, xr + k0 + 16);
+            const __m512i pr = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* words 0..15 from a, 16..31 from b */
+            _mm512_mask_i32scatter_epi32(j->xp + (k0 / 2) * w16 + t, (__mmask16)((1u << pairs) - 1u), idx, pr, 4);
+        }
+    }
+    return 1;
+}
+
+/* Weight rows [o0, o1) against rows t0 .. t0 + nn of x (nn <= 16 NV): blocks of R weight rows, R x NV
+ * accumulators of 16 rows of x each; per pair p, NV loads of x pairs, R broadcasts of a stored weight pair,
+ * R * NV vdpbf16ps. The weight rows past o1 in the last block repeat row o1 - 1 (read, not stored): no read
+ * past the matrix, no branch in the loop. An odd `in`'s last weight pair is built from its one element. */
+#define PK_BD_KERNEL(NAME, R, NV)                                                                          \
+    static PK_AVX512BF16 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {     \
+        const int64_t in = j->in, nfull = in / 2, w16 = 16 * ((j->n + 15) / 16);                          \
+        float tmp[16] __attribute__((aligned(64)));                                                       \
+        int64_t o, p, p0, t;                                                                              \
+        int r, v;                                                                                         \
+        for (o = o0; o < o1; o += (R)) {                                                                  \
+            const int rr = o1 - o < (R) ? (int)(o1 - o) : (R);                                            \
+            const char *wr[R];                                                                            \
+            __m512 acc[R][NV];                                                                            \
+            for (r = 0; r < (R); r++) {                                                                   \
+                wr[r] = (const char *)j->w + (o + (r < rr ? r : rr - 1)) * j->row_bytes;                  \
+                for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
+            }                                                                                             \
+            for (p0 = 0; p0 < nfull; p0 += 16) { /* 16 pairs = one 64-byte line of each weight row */      \
+                const int64_t pe = nfull - p0 < 16 ? nfull : p0 + 16;                                     \
+                for (r = 0; r < (R); r++) prefetch(wr[r] + 4 * p0 + PK_PF);                               \
+                for (p = p0; p < pe; p++) {                                                               \
+                    const uint32_t *xk = j->xp + p * w16 + t0;                                            \
+                    __m512i xv[NV];                                                                       \
+                    for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_si512((const void *)(xk + 16 * v));   \
+                    for (r = 0; r < (R); r++) {                                                           \
+                        uint32_t wp;                                                                      \
+                        __m512i b;                                                                        \
+                        memcpy(&wp, wr[r] + 4 * p, 4);                                                    \
+                        b = _mm512_set1_epi32((int)wp);                                                   \
+                        for (v = 0; v < (NV); v++)                                                        \
+                            acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)xv[v], (__m512bh)b);        \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            if (in & 1) {                                                                                 \
+                const uint32_t *xk = j->xp + nfull * w16 + t0;                                            \
+                for (r = 0; r < (R); r++) {                                                               \
+                    uint16_t h;                                                                           \
+                    __m512i b;                                                                            \
+                    memcpy(&h, wr[r] + 2 * (in - 1), 2);                                                  \
+                    b = _mm512_set1_epi32((int)h); /* (last element, 0): x's pad is 0 too */              \
+                    for (v = 0; v < (NV); v++) {                                                          \
+                        const __m512i xv = _mm512_loadu_si512((const void *)(xk + 16 * v));               \
+                        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)xv, (__m512bh)b);               \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            for (r = 0; r < rr; r++)                                                                      \
+                for (v = 0; v < (NV); v++) {                                                              \
+                    _mm512_store_ps(tmp, acc[r][v]);                                                      \
+                    for (t = 0; t < 16 && 16 * v + t < nn; t++) j->y[(t0 + 16 * v + t) * j->out + o + r] = tmp[t]; \
+                }                                                                                         \
+        }                                                                                                 \
+    }
+PK_BD_KERNEL(bf16a_1_avx512, 16, 1)
+PK_BD_KERNEL(bf16a_2_avx512, 8, 2)
+PK_BD_KERNEL(bf16a_3_avx512, 6, 3)
+PK_BD_KERNEL(bf16a_4_avx512, 4, 4)
+#undef PK_BD_KERNEL
+
+/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
+static void bf16a_rows(const pk_job *j, int64_t o0, int64_t o1) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
+        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
+        switch ((nn + 15) / 16) {
+        case 1: bf16a_1_avx512(j, o0, o1, t0, nn); break;
+        case 2: bf16a_2_avx512(j, o0, o1, t0, nn); break;
+        case 3: bf16a_3_avx512(j, o0, o1, t0, nn); break;
+        default: bf16a_4_avx512(j, o0, o1, t0, nn); break;
+        }
+    }
+}
+#endif
+
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
  * failure fall back to the f32 path. */
 static void job_prepare(pk_job *j, int simd) {
     const int64_t nb = j->nb, len = j->n * nb * PK_BLOCK;
+    if (j->act == A_BF16) {
+        /* bf16 activations: bf16 weights, batches of PK_TN_MIN rows or more at the AVX-512 level, AVX512_BF16 on
+         * and AMX off (AMX keeps its exact product); otherwise -- or without memory -- the exact f32 product.
+         * kernels/linear.py (_c_mode) mirrors this choice, so the tests know which rows got which numerics. */
+#if PK_HAVE_AVX512BF16
+#if PK_HAVE_AMX
+        const int amx = pk_get_amx();
+#else
+        const int amx = 0;
+#endif
+        if (j->fmt == F_BF16 && simd >= 2 && j->n >= PK_TN_MIN && j->in > 0 && !amx && pk_get_avx512bf16() &&
+            bf16a_prepare(j))
+            return;
+#endif
+        j->act = A_F32;
+    }
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
 #if PK_HAVE_AMX
@@ -1586,6 +1768,12 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
         return;
     }
 #endif
+#if PK_HAVE_AVX512BF16
+    if (j->xp) {
+        bf16a_rows(j, o0, o1);
+        return;
+    }
+#endif
 #if PK_HAVE_AVX512
     if (j->xt) {
         bf16_tn_avx512(j, o0, o1);
@@ -1677,6 +1865,10 @@ void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_
 
 void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y) {
     run_one(F_BF16, A_F32, x, n, in, w, NULL, out, y);
+}
+
+void pk_matmul_bf16a(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y) {
+    run_one(F_BF16, A_BF16, x, n, in, w, NULL, out, y);
 }
 
 void pk_matmul_q8(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales, int64_t out,
