@@ -90,7 +90,7 @@ def set_act_quant(value) -> None:
               product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
               bf16 weights: the exact f32 product;
       "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0), and bf16 weights take
-              activations rounded to bf16 (round to nearest even, 2^-9 relative per element at most; as
+              activations rounded to bf16 (round to nearest even, 2^-8 relative per element at most; as
               llama.cpp and PyTorch do for bf16 weights): every batch of >= C_BF16A_MIN (12) rows -- prefill,
               vision, a decode batch of many sequences -- runs the AVX512_BF16 kernel (twin
               ref.matmul_act_bf16), where the C backend runs the AVX-512 level on a CPU with AVX512_BF16 (not
