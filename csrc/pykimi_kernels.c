@@ -1551,10 +1551,15 @@ static int bf16a_prepare(pk_job *j) {
                 }                                                                                         \
         }                                                                                                 \
     }
-PK_BD_KERNEL(bf16a_1_avx512, 16, 1)
+/* R x NV: 10 x 1, 8 x 2, 8 x 3, 6 x 4. Measured GFLOP/s on [1408, 2048], 2 threads, AMD EPYC with AVX512_BF16
+ * (best of 20-30 calls, +-5 % between runs): one vector (12 / 16 rows of x) R = 16: 297-369 / 418-480, 12: 425-474
+ * / 557-620, 10: 491-524 / 635-682, 8: 493-496 / 627-650 (per pair 1 load of x and R broadcasts for R
+ * vdpbf16ps: the loads, not the 16 accumulators, set the pace); two (32 rows) 8: 809-890, 12: 809-863; three (48)
+ * 6: 863-884, 8: 892-961; four (64 / 512) 4: 882-900 / 828-874, 6: 902-951 / 904-955. */
+PK_BD_KERNEL(bf16a_1_avx512, 10, 1)
 PK_BD_KERNEL(bf16a_2_avx512, 8, 2)
-PK_BD_KERNEL(bf16a_3_avx512, 6, 3)
-PK_BD_KERNEL(bf16a_4_avx512, 4, 4)
+PK_BD_KERNEL(bf16a_3_avx512, 8, 3)
+PK_BD_KERNEL(bf16a_4_avx512, 6, 4)
 #undef PK_BD_KERNEL
 
 /* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
