@@ -19,6 +19,10 @@
  *    block of 32 becomes an integer dot product; decoding every weight to f32 instead would make these
  *    GEMVs compute bound on AVX2 (int4 slower per token than bf16). The f32-decoding kernels stay as the
  *    exact path (PYKIMI_ACT_QUANT=none).
+ *  - bf16 weights with bf16 activations (opt-in, PYKIMI_ACT_QUANT=all): batches of PK_BF16A_MIN or more rows
+ *    on CPUs with AVX512_BF16 round x to bf16 once per call and multiply stored bf16 pairs with vdpbf16ps
+ *    (bf16a_rows: twice the multiplies of an f32 FMA, no widening of the weights). The default stays the f32
+ *    product of the decoded weights.
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
  *    and non-x86 builds compile only the portable loops). The level is chosen at run time with
