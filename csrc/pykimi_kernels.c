@@ -100,7 +100,7 @@
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
 #define PK_TN_MAX 128    /* ... up to this many, in groups of PK_TN_GROUP rows (4 vectors of 16) */
 #define PK_TN_GROUP 64
-#define PK_BF16A_MIN 12  /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows of x; linear.py mirrors it */
+#define PK_BF16A_MIN 12  /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
