@@ -43,7 +43,12 @@ SMALL_N_ACT_AVX2: dict = {("q4_32", "i8"): 64}
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
 C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
 C_AMX_MIN_Q8 = 32
-C_BF16A_MIN = 12              # bf16 activations (mode "all"): batches from this many rows of x (csrc PK_TN_MIN)
+# bf16 activations (mode "all", AVX512_BF16): every bf16 batch from this many rows of x goes to the C kernel, however
+# many rows (csrc PK_BF16A_MIN; no widened tiles: [1408, 2048] at 512 rows ~850 GFLOP/s against ~220 for tiles +
+# sgemm, 2 threads). Below it the exact row kernels: forced onto 1..11 rows the kernel measured 40 / 84 / 166 / 318
+# / 461 GFLOP/s at 1 / 2 / 4 / 8 / 11 rows against the row kernels' 130 / 171 / 200 / 194-310 / 196 -- a win
+# from ~8 rows, none for decode (1 row), and 12 keeps the serve engine's row-wise batches (engine._row_cap).
+C_BF16A_MIN = 12
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
