@@ -100,7 +100,7 @@
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
 #define PK_TN_MAX 128    /* ... up to this many, in groups of PK_TN_GROUP rows (4 vectors of 16) */
 #define PK_TN_GROUP 64
-#define PK_BF16A_MIN 12  /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
+#define PK_BF16A_MIN 8   /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
@@ -1153,7 +1153,7 @@ void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *x
  * so a decode step pays one thread fork/join instead of one per matrix. Rows are split between threads by
  * cost (n * in per row), so matrices of different widths balance. */
 
-/* A_BF16: bf16 weights x activations rounded to bf16 (batches of >= PK_TN_MIN rows on AVX512_BF16; any other
+/* A_BF16: bf16 weights x activations rounded to bf16 (batches of >= PK_BF16A_MIN rows, AVX512_BF16; any other
  * job asking for it runs A_F32, see job_prepare). */
 enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3 };
 

@@ -50,7 +50,7 @@ int pk_get_avx512bf16(void);
 void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_t out, float *y);
 void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y);
 /* bf16 weights x activations rounded to bf16 (round to nearest even; denormals count as zero), f32 sums:
- * batches of >= 12 rows at the AVX-512 level with AVX512_BF16 (and not AMX); any other call is
+ * batches of >= 8 rows at the AVX-512 level with AVX512_BF16 (and not AMX); any other call is
  * pk_matmul_bf16's exact product. NumPy twin: ref.matmul_act_bf16. */
 void pk_matmul_bf16a(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y);
 void pk_matmul_q8(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales,

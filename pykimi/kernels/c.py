@@ -48,7 +48,7 @@ def matmul_bf16(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
 
 def matmul_bf16a(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
     """x [n, in] @ W.T with x rounded to bf16 (bf16 weights, AVX512_BF16 batches; twin: ref.matmul_act_bf16 where
-    the kernel runs -- n >= 12 at the AVX-512 level with get_avx512bf16() and not AMX -- else matmul_bf16's
+    the kernel runs -- n >= 8 at the AVX-512 level with get_avx512bf16() and not AMX -- else matmul_bf16's
     exact product)."""
     x, bits, y = _prep(x, bits, bits.shape[0])
     lib.pk_matmul_bf16a(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("uint16_t[]", bits), bits.shape[0],

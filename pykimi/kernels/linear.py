@@ -45,10 +45,12 @@ C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (
 C_AMX_MIN_Q8 = 32
 # bf16 activations (mode "all", AVX512_BF16): every bf16 batch from this many rows of x goes to the C kernel, however
 # many rows (csrc PK_BF16A_MIN; no widened tiles: [1408, 2048] at 512 rows ~850 GFLOP/s against ~220 for tiles +
-# sgemm, 2 threads). Below it the exact row kernels: forced onto 1..11 rows the kernel measured 40 / 84 / 166 / 318
-# / 461 GFLOP/s at 1 / 2 / 4 / 8 / 11 rows against the row kernels' 130 / 171 / 200 / 194-310 / 196 -- a win
-# from ~8 rows, none for decode (1 row), and 12 keeps the serve engine's row-wise batches (engine._row_cap).
-C_BF16A_MIN = 12
+# sgemm, 2 threads). Below it the exact row kernels: forced onto 1..11 rows the kernel measured 44 / 87 / 173 / 258 /
+# 343 / 429 GFLOP/s at 1 / 2 / 4 / 6 / 8 / 11 rows against the row kernels' 141 / 251 / 204 / 191 / 194 / 312: a
+# win from ~6 rows, none for decode (1 row). From 8 rather than 12 (PK_TN_MIN): 4-layer prefill of 64 tokens
+# 272-291 -> 291-303 tok/s (3 alternations), 128 unchanged. The serve engine's row-wise batches then take at most
+# 7 rows in mode "all" (engine._row_cap).
+C_BF16A_MIN = 8
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
@@ -96,7 +98,7 @@ def set_act_quant(value) -> None:
               bf16 weights: the exact f32 product;
       "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0), and bf16 weights take
               activations rounded to bf16 (round to nearest even, 2^-8 relative per element at most; as
-              llama.cpp and PyTorch do for bf16 weights): every batch of >= C_BF16A_MIN (12) rows -- prefill,
+              llama.cpp and PyTorch do for bf16 weights): every batch of >= C_BF16A_MIN (8) rows -- prefill,
               vision, a decode batch of many sequences -- runs the AVX512_BF16 kernel (twin
               ref.matmul_act_bf16), where the C backend runs the AVX-512 level on a CPU with AVX512_BF16 (not
               turned off by PYKIMI_AVX512BF16=0, and not on AMX, which keeps its exact product). Fewer rows
