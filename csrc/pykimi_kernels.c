@@ -19,6 +19,10 @@
  *    block of 32 becomes an integer dot product; decoding every weight to f32 instead would make these
  *    GEMVs compute bound on AVX2 (int4 slower per token than bf16). The f32-decoding kernels stay as the
  *    exact path (PYKIMI_ACT_QUANT=none).
+ *  - bf16 weights with bf16 activations (opt-in, PYKIMI_ACT_QUANT=all): batches of PK_BF16A_MIN or more rows
+ *    on CPUs with AVX512_BF16 round x to bf16 once per call and multiply stored bf16 pairs with vdpbf16ps
+ *    (bf16a_rows: twice the multiplies of an f32 FMA, no widening of the weights). The default stays the f32
+ *    product of the decoded weights.
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
  *    and non-x86 builds compile only the portable loops). The level is chosen at run time with
@@ -68,6 +72,19 @@
 #define PK_HAVE_AMX 0
 #endif
 
+/* AVX512_BF16 (Cooper Lake, Sapphire Rapids, Zen 4): vdpbf16ps, 32 bf16 products per instruction summed into 16
+ * f32 lanes, for bf16 weights x activations rounded to bf16 (the opt-in "bf16" activation mode of bf16
+ * batches, PYKIMI_ACT_QUANT=all). Needs gcc >= 10 / clang >= 9; the build probes the intrinsics and defines
+ * PK_NO_AVX512BF16 when they do not compile. The CPU is asked at run time (CPUID.(7,1):EAX bit 5). */
+#if PK_HAVE_AVX512 && !defined(PK_NO_AVX512BF16) &&                                                      \
+    ((defined(__clang__) && __clang_major__ >= 9) || (!defined(__clang__) && __GNUC__ >= 10))
+#define PK_HAVE_AVX512BF16 1
+#include <cpuid.h>
+#define PK_AVX512BF16 __attribute__((target("avx512bf16," PK_AVX512_TARGET)))
+#else
+#define PK_HAVE_AVX512BF16 0
+#endif
+
 /* NAME_avx512 / NAME_avx2 / NAME_scalar ARGS at SIMD level simd (the levels this build has). */
 #if PK_HAVE_AVX512
 #define PK_LEVEL_CALL(simd, NAME, ARGS) \
@@ -83,6 +100,7 @@
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
 #define PK_TN_MAX 128    /* ... up to this many, in groups of PK_TN_GROUP rows (4 vectors of 16) */
 #define PK_TN_GROUP 64
+#define PK_BF16A_MIN 8   /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
@@ -237,6 +255,38 @@ int pk_get_amx(void) {
         pk_amx_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
     }
     return pk_amx_req && pk_amx_available();
+}
+
+static int pk_bf16dp_state = -1; /* -1 = not probed, 0 = the CPU (or build) lacks AVX512_BF16, 1 = has it */
+static int pk_bf16dp_req = -2;   /* -2 = not read yet (PYKIMI_AVX512BF16), 0 = off, 1 = on when available */
+
+/* Probe once: the build has the AVX512_BF16 kernel, the CPU runs the AVX-512 level (which also means the OS
+ * saves the zmm state) and has AVX512_BF16: CPUID leaf 7 subleaf 1, EAX bit 5 (subleaf 1 exists when leaf 7
+ * subleaf 0 reports EAX >= 1). */
+int pk_avx512bf16_available(void) {
+    if (pk_bf16dp_state < 0) {
+        int ok = 0;
+#if PK_HAVE_AVX512BF16
+        unsigned a, b, c, d;
+        if (pk_simd_max() >= 2 && __get_cpuid_count(7, 0, &a, &b, &c, &d) && a >= 1 &&
+            __get_cpuid_count(7, 1, &a, &b, &c, &d))
+            ok = (int)(a >> 5 & 1);
+#endif
+        pk_bf16dp_state = ok;
+    }
+    return pk_bf16dp_state;
+}
+
+/* Use the AVX512_BF16 kernel for bf16-activation batches (1, the default where available) or not (0;
+ * PYKIMI_AVX512BF16=0 before the first call): off, those batches run the exact f32 product. */
+void pk_set_avx512bf16(int on) { pk_bf16dp_req = on ? 1 : 0; }
+
+int pk_get_avx512bf16(void) {
+    if (pk_bf16dp_req == -2) {
+        const char *e = getenv("PYKIMI_AVX512BF16");
+        pk_bf16dp_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
+    }
+    return pk_bf16dp_req && pk_avx512bf16_available();
 }
 
 /* The AVX2-era knobs, kept for their callers: force_scalar(1) = level 0, force_scalar(0) = best;
@@ -1103,7 +1153,9 @@ void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *x
  * so a decode step pays one thread fork/join instead of one per matrix. Rows are split between threads by
  * cost (n * in per row), so matrices of different widths balance. */
 
-enum { A_F32 = 0, A_I8 = 1, A_I16 = 2 };
+/* A_BF16: bf16 weights x activations rounded to bf16 (batches of >= PK_BF16A_MIN rows, AVX512_BF16; any other
+ * job asking for it runs A_F32, see job_prepare). */
+enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3 };
 
 typedef struct {
     int fmt, act;
@@ -1119,6 +1171,8 @@ typedef struct {
     int32_t *xoff;    /* per block [-8 * sum, 0, 0, 0] (Q4 offset, AVX-512 level) */
     float *xt;        /* x transposed and zero-padded, [in][16 * ceil(n / 16)] (bf16 batches, AVX-512) */
     uint16_t *xb;     /* x as AMX B tiles, bf16 high and low parts (bf16 batches, AMX; see amx_prepare) */
+    uint32_t *xp;     /* x rounded to bf16 as pairs, per group of 64 rows (A_BF16; see bf16a_prepare) */
+    int xp_shared;    /* ... xp is a slice of run_jobs' buffer (not freed with the job) */
     int64_t mt;       /* ... tiles of 16 rows of x */
 } pk_job;
 
@@ -1127,6 +1181,8 @@ static void job_free(pk_job *j) {
     j->xt = NULL;
     free(j->xb);
     j->xb = NULL;
+    if (!j->xp_shared) free(j->xp);
+    j->xp = NULL;
     free(j->xq);
     free(j->xqp);
     free(j->xq16);
@@ -1392,10 +1448,199 @@ static PK_AMX void amx_rows(const pk_job *j, int64_t o0, int64_t o1) {
 #undef PK_AMX_OUT
 #endif
 
+#if PK_HAVE_AVX512BF16
+/* bf16 weights x activations rounded to bf16 (A_BF16: the opt-in mode of bf16 batches, PYKIMI_ACT_QUANT=all;
+ * twin ref.matmul_act_bf16). Why: the exact bf16 batch kernel (bf16_tn_avx512) widens every weight to f32 in
+ * L1 and does one f32 multiply per lane per FMA, and past PK_TN_MAX rows the widened tiles + sgemm take over;
+ * vdpbf16ps multiplies 32 bf16 pairs per instruction (two per f32 lane, summed in f32) straight from the
+ * stored rows, which is what PyTorch and llama.cpp do for bf16 weights on such CPUs -- they round the
+ * activations to bf16 too. The weights are never widened: each stored pair (two bf16 of consecutive k, one
+ * uint32 of the mapped row) is broadcast against NV vectors of x pairs of 16 rows of x each.
+ * Numerics: x is rounded to bf16 (round to nearest even, vcvtne2ps2bf16), every product of two bf16 is exact
+ * in f32 and the sums are f32, so the result is bf16(x) @ W^T up to f32 summation order. vdpbf16ps and the
+ * conversion treat denormal inputs as zero and flush denormal results to zero (DAZ / FTZ, whatever MXCSR
+ * says): activations or weights below 2^-126 count as 0, which moves a result by at most ~2^-126 * in * max|w|
+ * (tests/test_kernels.py holds tiny activations to that). */
+
+/* j->xp = x rounded to bf16 as pairs (uint32: element 2p in the low half, 2p + 1 in the high half), per group of
+ * PK_TN_GROUP (64) rows of x: group g at g * ceil(in / 2) * 64, laid out [ceil(in / 2) pairs][16 lanes per 16 rows
+ * of the group], zero padded (an odd `in`'s last pair, the rows past n). Why per group: with one [pairs][all
+ * rows] array the kernel's loads for consecutive pairs are 4 n bytes apart, a power of two at 512 rows (2 KiB)
+ * that maps the group's x onto 1/8 of the L2 sets, so it streamed from L3: 512 rows ran at 412 GFLOP/s against
+ * 826 at 64 rows ([1408, 2048], 2 threads; a group now is one contiguous block read at 256-byte steps).
+ * 32 elements of a row at a time: one conversion (vcvtne2ps2bf16), its 16 pairs scattered down the group's
+ * rows; rows inner, so the 16 lines written stay in L1 (row-outer, packing 512 x 2048 took 2.4 ms, a third of
+ * the product). Groups are shared between the threads. Returns 0 (nothing allocated) when there is no memory. */
+/* floats of a row of x the packing prefetches ahead: 60 jobs of 64 rows from DRAM 12.6 -> 4.3 ms (256: 5.0) */
+#define PK_BD_XPF 128
+static PK_AVX512BF16 void bf16a_pack_group(const pk_job *j, int64_t g) {
+    const int64_t in = j->in, np = (in + 1) / 2, t0 = g * PK_TN_GROUP;
+    const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
+    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
+                                           _mm512_set1_epi32((int)gw)); /* pair p -> u32 offset p * gw */
+    uint32_t *xg = j->xp + g * np * PK_TN_GROUP;
+    int64_t t, k0, p;
+    if (nn < gw)
+        for (p = 0; p < np; p++) memset(xg + p * gw + nn, 0, sizeof(uint32_t) * (size_t)(gw - nn)); /* pad rows */
+    for (k0 = 0; k0 < in; k0 += 32) {
+        const int64_t left = in - k0, pairs = left >= 32 ? 16 : (left + 1) / 2;
+        const __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
+        const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+        for (t = 0; t < nn; t++) {
+            const float *xr = j->x + (t0 + t) * in + k0;
+            const __m512 a = _mm512_maskz_loadu_ps(m0, xr), b = _mm512_maskz_loadu_ps(m1, xr + 16);
+            if (left > PK_BD_XPF + 32) { /* the rows are read 128 bytes at a time, 64 streams: prefetch them */
+                _mm_prefetch((const char *)(xr + PK_BD_XPF), _MM_HINT_T0);
+                _mm_prefetch((const char *)(xr + PK_BD_XPF + 16), _MM_HINT_T0);
+            }
+            const __m512i pr = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* words 0..15 from a, 16..31 from b */
+            _mm512_mask_i32scatter_epi32(xg + (k0 / 2) * gw + t, (__mmask16)((1u << pairs) - 1u), idx, pr, 4);
+        }
+    }
+}
+
+/* uint32 elements of a job's packed x (whole groups of 64 rows). */
+static int64_t bf16a_elems(const pk_job *j) {
+    return (j->in + 1) / 2 * PK_TN_GROUP * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP);
+}
+
+/* Whether job j runs the AVX512_BF16 kernel: bf16 weights with bf16 activations, PK_BF16A_MIN rows or more at
+ * the AVX-512 level, AVX512_BF16 on and AMX off (AMX keeps its exact product); kernels/linear.py (_c_mode)
+ * mirrors this choice, so the tests know which rows got which numerics. */
+static int bf16a_takes(const pk_job *j, int simd) {
+#if PK_HAVE_AMX
+    if (pk_get_amx()) return 0;
+#endif
+    return j->act == A_BF16 && j->fmt == F_BF16 && simd >= 2 && j->n >= PK_BF16A_MIN && j->in > 0 &&
+           pk_get_avx512bf16();
+}
+
+/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
+static int bf16a_prepare(pk_job *j) {
+    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
+    int64_t g;
+    if (!j->xp) j->xp = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)bf16a_elems(j));
+    if (!j->xp) return 0;
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
+    for (g = 0; g < ng; g++) bf16a_pack_group(j, g);
+    return 1;
+}
+
+/* Weight rows [o0, o1) against the group of rows t0 .. t0 + nn of x (nn <= 16 NV): blocks of R weight rows, R x NV
+ * accumulators of 16 rows of x each; per pair p, NV loads of x pairs, R broadcasts of a stored weight pair,
+ * R * NV vdpbf16ps. The weight rows past o1 in the last block repeat row o1 - 1 (read, not stored): no read
+ * past the matrix, no branch in the loop. An odd `in`'s last weight pair is built from its one element.
+ * Prefetch: each line of the block's rows PK_PF ahead into L1, and the same line of the NEXT block's rows into L2,
+ * a whole block ahead: a row of 2048 bf16 is one page, where the hardware prefetcher stops, and R rows are read
+ * side by side (60 experts' [1408, 2048] weights from DRAM in one call, 12 / 16 / 32 rows each: 21.2 / 23.2 /
+ * 15.6 -> 24.6 / 25.2 / 17.0 GB/s).
+ * Results go through yb, 4 R weight rows x the group's rows of x (a masked scatter per accumulator), and into y
+ * a row of x at a time: stored straight into y, the R values per row of x of each block landed 4 * out bytes
+ * apart, for out = 2048 (8 KiB) all in one L1 set -- 64 rows of x x 2048 ran at 476 GFLOP/s against 806 for
+ * out = 1408; now 877 (n = 512; 11264 x 2048: 454 -> 897). */
+#define PK_BD_KERNEL(NAME, R, NV)                                                                          \
+    static PK_AVX512BF16 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {     \
+        const int64_t in = j->in, nfull = in / 2, gw = 16 * ((nn + 15) / 16);                             \
+        const uint32_t *xg = j->xp + (t0 / PK_TN_GROUP) * ((in + 1) / 2) * PK_TN_GROUP; /* t0's group */     \
+        float yb[16 * (NV) * 4 * (R)] __attribute__((aligned(64))); /* [rows of x][4 R weight rows] */     \
+        const __m512i yi = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), \
+                                              _mm512_set1_epi32(4 * (R)));                                \
+        int64_t o, ob, oe, p, p0, t;                                                                      \
+        int r, v;                                                                                         \
+        for (ob = o0; ob < o1; ob += 4 * (R)) {                                                           \
+        oe = o1 - ob < 4 * (R) ? o1 : ob + 4 * (R);                                                       \
+        for (o = ob; o < oe; o += (R)) {                                                                  \
+            const int rr = oe - o < (R) ? (int)(oe - o) : (R);                                            \
+            const char *wr[R], *nx[R];                                                                    \
+            __m512 acc[R][NV];                                                                            \
+            for (r = 0; r < (R); r++) {                                                                   \
+                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                       \
+                wr[r] = (const char *)j->w + (o + (r < rr ? r : rr - 1)) * j->row_bytes;                  \
+                nx[r] = (const char *)j->w + on * j->row_bytes;                                           \
+                for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
+            }                                                                                             \
+            for (p0 = 0; p0 < nfull; p0 += 16) { /* 16 pairs = one 64-byte line of each weight row */      \
+                const int64_t pe = nfull - p0 < 16 ? nfull : p0 + 16;                                     \
+                for (r = 0; r < (R); r++) {                                                               \
+                    _mm_prefetch(wr[r] + 4 * p0 + PK_PF, _MM_HINT_T0);                                    \
+                    _mm_prefetch(nx[r] + 4 * p0, _MM_HINT_T1);                                            \
+                }                                                                                         \
+                for (p = p0; p < pe; p++) {                                                               \
+                    const uint32_t *xk = xg + p * gw;                                                     \
+                    __m512i xv[NV];                                                                       \
+                    for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_si512((const void *)(xk + 16 * v));   \
+                    for (r = 0; r < (R); r++) {                                                           \
+                        uint32_t wp;                                                                      \
+                        __m512i b;                                                                        \
+                        memcpy(&wp, wr[r] + 4 * p, 4);                                                    \
+                        b = _mm512_set1_epi32((int)wp);                                                   \
+                        for (v = 0; v < (NV); v++)                                                        \
+                            acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)xv[v], (__m512bh)b);        \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            if (in & 1) {                                                                                 \
+                const uint32_t *xk = xg + nfull * gw;                                                     \
+                for (r = 0; r < (R); r++) {                                                               \
+                    uint16_t h;                                                                           \
+                    __m512i b;                                                                            \
+                    memcpy(&h, wr[r] + 2 * (in - 1), 2);                                                  \
+                    b = _mm512_set1_epi32((int)h); /* (last element, 0): x's pad is 0 too */              \
+                    for (v = 0; v < (NV); v++) {                                                          \
+                        const __m512i xv = _mm512_loadu_si512((const void *)(xk + 16 * v));               \
+                        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], (__m512bh)xv, (__m512bh)b);               \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            for (v = 0; v < (NV); v++) {                                                                  \
+                const int64_t left = nn - 16 * v;                                                         \
+                const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);                 \
+                for (r = 0; r < rr; r++)                                                                  \
+                    _mm512_mask_i32scatter_ps(yb + 16 * v * 4 * (R) + (o - ob) + r, m, yi, acc[r][v], 4);   \
+            }                                                                                             \
+        }                                                                                                 \
+        for (t = 0; t < nn; t++)                                                                          \
+            memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \
+        }                                                                                                 \
+    }
+/* R x NV: 10 x 1, 8 x 2, 8 x 3, 6 x 4. Measured GFLOP/s on [1408, 2048], 2 threads, AMD EPYC with AVX512_BF16
+ * (best of 20-30 calls, +-5 % between runs): one vector (12 / 16 rows of x) R = 16: 297-369 / 418-480, 12: 425-474
+ * / 557-620, 10: 491-524 / 635-682, 8: 493-496 / 627-650 (per pair 1 load of x and R broadcasts for R
+ * vdpbf16ps: the loads, not the 16 accumulators, set the pace); two (32 rows) 8: 809-890, 12: 809-863; three (48)
+ * 6: 863-884, 8: 892-961; four (64 / 512) 4: 882-900 / 828-874, 6: 902-951 / 904-955. */
+PK_BD_KERNEL(bf16a_1_avx512, 10, 1)
+PK_BD_KERNEL(bf16a_2_avx512, 8, 2)
+PK_BD_KERNEL(bf16a_3_avx512, 8, 3)
+PK_BD_KERNEL(bf16a_4_avx512, 6, 4)
+#undef PK_BD_KERNEL
+
+/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
+static void bf16a_rows(const pk_job *j, int64_t o0, int64_t o1) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
+        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
+        switch ((nn + 15) / 16) {
+        case 1: bf16a_1_avx512(j, o0, o1, t0, nn); break;
+        case 2: bf16a_2_avx512(j, o0, o1, t0, nn); break;
+        case 3: bf16a_3_avx512(j, o0, o1, t0, nn); break;
+        default: bf16a_4_avx512(j, o0, o1, t0, nn); break;
+        }
+    }
+}
+#endif
+
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
  * failure fall back to the f32 path. */
 static void job_prepare(pk_job *j, int simd) {
     const int64_t nb = j->nb, len = j->n * nb * PK_BLOCK;
+    if (j->act == A_BF16) {
+        /* bf16 activations where the AVX512_BF16 kernel takes the job (bf16a_takes); otherwise -- or without
+         * memory -- the exact f32 product */
+#if PK_HAVE_AVX512BF16
+        if (bf16a_takes(j, simd) && (j->xp_shared || bf16a_prepare(j))) return; /* xp_shared: packed by run_jobs */
+#endif
+        j->act = A_F32;
+    }
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
 #if PK_HAVE_AMX
@@ -1586,6 +1831,12 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
         return;
     }
 #endif
+#if PK_HAVE_AVX512BF16
+    if (j->xp) {
+        bf16a_rows(j, o0, o1);
+        return;
+    }
+#endif
 #if PK_HAVE_AVX512
     if (j->xt) {
         bf16_tn_avx512(j, o0, o1);
@@ -1642,7 +1893,41 @@ static void run_jobs(pk_job *jobs, int count) {
     const int nth = pk_get_threads();
     double total = 0.0;
     int64_t rows = 0;
+    uint32_t *xp_all = NULL;
     int k;
+#if PK_HAVE_AVX512BF16
+    {
+        /* All bf16a jobs' packed x in ONE buffer: a buffer per job (60 experts' gate and up in a prefill) came
+         * fresh from the OS every call, its page faults ~30 % of such a call (9k faults, 36 vs 26 ms for 60
+         * jobs of 64 rows); one allocation is reused by malloc from the second call on. */
+        int64_t need = 0, off = 0;
+        for (k = 0; k < count; k++)
+            if (bf16a_takes(&jobs[k], simd)) need += bf16a_elems(&jobs[k]);
+        xp_all = need > 0 ? (uint32_t *)malloc(sizeof(uint32_t) * (size_t)need) : NULL;
+        int64_t ng_all = 0, i;
+        for (k = 0; k < count && xp_all; k++)
+            if (bf16a_takes(&jobs[k], simd)) {
+                jobs[k].xp = xp_all + off;
+                jobs[k].xp_shared = 1;
+                off += bf16a_elems(&jobs[k]);
+                ng_all += (jobs[k].n + PK_TN_GROUP - 1) / PK_TN_GROUP;
+            }
+        /* every group of 64 rows of every such job packed here, shared between the threads (job_prepare then
+         * finds them packed): one after the other, 128 experts' 7168 rows took ~5 ms a call */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth) if (ng_all > 1)
+        for (i = 0; i < ng_all; i++) {
+            int64_t g = i;
+            int kk;
+            for (kk = 0; kk < count; kk++) {
+                const int64_t ng = (jobs[kk].n + PK_TN_GROUP - 1) / PK_TN_GROUP;
+                if (!jobs[kk].xp_shared) continue;
+                if (g < ng) break;
+                g -= ng;
+            }
+            bf16a_pack_group(&jobs[kk], g);
+        }
+    }
+#endif
     for (k = 0; k < count; k++) {
         jobs[k].nb = (jobs[k].in + PK_BLOCK - 1) / PK_BLOCK;
         job_prepare(&jobs[k], simd);
@@ -1662,6 +1947,7 @@ static void run_jobs(pk_job *jobs, int count) {
         jobs_cost_range(jobs, count, 0.0, total * 2 + 1.0, simd);
     }
     for (k = 0; k < count; k++) job_free(&jobs[k]);
+    free(xp_all);
 }
 
 static void run_one(int fmt, int act, const float *x, int64_t n, int64_t in, const void *w, const float *scales,
@@ -1677,6 +1963,10 @@ void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_
 
 void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y) {
     run_one(F_BF16, A_F32, x, n, in, w, NULL, out, y);
+}
+
+void pk_matmul_bf16a(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y) {
+    run_one(F_BF16, A_BF16, x, n, in, w, NULL, out, y);
 }
 
 void pk_matmul_q8(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales, int64_t out,

@@ -39,9 +39,20 @@ void pk_force_scalar(int on);
 int pk_amx_available(void);
 void pk_set_amx(int on);
 int pk_get_amx(void);
+/* AVX512_BF16 (vdpbf16ps) for bf16 weights x bf16-rounded activations (act 3 below): pk_avx512bf16_available
+ * is 1 when the build has the kernel and the CPU runs the AVX-512 level with AVX512_BF16; pk_set_avx512bf16(0)
+ * / PYKIMI_AVX512BF16=0 turns it off (those batches then run the exact f32 product); pk_get_avx512bf16 says
+ * whether it runs. */
+int pk_avx512bf16_available(void);
+void pk_set_avx512bf16(int on);
+int pk_get_avx512bf16(void);
 
 void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_t out, float *y);
 void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y);
+/* bf16 weights x activations rounded to bf16 (round to nearest even; denormals count as zero), f32 sums:
+ * batches of >= 8 rows at the AVX-512 level with AVX512_BF16 (and not AMX); any other call is
+ * pk_matmul_bf16's exact product. NumPy twin: ref.matmul_act_bf16. */
+void pk_matmul_bf16a(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y);
 void pk_matmul_q8(const float *x, int64_t n, int64_t in, const int8_t *q, const float *scales,
                   int64_t out, float *y);
 void pk_matmul_q4(const float *x, int64_t n, int64_t in, const uint8_t *q, const float *scales,
@@ -63,7 +74,8 @@ void pk_matmul_q8w(const float *x, int64_t n, int64_t in, const int8_t *q, const
 void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *xd);
 
 /* Several products in one call (one thread fork/join for all of them). Per job k: fmts[k] 0 = f32,
- * 1 = bf16, 2 = Q8_32, 3 = Q4_32; acts[k] 0 = f32 activations, 1 = int8, 2 = int16 (Q8 only; Q4 -> int8);
+ * 1 = bf16, 2 = Q8_32, 3 = Q4_32; acts[k] 0 = f32 activations, 1 = int8, 2 = int16 (Q8 only; Q4 -> int8),
+ * 3 = bf16 (bf16 weights, as pk_matmul_bf16a; others -> f32);
  * scales[k] may be NULL for f32/bf16. Returns 0, or < 0 for a bad format / no memory. */
 int pk_matmul_many(int count, const int *fmts, const int *acts, const float *const *xs, const int64_t *ns,
                    const int64_t *ins, const void *const *ws, const float *const *scales, const int64_t *outs,

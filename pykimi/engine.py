@@ -241,14 +241,16 @@ class Request:
 def _row_cap(w) -> int:
     """Rows of x per kernel call for which ``kernels.matmul(x, w)`` gives each row exactly what it gives that
     row alone; 1 = one row per call. C backend: the row kernels (csrc tile_*: each row of x its own
-    accumulators) run bf16 below 12 rows (the batch-vectorised kernel, PK_TN_MIN; with AMX tiles from 8),
+    accumulators) run bf16 below 12 rows (the batch-vectorised kernel, PK_TN_MIN; with AMX tiles from 8; with bf16
+    activations, PYKIMI_ACT_QUANT=all, the AVX512_BF16 kernel from C_BF16A_MIN),
     Q8_32 below C_BATCH_ROWS_Q8[0] = 24 (from there matmul switches to the f32 product), Q4_32 and stored
     F32 always (csrc job_prepare). f32 ndarrays (router weights) go to BLAS, whose result may depend on the batch: row by row."""
     kind = _kind(w)
     if kind == "dense" or kernels.plan(kind, 1)[0] != "c":
         return 1
     if kind == "bf16":
-        return 7 if _linear._c_amx() else 11
+        cap = 7 if _linear._c_amx() else 11
+        return min(cap, _linear.C_BF16A_MIN - 1) if _linear._bf16_act() else cap
     if kind == "q8_32":
         return _linear.C_BATCH_ROWS_Q8[0] - 1
     if kind in ("q4_32", "f32"):

@@ -17,7 +17,8 @@ needs_cc = pytest.mark.skipif(not HAVE_CC, reason=f"no C compiler ({CC}) on this
 
 
 @needs_cc
-@pytest.mark.parametrize("defines", [[], ["-DPK_NO_AMX"], ["-DPK_NO_SIMD"]], ids=["simd", "no-amx", "portable-only"])
+@pytest.mark.parametrize("defines", [[], ["-DPK_NO_AMX"], ["-DPK_NO_AVX512BF16"], ["-DPK_NO_SIMD"]],
+                         ids=["simd", "no-amx", "no-avx512bf16", "portable-only"])
 def test_sources_are_warning_free_c99(defines):
     srcs = [os.path.join(CSRC, f) for f in sorted(os.listdir(CSRC)) if f.endswith(".c")]
     assert srcs
@@ -96,3 +97,16 @@ def test_failed_compiler_does_not_fail_install(tmp_path):
     assert not [n for n in names if "_ckernels" in n], names
     meta = [n for n in names if n.endswith("METADATA")][0]
     assert "License-Expression: MIT" in zipfile.ZipFile(wheels[0]).read(meta).decode()
+
+
+@needs_cc
+def test_avx512bf16_probe_and_flag(monkeypatch):
+    """The AVX512_BF16 probe compiles its intrinsics (a compiler new enough for the kernel file's own check
+    must pass it), PYKIMI_NO_AVX512BF16 turns it off, and then the build asks for -DPK_NO_AVX512BF16."""
+    from pykimi.kernels import _build
+    got = _build.probe_avx512bf16()
+    assert isinstance(got, bool)
+    monkeypatch.setenv("PYKIMI_NO_AVX512BF16", "1")
+    assert _build.probe_avx512bf16() is False
+    ffi = _build.make_builder(openmp=False, relative=False)
+    assert "-DPK_NO_AVX512BF16" in repr(ffi._assigned_source), ffi._assigned_source

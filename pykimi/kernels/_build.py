@@ -7,8 +7,10 @@ Used three ways:
   * ``build_inplace()`` from tests.
 
 Flags: -O3 always; -fopenmp only when a probe compile+link with it succeeds (set PYKIMI_NO_OPENMP=1 to
-skip); -DPK_NO_AMX when a probe compile of the AMX intrinsics fails (or PYKIMI_NO_AMX=1). No -march=native: the AVX2 and AVX-512 functions carry their own target attributes and the level is
-picked at run time (csrc/pykimi_kernels.c), so the binary stays portable.
+skip); -DPK_NO_AMX when a probe compile of the AMX intrinsics fails (or PYKIMI_NO_AMX=1); -DPK_NO_AVX512BF16
+likewise for the AVX512_BF16 intrinsics (or PYKIMI_NO_AVX512BF16=1). No -march=native: the AVX2 and AVX-512
+functions carry their own target attributes and the level (and AMX / AVX512_BF16) is picked at run time
+(csrc/pykimi_kernels.c), so the binary stays portable.
 """
 import os
 import re
@@ -86,6 +88,39 @@ def probe_amx() -> bool:
         return r.returncode == 0
 
 
+_AVX512BF16_PROBE = r"""
+#include <immintrin.h>
+__attribute__((target("avx512bf16,avx512f,avx512bw,avx512vl")))
+__m512 f(__m512 acc, __m512 a, __m512 b, __m512i w) {
+    __m512i x = (__m512i)_mm512_cvtne2ps_pbh(b, a);
+    return _mm512_dpbf16_ps(acc, (__m512bh)x, (__m512bh)w);
+}
+"""
+
+
+def _compiles(src: str) -> bool:
+    """True when the C compiler compiles src (-O2 -c)."""
+    with tempfile.TemporaryDirectory() as d:
+        c = os.path.join(d, "t.c")
+        with open(c, "w") as f:
+            f.write(src)
+        try:
+            r = subprocess.run(_compiler() + ["-O2", "-c", c, "-o", os.path.join(d, "t.o")],
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
+        except (OSError, subprocess.SubprocessError):
+            return False
+        return r.returncode == 0
+
+
+def probe_avx512bf16() -> bool:
+    """True when the compiler and assembler take the AVX512_BF16 intrinsics (vcvtne2ps2bf16, vdpbf16ps: gcc >= 10
+    and binutils >= 2.34, or clang >= 9). Without them the kernels are built with -DPK_NO_AVX512BF16: the same C,
+    no bf16-activation kernel (PYKIMI_ACT_QUANT=all then leaves bf16 products exact)."""
+    if os.environ.get("PYKIMI_NO_AVX512BF16"):
+        return False
+    return _compiles(_AVX512BF16_PROBE)
+
+
 def make_builder(openmp: bool | None = None, relative: bool | None = None) -> FFI:
     """relative=True names sources relative to the repo root (what setup.py needs); absolute otherwise
     (cffi's own compile() chdirs into its temp dir)."""
@@ -100,7 +135,8 @@ def make_builder(openmp: bool | None = None, relative: bool | None = None) -> FF
     if relative:  # setuptools wants paths relative to setup.py
         sources = [os.path.relpath(s, ROOT) for s in sources]
         inc = os.path.relpath(CSRC, ROOT)
-    flags = ["-O3"] + (["-fopenmp"] if openmp else []) + ([] if probe_amx() else ["-DPK_NO_AMX"])
+    flags = (["-O3"] + (["-fopenmp"] if openmp else []) + ([] if probe_amx() else ["-DPK_NO_AMX"])
+             + ([] if probe_avx512bf16() else ["-DPK_NO_AVX512BF16"]))
     ffi.set_source(MODULE, '#include "pykimi_kernels.h"', sources=sources,
                    include_dirs=[inc],
                    libraries=["m"], extra_compile_args=flags, extra_link_args=(["-fopenmp"] if openmp else []))

@@ -46,6 +46,16 @@ def matmul_bf16(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
     return y
 
 
+def matmul_bf16a(x: np.ndarray, bits: np.ndarray) -> np.ndarray:
+    """x [n, in] @ W.T with x rounded to bf16 (bf16 weights, AVX512_BF16 batches; twin: ref.matmul_act_bf16 where
+    the kernel runs -- n >= 8 at the AVX-512 level with get_avx512bf16() and not AMX -- else matmul_bf16's
+    exact product)."""
+    x, bits, y = _prep(x, bits, bits.shape[0])
+    lib.pk_matmul_bf16a(_ptr("float[]", x), x.shape[0], x.shape[1], _ptr("uint16_t[]", bits), bits.shape[0],
+                        _ptr("float[]", y))
+    return y
+
+
 def _matmul_blocks(fn, qtype: str, x: np.ndarray, q: np.ndarray, scales: np.ndarray) -> np.ndarray:
     """One call of a block-quantized kernel: x [n, in] @ W.T with W = (q [out, ...], scales f32 [out, in/32])."""
     x, q, y = _prep(x, q, q.shape[0])
@@ -101,7 +111,7 @@ def quant_act(x: np.ndarray):
 
 
 FMT = {"f32": 0, "bf16": 1, "q8_32": 2, "q4_32": 3}   # weights.KINDS the C kernels read
-ACT = {"f32": 0, "i8": 1, "i16": 2}
+ACT = {"f32": 0, "i8": 1, "i16": 2, "bf16": 3}
 _CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
 
 
@@ -347,10 +357,23 @@ def set_amx(on: bool) -> bool:
     return get_amx()
 
 
+def get_avx512bf16() -> bool:
+    """Whether bf16-activation batches run on the AVX512_BF16 kernel (the build has it, the CPU runs the AVX-512
+    level with AVX512_BF16, not turned off by PYKIMI_AVX512BF16=0 / set_avx512bf16(False))."""
+    return bool(lib.pk_get_avx512bf16())
+
+
+def set_avx512bf16(on: bool) -> bool:
+    """Turn the AVX512_BF16 kernel on (where available) or off (tests, benchmarks); returns get_avx512bf16()."""
+    lib.pk_set_avx512bf16(1 if on else 0)
+    return get_avx512bf16()
+
+
 def info() -> dict:
     return {"openmp": bool(lib.pk_has_openmp()), "simd": _SIMD_NAMES[get_simd()],
             "simd_levels": simd_levels(), "threads": int(lib.pk_get_threads()),
-            "amx": bool(lib.pk_amx_available()) and get_amx()}
+            "amx": bool(lib.pk_amx_available()) and get_amx(),
+            "avx512bf16": bool(lib.pk_avx512bf16_available()) and get_avx512bf16()}
 
 
 def force_scalar(on: bool) -> None:

@@ -11,7 +11,8 @@ behind it are in bench/RESULTS.md, "Crossovers"). ONE function, ``plan``, makes 
 for ``reference`` (the NumPy twin of exactly what matmul computes, which the tests hold every backend to).
 
 For int8 / int4 weights the C GEMV quantizes the activation row once per call and uses integer block dot
-products (set_act_quant). matmul_many runs several products in one C call (the selected experts);
+products (set_act_quant); with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
+matmul_many runs several products in one C call (the selected experts);
 heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
 W_uk / W_uv on kv_b_proj, so decode never widens kv_b_proj).
 """
@@ -42,25 +43,33 @@ SMALL_N_ACT_AVX2: dict = {("q4_32", "i8"): 64}
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
 C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
 C_AMX_MIN_Q8 = 32
+# bf16 activations (mode "all", AVX512_BF16): every bf16 batch from this many rows of x goes to the C kernel, however
+# many rows (csrc PK_BF16A_MIN; no widened tiles: [1408, 2048] at 512 rows ~850 GFLOP/s against ~220 for tiles +
+# sgemm, 2 threads). Below it the exact row kernels: forced onto 1..11 rows the kernel measured 44 / 87 / 173 / 258 /
+# 343 / 429 GFLOP/s at 1 / 2 / 4 / 6 / 8 / 11 rows against the row kernels' 141 / 251 / 204 / 191 / 194 / 312: a
+# win from ~6 rows, none for decode (1 row). From 8 rather than 12 (PK_TN_MIN): 4-layer prefill of 64 tokens
+# 272-291 -> 291-303 tok/s (3 alternations), 128 unchanged. The serve engine's row-wise batches then take at most
+# 7 rows in mode "all" (engine._row_cap).
+C_BF16A_MIN = 8
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
 # (kind, activation mode) -> the C function taking x [n, in] and the stored arrays
 _C_MATMUL = {("bf16", "f32"): "matmul_bf16", ("f32", "f32"): "matmul_f32", ("q8_32", "f32"): "matmul_q8",
              ("q8_32", "i8"): "matmul_q8a", ("q8_32", "i16"): "matmul_q8w", ("q4_32", "f32"): "matmul_q4",
-             ("q4_32", "i8"): "matmul_q4a"}
+             ("q4_32", "i8"): "matmul_q4a", ("bf16", "bf16"): "matmul_bf16a"}
 # ... and its NumPy twin when the activations are quantized
 _ACT_TWINS = {("q8_32", "i8"): ref.matmul_act_q8, ("q8_32", "i16"): ref.matmul_act16_q8,
-              ("q4_32", "i8"): ref.matmul_act_q4}
+              ("q4_32", "i8"): ref.matmul_act_q4, ("bf16", "bf16"): ref.matmul_act_bf16}
 
 _state = {"act_quant": None}   # int8/int16-quantized activations in the C GEMV (see set_act_quant)
 
 
 # ---------------------------------------------------------------------------------- activation modes
 _ACT_MODES = {
-    # setting -> how the C GEMV treats the activations per weight format
+    # setting -> how the C kernels treat the activations per weight format ("bf16": batches only, see _c_mode)
     "q4": {"q8_32": "i16", "q4_32": "i8"},    # default
-    "all": {"q8_32": "i8", "q4_32": "i8"},    # fastest, llama.cpp-like
+    "all": {"q8_32": "i8", "q4_32": "i8", "bf16": "bf16"},    # fastest, llama.cpp-like
     "none": {"q8_32": "f32", "q4_32": "f32"},  # exact twins of dequantize-then-matmul
 }
 
@@ -77,14 +86,24 @@ def _parse_act_quant(value) -> str:
 
 
 def set_act_quant(value) -> None:
-    """How the C GEMV (n <= SMALL_N) treats activations for quantized weights.
+    """How the C kernels treat activations: the C GEMV (n <= SMALL_N) for quantized weights, and with "all" the
+    batches of bf16 weights.
 
     Why: decoding int4/int8 to f32 in registers costs ~3 vector ops per 8 weights, which makes the quantized
     GEMVs compute bound (int4 slower per token than bf16). Quantizing the activation row once per call and
-    doing integer block dot products keeps them memory bound.
+    doing integer block dot products keeps them memory bound. For bf16 weights, prefill is compute bound and
+    the CPU's vdpbf16ps (AVX512_BF16) does twice the multiplies of an f32 FMA -- on bf16 inputs.
       "q4" (default): Q8 weights x int16 activations (rounding ~1e-5 relative: numerically the float
               product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
-      "all":  int8 activations for both (fastest; like llama.cpp's Q8_0 x Q8_0);
+              bf16 weights: the exact f32 product;
+      "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0), and bf16 weights take
+              activations rounded to bf16 (round to nearest even, 2^-8 relative per element at most; as
+              llama.cpp and PyTorch do for bf16 weights): every batch of >= C_BF16A_MIN (8) rows -- prefill,
+              vision, a decode batch of many sequences -- runs the AVX512_BF16 kernel (twin
+              ref.matmul_act_bf16), where the C backend runs the AVX-512 level on a CPU with AVX512_BF16 (not
+              turned off by PYKIMI_AVX512BF16=0, and not on AMX, which keeps its exact product). Fewer rows
+              (decode, the fused decode layer) stay the exact f32 product, and so does every bf16 product
+              where that kernel does not run; plan(kind, n) says which per n;
       "none": no activation quantization (dequantize in registers; exact twin of ref.matmul).
     Environment: PYKIMI_ACT_QUANT. True/False mean "all"/"none"."""
     _state["act_quant"] = _parse_act_quant(value)
@@ -97,11 +116,25 @@ def act_quant() -> str:
 
 
 def _act_mode(kind: str) -> str:
-    return _ACT_MODES[act_quant()].get(kind, "f32")
+    """The activation mode of the row kernels (decode rows, the fused decode calls): the setting's for Q8 / Q4;
+    bf16 weights always f32 there (their bf16 activations are for batches: _c_mode)."""
+    m = _ACT_MODES[act_quant()].get(kind, "f32")
+    return "f32" if m == "bf16" else m
+
+
+def _bf16_act() -> bool:
+    """bf16 weights' batches take bf16 activations: the setting asks for it and the C kernels can (the AVX-512
+    level, AVX512_BF16 on, not AMX: csrc job_prepare)."""
+    if _ACT_MODES[act_quant()].get("bf16") != "bf16":
+        return False
+    c = _mods.get("c")
+    return c is not None and c.get_simd() == "avx512" and c.get_avx512bf16() and not c.get_amx()
 
 
 def _small_n(kind: str) -> int:
     """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
+    if kind == "bf16" and _bf16_act():
+        return 1 << 62                      # every bf16 batch on the AVX512_BF16 kernel, however many rows
     mode = _act_mode(kind)
     n = SMALL_N_ACT.get((kind, mode))
     if n is None or (kind == "bf16" and not _c_avx512()):
@@ -118,8 +151,11 @@ def _small_n(kind: str) -> int:
 def _c_mode(kind: str, n: int) -> str:
     """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
     C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
-    product (batch-vectorised kernel, AMX tiles)."""
-    if kind in ("bf16", "f32"):
+    product (batch-vectorised kernel, AMX tiles); bf16 weights: "bf16" from C_BF16A_MIN rows when _bf16_act(),
+    else (and below that) "f32"."""
+    if kind == "bf16":
+        return "bf16" if n >= C_BF16A_MIN and _bf16_act() else "f32"
+    if kind == "f32":
         return "f32"
     if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
                                             or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
@@ -146,7 +182,8 @@ def _kind(w) -> str:
 def plan(kind: str, n: int) -> tuple[str, str]:
     """How matmul computes n rows of x on a weight of ``kind`` ("dense" for an ndarray) -> (path, mode):
     "blas" (an ndarray, few rows: one x @ W.T), "tiles" (widened row tiles + single-threaded sgemm on the
-    worker threads), "c" / "numba" (the stored-form kernel); the mode ("f32" | "i8" | "i16") is the C kernel's."""
+    worker threads), "c" / "numba" (the stored-form kernel); the mode ("f32" | "i8" | "i16" | "bf16") is the C
+    kernel's."""
     if kind == "dense":
         return ("blas" if n <= SMALL_N else "tiles"), "f32"
     be = backend()

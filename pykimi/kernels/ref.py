@@ -77,3 +77,21 @@ def matmul_act16_q8(x, w) -> np.ndarray:
 def matmul_act_q4(x, w) -> np.ndarray:
     """Twin of pk_matmul_q4a: Q4_32 weights (values -8..7) times int8-quantized activations."""
     return _matmul_act(x, unpack_q4(w.q, w.shape[1]), w.scales)
+
+
+def round_bf16(x) -> np.ndarray:
+    """float32 x rounded to the nearest bf16 (ties to even, as torch's .to(torch.bfloat16)), returned as float32
+    (the bf16 value, exact). NaN stays NaN; values past the largest bf16 become +-inf."""
+    x = np.ascontiguousarray(x, dtype=np.float32)
+    u = x.view(np.uint32).astype(np.uint64)
+    r = ((u + 0x7FFF + ((u >> 16) & 1)) & 0xFFFF0000).astype(np.uint32)
+    r = np.where(np.isnan(x), (u.astype(np.uint32) | 0x00400000) & 0xFFFF0000, r).astype(np.uint32)
+    return r.view(np.float32)
+
+
+def matmul_act_bf16(x, w) -> np.ndarray:
+    """Twin of pk_matmul_bf16a (PYKIMI_ACT_QUANT=all, bf16 weights, batches on AVX512_BF16): x rounded to bf16
+    (round to nearest even), then the f32 product with the decoded weights. The kernel sums in f32 in another
+    order, and its vdpbf16ps takes denormal activations / weights as 0 and flushes denormal sums to 0: a result
+    moves by at most ~2^-126 * in * max|w| for that (tests/test_kernels.py)."""
+    return matmul(round_bf16(x), w)
