@@ -484,6 +484,9 @@ def machine() -> dict:
         bk = kernels.backends()
         info["pykimi_backend"] = bk.get("active")
         info["pykimi_backends"] = {k: v for k, v in bk.items() if k != "active"}
+        from pykimi.kernels import linear
+        info["pykimi_act_quant"] = linear.act_quant()            # PYKIMI_ACT_QUANT, which the workers inherit
+        info["pykimi_simd"] = os.environ.get("PYKIMI_SIMD", "best")
     except Exception as e:
         info["pykimi_backend"] = f"unavailable ({e})"
     from importlib import metadata
@@ -727,8 +730,8 @@ def markdown(res: dict) -> str:
     m = res["machine"]
     lines = [f"Run of {res['load_start']['time_utc']} UTC: `{res['command']}`; {res['checkpoint']['layers']}-layer "
              f"checkpoint ({res['checkpoint']['bytes'] / 1e9:.2f} GB bf16), {res['threads']} threads; "
-             f"{m['cpu']}, {m['cpus']} CPUs, {m['mem_total_gib']:.1f} GiB; pykimi backend {m.get('pykimi_backend')}; "
-             f"load average {res['load_start']['loadavg'][0]:.1f} at start, {res['load_end']['loadavg'][0]:.1f} at end.",
+             f"{m['cpu']}, {m['cpus']} CPUs, {m['mem_total_gib']:.1f} GiB; pykimi backend {m.get('pykimi_backend')} "
+             f"(SIMD {m.get('pykimi_simd', 'best')}, activations {m.get('pykimi_act_quant', 'q4')}); load average {res['load_start']['loadavg'][0]:.1f} at start, {res['load_end']['loadavg'][0]:.1f} at end.",
              ""]
     for u in res.get("updates", []):
         lines[-1:] = [f"Re-run at {u['load_start']['time_utc']} UTC (load average {u['load_start']['loadavg'][0]:.1f}): "
