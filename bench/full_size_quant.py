@@ -181,7 +181,7 @@ def _save(res: dict, path: str) -> None:
         lines.append(f"| {mode} | {f(a.get('tok_s'), '.2f')} | {f(a.get('fraction_of_bound'), '.1%')} | "
                      f"{f(b.get('tok_s'), '.2f')} | {f(b.get('fraction_of_bound'), '.1%')} | "
                      f"{f(p.get('ratio'), '.2f') + ('x' if p.get('ratio') else '')} | "
-                     f"{f(p['bandwidth'].get('gbs'), '.1f')} GB/s |")
+                     f"{f(p.get('bandwidth', {}).get('gbs'), '.1f')} GB/s |")  # none with --prepare-only
     with open(os.path.splitext(path)[0] + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
