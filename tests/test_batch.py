@@ -14,7 +14,8 @@ from cli_helpers import sigint_as_a_terminal_leaves_it
 from conftest import ROOT
 
 N_IMAGES = 10
-GEN = ["-n", "100", "--ignore-eos"]       # 0.3-2 s a row on the demo: long enough to kill a job mid-way
+GEN = ["-n", "600", "--ignore-eos"]   # ~0.12 s a row on the demo (Zen 5; 100 tokens took 0.02 s once OpenBLAS stopped
+#                                        spinning): long enough to kill or Ctrl-C a job mid-way
 
 
 def cli(*args, timeout=300):
