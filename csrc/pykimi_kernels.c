@@ -101,6 +101,8 @@
 #define PK_TN_MAX 128    /* ... up to this many, in groups of PK_TN_GROUP rows (4 vectors of 16) */
 #define PK_TN_GROUP 64
 #define PK_BF16A_MIN 8   /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
+#define PK_VNNI_MIN_Q8 8  /* int8 activations (A_I8), AVX-512: the VNNI batch kernel from this many rows (linear.py */
+#define PK_VNNI_MIN_Q4 8  /* C_VNNI_MIN mirrors both; below them the per-row kernels tile_act_avx512) */
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
@@ -288,6 +290,23 @@ int pk_get_avx512bf16(void) {
     }
     return pk_bf16dp_req && pk_avx512bf16_available();
 }
+
+static int pk_vnni_req = -2; /* -2 = not read yet (PYKIMI_VNNI_BATCH), 0 = off, 1 = on */
+
+/* Use the VNNI batch kernel for int8-activation batches (1, the default) or not (0; PYKIMI_VNNI_BATCH=0 before
+ * the first call): off, they run the per-row kernels at every n. It runs only at the AVX-512 level, whose CPU
+ * check (pk_simd_max) includes AVX512_VNNI. */
+void pk_set_vnni_batch(int on) { pk_vnni_req = on ? 1 : 0; }
+
+int pk_get_vnni_batch(void) {
+    if (pk_vnni_req == -2) {
+        const char *e = getenv("PYKIMI_VNNI_BATCH");
+        pk_vnni_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
+    }
+    return pk_vnni_req && PK_HAVE_AVX512 && pk_get_simd() >= 2;
+}
+
+int64_t pk_vnni_min(int fmt) { return fmt == F_Q8 ? PK_VNNI_MIN_Q8 : fmt == F_Q4 ? PK_VNNI_MIN_Q4 : -1; }
 
 /* The AVX2-era knobs, kept for their callers: force_scalar(1) = level 0, force_scalar(0) = best;
  * pk_simd_level() is 1 when any vector level runs (pk_get_simd says which). */
@@ -1629,6 +1648,243 @@ static void bf16a_rows(const pk_job *j, int64_t o0, int64_t o1) {
 }
 #endif
 
+#if PK_HAVE_AVX512
+/* Q8_32 / Q4_32 weights x int8 activations, batches (A_I8 with >= PK_VNNI_MIN_Q8 / _Q4 rows of x at the AVX-512
+ * level: prefill, the MoE's per-expert batches; twins ref.matmul_act_q8 / matmul_act_q4). Why: the per-row
+ * kernels (tile_act_avx512) load a vector of x for every vpdpbusd and re-decode each weight row per 4 rows of x;
+ * here, as in bf16a_rows, the batch is vectorised instead: x is quantized once per job (the same
+ * quant_act_level as the row kernels: the same int8 codes and block scales) and packed per group of 64 rows
+ * into lanes of 16 rows x 4 consecutive k bytes (one uint32 per row of x, the layout vpdpbusd reads), and each
+ * 4-byte group of a weight row is broadcast against NV such vectors.
+ * Operands: vpdpbusd multiplies UNSIGNED bytes (first operand) by SIGNED bytes (second) and adds groups of 4
+ * into int32 lanes. The weight bytes go unsigned, the x codes (-127..127) signed:
+ *  - Q4: the codes 0..15 are unsigned as stored; sum(code * x) = dot(code - 8, x) + 8 * sum(x), so each block's
+ *    int32 accumulator starts at -8 * sum(x block) (per row of x: a packed lane vector).
+ *  - Q8: code XOR 0x80 is code + 128 as an unsigned byte (every int8 code, -128 included); sum((code + 128) *
+ *    x) = dot + 128 * sum(x), so the accumulator starts at -128 * sum(x block).
+ * Both corrections depend only on x and are built once at packing. Every block dot is exact in int32 (|.| <
+ * 32 * 255 * 127 before the correction) and, after it, below 2^24 (exact in f32); then, per block, y +=
+ * float(dot) * (dx * dw) with an FMA, per row of x in block order: the twin's sum of the same f32 terms, in
+ * another order (tests hold it to 1e-6 of max row sum |x| * max |w|, as the row kernels).
+ * Q4 nibbles: element 2i is byte i's low nibble, 2i+1 its high one; a block's 16 bytes become its 32 codes in
+ * natural order with and / shift / unpack (as decode32_512), so x is packed in natural order for both formats.
+ * The weight rows are decoded PK_VN_KB blocks at a time into an L1 buffer (Q8: 1 xor per 32 codes; Q4: 5 ops per
+ * 32 codes) from which the 4-byte groups are broadcast. */
+#define PK_VN_KB 8 /* weight blocks (of 32) decoded per step into the L1 buffer */
+
+/* uint32 elements of one packed group: [nb * 8 quads][gw lanes] of x, [nb][gw] f32 scales, [nb][gw] int32
+ * corrections (stride 64 lanes between groups, gw = 16 * ceil(rows in the group / 16) inside one). */
+static int64_t vnni_group_elems(int64_t nb) { return nb * 10 * PK_TN_GROUP; }
+
+static int64_t vnni_elems(const pk_job *j) {
+    return vnni_group_elems((j->in + PK_BLOCK - 1) / PK_BLOCK) * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP);
+}
+
+/* Whether job j runs the VNNI batch kernel: Q8_32 / Q4_32 with int8 activations, enough rows, the AVX-512 level,
+ * the kernel on; kernels/linear.py (_c_mode, C_VNNI_MIN) mirrors it. */
+static int vnni_takes(const pk_job *j, int simd) {
+    return j->act == A_I8 && (j->fmt == F_Q8 || j->fmt == F_Q4) && simd >= 2 && j->in > 0 &&
+           j->n >= pk_vnni_min(j->fmt) && pk_get_vnni_batch();
+}
+
+/* Quantize and pack the rows of group g (the job's xp must be allocated): rows quantized one at a time into q /
+ * d (quant_act_level: bit for bit the row kernels' codes and scales), then transposed into the group. */
+static void vnni_pack_group(const pk_job *j, int64_t g, int simd) {
+    const int64_t in = j->in, nb = (in + PK_BLOCK - 1) / PK_BLOCK, t0 = g * PK_TN_GROUP;
+    const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
+    const int32_t mult = j->fmt == F_Q4 ? -8 : -128;
+    uint32_t *xg = j->xp + g * vnni_group_elems(nb);
+    float *dg = (float *)(xg + nb * 8 * gw);
+    int32_t *cg = (int32_t *)(dg + nb * gw);
+    int8_t *q = (int8_t *)malloc((size_t)(nb * PK_BLOCK) * (size_t)gw + 64);
+    float *d = (float *)malloc(sizeof(float) * (size_t)(nb * gw) + 64);
+    int64_t t, p, b, e;
+    if (!q || !d) { /* no memory for the scratch: the slow, allocation-free way, row by row */
+        free(q);
+        free(d);
+        for (t = 0; t < gw; t++) {
+            int8_t rq[PK_BLOCK];
+            for (b = 0; b < nb; b++) {
+                float rd = 0.0f;
+                int32_t s = 0;
+                if (t < nn) {
+                    const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+                    float xb[PK_BLOCK] = {0};
+                    memcpy(xb, j->x + (t0 + t) * in + i0, sizeof(float) * (size_t)(i1 - i0));
+                    quant_act_row(xb, i1 - i0, rq, &rd, 0);
+                } else {
+                    memset(rq, 0, sizeof rq);
+                }
+                for (e = 0; e < PK_BLOCK; e++) s += rq[e];
+                for (p = 0; p < 8; p++) memcpy(xg + (b * 8 + p) * gw + t, rq + 4 * p, 4);
+                dg[b * gw + t] = rd;
+                cg[b * gw + t] = mult * s;
+            }
+        }
+        return;
+    }
+    memset(q + nn * nb * PK_BLOCK, 0, (size_t)((gw - nn) * nb * PK_BLOCK));
+    for (t = nn * nb; t < gw * nb; t++) d[t] = 0.0f;
+    quant_act_level(simd, j->x + t0 * in, nn, in, q, d);
+    for (p = 0; p < nb * 8; p++) { /* quad p of every row: rows inner, the writes contiguous */
+        uint32_t *dst = xg + p * gw;
+        for (t = 0; t < gw; t++) memcpy(dst + t, q + t * nb * PK_BLOCK + 4 * p, 4);
+    }
+    for (b = 0; b < nb; b++)
+        for (t = 0; t < gw; t++) {
+            const int8_t *src = q + t * nb * PK_BLOCK + b * PK_BLOCK;
+            int32_t s = 0;
+            for (e = 0; e < PK_BLOCK; e++) s += src[e];
+            dg[b * gw + t] = d[t * nb + b];
+            cg[b * gw + t] = mult * s;
+        }
+    free(q);
+    free(d);
+}
+
+/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
+static int vnni_prepare(pk_job *j, int simd) {
+    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
+    int64_t g;
+    if (!j->xp) j->xp = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)vnni_elems(j));
+    if (!j->xp) return 0;
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
+    for (g = 0; g < ng; g++) vnni_pack_group(j, g, simd);
+    return 1;
+}
+
+/* Weight rows [o0, o1) against the group of rows t0 .. t0 + nn of x (nn <= 16 NV): blocks of R weight rows, R x NV
+ * f32 accumulators of 16 rows of x each, and per block R x NV int32 ones (started at the x correction). The
+ * weight rows past o1 in the last block repeat row o1 - 1 (read, not stored). Per block of 32: 8 quads, each
+ * NV loads of x and R broadcasts for R * NV vpdpbusd; then R * NV (convert, multiply the scales, FMA).
+ * Results through yb as in PK_BD_KERNEL (4 R weight rows x the group's rows of x). FMT: F_Q8 or F_Q4. */
+#define PK_VN_KERNEL(NAME, FMT, R, NV)                                                                      \
+    static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {         \
+        const int64_t in = j->in, nb = j->nb, gw = 16 * ((nn + 15) / 16);                                 \
+        const uint32_t *xg = j->xp + (t0 / PK_TN_GROUP) * vnni_group_elems(nb);                          \
+        const float *dg = (const float *)(xg + nb * 8 * gw);                                              \
+        const int32_t *cg = (const int32_t *)(dg + nb * gw);                                              \
+        float yb[16 * (NV) * 4 * (R)] __attribute__((aligned(64)));                                       \
+        uint32_t wb[(R) * PK_VN_KB * 8] __attribute__((aligned(64))); /* [r][block][8 quads] */          \
+        const __m512i yi = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), \
+                                              _mm512_set1_epi32(4 * (R)));                                \
+        const __m128i m4 = _mm_set1_epi8(0x0F);                                                           \
+        const __m256i x80 = _mm256_set1_epi8((char)0x80);                                                 \
+        int64_t o, ob, oe, b, b0, be, t;                                                                  \
+        int r, v, qd;                                                                                     \
+        for (ob = o0; ob < o1; ob += 4 * (R)) {                                                           \
+        oe = o1 - ob < 4 * (R) ? o1 : ob + 4 * (R);                                                       \
+        for (o = ob; o < oe; o += (R)) {                                                                  \
+            const int rr = oe - o < (R) ? (int)(oe - o) : (R);                                            \
+            const char *wr[R], *nx[R];                                                                    \
+            const float *sr[R];                                                                           \
+            __m512 acc[R][NV];                                                                            \
+            for (r = 0; r < (R); r++) {                                                                   \
+                const int64_t row = o + (r < rr ? r : rr - 1);                                            \
+                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                       \
+                wr[r] = (const char *)j->w + row * j->row_bytes;                                          \
+                nx[r] = (const char *)j->w + on * j->row_bytes;                                           \
+                sr[r] = j->scales + row * nb;                                                             \
+                for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
+            }                                                                                             \
+            for (b0 = 0; b0 < nb; b0 += PK_VN_KB) {                                                       \
+                be = nb - b0 < PK_VN_KB ? nb : b0 + PK_VN_KB;                                             \
+                for (r = 0; r < (R); r++) /* decode blocks b0..be of the R rows into wb */                \
+                    for (b = b0; b < be; b++) {                                                           \
+                        uint32_t *dst = wb + (r * PK_VN_KB + (b - b0)) * 8;                               \
+                        const int64_t left = in - b * PK_BLOCK; /* elements of the block in the row */    \
+                        if ((FMT) == F_Q8) {                                                              \
+                            const char *p = wr[r] + b * PK_BLOCK;                                         \
+                            __m256i c = left >= 32 ? _mm256_loadu_si256((const __m256i *)p)               \
+                                                   : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1u), p); \
+                            if (!(b & 1)) {                                                               \
+                                _mm_prefetch(p + PK_PF, _MM_HINT_T0);                                     \
+                                _mm_prefetch(nx[r] + b * PK_BLOCK, _MM_HINT_T1);                          \
+                            }                                                                             \
+                            _mm256_store_si256((__m256i *)dst, _mm256_xor_si256(c, x80));                 \
+                        } else {                                                                          \
+                            const char *p = wr[r] + b * (PK_BLOCK / 2);                                   \
+                            const int64_t nby = left >= 32 ? 16 : (left + 1) / 2;                         \
+                            __m128i c = nby == 16 ? _mm_loadu_si128((const __m128i *)p)                   \
+                                                  : _mm_maskz_loadu_epi8((__mmask16)((1u << nby) - 1u), p); \
+                            __m128i lo = _mm_and_si128(c, m4), hi = _mm_and_si128(_mm_srli_epi16(c, 4), m4); \
+                            if (!(b & 3)) {                                                               \
+                                _mm_prefetch(p + PK_PF, _MM_HINT_T0);                                     \
+                                _mm_prefetch(nx[r] + b * (PK_BLOCK / 2), _MM_HINT_T1);                    \
+                            }                                                                             \
+                            _mm_store_si128((__m128i *)dst, _mm_unpacklo_epi8(lo, hi));                   \
+                            _mm_store_si128((__m128i *)(dst + 4), _mm_unpackhi_epi8(lo, hi));             \
+                        }                                                                                 \
+                    }                                                                                     \
+                for (b = b0; b < be; b++) {                                                               \
+                    __m512i ai[R][NV], xv[NV];                                                            \
+                    __m512 dv[NV];                                                                        \
+                    for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_si512((const void *)(cg + b * gw + 16 * v)); \
+                    for (r = 0; r < (R); r++)                                                             \
+                        for (v = 0; v < (NV); v++) ai[r][v] = xv[v];                                      \
+                    for (qd = 0; qd < 8; qd++) {                                                          \
+                        const uint32_t *xk = xg + (b * 8 + qd) * gw;                                      \
+                        for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_si512((const void *)(xk + 16 * v)); \
+                        for (r = 0; r < (R); r++) {                                                       \
+                            const __m512i bw = _mm512_set1_epi32((int)wb[(r * PK_VN_KB + (b - b0)) * 8 + qd]); \
+                            for (v = 0; v < (NV); v++) ai[r][v] = _mm512_dpbusd_epi32(ai[r][v], bw, xv[v]); \
+                        }                                                                                 \
+                    }                                                                                     \
+                    for (v = 0; v < (NV); v++) dv[v] = _mm512_loadu_ps(dg + b * gw + 16 * v);             \
+                    for (r = 0; r < (R); r++) {                                                           \
+                        const __m512 s = _mm512_set1_ps(sr[r][b]);                                        \
+                        for (v = 0; v < (NV); v++)                                                        \
+                            acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][v]), _mm512_mul_ps(dv[v], s), \
+                                                        acc[r][v]);                                       \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            for (v = 0; v < (NV); v++) {                                                                  \
+                const int64_t left = nn - 16 * v;                                                         \
+                const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);                 \
+                for (r = 0; r < rr; r++)                                                                  \
+                    _mm512_mask_i32scatter_ps(yb + 16 * v * 4 * (R) + (o - ob) + r, m, yi, acc[r][v], 4);   \
+            }                                                                                             \
+        }                                                                                                 \
+        for (t = 0; t < nn; t++)                                                                          \
+            memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \
+        }                                                                                                 \
+    }
+PK_VN_KERNEL(vnni_q8_1_avx512, F_Q8, 8, 1)
+PK_VN_KERNEL(vnni_q8_2_avx512, F_Q8, 6, 2)
+PK_VN_KERNEL(vnni_q8_3_avx512, F_Q8, 4, 3)
+PK_VN_KERNEL(vnni_q8_4_avx512, F_Q8, 3, 4)
+PK_VN_KERNEL(vnni_q4_1_avx512, F_Q4, 8, 1)
+PK_VN_KERNEL(vnni_q4_2_avx512, F_Q4, 6, 2)
+PK_VN_KERNEL(vnni_q4_3_avx512, F_Q4, 4, 3)
+PK_VN_KERNEL(vnni_q4_4_avx512, F_Q4, 3, 4)
+#undef PK_VN_KERNEL
+
+/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
+static void vnni_rows(const pk_job *j, int64_t o0, int64_t o1) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
+        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
+        const int nv = (int)((nn + 15) / 16);
+        if (j->fmt == F_Q8) {
+            switch (nv) {
+            case 1: vnni_q8_1_avx512(j, o0, o1, t0, nn); break;
+            case 2: vnni_q8_2_avx512(j, o0, o1, t0, nn); break;
+            case 3: vnni_q8_3_avx512(j, o0, o1, t0, nn); break;
+            default: vnni_q8_4_avx512(j, o0, o1, t0, nn); break;
+            }
+        } else {
+            switch (nv) {
+            case 1: vnni_q4_1_avx512(j, o0, o1, t0, nn); break;
+            case 2: vnni_q4_2_avx512(j, o0, o1, t0, nn); break;
+            case 3: vnni_q4_3_avx512(j, o0, o1, t0, nn); break;
+            default: vnni_q4_4_avx512(j, o0, o1, t0, nn); break;
+            }
+        }
+    }
+}
+#endif
+
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
  * failure fall back to the f32 path. */
 static void job_prepare(pk_job *j, int simd) {
@@ -1643,6 +1899,9 @@ static void job_prepare(pk_job *j, int simd) {
     }
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
+#if PK_HAVE_AVX512
+    if (vnni_takes(j, simd) && (j->xp_shared || vnni_prepare(j, simd))) return; /* xp_shared: packed by run_jobs */
+#endif
 #if PK_HAVE_AMX
     if (simd >= 2 && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->act == A_F32 && j->n >= PK_AMX_MIN_Q8)) &&
         j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j))
@@ -1831,9 +2090,12 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
         return;
     }
 #endif
+#if PK_HAVE_AVX512
+    if (j->xp) { /* packed x: the AVX512_BF16 kernel (bf16 weights) or the VNNI one (Q8_32 / Q4_32) */
 #if PK_HAVE_AVX512BF16
-    if (j->xp) {
-        bf16a_rows(j, o0, o1);
+        if (j->fmt == F_BF16) bf16a_rows(j, o0, o1);
+#endif
+        if (j->fmt == F_Q8 || j->fmt == F_Q4) vnni_rows(j, o0, o1);
         return;
     }
 #endif
@@ -1888,6 +2150,33 @@ static void jobs_cost_range(const pk_job *jobs, int count, double a, double b, i
     }
 }
 
+#if PK_HAVE_AVX512
+/* Jobs whose x is packed per group of 64 rows (xp): the AVX512_BF16 kernel's and the VNNI kernel's. */
+static int xpack_takes(const pk_job *j, int simd) {
+#if PK_HAVE_AVX512BF16
+    if (bf16a_takes(j, simd)) return 1;
+#endif
+    return vnni_takes(j, simd);
+}
+
+static int64_t xpack_elems(const pk_job *j) {
+#if PK_HAVE_AVX512BF16
+    if (j->fmt == F_BF16) return bf16a_elems(j);
+#endif
+    return vnni_elems(j);
+}
+
+static void xpack_group(const pk_job *j, int64_t g, int simd) {
+#if PK_HAVE_AVX512BF16
+    if (j->fmt == F_BF16) {
+        bf16a_pack_group(j, g);
+        return;
+    }
+#endif
+    vnni_pack_group(j, g, simd);
+}
+#endif
+
 static void run_jobs(pk_job *jobs, int count) {
     const int simd = pk_get_simd();
     const int nth = pk_get_threads();
@@ -1895,21 +2184,23 @@ static void run_jobs(pk_job *jobs, int count) {
     int64_t rows = 0;
     uint32_t *xp_all = NULL;
     int k;
-#if PK_HAVE_AVX512BF16
+#if PK_HAVE_AVX512
     {
-        /* All bf16a jobs' packed x in ONE buffer: a buffer per job (60 experts' gate and up in a prefill) came
-         * fresh from the OS every call, its page faults ~30 % of such a call (9k faults, 36 vs 26 ms for 60
+        /* All packed jobs' x (bf16a, VNNI) in ONE buffer: a buffer per job (60 experts' gate and up in a prefill)
+         * came fresh from the OS every call, its page faults ~30 % of such a call (9k faults, 36 vs 26 ms for 60
          * jobs of 64 rows); one allocation is reused by malloc from the second call on. */
         int64_t need = 0, off = 0;
-        for (k = 0; k < count; k++)
-            if (bf16a_takes(&jobs[k], simd)) need += bf16a_elems(&jobs[k]);
+        for (k = 0; k < count; k++) {
+            jobs[k].nb = (jobs[k].in + PK_BLOCK - 1) / PK_BLOCK;
+            if (xpack_takes(&jobs[k], simd)) need += xpack_elems(&jobs[k]);
+        }
         xp_all = need > 0 ? (uint32_t *)malloc(sizeof(uint32_t) * (size_t)need) : NULL;
         int64_t ng_all = 0, i;
         for (k = 0; k < count && xp_all; k++)
-            if (bf16a_takes(&jobs[k], simd)) {
+            if (xpack_takes(&jobs[k], simd)) {
                 jobs[k].xp = xp_all + off;
                 jobs[k].xp_shared = 1;
-                off += bf16a_elems(&jobs[k]);
+                off += xpack_elems(&jobs[k]);
                 ng_all += (jobs[k].n + PK_TN_GROUP - 1) / PK_TN_GROUP;
             }
         /* every group of 64 rows of every such job packed here, shared between the threads (job_prepare then
@@ -1924,7 +2215,7 @@ static void run_jobs(pk_job *jobs, int count) {
                 if (g < ng) break;
                 g -= ng;
             }
-            bf16a_pack_group(&jobs[kk], g);
+            xpack_group(&jobs[kk], g, simd);
         }
     }
 #endif
