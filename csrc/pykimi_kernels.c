@@ -101,8 +101,10 @@
 #define PK_TN_MAX 128    /* ... up to this many, in groups of PK_TN_GROUP rows (4 vectors of 16) */
 #define PK_TN_GROUP 64
 #define PK_BF16A_MIN 8   /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
+#ifndef PK_VNNI_MIN_Q8     /* (-D for measurements only: linear.C_VNNI_MIN must agree) */
 #define PK_VNNI_MIN_Q8 8  /* int8 activations (A_I8), AVX-512: the VNNI batch kernel from this many rows (linear.py */
 #define PK_VNNI_MIN_Q4 8  /* C_VNNI_MIN mirrors both; below them the per-row kernels tile_act_avx512) */
+#endif
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
@@ -1174,7 +1176,11 @@ void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *x
 
 /* A_BF16: bf16 weights x activations rounded to bf16 (batches of >= PK_BF16A_MIN rows, AVX512_BF16; any other
  * job asking for it runs A_F32, see job_prepare). */
-enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3 };
+enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3, A_I8_ROWS = 4 };
+/* A_I8_ROWS: int8 activations on the per-row kernels at every n, never the VNNI batch kernel (whose result for a
+ * row depends on which rows share its call, through the summation order): the serve engine's row-wise calls
+ * (engine.rowwise_products, pk_swiglu_batch), where each row must get exactly what it gets alone. job_prepare
+ * turns it into A_I8 after that choice. */
 
 typedef struct {
     int fmt, act;
@@ -1910,6 +1916,7 @@ static void job_prepare(pk_job *j, int simd) {
 #if PK_HAVE_AVX512
     if (vnni_takes(j, simd) && (j->xp_shared || vnni_prepare(j, simd))) return; /* xp_shared: packed by run_jobs */
 #endif
+    if (j->act == A_I8_ROWS) j->act = A_I8;
 #if PK_HAVE_AMX
     if (simd >= 2 && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->act == A_F32 && j->n >= PK_AMX_MIN_Q8)) &&
         j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j))
@@ -3054,12 +3061,12 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
             const pk_expert *e = &experts[k];
             float *g = gu + goff[k], *u = g + nrows[k] * e->inter;
             const int64_t rw = rowwise_max(e->fmt, e->act);
+            const int act = e->act == A_I8 ? A_I8_ROWS : e->act; /* int8: the per-row kernels at any n */
             for (c = 0; c < nrows[k]; c += rw) {
                 const int64_t n = nrows[k] - c < rw ? nrows[k] - c : rw;
-                job_set(&jobs[nj++], e->fmt, e->act, xg + (first[k] + c) * d, n, d, e->g, e->sg, e->inter,
-                        g + c * e->inter);
-                job_set(&jobs[nj++], e->fmt, e->act, xg + (first[k] + c) * d, n, d, e->u, e->su, e->inter,
-                        u + c * e->inter);
+                const float *xk = xg + (first[k] + c) * d;
+                job_set(&jobs[nj++], e->fmt, act, xk, n, d, e->g, e->sg, e->inter, g + c * e->inter);
+                job_set(&jobs[nj++], e->fmt, act, xk, n, d, e->u, e->su, e->inter, u + c * e->inter);
             }
         }
         run_jobs(jobs, (int)nj);
@@ -3075,9 +3082,10 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
         for (k = 0; k < count; k++) {
             const pk_expert *e = &experts[k];
             const int64_t rw = rowwise_max(e->fmt, e->act);
+            const int act = e->act == A_I8 ? A_I8_ROWS : e->act;
             for (c = 0; c < nrows[k]; c += rw) {
                 const int64_t n = nrows[k] - c < rw ? nrows[k] - c : rw;
-                job_set(&jobs[nj++], e->fmt, e->act, gu + goff[k] + c * e->inter, n, e->inter, e->d, e->sd, d,
+                job_set(&jobs[nj++], e->fmt, act, gu + goff[k] + c * e->inter, n, e->inter, e->d, e->sd, d,
                         ys + (first[k] + c) * d);
             }
         }

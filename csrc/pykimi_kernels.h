@@ -83,7 +83,8 @@ void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *x
 
 /* Several products in one call (one thread fork/join for all of them). Per job k: fmts[k] 0 = f32,
  * 1 = bf16, 2 = Q8_32, 3 = Q4_32; acts[k] 0 = f32 activations, 1 = int8, 2 = int16 (Q8 only; Q4 -> int8),
- * 3 = bf16 (bf16 weights, as pk_matmul_bf16a; others -> f32);
+ * 3 = bf16 (bf16 weights, as pk_matmul_bf16a; others -> f32), 4 = int8 on the per-row kernels only (never the
+ * VNNI batch kernel: each row exactly what it gets alone, for the serve engine's row-wise calls);
  * scales[k] may be NULL for f32/bf16. Returns 0, or < 0 for a bad format / no memory. */
 int pk_matmul_many(int count, const int *fmts, const int *acts, const float *const *xs, const int64_t *ns,
                    const int64_t *ins, const void *const *ws, const float *const *scales, const int64_t *outs,

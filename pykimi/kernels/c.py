@@ -111,7 +111,7 @@ def quant_act(x: np.ndarray):
 
 
 FMT = {"f32": 0, "bf16": 1, "q8_32": 2, "q4_32": 3}   # weights.KINDS the C kernels read
-ACT = {"f32": 0, "i8": 1, "i16": 2, "bf16": 3}
+ACT = {"f32": 0, "i8": 1, "i16": 2, "bf16": 3, "i8row": 4}   # i8row: int8 on the per-row kernels at any n
 _CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
 
 

@@ -51,6 +51,18 @@ C_AMX_MIN_Q8 = 32
 # 272-291 -> 291-303 tok/s (3 alternations), 128 unchanged. The serve engine's row-wise batches then take at most
 # 7 rows in mode "all" (engine._row_cap).
 C_BF16A_MIN = 8
+# int8 activations for Q8_32 / Q4_32 weights (mode "i8": Q4_32 in "q4" and "all", Q8_32 in "all") at the AVX-512
+# level (which includes AVX512_VNNI): from this many rows of x the VNNI batch kernel (csrc vnni_rows, PK_VNNI_MIN_Q8 /
+# _Q4), however many rows -- no widened tiles, no exact f32 batch kernel for Q8_32 in mode "all" any more; below it
+# the per-row kernels (tile_act_avx512), as for decode. Same twins (ref.matmul_act_q8 / _q4: the same int8 codes
+# and exact block dots; only the f32 summation order differs). Measured on [1408, 2048], ONE thread (the other core
+# was taken), GOP/s batch / row kernel: Q8 1: 27 / 106, 4: 109 / 179, 6: 167 / 165, 8: 208 / 173, 12: 302 / 171,
+# 16: 419 / 170; Q4 1: 25 / 157, 4: 103 / 194, 6: 153 / 234, 8: 202 / 198, 10: 253 / 235, 12: 295 / 237, 16: 385 /
+# 239; from 32 rows 520-590 against ~180-200 (and against the f32 paths Q8 "all" took before: 215 at 32-64 rows,
+# ~110 from 128). Rows per expert in a prefill are few (64 tokens x 6 of 64 experts: ~6), hence the low start. The
+# serve engine's row-wise calls ask for the row kernels at any n (mode "i8row", engine.rowwise_products), so its
+# caps do not follow this one.
+C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
@@ -131,10 +143,23 @@ def _bf16_act() -> bool:
     return c is not None and c.get_simd() == "avx512" and c.get_avx512bf16() and not c.get_amx()
 
 
+def _vnni(kind: str) -> bool:
+    """int8-activation batches of this format run the VNNI batch kernel from C_VNNI_MIN rows: Q8_32 / Q4_32 in mode
+    "i8" at the AVX-512 level, the kernel on (c.set_vnni_batch, PYKIMI_VNNI_BATCH); not Q8_32 with AMX, whose exact
+    tile product keeps its rows (C_AMX_MIN_Q8..C_AMX_ROWS; not measured against this kernel)."""
+    if kind not in C_VNNI_MIN or _act_mode(kind) != "i8" or not _c_avx512():
+        return False
+    if kind == "q8_32" and _c_amx():
+        return False
+    return bool(_mods["c"].get_vnni_batch())
+
+
 def _small_n(kind: str) -> int:
     """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
     if kind == "bf16" and _bf16_act():
         return 1 << 62                      # every bf16 batch on the AVX512_BF16 kernel, however many rows
+    if _vnni(kind):
+        return 1 << 62                      # every int8-activation batch on the VNNI kernel (or the row kernel)
     mode = _act_mode(kind)
     n = SMALL_N_ACT.get((kind, mode))
     if n is None or (kind == "bf16" and not _c_avx512()):
@@ -151,12 +176,15 @@ def _small_n(kind: str) -> int:
 def _c_mode(kind: str, n: int) -> str:
     """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
     C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
-    product (batch-vectorised kernel, AMX tiles); bf16 weights: "bf16" from C_BF16A_MIN rows when _bf16_act(),
-    else (and below that) "f32"."""
+    product (batch-vectorised kernel, AMX tiles) -- unless their int8 activations go to the VNNI batch kernel
+    (_vnni: mode "all" at the AVX-512 level without AMX: "i8" at every n); bf16 weights: "bf16" from C_BF16A_MIN
+    rows when _bf16_act(), else (and below that) "f32"."""
     if kind == "bf16":
         return "bf16" if n >= C_BF16A_MIN and _bf16_act() else "f32"
     if kind == "f32":
         return "f32"
+    if _vnni(kind):
+        return "i8"                         # below C_VNNI_MIN the row kernel, from it the VNNI batch kernel
     if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
                                             or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
         return "f32"
@@ -337,16 +365,18 @@ def matmul(x, w) -> np.ndarray:
     return y.reshape(lead + (out_f,))
 
 
-def matmul_many(xs, ws) -> list:
+def matmul_many(xs, ws, rowwise: bool = False) -> list:
     """[matmul(x, w) for x, w in zip(xs, ws)], computed together when possible.
 
-    With the C backend every product with few rows (n <= SMALL_N) in a stored form goes into ONE kernel call
-    and one thread fork/join (e.g. all selected experts' gate and up projections of a decode step); the rest
-    go through matmul one by one. Same numerics as matmul."""
+    With the C backend every product the stored-form C kernels take (plan: "c") goes into ONE kernel call
+    and one thread fork/join (e.g. all selected experts' gate and up projections of a decode step, or of a
+    prefill); the rest go through matmul one by one. Same numerics as matmul. rowwise=True (the serve
+    engine): int8-activation products stay on the per-row kernels at any n (C mode "i8row", not the VNNI batch
+    kernel), so each row gets exactly what it gets alone -- the same twin, in the row kernels' summation order."""
     xs, ws = list(xs), list(ws)
     if len(xs) != len(ws):
         raise ValueError(f"matmul_many: {len(xs)} inputs but {len(ws)} weights")
-    if backend() != "c" or len(xs) < 2:
+    if backend() != "c" or (len(xs) < 2 and not rowwise):
         return [matmul(x, w) for x, w in zip(xs, ws)]
     out: list = [None] * len(xs)
     jobs, where, shapes = [], [], []
@@ -360,6 +390,8 @@ def matmul_many(xs, ws) -> list:
         if path != "c":
             out[i] = matmul(x, w)
             continue
+        if rowwise and act == "i8":
+            act = "i8row"
         jobs.append((x2, kind) + _stored(w, kind) + (act, w))
         where.append(i)
         shapes.append(x.shape[:-1] + (out_f,))
