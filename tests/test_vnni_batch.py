@@ -205,7 +205,8 @@ def test_plan_per_mode_n_and_level(vnni, act_mode):
                 xs.append(x)
                 y, r = K.matmul(x, W), K.reference(x, W)
                 if uses:
-                    np.testing.assert_array_equal(r, (ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4)(x, W))
+                    twin = ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4
+                    np.testing.assert_array_equal(r, twin(x, W))
                 assert _err(y, r, x, W.f32()) < TOL, f"{kind} {mode} n={n}: matmul vs reference"
             for x, y in zip(xs, K.matmul_many(xs, [W] * len(xs))):
                 assert _err(y, K.reference(x, W), x, W.f32()) < TOL, f"{kind} {mode} matmul_many n={x.shape[0]}"
@@ -300,10 +301,10 @@ def test_default_modes_other_formats_unchanged(act_mode):
 # integer dots), so against the row kernels at every n a whole prefill moves by rounding: measured on the golden
 # checkpoint repacked to int4 / int8 ("all": every linear layer but the embeddings), golden cases text_only (55
 # tokens) and two_images (116), kernel on against the row kernels: logits 3.3e-7 / 1.8e-7 of max |logit| (Q4, "q4"
-# and "all" alike), 2.2e-7 / 2.0e-7 (Q8, "all"); bound PREFILL_BOUND = 1e-4, the greedy ids the same. Q8_32 in "all" took the exact f32 product
-# from 24 rows before (the batch kernel, the tiles): against that old path its logits move by 0.11-0.14 of max
-# |logit| on this tiny random checkpoint (int8 activations, and the routing they flip), while its error against
-# the bf16 goldens (dominated by the weights' quantization: 0.24 / 0.21, int4 0.39 / 0.38) stays within 0.002 of
+# and "all" alike), 2.2e-7 / 2.0e-7 (Q8, "all"); bound PREFILL_BOUND = 1e-4, the greedy ids the same. Q8_32 in "all"
+# took the exact f32 product from 24 rows before (the batch kernel, the tiles): against that old path its logits
+# move by 0.11-0.14 of max |logit| on this tiny random checkpoint (int8 activations, and the routing they flip),
+# while its error against the bf16 goldens (dominated by the weights' quantization: 0.24 / 0.21, int4 0.39 / 0.38) stays within 0.002 of
 # the old path's: asserted within GOLDEN_SLACK = 0.01 of it. (No quantized golden tolerance exists to hold it to.)
 PREFILL_BOUND = 1e-4
 GOLDEN_SLACK = 0.01
