@@ -304,8 +304,9 @@ def test_default_modes_other_formats_unchanged(act_mode):
 # and "all" alike), 2.2e-7 / 2.0e-7 (Q8, "all"); bound PREFILL_BOUND = 1e-4, the greedy ids the same. Q8_32 in "all"
 # took the exact f32 product from 24 rows before (the batch kernel, the tiles): against that old path its logits
 # move by 0.11-0.14 of max |logit| on this tiny random checkpoint (int8 activations, and the routing they flip),
-# while its error against the bf16 goldens (dominated by the weights' quantization: 0.24 / 0.21, int4 0.39 / 0.38) stays within 0.002 of
-# the old path's: asserted within GOLDEN_SLACK = 0.01 of it. (No quantized golden tolerance exists to hold it to.)
+# while its error against the bf16 goldens (dominated by the weights' quantization: 0.24 / 0.21, int4 0.39 / 0.38)
+# stays within 0.002 of the old path's: asserted within GOLDEN_SLACK = 0.01 of it. (No quantized golden tolerance
+# exists to hold it to.)
 PREFILL_BOUND = 1e-4
 GOLDEN_SLACK = 0.01
 

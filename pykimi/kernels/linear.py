@@ -11,7 +11,9 @@ behind it are in bench/RESULTS.md, "Crossovers"). ONE function, ``plan``, makes 
 for ``reference`` (the NumPy twin of exactly what matmul computes, which the tests hold every backend to).
 
 For int8 / int4 weights the C GEMV quantizes the activation row once per call and uses integer block dot
-products (set_act_quant); with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
+products (set_act_quant); at the AVX-512 level int8-activation batches from C_VNNI_MIN rows run the VNNI batch
+kernel instead of the row kernels (and, for Q8_32 in mode "all", instead of the exact f32 batch kernel / tiles);
+with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
 matmul_many runs several products in one C call (the selected experts);
 heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
 W_uk / W_uv on kv_b_proj, so decode never widens kv_b_proj).
@@ -55,13 +57,14 @@ C_BF16A_MIN = 8
 # level (which includes AVX512_VNNI): from this many rows of x the VNNI batch kernel (csrc vnni_rows, PK_VNNI_MIN_Q8 /
 # _Q4), however many rows -- no widened tiles, no exact f32 batch kernel for Q8_32 in mode "all" any more; below it
 # the per-row kernels (tile_act_avx512), as for decode. Same twins (ref.matmul_act_q8 / _q4: the same int8 codes
-# and exact block dots; only the f32 summation order differs). Measured on [1408, 2048], ONE thread (the other core
-# was taken), GOP/s batch / row kernel: Q8 1: 27 / 106, 4: 109 / 179, 6: 167 / 165, 8: 208 / 173, 12: 302 / 171,
-# 16: 419 / 170; Q4 1: 25 / 157, 4: 103 / 194, 6: 153 / 234, 8: 202 / 198, 10: 253 / 235, 12: 295 / 237, 16: 385 /
-# 239; from 32 rows 520-590 against ~180-200 (and against the f32 paths Q8 "all" took before: 215 at 32-64 rows,
-# ~110 from 128). Rows per expert in a prefill are few (64 tokens x 6 of 64 experts: ~6), hence the low start. The
-# serve engine's row-wise calls ask for the row kernels at any n (mode "i8row", engine.rowwise_products), so its
-# caps do not follow this one.
+# and exact block dots; only the f32 summation order differs). Measured on [1408, 2048], AMD EPYC Zen 5, 2 threads,
+# GOP/s batch kernel (forced onto few rows) / row kernels: Q8 1: 48 / 173, 4: 187 / 300, 6: 279 / 317, 7: 329 / 343,
+# 8: 374 / 362, 10: 455 / 299, 12: 540 / 316, 16: 723 / 315; Q4 1: 45 / 273, 4: 180 / 433, 6: 266 / 345, 7: 310 /
+# 339, 8: 349 / 356, 10: 434 / 415, 12: 513 / 420, 16: 675 / 422 (one thread alike: break-even at 6-8 rows); at 64 /
+# 128 / 512 rows 926-1005 against the row kernels' 328-444 and Q8 "all"'s old f32 paths (batch kernel to 112 rows,
+# then tiles + sgemm) 418 / 201 / 226. Rows per expert in a prefill are few (64 tokens x 6 of 64 experts: ~6), hence
+# the start at break-even rather than at the clear win (10). The serve engine's row-wise calls ask for the row
+# kernels at any n (mode "i8row", engine.rowwise_products, csrc pk_swiglu_batch), so its caps do not follow this.
 C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
@@ -108,7 +111,9 @@ def set_act_quant(value) -> None:
       "q4" (default): Q8 weights x int16 activations (rounding ~1e-5 relative: numerically the float
               product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
               bf16 weights: the exact f32 product;
-      "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0), and bf16 weights take
+      "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0) -- at the AVX-512 level in
+              every batch, prefill included (the VNNI batch kernel from C_VNNI_MIN rows; at the AVX2 level Q8
+              batches past SMALL_N_ACT rows take the exact f32 product of the widened tiles) -- and bf16 weights take
               activations rounded to bf16 (round to nearest even, 2^-8 relative per element at most; as
               llama.cpp and PyTorch do for bf16 weights): every batch of >= C_BF16A_MIN (8) rows -- prefill,
               vision, a decode batch of many sequences -- runs the AVX512_BF16 kernel (twin
