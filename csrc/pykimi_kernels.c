@@ -23,6 +23,10 @@
  *    on CPUs with AVX512_BF16 round x to bf16 once per call and multiply stored bf16 pairs with vdpbf16ps
  *    (bf16a_rows: twice the multiplies of an f32 FMA, no widening of the weights). The default stays the f32
  *    product of the decoded weights.
+ *  - Q8 / Q4 weights with int8 activations, batches of PK_VNNI_MIN_Q8 / _Q4 or more rows at the AVX-512 level
+ *    (prefill; int4 by default, int8 with PYKIMI_ACT_QUANT=all): x quantized once per call and packed 16 rows to a
+ *    vector, each 4-byte group of a stored weight row broadcast against it with vpdpbusd (vnni_rows: ~1 TOP/s on
+ *    2 cores against ~0.35-0.45 for the row kernels). The serve engine's row-wise calls stay on the row kernels.
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
  *    and non-x86 builds compile only the portable loops). The level is chosen at run time with
