@@ -63,7 +63,9 @@ C_BF16A_MIN = 8
 # 339, 8: 349 / 356, 10: 434 / 415, 12: 513 / 420, 16: 675 / 422 (one thread alike: break-even at 6-8 rows); at 64 /
 # 128 / 512 rows 926-1005 against the row kernels' 328-444 and Q8 "all"'s old f32 paths (batch kernel to 112 rows,
 # then tiles + sgemm) 418 / 201 / 226. Rows per expert in a prefill are few (64 tokens x 6 of 64 experts: ~6), hence
-# the start at break-even rather than at the clear win (10). The serve engine's row-wise calls ask for the row
+# the start at break-even rather than at the clear win (10): 4-layer int4 prefill (default mode) of 32 / 64 / 128
+# tokens with the kernel from 6 / 8 / 12 rows 592 / 702 / 813, 592 / 688 / 781, 489 / 496 / 722 tok/s (a second
+# alternation noisier, 6 and 8 alike again, 12 behind). The serve engine's row-wise calls ask for the row
 # kernels at any n (mode "i8row", engine.rowwise_products, csrc pk_swiglu_batch), so its caps do not follow this.
 C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
