@@ -23,6 +23,10 @@
  *    on CPUs with AVX512_BF16 round x to bf16 once per call and multiply stored bf16 pairs with vdpbf16ps
  *    (bf16a_rows: twice the multiplies of an f32 FMA, no widening of the weights). The default stays the f32
  *    product of the decoded weights.
+ *  - Q8 / Q4 weights with int8 activations, batches of PK_VNNI_MIN_Q8 / _Q4 or more rows at the AVX-512 level
+ *    (prefill; int4 by default, int8 with PYKIMI_ACT_QUANT=all): x quantized once per call and packed 16 rows to a
+ *    vector, each 4-byte group of a stored weight row broadcast against it with vpdpbusd (vnni_rows: ~1 TOP/s on
+ *    2 cores against ~0.35-0.45 for the row kernels). The serve engine's row-wise calls stay on the row kernels.
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
  *    and non-x86 builds compile only the portable loops). The level is chosen at run time with
@@ -101,6 +105,10 @@
 #define PK_TN_MAX 128    /* ... up to this many, in groups of PK_TN_GROUP rows (4 vectors of 16) */
 #define PK_TN_GROUP 64
 #define PK_BF16A_MIN 8   /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
+#ifndef PK_VNNI_MIN_Q8     /* (-D for measurements only: linear.C_VNNI_MIN must agree) */
+#define PK_VNNI_MIN_Q8 8  /* int8 activations (A_I8), AVX-512: the VNNI batch kernel from this many rows (linear.py */
+#define PK_VNNI_MIN_Q4 8  /* C_VNNI_MIN mirrors both; below them the per-row kernels tile_act_avx512) */
+#endif
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
@@ -288,6 +296,23 @@ int pk_get_avx512bf16(void) {
     }
     return pk_bf16dp_req && pk_avx512bf16_available();
 }
+
+static int pk_vnni_req = -2; /* -2 = not read yet (PYKIMI_VNNI_BATCH), 0 = off, 1 = on */
+
+/* Use the VNNI batch kernel for int8-activation batches (1, the default) or not (0; PYKIMI_VNNI_BATCH=0 before
+ * the first call): off, they run the per-row kernels at every n. It runs only at the AVX-512 level, whose CPU
+ * check (pk_simd_max) includes AVX512_VNNI. */
+void pk_set_vnni_batch(int on) { pk_vnni_req = on ? 1 : 0; }
+
+int pk_get_vnni_batch(void) {
+    if (pk_vnni_req == -2) {
+        const char *e = getenv("PYKIMI_VNNI_BATCH");
+        pk_vnni_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
+    }
+    return pk_vnni_req && PK_HAVE_AVX512 && pk_get_simd() >= 2;
+}
+
+int64_t pk_vnni_min(int fmt) { return fmt == F_Q8 ? PK_VNNI_MIN_Q8 : fmt == F_Q4 ? PK_VNNI_MIN_Q4 : -1; }
 
 /* The AVX2-era knobs, kept for their callers: force_scalar(1) = level 0, force_scalar(0) = best;
  * pk_simd_level() is 1 when any vector level runs (pk_get_simd says which). */
@@ -1155,7 +1180,11 @@ void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *x
 
 /* A_BF16: bf16 weights x activations rounded to bf16 (batches of >= PK_BF16A_MIN rows, AVX512_BF16; any other
  * job asking for it runs A_F32, see job_prepare). */
-enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3 };
+enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3, A_I8_ROWS = 4 };
+/* A_I8_ROWS: int8 activations on the per-row kernels at every n, never the VNNI batch kernel (whose result for a
+ * row depends on which rows share its call, through the summation order): the serve engine's row-wise calls
+ * (engine.rowwise_products, pk_swiglu_batch), where each row must get exactly what it gets alone. job_prepare
+ * turns it into A_I8 after that choice. */
 
 typedef struct {
     int fmt, act;
@@ -1526,7 +1555,8 @@ static int bf16a_prepare(pk_job *j) {
     return 1;
 }
 
-/* Weight rows [o0, o1) against the group of rows t0 .. t0 + nn of x (nn <= 16 NV): blocks of R weight rows, R x NV
+/* Weight rows [o0, o1) against rows t0 .. t0 + nn of x (nn <= 16 NV, all in one group of 64, t0 any multiple of 16
+ * in it: its lanes start at t0 % 64): blocks of R weight rows, R x NV
  * accumulators of 16 rows of x each; per pair p, NV loads of x pairs, R broadcasts of a stored weight pair,
  * R * NV vdpbf16ps. The weight rows past o1 in the last block repeat row o1 - 1 (read, not stored): no read
  * past the matrix, no branch in the loop. An odd `in`'s last weight pair is built from its one element.
@@ -1629,6 +1659,250 @@ static void bf16a_rows(const pk_job *j, int64_t o0, int64_t o1) {
 }
 #endif
 
+#if PK_HAVE_AVX512
+/* Q8_32 / Q4_32 weights x int8 activations, batches (A_I8 with >= PK_VNNI_MIN_Q8 / _Q4 rows of x at the AVX-512
+ * level: prefill, the MoE's per-expert batches; twins ref.matmul_act_q8 / matmul_act_q4). Why: the per-row
+ * kernels (tile_act_avx512) load a vector of x for every vpdpbusd and re-decode each weight row per 4 rows of x;
+ * here, as in bf16a_rows, the batch is vectorised instead: x is quantized once per job (the same
+ * quant_act_level as the row kernels: the same int8 codes and block scales) and packed per group of 64 rows
+ * into lanes of 16 rows x 4 consecutive k bytes (one uint32 per row of x, the layout vpdpbusd reads), and each
+ * 4-byte group of a weight row is broadcast against NV such vectors.
+ * Operands: vpdpbusd multiplies UNSIGNED bytes (first operand) by SIGNED bytes (second) and adds groups of 4
+ * into int32 lanes. The weight bytes go unsigned, the x codes (-127..127) signed:
+ *  - Q4: the codes 0..15 are unsigned as stored; sum(code * x) = dot(code - 8, x) + 8 * sum(x), so each block's
+ *    int32 accumulator starts at -8 * sum(x block) (per row of x: a packed lane vector).
+ *  - Q8: code XOR 0x80 is code + 128 as an unsigned byte (every int8 code, -128 included); sum((code + 128) *
+ *    x) = dot + 128 * sum(x), so the accumulator starts at -128 * sum(x block).
+ * Both corrections depend only on x and are built once at packing. Every block dot is exact in int32 (|.| <
+ * 32 * 255 * 127 before the correction) and, after it, below 2^24 (exact in f32); then, per block, y +=
+ * float(dot) * (dx * dw) with an FMA, per row of x in block order: the twin's sum of the same f32 terms, in
+ * another order (tests hold it to 1e-6 of max row sum |x| * max |w|, as the row kernels).
+ * Q4 nibbles: element 2i is byte i's low nibble, 2i+1 its high one; a block's 16 bytes become its 32 codes in
+ * natural order with and / shift / unpack (as decode32_512), so x is packed in natural order for both formats.
+ * The weight rows are decoded PK_VN_KB blocks at a time into an L1 buffer (Q8: 1 xor per 32 codes; Q4: 5 ops per
+ * 32 codes) from which the 4-byte groups are broadcast. */
+#define PK_VN_KB 8 /* weight blocks (of 32) decoded per step into the L1 buffer */
+
+/* uint32 elements of one packed group: [nb * 8 quads][gw lanes] of x, [nb][gw] f32 scales, [nb][gw] int32
+ * corrections (stride 64 lanes between groups, gw = 16 * ceil(rows in the group / 16) inside one). */
+static int64_t vnni_group_elems(int64_t nb) { return nb * 10 * PK_TN_GROUP; }
+
+static int64_t vnni_elems(const pk_job *j) {
+    return vnni_group_elems((j->in + PK_BLOCK - 1) / PK_BLOCK) * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP);
+}
+
+/* Whether job j runs the VNNI batch kernel: Q8_32 / Q4_32 with int8 activations, enough rows, the AVX-512 level,
+ * the kernel on; kernels/linear.py (_c_mode, C_VNNI_MIN) mirrors it. */
+static int vnni_takes(const pk_job *j, int simd) {
+    return j->act == A_I8 && (j->fmt == F_Q8 || j->fmt == F_Q4) && simd >= 2 && j->in > 0 &&
+           j->n >= pk_vnni_min(j->fmt) && pk_get_vnni_batch();
+}
+
+/* Quantize and pack the rows of group g (the job's xp must be allocated): rows quantized one at a time into q /
+ * d (quant_act_level: bit for bit the row kernels' codes and scales), then transposed into the group. */
+static void vnni_pack_group(const pk_job *j, int64_t g, int simd) {
+    const int64_t in = j->in, nb = (in + PK_BLOCK - 1) / PK_BLOCK, t0 = g * PK_TN_GROUP;
+    const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
+    const int32_t mult = j->fmt == F_Q4 ? -8 : -128;
+    uint32_t *xg = j->xp + g * vnni_group_elems(nb);
+    float *dg = (float *)(xg + nb * 8 * gw);
+    int32_t *cg = (int32_t *)(dg + nb * gw);
+    int8_t *q = (int8_t *)malloc((size_t)(nb * PK_BLOCK) * (size_t)gw + 64);
+    float *d = (float *)malloc(sizeof(float) * (size_t)(nb * gw) + 64);
+    int64_t t, p, b, e;
+    if (!q || !d) { /* no memory for the scratch: the slow, allocation-free way, row by row */
+        free(q);
+        free(d);
+        for (t = 0; t < gw; t++) {
+            int8_t rq[PK_BLOCK];
+            for (b = 0; b < nb; b++) {
+                float rd = 0.0f;
+                int32_t s = 0;
+                if (t < nn) {
+                    const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+                    float xb[PK_BLOCK] = {0};
+                    memcpy(xb, j->x + (t0 + t) * in + i0, sizeof(float) * (size_t)(i1 - i0));
+                    quant_act_row(xb, i1 - i0, rq, &rd, 0);
+                } else {
+                    memset(rq, 0, sizeof rq);
+                }
+                for (e = 0; e < PK_BLOCK; e++) s += rq[e];
+                for (p = 0; p < 8; p++) memcpy(xg + (b * 8 + p) * gw + t, rq + 4 * p, 4);
+                dg[b * gw + t] = rd;
+                cg[b * gw + t] = mult * s;
+            }
+        }
+        return;
+    }
+    memset(q + nn * nb * PK_BLOCK, 0, (size_t)((gw - nn) * nb * PK_BLOCK));
+    for (t = nn * nb; t < gw * nb; t++) d[t] = 0.0f;
+    quant_act_level(simd, j->x + t0 * in, nn, in, q, d);
+    for (p = 0; p < nb * 8; p++) { /* quad p of every row: rows inner, the writes contiguous */
+        uint32_t *dst = xg + p * gw;
+        for (t = 0; t < gw; t++) memcpy(dst + t, q + t * nb * PK_BLOCK + 4 * p, 4);
+    }
+    for (b = 0; b < nb; b++)
+        for (t = 0; t < gw; t++) {
+            const int8_t *src = q + t * nb * PK_BLOCK + b * PK_BLOCK;
+            int32_t s = 0;
+            for (e = 0; e < PK_BLOCK; e++) s += src[e];
+            dg[b * gw + t] = d[t * nb + b];
+            cg[b * gw + t] = mult * s;
+        }
+    free(q);
+    free(d);
+}
+
+/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
+static int vnni_prepare(pk_job *j, int simd) {
+    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
+    int64_t g;
+    if (!j->xp) j->xp = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)vnni_elems(j));
+    if (!j->xp) return 0;
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
+    for (g = 0; g < ng; g++) vnni_pack_group(j, g, simd);
+    return 1;
+}
+
+/* Weight rows [o0, o1) against rows t0 .. t0 + nn of x (nn <= 16 NV, all in one group of 64, t0 any multiple of 16
+ * in it: its lanes start at t0 % 64): blocks of R weight rows, R x NV
+ * f32 accumulators of 16 rows of x each, and per block R x NV int32 ones (started at the x correction). The
+ * weight rows past o1 in the last block repeat row o1 - 1 (read, not stored). Per block of 32: 8 quads, each
+ * NV loads of x and R broadcasts for R * NV vpdpbusd; then R * NV (convert, multiply the scales, FMA).
+ * Results through yb as in PK_BD_KERNEL (4 R weight rows x the group's rows of x). FMT: F_Q8 or F_Q4. */
+#define PK_VN_KERNEL(NAME, FMT, R, NV)                                                                      \
+    static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {         \
+        const int64_t in = j->in, nb = j->nb, g0 = t0 - t0 % PK_TN_GROUP, lane = t0 - g0;                 \
+        const int64_t gn = j->n - g0 < PK_TN_GROUP ? j->n - g0 : PK_TN_GROUP, gw = 16 * ((gn + 15) / 16);   \
+        const uint32_t *xg = j->xp + (g0 / PK_TN_GROUP) * vnni_group_elems(nb) + lane;                   \
+        const float *dg = (const float *)(j->xp + (g0 / PK_TN_GROUP) * vnni_group_elems(nb) + nb * 8 * gw) + lane; \
+        const int32_t *cg = (const int32_t *)(dg + nb * gw);                                              \
+        float yb[16 * (NV) * 4 * (R)] __attribute__((aligned(64)));                                       \
+        uint32_t wb[(R) * PK_VN_KB * 8] __attribute__((aligned(64))); /* [r][block][8 quads] */          \
+        const __m512i yi = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), \
+                                              _mm512_set1_epi32(4 * (R)));                                \
+        const __m128i m4 = _mm_set1_epi8(0x0F);                                                           \
+        const __m256i x80 = _mm256_set1_epi8((char)0x80);                                                 \
+        int64_t o, ob, oe, b, b0, be, t;                                                                  \
+        int r, v, qd;                                                                                     \
+        for (ob = o0; ob < o1; ob += 4 * (R)) {                                                           \
+        oe = o1 - ob < 4 * (R) ? o1 : ob + 4 * (R);                                                       \
+        for (o = ob; o < oe; o += (R)) {                                                                  \
+            const int rr = oe - o < (R) ? (int)(oe - o) : (R);                                            \
+            const char *wr[R], *nx[R];                                                                    \
+            const float *sr[R];                                                                           \
+            __m512 acc[R][NV];                                                                            \
+            for (r = 0; r < (R); r++) {                                                                   \
+                const int64_t row = o + (r < rr ? r : rr - 1);                                            \
+                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                       \
+                wr[r] = (const char *)j->w + row * j->row_bytes;                                          \
+                nx[r] = (const char *)j->w + on * j->row_bytes;                                           \
+                sr[r] = j->scales + row * nb;                                                             \
+                for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
+            }                                                                                             \
+            for (b0 = 0; b0 < nb; b0 += PK_VN_KB) {                                                       \
+                be = nb - b0 < PK_VN_KB ? nb : b0 + PK_VN_KB;                                             \
+                for (r = 0; r < (R); r++) /* decode blocks b0..be of the R rows into wb */                \
+                    for (b = b0; b < be; b++) {                                                           \
+                        uint32_t *dst = wb + (r * PK_VN_KB + (b - b0)) * 8;                               \
+                        const int64_t left = in - b * PK_BLOCK; /* elements of the block in the row */    \
+                        if ((FMT) == F_Q8) {                                                              \
+                            const char *p = wr[r] + b * PK_BLOCK;                                         \
+                            __m256i c = left >= 32 ? _mm256_loadu_si256((const __m256i *)p)               \
+                                                   : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1u), p); \
+                            if (!(b & 1)) {                                                               \
+                                _mm_prefetch(p + PK_PF, _MM_HINT_T0);                                     \
+                                _mm_prefetch(nx[r] + b * PK_BLOCK, _MM_HINT_T1);                          \
+                            }                                                                             \
+                            _mm256_store_si256((__m256i *)dst, _mm256_xor_si256(c, x80));                 \
+                        } else {                                                                          \
+                            const char *p = wr[r] + b * (PK_BLOCK / 2);                                   \
+                            const int64_t nby = left >= 32 ? 16 : (left + 1) / 2;                         \
+                            __m128i c = nby == 16 ? _mm_loadu_si128((const __m128i *)p)                   \
+                                                  : _mm_maskz_loadu_epi8((__mmask16)((1u << nby) - 1u), p); \
+                            __m128i lo = _mm_and_si128(c, m4), hi = _mm_and_si128(_mm_srli_epi16(c, 4), m4); \
+                            if (!(b & 3)) {                                                               \
+                                _mm_prefetch(p + PK_PF, _MM_HINT_T0);                                     \
+                                _mm_prefetch(nx[r] + b * (PK_BLOCK / 2), _MM_HINT_T1);                    \
+                            }                                                                             \
+                            _mm_store_si128((__m128i *)dst, _mm_unpacklo_epi8(lo, hi));                   \
+                            _mm_store_si128((__m128i *)(dst + 4), _mm_unpackhi_epi8(lo, hi));             \
+                        }                                                                                 \
+                    }                                                                                     \
+                for (b = b0; b < be; b++) {                                                               \
+                    __m512i ai[R][NV], xv[NV];                                                            \
+                    __m512 dv[NV];                                                                        \
+                    for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_si512((const void *)(cg + b * gw + 16 * v)); \
+                    for (r = 0; r < (R); r++)                                                             \
+                        for (v = 0; v < (NV); v++) ai[r][v] = xv[v];                                      \
+                    for (qd = 0; qd < 8; qd++) {                                                          \
+                        const uint32_t *xk = xg + (b * 8 + qd) * gw;                                      \
+                        for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_si512((const void *)(xk + 16 * v)); \
+                        for (r = 0; r < (R); r++) {                                                       \
+                            const __m512i bw = _mm512_set1_epi32((int)wb[(r * PK_VN_KB + (b - b0)) * 8 + qd]); \
+                            for (v = 0; v < (NV); v++) ai[r][v] = _mm512_dpbusd_epi32(ai[r][v], bw, xv[v]); \
+                        }                                                                                 \
+                    }                                                                                     \
+                    for (v = 0; v < (NV); v++) dv[v] = _mm512_loadu_ps(dg + b * gw + 16 * v);             \
+                    for (r = 0; r < (R); r++) {                                                           \
+                        const __m512 s = _mm512_set1_ps(sr[r][b]);                                        \
+                        for (v = 0; v < (NV); v++)                                                        \
+                            acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][v]), _mm512_mul_ps(dv[v], s), \
+                                                        acc[r][v]);                                       \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            for (v = 0; v < (NV); v++) {                                                                  \
+                const int64_t left = nn - 16 * v;                                                         \
+                const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);                 \
+                for (r = 0; r < rr; r++)                                                                  \
+                    _mm512_mask_i32scatter_ps(yb + 16 * v * 4 * (R) + (o - ob) + r, m, yi, acc[r][v], 4);   \
+            }                                                                                             \
+        }                                                                                                 \
+        for (t = 0; t < nn; t++)                                                                          \
+            memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \
+        }                                                                                                 \
+    }
+/* R x NV: 10 x 1, 6 x 2, 4 x 3; 49..64 rows of a group run as 32 + the rest (two passes over the weight rows, 6 x 2
+ * each). Measured GOP/s on [1408, 2048], ONE thread (the other core was taken), AMD EPYC Zen 5, best of ~30
+ * calls, +-5 % between runs, Q8 / Q4 alike: 16 rows R = 8: 400, 10: 435-444, 12: 377; 32 rows R = 6: 558-581,
+ * 5: 549, 7: 473; 48 rows R = 4: 556-583, 3: 326, 5: 516; 64 / 512 rows as one 3 x 4 pass 311 / 308, 4 x 4 (ai
+ * and acc spill) 533 / 525 as 32 + 32, 48 + 16 449 / 440, 32 + 32 with 6 x 2: 518-533 / 503-525. Per quad NV loads
+ * of x and R broadcasts feed R * NV vpdpbusd, and per block R * NV convert / multiply / FMA follow: 2 R NV + NV
+ * registers live, so R NV of ~12 is all the 32 zmm hold. */
+PK_VN_KERNEL(vnni_q8_1_avx512, F_Q8, 10, 1)
+PK_VN_KERNEL(vnni_q8_2_avx512, F_Q8, 6, 2)
+PK_VN_KERNEL(vnni_q8_3_avx512, F_Q8, 4, 3)
+PK_VN_KERNEL(vnni_q4_1_avx512, F_Q4, 10, 1)
+PK_VN_KERNEL(vnni_q4_2_avx512, F_Q4, 6, 2)
+PK_VN_KERNEL(vnni_q4_3_avx512, F_Q4, 4, 3)
+#undef PK_VN_KERNEL
+
+/* Rows t0 .. t0 + nn (nn <= 48, inside one group) of x against the weight rows [o0, o1), NV = ceil(nn / 16). */
+static void vnni_part(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {
+    const int q8 = j->fmt == F_Q8;
+    switch ((nn + 15) / 16) {
+    case 1: (q8 ? vnni_q8_1_avx512 : vnni_q4_1_avx512)(j, o0, o1, t0, nn); break;
+    case 2: (q8 ? vnni_q8_2_avx512 : vnni_q4_2_avx512)(j, o0, o1, t0, nn); break;
+    default: (q8 ? vnni_q8_3_avx512 : vnni_q4_3_avx512)(j, o0, o1, t0, nn); break;
+    }
+}
+
+/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
+static void vnni_rows(const pk_job *j, int64_t o0, int64_t o1) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
+        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
+        if (nn > 48) { /* two passes of <= 32 rows (see the measurements above) */
+            vnni_part(j, o0, o1, t0, 32);
+            vnni_part(j, o0, o1, t0 + 32, nn - 32);
+        } else {
+            vnni_part(j, o0, o1, t0, nn);
+        }
+    }
+}
+#endif
+
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
  * failure fall back to the f32 path. */
 static void job_prepare(pk_job *j, int simd) {
@@ -1643,6 +1917,10 @@ static void job_prepare(pk_job *j, int simd) {
     }
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
+#if PK_HAVE_AVX512
+    if (vnni_takes(j, simd) && (j->xp_shared || vnni_prepare(j, simd))) return; /* xp_shared: packed by run_jobs */
+#endif
+    if (j->act == A_I8_ROWS) j->act = A_I8;
 #if PK_HAVE_AMX
     if (simd >= 2 && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->act == A_F32 && j->n >= PK_AMX_MIN_Q8)) &&
         j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j))
@@ -1831,9 +2109,12 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
         return;
     }
 #endif
+#if PK_HAVE_AVX512
+    if (j->xp) { /* packed x: the AVX512_BF16 kernel (bf16 weights) or the VNNI one (Q8_32 / Q4_32) */
 #if PK_HAVE_AVX512BF16
-    if (j->xp) {
-        bf16a_rows(j, o0, o1);
+        if (j->fmt == F_BF16) bf16a_rows(j, o0, o1);
+#endif
+        if (j->fmt == F_Q8 || j->fmt == F_Q4) vnni_rows(j, o0, o1);
         return;
     }
 #endif
@@ -1888,6 +2169,33 @@ static void jobs_cost_range(const pk_job *jobs, int count, double a, double b, i
     }
 }
 
+#if PK_HAVE_AVX512
+/* Jobs whose x is packed per group of 64 rows (xp): the AVX512_BF16 kernel's and the VNNI kernel's. */
+static int xpack_takes(const pk_job *j, int simd) {
+#if PK_HAVE_AVX512BF16
+    if (bf16a_takes(j, simd)) return 1;
+#endif
+    return vnni_takes(j, simd);
+}
+
+static int64_t xpack_elems(const pk_job *j) {
+#if PK_HAVE_AVX512BF16
+    if (j->fmt == F_BF16) return bf16a_elems(j);
+#endif
+    return vnni_elems(j);
+}
+
+static void xpack_group(const pk_job *j, int64_t g, int simd) {
+#if PK_HAVE_AVX512BF16
+    if (j->fmt == F_BF16) {
+        bf16a_pack_group(j, g);
+        return;
+    }
+#endif
+    vnni_pack_group(j, g, simd);
+}
+#endif
+
 static void run_jobs(pk_job *jobs, int count) {
     const int simd = pk_get_simd();
     const int nth = pk_get_threads();
@@ -1895,21 +2203,23 @@ static void run_jobs(pk_job *jobs, int count) {
     int64_t rows = 0;
     uint32_t *xp_all = NULL;
     int k;
-#if PK_HAVE_AVX512BF16
+#if PK_HAVE_AVX512
     {
-        /* All bf16a jobs' packed x in ONE buffer: a buffer per job (60 experts' gate and up in a prefill) came
-         * fresh from the OS every call, its page faults ~30 % of such a call (9k faults, 36 vs 26 ms for 60
+        /* All packed jobs' x (bf16a, VNNI) in ONE buffer: a buffer per job (60 experts' gate and up in a prefill)
+         * came fresh from the OS every call, its page faults ~30 % of such a call (9k faults, 36 vs 26 ms for 60
          * jobs of 64 rows); one allocation is reused by malloc from the second call on. */
         int64_t need = 0, off = 0;
-        for (k = 0; k < count; k++)
-            if (bf16a_takes(&jobs[k], simd)) need += bf16a_elems(&jobs[k]);
+        for (k = 0; k < count; k++) {
+            jobs[k].nb = (jobs[k].in + PK_BLOCK - 1) / PK_BLOCK;
+            if (xpack_takes(&jobs[k], simd)) need += xpack_elems(&jobs[k]);
+        }
         xp_all = need > 0 ? (uint32_t *)malloc(sizeof(uint32_t) * (size_t)need) : NULL;
         int64_t ng_all = 0, i;
         for (k = 0; k < count && xp_all; k++)
-            if (bf16a_takes(&jobs[k], simd)) {
+            if (xpack_takes(&jobs[k], simd)) {
                 jobs[k].xp = xp_all + off;
                 jobs[k].xp_shared = 1;
-                off += bf16a_elems(&jobs[k]);
+                off += xpack_elems(&jobs[k]);
                 ng_all += (jobs[k].n + PK_TN_GROUP - 1) / PK_TN_GROUP;
             }
         /* every group of 64 rows of every such job packed here, shared between the threads (job_prepare then
@@ -1924,7 +2234,7 @@ static void run_jobs(pk_job *jobs, int count) {
                 if (g < ng) break;
                 g -= ng;
             }
-            bf16a_pack_group(&jobs[kk], g);
+            xpack_group(&jobs[kk], g, simd);
         }
     }
 #endif
@@ -2755,12 +3065,12 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
             const pk_expert *e = &experts[k];
             float *g = gu + goff[k], *u = g + nrows[k] * e->inter;
             const int64_t rw = rowwise_max(e->fmt, e->act);
+            const int act = e->act == A_I8 ? A_I8_ROWS : e->act; /* int8: the per-row kernels at any n */
             for (c = 0; c < nrows[k]; c += rw) {
                 const int64_t n = nrows[k] - c < rw ? nrows[k] - c : rw;
-                job_set(&jobs[nj++], e->fmt, e->act, xg + (first[k] + c) * d, n, d, e->g, e->sg, e->inter,
-                        g + c * e->inter);
-                job_set(&jobs[nj++], e->fmt, e->act, xg + (first[k] + c) * d, n, d, e->u, e->su, e->inter,
-                        u + c * e->inter);
+                const float *xk = xg + (first[k] + c) * d;
+                job_set(&jobs[nj++], e->fmt, act, xk, n, d, e->g, e->sg, e->inter, g + c * e->inter);
+                job_set(&jobs[nj++], e->fmt, act, xk, n, d, e->u, e->su, e->inter, u + c * e->inter);
             }
         }
         run_jobs(jobs, (int)nj);
@@ -2776,9 +3086,10 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
         for (k = 0; k < count; k++) {
             const pk_expert *e = &experts[k];
             const int64_t rw = rowwise_max(e->fmt, e->act);
+            const int act = e->act == A_I8 ? A_I8_ROWS : e->act;
             for (c = 0; c < nrows[k]; c += rw) {
                 const int64_t n = nrows[k] - c < rw ? nrows[k] - c : rw;
-                job_set(&jobs[nj++], e->fmt, e->act, gu + goff[k] + c * e->inter, n, e->inter, e->d, e->sd, d,
+                job_set(&jobs[nj++], e->fmt, act, gu + goff[k] + c * e->inter, n, e->inter, e->d, e->sd, d,
                         ys + (first[k] + c) * d);
             }
         }

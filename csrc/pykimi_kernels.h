@@ -46,6 +46,14 @@ int pk_get_amx(void);
 int pk_avx512bf16_available(void);
 void pk_set_avx512bf16(int on);
 int pk_get_avx512bf16(void);
+/* The VNNI batch kernel for int8 activations (act 1) on Q8_32 / Q4_32 weights at the AVX-512 level (which
+ * includes VNNI): jobs of >= PK_VNNI_MIN_Q8 / PK_VNNI_MIN_Q4 rows of x run it (pk_matmul_q8a / q4a, matmul_many,
+ * the MoE batches). pk_set_vnni_batch(0) / PYKIMI_VNNI_BATCH=0 turns it off (every int8-activation job then runs
+ * the per-row kernels: the previous behaviour, for tests and benchmarks); pk_get_vnni_batch says whether it runs;
+ * pk_vnni_min(fmt) is the row count from which it takes a job of that format (2 = Q8_32, 3 = Q4_32). */
+void pk_set_vnni_batch(int on);
+int pk_get_vnni_batch(void);
+int64_t pk_vnni_min(int fmt);
 
 void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_t out, float *y);
 void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y);
@@ -75,7 +83,8 @@ void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *x
 
 /* Several products in one call (one thread fork/join for all of them). Per job k: fmts[k] 0 = f32,
  * 1 = bf16, 2 = Q8_32, 3 = Q4_32; acts[k] 0 = f32 activations, 1 = int8, 2 = int16 (Q8 only; Q4 -> int8),
- * 3 = bf16 (bf16 weights, as pk_matmul_bf16a; others -> f32);
+ * 3 = bf16 (bf16 weights, as pk_matmul_bf16a; others -> f32), 4 = int8 on the per-row kernels only (never the
+ * VNNI batch kernel: each row exactly what it gets alone, for the serve engine's row-wise calls);
  * scales[k] may be NULL for f32/bf16. Returns 0, or < 0 for a bad format / no memory. */
 int pk_matmul_many(int count, const int *fmts, const int *acts, const float *const *xs, const int64_t *ns,
                    const int64_t *ins, const void *const *ws, const float *const *scales, const int64_t *outs,

@@ -239,12 +239,14 @@ class Request:
 # The batched decode step
 # ---------------------------------------------------------------------------------------------------------
 def _row_cap(w) -> int:
-    """Rows of x per kernel call for which ``kernels.matmul(x, w)`` gives each row exactly what it gives that
-    row alone; 1 = one row per call. C backend: the row kernels (csrc tile_*: each row of x its own
+    """Rows of x per kernel call for which ``kernels.matmul_many(xs, ws, rowwise=True)`` gives each row exactly what
+    it gives that row alone; 1 = one row per call. C backend: the row kernels (csrc tile_*: each row of x its own
     accumulators) run bf16 below 12 rows (the batch-vectorised kernel, PK_TN_MIN; with AMX tiles from 8; with bf16
     activations, PYKIMI_ACT_QUANT=all, the AVX512_BF16 kernel from C_BF16A_MIN),
-    Q8_32 below C_BATCH_ROWS_Q8[0] = 24 (from there matmul switches to the f32 product), Q4_32 and stored
-    F32 always (csrc job_prepare). f32 ndarrays (router weights) go to BLAS, whose result may depend on the batch: row by row."""
+    Q8_32 below C_BATCH_ROWS_Q8[0] = 24 (from there matmul switches to the f32 product in mode "q4"), Q4_32 and
+    stored F32 always (csrc job_prepare): int8 activations (Q4_32, Q8_32 in mode "all") would take the VNNI batch
+    kernel from linear.C_VNNI_MIN rows, but rowwise=True keeps them on the row kernels at any n (C mode "i8row").
+    f32 ndarrays (router weights) go to BLAS, whose result may depend on the batch: row by row."""
     kind = _kind(w)
     if kind == "dense" or kernels.plan(kind, 1)[0] != "c":
         return 1
@@ -277,7 +279,7 @@ def rowwise_products(xs, ws) -> list:
         for r0, r1 in parts:
             flat_x.append(x[r0:r1])
             flat_w.append(w)
-    ys = kernels.matmul_many(flat_x, flat_w) if len(flat_x) > 1 else [kernels.matmul(flat_x[0], flat_w[0])]
+    ys = kernels.matmul_many(flat_x, flat_w, rowwise=True)     # int8 activations: the row kernels at any n
     out, i = [], 0
     for k in plan:
         out.append(ys[i] if k == 1 else np.concatenate(ys[i:i + k], axis=0))

@@ -111,7 +111,7 @@ def quant_act(x: np.ndarray):
 
 
 FMT = {"f32": 0, "bf16": 1, "q8_32": 2, "q4_32": 3}   # weights.KINDS the C kernels read
-ACT = {"f32": 0, "i8": 1, "i16": 2, "bf16": 3}
+ACT = {"f32": 0, "i8": 1, "i16": 2, "bf16": 3, "i8row": 4}   # i8row: int8 on the per-row kernels at any n
 _CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
 
 
@@ -369,11 +369,31 @@ def set_avx512bf16(on: bool) -> bool:
     return get_avx512bf16()
 
 
+def get_vnni_batch() -> bool:
+    """Whether int8-activation batches of Q8_32 / Q4_32 weights (from vnni_min(kind) rows) run the VNNI batch kernel
+    (the AVX-512 level, not turned off by PYKIMI_VNNI_BATCH=0 / set_vnni_batch(False))."""
+    return bool(lib.pk_get_vnni_batch())
+
+
+def set_vnni_batch(on: bool) -> bool:
+    """Turn the VNNI batch kernel on or off (tests, benchmarks: off = the per-row kernels at every n); returns
+    get_vnni_batch()."""
+    lib.pk_set_vnni_batch(1 if on else 0)
+    return get_vnni_batch()
+
+
+def vnni_min(kind: str) -> int:
+    """Rows of x from which an int8-activation job on a weight of ``kind`` ("q8_32" / "q4_32") takes the VNNI batch
+    kernel (csrc PK_VNNI_MIN_Q8 / _Q4; linear.C_VNNI_MIN mirrors them)."""
+    return int(lib.pk_vnni_min(FMT[kind]))
+
+
 def info() -> dict:
     return {"openmp": bool(lib.pk_has_openmp()), "simd": _SIMD_NAMES[get_simd()],
             "simd_levels": simd_levels(), "threads": int(lib.pk_get_threads()),
             "amx": bool(lib.pk_amx_available()) and get_amx(),
-            "avx512bf16": bool(lib.pk_avx512bf16_available()) and get_avx512bf16()}
+            "avx512bf16": bool(lib.pk_avx512bf16_available()) and get_avx512bf16(),
+            "vnni_batch": get_vnni_batch()}
 
 
 def force_scalar(on: bool) -> None:

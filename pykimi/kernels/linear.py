@@ -11,7 +11,9 @@ behind it are in bench/RESULTS.md, "Crossovers"). ONE function, ``plan``, makes 
 for ``reference`` (the NumPy twin of exactly what matmul computes, which the tests hold every backend to).
 
 For int8 / int4 weights the C GEMV quantizes the activation row once per call and uses integer block dot
-products (set_act_quant); with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
+products (set_act_quant); at the AVX-512 level int8-activation batches from C_VNNI_MIN rows run the VNNI batch
+kernel instead of the row kernels (and, for Q8_32 in mode "all", instead of the exact f32 batch kernel / tiles);
+with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
 matmul_many runs several products in one C call (the selected experts);
 heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
 W_uk / W_uv on kv_b_proj, so decode never widens kv_b_proj).
@@ -51,6 +53,21 @@ C_AMX_MIN_Q8 = 32
 # 272-291 -> 291-303 tok/s (3 alternations), 128 unchanged. The serve engine's row-wise batches then take at most
 # 7 rows in mode "all" (engine._row_cap).
 C_BF16A_MIN = 8
+# int8 activations for Q8_32 / Q4_32 weights (mode "i8": Q4_32 in "q4" and "all", Q8_32 in "all") at the AVX-512
+# level (which includes AVX512_VNNI): from this many rows of x the VNNI batch kernel (csrc vnni_rows, PK_VNNI_MIN_Q8 /
+# _Q4), however many rows -- no widened tiles, no exact f32 batch kernel for Q8_32 in mode "all" any more; below it
+# the per-row kernels (tile_act_avx512), as for decode. Same twins (ref.matmul_act_q8 / _q4: the same int8 codes
+# and exact block dots; only the f32 summation order differs). Measured on [1408, 2048], AMD EPYC Zen 5, 2 threads,
+# GOP/s batch kernel (forced onto few rows) / row kernels: Q8 1: 48 / 173, 4: 187 / 300, 6: 279 / 317, 7: 329 / 343,
+# 8: 374 / 362, 10: 455 / 299, 12: 540 / 316, 16: 723 / 315; Q4 1: 45 / 273, 4: 180 / 433, 6: 266 / 345, 7: 310 /
+# 339, 8: 349 / 356, 10: 434 / 415, 12: 513 / 420, 16: 675 / 422 (one thread alike: break-even at 6-8 rows); at 64 /
+# 128 / 512 rows 926-1005 against the row kernels' 328-444 and Q8 "all"'s old f32 paths (batch kernel to 112 rows,
+# then tiles + sgemm) 418 / 201 / 226. Rows per expert in a prefill are few (64 tokens x 6 of 64 experts: ~6), hence
+# the start at break-even rather than at the clear win (10): 4-layer int4 prefill (default mode) of 32 / 64 / 128
+# tokens with the kernel from 6 / 8 / 12 rows 592 / 702 / 813, 592 / 688 / 781, 489 / 496 / 722 tok/s (a second
+# alternation noisier, 6 and 8 alike again, 12 behind). The serve engine's row-wise calls ask for the row
+# kernels at any n (mode "i8row", engine.rowwise_products, csrc pk_swiglu_batch), so its caps do not follow this.
+C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
@@ -96,7 +113,9 @@ def set_act_quant(value) -> None:
       "q4" (default): Q8 weights x int16 activations (rounding ~1e-5 relative: numerically the float
               product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
               bf16 weights: the exact f32 product;
-      "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0), and bf16 weights take
+      "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0) -- at the AVX-512 level in
+              every batch, prefill included (the VNNI batch kernel from C_VNNI_MIN rows; at the AVX2 level Q8
+              batches past SMALL_N_ACT rows take the exact f32 product of the widened tiles) -- and bf16 weights take
               activations rounded to bf16 (round to nearest even, 2^-8 relative per element at most; as
               llama.cpp and PyTorch do for bf16 weights): every batch of >= C_BF16A_MIN (8) rows -- prefill,
               vision, a decode batch of many sequences -- runs the AVX512_BF16 kernel (twin
@@ -131,10 +150,23 @@ def _bf16_act() -> bool:
     return c is not None and c.get_simd() == "avx512" and c.get_avx512bf16() and not c.get_amx()
 
 
+def _vnni(kind: str) -> bool:
+    """int8-activation batches of this format run the VNNI batch kernel from C_VNNI_MIN rows: Q8_32 / Q4_32 in mode
+    "i8" at the AVX-512 level, the kernel on (c.set_vnni_batch, PYKIMI_VNNI_BATCH); not Q8_32 with AMX, whose exact
+    tile product keeps its rows (C_AMX_MIN_Q8..C_AMX_ROWS; not measured against this kernel)."""
+    if kind not in C_VNNI_MIN or _act_mode(kind) != "i8" or not _c_avx512():
+        return False
+    if kind == "q8_32" and _c_amx():
+        return False
+    return bool(_mods["c"].get_vnni_batch())
+
+
 def _small_n(kind: str) -> int:
     """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
     if kind == "bf16" and _bf16_act():
         return 1 << 62                      # every bf16 batch on the AVX512_BF16 kernel, however many rows
+    if _vnni(kind):
+        return 1 << 62                      # every int8-activation batch on the VNNI kernel (or the row kernel)
     mode = _act_mode(kind)
     n = SMALL_N_ACT.get((kind, mode))
     if n is None or (kind == "bf16" and not _c_avx512()):
@@ -151,12 +183,15 @@ def _small_n(kind: str) -> int:
 def _c_mode(kind: str, n: int) -> str:
     """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
     C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
-    product (batch-vectorised kernel, AMX tiles); bf16 weights: "bf16" from C_BF16A_MIN rows when _bf16_act(),
-    else (and below that) "f32"."""
+    product (batch-vectorised kernel, AMX tiles) -- unless their int8 activations go to the VNNI batch kernel
+    (_vnni: mode "all" at the AVX-512 level without AMX: "i8" at every n); bf16 weights: "bf16" from C_BF16A_MIN
+    rows when _bf16_act(), else (and below that) "f32"."""
     if kind == "bf16":
         return "bf16" if n >= C_BF16A_MIN and _bf16_act() else "f32"
     if kind == "f32":
         return "f32"
+    if _vnni(kind):
+        return "i8"                         # below C_VNNI_MIN the row kernel, from it the VNNI batch kernel
     if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
                                             or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
         return "f32"
@@ -337,16 +372,18 @@ def matmul(x, w) -> np.ndarray:
     return y.reshape(lead + (out_f,))
 
 
-def matmul_many(xs, ws) -> list:
+def matmul_many(xs, ws, rowwise: bool = False) -> list:
     """[matmul(x, w) for x, w in zip(xs, ws)], computed together when possible.
 
-    With the C backend every product with few rows (n <= SMALL_N) in a stored form goes into ONE kernel call
-    and one thread fork/join (e.g. all selected experts' gate and up projections of a decode step); the rest
-    go through matmul one by one. Same numerics as matmul."""
+    With the C backend every product the stored-form C kernels take (plan: "c") goes into ONE kernel call
+    and one thread fork/join (e.g. all selected experts' gate and up projections of a decode step, or of a
+    prefill); the rest go through matmul one by one. Same numerics as matmul. rowwise=True (the serve
+    engine): int8-activation products stay on the per-row kernels at any n (C mode "i8row", not the VNNI batch
+    kernel), so each row gets exactly what it gets alone -- the same twin, in the row kernels' summation order."""
     xs, ws = list(xs), list(ws)
     if len(xs) != len(ws):
         raise ValueError(f"matmul_many: {len(xs)} inputs but {len(ws)} weights")
-    if backend() != "c" or len(xs) < 2:
+    if backend() != "c" or (len(xs) < 2 and not rowwise):
         return [matmul(x, w) for x, w in zip(xs, ws)]
     out: list = [None] * len(xs)
     jobs, where, shapes = [], [], []
@@ -360,6 +397,8 @@ def matmul_many(xs, ws) -> list:
         if path != "c":
             out[i] = matmul(x, w)
             continue
+        if rowwise and act == "i8":
+            act = "i8row"
         jobs.append((x2, kind) + _stored(w, kind) + (act, w))
         where.append(i)
         shapes.append(x.shape[:-1] + (out_f,))
