@@ -1477,6 +1477,22 @@ static PK_AMX void amx_rows(const pk_job *j, int64_t o0, int64_t o1) {
 #undef PK_AMX_OUT
 #endif
 
+#if PK_HAVE_AVX512
+/* A kernel for one group of rows of x [t0, t0 + nn) against the weight rows [o0, o1). */
+typedef void (*pk_group_kernel)(const pk_job *, int64_t, int64_t, int64_t, int64_t);
+
+/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1) with the kernel
+ * for its number of 16-row vectors (k[v - 1] for v = 1..4). */
+static void rows_by_group(const pk_job *j, int64_t o0, int64_t o1, const pk_group_kernel k[4]) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
+        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
+        k[(nn + 15) / 16 - 1](j, o0, o1, t0, nn);
+    }
+}
+
+#endif
+
 #if PK_HAVE_AVX512BF16
 /* bf16 weights x activations rounded to bf16 (A_BF16: the opt-in mode of bf16 batches, PYKIMI_ACT_QUANT=all;
  * twin ref.matmul_act_bf16). Why: the exact bf16 batch kernel (bf16_tn_avx512) widens every weight to f32 in
@@ -1644,19 +1660,9 @@ PK_BD_KERNEL(bf16a_3_avx512, 8, 3)
 PK_BD_KERNEL(bf16a_4_avx512, 6, 4)
 #undef PK_BD_KERNEL
 
-/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
-static void bf16a_rows(const pk_job *j, int64_t o0, int64_t o1) {
-    int64_t t0;
-    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
-        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
-        switch ((nn + 15) / 16) {
-        case 1: bf16a_1_avx512(j, o0, o1, t0, nn); break;
-        case 2: bf16a_2_avx512(j, o0, o1, t0, nn); break;
-        case 3: bf16a_3_avx512(j, o0, o1, t0, nn); break;
-        default: bf16a_4_avx512(j, o0, o1, t0, nn); break;
-        }
-    }
-}
+static const pk_group_kernel bf16a_kernels[4] = {bf16a_1_avx512, bf16a_2_avx512, bf16a_3_avx512, bf16a_4_avx512};
+
+static void bf16a_rows(const pk_job *j, int64_t o0, int64_t o1) { rows_by_group(j, o0, o1, bf16a_kernels); }
 #endif
 
 #if PK_HAVE_AVX512
@@ -2071,19 +2077,10 @@ PK_TN_KERNEL(bf16_tn3_avx512, 4, 3)
 PK_TN_KERNEL(bf16_tn4_avx512, 4, 4)
 #undef PK_TN_KERNEL
 
-/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
-static void bf16_tn_avx512(const pk_job *j, int64_t o0, int64_t o1) {
-    int64_t t0;
-    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
-        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
-        switch ((nn + 15) / 16) {
-        case 1: bf16_tn1_avx512(j, o0, o1, t0, nn); break;
-        case 2: bf16_tn2_avx512(j, o0, o1, t0, nn); break;
-        case 3: bf16_tn3_avx512(j, o0, o1, t0, nn); break;
-        default: bf16_tn4_avx512(j, o0, o1, t0, nn); break;
-        }
-    }
-}
+static const pk_group_kernel bf16_tn_kernels[4] = {bf16_tn1_avx512, bf16_tn2_avx512, bf16_tn3_avx512,
+                                                   bf16_tn4_avx512};
+
+static void bf16_tn_avx512(const pk_job *j, int64_t o0, int64_t o1) { rows_by_group(j, o0, o1, bf16_tn_kernels); }
 #endif
 
 /* Output rows [o0, o1) of one job at SIMD level `simd`: blocks of PK_RB weight rows, each block against

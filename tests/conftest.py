@@ -8,3 +8,22 @@ if ROOT not in sys.path:
 GOLDEN = os.path.join(ROOT, "tests", "golden")
 TINY = os.path.join(GOLDEN, "tiny-kimi-vl")
 CASES = ("text_only", "one_image", "two_images")
+
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+
+@pytest.fixture
+def act_mode():
+    """kernels.set_act_quant, the previous setting restored afterwards."""
+    import pykimi.kernels as K
+
+    prev = K.act_quant()
+    yield K.set_act_quant
+    K.set_act_quant(prev)
+
+
+def bound_err(y, r, x, w) -> float:
+    """max |y - r| relative to the largest possible |sum| (max row sum of |x| times max |w|), as test_kernels."""
+    return float(np.max(np.abs(y - r)) / max(np.abs(x).sum(1).max() * np.abs(w).max(), 1e-30))

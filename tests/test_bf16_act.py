@@ -15,6 +15,8 @@ from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
+from conftest import bound_err
+
 C_OK = K.backends()["c"]["available"]
 if C_OK:
     from pykimi.kernels import c
@@ -54,18 +56,6 @@ def bf16dp():
     K.set_backend(prev_b)
 
 
-@pytest.fixture
-def act_mode():
-    prev = K.act_quant()
-    yield K.set_act_quant
-    K.set_act_quant(prev)
-
-
-def _err(y, r, xb, wf) -> float:
-    """max |y - r| relative to the largest possible |sum| (max row sum of |x| times max |w|), as test_kernels."""
-    return float(np.max(np.abs(y - r)) / max(np.abs(xb).sum(1).max() * np.abs(wf).max(), 1e-30))
-
-
 # ------------------------------------------------------------------------------------------------ the twin
 def test_round_bf16_is_round_to_nearest_even():
     """ref.round_bf16 on hand-made cases: ties go to the even bf16 (down from 1 + 2^-8, up from 1 + 3 * 2^-8),
@@ -101,10 +91,10 @@ def test_bf16a_kernel_matches_twin(bf16dp):
             x = rng.standard_normal((n, in_f)).astype(np.float32)
             y = bf16dp.matmul_bf16a(x, bits)
             r = ref.matmul_act_bf16(x, W)
-            err = _err(y, r, ref.round_bf16(x), wf)
+            err = bound_err(y, r, ref.round_bf16(x), wf)
             assert err < 2e-6, f"[{out_f}, {in_f}] n={n}: {err:.2e} vs ref.matmul_act_bf16"
             if in_f >= 16:
-                exact = _err(y, x @ wf.T, x, wf)
+                exact = bound_err(y, x @ wf.T, x, wf)
                 assert exact > 10 * err + 1e-6, f"[{out_f}, {in_f}] n={n}: x was not rounded ({exact:.2e})"
 
 
@@ -143,11 +133,11 @@ def test_bf16a_denormal_activations(bf16dp):
     x = (rng.standard_normal((n, in_f)) * 1e-30).astype(np.float32)  # tiny but normal: products ~1e-30
     y = bf16dp.matmul_bf16a(x, bits)
     r = ref.matmul_act_bf16(x, W)
-    assert np.abs(y).max() > 0 and _err(y, r, ref.round_bf16(x), wf) < 2e-6
+    assert np.abs(y).max() > 0 and bound_err(y, r, ref.round_bf16(x), wf) < 2e-6
     x = rng.standard_normal((n, in_f)).astype(np.float32)
     x[:, ::3] *= np.float32(1e-40)                                    # a third denormal
     y = bf16dp.matmul_bf16a(x, bits)
-    assert _err(y, ref.matmul_act_bf16(x, W), ref.round_bf16(x), wf) < 2e-6
+    assert bound_err(y, ref.matmul_act_bf16(x, W), ref.round_bf16(x), wf) < 2e-6
 
 
 @needs_bf16dp
@@ -227,9 +217,9 @@ def test_plan_per_mode_n_and_level(bf16dp, act_mode):
         y, r = K.matmul(x, W), K.reference(x, W)
         if n >= linear.C_BF16A_MIN:
             np.testing.assert_array_equal(r, ref.matmul_act_bf16(x, W))
-        assert _err(y, r, x, w) < 2e-6, f"n={n}: matmul vs reference"
+        assert bound_err(y, r, x, w) < 2e-6, f"n={n}: matmul vs reference"
     for x, y in zip(xs, K.matmul_many(xs, [W] * len(xs))):
-        assert _err(y, K.reference(x, W), x, w) < 2e-6, f"matmul_many n={x.shape[0]}"
+        assert bound_err(y, K.reference(x, W), x, w) < 2e-6, f"matmul_many n={x.shape[0]}"
     bf16dp.set_avx512bf16(False)
     assert [linear.plan("bf16", n) for n in ns] == plans["q4"]
     bf16dp.set_avx512bf16(True)
@@ -262,7 +252,7 @@ def test_default_modes_unchanged(act_mode):
                 off = K.matmul(x, W)
                 c.set_avx512bf16(True)
                 np.testing.assert_array_equal(on, off, err_msg=f"{mode} n={n}")
-                assert _err(on, ref.matmul(x, W), x, w) < 2e-6
+                assert bound_err(on, ref.matmul(x, W), x, w) < 2e-6
     finally:
         c.set_avx512bf16(True)
         K.set_backend(prev)

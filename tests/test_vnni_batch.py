@@ -16,6 +16,8 @@ from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q4, quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
+from conftest import bound_err
+
 C_OK = K.backends()["c"]["available"]
 if C_OK:
     from pykimi.kernels import c
@@ -47,18 +49,6 @@ def vnni():
     K.set_backend(prev_b)
 
 
-@pytest.fixture
-def act_mode():
-    prev = K.act_quant()
-    yield K.set_act_quant
-    K.set_act_quant(prev)
-
-
-def _err(y, r, x, w) -> float:
-    """max |y - r| relative to the largest possible |sum| (max row sum of |x| times max |w|), as test_kernels."""
-    return float(np.max(np.abs(y - r)) / max(np.abs(x).sum(1).max() * np.abs(w).max(), 1e-30))
-
-
 def _kernels(cc):
     return {"q8_32": (quantize_q8, lambda x, W: cc.matmul_q8a(x, W.q, W.scales), ref.matmul_act_q8),
             "q4_32": (quantize_q4, lambda x, W: cc.matmul_q4a(x, W.q, W.scales), ref.matmul_act_q4)}
@@ -79,7 +69,7 @@ def test_kernel_matches_twins(vnni):
             for n in NS:
                 x = (rng.standard_normal((n, in_f)) * 3).astype(np.float32)
                 y = kern(x, W)
-                err = _err(y, twin(x, W), x, wf)
+                err = bound_err(y, twin(x, W), x, wf)
                 assert err < TOL, f"{kind} [{out_f}, {in_f}] n={n}: {err:.2e} vs the twin"
                 vnni.set_vnni_batch(False)
                 rows = kern(x, W)
@@ -87,7 +77,7 @@ def test_kernel_matches_twins(vnni):
                 if n < vnni.vnni_min(kind):
                     np.testing.assert_array_equal(y, rows, err_msg=f"{kind} [{out_f}, {in_f}] n={n} below the min")
                 else:
-                    assert _err(y, rows, x, wf) < TOL, f"{kind} [{out_f}, {in_f}] n={n} vs the row kernels"
+                    assert bound_err(y, rows, x, wf) < TOL, f"{kind} [{out_f}, {in_f}] n={n} vs the row kernels"
 
 
 @needs_vnni
@@ -130,10 +120,10 @@ def test_lower_levels_and_switch_unchanged(vnni):
         for lv in ("avx2", "scalar"):
             vnni.set_simd(lv)
             assert not vnni.get_vnni_batch()
-            assert _err(kern(x, W), twin(x, W), x, W.f32()) < TOL, f"{kind} {lv}"
+            assert bound_err(kern(x, W), twin(x, W), x, W.f32()) < TOL, f"{kind} {lv}"
         vnni.set_simd("avx512")
         assert vnni.get_vnni_batch()
-        assert _err(off, twin(x, W), x, W.f32()) < TOL
+        assert bound_err(off, twin(x, W), x, W.f32()) < TOL
 
 
 @needs_vnni
@@ -207,9 +197,9 @@ def test_plan_per_mode_n_and_level(vnni, act_mode):
                 if uses:
                     twin = ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4
                     np.testing.assert_array_equal(r, twin(x, W))
-                assert _err(y, r, x, W.f32()) < TOL, f"{kind} {mode} n={n}: matmul vs reference"
+                assert bound_err(y, r, x, W.f32()) < TOL, f"{kind} {mode} n={n}: matmul vs reference"
             for x, y in zip(xs, K.matmul_many(xs, [W] * len(xs))):
-                assert _err(y, K.reference(x, W), x, W.f32()) < TOL, f"{kind} {mode} matmul_many n={x.shape[0]}"
+                assert bound_err(y, K.reference(x, W), x, W.f32()) < TOL, f"{kind} {mode} matmul_many n={x.shape[0]}"
 
 
 @needs_vnni
@@ -264,7 +254,7 @@ def test_rowwise_calls_keep_the_row_kernels(vnni, act_mode):
         np.testing.assert_array_equal(y, alone, err_msg=f"{mode} {W.kind}")
         (y2,) = engine.rowwise_products([x], [W])
         np.testing.assert_array_equal(y2, alone, err_msg=f"{mode} {W.kind} rowwise_products")
-        assert _err(K.matmul(x, W), alone, x, W.f32()) < TOL       # the batch kernel: the same twin
+        assert bound_err(K.matmul(x, W), alone, x, W.f32()) < TOL       # the batch kernel: the same twin
 
 
 @pytest.mark.skipif(not C_OK, reason="C extension not built")

@@ -74,18 +74,7 @@ void f(const void *cfg, const void *a, const void *b, float *c) {
 def probe_amx() -> bool:
     """True when the compiler and assembler take the AMX intrinsics (gcc >= 11 and binutils >= 2.36, or clang
     >= 12). Without them the kernels are built with -DPK_NO_AMX: the same C, no tile path."""
-    if os.environ.get("PYKIMI_NO_AMX"):
-        return False
-    with tempfile.TemporaryDirectory() as d:
-        c = os.path.join(d, "t.c")
-        with open(c, "w") as f:
-            f.write(_AMX_PROBE)
-        try:
-            r = subprocess.run(_compiler() + ["-O2", "-c", c, "-o", os.path.join(d, "t.o")],
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, timeout=60)
-        except (OSError, subprocess.SubprocessError):
-            return False
-        return r.returncode == 0
+    return not os.environ.get("PYKIMI_NO_AMX") and _compiles(_AMX_PROBE)
 
 
 _AVX512BF16_PROBE = r"""
