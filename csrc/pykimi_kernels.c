@@ -232,6 +232,16 @@ int pk_get_simd(void) {
     return pk_simd_req < 0 || pk_simd_req > m ? m : pk_simd_req;
 }
 
+/* A run-time switch kept in *req: -2 = not read yet, then on unless the environment variable `env` is "0" or
+ * "off" (read once, at the first call); 0 / 1 once read or set. */
+static int env_switch(int *req, const char *env) {
+    if (*req == -2) {
+        const char *e = getenv(env);
+        *req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
+    }
+    return *req;
+}
+
 static int pk_amx_state = -1; /* -1 = not probed, 0 = unavailable, 1 = granted to this process */
 static int pk_amx_req = -2;   /* -2 = not read yet (PYKIMI_AMX), 0 = off, 1 = on when available */
 
@@ -257,13 +267,7 @@ int pk_amx_available(void) {
 /* Use AMX for bf16 batches (1, the default where available) or not (0; PYKIMI_AMX=0 before the first call). */
 void pk_set_amx(int on) { pk_amx_req = on ? 1 : 0; }
 
-int pk_get_amx(void) {
-    if (pk_amx_req == -2) {
-        const char *e = getenv("PYKIMI_AMX");
-        pk_amx_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
-    }
-    return pk_amx_req && pk_amx_available();
-}
+int pk_get_amx(void) { return env_switch(&pk_amx_req, "PYKIMI_AMX") && pk_amx_available(); }
 
 static int pk_bf16dp_state = -1; /* -1 = not probed, 0 = the CPU (or build) lacks AVX512_BF16, 1 = has it */
 static int pk_bf16dp_req = -2;   /* -2 = not read yet (PYKIMI_AVX512BF16), 0 = off, 1 = on when available */
@@ -290,11 +294,7 @@ int pk_avx512bf16_available(void) {
 void pk_set_avx512bf16(int on) { pk_bf16dp_req = on ? 1 : 0; }
 
 int pk_get_avx512bf16(void) {
-    if (pk_bf16dp_req == -2) {
-        const char *e = getenv("PYKIMI_AVX512BF16");
-        pk_bf16dp_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
-    }
-    return pk_bf16dp_req && pk_avx512bf16_available();
+    return env_switch(&pk_bf16dp_req, "PYKIMI_AVX512BF16") && pk_avx512bf16_available();
 }
 
 static int pk_vnni_req = -2; /* -2 = not read yet (PYKIMI_VNNI_BATCH), 0 = off, 1 = on */
@@ -305,11 +305,7 @@ static int pk_vnni_req = -2; /* -2 = not read yet (PYKIMI_VNNI_BATCH), 0 = off, 
 void pk_set_vnni_batch(int on) { pk_vnni_req = on ? 1 : 0; }
 
 int pk_get_vnni_batch(void) {
-    if (pk_vnni_req == -2) {
-        const char *e = getenv("PYKIMI_VNNI_BATCH");
-        pk_vnni_req = !(e && (!strcmp(e, "0") || !strcmp(e, "off")));
-    }
-    return pk_vnni_req && PK_HAVE_AVX512 && pk_get_simd() >= 2;
+    return env_switch(&pk_vnni_req, "PYKIMI_VNNI_BATCH") && PK_HAVE_AVX512 && pk_get_simd() >= 2;
 }
 
 int64_t pk_vnni_min(int fmt) { return fmt == F_Q8 ? PK_VNNI_MIN_Q8 : fmt == F_Q4 ? PK_VNNI_MIN_Q4 : -1; }
@@ -1478,6 +1474,18 @@ static PK_AMX void amx_rows(const pk_job *j, int64_t o0, int64_t o1) {
 #endif
 
 #if PK_HAVE_AVX512
+/* The accumulators acc[r][v] (weight rows o + r, r < rr; x rows 16 v + lane of the group) into the result buffer
+ * yb ([row of x][4 R weight rows], the block starting at weight row ob), lanes past the group's nn rows masked. */
+#define PK_YB_SCATTER(R, NV)                                                                               \
+    do {                                                                                                   \
+        for (v = 0; v < (NV); v++) {                                                                       \
+            const int64_t left = nn - 16 * v;                                                              \
+            const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);                      \
+            for (r = 0; r < rr; r++)                                                                       \
+                _mm512_mask_i32scatter_ps(yb + 16 * v * 4 * (R) + (o - ob) + r, m, yi, acc[r][v], 4);     \
+        }                                                                                                  \
+    } while (0)
+
 /* A kernel for one group of rows of x [t0, t0 + nn) against the weight rows [o0, o1). */
 typedef void (*pk_group_kernel)(const pk_job *, int64_t, int64_t, int64_t, int64_t);
 
@@ -1638,12 +1646,7 @@ static int bf16a_prepare(pk_job *j) {
                     }                                                                                     \
                 }                                                                                         \
             }                                                                                             \
-            for (v = 0; v < (NV); v++) {                                                                  \
-                const int64_t left = nn - 16 * v;                                                         \
-                const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);                 \
-                for (r = 0; r < rr; r++)                                                                  \
-                    _mm512_mask_i32scatter_ps(yb + 16 * v * 4 * (R) + (o - ob) + r, m, yi, acc[r][v], 4);   \
-            }                                                                                             \
+            PK_YB_SCATTER(R, NV);                                                                         \
         }                                                                                                 \
         for (t = 0; t < nn; t++)                                                                          \
             memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \
@@ -1858,12 +1861,7 @@ static int vnni_prepare(pk_job *j, int simd) {
                     }                                                                                     \
                 }                                                                                         \
             }                                                                                             \
-            for (v = 0; v < (NV); v++) {                                                                  \
-                const int64_t left = nn - 16 * v;                                                         \
-                const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);                 \
-                for (r = 0; r < rr; r++)                                                                  \
-                    _mm512_mask_i32scatter_ps(yb + 16 * v * 4 * (R) + (o - ob) + r, m, yi, acc[r][v], 4);   \
-            }                                                                                             \
+            PK_YB_SCATTER(R, NV);                                                                         \
         }                                                                                                 \
         for (t = 0; t < nn; t++)                                                                          \
             memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \

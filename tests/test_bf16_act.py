@@ -294,7 +294,7 @@ NEAR_TIE = 1e-3
 def test_prefill_all_mode_within_bound(bf16dp, act_mode, case):
     sys.path.insert(0, os.path.dirname(__file__))
     from conftest import TINY
-    from test_model_golden import case_data
+    from test_model_golden import case_data, rerouted
     from pykimi.model import load
     from pykimi.trace import Trace
     inputs, gold, _ = case_data(case)
@@ -315,15 +315,7 @@ def test_prefill_all_mode_within_bound(bf16dp, act_mode, case):
         how = "pixels" if "pixel_values" in kw else "lm"
         with Trace(model) as t:
             logits = model.forward(inputs["input_ids"], **kw)
-        flipped = np.zeros(S, bool)
-        for name in gold:
-            if name.endswith(".mlp.topk_ids"):
-                moved = (t[name] != gold[name]).any(axis=1)
-                margin = gold[name.replace("topk_ids", "topk_margin")]
-                where = np.flatnonzero(moved & (margin >= NEAR_TIE))
-                assert where.size == 0, (f"{case} {how} {name}: routing moved at position {int(where[0])} (golden "
-                                         f"margin {float(margin[where[0]]):.2g} >= {NEAR_TIE:g})")
-                flipped |= moved
+        flipped = rerouted(t, gold, S, NEAR_TIE, f"{case} {how}")
         keep = ~flipped
         assert keep.sum() >= S - 2, f"{case} {how}: {int(flipped.sum())} positions re-routed"
         err_pos = np.max(np.abs(logits - gold["logits"]), axis=1) / scale

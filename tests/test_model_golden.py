@@ -186,6 +186,22 @@ BF16_CACHE_BOUND = 2.0 ** -8
 NEAR_TIE = 1e-4
 
 
+def rerouted(t, gold, S: int, near_tie: float, where: str) -> np.ndarray:
+    """bool[S]: positions whose routed experts (the trace t's .mlp.topk_ids) differ from the golden ones in any
+    layer; fails, naming layer and position, where one moved at a golden router margin >= near_tie (not a
+    near-tie: a real routing difference, not rounding)."""
+    flipped = np.zeros(S, bool)
+    for name in gold:
+        if name.endswith(".mlp.topk_ids"):
+            moved = (t[name] != gold[name]).any(axis=1)
+            margin = gold[name.replace("topk_ids", "topk_margin")]
+            bad = np.flatnonzero(moved & (margin >= near_tie))
+            assert bad.size == 0, (f"{where} {name}: routing moved at position {int(bad[0])} (golden margin "
+                                   f"{float(margin[bad[0]]):.2g} >= {near_tie:g}: not a near-tie)")
+            flipped |= moved
+    return flipped
+
+
 @pytest.mark.parametrize("case", CASES)
 def test_bf16_cache_within_stated_bound(case):
     inputs, gold, manifest = case_data(case)
@@ -196,15 +212,7 @@ def test_bf16_cache_within_stated_bound(case):
     with Trace(model) as t:
         logits = model.forward(inputs["input_ids"], **kw)
     S = logits.shape[0]
-    flipped = np.zeros(S, bool)
-    for name in gold:
-        if name.endswith(".mlp.topk_ids"):
-            moved = (t[name] != gold[name]).any(axis=1)
-            margin = gold[name.replace("topk_ids", "topk_margin")]
-            where = np.flatnonzero(moved & (margin >= NEAR_TIE))
-            assert where.size == 0, (f"{case} {name}: routing moved at position {int(where[0])} (golden margin "
-                                     f"{float(margin[where[0]]):.2g} >= {NEAR_TIE:g}: not a near-tie)")
-            flipped |= moved
+    flipped = rerouted(t, gold, S, NEAR_TIE, case)
     keep = ~flipped
     assert keep.sum() >= S - 1, f"{case}: {int(flipped.sum())} positions re-routed"
     scale = np.max(np.abs(gold["logits"]))
