@@ -2916,7 +2916,7 @@ typedef struct {
 } pk_mla;
 
 #define PK_MLA_ROWS 32 /* cache rows per task of the score phase */
-#define PK_MLA_COLS 64 /* latent columns per task of the value phase */
+#define PK_MLA_COLS 64 /* latent columns per block of the value phase (a task: a run of blocks) */
 
 /* Head h's query in latent space: qc[h] = [q_nope W_uk[h] | rope(q_pe)] (W_uk[h] rows decoded once). */
 static void mla_query(const pk_mla *m, int64_t h) {
@@ -2931,8 +2931,8 @@ static void mla_query(const pk_mla *m, int64_t h) {
  * loop streamed the whole cache once per head, 16 times a layer); blocks of 4 rows x 4 heads (dot44, a
  * register-blocked GEMM: 2 FMAs per load, dot4 gave 0.8). Why: with the value blocking below, 27 layers
  * int4 on Zen 5 (2 cores, f32 cache) went from 130 / 353 to 116 / 290 ms a token at 8k / 32k cached
- * (bench_longctx); attention is still ~87 % of a 32k step, now near the bandwidth of reading the cache twice
- * (scores, then values: ~16 GB/s). */
+ * (bench_longctx; 102 / 281 with the value tasks below); attention is still ~86 % of a 32k step, now
+ * nearer the bandwidth of reading the cache twice (scores, then values: ~16 GB/s) than the FMA peak. */
 static void mla_scores(const pk_mla *m, int64_t t0, int64_t t1) {
     int64_t t, h, i, j;
     for (t = t0; t + 4 <= t1; t += 4) { /* four rows x four heads (dot44), other heads dot4, then one by one */
@@ -2977,35 +2977,40 @@ static void mla_softmax(const pk_mla *m, int64_t h) {
 /* o_lat[h][c0:c1] = sum_t p[h, t] c_t[c0:c1] for every head, rows in order: blocks of PK_MLA_ROWS rows (in
  * L1) against every head's accumulator, 4 heads x 64 columns per pass (axpy64x4: each row slice loaded once
  * for 4 heads), other heads one by one (axpy64), a short last block of columns axpy per row. Each sum keeps
- * its order whatever the blocking, so the values are the same bits as before the head blocking. */
+ * its order whatever the blocking, so the values are the same bits as before the head blocking, and do not
+ * depend on how the columns are split between tasks. A task is one contiguous run of 64-column blocks per
+ * thread (the 64-column blocks inside it, per block of rows): each thread then streams a contiguous quarter /
+ * half of every row rather than 256 bytes of each 2,304 (8k / 32k: 116 / 290 -> 102 / 281 ms a token). */
 static void mla_values(const pk_mla *m, int64_t c0, int64_t c1) {
-    int64_t t0, t, h, i;
+    int64_t t0, t, h, i, cb, ce;
     for (h = 0; h < m->H; h++)
         for (i = c0; i < c1; i++) m->ol[h * m->R + i] = 0.0f;
     for (t0 = 0; t0 < m->nvis; t0 += PK_MLA_ROWS) {
         const int64_t nt = m->nvis - t0 < PK_MLA_ROWS ? m->nvis - t0 : PK_MLA_ROWS;
-        const int64_t off = t0 * m->W + c0;
-        h = 0;
-        if (c1 - c0 == 64) /* four heads per pass over the block's row slices */
-            for (; h + 4 <= m->H; h += 4) {
+        for (cb = c0; cb < c1; cb = ce) { /* the task's columns in blocks of 64 (a row block's slices in L1) */
+            const int64_t off = t0 * m->W + cb, nc = (ce = cb + 64 < c1 ? cb + 64 : c1) - cb;
+            h = 0;
+            if (nc == 64) /* four heads per pass over the block's row slices */
+                for (; h + 4 <= m->H; h += 4) {
+                    const float *p = m->s + h * m->N + t0;
+                    float *o = m->ol + h * m->R + cb;
+                    if (m->rows16)
+                        axpy64x4h_level(m->simd, p, m->N, m->rows16 + off, m->W, nt, o, m->R);
+                    else
+                        axpy64x4_level(m->simd, p, m->N, m->rows + off, m->W, nt, o, m->R);
+                }
+            for (; h < m->H; h++) {
                 const float *p = m->s + h * m->N + t0;
-                float *o = m->ol + h * m->R + c0;
-                if (m->rows16)
-                    axpy64x4h_level(m->simd, p, m->N, m->rows16 + off, m->W, nt, o, m->R);
+                float *o = m->ol + h * m->R + cb;
+                if (m->rows16 && nc == 64)
+                    axpy64h_level(m->simd, p, m->rows16 + off, m->W, nt, o);
+                else if (m->rows16)
+                    for (t = 0; t < nt; t++) axpyh_level(m->simd, p[t], m->rows16 + off + t * m->W, o, nc);
+                else if (nc == 64)
+                    axpy64_level(m->simd, p, m->rows + off, m->W, nt, o);
                 else
-                    axpy64x4_level(m->simd, p, m->N, m->rows + off, m->W, nt, o, m->R);
+                    for (t = 0; t < nt; t++) axpy_level(m->simd, p[t], m->rows + off + t * m->W, o, nc);
             }
-        for (; h < m->H; h++) {
-            const float *p = m->s + h * m->N + t0;
-            float *o = m->ol + h * m->R + c0;
-            if (m->rows16 && c1 - c0 == 64)
-                axpy64h_level(m->simd, p, m->rows16 + off, m->W, nt, o);
-            else if (m->rows16)
-                for (t = 0; t < nt; t++) axpyh_level(m->simd, p[t], m->rows16 + off + t * m->W, o, c1 - c0);
-            else if (c1 - c0 == 64)
-                axpy64_level(m->simd, p, m->rows + off, m->W, nt, o);
-            else
-                for (t = 0; t < nt; t++) axpy_level(m->simd, p[t], m->rows + off + t * m->W, o, c1 - c0);
         }
     }
 }
@@ -3083,7 +3088,7 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
     const int nth = pk_get_threads();
     pk_job oj; /* o_proj: y [out] = out [heads * dv] @ W_o^T (only with o_proj) */
     float *scratch = NULL;
-    int64_t nrb, ncb;
+    int64_t nrb, ncb, nvt;
     pk_mla m;
     if (fmt < F_F32 || fmt > F_Q4 || cdt < 0 || cdt > 1) return -2;
     if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
@@ -3094,6 +3099,7 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
         return -1;
     nrb = (m.nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
     ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
+    nvt = ncb < nth ? ncb : nth; /* value tasks: one contiguous run of 64-column blocks per thread */
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         int64_t k;
@@ -3105,8 +3111,9 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
 #pragma omp for schedule(static)
         for (k = 0; k < heads; k++) mla_softmax(&m, k);
 #pragma omp for schedule(static)
-        for (k = 0; k < ncb; k++)
-            mla_values(&m, k * PK_MLA_COLS, (k + 1) * PK_MLA_COLS < R ? (k + 1) * PK_MLA_COLS : R);
+        for (k = 0; k < nvt; k++)
+            mla_values(&m, ncb * k / nvt * PK_MLA_COLS, ncb * (k + 1) / nvt * PK_MLA_COLS < R
+                                                            ? ncb * (k + 1) / nvt * PK_MLA_COLS : R);
 #pragma omp for schedule(static)
         for (k = 0; k < heads; k++) mla_output(&m, k);
         if (o_proj) {
