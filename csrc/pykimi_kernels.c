@@ -2683,8 +2683,68 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
             y[j] = s;                                                                 \
         }                                                                             \
     }
+/* The scores as a register-blocked GEMM: y[h * ys + j] = a_h . b_j for four heads a_h = a + h * astride and
+ * four rows b_j = b + j * stride. Per VW elements each row and query slice is loaded once and feeds four
+ * FMAs: 8 vector loads for 16 FMAs (dot4: 5 loads for 4 FMAs, one call per head with its own reduction tree).
+ * 16 accumulators of VW lanes: 16 zmm at AVX-512 (VW 16, 8 registers left for the 8 operands); at AVX2 VW is
+ * 8 (16 ymm accumulators: the operands come from memory / spill a little, still fewer loads than dot4). */
+#define PK_DOT44_BODY(LD, VW)                                                                    \
+    {                                                                                            \
+        float acc[4][4][VW];                                                                     \
+        int64_t i, j, h, k, w;                                                                   \
+        for (h = 0; h < 4; h++)                                                                  \
+            for (j = 0; j < 4; j++)                                                              \
+                for (k = 0; k < VW; k++) acc[h][j][k] = 0.0f;                                    \
+        for (i = 0; i + VW <= n; i += VW)                                                        \
+            for (k = 0; k < VW; k++) {                                                           \
+                const float b0 = LD(b[i + k]), b1 = LD(b[stride + i + k]);                       \
+                const float b2 = LD(b[2 * stride + i + k]), b3 = LD(b[3 * stride + i + k]);      \
+                for (h = 0; h < 4; h++) {                                                        \
+                    const float ah = a[h * astride + i + k];                                     \
+                    acc[h][0][k] += ah * b0;                                                     \
+                    acc[h][1][k] += ah * b1;                                                     \
+                    acc[h][2][k] += ah * b2;                                                     \
+                    acc[h][3][k] += ah * b3;                                                     \
+                }                                                                                \
+            }                                                                                    \
+        for (h = 0; h < 4; h++)                                                                  \
+            for (j = 0; j < 4; j++) {                                                            \
+                float *c = acc[h][j], s;                                                         \
+                for (w = VW / 2; w >= 4; w /= 2) /* a tree */                                    \
+                    for (k = 0; k < w; k++) c[k] += c[k + w];                                    \
+                s = (c[0] + c[2]) + (c[1] + c[3]);                                               \
+                for (k = i; k < n; k++) s += a[h * astride + k] * LD(b[j * stride + k]);         \
+                y[h * ys + j] = s;                                                               \
+            }                                                                                    \
+    }
+/* The values as a register-blocked GEMM: o_h[0:64] += sum_t p_h[t] r_t[0:64] for four heads (p_h = p +
+ * h * ps, o_h = o + h * os): each row slice is loaded (and widened) once for the four heads, 16 FMAs per
+ * 4 row vectors + 4 broadcasts (axpy64: 4 FMAs per 4 + 1). Each sum is axpy64's, rows in order: same bits. */
+#define PK_AXPY64X4_BODY(LD)                                                     \
+    {                                                                            \
+        float acc[4][64];                                                        \
+        int64_t t, h, k;                                                         \
+        for (h = 0; h < 4; h++)                                                  \
+            for (k = 0; k < 64; k++) acc[h][k] = o[h * os + k];                  \
+        for (t = 0; t < nt; t++) {                                               \
+            const float p0 = p[t], p1 = p[ps + t], p2 = p[2 * ps + t], p3 = p[3 * ps + t]; \
+            for (k = 0; k < 64; k++) {                                           \
+                const float rk = LD(r[t * stride + k]);                          \
+                acc[0][k] += p0 * rk;                                            \
+                acc[1][k] += p1 * rk;                                            \
+                acc[2][k] += p2 * rk;                                            \
+                acc[3][k] += p3 * rk;                                            \
+            }                                                                    \
+        }                                                                        \
+        for (h = 0; h < 4; h++)                                                  \
+            for (k = 0; k < 64; k++) o[h * os + k] = acc[h][k];                  \
+    }
 /* NAME (f32 cache rows) and NAME##h (bf16 rows, uint16 bits) at one level: ATTR is the level's target. */
-#define PK_CACHE_FNS(ATTR, LEVEL)                                                                              \
+#define PK_CACHE_FNS(ATTR, LEVEL, VW)                                                                          \
+    static ATTR void dot44_##LEVEL(const float *a, int64_t astride, const float *b, int64_t stride, int64_t n, \
+                                   float *y, int64_t ys) PK_DOT44_BODY(PK_LD_F32, VW)                          \
+    static ATTR void dot44h_##LEVEL(const float *a, int64_t astride, const uint16_t *b, int64_t stride,       \
+                                    int64_t n, float *y, int64_t ys) PK_DOT44_BODY(PK_LD_BF16, VW)             \
     static ATTR float dot_##LEVEL(const float *a, const float *b, int64_t n) PK_DOT_BODY(PK_LD_F32)            \
     static ATTR float doth_##LEVEL(const float *a, const uint16_t *b, int64_t n) PK_DOT_BODY(PK_LD_BF16)      \
     static ATTR void dot4_##LEVEL(const float *a, const float *b, int64_t stride, int64_t n, float *y)         \
@@ -2698,12 +2758,81 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
     static ATTR void axpy64h_##LEVEL(const float *p, const uint16_t *r, int64_t stride, int64_t nt, float *o)  \
         PK_AXPY64_BODY(PK_LD_BF16)
 #define PK_NO_ATTR
-PK_CACHE_FNS(PK_NO_ATTR, scalar)
+PK_CACHE_FNS(PK_NO_ATTR, scalar, 8)
 #if PK_X86
-PK_CACHE_FNS(PK_AVX2, avx2)
+PK_CACHE_FNS(PK_AVX2, avx2, 8)
 #endif
 #if PK_HAVE_AVX512
-PK_CACHE_FNS(PK_AVX512, avx512)
+PK_CACHE_FNS(PK_AVX512, avx512, 16)
+#endif
+
+/* axpy64x4 (PK_AXPY64X4_BODY) per level. GCC kept the macro's 4 x 64 accumulators on the stack (a load and a
+ * store per FMA), so the vector levels spell the registers out: AVX-512 holds all 4 heads x 64 columns (16
+ * zmm + 4 row vectors + 4 broadcasts); AVX2 (16 ymm) does the 64 columns as four passes of 4 heads x 16
+ * columns (8 accumulators), the block's rows coming back from L1. Every sum is acc = fma(p, r, acc) over
+ * the rows in order, as the scalar macro (contracted) and axpy64: same bits at every blocking. LDV(ptr)
+ * loads one vector of cache elements as f32 (bf16: widen to 32 bits, shift left 16 = bf16_to_f32). */
+static void axpy64x4_scalar(const float *p, int64_t ps, const float *r, int64_t stride, int64_t nt, float *o,
+                            int64_t os) PK_AXPY64X4_BODY(PK_LD_F32)
+static void axpy64x4h_scalar(const float *p, int64_t ps, const uint16_t *r, int64_t stride, int64_t nt, float *o,
+                             int64_t os) PK_AXPY64X4_BODY(PK_LD_BF16)
+#if PK_X86
+#define PK_LDV8_F32(x) _mm256_loadu_ps(x)
+#define PK_LDV8_BF16(x) \
+    _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x))), 16))
+#define PK_AXPY64X4_AVX2(LDV)                                                                 \
+    {                                                                                         \
+        int64_t t, c, h;                                                                      \
+        for (c = 0; c < 64; c += 16) {                                                        \
+            __m256 a[4][2];                                                                   \
+            for (h = 0; h < 4; h++)                                                           \
+                a[h][0] = _mm256_loadu_ps(o + h * os + c), a[h][1] = _mm256_loadu_ps(o + h * os + c + 8); \
+            for (t = 0; t < nt; t++) {                                                        \
+                const __m256 r0 = LDV(r + t * stride + c), r1 = LDV(r + t * stride + c + 8);  \
+                for (h = 0; h < 4; h++) {                                                     \
+                    const __m256 ph = _mm256_set1_ps(p[h * ps + t]);                          \
+                    a[h][0] = _mm256_fmadd_ps(ph, r0, a[h][0]);                               \
+                    a[h][1] = _mm256_fmadd_ps(ph, r1, a[h][1]);                               \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < 4; h++)                                                           \
+                _mm256_storeu_ps(o + h * os + c, a[h][0]), _mm256_storeu_ps(o + h * os + c + 8, a[h][1]); \
+        }                                                                                     \
+    }
+static PK_AVX2 void axpy64x4_avx2(const float *p, int64_t ps, const float *r, int64_t stride, int64_t nt, float *o,
+                                  int64_t os) PK_AXPY64X4_AVX2(PK_LDV8_F32)
+static PK_AVX2 void axpy64x4h_avx2(const float *p, int64_t ps, const uint16_t *r, int64_t stride, int64_t nt,
+                                   float *o, int64_t os) PK_AXPY64X4_AVX2(PK_LDV8_BF16)
+#endif
+#if PK_HAVE_AVX512
+#define PK_LDV16_F32(x) _mm512_loadu_ps(x)
+#define PK_LDV16_BF16(x) \
+    _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x))), 16))
+#define PK_AXPY64X4_AVX512(LDV)                                                              \
+    {                                                                                        \
+        __m512 a[4][4];                                                                      \
+        int64_t t, h, q;                                                                     \
+        for (h = 0; h < 4; h++)                                                              \
+            for (q = 0; q < 4; q++) a[h][q] = _mm512_loadu_ps(o + h * os + 16 * q);          \
+        for (t = 0; t < nt; t++) {                                                           \
+            const int64_t o0 = t * stride; /* no typed row pointer: LDV reads f32 or uint16 */  \
+            const __m512 r0 = LDV(r + o0), r1 = LDV(r + o0 + 16);                            \
+            const __m512 r2 = LDV(r + o0 + 32), r3 = LDV(r + o0 + 48);                       \
+            for (h = 0; h < 4; h++) {                                                        \
+                const __m512 ph = _mm512_set1_ps(p[h * ps + t]);                             \
+                a[h][0] = _mm512_fmadd_ps(ph, r0, a[h][0]);                                  \
+                a[h][1] = _mm512_fmadd_ps(ph, r1, a[h][1]);                                  \
+                a[h][2] = _mm512_fmadd_ps(ph, r2, a[h][2]);                                  \
+                a[h][3] = _mm512_fmadd_ps(ph, r3, a[h][3]);                                  \
+            }                                                                                \
+        }                                                                                    \
+        for (h = 0; h < 4; h++)                                                              \
+            for (q = 0; q < 4; q++) _mm512_storeu_ps(o + h * os + 16 * q, a[h][q]);          \
+    }
+static PK_AVX512 void axpy64x4_avx512(const float *p, int64_t ps, const float *r, int64_t stride, int64_t nt,
+                                      float *o, int64_t os) PK_AXPY64X4_AVX512(PK_LDV16_F32)
+static PK_AVX512 void axpy64x4h_avx512(const float *p, int64_t ps, const uint16_t *r, int64_t stride, int64_t nt,
+                                       float *o, int64_t os) PK_AXPY64X4_AVX512(PK_LDV16_BF16)
 #endif
 
 static float dot_level(int simd, const float *a, const float *b, int64_t n) {
@@ -2738,6 +2867,24 @@ static void axpy64h_level(int simd, const float *p, const uint16_t *r, int64_t s
     PK_LEVEL_CALL(simd, axpy64h, (p, r, stride, nt, o));
 }
 
+static void dot44_level(int simd, const float *a, int64_t as, const float *b, int64_t n, float *y, int64_t ys) {
+    PK_LEVEL_CALL(simd, dot44, (a, as, b, n, n, y, ys));
+}
+
+static void dot44h_level(int simd, const float *a, int64_t as, const uint16_t *b, int64_t n, float *y, int64_t ys) {
+    PK_LEVEL_CALL(simd, dot44h, (a, as, b, n, n, y, ys));
+}
+
+static void axpy64x4_level(int simd, const float *p, int64_t ps, const float *r, int64_t stride, int64_t nt,
+                           float *o, int64_t os) {
+    PK_LEVEL_CALL(simd, axpy64x4, (p, ps, r, stride, nt, o, os)); /* simd 0: the macro, 1 / 2: intrinsics */
+}
+
+static void axpy64x4h_level(int simd, const float *p, int64_t ps, const uint16_t *r, int64_t stride, int64_t nt,
+                            float *o, int64_t os) {
+    PK_LEVEL_CALL(simd, axpy64x4h, (p, ps, r, stride, nt, o, os));
+}
+
 /* f32 -> bf16 bits, round to nearest even, NaN -> the quiet 0x7FC0: weights.f32_to_bf16 element for element
  * (the bf16 cache stores rows with it; the NumPy definition of the decode rounds with that function). */
 static inline uint16_t f32_to_bf16(float f) {
@@ -2769,7 +2916,7 @@ typedef struct {
 } pk_mla;
 
 #define PK_MLA_ROWS 32 /* cache rows per task of the score phase */
-#define PK_MLA_COLS 64 /* latent columns per task of the value phase */
+#define PK_MLA_COLS 64 /* latent columns per block of the value phase (a task: a run of blocks) */
 
 /* Head h's query in latent space: qc[h] = [q_nope W_uk[h] | rope(q_pe)] (W_uk[h] rows decoded once). */
 static void mla_query(const pk_mla *m, int64_t h) {
@@ -2781,11 +2928,24 @@ static void mla_query(const pk_mla *m, int64_t h) {
 }
 
 /* Scaled scores of cache rows [t0, t1) for every head: each row is read once for all heads (a per-head
- * loop streamed the whole cache once per head, 16 times a layer). */
+ * loop streamed the whole cache once per head, 16 times a layer); blocks of 4 rows x 4 heads (dot44, a
+ * register-blocked GEMM: 2 FMAs per load, dot4 gave 0.8). Why: with the value blocking below, 27 layers
+ * int4 on Zen 5 (2 cores, f32 cache) went from 130 / 353 to 116 / 290 ms a token at 8k / 32k cached
+ * (bench_longctx; 102 / 281 with the value tasks below); attention is still ~86 % of a 32k step, now
+ * nearer the bandwidth of reading the cache twice (scores, then values: ~16 GB/s) than the FMA peak. */
 static void mla_scores(const pk_mla *m, int64_t t0, int64_t t1) {
-    int64_t t, h, j;
-    for (t = t0; t + 4 <= t1; t += 4) /* four rows at a time (dot4), then one by one */
-        for (h = 0; h < m->H; h++) {
+    int64_t t, h, i, j;
+    for (t = t0; t + 4 <= t1; t += 4) { /* four rows x four heads (dot44), other heads dot4, then one by one */
+        for (h = 0; h + 4 <= m->H; h += 4) {
+            float *s = m->s + h * m->N + t;
+            if (m->rows16)
+                dot44h_level(m->simd, m->qc + h * m->W, m->W, m->rows16 + t * m->W, m->W, s, m->N);
+            else
+                dot44_level(m->simd, m->qc + h * m->W, m->W, m->rows + t * m->W, m->W, s, m->N);
+            for (i = 0; i < 4; i++)
+                for (j = 0; j < 4; j++) s[i * m->N + j] *= m->scale;
+        }
+        for (; h < m->H; h++) {
             float *s = m->s + h * m->N + t;
             if (m->rows16)
                 dot4h_level(m->simd, m->qc + h * m->W, m->rows16 + t * m->W, m->W, m->W, s);
@@ -2793,6 +2953,7 @@ static void mla_scores(const pk_mla *m, int64_t t0, int64_t t1) {
                 dot4_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W, m->W, s);
             for (j = 0; j < 4; j++) s[j] *= m->scale;
         }
+    }
     for (; t < t1; t++)
         for (h = 0; h < m->H; h++)
             m->s[h * m->N + t] = (m->rows16 ? doth_level(m->simd, m->qc + h * m->W, m->rows16 + t * m->W, m->W)
@@ -2814,25 +2975,42 @@ static void mla_softmax(const pk_mla *m, int64_t h) {
 }
 
 /* o_lat[h][c0:c1] = sum_t p[h, t] c_t[c0:c1] for every head, rows in order: blocks of PK_MLA_ROWS rows (in
- * L1) against every head's accumulator, 64 columns kept in registers (a short last block: axpy per row). */
+ * L1) against every head's accumulator, 4 heads x 64 columns per pass (axpy64x4: each row slice loaded once
+ * for 4 heads), other heads one by one (axpy64), a short last block of columns axpy per row. Each sum keeps
+ * its order whatever the blocking, so the values are the same bits as before the head blocking, and do not
+ * depend on how the columns are split between tasks. A task is one contiguous run of 64-column blocks per
+ * thread (the 64-column blocks inside it, per block of rows): each thread then streams a contiguous quarter /
+ * half of every row rather than 256 bytes of each 2,304 (8k / 32k: 116 / 290 -> 102 / 281 ms a token). */
 static void mla_values(const pk_mla *m, int64_t c0, int64_t c1) {
-    int64_t t0, t, h, i;
+    int64_t t0, t, h, i, cb, ce;
     for (h = 0; h < m->H; h++)
         for (i = c0; i < c1; i++) m->ol[h * m->R + i] = 0.0f;
     for (t0 = 0; t0 < m->nvis; t0 += PK_MLA_ROWS) {
         const int64_t nt = m->nvis - t0 < PK_MLA_ROWS ? m->nvis - t0 : PK_MLA_ROWS;
-        const int64_t off = t0 * m->W + c0;
-        for (h = 0; h < m->H; h++) {
-            const float *p = m->s + h * m->N + t0;
-            float *o = m->ol + h * m->R + c0;
-            if (m->rows16 && c1 - c0 == 64)
-                axpy64h_level(m->simd, p, m->rows16 + off, m->W, nt, o);
-            else if (m->rows16)
-                for (t = 0; t < nt; t++) axpyh_level(m->simd, p[t], m->rows16 + off + t * m->W, o, c1 - c0);
-            else if (c1 - c0 == 64)
-                axpy64_level(m->simd, p, m->rows + off, m->W, nt, o);
-            else
-                for (t = 0; t < nt; t++) axpy_level(m->simd, p[t], m->rows + off + t * m->W, o, c1 - c0);
+        for (cb = c0; cb < c1; cb = ce) { /* the task's columns in blocks of 64 (a row block's slices in L1) */
+            const int64_t off = t0 * m->W + cb, nc = (ce = cb + 64 < c1 ? cb + 64 : c1) - cb;
+            h = 0;
+            if (nc == 64) /* four heads per pass over the block's row slices */
+                for (; h + 4 <= m->H; h += 4) {
+                    const float *p = m->s + h * m->N + t0;
+                    float *o = m->ol + h * m->R + cb;
+                    if (m->rows16)
+                        axpy64x4h_level(m->simd, p, m->N, m->rows16 + off, m->W, nt, o, m->R);
+                    else
+                        axpy64x4_level(m->simd, p, m->N, m->rows + off, m->W, nt, o, m->R);
+                }
+            for (; h < m->H; h++) {
+                const float *p = m->s + h * m->N + t0;
+                float *o = m->ol + h * m->R + cb;
+                if (m->rows16 && nc == 64)
+                    axpy64h_level(m->simd, p, m->rows16 + off, m->W, nt, o);
+                else if (m->rows16)
+                    for (t = 0; t < nt; t++) axpyh_level(m->simd, p[t], m->rows16 + off + t * m->W, o, nc);
+                else if (nc == 64)
+                    axpy64_level(m->simd, p, m->rows + off, m->W, nt, o);
+                else
+                    for (t = 0; t < nt; t++) axpy_level(m->simd, p[t], m->rows + off + t * m->W, o, nc);
+            }
         }
     }
 }
@@ -2910,7 +3088,7 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
     const int nth = pk_get_threads();
     pk_job oj; /* o_proj: y [out] = out [heads * dv] @ W_o^T (only with o_proj) */
     float *scratch = NULL;
-    int64_t nrb, ncb;
+    int64_t nrb, ncb, nvt;
     pk_mla m;
     if (fmt < F_F32 || fmt > F_Q4 || cdt < 0 || cdt > 1) return -2;
     if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
@@ -2921,6 +3099,7 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
         return -1;
     nrb = (m.nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
     ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
+    nvt = ncb < nth ? ncb : nth; /* value tasks: one contiguous run of 64-column blocks per thread */
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         int64_t k;
@@ -2932,8 +3111,9 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
 #pragma omp for schedule(static)
         for (k = 0; k < heads; k++) mla_softmax(&m, k);
 #pragma omp for schedule(static)
-        for (k = 0; k < ncb; k++)
-            mla_values(&m, k * PK_MLA_COLS, (k + 1) * PK_MLA_COLS < R ? (k + 1) * PK_MLA_COLS : R);
+        for (k = 0; k < nvt; k++)
+            mla_values(&m, ncb * k / nvt * PK_MLA_COLS, ncb * (k + 1) / nvt * PK_MLA_COLS < R
+                                                            ? ncb * (k + 1) / nvt * PK_MLA_COLS : R);
 #pragma omp for schedule(static)
         for (k = 0; k < heads; k++) mla_output(&m, k);
         if (o_proj) {
