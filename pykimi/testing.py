@@ -1,13 +1,16 @@
 """Checkpoint writers for tests and benchmarks: random Kimi-VL checkpoints for any config in the exact HF
 layout (tensor names from pykimi.layout, sharded with an index, bf16 or f32, e_score_correction_bias in f32,
 per-layer ``rotary_emb.inv_freq`` present like the released checkpoint), written tensor by tensor so that a
-full-size 32.8 GB checkpoint streams to disk in bounded memory.
+full-size 32.8 GB checkpoint streams to disk in bounded memory. Also the two helpers every test or benchmark
+that starts a server needs: a free loopback port and a plain HTTP GET.
 """
 from __future__ import annotations
 
 import json
 import os
 import shutil
+import socket
+import urllib.request
 import zlib
 from typing import Callable
 
@@ -18,6 +21,19 @@ from .errors import CheckpointError
 from .layout import expected_tensors, stored_dtype
 from .weights import DTYPES, Checkpoint, SafetensorsWriter, Stored, f32_to_bf16
 from .weights import TILE_ELEMS as CHUNK  # elements generated per step (16 MB of f32)
+
+
+def free_port() -> int:
+    """A TCP port free on 127.0.0.1 now (servers in tests and benchmarks listen on loopback only)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def http_get(url: str, timeout: float = 2.0) -> tuple:
+    """GET url -> (status, body bytes); raises on a refused connection or an HTTP error status."""
+    with urllib.request.urlopen(url, timeout=timeout) as r:
+        return r.status, r.read()
 
 
 def _name_seed(seed: int, name: str) -> int:

@@ -10,6 +10,8 @@ import pytest
 
 from conftest import ROOT
 
+from pykimi.testing import free_port
+
 pytestmark = pytest.mark.reference  # a heavy optional extra: .ci/run installs it after the README commands
 
 pytest.importorskip("ray.data", reason="--ray needs the optional extra: pip install 'pykimi[ray]'")
@@ -60,14 +62,6 @@ def test_ray_two_actors_equal_single_process_and_resume(tmp_path):
     assert all(0 < int(mb) < 2000 for _, mb in actors), actors
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_ray_data_driving_two_pykimi_serve_instances_over_http(tmp_path):
     """docs/ray_http_example.py: Ray Data actors send rows to two `pykimi serve` processes (127.0.0.1, free
     ports); its OUT rows equal `pykimi batch`'s, a refused row is an error row, and a rerun skips every row."""
@@ -92,7 +86,7 @@ def test_ray_data_driving_two_pykimi_serve_instances_over_http(tmp_path):
     want = {row["id"]: {k: v for k, v in row.items() if k != "seconds"} for row in rows_of(single)}
 
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    ports = [_free_port(), _free_port()]
+    ports = [free_port(), free_port()]
     servers = [subprocess.Popen([sys.executable, "-m", "pykimi.cli", "serve", "--port", str(p), "-np", "2", "-t", "1"],
                                 env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
                for p in ports]

@@ -24,6 +24,7 @@ import pykimi  # noqa: E402
 from pykimi import scenes  # noqa: E402
 from pykimi.engine import Engine  # noqa: E402
 from pykimi.server.app import create_app  # noqa: E402
+from pykimi.testing import free_port  # noqa: E402
 
 TIMEOUT = 120
 
@@ -355,9 +356,7 @@ def test_cli_serve_answers_and_logs_one_line_per_request(tmp_path):
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, PYTHONPATH=root)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     err = open(tmp_path / "stderr.txt", "w+")
     proc = subprocess.Popen([sys.executable, "-m", "pykimi.cli", "serve", "--port", str(port), "-np", "2"],
                             env=env, stdout=subprocess.DEVNULL, stderr=err)

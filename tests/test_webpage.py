@@ -11,17 +11,16 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
 
 import numpy as np
 import pytest
 from PIL import Image
 
 from pykimi import scenes
+from pykimi.testing import free_port, http_get
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CHROMIUM = os.environ.get("PYKIMI_CHROMIUM", "/usr/bin/chromium")
@@ -42,17 +41,6 @@ def _need_browser():
         pytest.skip(msg)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 2.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
-
-
 @pytest.fixture
 def browser_ok():
     _need_browser()
@@ -61,7 +49,7 @@ def browser_ok():
 @pytest.fixture
 def server(browser_ok, tmp_path):
     """`pykimi serve` on a free 127.0.0.1 port with the demo checkpoint; stopped (and reaped) afterwards."""
-    port = _free_port()
+    port = free_port()
     env = dict(os.environ, PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
     log = open(tmp_path / "serve.log", "w")
     proc = subprocess.Popen([sys.executable, "-m", "pykimi.cli", "serve", "--host", "127.0.0.1", "--port", str(port)],
@@ -73,7 +61,7 @@ def server(browser_ok, tmp_path):
             if proc.poll() is not None:
                 pytest.fail(f"pykimi serve exited with {proc.returncode}: {(tmp_path / 'serve.log').read_text()[-2000:]}")
             try:
-                if _get(url + "/health")[0] == 200:
+                if http_get(url + "/health")[0] == 200:
                     break
             except OSError:
                 pass

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import subprocess
 import threading
 import time
@@ -31,16 +30,7 @@ import urllib.request
 
 import numpy as np
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _get(url: str, timeout: float = 5.0):
-    with urllib.request.urlopen(url, timeout=timeout) as r:
-        return r.status, r.read()
+from pykimi.testing import free_port, http_get
 
 
 class Server:
@@ -65,7 +55,7 @@ class Server:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"llama-server exited with {self.proc.returncode}; log: {self.log_path}")
             try:
-                status, _ = _get(self.url + "/health", timeout=2.0)
+                status, _ = http_get(self.url + "/health", timeout=2.0)
                 if status == 200:
                     self.load_s = time.monotonic() - t0
                     return self
