@@ -1176,11 +1176,14 @@ void pk_quant_act16(const float *x, int64_t n, int64_t in, int16_t *xq, float *x
 
 /* A_BF16: bf16 weights x activations rounded to bf16 (batches of >= PK_BF16A_MIN rows, AVX512_BF16; any other
  * job asking for it runs A_F32, see job_prepare). */
-enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3, A_I8_ROWS = 4 };
-/* A_I8_ROWS: int8 activations on the per-row kernels at every n, never the VNNI batch kernel (whose result for a
- * row depends on which rows share its call, through the summation order): the serve engine's row-wise calls
- * (engine.rowwise_products, pk_swiglu_batch), where each row must get exactly what it gets alone. job_prepare
- * turns it into A_I8 after that choice. */
+enum { A_F32 = 0, A_I8 = 1, A_I16 = 2, A_BF16 = 3 };
+/* A_ROWS, OR'd into a job's act: the job runs the per-row kernels (tile_*) at any n, never a batch kernel (the
+ * VNNI and AVX512_BF16 ones, AMX tiles, the transposed-x bf16 / Q8 kernel), whose result for a row depends on
+ * which rows share its call (summation order, bf16 rounding of x): each row then gets bit for bit what it gets
+ * alone, with the activation treatment of one row (an A_BF16 job runs A_F32, as every job below PK_BF16A_MIN
+ * rows does). The serve engine's batched decode step asks for it (kernels.matmul_many(rowwise=True),
+ * pk_swiglu_batch). */
+#define A_ROWS 16
 
 typedef struct {
     int fmt, act;
@@ -1198,6 +1201,7 @@ typedef struct {
     uint16_t *xb;     /* x as AMX B tiles, bf16 high and low parts (bf16 batches, AMX; see amx_prepare) */
     uint32_t *xp;     /* x rounded to bf16 as pairs, per group of 64 rows (A_BF16; see bf16a_prepare) */
     int xp_shared;    /* ... xp is a slice of run_jobs' buffer (not freed with the job) */
+    int rows;         /* A_ROWS was asked: the per-row kernels only */
     int64_t mt;       /* ... tiles of 16 rows of x */
 } pk_job;
 
@@ -1230,7 +1234,8 @@ static void job_set(pk_job *j, int fmt, int act, const float *x, int64_t n, int6
                     const float *scales, int64_t out, float *y) {
     memset(j, 0, sizeof *j);
     j->fmt = fmt;
-    j->act = act;
+    j->act = act & ~A_ROWS;
+    j->rows = (act & A_ROWS) != 0;
     j->x = x;
     j->n = n;
     j->in = in;
@@ -1564,7 +1569,7 @@ static int bf16a_takes(const pk_job *j, int simd) {
 #if PK_HAVE_AMX
     if (pk_get_amx()) return 0;
 #endif
-    return j->act == A_BF16 && j->fmt == F_BF16 && simd >= 2 && j->n >= PK_BF16A_MIN && j->in > 0 &&
+    return !j->rows && j->act == A_BF16 && j->fmt == F_BF16 && simd >= 2 && j->n >= PK_BF16A_MIN && j->in > 0 &&
            pk_get_avx512bf16();
 }
 
@@ -1703,7 +1708,7 @@ static int64_t vnni_elems(const pk_job *j) {
 /* Whether job j runs the VNNI batch kernel: Q8_32 / Q4_32 with int8 activations, enough rows, the AVX-512 level,
  * the kernel on; kernels/linear.py (_c_mode, C_VNNI_MIN) mirrors it. */
 static int vnni_takes(const pk_job *j, int simd) {
-    return j->act == A_I8 && (j->fmt == F_Q8 || j->fmt == F_Q4) && simd >= 2 && j->in > 0 &&
+    return !j->rows && j->act == A_I8 && (j->fmt == F_Q8 || j->fmt == F_Q4) && simd >= 2 && j->in > 0 &&
            j->n >= pk_vnni_min(j->fmt) && pk_get_vnni_batch();
 }
 
@@ -1924,14 +1929,13 @@ static void job_prepare(pk_job *j, int simd) {
 #if PK_HAVE_AVX512
     if (vnni_takes(j, simd) && (j->xp_shared || vnni_prepare(j, simd))) return; /* xp_shared: packed by run_jobs */
 #endif
-    if (j->act == A_I8_ROWS) j->act = A_I8;
 #if PK_HAVE_AMX
-    if (simd >= 2 && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->act == A_F32 && j->n >= PK_AMX_MIN_Q8)) &&
+    if (simd >= 2 && !j->rows && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->act == A_F32 && j->n >= PK_AMX_MIN_Q8)) &&
         j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j))
         return;
 #endif
 #if PK_HAVE_AVX512
-    if (simd >= 2 && j->act == A_F32 && j->n <= PK_TN_MAX && j->in > 0 &&
+    if (simd >= 2 && !j->rows && j->act == A_F32 && j->n <= PK_TN_MAX && j->in > 0 &&
         j->n >= (j->fmt == F_BF16 ? PK_TN_MIN : j->fmt == F_Q8 ? PK_TN_MIN_Q8 : PK_TN_MAX + 1)) {
         const int64_t w16 = 16 * ((j->n + 15) / 16);
         j->xt = (float *)calloc((size_t)(j->in * w16), sizeof(float)); /* NULL: the row kernels run */
@@ -3160,21 +3164,9 @@ int pk_mla_absorbed_o(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t
  * pk_swiglu_sum for B tokens at once, each chosen expert's weights read once per call (continuous batching:
  * decode is bound by reading weights, so B sequences that share an expert share its bytes). Row b's result
  * is bit for bit pk_swiglu_sum of row b with its experts in the order sel[b][0..nsel[b]): the rows that chose
- * an expert are gathered into jobs of at most rowwise_max rows, which always run the row kernels (tile_*),
- * whose result for one row of x does not depend on the other rows of the tile, never the batch-vectorised
- * or AMX kernels (other summation orders; see job_prepare). silu and the weighted sum are pk_swiglu_sum's
- * expressions in the same order. */
-static int64_t rowwise_max(int fmt, int act) {
-    if (fmt == F_BF16) {
-#if PK_HAVE_AMX
-        if (pk_get_amx()) return PK_AMX_MIN - 1;
-#endif
-        return PK_TN_MIN - 1;
-    }
-    if (fmt == F_Q8 && act == A_F32) return PK_TN_MIN_Q8 - 1; /* AMX Q8 starts later, at PK_AMX_MIN_Q8 */
-    return (int64_t)1 << 40;                                   /* int8 / int16 activations, Q4, f32: rows */
-}
-
+ * an expert are gathered into one job per projection that asks for the row kernels (A_ROWS), whose result for
+ * one row of x does not depend on the other rows. silu and the weighted sum are pk_swiglu_sum's expressions in
+ * the same order. */
 int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t B, int64_t d, int kmax,
                     const int *nsel, const int *sel, const float *coef, float *out) {
     int64_t *nrows = NULL, *first = NULL, *slot = NULL, *goff = NULL;
@@ -3216,8 +3208,7 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
         goff[k] = tot_gu;                      /* its gate (then up) block in gu */
         tot_rows += nrows[k];
         tot_gu += 2 * nrows[k] * experts[k].inter;
-        njobs += (nrows[k] + rowwise_max(experts[k].fmt, experts[k].act) - 1) /
-                 rowwise_max(experts[k].fmt, experts[k].act);
+        njobs += nrows[k] > 0;
     }
     xg = (float *)malloc(sizeof(float) * (size_t)(tot_rows * d + 1));
     ys = (float *)malloc(sizeof(float) * (size_t)(tot_rows * d + 1));
@@ -3233,20 +3224,16 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
             const int64_t r = first[e] + slot[b * kmax + j];
             memcpy(xg + r * d, x + b * d, sizeof(float) * (size_t)d);
         }
-    /* gate and up: expert k's rows in chunks of rowwise_max; g [n_k, I_k] at gu + goff, u right after it */
+    /* gate and up: expert k's rows in one job each; g [n_k, I_k] at gu + goff, u right after it */
     {
-        int64_t nj = 0, c;
+        int64_t nj = 0;
         for (k = 0; k < count; k++) {
             const pk_expert *e = &experts[k];
             float *g = gu + goff[k], *u = g + nrows[k] * e->inter;
-            const int64_t rw = rowwise_max(e->fmt, e->act);
-            const int act = e->act == A_I8 ? A_I8_ROWS : e->act; /* int8: the per-row kernels at any n */
-            for (c = 0; c < nrows[k]; c += rw) {
-                const int64_t n = nrows[k] - c < rw ? nrows[k] - c : rw;
-                const float *xk = xg + (first[k] + c) * d;
-                job_set(&jobs[nj++], e->fmt, act, xk, n, d, e->g, e->sg, e->inter, g + c * e->inter);
-                job_set(&jobs[nj++], e->fmt, act, xk, n, d, e->u, e->su, e->inter, u + c * e->inter);
-            }
+            const float *xk = xg + first[k] * d;
+            if (nrows[k] == 0) continue;
+            job_set(&jobs[nj++], e->fmt, e->act | A_ROWS, xk, nrows[k], d, e->g, e->sg, e->inter, g);
+            job_set(&jobs[nj++], e->fmt, e->act | A_ROWS, xk, nrows[k], d, e->u, e->su, e->inter, u);
         }
         run_jobs(jobs, (int)nj);
         for (k = 0; k < count; k++) { /* silu(g) * u, in place over g, as pk_swiglu_sum */
@@ -3260,13 +3247,9 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
         nj = 0;
         for (k = 0; k < count; k++) {
             const pk_expert *e = &experts[k];
-            const int64_t rw = rowwise_max(e->fmt, e->act);
-            const int act = e->act == A_I8 ? A_I8_ROWS : e->act;
-            for (c = 0; c < nrows[k]; c += rw) {
-                const int64_t n = nrows[k] - c < rw ? nrows[k] - c : rw;
-                job_set(&jobs[nj++], e->fmt, act, gu + goff[k] + c * e->inter, n, e->inter, e->d, e->sd, d,
-                        ys + (first[k] + c) * d);
-            }
+            if (nrows[k] == 0) continue;
+            job_set(&jobs[nj++], e->fmt, e->act | A_ROWS, gu + goff[k], nrows[k], e->inter, e->d, e->sd, d,
+                    ys + first[k] * d);
         }
         run_jobs(jobs, (int)nj);
     }

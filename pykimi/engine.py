@@ -14,9 +14,10 @@ join between steps; a prompt is prefilled one chunk per scheduler iteration, bet
 streams keep flowing.
 
 Batching changes nothing: every product of the batched step runs kernels whose result for one row of x does not
-depend on the other rows (the C row kernels, :func:`_row_cap`; the router is ``pk_route``, each row's GEMV
-alone, the arithmetic of a single step's ``pk_moe``), and the MoE kernel is bit for bit ``pk_swiglu_sum`` per
-row; so a batched step's logits for a sequence are bit-identical to ``model.decode_step`` on that sequence alone, and a request's greedy tokens are the same alone or beside others
+depend on the other rows (the C per-row kernels at any n, ``kernels.matmul_many(rowwise=True)``; the router is
+``pk_route``, each row's GEMV alone, the arithmetic of a single step's ``pk_moe``), and the MoE kernel is bit for
+bit ``pk_swiglu_sum`` per row; so a batched step's logits for a sequence are bit-identical to
+``model.decode_step`` on that sequence alone, and a request's greedy tokens are the same alone or beside others
 (tests/test_engine.py holds it on the demo and the tiny golden checkpoint, bf16 and quantised). When the fast
 path does not apply (not the C backend, a trace active, an f32 kv_b copy) the step falls back to
 ``model.decode_step`` per sequence: slower, the same numbers.
@@ -238,53 +239,15 @@ class Request:
 # ---------------------------------------------------------------------------------------------------------
 # The batched decode step
 # ---------------------------------------------------------------------------------------------------------
-def _row_cap(w) -> int:
-    """Rows of x per kernel call for which ``kernels.matmul_many(xs, ws, rowwise=True)`` gives each row exactly what
-    it gives that row alone; 1 = one row per call. C backend: the row kernels (csrc tile_*: each row of x its own
-    accumulators) run bf16 below 12 rows (the batch-vectorised kernel, PK_TN_MIN; with AMX tiles from 8; with bf16
-    activations, PYKIMI_ACT_QUANT=all, the AVX512_BF16 kernel from C_BF16A_MIN),
-    Q8_32 below C_BATCH_ROWS_Q8[0] = 24 (from there matmul switches to the f32 product in mode "q4"), Q4_32 and
-    stored F32 always (csrc job_prepare): int8 activations (Q4_32, Q8_32 in mode "all") would take the VNNI batch
-    kernel from linear.C_VNNI_MIN rows, but rowwise=True keeps them on the row kernels at any n (C mode "i8row").
-    f32 ndarrays (router weights) go to BLAS, whose result may depend on the batch: row by row."""
-    kind = _kind(w)
-    if kind == "dense" or kernels.plan(kind, 1)[0] != "c":
-        return 1
-    if kind == "bf16":
-        cap = 7 if _linear._c_amx() else 11
-        return min(cap, _linear.C_BF16A_MIN - 1) if _linear._bf16_act() else cap
-    if kind == "q8_32":
-        return _linear.C_BATCH_ROWS_Q8[0] - 1
-    if kind in ("q4_32", "f32"):
-        return 64
-    return 1
-
-
 def _kind(w) -> str:
     """kernels' name for a weight's stored form: "dense" for an ndarray, else weights.KINDS."""
     return "dense" if isinstance(w, np.ndarray) else str(getattr(w, "kind", ""))
 
 
 def rowwise_products(xs, ws) -> list:
-    """[x @ W.T for x, w] where each row of each result equals the product of that row alone, all in one
-    kernels.matmul_many call (so one read of each weight per chunk of rows)."""
-    flat_x, flat_w, plan = [], [], []
-    for x, w in zip(xs, ws):
-        cap = _row_cap(w)
-        n = x.shape[0]
-        k = -(-n // cap)
-        size = -(-n // k)                                   # even chunks: 8 rows at cap 7 -> 4 + 4
-        parts = [(r, min(n, r + size)) for r in range(0, n, size)]
-        plan.append(len(parts))
-        for r0, r1 in parts:
-            flat_x.append(x[r0:r1])
-            flat_w.append(w)
-    ys = kernels.matmul_many(flat_x, flat_w, rowwise=True)     # int8 activations: the row kernels at any n
-    out, i = [], 0
-    for k in plan:
-        out.append(ys[i] if k == 1 else np.concatenate(ys[i:i + k], axis=0))
-        i += k
-    return out
+    """[x @ W.T for x, w] where each row of each result equals the product of that row alone (the per-row
+    kernels at any n, kernels.matmul_many(rowwise=True)), all in one call: one read of each weight."""
+    return kernels.matmul_many(xs, ws, rowwise=True)
 
 
 def _swiglu_batch(h: np.ndarray, experts: list, sel: list, coefs: list) -> np.ndarray | None:

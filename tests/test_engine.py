@@ -42,13 +42,17 @@ def _ids(m, rng, n):
 CHECKPOINTS = ["demo", "tiny", "demo8", "demo4", "tiny8", "tiny4"]
 
 
-@pytest.mark.parametrize("which", CHECKPOINTS)
-def test_decode_batch_rows_equal_single_decode(which, quant_dirs):
-    """Each row of a batched step (B = 1..14, changing between steps) is bit-identical to decode_step alone."""
+@pytest.mark.parametrize("which,mode", [(w, "q4") for w in CHECKPOINTS] +
+                         [(w, "all") for w in ("demo", "demo8", "tiny4")])
+def test_decode_batch_rows_equal_single_decode(which, mode, quant_dirs, act_mode):
+    """Each row of a batched step (B = 1..14, changing between steps) is bit-identical to decode_step alone, in the
+    default activation mode and in "all" (where batches of 8 rows or more would take the bf16-activation and
+    VNNI batch kernels: the row-wise calls must not)."""
+    act_mode(mode)
     m = pykimi.load(_path(which, quant_dirs))
     V = m.text.vocab_size
     rng = np.random.default_rng(1)
-    B = 14                                         # > the row caps (bf16 11, C MoE chunks): split products too
+    B = 14                                         # > every batch kernel's first row count (8, 12, 24)
     prompts = [_ids(m, rng, rng.integers(3, 30)) for _ in range(B)]
 
     def caches():

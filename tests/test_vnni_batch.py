@@ -1,7 +1,7 @@
 """The VNNI batch kernel for int8 activations (Q8_32 / Q4_32 weights, csrc vnni_rows): against its twins
 ref.matmul_act_q8 / ref.matmul_act_q4 (the same int8 codes, exact integer block dots, f32 sums in another order),
 the integer dots bit for bit, the row kernels it replaces, matmul_many with mixed jobs, plan() per mode / n / SIMD
-level, the serve engine's row-wise calls (mode "i8row"), the other formats' default modes unchanged, and a prefill
+level, the serve engine's row-wise calls (c.ROWS), the other formats' default modes unchanged, and a prefill
 of the quantized golden checkpoint with the kernel on and off. Kernel tests skip where the CPU (or the build) has
 no AVX-512 level (which includes AVX512_VNNI)."""
 import os
@@ -128,13 +128,13 @@ def test_lower_levels_and_switch_unchanged(vnni):
 
 @needs_vnni
 def test_in_matmul_many_mixed_jobs(vnni):
-    """Batch-kernel jobs in one pk_matmul_many call with row-kernel int8 jobs, "i8row" jobs (row kernels at any n),
-    int16, exact f32 and bf16-activation jobs: each == its single call == its twin; an "i8row" job == the row
-    kernels bit for bit."""
+    """Batch-kernel jobs in one pk_matmul_many call with row-kernel int8 jobs, int16, exact f32 and
+    bf16-activation jobs: each == its single call == its twin; the same int8 jobs asked for the row kernels
+    (rows=True, csrc A_ROWS) == the row kernels bit for bit."""
     rng = np.random.default_rng(44)
     jobs, twins = [], []
     spec = ((40, 37, 301, "q4_32", "i8"), (5, 20, 64, "q8_32", "i8"), (200, 70, 2048, "q8_32", "i8"),
-            (16, 9, 33, "q4_32", "i8"), (65, 13, 1407, "q4_32", "i8row"), (48, 11, 97, "q8_32", "i8row"),
+            (16, 9, 33, "q4_32", "i8"), (65, 13, 1407, "q4_32", "i8"), (48, 11, 97, "q8_32", "i8"),
             (30, 17, 96, "q8_32", "i16"), (12, 21, 70, "bf16", "f32"), (64, 23, 65, "q8_32", "i8"),
             (20, 19, 130, "bf16", "bf16"), (MIN4, 31, 1, "q4_32", "i8"))
     for n, out_f, in_f, kind, act in spec:
@@ -147,17 +147,20 @@ def test_in_matmul_many_mixed_jobs(vnni):
             continue
         W = quantize_q8(w) if kind == "q8_32" else quantize_q4(w)
         jobs.append((x, kind, W.q, W.scales, act))
-        twins.append({"i16": ref.matmul_act16_q8, "i8": ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4,
-                      "i8row": ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4}[act](x, W))
+        twins.append({"i16": ref.matmul_act16_q8, "i8": ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4
+                      }[act](x, W))
     ys = vnni.matmul_many(jobs)
     for k, (job, twin, y) in enumerate(zip(jobs, twins, ys)):
         np.testing.assert_array_equal(y, vnni.matmul_many([job])[0], err_msg=f"job {k}")
         err = float(np.max(np.abs(y - twin)) / np.abs(twin).max())
         assert err < 2e-5, f"job {k} ({job[1]}/{job[4]}, n={job[0].shape[0]}): {err:.2e}"
-        if job[4] == "i8row":
-            vnni.set_vnni_batch(False)
-            np.testing.assert_array_equal(y, vnni.matmul_many([job[:4] + ("i8",)])[0], err_msg=f"job {k} i8row")
-            vnni.set_vnni_batch(True)
+    rowjobs = [j for j in jobs if j[4] == "i8" and j[0].shape[0] >= linear.C_VNNI_MIN[j[1]]]
+    assert len(rowjobs) >= 4
+    ys = vnni.matmul_many(rowjobs, rows=True)
+    vnni.set_vnni_batch(False)
+    for k, (job, y) in enumerate(zip(rowjobs, ys)):
+        np.testing.assert_array_equal(y, vnni.matmul_many([job])[0], err_msg=f"rows job {k}")
+    vnni.set_vnni_batch(True)
 
 
 # ----------------------------------------------------------------------------------------- plan / reference
@@ -236,25 +239,36 @@ def test_env_switch_and_info():
         assert out.stdout.strip() == want, f"{env}: {out.stdout!r} {out.stderr[-500:]}"
 
 
-@needs_vnni
-def test_rowwise_calls_keep_the_row_kernels(vnni, act_mode):
-    """The serve engine's row-wise products (matmul_many(..., rowwise=True), engine.rowwise_products): each row of
-    a chunk of up to _row_cap rows == that row alone, bit for bit, although the chunk has more than C_VNNI_MIN
-    rows; the caps did not move."""
+@pytest.mark.skipif(not C_OK, reason="C extension not built")
+@pytest.mark.parametrize("level", ["avx512", "avx2", "scalar"])
+def test_rowwise_calls_give_each_row_what_it_gets_alone(level, act_mode):
+    """The serve engine's row-wise products (matmul_many(..., rowwise=True), engine.rowwise_products): for every
+    stored form and activation mode, at row counts past every batch kernel's start (VNNI, AVX512_BF16, the
+    transposed-x bf16 / Q8 kernel, AMX) and past the tiles' (130), each row == that row alone, bit for bit."""
     from pykimi import engine
-    rng = np.random.default_rng(46)
-    w = rng.standard_normal((33, 200)).astype(np.float32)
-    for mode, W in (("q4", quantize_q4(w)), ("all", quantize_q4(w)), ("all", quantize_q8(w))):
-        act_mode(mode)
-        cap = engine._row_cap(W)
-        assert cap == (64 if W.kind == "q4_32" else linear.C_BATCH_ROWS_Q8[0] - 1) and cap >= linear.C_VNNI_MIN[W.kind]
-        x = rng.standard_normal((cap, 200)).astype(np.float32)
-        (y,) = K.matmul_many([x], [W], rowwise=True)
-        alone = np.concatenate([K.matmul(x[i:i + 1], W) for i in range(cap)])
-        np.testing.assert_array_equal(y, alone, err_msg=f"{mode} {W.kind}")
-        (y2,) = engine.rowwise_products([x], [W])
-        np.testing.assert_array_equal(y2, alone, err_msg=f"{mode} {W.kind} rowwise_products")
-        assert bound_err(K.matmul(x, W), alone, x, W.f32()) < TOL       # the batch kernel: the same twin
+    if level not in c.simd_levels():
+        pytest.skip(f"no {level} level here")
+    prev = K.backend()
+    K.set_backend("c")
+    c.set_simd(level)
+    try:
+        rng = np.random.default_rng(46)
+        w = rng.standard_normal((33, 200)).astype(np.float32)
+        forms = (quantize_q4(w), quantize_q8(w), Stored("w", "BF16", f32_to_bf16(w)), Stored("w", "F32", w))
+        for mode in ("q4", "all", "none"):
+            act_mode(mode)
+            for W in forms:
+                for n in (9, 40, 130):
+                    x = rng.standard_normal((n, 200)).astype(np.float32)
+                    alone = np.concatenate([K.matmul(x[i:i + 1], W) for i in range(n)])
+                    (y,) = K.matmul_many([x], [W], rowwise=True)
+                    np.testing.assert_array_equal(y, alone, err_msg=f"{level} {mode} {W.kind} n={n}")
+                    y2, y3 = engine.rowwise_products([x, x[:5]], [W, W])
+                    np.testing.assert_array_equal(y2, alone, err_msg=f"{level} {mode} {W.kind} rowwise_products")
+                    np.testing.assert_array_equal(y3, alone[:5], err_msg=f"{level} {mode} {W.kind} second product")
+    finally:
+        c.set_simd(None)
+        K.set_backend(prev)
 
 
 @pytest.mark.skipif(not C_OK, reason="C extension not built")

@@ -111,7 +111,8 @@ def quant_act(x: np.ndarray):
 
 
 FMT = {"f32": 0, "bf16": 1, "q8_32": 2, "q4_32": 3}   # weights.KINDS the C kernels read
-ACT = {"f32": 0, "i8": 1, "i16": 2, "bf16": 3, "i8row": 4}   # i8row: int8 on the per-row kernels at any n
+ACT = {"f32": 0, "i8": 1, "i16": 2, "bf16": 3}
+ROWS = 16          # csrc A_ROWS, OR'd into a job's act: the per-row kernels at any n (each row what it gets alone)
 _CT = {0: "float[]", 1: "uint16_t[]", 2: "int8_t[]", 3: "uint8_t[]"}
 
 
@@ -143,12 +144,14 @@ def _job_buffers(x, kind, wdata, scales, owner=None):
     return (f, x, wdata, scales, _ptr("float[]", x), wp, sp)
 
 
-def matmul_many(jobs):
+def matmul_many(jobs, rows: bool = False):
     """jobs: list of (x [n, in] f32, kind, wdata, scales or None, act[, owner]) -> list of y [n, out], in one C
-    call (one OpenMP region for all). kind in FMT; act in ACT; owner: see _weight_buffers."""
+    call (one OpenMP region for all). kind in FMT; act in ACT; owner: see _weight_buffers. rows: every job on
+    the per-row kernels (ROWS)."""
     bufs = [_job_buffers(*j[:4], *j[5:]) for j in jobs]
     ys = [np.empty((b[1].shape[0], b[2].shape[0]), dtype=np.float32) for b in bufs]
-    rc = lib.pk_matmul_many(len(jobs), [b[0] for b in bufs], [ACT[j[4]] for j in jobs], [b[4] for b in bufs],
+    flag = ROWS if rows else 0
+    rc = lib.pk_matmul_many(len(jobs), [b[0] for b in bufs], [ACT[j[4]] | flag for j in jobs], [b[4] for b in bufs],
                             [b[1].shape[0] for b in bufs], [b[1].shape[1] for b in bufs], [b[5] for b in bufs],
                             [b[6] for b in bufs], [b[2].shape[0] for b in bufs], [_ptr("float[]", y) for y in ys])
     if rc != 0:

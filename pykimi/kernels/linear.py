@@ -50,8 +50,8 @@ C_AMX_MIN_Q8 = 32
 # sgemm, 2 threads). Below it the exact row kernels: forced onto 1..11 rows the kernel measured 44 / 87 / 173 / 258 /
 # 343 / 429 GFLOP/s at 1 / 2 / 4 / 6 / 8 / 11 rows against the row kernels' 141 / 251 / 204 / 191 / 194 / 312: a
 # win from ~6 rows, none for decode (1 row). From 8 rather than 12 (PK_TN_MIN): 4-layer prefill of 64 tokens
-# 272-291 -> 291-303 tok/s (3 alternations), 128 unchanged. The serve engine's row-wise batches then take at most
-# 7 rows in mode "all" (engine._row_cap).
+# 272-291 -> 291-303 tok/s (3 alternations), 128 unchanged. (The serve engine's row-wise calls never take it:
+# matmul_many(rowwise=True).)
 C_BF16A_MIN = 8
 # int8 activations for Q8_32 / Q4_32 weights (mode "i8": Q4_32 in "q4" and "all", Q8_32 in "all") at the AVX-512
 # level (which includes AVX512_VNNI): from this many rows of x the VNNI batch kernel (csrc vnni_rows, PK_VNNI_MIN_Q8 /
@@ -66,7 +66,7 @@ C_BF16A_MIN = 8
 # the start at break-even rather than at the clear win (10): 4-layer int4 prefill (default mode) of 32 / 64 / 128
 # tokens with the kernel from 6 / 8 / 12 rows 592 / 702 / 813, 592 / 688 / 781, 489 / 496 / 722 tok/s (a second
 # alternation noisier, 6 and 8 alike again, 12 behind). The serve engine's row-wise calls ask for the row
-# kernels at any n (mode "i8row", engine.rowwise_products, csrc pk_swiglu_batch), so its caps do not follow this.
+# kernels at any n (matmul_many(rowwise=True), csrc A_ROWS, pk_swiglu_batch), so they do not follow this.
 C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
@@ -377,13 +377,18 @@ def matmul_many(xs, ws, rowwise: bool = False) -> list:
 
     With the C backend every product the stored-form C kernels take (plan: "c") goes into ONE kernel call
     and one thread fork/join (e.g. all selected experts' gate and up projections of a decode step, or of a
-    prefill); the rest go through matmul one by one. Same numerics as matmul. rowwise=True (the serve
-    engine): int8-activation products stay on the per-row kernels at any n (C mode "i8row", not the VNNI batch
-    kernel), so each row gets exactly what it gets alone -- the same twin, in the row kernels' summation order."""
+    prefill); the rest go through matmul one by one. Same numerics as matmul.
+
+    rowwise=True (the serve engine's batched decode step): each row of each result is bit for bit
+    matmul(that row alone, w) -- the decision ``plan`` makes for ONE row, and in C the per-row kernels at any
+    n (c.ROWS: never a batch kernel, whose summation order or bf16 rounding of x depends on the rows that share
+    the call); products that do not go to C for one row run row by row."""
     xs, ws = list(xs), list(ws)
     if len(xs) != len(ws):
         raise ValueError(f"matmul_many: {len(xs)} inputs but {len(ws)} weights")
-    if backend() != "c" or (len(xs) < 2 and not rowwise):
+    if rowwise:
+        return _matmul_rowwise(xs, ws)
+    if backend() != "c" or len(xs) < 2:
         return [matmul(x, w) for x, w in zip(xs, ws)]
     out: list = [None] * len(xs)
     jobs, where, shapes = [], [], []
@@ -397,14 +402,34 @@ def matmul_many(xs, ws, rowwise: bool = False) -> list:
         if path != "c":
             out[i] = matmul(x, w)
             continue
-        if rowwise and act == "i8":
-            act = "i8row"
         jobs.append((x2, kind) + _stored(w, kind) + (act, w))
         where.append(i)
         shapes.append(x.shape[:-1] + (out_f,))
     if jobs:
         for i, shp, y in zip(where, shapes, _mods["c"].matmul_many(jobs)):
             out[i] = y.reshape(shp)
+    return out
+
+
+def _matmul_rowwise(xs, ws) -> list:
+    """matmul_many(xs, ws, rowwise=True): one C call for every product whose one-row plan is C, per-row kernels."""
+    out: list = [None] * len(xs)
+    jobs, where = [], []
+    for i, (x, w) in enumerate(zip(xs, ws)):
+        x = np.asarray(x)
+        kind = _kind(w)
+        out_f, in_f = _check_features(x, w, f"matmul_many: x[{i}]", i)
+        x2 = x.reshape(-1, in_f)
+        path, act = plan(kind, 1)
+        if path != "c" or x2.shape[0] == 0:
+            out[i] = (np.stack([matmul(r, w) for r in x2]) if x2.shape[0] else
+                      np.zeros((0, out_f), np.float32)).reshape(x.shape[:-1] + (out_f,))
+            continue
+        jobs.append((x2, kind) + _stored(w, kind) + (act, w))
+        where.append(i)
+    if jobs:
+        for i, y in zip(where, _mods["c"].matmul_many(jobs, rows=True)):
+            out[i] = y.reshape(np.shape(xs[i])[:-1] + (y.shape[1],))
     return out
 
 
