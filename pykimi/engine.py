@@ -250,9 +250,10 @@ def rowwise_products(xs, ws) -> list:
     return kernels.matmul_many(xs, ws, rowwise=True)
 
 
-def _swiglu_batch(h: np.ndarray, experts: list, sel: list, coefs: list) -> np.ndarray | None:
+def _swiglu_batch(h: np.ndarray, experts: list, sel: np.ndarray, coefs: np.ndarray) -> np.ndarray | None:
     """out[b] = kernels.swiglu_sum(h[b], [experts[e] for e in sel[b]], coefs[b]) for every row, each expert's
-    weights read once (pk_swiglu_batch); None when the C kernel cannot take these weights."""
+    weights read once (pk_swiglu_batch); sel int [B, k], coefs f32 [B, k]; None when the C kernel cannot take
+    these weights."""
     c = _probe._mods.get("c") if kernels.backend() == "c" else None
     lib = getattr(c, "lib", None)
     if lib is None or not hasattr(lib, "pk_swiglu_batch"):
@@ -261,14 +262,10 @@ def _swiglu_batch(h: np.ndarray, experts: list, sel: list, coefs: list) -> np.nd
     recs = kernels.fused._c_experts(experts, [1.0] * len(experts), d)
     if recs is None:
         return None
-    kmax = max(len(s) for s in sel)
-    sel_a = np.zeros((B, kmax), dtype=np.int32)
-    coef_a = np.zeros((B, kmax), dtype=np.float32)
-    nsel = np.zeros(B, dtype=np.int32)
-    for b, (s, cf) in enumerate(zip(sel, coefs)):
-        nsel[b] = len(s)
-        sel_a[b, :len(s)] = s
-        coef_a[b, :len(s)] = cf
+    kmax = sel.shape[1]
+    sel_a = np.ascontiguousarray(sel, dtype=np.int32)
+    coef_a = np.ascontiguousarray(coefs, dtype=np.float32)
+    nsel = np.full(B, kmax, dtype=np.int32)
     x = np.ascontiguousarray(h, dtype=np.float32)
     out = np.empty((B, d), dtype=np.float32)
     arr = c.ffi.new("pk_expert[]", [r[0][0] for r in recs])
@@ -278,6 +275,15 @@ def _swiglu_batch(h: np.ndarray, experts: list, sel: list, coefs: list) -> np.nd
     if rc != 0:
         raise MemoryError(f"pk_swiglu_batch failed ({rc})")
     return out
+
+
+def _moe_batch(h: np.ndarray, experts: list, sel: np.ndarray, coefs: np.ndarray) -> np.ndarray:
+    """_swiglu_batch, or per row the single step's fused swiglu_sum when the C kernel cannot take the weights."""
+    m = _swiglu_batch(h, experts, sel, coefs)
+    if m is None:
+        m = np.stack([kernels.fast(swiglu_sum)(h[b], [experts[e] for e in sel[b]], [float(v) for v in coefs[b]])
+                      for b in range(h.shape[0])])
+    return m
 
 
 def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
@@ -374,31 +380,28 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None) -> np.ndar
         if not lw.is_moe:
             # the single step's dense FFN is a one-expert swiglu_sum of weight 1 (model.ffn): the same call per
             # row (pk_swiglu_batch, bit for bit pk_swiglu_sum of the row), so silu rounds the same
-            m = _swiglu_batch(h, [tuple(lw.mlp)], [[0]] * B, [[1.0]] * B)
-            if m is None:
-                m = np.stack([kernels.fast(swiglu_sum)(h[b], [lw.mlp], [1.0]) for b in range(B)])
+            m = _moe_batch(h, [tuple(lw.mlp)], np.zeros((B, 1), np.int32), np.ones((B, 1), np.float32))
             if stats is not None:
                 nbytes += sum(_nbytes(w) for w in lw.mlp)
         else:
             rule = lw.router if getattr(lw, "router", None) is not None else router_rule(t)
             # the single decode step's router (pk_route: each row's logits a GEMV of that row alone, the same
             # selection as its pk_moe), so a row's experts and weights are bit for bit decode_step's
-            rec = kernels.fast(route)(h, lw.gate_w, lw.gate_bias, rule)                     # ids ascending per row
-            chosen = sorted({int(e) for e in rec.topk_ids.ravel()})
-            index = {e: i for i, e in enumerate(chosen)}
-            experts = [tuple(lw.get_expert(e)) for e in chosen]
-            # per row: routed experts in ascending id order, as moe_forward's one-token path
-            order = [np.argsort(rec.topk_ids[b], kind="stable") for b in range(B)]
-            sel = [[index[int(rec.topk_ids[b, j])] for j in order[b]] for b in range(B)]
-            coefs = [[float(rec.topk_weights[b, j]) for j in order[b]] for b in range(B)]
+            rec = kernels.fast(route)(h, lw.gate_w, lw.gate_bias, rule)                     # [B, k] each
+            # per row: routed experts in ascending id order, as moe_forward's one-token path; sel indexes the
+            # step's distinct experts (chosen, ascending), each read once for all rows
+            ids = np.asarray(rec.topk_ids)
+            order = np.argsort(ids, axis=1, kind="stable")
+            ids = np.take_along_axis(ids, order, axis=1)
+            chosen = np.unique(ids)
+            sel = np.searchsorted(chosen, ids).astype(np.int32)                            # [B, k]
+            coefs = np.take_along_axis(np.asarray(rec.topk_weights, dtype=np.float32), order, axis=1)
+            experts = [tuple(lw.get_expert(int(e))) for e in chosen]
             if lw.shared is not None:                                # the shared experts last, weight 1
                 experts.append(tuple(lw.shared))
-                for b in range(B):
-                    sel[b].append(len(experts) - 1)
-                    coefs[b].append(1.0)
-            m = _swiglu_batch(h, experts, sel, coefs)
-            if m is None:
-                m = np.stack([kernels.fast(swiglu_sum)(h[b], [experts[e] for e in sel[b]], coefs[b]) for b in range(B)])
+                sel = np.concatenate([sel, np.full((B, 1), len(experts) - 1, np.int32)], axis=1)
+                coefs = np.concatenate([coefs, np.ones((B, 1), np.float32)], axis=1)
+            m = _moe_batch(h, experts, sel, coefs)
             if stats is not None:
                 eb = sum(_nbytes(w) for e in experts[:len(chosen)] for w in e)
                 stats["expert_bytes"] = stats.get("expert_bytes", 0) + eb
