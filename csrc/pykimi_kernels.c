@@ -26,7 +26,9 @@
  *  - Q8 / Q4 weights with int8 activations, batches of PK_VNNI_MIN_Q8 / _Q4 or more rows at the AVX-512 level
  *    (prefill; int4 by default, int8 with PYKIMI_ACT_QUANT=all): x quantized once per call and packed 16 rows to a
  *    vector, each 4-byte group of a stored weight row broadcast against it with vpdpbusd (vnni_rows: ~1 TOP/s on
- *    2 cores against ~0.35-0.45 for the row kernels). The serve engine's row-wise calls stay on the row kernels.
+ *    2 cores against ~0.35-0.45 for the row kernels). At the AVX2 level the same scheme on vpmaddubsw + vpmaddwd
+ *    (avx2b_rows: 8 rows per vector, ~2.5x the row kernels on Q4, ~1.4x on Q8). The serve engine's row-wise calls
+ *    stay on the row kernels.
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
  *    and non-x86 builds compile only the portable loops). The level is chosen at run time with
@@ -108,6 +110,10 @@
 #ifndef PK_VNNI_MIN_Q8     /* (-D for measurements only: linear.C_VNNI_MIN must agree) */
 #define PK_VNNI_MIN_Q8 8  /* int8 activations (A_I8), AVX-512: the VNNI batch kernel from this many rows (linear.py */
 #define PK_VNNI_MIN_Q4 8  /* C_VNNI_MIN mirrors both; below them the per-row kernels tile_act_avx512) */
+#endif
+#ifndef PK_AVX2B_MIN_Q8    /* (-D for measurements only: linear.C_VNNI_MIN_AVX2 must agree) */
+#define PK_AVX2B_MIN_Q8 7 /* ... at the AVX2 level: the maddubs twin of the VNNI batch kernel (avx2b_rows) from this */
+#define PK_AVX2B_MIN_Q4 4 /* many rows (linear.C_VNNI_MIN_AVX2; below them the per-row kernels tile_act_avx2) */
 #endif
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
@@ -301,16 +307,24 @@ int pk_get_avx512bf16(void) {
 
 static int pk_vnni_req = -2; /* -2 = not read yet (PYKIMI_VNNI_BATCH), 0 = off, 1 = on */
 
-/* Use the VNNI batch kernel for int8-activation batches (1, the default) or not (0; PYKIMI_VNNI_BATCH=0 before
- * the first call): off, they run the per-row kernels at every n. It runs only at the AVX-512 level, whose CPU
- * check (pk_simd_max) includes AVX512_VNNI. */
+/* Use the int8 batch kernel for int8-activation batches (1, the default) or not (0; PYKIMI_VNNI_BATCH=0 before
+ * the first call): off, they run the per-row kernels at every n. One switch for both levels' kernels: at the
+ * AVX-512 level (whose CPU check, pk_simd_max, includes AVX512_VNNI) the VNNI kernel (vnni_rows), at the AVX2 level
+ * its vpmaddubsw twin (avx2b_rows: no AVX-VNNI, which the AVX2 class lacks). */
 void pk_set_vnni_batch(int on) { pk_vnni_req = on ? 1 : 0; }
 
 int pk_get_vnni_batch(void) {
-    return env_switch(&pk_vnni_req, "PYKIMI_VNNI_BATCH") && PK_HAVE_AVX512 && pk_get_simd() >= 2;
+    return env_switch(&pk_vnni_req, "PYKIMI_VNNI_BATCH") && PK_X86 && pk_get_simd() >= 1;
 }
 
-int64_t pk_vnni_min(int fmt) { return fmt == F_Q8 ? PK_VNNI_MIN_Q8 : fmt == F_Q4 ? PK_VNNI_MIN_Q4 : -1; }
+/* Rows of x from which the batch kernel of level simd takes a job of format fmt; -1 = no such kernel. */
+static int64_t vnni_min_level(int fmt, int simd) {
+    if (simd >= 2) return fmt == F_Q8 ? PK_VNNI_MIN_Q8 : fmt == F_Q4 ? PK_VNNI_MIN_Q4 : -1;
+    if (simd == 1) return fmt == F_Q8 ? PK_AVX2B_MIN_Q8 : fmt == F_Q4 ? PK_AVX2B_MIN_Q4 : -1;
+    return -1;
+}
+
+int64_t pk_vnni_min(int fmt) { return vnni_min_level(fmt, pk_get_simd()); }
 
 /* The AVX2-era knobs, kept for their callers: force_scalar(1) = level 0, force_scalar(0) = best;
  * pk_simd_level() is 1 when any vector level runs (pk_get_simd says which). */
@@ -1216,6 +1230,7 @@ typedef struct {
     int xp_shared;    /* ... xp is a slice of run_jobs' buffer (not freed with the job) */
     int rows;         /* A_ROWS was asked: the per-row kernels only */
     int64_t mt;       /* ... tiles of 16 rows of x */
+    int64_t nbatch;   /* AVX2 int8 batch kernel (xp at level 1): rows [0, nbatch) of x run it, the rest the row kernels */
 } pk_job;
 
 static void job_free(pk_job *j) {
@@ -1688,7 +1703,7 @@ static const pk_group_kernel bf16a_kernels[4] = {bf16a_1_avx512, bf16a_2_avx512,
 static void bf16a_rows(const pk_job *j, int64_t o0, int64_t o1) { rows_by_group(j, o0, o1, bf16a_kernels); }
 #endif
 
-#if PK_HAVE_AVX512
+#if PK_X86
 /* Q8_32 / Q4_32 weights x int8 activations, batches (A_I8 with >= PK_VNNI_MIN_Q8 / _Q4 rows of x at the AVX-512
  * level: prefill, the MoE's per-expert batches; twins ref.matmul_act_q8 / matmul_act_q4). Why: the per-row
  * kernels (tile_act_avx512) load a vector of x for every vpdpbusd and re-decode each weight row per 4 rows of x;
@@ -1720,19 +1735,35 @@ static int64_t vnni_elems(const pk_job *j) {
     return vnni_group_elems((j->in + PK_BLOCK - 1) / PK_BLOCK) * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP);
 }
 
-/* Whether job j runs the VNNI batch kernel: Q8_32 / Q4_32 with int8 activations, enough rows, the AVX-512 level,
- * the kernel on; kernels/linear.py (_c_mode, C_VNNI_MIN) mirrors it. */
+/* Whether job j runs the int8 batch kernel: Q8_32 / Q4_32 with int8 activations, enough rows, the AVX-512 level
+ * (vnni_rows) or the AVX2 level (avx2b_rows), the kernel on; kernels/linear.py (_c_mode, C_VNNI_MIN,
+ * C_VNNI_MIN_AVX2) mirrors it. */
 static int vnni_takes(const pk_job *j, int simd) {
-    return !j->rows && j->act == A_I8 && (j->fmt == F_Q8 || j->fmt == F_Q4) && simd >= 2 && j->in > 0 &&
-           j->n >= pk_vnni_min(j->fmt) && pk_get_vnni_batch();
+    return !j->rows && j->act == A_I8 && (j->fmt == F_Q8 || j->fmt == F_Q4) && simd >= 1 && j->in > 0 &&
+           j->n >= vnni_min_level(j->fmt, simd) && pk_get_vnni_batch();
+}
+
+/* The AVX2 kernel's Q4 order of the 32 codes of a block: [even elements | odd elements], i.e. the low nibbles of its
+ * 16 bytes, then the high ones, so that decoding the weights is two ands and a shift (avx2b_rows); the x codes of
+ * every block are packed in that order too (a permutation inside the block: the dot and the sum are unchanged). */
+static void q4_even_odd(int8_t *blk) {
+    int8_t tmp[PK_BLOCK];
+    int e;
+    for (e = 0; e < 16; e++) {
+        tmp[e] = blk[2 * e];
+        tmp[16 + e] = blk[2 * e + 1];
+    }
+    memcpy(blk, tmp, sizeof tmp);
 }
 
 /* Quantize and pack the rows of group g (the job's xp must be allocated): rows quantized one at a time into q /
- * d (quant_act_level: bit for bit the row kernels' codes and scales), then transposed into the group. */
+ * d (quant_act_level: bit for bit the row kernels' codes and scales), then transposed into the group (Q4 at the
+ * AVX2 level: each block in q4_even_odd order). */
 static void vnni_pack_group(const pk_job *j, int64_t g, int simd) {
     const int64_t in = j->in, nb = (in + PK_BLOCK - 1) / PK_BLOCK, t0 = g * PK_TN_GROUP;
     const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
     const int32_t mult = j->fmt == F_Q4 ? -8 : -128;
+    const int eo = j->fmt == F_Q4 && simd == 1;
     uint32_t *xg = j->xp + g * vnni_group_elems(nb);
     float *dg = (float *)(xg + nb * 8 * gw);
     int32_t *cg = (int32_t *)(dg + nb * gw);
@@ -1755,6 +1786,7 @@ static void vnni_pack_group(const pk_job *j, int64_t g, int simd) {
                 } else {
                     memset(rq, 0, sizeof rq);
                 }
+                if (eo) q4_even_odd(rq);
                 for (e = 0; e < PK_BLOCK; e++) s += rq[e];
                 for (p = 0; p < 8; p++) memcpy(xg + (b * 8 + p) * gw + t, rq + 4 * p, 4);
                 dg[b * gw + t] = rd;
@@ -1766,6 +1798,8 @@ static void vnni_pack_group(const pk_job *j, int64_t g, int simd) {
     memset(q + nn * nb * PK_BLOCK, 0, (size_t)((gw - nn) * nb * PK_BLOCK));
     for (t = nn * nb; t < gw * nb; t++) d[t] = 0.0f;
     quant_act_level(simd, j->x + t0 * in, nn, in, q, d);
+    if (eo)
+        for (t = 0; t < nn * nb; t++) q4_even_odd(q + t * PK_BLOCK);
     for (p = 0; p < nb * 8; p++) { /* quad p of every row: rows inner, the writes contiguous */
         uint32_t *dst = xg + p * gw;
         for (t = 0; t < gw; t++) memcpy(dst + t, q + t * nb * PK_BLOCK + 4 * p, 4);
@@ -1792,6 +1826,9 @@ static int vnni_prepare(pk_job *j, int simd) {
     for (g = 0; g < ng; g++) vnni_pack_group(j, g, simd);
     return 1;
 }
+#endif
+
+#if PK_HAVE_AVX512
 
 /* Weight rows [o0, o1) against rows t0 .. t0 + nn of x (nn <= 16 NV, all in one group of 64, t0 any multiple of 16
  * in it: its lanes start at t0 % 64): blocks of R weight rows, R x NV
@@ -1927,10 +1964,197 @@ static void vnni_rows(const pk_job *j, int64_t o0, int64_t o1) {
 }
 #endif
 
+#if PK_X86
+/* Q8_32 / Q4_32 weights x int8 activations, batches at the AVX2 level (A_I8 with >= PK_AVX2B_MIN_Q8 / _Q4 rows of x:
+ * prefill, the MoE's per-expert batches; twins ref.matmul_act_q8 / matmul_act_q4). Why: the AVX2 class (AMD Zen 3:
+ * no AVX-512, no AVX-VNNI) ran prefill on the per-row kernels (tile_act_avx2), which re-decode each weight row per 4
+ * rows of x and pay a vpmaddwd + convert + FMA (and a horizontal sum per output) for every 32 products, and past
+ * SMALL_N_ACT_AVX2 rows on widened tiles + sgemm. This is the VNNI kernel's scheme (vnni_rows) without vpdpbusd: x
+ * quantized and packed once per job by vnni_pack_group (the same codes and block scales as the row kernels), a ymm
+ * holding 8 rows of x x 4 consecutive k bytes, and each 4-byte group ("quad") of a weight row broadcast against it.
+ * Operands and exactness: vpmaddubsw multiplies UNSIGNED bytes (first operand) by SIGNED bytes (second) and adds
+ * adjacent pairs into int16 lanes WITH SATURATION; x codes are -127..127 (quant_act_row clamps to +-127). So:
+ *  - Q4: the codes 0..15 are unsigned as stored: |pair| <= 2 * 15 * 127 = 3810 (no saturation). The 8 quads of a
+ *    block add into the same int16 lanes (vpaddw), each lane then summing 8 pairs: |.| <= 8 * 3810 = 30480 < 32767,
+ *    so no add wraps either; one vpmaddwd by 1 widens each row's two lanes to int32 (= dot(code, x) of the block),
+ *    and adding the packed correction -8 * sum(x block) gives dot(code - 8, x) exactly.
+ *  - Q8: the row kernels' sign trick: |w| as the unsigned operand (vpabsb; -128 gives 0x80, read as 128) and x with
+ *    w's sign applied (vpsignb: -x, 0 or x; no overflow as |x| <= 127): |pair| = |w1 x1 + w2 x2| <= 2 * 128 * 127 =
+ *    32512 < 32767, each quad widened at once (vpmaddwd by 1) and summed in int32.
+ * A block's dot is then the exact integer, |.| <= 32 * 128 * 127 < 2^24, so exact in f32; per block y += float(dot) *
+ * (dx * dw) with an FMA, per row of x in block order, as vnni_rows: the twin's f32 terms in another order (tests hold
+ * it to the row kernels' tolerance, tests/test_vnni_batch.py).
+ * Weights: the R rows of a step are decoded PK_AB_KB blocks at a time into an L1 buffer, from which every pass over
+ * the group's rows of x (8 at a time) broadcasts the quads: per pair of Q4 blocks [low nibbles of b | of b + 1 | high
+ * nibbles of b | of b + 1] (two ands and a shift per 32 bytes; x is packed in the matching q4_even_odd order); Q8:
+ * the bytes and their absolute values. The f32 accumulators of a pass are kept in ab between chunks. */
+#define PK_AB_KB 32 /* weight blocks (of 32) decoded per chunk into the L1 buffer */
+
+PK_AVX2_INLINE __m256i bcast32(const uint8_t *p) {
+    int32_t v;
+    memcpy(&v, p, 4);
+    return _mm256_set1_epi32(v);
+}
+
+/* Weight rows [o0, o1) against the rows t0 .. t0 + nn (nn <= 64) of the group starting at t0 (it may hold more, which
+ * the row kernels take: avx2b_split): steps of R weight rows
+ * (rows past o1 repeat row o1 - 1: read, not stored), per chunk of PK_AB_KB blocks the R rows decoded into wb / wa,
+ * then passes of 8 rows of x: per quad one load of x and R broadcasts for R vpmaddubsw (Q8: + R vpsignb, vpmaddwd,
+ * vpaddd); per block R (widen, correct, convert, multiply the scales, FMA). FMT: F_Q8 or F_Q4. */
+#define PK_AB_KERNEL(NAME, FMT, R, NV)                                                                       \
+    static PK_AVX2 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {            \
+        const int64_t gn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP; /* rows packed in the group */ \
+        const int64_t in = j->in, nb = j->nb, gw = 16 * ((gn + 15) / 16), nv = (nn + 7) / 8;               \
+        const uint32_t *xg = j->xp + (t0 / PK_TN_GROUP) * vnni_group_elems(nb);                            \
+        const float *dg = (const float *)(xg + nb * 8 * gw);                                                \
+        const int32_t *cg = (const int32_t *)(dg + nb * gw);                                                \
+        const int64_t wrow = PK_AB_KB * 32; /* bytes of a row in wb / wa: 32 codes a block */               \
+        uint8_t wb[(R) * PK_AB_KB * 32] __attribute__((aligned(32)));                                       \
+        uint8_t wa[((FMT) == F_Q8 ? (R) : 1) * PK_AB_KB * 32] __attribute__((aligned(32)));                 \
+        float ab[(R) * PK_TN_GROUP] __attribute__((aligned(32)));                                           \
+        const __m256i ones = _mm256_set1_epi16(1), m4 = _mm256_set1_epi8(0x0F);                             \
+        int64_t o, b0, be, b, v, t;                                                                         \
+        int r, u, qd;                                                                                       \
+        for (o = o0; o < o1; o += (R)) {                                                                    \
+            const int rr = o1 - o < (R) ? (int)(o1 - o) : (R);                                              \
+            const uint8_t *wr[R], *nx[R];                                                                   \
+            const float *sr[R];                                                                             \
+            for (r = 0; r < (R); r++) {                                                                     \
+                const int64_t row = o + (r < rr ? r : rr - 1);                                              \
+                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                         \
+                wr[r] = (const uint8_t *)j->w + row * j->row_bytes;                                         \
+                nx[r] = (const uint8_t *)j->w + on * j->row_bytes;                                          \
+                sr[r] = j->scales + row * nb;                                                               \
+            }                                                                                               \
+            for (b0 = 0; b0 < nb; b0 += PK_AB_KB) {                                                         \
+                be = nb - b0 < PK_AB_KB ? nb : b0 + PK_AB_KB;                                               \
+                for (r = 0; r < (R); r++) { /* decode blocks b0..be of the R rows */                        \
+                    uint8_t *dst = wb + r * wrow;                                                           \
+                    if ((FMT) == F_Q4) {                                                                    \
+                        for (b = b0; b < be; b += 2) {                                                      \
+                            const uint8_t *p = wr[r] + b * (PK_BLOCK / 2);                                  \
+                            __m256i c, lo, hi;                                                              \
+                            if ((b + 2) * PK_BLOCK <= in) {                                                 \
+                                c = _mm256_loadu_si256((const __m256i *)p);                                 \
+                            } else { /* the last (partial) block(s): zero-padded, codes 0 against x = 0 */ \
+                                uint8_t tmp[32] = {0};                                                      \
+                                memcpy(tmp, p, (size_t)(j->row_bytes - b * (PK_BLOCK / 2)));                \
+                                c = _mm256_loadu_si256((const __m256i *)tmp);                               \
+                            }                                                                               \
+                            _mm_prefetch((const char *)nx[r] + b * (PK_BLOCK / 2), _MM_HINT_T0);            \
+                            lo = _mm256_and_si256(c, m4);                                                   \
+                            hi = _mm256_and_si256(_mm256_srli_epi16(c, 4), m4);                             \
+                            _mm256_store_si256((__m256i *)(dst + (b - b0) * 32), lo);                       \
+                            _mm256_store_si256((__m256i *)(dst + (b - b0) * 32 + 32), hi);                  \
+                        }                                                                                   \
+                    } else {                                                                                \
+                        for (b = b0; b < be; b++) {                                                         \
+                            const uint8_t *p = wr[r] + b * PK_BLOCK;                                        \
+                            __m256i c;                                                                      \
+                            if ((b + 1) * PK_BLOCK <= in) {                                                 \
+                                c = _mm256_loadu_si256((const __m256i *)p);                                 \
+                            } else {                                                                        \
+                                uint8_t tmp[32] = {0};                                                      \
+                                memcpy(tmp, p, (size_t)(in - b * PK_BLOCK));                                \
+                                c = _mm256_loadu_si256((const __m256i *)tmp);                               \
+                            }                                                                               \
+                            if (!(b & 1)) _mm_prefetch((const char *)nx[r] + b * PK_BLOCK, _MM_HINT_T0);    \
+                            _mm256_store_si256((__m256i *)(dst + (b - b0) * 32), c);                        \
+                            _mm256_store_si256((__m256i *)(wa + r * wrow + (b - b0) * 32), _mm256_abs_epi8(c)); \
+                        }                                                                                   \
+                    }                                                                                       \
+                }                                                                                           \
+                for (v = 0; v < nv; v += (NV)) { /* a pass: rows 8 v .. 8 (v + NV) - 1 of the group */     \
+                    __m256 acc[R][NV];                                                                      \
+                    for (r = 0; r < (R); r++)                                                               \
+                        for (u = 0; u < (NV); u++)                                                          \
+                            acc[r][u] = b0 == 0 ? _mm256_setzero_ps()                                       \
+                                                : _mm256_load_ps(ab + r * PK_TN_GROUP + 8 * (v + u));       \
+                    for (b = b0; b < be; b++) {                                                             \
+                        const uint32_t *xk = xg + b * 8 * gw + 8 * v;                                       \
+                        __m256i s[R][NV];                                                                   \
+                        for (qd = 0; qd < 8; qd++) {                                                        \
+                            __m256i xv[NV];                                                                 \
+                            for (u = 0; u < (NV); u++)                                                      \
+                                xv[u] = _mm256_loadu_si256((const __m256i *)(xk + qd * gw + 8 * u));        \
+                            for (r = 0; r < (R); r++) {                                                     \
+                                if ((FMT) == F_Q4) {                                                        \
+                                    const int64_t off = ((b - b0) >> 1) * 64 + ((b - b0) & 1) * 16 +        \
+                                                        (qd & 3) * 4 + (qd >> 2) * 32;                      \
+                                    const __m256i bw = bcast32(wb + r * wrow + off);                        \
+                                    for (u = 0; u < (NV); u++) {                                            \
+                                        const __m256i p = _mm256_maddubs_epi16(bw, xv[u]);                  \
+                                        s[r][u] = qd ? _mm256_add_epi16(s[r][u], p) : p;                    \
+                                    }                                                                       \
+                                } else {                                                                    \
+                                    const int64_t off = (b - b0) * 32 + qd * 4;                             \
+                                    const __m256i bw = bcast32(wb + r * wrow + off), ba = bcast32(wa + r * wrow + off); \
+                                    for (u = 0; u < (NV); u++) {                                            \
+                                        const __m256i p = _mm256_madd_epi16(                                \
+                                            _mm256_maddubs_epi16(ba, _mm256_sign_epi8(xv[u], bw)), ones);   \
+                                        s[r][u] = qd ? _mm256_add_epi32(s[r][u], p) : p;                    \
+                                    }                                                                       \
+                                }                                                                           \
+                            }                                                                               \
+                        }                                                                                   \
+                        for (u = 0; u < (NV); u++) {                                                        \
+                            const __m256 dv = _mm256_loadu_ps(dg + b * gw + 8 * (v + u));                   \
+                            if ((FMT) == F_Q4) {                                                            \
+                                const __m256i cv = _mm256_loadu_si256((const __m256i *)(cg + b * gw + 8 * (v + u))); \
+                                for (r = 0; r < (R); r++)                                                   \
+                                    s[r][u] = _mm256_add_epi32(_mm256_madd_epi16(s[r][u], ones), cv);       \
+                            }                                                                               \
+                            for (r = 0; r < (R); r++)                                                       \
+                                acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][u]),                    \
+                                                            _mm256_mul_ps(dv, _mm256_set1_ps(sr[r][b])), acc[r][u]); \
+                        }                                                                                   \
+                    }                                                                                       \
+                    for (r = 0; r < (R); r++)                                                               \
+                        for (u = 0; u < (NV); u++) _mm256_store_ps(ab + r * PK_TN_GROUP + 8 * (v + u), acc[r][u]); \
+                }                                                                                           \
+            }                                                                                               \
+            for (t = 0; t < nn; t++)                                                                        \
+                for (r = 0; r < rr; r++) j->y[(t0 + t) * j->out + o + r] = ab[r * PK_TN_GROUP + t];         \
+        }                                                                                                   \
+    }
+/* R x NV (weight rows x vectors of 8 rows of x per pass): Q4 8 x 1, Q8 5 x 1. Measured GOP/s on [1408, 2048] at the
+ * AVX2 level (PYKIMI_SIMD=avx2 on an AMD EPYC Zen 5, ONE thread, best of 7, two alternations, +-5 %), 16 / 64 / 512
+ * rows: Q4 R = 4: 183-188 / 174-177 / 172, 6: 185-192 / 175-179 / 178, 8: 214-219 / 222-229 / 222-228, 10: 185 / 191 /
+ * 185-193, 12: 168-171 / 175-179 / 174-178; 4 x 2: 211-220 / 221-222 / 221-225 (but 8 rows: 110 against 190 for 8 x
+ * 1: half of each pass padding); 6 x 2: 177-189 / 178-190 / 177-184; Q8 R = 3: 139-141 / 146-152 / 147-152 (as 4),
+ * 4: 153-158 / 166-171 / 166, 5: 161-165 / 178-179 / 172-179, 6: 156 / 168-170 / 166-169, 8: 153-157 / 168-171 /
+ * 165-170; 3 x 2: 172-173 / 179-181 / 176-177 (8 rows 87 against 135-145), 2 x 2: 142 / 149-154 / 129-150. The
+ * accumulators of R > 6 do not all fit the 16 ymm (GCC keeps some on the stack), which costs less than the
+ * extra x loads and broadcasts of a smaller R. The rows of a pass are 8 (NV 1) so that no pass is padded beyond the
+ * last vector: the even-NV variants lost half their speed at 8 rows. */
+PK_AB_KERNEL(avx2b_q4, F_Q4, 8, 1)
+PK_AB_KERNEL(avx2b_q8, F_Q8, 5, 1)
+#undef PK_AB_KERNEL
+
+/* Rows [0, nbatch) of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
+static void avx2b_rows(const pk_job *j, int64_t o0, int64_t o1) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->nbatch; t0 += PK_TN_GROUP) {
+        const int64_t nn = j->nbatch - t0 < PK_TN_GROUP ? j->nbatch - t0 : PK_TN_GROUP;
+        (j->fmt == F_Q8 ? avx2b_q8 : avx2b_q4)(j, o0, o1, t0, nn);
+    }
+}
+
+/* Rows of x the AVX2 batch kernel runs: a vector of 8 rows costs it the same however many of them are real rows,
+ * so the rows past the last multiple of 8 go to the row kernels when they are fewer than the format's minimum -- the
+ * same break-even that decides whether a job of fewer than 8 rows runs the kernel at all (PK_AVX2B_MIN_Q8 / _Q4).
+ * E.g. Q8, 9 rows: 8 + 1 row on the row kernels rather than two vectors (GOP/s in linear.C_VNNI_MIN_AVX2). */
+static int64_t avx2b_split(const pk_job *j) {
+    const int64_t rem = j->n % 8;
+    return rem >= vnni_min_level(j->fmt, 1) ? j->n : j->n - rem;
+}
+#endif
+
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
  * failure fall back to the f32 path. */
 static void job_prepare(pk_job *j, int simd) {
     const int64_t nb = j->nb, len = j->n * nb * PK_BLOCK;
+    int64_t r0 = 0; /* the first row of x the row kernels take (> 0: the rest of an AVX2 int8 batch job) */
     if (j->act == A_BF16) {
         /* bf16 activations where the AVX512_BF16 kernel takes the job (bf16a_takes); otherwise -- or without
          * memory -- the exact f32 product */
@@ -1941,8 +2165,13 @@ static void job_prepare(pk_job *j, int simd) {
     }
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
-#if PK_HAVE_AVX512
-    if (vnni_takes(j, simd) && (j->xp_shared || vnni_prepare(j, simd))) return; /* xp_shared: packed by run_jobs */
+#if PK_X86
+    if (vnni_takes(j, simd) && (j->xp_shared || vnni_prepare(j, simd))) { /* xp_shared: packed by run_jobs */
+        if (simd >= 2) return;
+        j->nbatch = avx2b_split(j);
+        if (j->nbatch == j->n) return;
+        r0 = j->nbatch; /* AVX2: the rows past nbatch on the row kernels, their activations quantized below */
+    }
 #endif
 #if PK_HAVE_AMX
     if (simd >= 2 && !j->rows && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->act == A_F32 && j->n >= PK_AMX_MIN_Q8)) &&
@@ -1971,13 +2200,13 @@ static void job_prepare(pk_job *j, int simd) {
     }
     j->xq = (int8_t *)malloc((size_t)len + 4);
     if (!j->xq || !j->xd) goto fail;
-    quant_act_level(simd, j->x, j->n, j->in, j->xq, j->xd);
+    quant_act_level(simd, j->x + r0 * j->in, j->n - r0, j->in, j->xq + r0 * nb * PK_BLOCK, j->xd + r0 * nb);
     if (j->fmt == F_Q4 && simd == 1) {
         int64_t r, k;
         j->xqp = (int8_t *)malloc((size_t)len + 4);
         j->xs = (int32_t *)malloc((size_t)(j->n * nb) * sizeof(int32_t) + 4);
         if (!j->xqp || !j->xs) goto fail;
-        for (r = 0; r < j->n * nb; r++) { /* block r of all rows of x */
+        for (r = r0 * nb; r < j->n * nb; r++) { /* block r of all rows of x */
             const int8_t *src = j->xq + r * PK_BLOCK;
             int8_t *dst = j->xqp + r * PK_BLOCK;
             int32_t s = 0;
@@ -2107,7 +2336,7 @@ static void bf16_tn_avx512(const pk_job *j, int64_t o0, int64_t o1) { rows_by_gr
 static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
     const int64_t nb = j->nb, in = j->in, xs_stride = nb * PK_BLOCK;
     void (*kernel)(const pk_tile *) = NULL;
-    int64_t o, t0;
+    int64_t o, t0, tb = 0;
     pk_tile tl;
     if (j->act == A_F32) kernel = tile_scalar;
     else if (j->act == A_I16) kernel = tile_q8w_scalar;
@@ -2125,8 +2354,15 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
         return;
     }
 #endif
+#if PK_X86
+    if (j->xp && simd == 1) { /* packed x at the AVX2 level: the int8 batch kernel (Q8_32 / Q4_32) */
+        avx2b_rows(j, o0, o1);
+        if (j->nbatch >= j->n) return;
+        tb = j->nbatch; /* the rest (fewer than 8 rows) on the row kernels below */
+    }
+#endif
 #if PK_HAVE_AVX512
-    if (j->xp) { /* packed x: the AVX512_BF16 kernel (bf16 weights) or the VNNI one (Q8_32 / Q4_32) */
+    if (j->xp && simd >= 2) { /* packed x: the AVX512_BF16 kernel (bf16 weights) or the VNNI one (Q8_32 / Q4_32) */
 #if PK_HAVE_AVX512BF16
         if (j->fmt == F_BF16) bf16a_rows(j, o0, o1);
 #endif
@@ -2150,7 +2386,7 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
         tl.nrows = o1 - o < PK_RB ? o1 - o : PK_RB;
         tl.w = (const char *)j->w + o * j->row_bytes;
         tl.sc = j->scales ? j->scales + o * nb : NULL;
-        for (t0 = 0; t0 < j->n; t0 += PK_NT) {
+        for (t0 = tb; t0 < j->n; t0 += PK_NT) {
             tl.nt = (int)(j->n - t0 < PK_NT ? j->n - t0 : PK_NT);
             tl.x = j->x + t0 * in;
             tl.xq = j->xq ? j->xq + t0 * xs_stride : NULL;
@@ -2186,8 +2422,8 @@ static void jobs_cost_range(const pk_job *jobs, int count, double a, double b, i
     }
 }
 
-#if PK_HAVE_AVX512
-/* Jobs whose x is packed per group of 64 rows (xp): the AVX512_BF16 kernel's and the VNNI kernel's. */
+#if PK_X86
+/* Jobs whose x is packed per group of 64 rows (xp): the AVX512_BF16 kernel's and the int8 batch kernels'. */
 static int xpack_takes(const pk_job *j, int simd) {
 #if PK_HAVE_AVX512BF16
     if (bf16a_takes(j, simd)) return 1;
@@ -2220,9 +2456,9 @@ static void run_jobs(pk_job *jobs, int count) {
     int64_t rows = 0;
     uint32_t *xp_all = NULL;
     int k;
-#if PK_HAVE_AVX512
+#if PK_X86
     {
-        /* All packed jobs' x (bf16a, VNNI) in ONE buffer: a buffer per job (60 experts' gate and up in a prefill)
+        /* All packed jobs' x (bf16a, VNNI / AVX2 int8 batch) in ONE buffer: a buffer per job (60 experts' gate and up in a prefill)
          * came fresh from the OS every call, its page faults ~30 % of such a call (9k faults, 36 vs 26 ms for 60
          * jobs of 64 rows); one allocation is reused by malloc from the second call on. */
         int64_t need = 0, off = 0;

@@ -46,11 +46,13 @@ int pk_get_amx(void);
 int pk_avx512bf16_available(void);
 void pk_set_avx512bf16(int on);
 int pk_get_avx512bf16(void);
-/* The VNNI batch kernel for int8 activations (act 1) on Q8_32 / Q4_32 weights at the AVX-512 level (which
- * includes VNNI): jobs of >= PK_VNNI_MIN_Q8 / PK_VNNI_MIN_Q4 rows of x run it (pk_matmul_q8a / q4a, matmul_many,
- * the MoE batches). pk_set_vnni_batch(0) / PYKIMI_VNNI_BATCH=0 turns it off (every int8-activation job then runs
- * the per-row kernels: the previous behaviour, for tests and benchmarks); pk_get_vnni_batch says whether it runs;
- * pk_vnni_min(fmt) is the row count from which it takes a job of that format (2 = Q8_32, 3 = Q4_32). */
+/* The int8 batch kernel for int8 activations (act 1) on Q8_32 / Q4_32 weights: at the AVX-512 level (which
+ * includes VNNI) the VNNI kernel, jobs of >= PK_VNNI_MIN_Q8 / PK_VNNI_MIN_Q4 rows of x; at the AVX2 level its
+ * vpmaddubsw twin, jobs of >= PK_AVX2B_MIN_Q8 / _Q4 rows (pk_matmul_q8a / q4a, matmul_many, the MoE batches).
+ * pk_set_vnni_batch(0) / PYKIMI_VNNI_BATCH=0 turns both off (every int8-activation job then runs the per-row
+ * kernels: the previous behaviour, for tests and benchmarks); pk_get_vnni_batch says whether it runs at the
+ * current level; pk_vnni_min(fmt) is the row count from which it takes a job of that format at the current level
+ * (2 = Q8_32, 3 = Q4_32; -1 at the portable level). */
 void pk_set_vnni_batch(int on);
 int pk_get_vnni_batch(void);
 int64_t pk_vnni_min(int fmt);

@@ -524,6 +524,7 @@ def test_tiled_blas_path_matches(monkeypatch):
     monkeypatch.setattr(linear, "TASK_ELEMS", 100 * 37)
     monkeypatch.setattr(linear, "SMALL_N_ACT", {})
     monkeypatch.setattr(linear, "C_VNNI_MIN", {})      # ... and so do int8-activation batches on the VNNI kernel
+    monkeypatch.setattr(linear, "C_VNNI_MIN_AVX2", {})  # ... and on its AVX2 twin
     rng = np.random.default_rng(5)
     w = rng.standard_normal((250, 37)).astype(np.float32)
     x = rng.standard_normal((40, 37)).astype(np.float32)

@@ -73,8 +73,8 @@ def test_tiled_matmul_matches_ref_any_threads(monkeypatch, threads, backend, kin
 
 @pytest.mark.parametrize("kind", ["q8_32", "q4_32"])
 def test_quantized_prefill_routing_matches_reference(monkeypatch, kind):
-    """With quantized activations the C kernel serves up to SMALL_N_ACT rows (int4: every n at the AVX-512 level,
-    SMALL_N_ACT_AVX2 rows at the AVX2 level); matmul and
+    """With quantized activations the C kernel serves up to SMALL_N_ACT rows (int4: every n at the AVX-512 level and
+    at the AVX2 level with its int8 batch kernel, SMALL_N_ACT_AVX2 rows there with it off); matmul and
     matmul_many equal reference(), the twin of the path taken, on both sides of the crossover."""
     ok, why = probe._probe("c")
     if not ok:
@@ -92,10 +92,11 @@ def test_quantized_prefill_routing_matches_reference(monkeypatch, kind):
             many = K.matmul_many([x, x[:3]], [w, w])
             assert np.array_equal(many[0], got)
         if kind == "q4_32" and K.act_quant() != "none":
-            # int4 goes through the dequantized tiles only at the AVX2 level, past its measured crossover
-            want_n = linear.SMALL_N_ACT_AVX2[(kind, "i8")] if not linear._c_avx512() else None
+            # int4 goes through the dequantized tiles only at the AVX2 level with the int8 batch kernel off
+            # (PYKIMI_VNNI_BATCH=0), past its measured crossover
+            want_n = linear.SMALL_N_ACT_AVX2[(kind, "i8")] if not (linear._c_avx512() or linear._vnni(kind)) else None
             if want_n is None:
-                assert linear._small_n(kind) > 10 ** 9, "int4 must stay on the C kernels at the AVX-512 level"
+                assert linear._small_n(kind) > 10 ** 9, "int4 must stay on the C kernels (AVX-512, batch kernel)"
             else:
                 assert linear._small_n(kind) == want_n, (linear._small_n(kind), want_n)
                 assert linear.plan(kind, want_n)[0] == "c" and linear.plan(kind, want_n + 1)[0] == "tiles"

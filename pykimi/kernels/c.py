@@ -373,21 +373,23 @@ def set_avx512bf16(on: bool) -> bool:
 
 
 def get_vnni_batch() -> bool:
-    """Whether int8-activation batches of Q8_32 / Q4_32 weights (from vnni_min(kind) rows) run the VNNI batch kernel
-    (the AVX-512 level, not turned off by PYKIMI_VNNI_BATCH=0 / set_vnni_batch(False))."""
+    """Whether int8-activation batches of Q8_32 / Q4_32 weights (from vnni_min(kind) rows) run the int8 batch kernel at
+    the current level: the VNNI kernel at the AVX-512 level, its vpmaddubsw twin at the AVX2 level (not turned off by
+    PYKIMI_VNNI_BATCH=0 / set_vnni_batch(False); never at the portable level)."""
     return bool(lib.pk_get_vnni_batch())
 
 
 def set_vnni_batch(on: bool) -> bool:
-    """Turn the VNNI batch kernel on or off (tests, benchmarks: off = the per-row kernels at every n); returns
-    get_vnni_batch()."""
+    """Turn the int8 batch kernels (both levels) on or off (tests, benchmarks: off = the per-row kernels at every n);
+    returns get_vnni_batch()."""
     lib.pk_set_vnni_batch(1 if on else 0)
     return get_vnni_batch()
 
 
 def vnni_min(kind: str) -> int:
-    """Rows of x from which an int8-activation job on a weight of ``kind`` ("q8_32" / "q4_32") takes the VNNI batch
-    kernel (csrc PK_VNNI_MIN_Q8 / _Q4; linear.C_VNNI_MIN mirrors them)."""
+    """Rows of x from which an int8-activation job on a weight of ``kind`` ("q8_32" / "q4_32") takes the int8 batch
+    kernel at the current level (AVX-512: csrc PK_VNNI_MIN_Q8 / _Q4, mirrored by linear.C_VNNI_MIN; AVX2:
+    PK_AVX2B_MIN_Q8 / _Q4, linear.C_VNNI_MIN_AVX2; -1 at the portable level)."""
     return int(lib.pk_vnni_min(FMT[kind]))
 
 

@@ -12,7 +12,8 @@ for ``reference`` (the NumPy twin of exactly what matmul computes, which the tes
 
 For int8 / int4 weights the C GEMV quantizes the activation row once per call and uses integer block dot
 products (set_act_quant); at the AVX-512 level int8-activation batches from C_VNNI_MIN rows run the VNNI batch
-kernel instead of the row kernels (and, for Q8_32 in mode "all", instead of the exact f32 batch kernel / tiles);
+kernel instead of the row kernels (and, for Q8_32 in mode "all", instead of the exact f32 batch kernel / tiles), at
+the AVX2 level from C_VNNI_MIN_AVX2 rows its vpmaddubsw twin (instead of the row kernels and the widened tiles);
 with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
 matmul_many runs several products in one C call (the selected experts);
 heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
@@ -40,7 +41,8 @@ SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 # ... at the AVX2 level (no AVX-512), where the int4 x int8 row kernel is compute-bound: from 65 rows the widened
 # tiles + sgemm win (4-layer prefill, AMD EPYC Zen 3, alternating in one process, best of 3: 512 tokens 130 ->
 # 156 tok/s with 64, 150 with 32; 64 / 128 tokens unchanged; bench/RESULTS.md, AVX2 class). q8 (96) and bf16
-# (SMALL_N) measured there too and kept.
+# (SMALL_N) measured there too and kept. (Both apply only with the int8 batch kernel off, PYKIMI_VNNI_BATCH=0: it
+# keeps every int8-activation batch in C, C_VNNI_MIN_AVX2.)
 SMALL_N_ACT_AVX2: dict = {("q4_32", "i8"): 64}
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
 C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
@@ -68,6 +70,22 @@ C_BF16A_MIN = 8
 # alternation noisier, 6 and 8 alike again, 12 behind). The serve engine's row-wise calls ask for the row
 # kernels at any n (matmul_many(rowwise=True), csrc A_ROWS, pk_swiglu_batch), so they do not follow this.
 C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
+# ... and at the AVX2 level (no AVX-512, no AVX-VNNI: AMD Zen 3) the same scheme on vpmaddubsw (csrc avx2b_rows,
+# PK_AVX2B_MIN_Q8 / _Q4; the same switch, PYKIMI_VNNI_BATCH): from this many rows, however many -- no widened tiles
+# past SMALL_N_ACT_AVX2 / SMALL_N_ACT any more; below it the per-row kernels (tile_act_avx2). Same twins. It packs 8
+# rows of x to a vector, so its cost is that of ceil(n / 8) * 8 rows: the rows past the last multiple of 8 run the row
+# kernels when they are fewer than this minimum (csrc avx2b_split), e.g. Q8 at 9 rows 8 + 1. Measured on [1408, 2048]
+# with PYKIMI_SIMD=avx2 on an AMD EPYC Zen 5 (the AVX2 class's own CPU not at hand), ONE thread (the other core was
+# busy by turns: the 2-thread runs scattered by 2-3x), GOP/s kernel forced onto every n (before the remainder
+# split) / row kernels: Q4 1: 24 / 80, 2: 48 / 90, 3: 72 / 93, 4: 96 / 88, 5: 118 / 82, 6: 141 / 88, 7: 165 / 90,
+# 8: 186 / 81, 9: 119 / 87, 10: 132 / 83, 12: 158 / 82, 16: 206 / 86, 32: 218 / 87, 64: 224 / 87 (widened tiles
+# from 65 rows, the old plan: 78 at 65, 100 at 128, 119 at 512; the kernel 205 / 228 / 224); Q8 1: 18 / 90, 4: 67 /
+# 114, 5: 87 / 109, 6: 103 / 116, 7: 122 / 119, 8: 139 / 117, 9: 86 / 115, 10: 95 / 117, 12: 115 / 117, 16: 152 /
+# 117, 32: 161 / 118, 64: 165 / 119 (tiles from 49 rows in mode "all": 95 at 64, 109 at 128, 121 at 512; the kernel
+# 165 / 162 / 159). Break-even Q4 at 4 rows, Q8 at 7; with the remainder split (a second run) Q4 9: 163 / 79, 10: 155 /
+# 85, 11: 143 / 80, 12: 157 / 78, 17: 188 / 81; Q8 9: 125 / 102, 10: 129 / 108, 11: 130 / 110, 12: 125 / 107, 15: 140 /
+# 109. Two threads, when the other core was free: Q4 8 rows 337 / 154, Q8 64-512 rows 303-313 / 231 (tiles 163-223).
+C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
@@ -114,8 +132,9 @@ def set_act_quant(value) -> None:
               product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
               bf16 weights: the exact f32 product;
       "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0) -- at the AVX-512 level in
-              every batch, prefill included (the VNNI batch kernel from C_VNNI_MIN rows; at the AVX2 level Q8
-              batches past SMALL_N_ACT rows take the exact f32 product of the widened tiles) -- and bf16 weights take
+              every batch, prefill included (the int8 batch kernel from C_VNNI_MIN rows at the AVX-512 level,
+              C_VNNI_MIN_AVX2 at the AVX2 level; with PYKIMI_VNNI_BATCH=0 Q8 batches past SMALL_N_ACT rows take
+              the exact f32 product of the widened tiles) -- and bf16 weights take
               activations rounded to bf16 (round to nearest even, 2^-8 relative per element at most; as
               llama.cpp and PyTorch do for bf16 weights): every batch of >= C_BF16A_MIN (8) rows -- prefill,
               vision, a decode batch of many sequences -- runs the AVX512_BF16 kernel (twin
@@ -151,14 +170,19 @@ def _bf16_act() -> bool:
 
 
 def _vnni(kind: str) -> bool:
-    """int8-activation batches of this format run the VNNI batch kernel from C_VNNI_MIN rows: Q8_32 / Q4_32 in mode
-    "i8" at the AVX-512 level, the kernel on (c.set_vnni_batch, PYKIMI_VNNI_BATCH); not Q8_32 with AMX, whose exact
-    tile product keeps its rows (C_AMX_MIN_Q8..C_AMX_ROWS; not measured against this kernel)."""
-    if kind not in C_VNNI_MIN or _act_mode(kind) != "i8" or not _c_avx512():
+    """int8-activation batches of this format run the int8 batch kernel: Q8_32 / Q4_32 in mode "i8" at the AVX-512
+    level (the VNNI kernel, from C_VNNI_MIN rows) or the AVX2 level (its vpmaddubsw twin, from C_VNNI_MIN_AVX2 rows),
+    the kernel on (c.set_vnni_batch, PYKIMI_VNNI_BATCH); not Q8_32 with AMX, whose exact tile product keeps its rows
+    (C_AMX_MIN_Q8..C_AMX_ROWS; not measured against this kernel)."""
+    c = _mods.get("c")
+    if c is None or _act_mode(kind) != "i8":
+        return False
+    level = c.get_simd()
+    if kind not in (C_VNNI_MIN if level == "avx512" else C_VNNI_MIN_AVX2 if level == "avx2" else {}):
         return False
     if kind == "q8_32" and _c_amx():
         return False
-    return bool(_mods["c"].get_vnni_batch())
+    return bool(c.get_vnni_batch())
 
 
 def _small_n(kind: str) -> int:
@@ -166,7 +190,7 @@ def _small_n(kind: str) -> int:
     if kind == "bf16" and _bf16_act():
         return 1 << 62                      # every bf16 batch on the AVX512_BF16 kernel, however many rows
     if _vnni(kind):
-        return 1 << 62                      # every int8-activation batch on the VNNI kernel (or the row kernel)
+        return 1 << 62                      # every int8-activation batch on the batch kernel (or the row kernel)
     mode = _act_mode(kind)
     n = SMALL_N_ACT.get((kind, mode))
     if n is None or (kind == "bf16" and not _c_avx512()):
@@ -183,15 +207,15 @@ def _small_n(kind: str) -> int:
 def _c_mode(kind: str, n: int) -> str:
     """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
     C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
-    product (batch-vectorised kernel, AMX tiles) -- unless their int8 activations go to the VNNI batch kernel
-    (_vnni: mode "all" at the AVX-512 level without AMX: "i8" at every n); bf16 weights: "bf16" from C_BF16A_MIN
-    rows when _bf16_act(), else (and below that) "f32"."""
+    product (batch-vectorised kernel, AMX tiles) -- unless their int8 activations go to the int8 batch kernel
+    (_vnni: mode "all" at the AVX-512 level without AMX, or at the AVX2 level: "i8" at every n); bf16 weights:
+    "bf16" from C_BF16A_MIN rows when _bf16_act(), else (and below that) "f32"."""
     if kind == "bf16":
         return "bf16" if n >= C_BF16A_MIN and _bf16_act() else "f32"
     if kind == "f32":
         return "f32"
     if _vnni(kind):
-        return "i8"                         # below C_VNNI_MIN the row kernel, from it the VNNI batch kernel
+        return "i8"                         # below C_VNNI_MIN(_AVX2) the row kernel, from it the batch kernel
     if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
                                             or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
         return "f32"
