@@ -21,6 +21,12 @@ Both engines decode from a warm page cache: before each run its file is read onc
 not fit in memory twice, so the two runs of a pair go one after the other, each warming its own file).
 The bound is the bytes of weights one token reads (bench/run.py's rule, per engine's own file) over the
 machine bandwidth measured in the same run. Results: bench/out/results-L27-quant.{json,md}.
+
+``--rounds R`` repeats each pair's runs R times, pykimi and llama.cpp alternating, and samples the bandwidth
+(bench/bandwidth.py, 4 reads of 2 GiB) right before every engine run: each run's share of the bound uses the
+sample taken seconds before it. Why: on the shared hosts the read bandwidth moved between ~45 and ~85 GB/s
+within minutes, so a bound measured once per pair said more about the minute than about the engine. The
+table reports the median over the rounds (ratio, tok/s, shares) with the range.
 """
 from __future__ import annotations
 
@@ -90,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llamacpp-extra-bufts", action="store_true",
                     help="llama.cpp with its default extra buffer types (REPACK, AMX where built), as its users run "
                          "it; off by default only because its AMX buffer crashed on this model on the AMX machine")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="runs per engine, alternating, each after its own bandwidth sample (medians reported)")
     ap.add_argument("--prepare-only", action="store_true", help="only make the checkpoints and GGUFs, time nothing")
     ap.add_argument("--out", default=os.path.join(OUT, "results-L27-quant.json"))
     args = ap.parse_args(argv)
@@ -111,27 +119,41 @@ def main(argv=None) -> int:
             return {"pykimi": {"path": ckpt}, "llamacpp": {"path": gg}}
         out = {"pykimi": {"path": ckpt, "active_bytes": run.active_bytes_per_token(ckpt)},
                "llamacpp": {"path": gg, "active_bytes": gguf_export.active_bytes_per_token(gg)}}
-        out["bandwidth"] = run.run_worker({"kind": "bandwidth", "repeat": 8, "threads": T})
-        for who, path in (("pykimi", ckpt), ("llamacpp", gg)):
-            out[who]["warm_s"] = warm(path)
-            if who == "pykimi":
-                r = run.run_worker({"kind": "decode", "label": f"L27-decode-{mode}", "ckpt": ckpt, "threads": T,
-                                    "prompt": 16, "tokens": args.tokens, "warmup": args.warmup, "prefault": True})
-            else:
-                r = run.run_worker({"kind": "llamacpp", "label": f"L27-llamacpp-{mode}", "gguf": gg, "threads": T,
-                                    "prompt": 16, "tokens": args.tokens, "warmup": args.warmup, "prefill": [],
-                                    "path": "", "extra_bufts": args.llamacpp_extra_bufts})
-            out[who]["run"] = r
-        bw = out["bandwidth"].get("gbs")
+        rounds = []
+        for k in range(max(1, args.rounds)):
+            rd = {}
+            for who, path in (("pykimi", ckpt), ("llamacpp", gg)):
+                warm_s = warm(path)
+                bw = run.run_worker({"kind": "bandwidth", "repeat": 4 if args.rounds > 1 else 8, "threads": T})
+                if who == "pykimi":
+                    r = run.run_worker({"kind": "decode", "label": f"L27-decode-{mode}", "ckpt": ckpt, "threads": T,
+                                        "prompt": 16, "tokens": args.tokens, "warmup": args.warmup,
+                                        "prefault": True})
+                    tok = r.get("tok_s")
+                else:
+                    r = run.run_worker({"kind": "llamacpp", "label": f"L27-llamacpp-{mode}", "gguf": gg, "threads": T,
+                                        "prompt": 16, "tokens": args.tokens, "warmup": args.warmup, "prefill": [],
+                                        "path": "", "extra_bufts": args.llamacpp_extra_bufts})
+                    tok = r.get("decode_tok_s")
+                one = {"warm_s": warm_s, "run": r, "bandwidth": bw, "tok_s": tok}
+                if tok and bw.get("gbs"):
+                    one["bound_tok_s"] = bw["gbs"] * 1e9 / out[who]["active_bytes"]["total"]
+                    one["fraction_of_bound"] = tok / one["bound_tok_s"]
+                rd[who] = one
+            a, b = rd["pykimi"]["tok_s"], rd["llamacpp"]["tok_s"]
+            rd["ratio"] = a / b if a and b else None
+            print(f"[full] {mode} round {k + 1}: pykimi {a} tok/s ({rd['pykimi'].get('fraction_of_bound')}), "
+                  f"llama.cpp {b} tok/s ({rd['llamacpp'].get('fraction_of_bound')})", flush=True)
+            rounds.append(rd)
+        out["rounds"] = rounds
         for who in ("pykimi", "llamacpp"):
-            r = out[who]["run"]
-            tok = r.get("tok_s") if who == "pykimi" else r.get("decode_tok_s")
-            out[who]["tok_s"] = tok
-            if tok and bw:
-                bound = bw * 1e9 / out[who]["active_bytes"]["total"]
-                out[who]["bound_tok_s"], out[who]["fraction_of_bound"] = bound, tok / bound
+            out[who]["run"] = rounds[-1][who]["run"]
+            for key in ("tok_s", "fraction_of_bound", "bound_tok_s"):
+                out[who][key], out[who][key + "_range"] = _median_range([rd[who].get(key) for rd in rounds])
+        samples = [rd[w]["bandwidth"].get("gbs") for rd in rounds for w in ("pykimi", "llamacpp")]
+        out["bandwidth"] = {"gbs": _median_range(samples)[0], "samples_gbs": samples}
+        out["ratio"], out["ratio_range"] = _median_range([rd["ratio"] for rd in rounds])
         a, b = out["pykimi"]["tok_s"], out["llamacpp"]["tok_s"]
-        out["ratio"] = a / b if a and b else None
         print(f"[full] {mode}: pykimi {a} tok/s, llama.cpp {b} tok/s, ratio {out['ratio']}", flush=True)
         return out
 
@@ -168,6 +190,15 @@ def main(argv=None) -> int:
     return 0
 
 
+def _median_range(vals) -> tuple:
+    """(median, [min, max]) of the values that are not None; (None, None) when there are none."""
+    v = sorted(x for x in vals if x is not None)
+    if not v:
+        return None, None
+    mid = v[len(v) // 2] if len(v) % 2 else (v[len(v) // 2 - 1] + v[len(v) // 2]) / 2
+    return mid, [v[0], v[-1]]
+
+
 def _save(res: dict, path: str) -> None:
     with open(path, "w") as fh:
         json.dump(res, fh, indent=1)
@@ -176,12 +207,15 @@ def _save(res: dict, path: str) -> None:
     for mode, p in res["pairs"].items():
         a, b = p["pykimi"], p["llamacpp"]
 
-        def f(x, fmt):
-            return format(x, fmt) if x is not None else "n/a"
-        lines.append(f"| {mode} | {f(a.get('tok_s'), '.2f')} | {f(a.get('fraction_of_bound'), '.1%')} | "
-                     f"{f(b.get('tok_s'), '.2f')} | {f(b.get('fraction_of_bound'), '.1%')} | "
-                     f"{f(p.get('ratio'), '.2f') + ('x' if p.get('ratio') else '')} | "
-                     f"{f(p.get('bandwidth', {}).get('gbs'), '.1f')} GB/s |")  # none with --prepare-only
+        def f(d, key, fmt, unit=""):
+            x, r = d.get(key), d.get(key + "_range")
+            if x is None:
+                return "n/a"
+            span = f" ({format(r[0], fmt)}-{format(r[1], fmt)})" if r and r[0] != r[1] else ""
+            return format(x, fmt) + unit + span
+        lines.append(f"| {mode} | {f(a, 'tok_s', '.2f')} | {f(a, 'fraction_of_bound', '.1%')} | "
+                     f"{f(b, 'tok_s', '.2f')} | {f(b, 'fraction_of_bound', '.1%')} | {f(p, 'ratio', '.2f', 'x')} | "
+                     f"{f(p.get('bandwidth', {}), 'gbs', '.1f')} GB/s |")  # none with --prepare-only
     with open(os.path.splitext(path)[0] + ".md", "w") as fh:
         fh.write("\n".join(lines) + "\n")
     print("\n".join(lines), flush=True)
