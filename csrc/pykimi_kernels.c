@@ -2665,78 +2665,34 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
             m[h] = cm;                                                        \
         }                                                                     \
     }
-#define PK_AXPY_BODY(LD)                                 \
-    {                                                    \
-        int64_t i;                                       \
-        for (i = 0; i < n; i++) y[i] += c * LD(a[i]);    \
+/* The value sums as an outer-product GEMM too, lanes = heads: o[c][0:16] += sum_t p[t][0:16] r_t[c] for the
+ * columns c < R of nt rows (o: a block's o_lat transposed, [R][16]), o first scaled by corr[0:16] unless it
+ * is NULL (the online softmax's rescaling, free on the accumulators' load); each (column, head) sum is one
+ * chain over the rows in order. Why: the earlier blocking (4 heads x 64 columns, rows as vectors, p broadcast) ran at
+ * ~84 % of the FMA peak (195 TSC ticks a row at 16 heads x 512), this one like the scores. */
+#define PK_VALUES16_BODY(LD)                                                  \
+    {                                                                         \
+        int64_t t, c, h;                                                      \
+        if (corr)                                                             \
+            for (c = 0; c < R; c++)                                           \
+                for (h = 0; h < PK_HB; h++) o[c * PK_HB + h] *= corr[h];      \
+        for (t = 0; t < nt; t++) {                                            \
+            const float *pt = p + t * PK_HB;                                  \
+            for (c = 0; c < R; c++) {                                         \
+                const float x = LD(r[t * stride + c]);                        \
+                for (h = 0; h < PK_HB; h++) o[c * PK_HB + h] += pt[h] * x;    \
+            }                                                                 \
+        }                                                                     \
     }
-/* o[0:64] += sum_t p[t * ts] r_t[0:64] over nt rows r_t = r + t * stride: the 64 sums stay in registers across
- * the rows (a constant width the compiler can keep in four AVX-512 / eight AVX2 vectors). */
-#define PK_AXPY64_BODY(LD)                                       \
-    {                                                            \
-        float acc[64];                                           \
-        int64_t t, k;                                            \
-        for (k = 0; k < 64; k++) acc[k] = o[k];                  \
-        for (t = 0; t < nt; t++) {                               \
-            const float pt = p[t * ts];                          \
-            for (k = 0; k < 64; k++) acc[k] += pt * LD(r[t * stride + k]); \
-        }                                                        \
-        for (k = 0; k < 64; k++) o[k] = acc[k];                  \
-    }
-/* The values as a register-blocked GEMM: o_h[0:64] += sum_t p[h * hs + t * ts] r_t[0:64] for four heads (o_h =
- * o + h * os): each row slice is loaded (and widened) once for the four heads, 16 FMAs per 4 row vectors + 4
- * broadcasts (axpy64: 4 FMAs per 4 + 1). Each sum is axpy64's, rows in order: same bits. */
-#define PK_AXPY64X4_BODY(LD)                                                     \
-    {                                                                            \
-        float acc[4][64];                                                        \
-        int64_t t, h, k;                                                         \
-        for (h = 0; h < 4; h++)                                                  \
-            for (k = 0; k < 64; k++) acc[h][k] = o[h * os + k];                  \
-        for (t = 0; t < nt; t++) {                                               \
-            const float p0 = p[t * ts], p1 = p[hs + t * ts], p2 = p[2 * hs + t * ts], p3 = p[3 * hs + t * ts]; \
-            for (k = 0; k < 64; k++) {                                           \
-                const float rk = LD(r[t * stride + k]);                          \
-                acc[0][k] += p0 * rk;                                            \
-                acc[1][k] += p1 * rk;                                            \
-                acc[2][k] += p2 * rk;                                            \
-                acc[3][k] += p3 * rk;                                            \
-            }                                                                    \
-        }                                                                        \
-        for (h = 0; h < 4; h++)                                                  \
-            for (k = 0; k < 64; k++) o[h * os + k] = acc[h][k];                  \
-    }
-/* NAME (f32 cache rows) and NAME##h (bf16 rows, uint16 bits) at one level: ATTR is the level's target. */
-#define PK_CACHE_FNS(ATTR, LEVEL)                                                                              \
-    static ATTR void axpy_##LEVEL(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY(PK_LD_F32)        \
-    static ATTR void axpyh_##LEVEL(float c, const uint16_t *a, float *y, int64_t n) PK_AXPY_BODY(PK_LD_BF16)  \
-    static ATTR void axpy64_##LEVEL(const float *p, int64_t ts, const float *r, int64_t stride, int64_t nt,     \
-                                    float *o) PK_AXPY64_BODY(PK_LD_F32)                                        \
-    static ATTR void axpy64h_##LEVEL(const float *p, int64_t ts, const uint16_t *r, int64_t stride, int64_t nt, \
-                                     float *o) PK_AXPY64_BODY(PK_LD_BF16)
-#define PK_NO_ATTR
-PK_CACHE_FNS(PK_NO_ATTR, scalar)
+static void values16_scalar(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr)
+    PK_VALUES16_BODY(PK_LD_F32)
+static void values16h_scalar(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr)
+    PK_VALUES16_BODY(PK_LD_BF16)
 static void scores16_scalar(const float *qT, const float *r, int64_t stride, int64_t W, int64_t nt, float *p,
                             float scale, int64_t avail, int64_t ahead) PK_SCORES16_BODY(PK_LD_F32)
 static void scores16h_scalar(const float *qT, const uint16_t *r, int64_t stride, int64_t W, int64_t nt, float *p,
                              float scale, int64_t avail, int64_t ahead) PK_SCORES16_BODY(PK_LD_BF16)
 static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *corr) PK_SOFTMAX16_BODY(expf)
-#if PK_X86
-PK_CACHE_FNS(PK_AVX2, avx2)
-#endif
-#if PK_HAVE_AVX512
-PK_CACHE_FNS(PK_AVX512, avx512)
-#endif
-
-/* axpy64x4 (PK_AXPY64X4_BODY) per level. GCC kept the macro's 4 x 64 accumulators on the stack (a load and a
- * store per FMA), so the vector levels spell the registers out: AVX-512 holds all 4 heads x 64 columns (16
- * zmm + 4 row vectors + 4 broadcasts); AVX2 (16 ymm) does the 64 columns as four passes of 4 heads x 16
- * columns (8 accumulators), the block's rows coming back from L1. Every sum is acc = fma(p, r, acc) over
- * the rows in order, as the scalar macro (contracted) and axpy64: same bits at every blocking. LDV(ptr)
- * loads one vector of cache elements as f32 (bf16: widen to 32 bits, shift left 16 = bf16_to_f32). */
-static void axpy64x4_scalar(const float *p, int64_t hs, int64_t ts, const float *r, int64_t stride, int64_t nt,
-                            float *o, int64_t os) PK_AXPY64X4_BODY(PK_LD_F32)
-static void axpy64x4h_scalar(const float *p, int64_t hs, int64_t ts, const uint16_t *r, int64_t stride, int64_t nt,
-                             float *o, int64_t os) PK_AXPY64X4_BODY(PK_LD_BF16)
 
 /* exp for the probabilities (arguments <= 0 but for rounding): Cephes' expf polynomial (degree 6 on
  * |r| <= ln2 / 2 after removing k ln2 in two parts: ~1 ulp, as glibc's expf) on 16 / 8 lanes; x is clamped
@@ -2757,30 +2713,6 @@ static void axpy64x4h_scalar(const float *p, int64_t hs, int64_t ts, const uint1
 #define PK_LDV8_F32(x) _mm256_loadu_ps(x)
 #define PK_LDV8_BF16(x) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x))), 16))
-#define PK_AXPY64X4_AVX2(LDV)                                                                 \
-    {                                                                                         \
-        int64_t t, c, h;                                                                      \
-        for (c = 0; c < 64; c += 16) {                                                        \
-            __m256 a[4][2];                                                                   \
-            for (h = 0; h < 4; h++)                                                           \
-                a[h][0] = _mm256_loadu_ps(o + h * os + c), a[h][1] = _mm256_loadu_ps(o + h * os + c + 8); \
-            for (t = 0; t < nt; t++) {                                                        \
-                const __m256 r0 = LDV(r + t * stride + c), r1 = LDV(r + t * stride + c + 8);  \
-                for (h = 0; h < 4; h++) {                                                     \
-                    const __m256 ph = _mm256_set1_ps(p[h * hs + t * ts]);                     \
-                    a[h][0] = _mm256_fmadd_ps(ph, r0, a[h][0]);                               \
-                    a[h][1] = _mm256_fmadd_ps(ph, r1, a[h][1]);                               \
-                }                                                                             \
-            }                                                                                 \
-            for (h = 0; h < 4; h++)                                                           \
-                _mm256_storeu_ps(o + h * os + c, a[h][0]), _mm256_storeu_ps(o + h * os + c + 8, a[h][1]); \
-        }                                                                                     \
-    }
-static PK_AVX2 void axpy64x4_avx2(const float *p, int64_t hs, int64_t ts, const float *r, int64_t stride,
-                                  int64_t nt, float *o, int64_t os) PK_AXPY64X4_AVX2(PK_LDV8_F32)
-static PK_AVX2 void axpy64x4h_avx2(const float *p, int64_t hs, int64_t ts, const uint16_t *r, int64_t stride,
-                                   int64_t nt, float *o, int64_t os) PK_AXPY64X4_AVX2(PK_LDV8_BF16)
-
 /* Scores at AVX2: the 16 heads are two ymm, so a tile of NR rows keeps 2 NR accumulators (f32: 6 rows, 12
  * ymm + 2 query vectors + the broadcast; bf16: 4 rows, the pair trick of the AVX-512 tile below needing 4
  * query vectors). */
@@ -2840,6 +2772,83 @@ static PK_AVX2 void axpy64x4h_avx2(const float *p, int64_t hs, int64_t ts, const
             _mm256_storeu_ps(p + PK_HB * j + 8, _mm256_mul_ps(acc[j][1], sc));                               \
         }                                                                                                    \
     }
+/* Values at AVX2: a tile of NC columns keeps 2 NC accumulators (f32: 6 columns; bf16: 4, two pairs). */
+#define PK_VA_AVX2_F32(NC)                                                                                   \
+    PK_AVX2_INLINE void va_avx2_##NC(const float *p, const float *r, int64_t stride, int64_t nt, float *o, \
+                                     const float *corr) {                                                    \
+        __m256 acc[NC][2];                                                                                   \
+        int64_t t, j;                                                                                        \
+        for (j = 0; j < NC; j++)                                                                             \
+            acc[j][0] = _mm256_loadu_ps(o + PK_HB * j), acc[j][1] = _mm256_loadu_ps(o + PK_HB * j + 8);      \
+        if (corr)                                                                                            \
+            for (j = 0; j < NC; j++) {                                                                       \
+                acc[j][0] = _mm256_mul_ps(acc[j][0], _mm256_loadu_ps(corr));                                 \
+                acc[j][1] = _mm256_mul_ps(acc[j][1], _mm256_loadu_ps(corr + 8));                             \
+            }                                                                                                \
+        for (t = 0; t < nt; t++) {                                                                           \
+            const __m256 p0 = _mm256_loadu_ps(p + PK_HB * t), p1 = _mm256_loadu_ps(p + PK_HB * t + 8);      \
+            for (j = 0; j < NC; j++) {                                                                       \
+                const __m256 x = _mm256_broadcast_ss(r + t * stride + j);                                    \
+                acc[j][0] = _mm256_fmadd_ps(p0, x, acc[j][0]);                                               \
+                acc[j][1] = _mm256_fmadd_ps(p1, x, acc[j][1]);                                               \
+            }                                                                                                \
+        }                                                                                                    \
+        for (j = 0; j < NC; j++)                                                                             \
+            _mm256_storeu_ps(o + PK_HB * j, acc[j][0]), _mm256_storeu_ps(o + PK_HB * j + 8, acc[j][1]);      \
+    }
+#define PK_VA_AVX2_BF16(NC)                                                                                  \
+    PK_AVX2_INLINE void vah_avx2_##NC(const float *p, const uint16_t *r, int64_t stride, int64_t nt,        \
+                                      float *o, const float *corr) {                                         \
+        const __m256i hm = _mm256_set1_epi32((int)0xFFFF0000u);                                              \
+        __m256 acc[NC][2];                                                                                   \
+        int64_t t, j;                                                                                        \
+        for (j = 0; j < NC; j++)                                                                             \
+            acc[j][0] = _mm256_loadu_ps(o + PK_HB * j), acc[j][1] = _mm256_loadu_ps(o + PK_HB * j + 8);      \
+        if (corr)                                                                                            \
+            for (j = 0; j < NC; j++) {                                                                       \
+                acc[j][0] = _mm256_mul_ps(acc[j][0], _mm256_loadu_ps(corr));                                 \
+                acc[j][1] = _mm256_mul_ps(acc[j][1], _mm256_loadu_ps(corr + 8));                             \
+            }                                                                                                \
+        for (t = 0; t < nt; t++) {                                                                           \
+            const __m256 p0 = _mm256_loadu_ps(p + PK_HB * t), p1 = _mm256_loadu_ps(p + PK_HB * t + 8);      \
+            for (j = 0; j + 2 <= NC; j += 2) {                                                               \
+                uint32_t d;                                                                                  \
+                __m256i v;                                                                                   \
+                __m256 x;                                                                                    \
+                memcpy(&d, r + t * stride + j, sizeof d);                                                    \
+                v = _mm256_set1_epi32((int)d);                                                               \
+                x = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); /* column j */                           \
+                acc[j][0] = _mm256_fmadd_ps(p0, x, acc[j][0]);                                               \
+                acc[j][1] = _mm256_fmadd_ps(p1, x, acc[j][1]);                                               \
+                x = _mm256_castsi256_ps(_mm256_and_si256(v, hm)); /* column j + 1 */                        \
+                acc[j + 1][0] = _mm256_fmadd_ps(p0, x, acc[j + 1][0]);                                       \
+                acc[j + 1][1] = _mm256_fmadd_ps(p1, x, acc[j + 1][1]);                                       \
+            }                                                                                                \
+            if (NC % 2) {                                                                                    \
+                const __m256 x = _mm256_set1_ps(bf16_to_f32(r[t * stride + NC - 1]));                        \
+                acc[NC - 1][0] = _mm256_fmadd_ps(p0, x, acc[NC - 1][0]);                                     \
+                acc[NC - 1][1] = _mm256_fmadd_ps(p1, x, acc[NC - 1][1]);                                     \
+            }                                                                                                \
+        }                                                                                                    \
+        for (j = 0; j < NC; j++)                                                                             \
+            _mm256_storeu_ps(o + PK_HB * j, acc[j][0]), _mm256_storeu_ps(o + PK_HB * j + 8, acc[j][1]);      \
+    }
+PK_VA_AVX2_F32(6)
+PK_VA_AVX2_F32(1)
+PK_VA_AVX2_BF16(4)
+PK_VA_AVX2_BF16(1)
+static PK_AVX2 void values16_avx2(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr) {
+    int64_t c = 0;
+    for (; c + 6 <= R; c += 6) va_avx2_6(p, r + c, stride, nt, o + PK_HB * c, corr);
+    for (; c < R; c++) va_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr);
+}
+static PK_AVX2 void values16h_avx2(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R,
+                                   float *o, const float *corr) {
+    int64_t c = 0;
+    for (; c + 4 <= R; c += 4) vah_avx2_4(p, r + c, stride, nt, o + PK_HB * c, corr);
+    for (; c < R; c++) vah_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr);
+}
+
 PK_SC_AVX2_F32(6)
 PK_SC_AVX2_F32(1)
 PK_SC_AVX2_BF16(4)
@@ -2897,32 +2906,6 @@ static PK_AVX2 void softmax16_avx2(float *p, int64_t nt, float *m, float *l, flo
 #define PK_LDV16_F32(x) _mm512_loadu_ps(x)
 #define PK_LDV16_BF16(x) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x))), 16))
-#define PK_AXPY64X4_AVX512(LDV)                                                              \
-    {                                                                                        \
-        __m512 a[4][4];                                                                      \
-        int64_t t, h, q;                                                                     \
-        for (h = 0; h < 4; h++)                                                              \
-            for (q = 0; q < 4; q++) a[h][q] = _mm512_loadu_ps(o + h * os + 16 * q);          \
-        for (t = 0; t < nt; t++) {                                                           \
-            const int64_t o0 = t * stride; /* no typed row pointer: LDV reads f32 or uint16 */  \
-            const __m512 r0 = LDV(r + o0), r1 = LDV(r + o0 + 16);                            \
-            const __m512 r2 = LDV(r + o0 + 32), r3 = LDV(r + o0 + 48);                       \
-            for (h = 0; h < 4; h++) {                                                        \
-                const __m512 ph = _mm512_set1_ps(p[h * hs + t * ts]);                        \
-                a[h][0] = _mm512_fmadd_ps(ph, r0, a[h][0]);                                  \
-                a[h][1] = _mm512_fmadd_ps(ph, r1, a[h][1]);                                  \
-                a[h][2] = _mm512_fmadd_ps(ph, r2, a[h][2]);                                  \
-                a[h][3] = _mm512_fmadd_ps(ph, r3, a[h][3]);                                  \
-            }                                                                                \
-        }                                                                                    \
-        for (h = 0; h < 4; h++)                                                              \
-            for (q = 0; q < 4; q++) _mm512_storeu_ps(o + h * os + 16 * q, a[h][q]);          \
-    }
-static PK_AVX512 void axpy64x4_avx512(const float *p, int64_t hs, int64_t ts, const float *r, int64_t stride,
-                                      int64_t nt, float *o, int64_t os) PK_AXPY64X4_AVX512(PK_LDV16_F32)
-static PK_AVX512 void axpy64x4h_avx512(const float *p, int64_t hs, int64_t ts, const uint16_t *r, int64_t stride,
-                                       int64_t nt, float *o, int64_t os) PK_AXPY64X4_AVX512(PK_LDV16_BF16)
-
 /* Scores at AVX-512: a tile of NR rows keeps NR zmm accumulators (16 heads each); per k one query vector and
  * NR broadcasts. bf16 rows: one 32-bit broadcast holds elements k and k + 1 (little endian: k in the low
  * half), shifted left 16 / masked to the high half they are the two widened values -- 2 integer operations per
@@ -2969,6 +2952,64 @@ static PK_AVX512 void axpy64x4h_avx512(const float *p, int64_t hs, int64_t ts, c
         }                                                                                                    \
         for (j = 0; j < NR; j++) _mm512_storeu_ps(p + PK_HB * j, _mm512_mul_ps(acc[j], sc));                 \
     }
+/* Values at AVX-512: a tile of NC columns keeps NC zmm accumulators (16 heads each); per row one probability
+ * vector and NC broadcasts (bf16: NC / 2 pairs, as the scores). */
+#define PK_VA_AVX512_F32(NC)                                                                                 \
+    PK_AVX512_INLINE void va_avx512_##NC(const float *p, const float *r, int64_t stride, int64_t nt,        \
+                                         float *o, const float *corr) {                                      \
+        __m512 acc[NC];                                                                                      \
+        int64_t t, j;                                                                                        \
+        for (j = 0; j < NC; j++) acc[j] = _mm512_loadu_ps(o + PK_HB * j);                                    \
+        if (corr)                                                                                            \
+            for (j = 0; j < NC; j++) acc[j] = _mm512_mul_ps(acc[j], _mm512_loadu_ps(corr));                  \
+        for (t = 0; t < nt; t++) {                                                                           \
+            const __m512 pt = _mm512_loadu_ps(p + PK_HB * t);                                                \
+            for (j = 0; j < NC; j++) acc[j] = _mm512_fmadd_ps(pt, _mm512_set1_ps(r[t * stride + j]), acc[j]); \
+        }                                                                                                    \
+        for (j = 0; j < NC; j++) _mm512_storeu_ps(o + PK_HB * j, acc[j]);                                    \
+    }
+#define PK_VA_AVX512_BF16(NC)                                                                                \
+    PK_AVX512_INLINE void vah_avx512_##NC(const float *p, const uint16_t *r, int64_t stride, int64_t nt,    \
+                                          float *o, const float *corr) {                                     \
+        const __m512i hm = _mm512_set1_epi32((int)0xFFFF0000u);                                              \
+        __m512 acc[NC];                                                                                      \
+        int64_t t, j;                                                                                        \
+        for (j = 0; j < NC; j++) acc[j] = _mm512_loadu_ps(o + PK_HB * j);                                    \
+        if (corr)                                                                                            \
+            for (j = 0; j < NC; j++) acc[j] = _mm512_mul_ps(acc[j], _mm512_loadu_ps(corr));                  \
+        for (t = 0; t < nt; t++) {                                                                           \
+            const __m512 pt = _mm512_loadu_ps(p + PK_HB * t);                                                \
+            for (j = 0; j + 2 <= NC; j += 2) {                                                               \
+                uint32_t d;                                                                                  \
+                __m512i v;                                                                                   \
+                memcpy(&d, r + t * stride + j, sizeof d);                                                    \
+                v = _mm512_set1_epi32((int)d);                                                               \
+                acc[j] = _mm512_fmadd_ps(pt, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), acc[j]);         \
+                acc[j + 1] = _mm512_fmadd_ps(pt, _mm512_castsi512_ps(_mm512_and_si512(v, hm)), acc[j + 1]); \
+            }                                                                                                \
+            if (NC % 2)                                                                                      \
+                acc[NC - 1] = _mm512_fmadd_ps(pt, _mm512_set1_ps(bf16_to_f32(r[t * stride + NC - 1])),       \
+                                              acc[NC - 1]);                                                  \
+        }                                                                                                    \
+        for (j = 0; j < NC; j++) _mm512_storeu_ps(o + PK_HB * j, acc[j]);                                    \
+    }
+PK_VA_AVX512_F32(16)
+PK_VA_AVX512_F32(1)
+PK_VA_AVX512_BF16(16)
+PK_VA_AVX512_BF16(1)
+static PK_AVX512 void values16_avx512(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R,
+                                      float *o, const float *corr) {
+    int64_t c = 0;
+    for (; c + 16 <= R; c += 16) va_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr);
+    for (; c < R; c++) va_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr);
+}
+static PK_AVX512 void values16h_avx512(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R,
+                                       float *o, const float *corr) {
+    int64_t c = 0;
+    for (; c + 16 <= R; c += 16) vah_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr);
+    for (; c < R; c++) vah_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr);
+}
+
 PK_SC_AVX512_F32(16)
 PK_SC_AVX512_F32(4)
 PK_SC_AVX512_F32(1)
@@ -3022,32 +3063,13 @@ static PK_AVX512 void softmax16_avx512(float *p, int64_t nt, float *m, float *l,
 }
 #endif
 
-static void axpy_level(int simd, float c, const float *a, float *y, int64_t n) {
-    PK_LEVEL_CALL(simd, axpy, (c, a, y, n));
+static void values16_level(int simd, const float *p, const float *r, int64_t W, int64_t nt, int64_t R, float *o, const float *corr) {
+    PK_LEVEL_CALL(simd, values16, (p, r, W, nt, R, o, corr));
 }
 
-static void axpyh_level(int simd, float c, const uint16_t *a, float *y, int64_t n) {
-    PK_LEVEL_CALL(simd, axpyh, (c, a, y, n));
-}
-
-static void axpy64_level(int simd, const float *p, int64_t ts, const float *r, int64_t stride, int64_t nt,
-                         float *o) {
-    PK_LEVEL_CALL(simd, axpy64, (p, ts, r, stride, nt, o));
-}
-
-static void axpy64h_level(int simd, const float *p, int64_t ts, const uint16_t *r, int64_t stride, int64_t nt,
-                          float *o) {
-    PK_LEVEL_CALL(simd, axpy64h, (p, ts, r, stride, nt, o));
-}
-
-static void axpy64x4_level(int simd, const float *p, int64_t hs, int64_t ts, const float *r, int64_t stride,
-                           int64_t nt, float *o, int64_t os) {
-    PK_LEVEL_CALL(simd, axpy64x4, (p, hs, ts, r, stride, nt, o, os)); /* simd 0: the macro, 1 / 2: intrinsics */
-}
-
-static void axpy64x4h_level(int simd, const float *p, int64_t hs, int64_t ts, const uint16_t *r, int64_t stride,
-                            int64_t nt, float *o, int64_t os) {
-    PK_LEVEL_CALL(simd, axpy64x4h, (p, hs, ts, r, stride, nt, o, os));
+static void values16h_level(int simd, const float *p, const uint16_t *r, int64_t W, int64_t nt, int64_t R,
+                            float *o, const float *corr) {
+    PK_LEVEL_CALL(simd, values16h, (p, r, W, nt, R, o, corr));
 }
 
 static void scores16_level(int simd, const float *qT, const float *r, int64_t W, int64_t nt, float *p, float scale,
@@ -3108,7 +3130,6 @@ typedef struct {
  * 2 % of a 1k-row attention, nothing at 32k; a short cache still gets up to 32 tasks for the threads. */
 #define PK_MLA_CHUNK 32  /* cache rows per chunk (a multiple of 16, the score tile): 74 KB of f32 rows */
 #define PK_MLA_SPLITS 32 /* parallel tasks (and merged states) per sequence at most */
-#define PK_MLA_COLS 64   /* latent columns per block of the value sums (axpy64x4: 4 heads x 64 in registers) */
 #define PK_MLA_AHEAD 32  /* rows between the score tile and the rows it prefetches */
 
 static int64_t mla_align16(int64_t n) { return (n + 15) & ~(int64_t)15; } /* floats: 64-byte multiples */
@@ -3141,71 +3162,41 @@ static void mla_chunk_scores(const pk_mla *m, int64_t t0, int64_t nt, float *p) 
     }
 }
 
-/* o[h][0:R] += sum_t p[h][t] c_t[0:R] over the chunk's rows, rows in order: the columns in blocks of 64 (the
- * block's row slices stay in L1 for the head groups), 4 heads x 64 columns per pass (axpy64x4: each row slice
- * loaded once for 4 heads), other heads one by one (axpy64), a short last block of columns axpy per row.
- * p [G][PK_MLA_CHUNK][16]: head h of row t at (h / 16) * PK_MLA_CHUNK * 16 + t * 16 + h % 16. */
-static void mla_chunk_values(const pk_mla *m, int64_t t0, int64_t nt, const float *p, float *o) {
-    const int64_t W = m->W, H = m->H, R = m->R;
-    int64_t cb, h, t;
-    for (cb = 0; cb < R; cb += PK_MLA_COLS) {
-        const int64_t off = t0 * W + cb, nc = cb + PK_MLA_COLS < R ? PK_MLA_COLS : R - cb;
-        h = 0;
-        if (nc == PK_MLA_COLS)
-            for (; h + 4 <= H; h += 4) { /* 4 | 16: the four heads are in one block */
-                const float *ph = p + (h / PK_HB) * PK_MLA_CHUNK * PK_HB + h % PK_HB;
-                if (m->rows16)
-                    axpy64x4h_level(m->simd, ph, 1, PK_HB, m->rows16 + off, W, nt, o + h * R + cb, R);
-                else
-                    axpy64x4_level(m->simd, ph, 1, PK_HB, m->rows + off, W, nt, o + h * R + cb, R);
-            }
-        for (; h < H; h++) {
-            const float *ph = p + (h / PK_HB) * PK_MLA_CHUNK * PK_HB + h % PK_HB;
-            float *oh = o + h * R + cb;
-            if (m->rows16 && nc == PK_MLA_COLS)
-                axpy64h_level(m->simd, ph, PK_HB, m->rows16 + off, W, nt, oh);
-            else if (m->rows16)
-                for (t = 0; t < nt; t++) axpyh_level(m->simd, ph[t * PK_HB], m->rows16 + off + t * W, oh, nc);
-            else if (nc == PK_MLA_COLS)
-                axpy64_level(m->simd, ph, PK_HB, m->rows + off, W, nt, oh);
-            else
-                for (t = 0; t < nt; t++) axpy_level(m->simd, ph[t * PK_HB], m->rows + off + t * W, oh, nc);
-        }
-    }
-}
-
 /* Split k: its chunks in order, each scored for every head, its probabilities exp(s - m) against the running
  * max m (softmax16: when a chunk raises m, the split's sum l and -- here -- its o_lat are scaled by
- * exp(m_old - m_new), as the definition's softmax subtracts the max), then its rows' value sums. State k:
- * o [H][R] | m [G * 16] | l [G * 16] | corr [G * 16] | p [G][PK_MLA_CHUNK][16]. */
+ * exp(m_old - m_new), as the definition's softmax subtracts the max), then its rows' value sums (values16:
+ * the chunk's rows are still in L1 / L2). State k: o [G][R][16] (o_lat of each block of 16 heads,
+ * transposed) | m [G * 16] | l [G * 16] | corr [G * 16] | p [G][PK_MLA_CHUNK][16]. */
 static void mla_split(const pk_mla *m, int64_t k) {
-    const int64_t H = m->H, R = m->R, G = m->G, c0 = m->nchunk * k / m->nsplit;
-    const int64_t c1 = m->nchunk * (k + 1) / m->nsplit;
-    float *o = m->st + k * m->ss, *mx = o + H * R, *l = mx + G * PK_HB, *corr = l + G * PK_HB;
+    const int64_t R = m->R, G = m->G, W = m->W, c0 = m->nchunk * k / m->nsplit;
+    const int64_t c1 = m->nchunk * (k + 1) / m->nsplit, ob = R * PK_HB; /* one block's o */
+    float *o = m->st + k * m->ss, *mx = o + G * ob, *l = mx + G * PK_HB, *corr = l + G * PK_HB;
     float *p = corr + G * PK_HB;
     int64_t c, g, h, i;
-    for (i = 0; i < H * R; i++) o[i] = 0.0f;
+    for (i = 0; i < G * ob; i++) o[i] = 0.0f;
     for (h = 0; h < G * PK_HB; h++) mx[h] = -INFINITY, l[h] = 0.0f;
     for (c = c0; c < c1; c++) {
         const int64_t t0 = c * PK_MLA_CHUNK, nt = m->nvis - t0 < PK_MLA_CHUNK ? m->nvis - t0 : PK_MLA_CHUNK;
         mla_chunk_scores(m, t0, nt, p);
-        for (g = 0; g < G; g++)
-            softmax16_level(m->simd, p + g * PK_MLA_CHUNK * PK_HB, nt, mx + g * PK_HB, l + g * PK_HB,
-                            corr + g * PK_HB);
-        if (c > c0) /* the first chunk has nothing to rescale (o is 0) */
-            for (h = 0; h < H; h++)
-                if (corr[h] != 1.0f) {
-                    float *oh = o + h * R;
-                    const float f = corr[h];
-                    for (i = 0; i < R; i++) oh[i] *= f;
-                }
-        mla_chunk_values(m, t0, nt, p, o);
+        for (g = 0; g < G; g++) {
+            float *pg = p + g * PK_MLA_CHUNK * PK_HB, *og = o + g * ob, *cg = corr + g * PK_HB;
+            int any = 0;
+            softmax16_level(m->simd, pg, nt, mx + g * PK_HB, l + g * PK_HB, cg);
+            for (h = 0; h < PK_HB; h++) any |= cg[h] != 1.0f;
+            if (c == c0 || !any) /* nothing to rescale: o is 0 before the first chunk, or no max moved */
+                cg = NULL;
+            if (m->rows16)
+                values16h_level(m->simd, pg, m->rows16 + t0 * W, W, nt, R, og, cg);
+            else
+                values16_level(m->simd, pg, m->rows + t0 * W, W, nt, R, og, cg);
+        }
     }
 }
 
 /* o_lat[h] = sum_k e^(m_k - M) o_k[h] / sum_k e^(m_k - M) l_k[h] over the splits in order (M: their max). */
 static void mla_merge(const pk_mla *m, int64_t h) {
-    const int64_t R = m->R, om = m->H * R, ol_ = om + m->G * PK_HB; /* offsets of m and l in a state */
+    const int64_t R = m->R, om = m->G * R * PK_HB, ol_ = om + m->G * PK_HB; /* offsets of m and l in a state */
+    const int64_t oh = (h / PK_HB) * R * PK_HB + h % PK_HB;                 /* head h's column 0 in o */
     float *ol = m->ol + h * R, big = -INFINITY, L = 0.0f;
     int64_t k, i;
     for (k = 0; k < m->nsplit; k++) {
@@ -3214,10 +3205,10 @@ static void mla_merge(const pk_mla *m, int64_t h) {
     }
     for (i = 0; i < R; i++) ol[i] = 0.0f;
     for (k = 0; k < m->nsplit; k++) {
-        const float *st = m->st + k * m->ss, *ok = st + h * R;
+        const float *st = m->st + k * m->ss, *ok = st + oh;
         const float wk = expf(st[om + h] - big);
         L += wk * st[ol_ + h];
-        for (i = 0; i < R; i++) ol[i] += wk * ok[i];
+        for (i = 0; i < R; i++) ol[i] += wk * ok[i * PK_HB];
     }
     for (i = 0; i < R; i++) ol[i] /= L;
 }
@@ -3248,7 +3239,7 @@ static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t
     const int64_t nchunk = (nvis + PK_MLA_CHUNK - 1) / PK_MLA_CHUNK;
     const int64_t nsplit = nchunk < PK_MLA_SPLITS ? nchunk : PK_MLA_SPLITS;
     const int64_t G = (heads + PK_HB - 1) / PK_HB; /* blocks of 16 heads */
-    const int64_t sts = mla_align16(heads * R + G * PK_HB * (3 + PK_MLA_CHUNK)); /* one split's state */
+    const int64_t sts = mla_align16(G * PK_HB * (R + 3 + PK_MLA_CHUNK)); /* one split's state */
     /* qc [H][W] | qT [G][W][16] | ol [H][R] | cos, sin [dr] | the new row [W] | the splits' states, each
      * 64-byte aligned */
     const int64_t o_qT = mla_align16(heads * W), o_ol = o_qT + G * W * PK_HB, o_cs = o_ol + mla_align16(heads * R);
