@@ -2632,19 +2632,34 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
  * earlier form (lanes along k, 4 rows x 4 heads per block, then a reduction of each of the 16 sums) ran at
  * ~60 % of the FMA peak from L2 (312 TSC ticks a row at 16 heads x 576) and ~40 % streaming from memory
  * (471); this one at ~97 % (183-209, tiles of 16 rows, f32 and bf16 alike: /tmp microbenchmark on Zen 5). */
-#define PK_SCORES16_BODY(LD)                                                  \
-    {                                                                         \
-        int64_t t, k, h;                                                      \
-        (void)avail, (void)ahead;                                             \
-        for (t = 0; t < nt; t++) {                                            \
-            float acc[PK_HB];                                                 \
-            for (h = 0; h < PK_HB; h++) acc[h] = 0.0f;                        \
-            for (k = 0; k < W; k++) {                                         \
-                const float x = LD(r[t * stride + k]);                        \
-                for (h = 0; h < PK_HB; h++) acc[h] += qT[k * PK_HB + h] * x;  \
-            }                                                                 \
-            for (h = 0; h < PK_HB; h++) p[t * PK_HB + h] = acc[h] * scale;    \
-        }                                                                     \
+#define PK_SCORES16_BODY(LD)                                                                  \
+    {                                                                                         \
+        int64_t t = 0, k, h;                                                                  \
+        (void)avail, (void)ahead;                                                             \
+        for (; t + 2 <= nt; t += 2) { /* two rows a tile: 32 sums, in registers (SSE: 8) */  \
+            float a0[PK_HB], a1[PK_HB];                                                       \
+            for (h = 0; h < PK_HB; h++) a0[h] = a1[h] = 0.0f;                                 \
+            for (k = 0; k < W; k++) {                                                         \
+                const float x0 = LD(r[t * stride + k]), x1 = LD(r[(t + 1) * stride + k]);     \
+                for (h = 0; h < PK_HB; h++) {                                                 \
+                    a0[h] += qT[k * PK_HB + h] * x0;                                          \
+                    a1[h] += qT[k * PK_HB + h] * x1;                                          \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < PK_HB; h++) {                                                     \
+                p[t * PK_HB + h] = a0[h] * scale;                                             \
+                p[(t + 1) * PK_HB + h] = a1[h] * scale;                                       \
+            }                                                                                 \
+        }                                                                                     \
+        for (; t < nt; t++) {                                                                 \
+            float a0[PK_HB];                                                                  \
+            for (h = 0; h < PK_HB; h++) a0[h] = 0.0f;                                         \
+            for (k = 0; k < W; k++) {                                                         \
+                const float x0 = LD(r[t * stride + k]);                                       \
+                for (h = 0; h < PK_HB; h++) a0[h] += qT[k * PK_HB + h] * x0;                  \
+            }                                                                                 \
+            for (h = 0; h < PK_HB; h++) p[t * PK_HB + h] = a0[h] * scale;                     \
+        }                                                                                     \
     }
 /* Probabilities of one block of 16 heads over a chunk of nt rows, online (spec §8.3's softmax, one chunk at a
  * time): cm = max(m, the chunk's scores), p = exp(p - cm), corr = exp(m - cm) (1 where the max held, 0 on the
@@ -2666,27 +2681,37 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
         }                                                                     \
     }
 /* The value sums as an outer-product GEMM too, lanes = heads: o[c][0:16] += sum_t p[t][0:16] r_t[c] for the
- * columns c < R of nt rows (o: a block's o_lat transposed, [R][16]), o first scaled by corr[0:16] unless it
- * is NULL (the online softmax's rescaling, free on the accumulators' load); each (column, head) sum is one
- * chain over the rows in order. Why: the earlier blocking (4 heads x 64 columns, rows as vectors, p broadcast) ran at
+ * columns c < R of nt rows (o: a block's o_lat transposed, [R][16]); o starts as 0 when fresh (the split's first
+ * chunk: no zeroing pass), else scaled by corr[0:16] unless it is NULL (the online softmax's rescaling, free on
+ * the accumulators' load); each (column, head) sum is one chain over the rows in order. Why: the earlier blocking (4 heads x 64 columns, rows as vectors, p broadcast) ran at
  * ~84 % of the FMA peak (195 TSC ticks a row at 16 heads x 512), this one like the scores. */
-#define PK_VALUES16_BODY(LD)                                                  \
-    {                                                                         \
-        int64_t t, c, h;                                                      \
-        if (corr)                                                             \
-            for (c = 0; c < R; c++)                                           \
-                for (h = 0; h < PK_HB; h++) o[c * PK_HB + h] *= corr[h];      \
-        for (t = 0; t < nt; t++) {                                            \
-            const float *pt = p + t * PK_HB;                                  \
-            for (c = 0; c < R; c++) {                                         \
-                const float x = LD(r[t * stride + c]);                        \
-                for (h = 0; h < PK_HB; h++) o[c * PK_HB + h] += pt[h] * x;    \
-            }                                                                 \
-        }                                                                     \
+#define PK_VALUES16_BODY(LD)                                                                  \
+    {                                                                                         \
+        int64_t t, c = 0, h;                                                                  \
+        for (; c < R; c += 2) { /* two columns a tile (the last one alone when R is odd) */   \
+            const int two = c + 1 < R;                                                        \
+            float a0[PK_HB], a1[PK_HB];                                                       \
+            for (h = 0; h < PK_HB; h++) {                                                     \
+                a0[h] = fresh ? 0.0f : corr ? o[c * PK_HB + h] * corr[h] : o[c * PK_HB + h];  \
+                a1[h] = !two || fresh ? 0.0f : corr ? o[(c + 1) * PK_HB + h] * corr[h]        \
+                                                    : o[(c + 1) * PK_HB + h];                 \
+            }                                                                                 \
+            for (t = 0; t < nt; t++) {                                                        \
+                const float x0 = LD(r[t * stride + c]), x1 = two ? LD(r[t * stride + c + 1]) : 0.0f; \
+                for (h = 0; h < PK_HB; h++) {                                                 \
+                    a0[h] += p[t * PK_HB + h] * x0;                                           \
+                    a1[h] += p[t * PK_HB + h] * x1;                                           \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < PK_HB; h++) {                                                     \
+                o[c * PK_HB + h] = a0[h];                                                     \
+                if (two) o[(c + 1) * PK_HB + h] = a1[h];                                      \
+            }                                                                                 \
+        }                                                                                     \
     }
-static void values16_scalar(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr)
+static void values16_scalar(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr, int fresh)
     PK_VALUES16_BODY(PK_LD_F32)
-static void values16h_scalar(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr)
+static void values16h_scalar(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr, int fresh)
     PK_VALUES16_BODY(PK_LD_BF16)
 static void scores16_scalar(const float *qT, const float *r, int64_t stride, int64_t W, int64_t nt, float *p,
                             float scale, int64_t avail, int64_t ahead) PK_SCORES16_BODY(PK_LD_F32)
@@ -2775,12 +2800,13 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
 /* Values at AVX2: a tile of NC columns keeps 2 NC accumulators (f32: 6 columns; bf16: 4, two pairs). */
 #define PK_VA_AVX2_F32(NC)                                                                                   \
     PK_AVX2_INLINE void va_avx2_##NC(const float *p, const float *r, int64_t stride, int64_t nt, float *o, \
-                                     const float *corr) {                                                    \
+                                     const float *corr, int fresh) {                                                    \
         __m256 acc[NC][2];                                                                                   \
         int64_t t, j;                                                                                        \
         for (j = 0; j < NC; j++)                                                                             \
-            acc[j][0] = _mm256_loadu_ps(o + PK_HB * j), acc[j][1] = _mm256_loadu_ps(o + PK_HB * j + 8);      \
-        if (corr)                                                                                            \
+            acc[j][0] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j),                        \
+            acc[j][1] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j + 8);                    \
+        if (corr && !fresh)                                                                                  \
             for (j = 0; j < NC; j++) {                                                                       \
                 acc[j][0] = _mm256_mul_ps(acc[j][0], _mm256_loadu_ps(corr));                                 \
                 acc[j][1] = _mm256_mul_ps(acc[j][1], _mm256_loadu_ps(corr + 8));                             \
@@ -2798,13 +2824,14 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
     }
 #define PK_VA_AVX2_BF16(NC)                                                                                  \
     PK_AVX2_INLINE void vah_avx2_##NC(const float *p, const uint16_t *r, int64_t stride, int64_t nt,        \
-                                      float *o, const float *corr) {                                         \
+                                      float *o, const float *corr, int fresh) {                              \
         const __m256i hm = _mm256_set1_epi32((int)0xFFFF0000u);                                              \
         __m256 acc[NC][2];                                                                                   \
         int64_t t, j;                                                                                        \
         for (j = 0; j < NC; j++)                                                                             \
-            acc[j][0] = _mm256_loadu_ps(o + PK_HB * j), acc[j][1] = _mm256_loadu_ps(o + PK_HB * j + 8);      \
-        if (corr)                                                                                            \
+            acc[j][0] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j),                        \
+            acc[j][1] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j + 8);                    \
+        if (corr && !fresh)                                                                                  \
             for (j = 0; j < NC; j++) {                                                                       \
                 acc[j][0] = _mm256_mul_ps(acc[j][0], _mm256_loadu_ps(corr));                                 \
                 acc[j][1] = _mm256_mul_ps(acc[j][1], _mm256_loadu_ps(corr + 8));                             \
@@ -2837,16 +2864,16 @@ PK_VA_AVX2_F32(6)
 PK_VA_AVX2_F32(1)
 PK_VA_AVX2_BF16(4)
 PK_VA_AVX2_BF16(1)
-static PK_AVX2 void values16_avx2(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr) {
+static PK_AVX2 void values16_avx2(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr, int fresh) {
     int64_t c = 0;
-    for (; c + 6 <= R; c += 6) va_avx2_6(p, r + c, stride, nt, o + PK_HB * c, corr);
-    for (; c < R; c++) va_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr);
+    for (; c + 6 <= R; c += 6) va_avx2_6(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+    for (; c < R; c++) va_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
 }
 static PK_AVX2 void values16h_avx2(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R,
-                                   float *o, const float *corr) {
+                                   float *o, const float *corr, int fresh) {
     int64_t c = 0;
-    for (; c + 4 <= R; c += 4) vah_avx2_4(p, r + c, stride, nt, o + PK_HB * c, corr);
-    for (; c < R; c++) vah_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr);
+    for (; c + 4 <= R; c += 4) vah_avx2_4(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+    for (; c < R; c++) vah_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
 }
 
 PK_SC_AVX2_F32(6)
@@ -2956,11 +2983,11 @@ static PK_AVX2 void softmax16_avx2(float *p, int64_t nt, float *m, float *l, flo
  * vector and NC broadcasts (bf16: NC / 2 pairs, as the scores). */
 #define PK_VA_AVX512_F32(NC)                                                                                 \
     PK_AVX512_INLINE void va_avx512_##NC(const float *p, const float *r, int64_t stride, int64_t nt,        \
-                                         float *o, const float *corr) {                                      \
+                                         float *o, const float *corr, int fresh) {                           \
         __m512 acc[NC];                                                                                      \
         int64_t t, j;                                                                                        \
-        for (j = 0; j < NC; j++) acc[j] = _mm512_loadu_ps(o + PK_HB * j);                                    \
-        if (corr)                                                                                            \
+        for (j = 0; j < NC; j++) acc[j] = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(o + PK_HB * j);      \
+        if (corr && !fresh)                                                                                  \
             for (j = 0; j < NC; j++) acc[j] = _mm512_mul_ps(acc[j], _mm512_loadu_ps(corr));                  \
         for (t = 0; t < nt; t++) {                                                                           \
             const __m512 pt = _mm512_loadu_ps(p + PK_HB * t);                                                \
@@ -2970,12 +2997,12 @@ static PK_AVX2 void softmax16_avx2(float *p, int64_t nt, float *m, float *l, flo
     }
 #define PK_VA_AVX512_BF16(NC)                                                                                \
     PK_AVX512_INLINE void vah_avx512_##NC(const float *p, const uint16_t *r, int64_t stride, int64_t nt,    \
-                                          float *o, const float *corr) {                                     \
+                                          float *o, const float *corr, int fresh) {                          \
         const __m512i hm = _mm512_set1_epi32((int)0xFFFF0000u);                                              \
         __m512 acc[NC];                                                                                      \
         int64_t t, j;                                                                                        \
-        for (j = 0; j < NC; j++) acc[j] = _mm512_loadu_ps(o + PK_HB * j);                                    \
-        if (corr)                                                                                            \
+        for (j = 0; j < NC; j++) acc[j] = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(o + PK_HB * j);      \
+        if (corr && !fresh)                                                                                  \
             for (j = 0; j < NC; j++) acc[j] = _mm512_mul_ps(acc[j], _mm512_loadu_ps(corr));                  \
         for (t = 0; t < nt; t++) {                                                                           \
             const __m512 pt = _mm512_loadu_ps(p + PK_HB * t);                                                \
@@ -2998,16 +3025,16 @@ PK_VA_AVX512_F32(1)
 PK_VA_AVX512_BF16(16)
 PK_VA_AVX512_BF16(1)
 static PK_AVX512 void values16_avx512(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R,
-                                      float *o, const float *corr) {
+                                      float *o, const float *corr, int fresh) {
     int64_t c = 0;
-    for (; c + 16 <= R; c += 16) va_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr);
-    for (; c < R; c++) va_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr);
+    for (; c + 16 <= R; c += 16) va_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+    for (; c < R; c++) va_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
 }
 static PK_AVX512 void values16h_avx512(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R,
-                                       float *o, const float *corr) {
+                                       float *o, const float *corr, int fresh) {
     int64_t c = 0;
-    for (; c + 16 <= R; c += 16) vah_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr);
-    for (; c < R; c++) vah_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr);
+    for (; c + 16 <= R; c += 16) vah_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+    for (; c < R; c++) vah_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
 }
 
 PK_SC_AVX512_F32(16)
@@ -3063,13 +3090,13 @@ static PK_AVX512 void softmax16_avx512(float *p, int64_t nt, float *m, float *l,
 }
 #endif
 
-static void values16_level(int simd, const float *p, const float *r, int64_t W, int64_t nt, int64_t R, float *o, const float *corr) {
-    PK_LEVEL_CALL(simd, values16, (p, r, W, nt, R, o, corr));
+static void values16_level(int simd, const float *p, const float *r, int64_t W, int64_t nt, int64_t R, float *o, const float *corr, int fresh) {
+    PK_LEVEL_CALL(simd, values16, (p, r, W, nt, R, o, corr, fresh));
 }
 
 static void values16h_level(int simd, const float *p, const uint16_t *r, int64_t W, int64_t nt, int64_t R,
-                            float *o, const float *corr) {
-    PK_LEVEL_CALL(simd, values16h, (p, r, W, nt, R, o, corr));
+                            float *o, const float *corr, int fresh) {
+    PK_LEVEL_CALL(simd, values16h, (p, r, W, nt, R, o, corr, fresh));
 }
 
 static void scores16_level(int simd, const float *qT, const float *r, int64_t W, int64_t nt, float *p, float scale,
@@ -3113,7 +3140,7 @@ typedef struct {
     const char *kvb;
     float scale, *out;
     /* scratch: qc [H][W] = [q_lat | rope(q_pe)] per head; qT [G][W][16] the same per block of 16 heads,
-     * transposed (heads past H zero); o_lat [H][R]; the splits' states [nsplit][ss] (mla_split) */
+     * transposed (mla_transpose); o_lat [H][R]; the splits' states [nsplit][ss] (mla_split) */
     float *qc, *qT, *ol, *st;
     int fmt, act, simd;
 } pk_mla;
@@ -3134,25 +3161,32 @@ typedef struct {
 
 static int64_t mla_align16(int64_t n) { return (n + 15) & ~(int64_t)15; } /* floats: 64-byte multiples */
 
-/* Head h's query in latent space: qc[h] = [q_nope W_uk[h] | rope(q_pe)] (W_uk[h] rows decoded once), copied
- * to lane h % 16 of its block of qT. */
+/* Head h's query in latent space: qc[h] = [q_nope W_uk[h] | rope(q_pe)] (W_uk[h] rows decoded once). */
 static void mla_query(const pk_mla *m, int64_t h) {
     const float *qh = m->q + h * (m->dn + m->dr);
     const int64_t uk = h * (m->dn + m->dv); /* W_uk[h] = kv_b_proj rows uk .. uk + dn */
-    float *qc = m->qc + h * m->W, *qT = m->qT + (h / PK_HB) * m->W * PK_HB + h % PK_HB;
-    int64_t i;
+    float *qc = m->qc + h * m->W;
     vecmat_level(m->simd, m->fmt, qh, m->dn, m->R, m->kvb + uk * m->rb, m->sc ? m->sc + uk * m->nbk : NULL, qc);
     rope_pairs(qh + m->dn, m->cs, m->dr / 2, qc + m->R);
-    for (i = 0; i < m->W; i++) qT[i * PK_HB] = qc[i];
+}
+
+/* Line i of qT (element i % W of the queries of head block i / W, heads past H zero), once every qc is done.
+ * Why a phase of its own: each head's task writing its lane of every line made the two cores share all of
+ * qT's lines (~20 us a layer at short caches); a copy per split cost ~2.5 us per split. */
+static void mla_transpose(const pk_mla *m, int64_t i) {
+    const int64_t g = i / m->W, k = i % m->W;
+    float *qT = m->qT + i * PK_HB;
+    int64_t h;
+    for (h = 0; h < PK_HB; h++) qT[h] = g * PK_HB + h < m->H ? m->qc[(g * PK_HB + h) * m->W + k] : 0.0f;
 }
 
 /* Scaled scores of cache rows [t0, t0 + nt) for every block of 16 heads into p [G][PK_MLA_CHUNK][16]; the
  * first block prefetches the rows PK_MLA_AHEAD ahead (the later blocks find the chunk in L1 / L2). */
-static void mla_chunk_scores(const pk_mla *m, int64_t t0, int64_t nt, float *p) {
+static void mla_chunk_scores(const pk_mla *m, const float *qT0, int64_t t0, int64_t nt, float *p) {
     const int64_t W = m->W;
     int64_t g;
     for (g = 0; g < m->G; g++) {
-        const float *qT = m->qT + g * W * PK_HB;
+        const float *qT = qT0 + g * W * PK_HB;
         float *pg = p + g * PK_MLA_CHUNK * PK_HB;
         const int64_t avail = g ? 0 : m->nvis - t0;
         if (m->rows16)
@@ -3163,7 +3197,7 @@ static void mla_chunk_scores(const pk_mla *m, int64_t t0, int64_t nt, float *p) 
 }
 
 /* Split k: its chunks in order, each scored for every head, its probabilities exp(s - m) against the running
- * max m (softmax16: when a chunk raises m, the split's sum l and -- here -- its o_lat are scaled by
+ * max m (softmax16: when a chunk raises m, the split's sum l and -- in values16 -- its o_lat are scaled by
  * exp(m_old - m_new), as the definition's softmax subtracts the max), then its rows' value sums (values16:
  * the chunk's rows are still in L1 / L2). State k: o [G][R][16] (o_lat of each block of 16 heads,
  * transposed) | m [G * 16] | l [G * 16] | corr [G * 16] | p [G][PK_MLA_CHUNK][16]. */
@@ -3172,23 +3206,22 @@ static void mla_split(const pk_mla *m, int64_t k) {
     const int64_t c1 = m->nchunk * (k + 1) / m->nsplit, ob = R * PK_HB; /* one block's o */
     float *o = m->st + k * m->ss, *mx = o + G * ob, *l = mx + G * PK_HB, *corr = l + G * PK_HB;
     float *p = corr + G * PK_HB;
-    int64_t c, g, h, i;
-    for (i = 0; i < G * ob; i++) o[i] = 0.0f;
+    int64_t c, g, h;
     for (h = 0; h < G * PK_HB; h++) mx[h] = -INFINITY, l[h] = 0.0f;
     for (c = c0; c < c1; c++) {
         const int64_t t0 = c * PK_MLA_CHUNK, nt = m->nvis - t0 < PK_MLA_CHUNK ? m->nvis - t0 : PK_MLA_CHUNK;
-        mla_chunk_scores(m, t0, nt, p);
+        mla_chunk_scores(m, m->qT, t0, nt, p);
         for (g = 0; g < G; g++) {
             float *pg = p + g * PK_MLA_CHUNK * PK_HB, *og = o + g * ob, *cg = corr + g * PK_HB;
             int any = 0;
             softmax16_level(m->simd, pg, nt, mx + g * PK_HB, l + g * PK_HB, cg);
             for (h = 0; h < PK_HB; h++) any |= cg[h] != 1.0f;
-            if (c == c0 || !any) /* nothing to rescale: o is 0 before the first chunk, or no max moved */
+            if (c == c0 || !any) /* nothing to rescale: o starts fresh at the first chunk, or no max moved */
                 cg = NULL;
             if (m->rows16)
-                values16h_level(m->simd, pg, m->rows16 + t0 * W, W, nt, R, og, cg);
+                values16h_level(m->simd, pg, m->rows16 + t0 * W, W, nt, R, og, cg, c == c0);
             else
-                values16_level(m->simd, pg, m->rows + t0 * W, W, nt, R, og, cg);
+                values16_level(m->simd, pg, m->rows + t0 * W, W, nt, R, og, cg, c == c0);
         }
     }
 }
@@ -3259,7 +3292,6 @@ static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t
     m->rows16 = cdt ? (const uint16_t *)rows : NULL;
     m->scale = scale, m->out = out, m->fmt = fmt, m->act = act, m->simd = pk_get_simd();
     m->qc = scratch, m->qT = scratch + o_qT, m->ol = scratch + o_ol, m->st = scratch + o_st;
-    if (heads % PK_HB) memset(m->qT, 0, sizeof(float) * (size_t)(G * W * PK_HB)); /* the padding heads */
     cs = scratch + o_cs; /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
     nr = scratch + o_nr;
     for (i = 0; i < half; i++) {
@@ -3308,6 +3340,8 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
         int64_t k;
 #pragma omp for schedule(static)
         for (k = 0; k < heads; k++) mla_query(&m, k);
+#pragma omp for schedule(static)
+        for (k = 0; k < m.G * m.W; k++) mla_transpose(&m, k);
 #pragma omp for schedule(dynamic, 1)
         for (k = 0; k < m.nsplit; k++) mla_split(&m, k);
 #pragma omp for schedule(static)
@@ -3534,6 +3568,8 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
         int64_t k;
 #pragma omp for schedule(static)
         for (k = 0; k < B * heads; k++) mla_query(&ms[k / heads], k % heads);
+#pragma omp for schedule(static)
+        for (k = 0; k < B * ms[0].G * W; k++) mla_transpose(&ms[k / (ms[0].G * W)], k % (ms[0].G * W));
 #pragma omp for schedule(dynamic, 1)
         for (k = 0; k < nsp_all; k++) {
             int64_t s = 0;
