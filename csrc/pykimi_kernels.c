@@ -2681,10 +2681,12 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
         }                                                                     \
     }
 /* The value sums as an outer-product GEMM too, lanes = heads: o[c][0:16] += sum_t p[t][0:16] r_t[c] for the
- * columns c < R of nt rows (o: a block's o_lat transposed, [R][16]); o starts as 0 when fresh (the split's first
- * chunk: no zeroing pass), else scaled by corr[0:16] unless it is NULL (the online softmax's rescaling, free on
- * the accumulators' load); each (column, head) sum is one chain over the rows in order. Why: the earlier blocking (4 heads x 64 columns, rows as vectors, p broadcast) ran at
- * ~84 % of the FMA peak (195 TSC ticks a row at 16 heads x 512), this one like the scores. */
+ * columns c < R of nt rows (o: a block's o_lat transposed, [R][16]); o starts as 0 when fresh (the split's
+ * first chunk: no zeroing pass), else is scaled by corr[0:16] unless that is NULL (the online softmax's
+ * rescaling, free on the accumulators' load); each (column, head) sum is one chain over the rows in order.
+ * Why: the earlier blocking inside the one pass (4 heads x 64 columns, rows as vectors, p broadcast) ran at
+ * ~84 % of the FMA peak (195 TSC ticks a row at 16 heads x 512), this one at ~90 % (184). The scalar level
+ * tiles 2 columns (GCC keeps 32 sums in SSE registers; it did not vectorise wider tiles well). */
 #define PK_VALUES16_BODY(LD)                                                                  \
     {                                                                                         \
         int64_t t, c = 0, h;                                                                  \
@@ -2709,9 +2711,11 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
             }                                                                                 \
         }                                                                                     \
     }
-static void values16_scalar(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr, int fresh)
+static void values16_scalar(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o,
+                            const float *corr, int fresh)
     PK_VALUES16_BODY(PK_LD_F32)
-static void values16h_scalar(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr, int fresh)
+static void values16h_scalar(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R, float *o,
+                             const float *corr, int fresh)
     PK_VALUES16_BODY(PK_LD_BF16)
 static void scores16_scalar(const float *qT, const float *r, int64_t stride, int64_t W, int64_t nt, float *p,
                             float scale, int64_t avail, int64_t ahead) PK_SCORES16_BODY(PK_LD_F32)
@@ -2799,8 +2803,8 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
     }
 /* Values at AVX2: a tile of NC columns keeps 2 NC accumulators (f32: 6 columns; bf16: 4, two pairs). */
 #define PK_VA_AVX2_F32(NC)                                                                                   \
-    PK_AVX2_INLINE void va_avx2_##NC(const float *p, const float *r, int64_t stride, int64_t nt, float *o, \
-                                     const float *corr, int fresh) {                                                    \
+    PK_AVX2_INLINE void va_avx2_##NC(const float *p, const float *r, int64_t stride, int64_t nt, float *o,  \
+                                     const float *corr, int fresh) {                                         \
         __m256 acc[NC][2];                                                                                   \
         int64_t t, j;                                                                                        \
         for (j = 0; j < NC; j++)                                                                             \
@@ -2864,7 +2868,8 @@ PK_VA_AVX2_F32(6)
 PK_VA_AVX2_F32(1)
 PK_VA_AVX2_BF16(4)
 PK_VA_AVX2_BF16(1)
-static PK_AVX2 void values16_avx2(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o, const float *corr, int fresh) {
+static PK_AVX2 void values16_avx2(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o,
+                                  const float *corr, int fresh) {
     int64_t c = 0;
     for (; c + 6 <= R; c += 6) va_avx2_6(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
     for (; c < R; c++) va_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
@@ -3090,7 +3095,8 @@ static PK_AVX512 void softmax16_avx512(float *p, int64_t nt, float *m, float *l,
 }
 #endif
 
-static void values16_level(int simd, const float *p, const float *r, int64_t W, int64_t nt, int64_t R, float *o, const float *corr, int fresh) {
+static void values16_level(int simd, const float *p, const float *r, int64_t W, int64_t nt, int64_t R, float *o,
+                           const float *corr, int fresh) {
     PK_LEVEL_CALL(simd, values16, (p, r, W, nt, R, o, corr, fresh));
 }
 
@@ -3317,9 +3323,12 @@ static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t
 
 /* See the header. Why: the absorbed decode was ~15 NumPy calls per layer and token around two kernel calls
  * (norm, RoPE twice, concatenation, scores, softmax, the value sum); at 27 layers that glue cost more than
- * the attention's arithmetic. One parallel region, three phases split between the threads: queries (per
- * head), the one pass over the cache (per split of the rows, mla_split), the merge of the splits and the
- * output (per head). NumPy twin: attention.mla_absorbed. */
+ * the attention's arithmetic. One parallel region, four phases split between the threads: queries (per
+ * head), their transposition (per line of qT), the one pass over the cache (per split of the rows,
+ * mla_split), the merge of the splits and the output (per head). Why one pass: 27 layers int4 on Zen 5 (2
+ * cores, f32 cache, bench_longctx, the same minutes) went from 104-114 / 287 ms a token at 8k / 32k cached to
+ * 64-70 / 128-131 ms; one layer's attention alone (32k, /tmp kernel timing) 8.7 -> 3.0 ms. NumPy twin:
+ * attention.mla_absorbed. */
 static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
                             const float *kva, const float *ln, float eps, const float *inv_freq, int64_t pos,
                             void *rows, int cdt, int64_t n, int fmt, int act, const void *kvb,
@@ -3525,8 +3534,8 @@ done:
 }
 
 /* ------------------------------------------------------ absorbed MLA attention of a decode batch (serve engine)
- * pk_mla_absorbed for B sequences, each against its own cache, in ONE parallel region: the five phases run
- * over (sequence, item) pairs, so a layer pays one fork and five barriers instead of B of each (on a shared
+ * pk_mla_absorbed for B sequences, each against its own cache, in ONE parallel region: the four phases run
+ * over (sequence, item) pairs, so a layer pays one fork and four barriers instead of B of each (on a shared
  * 2-core machine a barrier waits for a descheduled thread, which made 8 single calls cost ~25x their
  * arithmetic). Every item is the single call's function on that sequence's pk_mla, and the per-sequence setup
  * below is pk_mla_absorbed's, so each sequence's cache row and output are bit for bit those of
