@@ -2632,6 +2632,37 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
  * earlier form (lanes along k, 4 rows x 4 heads per block, then a reduction of each of the 16 sums) ran at
  * ~60 % of the FMA peak from L2 (312 TSC ticks a row at 16 heads x 576) and ~40 % streaming from memory
  * (471); this one at ~97 % (183-209, tiles of 16 rows, f32 and bf16 alike: /tmp microbenchmark on Zen 5). */
+#if defined(__GNUC__)
+/* The portable level's tiles in GCC / clang vector extensions (4 lanes: SSE2, NEON): with plain arrays GCC kept
+ * the 32 sums of a 2-row tile in memory (5.3 G multiply-adds a second a core at 4k rows, Zen 5, against
+ * main's 16 for its dot products); as pk_v4 registers 12.8. Other compilers: the plain loops below. */
+typedef float pk_v4 __attribute__((vector_size(16)));
+#define PK_V4_LOAD(v, ptr) memcpy(&(v), (ptr), sizeof(pk_v4))
+#define PK_V4_STORE(ptr, v) memcpy((ptr), &(v), sizeof(pk_v4))
+#define PK_SCORES16_BODY(LD)                                                                  \
+    {                                                                                         \
+        int64_t t = 0, k, h;                                                                  \
+        (void)avail, (void)ahead;                                                             \
+        for (; t < nt; t += 2) { /* two rows a tile (the last one alone when nt is odd) */    \
+            const int two = t + 1 < nt;                                                       \
+            pk_v4 a0[4] = {{0}}, a1[4] = {{0}}, q, v;                                         \
+            for (k = 0; k < W; k++) {                                                         \
+                const float x0 = LD(r[t * stride + k]), x1 = two ? LD(r[(t + 1) * stride + k]) : 0.0f; \
+                for (h = 0; h < 4; h++) {                                                     \
+                    PK_V4_LOAD(q, qT + k * PK_HB + 4 * h);                                    \
+                    a0[h] += q * x0;                                                          \
+                    a1[h] += q * x1;                                                          \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < 4; h++) {                                                         \
+                v = a0[h] * scale;                                                            \
+                PK_V4_STORE(p + t * PK_HB + 4 * h, v);                                        \
+                v = a1[h] * scale;                                                            \
+                if (two) PK_V4_STORE(p + (t + 1) * PK_HB + 4 * h, v);                         \
+            }                                                                                 \
+        }                                                                                     \
+    }
+#else
 #define PK_SCORES16_BODY(LD)                                                                  \
     {                                                                                         \
         int64_t t = 0, k, h;                                                                  \
@@ -2661,6 +2692,7 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
             for (h = 0; h < PK_HB; h++) p[t * PK_HB + h] = a0[h] * scale;                     \
         }                                                                                     \
     }
+#endif
 /* Probabilities of one block of 16 heads over a chunk of nt rows, online (spec §8.3's softmax, one chunk at a
  * time): cm = max(m, the chunk's scores), p = exp(p - cm), corr = exp(m - cm) (1 where the max held, 0 on the
  * first chunk), l = l corr + sum_t p, m = cm. The caller scales the value sums by corr where it is not 1. */
@@ -2687,6 +2719,40 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
  * Why: the earlier blocking inside the one pass (4 heads x 64 columns, rows as vectors, p broadcast) ran at
  * ~84 % of the FMA peak (195 TSC ticks a row at 16 heads x 512), this one at ~90 % (184). The scalar level
  * tiles 2 columns (GCC keeps 32 sums in SSE registers; it did not vectorise wider tiles well). */
+#if defined(__GNUC__)
+#define PK_VALUES16_BODY(LD)                                                                  \
+    {                                                                                         \
+        int64_t t, c = 0, h;                                                                  \
+        pk_v4 cv[4], pv;                                                                      \
+        for (h = 0; h < 4; h++) cv[h] = (pk_v4){1.0f, 1.0f, 1.0f, 1.0f};                      \
+        if (corr)                                                                             \
+            for (h = 0; h < 4; h++) PK_V4_LOAD(cv[h], corr + 4 * h);                          \
+        for (; c < R; c += 2) { /* two columns a tile (the last one alone when R is odd) */   \
+            const int two = c + 1 < R;                                                        \
+            pk_v4 a0[4], a1[4];                                                               \
+            for (h = 0; h < 4; h++) {                                                         \
+                a0[h] = a1[h] = (pk_v4){0.0f, 0.0f, 0.0f, 0.0f};                              \
+                if (!fresh) {                                                                 \
+                    PK_V4_LOAD(a0[h], o + c * PK_HB + 4 * h);                                 \
+                    if (two) PK_V4_LOAD(a1[h], o + (c + 1) * PK_HB + 4 * h);                  \
+                    if (corr) a0[h] *= cv[h], a1[h] *= cv[h];                                 \
+                }                                                                             \
+            }                                                                                 \
+            for (t = 0; t < nt; t++) {                                                        \
+                const float x0 = LD(r[t * stride + c]), x1 = two ? LD(r[t * stride + c + 1]) : 0.0f; \
+                for (h = 0; h < 4; h++) {                                                     \
+                    PK_V4_LOAD(pv, p + t * PK_HB + 4 * h);                                    \
+                    a0[h] += pv * x0;                                                         \
+                    a1[h] += pv * x1;                                                         \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < 4; h++) {                                                         \
+                PK_V4_STORE(o + c * PK_HB + 4 * h, a0[h]);                                    \
+                if (two) PK_V4_STORE(o + (c + 1) * PK_HB + 4 * h, a1[h]);                     \
+            }                                                                                 \
+        }                                                                                     \
+    }
+#else
 #define PK_VALUES16_BODY(LD)                                                                  \
     {                                                                                         \
         int64_t t, c = 0, h;                                                                  \
@@ -2711,6 +2777,7 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
             }                                                                                 \
         }                                                                                     \
     }
+#endif
 static void values16_scalar(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o,
                             const float *corr, int fresh)
     PK_VALUES16_BODY(PK_LD_F32)
