@@ -2873,274 +2873,575 @@ int pk_vecmat_many(int count, const int *fmts, const float *const *xs, const int
 }
 
 /* ------------------------------------------------------------ the absorbed MLA decode of one token */
-/* Dot products and axpys over rows of the latent cache. The dot keeps 64 independent partial sums (four
- * vector accumulators at AVX-512: one chain would wait on each FMA's latency), so the compiler vectorises
- * it without reassociating anything; one body, compiled once per level with that level's target (the level
- * changes the speed and, for the dot, the summation order) and once per cache dtype: LD(v) reads one cached
- * element as f32 -- itself for an f32 cache, the 16-bit shift of bf16_to_f32 for a bf16 one (exact, done in
- * registers: the cache is never widened in memory). The two dtypes share every summation order, so a bf16
- * cache gives bit for bit what an f32 cache holding the same (rounded) values gives. */
+/* Kernels over rows of the latent cache. Heads go in blocks of PK_HB = 16, the lanes of one AVX-512 vector
+ * (two at AVX2): a block's query is stored transposed, qT [W][16] (heads past H zero), and a chunk's scores /
+ * probabilities as p [rows][16]. Every kernel body exists once per level (its target changes the speed and
+ * FMA contraction) and once per cache dtype: LD(v) reads one cached element as f32 -- itself for an f32
+ * cache, the 16-bit shift of bf16_to_f32 for a bf16 one (exact, in registers: the cache is never widened in
+ * memory). The two dtypes share every summation order, so a bf16 cache gives bit for bit what an f32 cache
+ * holding the same (rounded) values gives. */
+#define PK_HB 16
 #define PK_LD_F32(v) (v)
 #define PK_LD_BF16(v) bf16_to_f32(v)
-#define PK_DOT_BODY(LD)                                                    \
-    {                                                                      \
-        float acc[64] = {0.0f}, s = 0.0f;                                  \
-        int64_t i, k;                                                      \
-        for (i = 0; i + 64 <= n; i += 64)                                  \
-            for (k = 0; k < 64; k++) acc[k] += a[i + k] * LD(b[i + k]);    \
-        for (; i + 16 <= n; i += 16)                                       \
-            for (k = 0; k < 16; k++) acc[k] += a[i + k] * LD(b[i + k]);    \
-        for (k = 0; k < 32; k++) acc[k] += acc[k + 32]; /* a tree */      \
-        for (k = 0; k < 16; k++) acc[k] += acc[k + 16];                   \
-        for (k = 0; k < 8; k++) acc[k] += acc[k + 8];                      \
-        for (k = 0; k < 4; k++) acc[k] += acc[k + 4];                      \
-        s = (acc[0] + acc[2]) + (acc[1] + acc[3]);                         \
-        for (; i < n; i++) s += a[i] * LD(b[i]);                           \
-        return s;                                                          \
-    }
-#define PK_AXPY_BODY(LD)                                 \
-    {                                                    \
-        int64_t i;                                       \
-        for (i = 0; i < n; i++) y[i] += c * LD(a[i]);    \
-    }
-/* o[0:64] += sum_t p[t] r_t[0:64] over nt rows r_t = r + t * stride: the 64 sums stay in registers across
- * the rows (a constant width the compiler can keep in four AVX-512 / eight AVX2 vectors). */
-#define PK_AXPY64_BODY(LD)                                       \
-    {                                                            \
-        float acc[64];                                           \
-        int64_t t, k;                                            \
-        for (k = 0; k < 64; k++) acc[k] = o[k];                  \
-        for (t = 0; t < nt; t++) {                               \
-            const float pt = p[t];                               \
-            for (k = 0; k < 64; k++) acc[k] += pt * LD(r[t * stride + k]); \
-        }                                                        \
-        for (k = 0; k < 64; k++) o[k] = acc[k];                  \
-    }
-/* y[j] = a . b_j for four rows b_j = b + j * stride: a is loaded once for all four and the four chains are
- * independent (the scores of one head against four cache rows). */
-#define PK_DOT4_BODY(LD)                                                              \
-    {                                                                                 \
-        float a0[16], a1[16], a2[16], a3[16], *acc[4];                                \
-        int64_t i, j, k;                                                              \
-        for (k = 0; k < 16; k++) a0[k] = a1[k] = a2[k] = a3[k] = 0.0f;                \
-        for (i = 0; i + 16 <= n; i += 16)                                             \
-            for (k = 0; k < 16; k++) {                                                \
-                const float ak = a[i + k];                                            \
-                a0[k] += ak * LD(b[i + k]);                                           \
-                a1[k] += ak * LD(b[stride + i + k]);                                  \
-                a2[k] += ak * LD(b[2 * stride + i + k]);                              \
-                a3[k] += ak * LD(b[3 * stride + i + k]);                              \
-            }                                                                         \
-        acc[0] = a0, acc[1] = a1, acc[2] = a2, acc[3] = a3;                           \
-        for (j = 0; j < 4; j++) {                                                     \
-            float *c = acc[j], s;                                                     \
-            for (k = 0; k < 8; k++) c[k] += c[k + 8]; /* a tree */                    \
-            for (k = 0; k < 4; k++) c[k] += c[k + 4];                                 \
-            s = (c[0] + c[2]) + (c[1] + c[3]);                                        \
-            for (k = i; k < n; k++) s += a[k] * LD(b[j * stride + k]);                \
-            y[j] = s;                                                                 \
-        }                                                                             \
-    }
-/* The scores as a register-blocked GEMM: y[h * ys + j] = a_h . b_j for four heads a_h = a + h * astride and
- * four rows b_j = b + j * stride. Per VW elements each row and query slice is loaded once and feeds four
- * FMAs: 8 vector loads for 16 FMAs (dot4: 5 loads for 4 FMAs, one call per head with its own reduction tree).
- * 16 accumulators of VW lanes: 16 zmm at AVX-512 (VW 16, 8 registers left for the 8 operands); at AVX2 VW is
- * 8 (16 ymm accumulators: the operands come from memory / spill a little, still fewer loads than dot4). */
-#define PK_DOT44_BODY(LD, VW)                                                                    \
-    {                                                                                            \
-        float acc[4][4][VW];                                                                     \
-        int64_t i, j, h, k, w;                                                                   \
-        for (h = 0; h < 4; h++)                                                                  \
-            for (j = 0; j < 4; j++)                                                              \
-                for (k = 0; k < VW; k++) acc[h][j][k] = 0.0f;                                    \
-        for (i = 0; i + VW <= n; i += VW)                                                        \
-            for (k = 0; k < VW; k++) {                                                           \
-                const float b0 = LD(b[i + k]), b1 = LD(b[stride + i + k]);                       \
-                const float b2 = LD(b[2 * stride + i + k]), b3 = LD(b[3 * stride + i + k]);      \
-                for (h = 0; h < 4; h++) {                                                        \
-                    const float ah = a[h * astride + i + k];                                     \
-                    acc[h][0][k] += ah * b0;                                                     \
-                    acc[h][1][k] += ah * b1;                                                     \
-                    acc[h][2][k] += ah * b2;                                                     \
-                    acc[h][3][k] += ah * b3;                                                     \
-                }                                                                                \
-            }                                                                                    \
-        for (h = 0; h < 4; h++)                                                                  \
-            for (j = 0; j < 4; j++) {                                                            \
-                float *c = acc[h][j], s;                                                         \
-                for (w = VW / 2; w >= 4; w /= 2) /* a tree */                                    \
-                    for (k = 0; k < w; k++) c[k] += c[k + w];                                    \
-                s = (c[0] + c[2]) + (c[1] + c[3]);                                               \
-                for (k = i; k < n; k++) s += a[h * astride + k] * LD(b[j * stride + k]);         \
-                y[h * ys + j] = s;                                                               \
-            }                                                                                    \
-    }
-/* The values as a register-blocked GEMM: o_h[0:64] += sum_t p_h[t] r_t[0:64] for four heads (p_h = p +
- * h * ps, o_h = o + h * os): each row slice is loaded (and widened) once for the four heads, 16 FMAs per
- * 4 row vectors + 4 broadcasts (axpy64: 4 FMAs per 4 + 1). Each sum is axpy64's, rows in order: same bits. */
-#define PK_AXPY64X4_BODY(LD)                                                     \
-    {                                                                            \
-        float acc[4][64];                                                        \
-        int64_t t, h, k;                                                         \
-        for (h = 0; h < 4; h++)                                                  \
-            for (k = 0; k < 64; k++) acc[h][k] = o[h * os + k];                  \
-        for (t = 0; t < nt; t++) {                                               \
-            const float p0 = p[t], p1 = p[ps + t], p2 = p[2 * ps + t], p3 = p[3 * ps + t]; \
-            for (k = 0; k < 64; k++) {                                           \
-                const float rk = LD(r[t * stride + k]);                          \
-                acc[0][k] += p0 * rk;                                            \
-                acc[1][k] += p1 * rk;                                            \
-                acc[2][k] += p2 * rk;                                            \
-                acc[3][k] += p3 * rk;                                            \
-            }                                                                    \
-        }                                                                        \
-        for (h = 0; h < 4; h++)                                                  \
-            for (k = 0; k < 64; k++) o[h * os + k] = acc[h][k];                  \
-    }
-/* NAME (f32 cache rows) and NAME##h (bf16 rows, uint16 bits) at one level: ATTR is the level's target. */
-#define PK_CACHE_FNS(ATTR, LEVEL, VW)                                                                          \
-    static ATTR void dot44_##LEVEL(const float *a, int64_t astride, const float *b, int64_t stride, int64_t n, \
-                                   float *y, int64_t ys) PK_DOT44_BODY(PK_LD_F32, VW)                          \
-    static ATTR void dot44h_##LEVEL(const float *a, int64_t astride, const uint16_t *b, int64_t stride,       \
-                                    int64_t n, float *y, int64_t ys) PK_DOT44_BODY(PK_LD_BF16, VW)             \
-    static ATTR float dot_##LEVEL(const float *a, const float *b, int64_t n) PK_DOT_BODY(PK_LD_F32)            \
-    static ATTR float doth_##LEVEL(const float *a, const uint16_t *b, int64_t n) PK_DOT_BODY(PK_LD_BF16)      \
-    static ATTR void dot4_##LEVEL(const float *a, const float *b, int64_t stride, int64_t n, float *y)         \
-        PK_DOT4_BODY(PK_LD_F32)                                                                                \
-    static ATTR void dot4h_##LEVEL(const float *a, const uint16_t *b, int64_t stride, int64_t n, float *y)     \
-        PK_DOT4_BODY(PK_LD_BF16)                                                                               \
-    static ATTR void axpy_##LEVEL(float c, const float *a, float *y, int64_t n) PK_AXPY_BODY(PK_LD_F32)        \
-    static ATTR void axpyh_##LEVEL(float c, const uint16_t *a, float *y, int64_t n) PK_AXPY_BODY(PK_LD_BF16)  \
-    static ATTR void axpy64_##LEVEL(const float *p, const float *r, int64_t stride, int64_t nt, float *o)      \
-        PK_AXPY64_BODY(PK_LD_F32)                                                                              \
-    static ATTR void axpy64h_##LEVEL(const float *p, const uint16_t *r, int64_t stride, int64_t nt, float *o)  \
-        PK_AXPY64_BODY(PK_LD_BF16)
-#define PK_NO_ATTR
-PK_CACHE_FNS(PK_NO_ATTR, scalar, 8)
-#if PK_X86
-PK_CACHE_FNS(PK_AVX2, avx2, 8)
-#endif
-#if PK_HAVE_AVX512
-PK_CACHE_FNS(PK_AVX512, avx512, 16)
-#endif
 
-/* axpy64x4 (PK_AXPY64X4_BODY) per level. GCC kept the macro's 4 x 64 accumulators on the stack (a load and a
- * store per FMA), so the vector levels spell the registers out: AVX-512 holds all 4 heads x 64 columns (16
- * zmm + 4 row vectors + 4 broadcasts); AVX2 (16 ymm) does the 64 columns as four passes of 4 heads x 16
- * columns (8 accumulators), the block's rows coming back from L1. Every sum is acc = fma(p, r, acc) over
- * the rows in order, as the scalar macro (contracted) and axpy64: same bits at every blocking. LDV(ptr)
- * loads one vector of cache elements as f32 (bf16: widen to 32 bits, shift left 16 = bf16_to_f32). */
-static void axpy64x4_scalar(const float *p, int64_t ps, const float *r, int64_t stride, int64_t nt, float *o,
-                            int64_t os) PK_AXPY64X4_BODY(PK_LD_F32)
-static void axpy64x4h_scalar(const float *p, int64_t ps, const uint16_t *r, int64_t stride, int64_t nt, float *o,
-                             int64_t os) PK_AXPY64X4_BODY(PK_LD_BF16)
+/* Scores as an outer-product GEMM, lanes = heads: p[t][0:16] = scale * sum_k qT[k][0:16] r_t[k] for nt rows
+ * r_t = r + t * stride, one chain per (row, head) with k in order. Each cached element is broadcast once
+ * for the 16 heads and each qT[k] loaded once per tile of rows; nothing to reduce across lanes. Why: the
+ * earlier form (lanes along k, 4 rows x 4 heads per block, then a reduction of each of the 16 sums) ran at
+ * ~60 % of the FMA peak from L2 (312 TSC ticks a row at 16 heads x 576) and ~40 % streaming from memory
+ * (471); this one at ~97 % (183-209, tiles of 16 rows, f32 and bf16 alike: /tmp microbenchmark on Zen 5). */
+#if defined(__GNUC__)
+/* The portable level's tiles in GCC / clang vector extensions (4 lanes: SSE2, NEON): with plain arrays GCC kept
+ * the 32 sums of a 2-row tile in memory (5.3 G multiply-adds a second a core at 4k rows, Zen 5, against
+ * main's 16 for its dot products); as pk_v4 registers 12.8. Other compilers: the plain loops below. */
+typedef float pk_v4 __attribute__((vector_size(16)));
+#define PK_V4_LOAD(v, ptr) memcpy(&(v), (ptr), sizeof(pk_v4))
+#define PK_V4_STORE(ptr, v) memcpy((ptr), &(v), sizeof(pk_v4))
+#define PK_SCORES16_BODY(LD)                                                                  \
+    {                                                                                         \
+        int64_t t = 0, k, h;                                                                  \
+        (void)avail, (void)ahead;                                                             \
+        for (; t < nt; t += 2) { /* two rows a tile (the last one alone when nt is odd) */    \
+            const int two = t + 1 < nt;                                                       \
+            pk_v4 a0[4] = {{0}}, a1[4] = {{0}}, q, v;                                         \
+            for (k = 0; k < W; k++) {                                                         \
+                const float x0 = LD(r[t * stride + k]), x1 = two ? LD(r[(t + 1) * stride + k]) : 0.0f; \
+                for (h = 0; h < 4; h++) {                                                     \
+                    PK_V4_LOAD(q, qT + k * PK_HB + 4 * h);                                    \
+                    a0[h] += q * x0;                                                          \
+                    a1[h] += q * x1;                                                          \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < 4; h++) {                                                         \
+                v = a0[h] * scale;                                                            \
+                PK_V4_STORE(p + t * PK_HB + 4 * h, v);                                        \
+                v = a1[h] * scale;                                                            \
+                if (two) PK_V4_STORE(p + (t + 1) * PK_HB + 4 * h, v);                         \
+            }                                                                                 \
+        }                                                                                     \
+    }
+#else
+#define PK_SCORES16_BODY(LD)                                                                  \
+    {                                                                                         \
+        int64_t t = 0, k, h;                                                                  \
+        (void)avail, (void)ahead;                                                             \
+        for (; t + 2 <= nt; t += 2) { /* two rows a tile: 32 sums, in registers (SSE: 8) */  \
+            float a0[PK_HB], a1[PK_HB];                                                       \
+            for (h = 0; h < PK_HB; h++) a0[h] = a1[h] = 0.0f;                                 \
+            for (k = 0; k < W; k++) {                                                         \
+                const float x0 = LD(r[t * stride + k]), x1 = LD(r[(t + 1) * stride + k]);     \
+                for (h = 0; h < PK_HB; h++) {                                                 \
+                    a0[h] += qT[k * PK_HB + h] * x0;                                          \
+                    a1[h] += qT[k * PK_HB + h] * x1;                                          \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < PK_HB; h++) {                                                     \
+                p[t * PK_HB + h] = a0[h] * scale;                                             \
+                p[(t + 1) * PK_HB + h] = a1[h] * scale;                                       \
+            }                                                                                 \
+        }                                                                                     \
+        for (; t < nt; t++) {                                                                 \
+            float a0[PK_HB];                                                                  \
+            for (h = 0; h < PK_HB; h++) a0[h] = 0.0f;                                         \
+            for (k = 0; k < W; k++) {                                                         \
+                const float x0 = LD(r[t * stride + k]);                                       \
+                for (h = 0; h < PK_HB; h++) a0[h] += qT[k * PK_HB + h] * x0;                  \
+            }                                                                                 \
+            for (h = 0; h < PK_HB; h++) p[t * PK_HB + h] = a0[h] * scale;                     \
+        }                                                                                     \
+    }
+#endif
+/* Probabilities of one block of 16 heads over a chunk of nt rows, online (spec §8.3's softmax, one chunk at a
+ * time): cm = max(m, the chunk's scores), p = exp(p - cm), corr = exp(m - cm) (1 where the max held, 0 on the
+ * first chunk), l = l corr + sum_t p, m = cm. The caller scales the value sums by corr where it is not 1. */
+#define PK_SOFTMAX16_BODY(EXP)                                                \
+    {                                                                         \
+        int64_t t, h;                                                         \
+        for (h = 0; h < PK_HB; h++) {                                         \
+            float cm = m[h], s = 0.0f;                                        \
+            for (t = 0; t < nt; t++) cm = p[t * PK_HB + h] > cm ? p[t * PK_HB + h] : cm; \
+            corr[h] = EXP(m[h] - cm);                                         \
+            for (t = 0; t < nt; t++) {                                        \
+                const float e = EXP(p[t * PK_HB + h] - cm);                   \
+                p[t * PK_HB + h] = e;                                         \
+                s += e;                                                       \
+            }                                                                 \
+            l[h] = l[h] * corr[h] + s;                                        \
+            m[h] = cm;                                                        \
+        }                                                                     \
+    }
+/* The value sums as an outer-product GEMM too, lanes = heads: o[c][0:16] += sum_t p[t][0:16] r_t[c] for the
+ * columns c < R of nt rows (o: a block's o_lat transposed, [R][16]); o starts as 0 when fresh (the split's
+ * first chunk: no zeroing pass), else is scaled by corr[0:16] unless that is NULL (the online softmax's
+ * rescaling, free on the accumulators' load); each (column, head) sum is one chain over the rows in order.
+ * Why: the earlier blocking inside the one pass (4 heads x 64 columns, rows as vectors, p broadcast) ran at
+ * ~84 % of the FMA peak (195 TSC ticks a row at 16 heads x 512), this one at ~90 % (184). The scalar level
+ * tiles 2 columns (GCC keeps 32 sums in SSE registers; it did not vectorise wider tiles well). */
+#if defined(__GNUC__)
+#define PK_VALUES16_BODY(LD)                                                                  \
+    {                                                                                         \
+        int64_t t, c = 0, h;                                                                  \
+        pk_v4 cv[4], pv;                                                                      \
+        for (h = 0; h < 4; h++) cv[h] = (pk_v4){1.0f, 1.0f, 1.0f, 1.0f};                      \
+        if (corr)                                                                             \
+            for (h = 0; h < 4; h++) PK_V4_LOAD(cv[h], corr + 4 * h);                          \
+        for (; c < R; c += 2) { /* two columns a tile (the last one alone when R is odd) */   \
+            const int two = c + 1 < R;                                                        \
+            pk_v4 a0[4], a1[4];                                                               \
+            for (h = 0; h < 4; h++) {                                                         \
+                a0[h] = a1[h] = (pk_v4){0.0f, 0.0f, 0.0f, 0.0f};                              \
+                if (!fresh) {                                                                 \
+                    PK_V4_LOAD(a0[h], o + c * PK_HB + 4 * h);                                 \
+                    if (two) PK_V4_LOAD(a1[h], o + (c + 1) * PK_HB + 4 * h);                  \
+                    if (corr) a0[h] *= cv[h], a1[h] *= cv[h];                                 \
+                }                                                                             \
+            }                                                                                 \
+            for (t = 0; t < nt; t++) {                                                        \
+                const float x0 = LD(r[t * stride + c]), x1 = two ? LD(r[t * stride + c + 1]) : 0.0f; \
+                for (h = 0; h < 4; h++) {                                                     \
+                    PK_V4_LOAD(pv, p + t * PK_HB + 4 * h);                                    \
+                    a0[h] += pv * x0;                                                         \
+                    a1[h] += pv * x1;                                                         \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < 4; h++) {                                                         \
+                PK_V4_STORE(o + c * PK_HB + 4 * h, a0[h]);                                    \
+                if (two) PK_V4_STORE(o + (c + 1) * PK_HB + 4 * h, a1[h]);                     \
+            }                                                                                 \
+        }                                                                                     \
+    }
+#else
+#define PK_VALUES16_BODY(LD)                                                                  \
+    {                                                                                         \
+        int64_t t, c = 0, h;                                                                  \
+        for (; c < R; c += 2) { /* two columns a tile (the last one alone when R is odd) */   \
+            const int two = c + 1 < R;                                                        \
+            float a0[PK_HB], a1[PK_HB];                                                       \
+            for (h = 0; h < PK_HB; h++) {                                                     \
+                a0[h] = fresh ? 0.0f : corr ? o[c * PK_HB + h] * corr[h] : o[c * PK_HB + h];  \
+                a1[h] = !two || fresh ? 0.0f : corr ? o[(c + 1) * PK_HB + h] * corr[h]        \
+                                                    : o[(c + 1) * PK_HB + h];                 \
+            }                                                                                 \
+            for (t = 0; t < nt; t++) {                                                        \
+                const float x0 = LD(r[t * stride + c]), x1 = two ? LD(r[t * stride + c + 1]) : 0.0f; \
+                for (h = 0; h < PK_HB; h++) {                                                 \
+                    a0[h] += p[t * PK_HB + h] * x0;                                           \
+                    a1[h] += p[t * PK_HB + h] * x1;                                           \
+                }                                                                             \
+            }                                                                                 \
+            for (h = 0; h < PK_HB; h++) {                                                     \
+                o[c * PK_HB + h] = a0[h];                                                     \
+                if (two) o[(c + 1) * PK_HB + h] = a1[h];                                      \
+            }                                                                                 \
+        }                                                                                     \
+    }
+#endif
+static void values16_scalar(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o,
+                            const float *corr, int fresh)
+    PK_VALUES16_BODY(PK_LD_F32)
+static void values16h_scalar(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R, float *o,
+                             const float *corr, int fresh)
+    PK_VALUES16_BODY(PK_LD_BF16)
+static void scores16_scalar(const float *qT, const float *r, int64_t stride, int64_t W, int64_t nt, float *p,
+                            float scale, int64_t avail, int64_t ahead) PK_SCORES16_BODY(PK_LD_F32)
+static void scores16h_scalar(const float *qT, const uint16_t *r, int64_t stride, int64_t W, int64_t nt, float *p,
+                             float scale, int64_t avail, int64_t ahead) PK_SCORES16_BODY(PK_LD_BF16)
+static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *corr) PK_SOFTMAX16_BODY(expf)
+
+/* exp for the probabilities (arguments <= 0 but for rounding): Cephes' expf polynomial (degree 6 on
+ * |r| <= ln2 / 2 after removing k ln2 in two parts: ~1 ulp, as glibc's expf) on 16 / 8 lanes; x is clamped
+ * below (-104 at AVX-512, whose scalef then gives the denormal or 0 as expf does; -87.3 at AVX2, the
+ * smallest normal 2^k: a probability <= 1.2e-38 is off by at most that, beside a sum >= 1). Why: glibc's
+ * expf one element at a time was ~7 % of a 32k layer's attention (0.5 M exps: 16 heads x 32,768 rows). */
+#define PK_EXP_C1 0.693359375f /* ln2 = C1 - C2, C1 exact in 10 bits: k C1 is exact for |k| < 2^14 */
+#define PK_EXP_C2 -2.12194440e-4f
+#define PK_EXP_POLY(FMA, SET1, y, r) /* (((((p0 r + p1) r + p2) r + p3) r + p4) r + p5) */ \
+    y = SET1(1.9875691500e-4f);                                                           \
+    y = FMA(y, r, SET1(1.3981999507e-3f));                                                \
+    y = FMA(y, r, SET1(8.3334519073e-3f));                                                \
+    y = FMA(y, r, SET1(4.1665795894e-2f));                                                \
+    y = FMA(y, r, SET1(1.6666665459e-1f));                                                \
+    y = FMA(y, r, SET1(5.0000001201e-1f))
+
 #if PK_X86
 #define PK_LDV8_F32(x) _mm256_loadu_ps(x)
 #define PK_LDV8_BF16(x) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x))), 16))
-#define PK_AXPY64X4_AVX2(LDV)                                                                 \
-    {                                                                                         \
-        int64_t t, c, h;                                                                      \
-        for (c = 0; c < 64; c += 16) {                                                        \
-            __m256 a[4][2];                                                                   \
-            for (h = 0; h < 4; h++)                                                           \
-                a[h][0] = _mm256_loadu_ps(o + h * os + c), a[h][1] = _mm256_loadu_ps(o + h * os + c + 8); \
-            for (t = 0; t < nt; t++) {                                                        \
-                const __m256 r0 = LDV(r + t * stride + c), r1 = LDV(r + t * stride + c + 8);  \
-                for (h = 0; h < 4; h++) {                                                     \
-                    const __m256 ph = _mm256_set1_ps(p[h * ps + t]);                          \
-                    a[h][0] = _mm256_fmadd_ps(ph, r0, a[h][0]);                               \
-                    a[h][1] = _mm256_fmadd_ps(ph, r1, a[h][1]);                               \
-                }                                                                             \
-            }                                                                                 \
-            for (h = 0; h < 4; h++)                                                           \
-                _mm256_storeu_ps(o + h * os + c, a[h][0]), _mm256_storeu_ps(o + h * os + c + 8, a[h][1]); \
-        }                                                                                     \
+/* Scores at AVX2: the 16 heads are two ymm, so a tile of NR rows keeps 2 NR accumulators (f32: 6 rows, 12
+ * ymm + 2 query vectors + the broadcast; bf16: 4 rows, the pair trick of the AVX-512 tile below needing 4
+ * query vectors). */
+#define PK_SC_AVX2_F32(NR)                                                                                   \
+    PK_AVX2_INLINE void sc_avx2_##NR(const float *qT, const float *r, int64_t stride, int64_t W, float *p,   \
+                                     __m256 sc) {                                                            \
+        __m256 acc[NR][2];                                                                                   \
+        int64_t k, j;                                                                                        \
+        for (j = 0; j < NR; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();                                \
+        for (k = 0; k < W; k++) {                                                                            \
+            const __m256 q0 = _mm256_loadu_ps(qT + PK_HB * k), q1 = _mm256_loadu_ps(qT + PK_HB * k + 8);    \
+            for (j = 0; j < NR; j++) {                                                                       \
+                const __m256 x = _mm256_broadcast_ss(r + j * stride + k);                                    \
+                acc[j][0] = _mm256_fmadd_ps(q0, x, acc[j][0]);                                               \
+                acc[j][1] = _mm256_fmadd_ps(q1, x, acc[j][1]);                                               \
+            }                                                                                                \
+        }                                                                                                    \
+        for (j = 0; j < NR; j++) {                                                                           \
+            _mm256_storeu_ps(p + PK_HB * j, _mm256_mul_ps(acc[j][0], sc));                                   \
+            _mm256_storeu_ps(p + PK_HB * j + 8, _mm256_mul_ps(acc[j][1], sc));                               \
+        }                                                                                                    \
     }
-static PK_AVX2 void axpy64x4_avx2(const float *p, int64_t ps, const float *r, int64_t stride, int64_t nt, float *o,
-                                  int64_t os) PK_AXPY64X4_AVX2(PK_LDV8_F32)
-static PK_AVX2 void axpy64x4h_avx2(const float *p, int64_t ps, const uint16_t *r, int64_t stride, int64_t nt,
-                                   float *o, int64_t os) PK_AXPY64X4_AVX2(PK_LDV8_BF16)
+#define PK_SC_AVX2_BF16(NR)                                                                                  \
+    PK_AVX2_INLINE void sch_avx2_##NR(const float *qT, const uint16_t *r, int64_t stride, int64_t W,        \
+                                      float *p, __m256 sc) {                                                 \
+        const __m256i hm = _mm256_set1_epi32((int)0xFFFF0000u);                                              \
+        __m256 acc[NR][2];                                                                                   \
+        int64_t k, j;                                                                                        \
+        for (j = 0; j < NR; j++) acc[j][0] = acc[j][1] = _mm256_setzero_ps();                                \
+        for (k = 0; k + 2 <= W; k += 2) {                                                                    \
+            const __m256 q0 = _mm256_loadu_ps(qT + PK_HB * k), q1 = _mm256_loadu_ps(qT + PK_HB * k + 8);    \
+            const __m256 q2 = _mm256_loadu_ps(qT + PK_HB * k + 16), q3 = _mm256_loadu_ps(qT + PK_HB * k + 24); \
+            for (j = 0; j < NR; j++) {                                                                       \
+                uint32_t d;                                                                                  \
+                __m256i v;                                                                                   \
+                __m256 x;                                                                                    \
+                memcpy(&d, r + j * stride + k, sizeof d);                                                    \
+                v = _mm256_set1_epi32((int)d);                                                               \
+                x = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); /* element k */                          \
+                acc[j][0] = _mm256_fmadd_ps(q0, x, acc[j][0]);                                               \
+                acc[j][1] = _mm256_fmadd_ps(q1, x, acc[j][1]);                                               \
+                x = _mm256_castsi256_ps(_mm256_and_si256(v, hm)); /* element k + 1 */                       \
+                acc[j][0] = _mm256_fmadd_ps(q2, x, acc[j][0]);                                               \
+                acc[j][1] = _mm256_fmadd_ps(q3, x, acc[j][1]);                                               \
+            }                                                                                                \
+        }                                                                                                    \
+        if (k < W) {                                                                                         \
+            const __m256 q0 = _mm256_loadu_ps(qT + PK_HB * k), q1 = _mm256_loadu_ps(qT + PK_HB * k + 8);    \
+            for (j = 0; j < NR; j++) {                                                                       \
+                const __m256 x = _mm256_set1_ps(bf16_to_f32(r[j * stride + k]));                            \
+                acc[j][0] = _mm256_fmadd_ps(q0, x, acc[j][0]);                                               \
+                acc[j][1] = _mm256_fmadd_ps(q1, x, acc[j][1]);                                               \
+            }                                                                                                \
+        }                                                                                                    \
+        for (j = 0; j < NR; j++) {                                                                           \
+            _mm256_storeu_ps(p + PK_HB * j, _mm256_mul_ps(acc[j][0], sc));                                   \
+            _mm256_storeu_ps(p + PK_HB * j + 8, _mm256_mul_ps(acc[j][1], sc));                               \
+        }                                                                                                    \
+    }
+/* Values at AVX2: a tile of NC columns keeps 2 NC accumulators (f32: 6 columns; bf16: 4, two pairs). */
+#define PK_VA_AVX2_F32(NC)                                                                                   \
+    PK_AVX2_INLINE void va_avx2_##NC(const float *p, const float *r, int64_t stride, int64_t nt, float *o,  \
+                                     const float *corr, int fresh) {                                         \
+        __m256 acc[NC][2];                                                                                   \
+        int64_t t, j;                                                                                        \
+        for (j = 0; j < NC; j++)                                                                             \
+            acc[j][0] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j),                        \
+            acc[j][1] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j + 8);                    \
+        if (corr && !fresh)                                                                                  \
+            for (j = 0; j < NC; j++) {                                                                       \
+                acc[j][0] = _mm256_mul_ps(acc[j][0], _mm256_loadu_ps(corr));                                 \
+                acc[j][1] = _mm256_mul_ps(acc[j][1], _mm256_loadu_ps(corr + 8));                             \
+            }                                                                                                \
+        for (t = 0; t < nt; t++) {                                                                           \
+            const __m256 p0 = _mm256_loadu_ps(p + PK_HB * t), p1 = _mm256_loadu_ps(p + PK_HB * t + 8);      \
+            for (j = 0; j < NC; j++) {                                                                       \
+                const __m256 x = _mm256_broadcast_ss(r + t * stride + j);                                    \
+                acc[j][0] = _mm256_fmadd_ps(p0, x, acc[j][0]);                                               \
+                acc[j][1] = _mm256_fmadd_ps(p1, x, acc[j][1]);                                               \
+            }                                                                                                \
+        }                                                                                                    \
+        for (j = 0; j < NC; j++)                                                                             \
+            _mm256_storeu_ps(o + PK_HB * j, acc[j][0]), _mm256_storeu_ps(o + PK_HB * j + 8, acc[j][1]);      \
+    }
+#define PK_VA_AVX2_BF16(NC)                                                                                  \
+    PK_AVX2_INLINE void vah_avx2_##NC(const float *p, const uint16_t *r, int64_t stride, int64_t nt,        \
+                                      float *o, const float *corr, int fresh) {                              \
+        const __m256i hm = _mm256_set1_epi32((int)0xFFFF0000u);                                              \
+        __m256 acc[NC][2];                                                                                   \
+        int64_t t, j;                                                                                        \
+        for (j = 0; j < NC; j++)                                                                             \
+            acc[j][0] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j),                        \
+            acc[j][1] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j + 8);                    \
+        if (corr && !fresh)                                                                                  \
+            for (j = 0; j < NC; j++) {                                                                       \
+                acc[j][0] = _mm256_mul_ps(acc[j][0], _mm256_loadu_ps(corr));                                 \
+                acc[j][1] = _mm256_mul_ps(acc[j][1], _mm256_loadu_ps(corr + 8));                             \
+            }                                                                                                \
+        for (t = 0; t < nt; t++) {                                                                           \
+            const __m256 p0 = _mm256_loadu_ps(p + PK_HB * t), p1 = _mm256_loadu_ps(p + PK_HB * t + 8);      \
+            for (j = 0; j + 2 <= NC; j += 2) {                                                               \
+                uint32_t d;                                                                                  \
+                __m256i v;                                                                                   \
+                __m256 x;                                                                                    \
+                memcpy(&d, r + t * stride + j, sizeof d);                                                    \
+                v = _mm256_set1_epi32((int)d);                                                               \
+                x = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); /* column j */                           \
+                acc[j][0] = _mm256_fmadd_ps(p0, x, acc[j][0]);                                               \
+                acc[j][1] = _mm256_fmadd_ps(p1, x, acc[j][1]);                                               \
+                x = _mm256_castsi256_ps(_mm256_and_si256(v, hm)); /* column j + 1 */                        \
+                acc[j + 1][0] = _mm256_fmadd_ps(p0, x, acc[j + 1][0]);                                       \
+                acc[j + 1][1] = _mm256_fmadd_ps(p1, x, acc[j + 1][1]);                                       \
+            }                                                                                                \
+            if (NC % 2) {                                                                                    \
+                const __m256 x = _mm256_set1_ps(bf16_to_f32(r[t * stride + NC - 1]));                        \
+                acc[NC - 1][0] = _mm256_fmadd_ps(p0, x, acc[NC - 1][0]);                                     \
+                acc[NC - 1][1] = _mm256_fmadd_ps(p1, x, acc[NC - 1][1]);                                     \
+            }                                                                                                \
+        }                                                                                                    \
+        for (j = 0; j < NC; j++)                                                                             \
+            _mm256_storeu_ps(o + PK_HB * j, acc[j][0]), _mm256_storeu_ps(o + PK_HB * j + 8, acc[j][1]);      \
+    }
+PK_VA_AVX2_F32(6)
+PK_VA_AVX2_F32(1)
+PK_VA_AVX2_BF16(4)
+PK_VA_AVX2_BF16(1)
+static PK_AVX2 void values16_avx2(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o,
+                                  const float *corr, int fresh) {
+    int64_t c = 0;
+    for (; c + 6 <= R; c += 6) va_avx2_6(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+    for (; c < R; c++) va_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+}
+static PK_AVX2 void values16h_avx2(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R,
+                                   float *o, const float *corr, int fresh) {
+    int64_t c = 0;
+    for (; c + 4 <= R; c += 4) vah_avx2_4(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+    for (; c < R; c++) vah_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+}
+
+PK_SC_AVX2_F32(6)
+PK_SC_AVX2_F32(1)
+PK_SC_AVX2_BF16(4)
+PK_SC_AVX2_BF16(1)
+static PK_AVX2 void scores16_avx2(const float *qT, const float *r, int64_t stride, int64_t W, int64_t nt, float *p,
+                                  float scale, int64_t avail, int64_t ahead) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    (void)avail, (void)ahead;
+    for (; t + 6 <= nt; t += 6) sc_avx2_6(qT, r + t * stride, stride, W, p + PK_HB * t, sc);
+    for (; t < nt; t++) sc_avx2_1(qT, r + t * stride, stride, W, p + PK_HB * t, sc);
+}
+static PK_AVX2 void scores16h_avx2(const float *qT, const uint16_t *r, int64_t stride, int64_t W, int64_t nt,
+                                   float *p, float scale, int64_t avail, int64_t ahead) {
+    const __m256 sc = _mm256_set1_ps(scale);
+    int64_t t = 0;
+    (void)avail, (void)ahead;
+    for (; t + 4 <= nt; t += 4) sch_avx2_4(qT, r + t * stride, stride, W, p + PK_HB * t, sc);
+    for (; t < nt; t++) sch_avx2_1(qT, r + t * stride, stride, W, p + PK_HB * t, sc);
+}
+
+PK_AVX2_INLINE __m256 exp_avx2(__m256 x) {
+    __m256 n, r, y;
+    __m256i e;
+    x = _mm256_max_ps(_mm256_set1_ps(-87.3f), x); /* NaN stays NaN */
+    n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(1.44269504088896341f)),
+                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(PK_EXP_C1), x);
+    r = _mm256_fnmadd_ps(n, _mm256_set1_ps(PK_EXP_C2), r);
+    PK_EXP_POLY(_mm256_fmadd_ps, _mm256_set1_ps, y, r);
+    y = _mm256_fmadd_ps(y, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+    e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23); /* 2^n */
+    return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
+}
+static PK_AVX2 void softmax16_avx2(float *p, int64_t nt, float *m, float *l, float *corr) {
+    int64_t t, g;
+    for (g = 0; g < PK_HB; g += 8) { /* the two halves of the block */
+        const __m256 mo = _mm256_loadu_ps(m + g);
+        __m256 cm = mo, s = _mm256_setzero_ps(), c;
+        for (t = 0; t < nt; t++) cm = _mm256_max_ps(cm, _mm256_loadu_ps(p + PK_HB * t + g));
+        for (t = 0; t < nt; t++) {
+            const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(p + PK_HB * t + g), cm));
+            _mm256_storeu_ps(p + PK_HB * t + g, e);
+            s = _mm256_add_ps(s, e);
+        }
+        c = exp_avx2(_mm256_sub_ps(mo, cm));
+        _mm256_storeu_ps(corr + g, c);
+        _mm256_storeu_ps(l + g, _mm256_fmadd_ps(_mm256_loadu_ps(l + g), c, s));
+        _mm256_storeu_ps(m + g, cm);
+    }
+}
 #endif
+
 #if PK_HAVE_AVX512
 #define PK_LDV16_F32(x) _mm512_loadu_ps(x)
 #define PK_LDV16_BF16(x) \
     _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x))), 16))
-#define PK_AXPY64X4_AVX512(LDV)                                                              \
-    {                                                                                        \
-        __m512 a[4][4];                                                                      \
-        int64_t t, h, q;                                                                     \
-        for (h = 0; h < 4; h++)                                                              \
-            for (q = 0; q < 4; q++) a[h][q] = _mm512_loadu_ps(o + h * os + 16 * q);          \
-        for (t = 0; t < nt; t++) {                                                           \
-            const int64_t o0 = t * stride; /* no typed row pointer: LDV reads f32 or uint16 */  \
-            const __m512 r0 = LDV(r + o0), r1 = LDV(r + o0 + 16);                            \
-            const __m512 r2 = LDV(r + o0 + 32), r3 = LDV(r + o0 + 48);                       \
-            for (h = 0; h < 4; h++) {                                                        \
-                const __m512 ph = _mm512_set1_ps(p[h * ps + t]);                             \
-                a[h][0] = _mm512_fmadd_ps(ph, r0, a[h][0]);                                  \
-                a[h][1] = _mm512_fmadd_ps(ph, r1, a[h][1]);                                  \
-                a[h][2] = _mm512_fmadd_ps(ph, r2, a[h][2]);                                  \
-                a[h][3] = _mm512_fmadd_ps(ph, r3, a[h][3]);                                  \
-            }                                                                                \
-        }                                                                                    \
-        for (h = 0; h < 4; h++)                                                              \
-            for (q = 0; q < 4; q++) _mm512_storeu_ps(o + h * os + 16 * q, a[h][q]);          \
+/* Scores at AVX-512: a tile of NR rows keeps NR zmm accumulators (16 heads each); per k one query vector and
+ * NR broadcasts. bf16 rows: one 32-bit broadcast holds elements k and k + 1 (little endian: k in the low
+ * half), shifted left 16 / masked to the high half they are the two widened values -- 2 integer operations per
+ * 2 FMAs instead of a scalar widening per element. pf (or NULL): rows to prefetch into L1, a line of each of
+ * the NR rows per 64 bytes read of this tile's. */
+#define PK_SC_AVX512_F32(NR)                                                                                 \
+    PK_AVX512_INLINE void sc_avx512_##NR(const float *qT, const float *r, int64_t stride, int64_t W, float *p, \
+                                         __m512 sc, const float *pf) {                                       \
+        __m512 acc[NR];                                                                                      \
+        int64_t k, j;                                                                                        \
+        for (j = 0; j < NR; j++) acc[j] = _mm512_setzero_ps();                                               \
+        for (k = 0; k < W; k++) {                                                                            \
+            const __m512 q = _mm512_loadu_ps(qT + PK_HB * k);                                                \
+            if (pf && (k & 15) == 0)                                                                         \
+                for (j = 0; j < NR; j++) _mm_prefetch((const char *)(pf + j * stride + k), _MM_HINT_T0);    \
+            for (j = 0; j < NR; j++) acc[j] = _mm512_fmadd_ps(q, _mm512_set1_ps(r[j * stride + k]), acc[j]); \
+        }                                                                                                    \
+        for (j = 0; j < NR; j++) _mm512_storeu_ps(p + PK_HB * j, _mm512_mul_ps(acc[j], sc));                 \
     }
-static PK_AVX512 void axpy64x4_avx512(const float *p, int64_t ps, const float *r, int64_t stride, int64_t nt,
-                                      float *o, int64_t os) PK_AXPY64X4_AVX512(PK_LDV16_F32)
-static PK_AVX512 void axpy64x4h_avx512(const float *p, int64_t ps, const uint16_t *r, int64_t stride, int64_t nt,
-                                       float *o, int64_t os) PK_AXPY64X4_AVX512(PK_LDV16_BF16)
+#define PK_SC_AVX512_BF16(NR)                                                                                \
+    PK_AVX512_INLINE void sch_avx512_##NR(const float *qT, const uint16_t *r, int64_t stride, int64_t W,    \
+                                          float *p, __m512 sc, const uint16_t *pf) {                         \
+        const __m512i hm = _mm512_set1_epi32((int)0xFFFF0000u);                                              \
+        __m512 acc[NR];                                                                                      \
+        int64_t k, j;                                                                                        \
+        for (j = 0; j < NR; j++) acc[j] = _mm512_setzero_ps();                                               \
+        for (k = 0; k + 2 <= W; k += 2) {                                                                    \
+            const __m512 q0 = _mm512_loadu_ps(qT + PK_HB * k), q1 = _mm512_loadu_ps(qT + PK_HB * k + PK_HB); \
+            if (pf && (k & 31) == 0)                                                                         \
+                for (j = 0; j < NR; j++) _mm_prefetch((const char *)(pf + j * stride + k), _MM_HINT_T0);    \
+            for (j = 0; j < NR; j++) {                                                                       \
+                uint32_t d;                                                                                  \
+                __m512i v;                                                                                   \
+                memcpy(&d, r + j * stride + k, sizeof d);                                                    \
+                v = _mm512_set1_epi32((int)d);                                                               \
+                acc[j] = _mm512_fmadd_ps(q0, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), acc[j]);        \
+                acc[j] = _mm512_fmadd_ps(q1, _mm512_castsi512_ps(_mm512_and_si512(v, hm)), acc[j]);         \
+            }                                                                                                \
+        }                                                                                                    \
+        if (k < W) {                                                                                         \
+            const __m512 q0 = _mm512_loadu_ps(qT + PK_HB * k);                                               \
+            for (j = 0; j < NR; j++)                                                                         \
+                acc[j] = _mm512_fmadd_ps(q0, _mm512_set1_ps(bf16_to_f32(r[j * stride + k])), acc[j]);       \
+        }                                                                                                    \
+        for (j = 0; j < NR; j++) _mm512_storeu_ps(p + PK_HB * j, _mm512_mul_ps(acc[j], sc));                 \
+    }
+/* Values at AVX-512: a tile of NC columns keeps NC zmm accumulators (16 heads each); per row one probability
+ * vector and NC broadcasts (bf16: NC / 2 pairs, as the scores). */
+#define PK_VA_AVX512_F32(NC)                                                                                 \
+    PK_AVX512_INLINE void va_avx512_##NC(const float *p, const float *r, int64_t stride, int64_t nt,        \
+                                         float *o, const float *corr, int fresh) {                           \
+        __m512 acc[NC];                                                                                      \
+        int64_t t, j;                                                                                        \
+        for (j = 0; j < NC; j++) acc[j] = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(o + PK_HB * j);      \
+        if (corr && !fresh)                                                                                  \
+            for (j = 0; j < NC; j++) acc[j] = _mm512_mul_ps(acc[j], _mm512_loadu_ps(corr));                  \
+        for (t = 0; t < nt; t++) {                                                                           \
+            const __m512 pt = _mm512_loadu_ps(p + PK_HB * t);                                                \
+            for (j = 0; j < NC; j++) acc[j] = _mm512_fmadd_ps(pt, _mm512_set1_ps(r[t * stride + j]), acc[j]); \
+        }                                                                                                    \
+        for (j = 0; j < NC; j++) _mm512_storeu_ps(o + PK_HB * j, acc[j]);                                    \
+    }
+#define PK_VA_AVX512_BF16(NC)                                                                                \
+    PK_AVX512_INLINE void vah_avx512_##NC(const float *p, const uint16_t *r, int64_t stride, int64_t nt,    \
+                                          float *o, const float *corr, int fresh) {                          \
+        const __m512i hm = _mm512_set1_epi32((int)0xFFFF0000u);                                              \
+        __m512 acc[NC];                                                                                      \
+        int64_t t, j;                                                                                        \
+        for (j = 0; j < NC; j++) acc[j] = fresh ? _mm512_setzero_ps() : _mm512_loadu_ps(o + PK_HB * j);      \
+        if (corr && !fresh)                                                                                  \
+            for (j = 0; j < NC; j++) acc[j] = _mm512_mul_ps(acc[j], _mm512_loadu_ps(corr));                  \
+        for (t = 0; t < nt; t++) {                                                                           \
+            const __m512 pt = _mm512_loadu_ps(p + PK_HB * t);                                                \
+            for (j = 0; j + 2 <= NC; j += 2) {                                                               \
+                uint32_t d;                                                                                  \
+                __m512i v;                                                                                   \
+                memcpy(&d, r + t * stride + j, sizeof d);                                                    \
+                v = _mm512_set1_epi32((int)d);                                                               \
+                acc[j] = _mm512_fmadd_ps(pt, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), acc[j]);         \
+                acc[j + 1] = _mm512_fmadd_ps(pt, _mm512_castsi512_ps(_mm512_and_si512(v, hm)), acc[j + 1]); \
+            }                                                                                                \
+            if (NC % 2)                                                                                      \
+                acc[NC - 1] = _mm512_fmadd_ps(pt, _mm512_set1_ps(bf16_to_f32(r[t * stride + NC - 1])),       \
+                                              acc[NC - 1]);                                                  \
+        }                                                                                                    \
+        for (j = 0; j < NC; j++) _mm512_storeu_ps(o + PK_HB * j, acc[j]);                                    \
+    }
+PK_VA_AVX512_F32(16)
+PK_VA_AVX512_F32(1)
+PK_VA_AVX512_BF16(16)
+PK_VA_AVX512_BF16(1)
+static PK_AVX512 void values16_avx512(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R,
+                                      float *o, const float *corr, int fresh) {
+    int64_t c = 0;
+    for (; c + 16 <= R; c += 16) va_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+    for (; c < R; c++) va_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+}
+static PK_AVX512 void values16h_avx512(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R,
+                                       float *o, const float *corr, int fresh) {
+    int64_t c = 0;
+    for (; c + 16 <= R; c += 16) vah_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+    for (; c < R; c++) vah_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
+}
+
+PK_SC_AVX512_F32(16)
+PK_SC_AVX512_F32(4)
+PK_SC_AVX512_F32(1)
+PK_SC_AVX512_BF16(16)
+PK_SC_AVX512_BF16(4)
+PK_SC_AVX512_BF16(1)
+/* A chunk's rows in tiles of 16 (NR 16: 16 accumulators, NR 24 spilled and ran at half the speed), then 4,
+ * then 1. avail: rows readable from r (the visible rows left), ahead: the prefetch distance in rows. */
+#define PK_SCORES16_AVX512(SC, T)                                                                     \
+    {                                                                                                 \
+        const __m512 sc = _mm512_set1_ps(scale);                                                      \
+        int64_t t = 0;                                                                                \
+        for (; t + 16 <= nt; t += 16)                                                                 \
+            SC##_16(qT, r + t * stride, stride, W, p + PK_HB * t, sc,                                 \
+                    t + ahead + 16 <= avail ? r + (t + ahead) * stride : (const T *)NULL);            \
+        for (; t + 4 <= nt; t += 4) SC##_4(qT, r + t * stride, stride, W, p + PK_HB * t, sc, NULL);   \
+        for (; t < nt; t++) SC##_1(qT, r + t * stride, stride, W, p + PK_HB * t, sc, NULL);           \
+    }
+static PK_AVX512 void scores16_avx512(const float *qT, const float *r, int64_t stride, int64_t W, int64_t nt,
+                                      float *p, float scale, int64_t avail, int64_t ahead)
+    PK_SCORES16_AVX512(sc_avx512, float)
+static PK_AVX512 void scores16h_avx512(const float *qT, const uint16_t *r, int64_t stride, int64_t W, int64_t nt,
+                                       float *p, float scale, int64_t avail, int64_t ahead)
+    PK_SCORES16_AVX512(sch_avx512, uint16_t)
+
+PK_AVX512_INLINE __m512 exp_avx512(__m512 x) {
+    __m512 n, r, y;
+    x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x); /* NaN stays NaN */
+    n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                             _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(PK_EXP_C1), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(PK_EXP_C2), r);
+    PK_EXP_POLY(_mm512_fmadd_ps, _mm512_set1_ps, y, r);
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+    return _mm512_scalef_ps(y, n); /* y 2^n, to the denormal / 0 below 2^-126 */
+}
+static PK_AVX512 void softmax16_avx512(float *p, int64_t nt, float *m, float *l, float *corr) {
+    const __m512 mo = _mm512_loadu_ps(m);
+    __m512 cm = mo, s = _mm512_setzero_ps(), c;
+    int64_t t;
+    for (t = 0; t < nt; t++) cm = _mm512_max_ps(cm, _mm512_loadu_ps(p + PK_HB * t));
+    for (t = 0; t < nt; t++) {
+        const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(p + PK_HB * t), cm));
+        _mm512_storeu_ps(p + PK_HB * t, e);
+        s = _mm512_add_ps(s, e);
+    }
+    c = exp_avx512(_mm512_sub_ps(mo, cm));
+    _mm512_storeu_ps(corr, c);
+    _mm512_storeu_ps(l, _mm512_fmadd_ps(_mm512_loadu_ps(l), c, s));
+    _mm512_storeu_ps(m, cm);
+}
 #endif
 
-static float dot_level(int simd, const float *a, const float *b, int64_t n) {
-    return PK_LEVEL_CALL(simd, dot, (a, b, n));
+static void values16_level(int simd, const float *p, const float *r, int64_t W, int64_t nt, int64_t R, float *o,
+                           const float *corr, int fresh) {
+    PK_LEVEL_CALL(simd, values16, (p, r, W, nt, R, o, corr, fresh));
 }
 
-static float doth_level(int simd, const float *a, const uint16_t *b, int64_t n) {
-    return PK_LEVEL_CALL(simd, doth, (a, b, n));
+static void values16h_level(int simd, const float *p, const uint16_t *r, int64_t W, int64_t nt, int64_t R,
+                            float *o, const float *corr, int fresh) {
+    PK_LEVEL_CALL(simd, values16h, (p, r, W, nt, R, o, corr, fresh));
 }
 
-static void dot4_level(int simd, const float *a, const float *b, int64_t stride, int64_t n, float *y) {
-    PK_LEVEL_CALL(simd, dot4, (a, b, stride, n, y));
+static void scores16_level(int simd, const float *qT, const float *r, int64_t W, int64_t nt, float *p, float scale,
+                           int64_t avail, int64_t ahead) {
+    PK_LEVEL_CALL(simd, scores16, (qT, r, W, W, nt, p, scale, avail, ahead));
 }
 
-static void dot4h_level(int simd, const float *a, const uint16_t *b, int64_t stride, int64_t n, float *y) {
-    PK_LEVEL_CALL(simd, dot4h, (a, b, stride, n, y));
+static void scores16h_level(int simd, const float *qT, const uint16_t *r, int64_t W, int64_t nt, float *p,
+                            float scale, int64_t avail, int64_t ahead) {
+    PK_LEVEL_CALL(simd, scores16h, (qT, r, W, W, nt, p, scale, avail, ahead));
 }
 
-static void axpy_level(int simd, float c, const float *a, float *y, int64_t n) {
-    PK_LEVEL_CALL(simd, axpy, (c, a, y, n));
-}
-
-static void axpyh_level(int simd, float c, const uint16_t *a, float *y, int64_t n) {
-    PK_LEVEL_CALL(simd, axpyh, (c, a, y, n));
-}
-
-static void axpy64_level(int simd, const float *p, const float *r, int64_t stride, int64_t nt, float *o) {
-    PK_LEVEL_CALL(simd, axpy64, (p, r, stride, nt, o));
-}
-
-static void axpy64h_level(int simd, const float *p, const uint16_t *r, int64_t stride, int64_t nt, float *o) {
-    PK_LEVEL_CALL(simd, axpy64h, (p, r, stride, nt, o));
-}
-
-static void dot44_level(int simd, const float *a, int64_t as, const float *b, int64_t n, float *y, int64_t ys) {
-    PK_LEVEL_CALL(simd, dot44, (a, as, b, n, n, y, ys));
-}
-
-static void dot44h_level(int simd, const float *a, int64_t as, const uint16_t *b, int64_t n, float *y, int64_t ys) {
-    PK_LEVEL_CALL(simd, dot44h, (a, as, b, n, n, y, ys));
-}
-
-static void axpy64x4_level(int simd, const float *p, int64_t ps, const float *r, int64_t stride, int64_t nt,
-                           float *o, int64_t os) {
-    PK_LEVEL_CALL(simd, axpy64x4, (p, ps, r, stride, nt, o, os)); /* simd 0: the macro, 1 / 2: intrinsics */
-}
-
-static void axpy64x4h_level(int simd, const float *p, int64_t ps, const uint16_t *r, int64_t stride, int64_t nt,
-                            float *o, int64_t os) {
-    PK_LEVEL_CALL(simd, axpy64x4h, (p, ps, r, stride, nt, o, os));
+static void softmax16_level(int simd, float *p, int64_t nt, float *m, float *l, float *corr) {
+    PK_LEVEL_CALL(simd, softmax16, (p, nt, m, l, corr));
 }
 
 /* f32 -> bf16 bits, round to nearest even, NaN -> the quiet 0x7FC0: weights.f32_to_bf16 element for element
@@ -3164,17 +3465,32 @@ static void rope_pairs(const float *x, const float *cs, int64_t half, float *y) 
 }
 
 typedef struct {
-    int64_t H, dn, dr, dv, R, W, N, nvis, nbk, rb;
+    int64_t H, G, dn, dr, dv, R, W, N, nvis, nbk, rb, nsplit, nchunk, ss;
     const float *q, *cs, *rows, *sc;
     const uint16_t *rows16; /* a bf16 cache: rows16 set, rows NULL (and the other way round for f32) */
     const char *kvb;
     float scale, *out;
-    float *qc, *s, *ol; /* scratch: [q_lat | rope(q_pe)] [H][W], scores / probabilities [H][N], o_lat [H][R] */
+    /* scratch: qc [H][W] = [q_lat | rope(q_pe)] per head; qT [G][W][16] the same per block of 16 heads,
+     * transposed (mla_transpose); o_lat [H][R]; the splits' states [nsplit][ss] (mla_split) */
+    float *qc, *qT, *ol, *st;
     int fmt, act, simd;
 } pk_mla;
 
-#define PK_MLA_ROWS 32 /* cache rows per task of the score phase */
-#define PK_MLA_COLS 64 /* latent columns per block of the value phase (a task: a run of blocks) */
+/* One pass over the cache (flash-decoding): the visible rows are cut into chunks of PK_MLA_CHUNK rows and the
+ * chunks into at most PK_MLA_SPLITS splits (contiguous runs of chunks, the parallel tasks). A split walks its
+ * chunks in order: the chunk's scores for every head, then at once those rows' value sums with an online
+ * softmax (running max m and sum l per head; the split's o_lat rescaled when m grows), so each row is read
+ * from memory once and reused from L1 / L2. The splits' (m, l, o) are then merged per head. The cuts depend
+ * on the number of visible rows only -- not on the threads, nor on the batch -- so a sequence's result is
+ * the same bits alone, in a batch and at any thread count. Why: the two-pass form (all scores, softmax, then
+ * all values) read the f32 cache twice and ran at ~52-65 G multiply-adds a second at 32k on Zen 5 (2 cores).
+ * At most PK_MLA_SPLITS states (o_lat [H][R] each) are merged: 32 x 16 heads x 512 = 0.26 M multiply-adds,
+ * 2 % of a 1k-row attention, nothing at 32k; a short cache still gets up to 32 tasks for the threads. */
+#define PK_MLA_CHUNK 32  /* cache rows per chunk (a multiple of 16, the score tile): 74 KB of f32 rows */
+#define PK_MLA_SPLITS 32 /* parallel tasks (and merged states) per sequence at most */
+#define PK_MLA_AHEAD 32  /* rows between the score tile and the rows it prefetches */
+
+static int64_t mla_align16(int64_t n) { return (n + 15) & ~(int64_t)15; } /* floats: 64-byte multiples */
 
 /* Head h's query in latent space: qc[h] = [q_nope W_uk[h] | rope(q_pe)] (W_uk[h] rows decoded once). */
 static void mla_query(const pk_mla *m, int64_t h) {
@@ -3185,92 +3501,80 @@ static void mla_query(const pk_mla *m, int64_t h) {
     rope_pairs(qh + m->dn, m->cs, m->dr / 2, qc + m->R);
 }
 
-/* Scaled scores of cache rows [t0, t1) for every head: each row is read once for all heads (a per-head
- * loop streamed the whole cache once per head, 16 times a layer); blocks of 4 rows x 4 heads (dot44, a
- * register-blocked GEMM: 2 FMAs per load, dot4 gave 0.8). Why: with the value blocking below, 27 layers
- * int4 on Zen 5 (2 cores, f32 cache) went from 130 / 353 to 116 / 290 ms a token at 8k / 32k cached
- * (bench_longctx; 102 / 281 with the value tasks below); attention is still ~86 % of a 32k step, now
- * nearer the bandwidth of reading the cache twice (scores, then values: ~16 GB/s) than the FMA peak. */
-static void mla_scores(const pk_mla *m, int64_t t0, int64_t t1) {
-    int64_t t, h, i, j;
-    for (t = t0; t + 4 <= t1; t += 4) { /* four rows x four heads (dot44), other heads dot4, then one by one */
-        for (h = 0; h + 4 <= m->H; h += 4) {
-            float *s = m->s + h * m->N + t;
-            if (m->rows16)
-                dot44h_level(m->simd, m->qc + h * m->W, m->W, m->rows16 + t * m->W, m->W, s, m->N);
-            else
-                dot44_level(m->simd, m->qc + h * m->W, m->W, m->rows + t * m->W, m->W, s, m->N);
-            for (i = 0; i < 4; i++)
-                for (j = 0; j < 4; j++) s[i * m->N + j] *= m->scale;
-        }
-        for (; h < m->H; h++) {
-            float *s = m->s + h * m->N + t;
-            if (m->rows16)
-                dot4h_level(m->simd, m->qc + h * m->W, m->rows16 + t * m->W, m->W, m->W, s);
-            else
-                dot4_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W, m->W, s);
-            for (j = 0; j < 4; j++) s[j] *= m->scale;
-        }
-    }
-    for (; t < t1; t++)
-        for (h = 0; h < m->H; h++)
-            m->s[h * m->N + t] = (m->rows16 ? doth_level(m->simd, m->qc + h * m->W, m->rows16 + t * m->W, m->W)
-                                            : dot_level(m->simd, m->qc + h * m->W, m->rows + t * m->W, m->W)) *
-                                 m->scale;
+/* Line i of qT (element i % W of the queries of head block i / W, heads past H zero), once every qc is done.
+ * Why a phase of its own: each head's task writing its lane of every line made the two cores share all of
+ * qT's lines (~20 us a layer at short caches); a copy per split cost ~2.5 us per split. */
+static void mla_transpose(const pk_mla *m, int64_t i) {
+    const int64_t g = i / m->W, k = i % m->W;
+    float *qT = m->qT + i * PK_HB;
+    int64_t h;
+    for (h = 0; h < PK_HB; h++) qT[h] = g * PK_HB + h < m->H ? m->qc[(g * PK_HB + h) * m->W + k] : 0.0f;
 }
 
-/* Softmax of head h's visible scores in place (f32, max subtracted: as attention.softmax). */
-static void mla_softmax(const pk_mla *m, int64_t h) {
-    float *s = m->s + h * m->N, mx = -INFINITY, sum = 0.0f;
-    int64_t t;
-    for (t = 0; t < m->nvis; t++)
-        if (s[t] > mx) mx = s[t];
-    for (t = 0; t < m->nvis; t++) {
-        s[t] = expf(s[t] - mx);
-        sum += s[t];
+/* Scaled scores of cache rows [t0, t0 + nt) for every block of 16 heads into p [G][PK_MLA_CHUNK][16]; the
+ * first block prefetches the rows PK_MLA_AHEAD ahead (the later blocks find the chunk in L1 / L2). */
+static void mla_chunk_scores(const pk_mla *m, const float *qT0, int64_t t0, int64_t nt, float *p) {
+    const int64_t W = m->W;
+    int64_t g;
+    for (g = 0; g < m->G; g++) {
+        const float *qT = qT0 + g * W * PK_HB;
+        float *pg = p + g * PK_MLA_CHUNK * PK_HB;
+        const int64_t avail = g ? 0 : m->nvis - t0;
+        if (m->rows16)
+            scores16h_level(m->simd, qT, m->rows16 + t0 * W, W, nt, pg, m->scale, avail, PK_MLA_AHEAD);
+        else
+            scores16_level(m->simd, qT, m->rows + t0 * W, W, nt, pg, m->scale, avail, PK_MLA_AHEAD);
     }
-    for (t = 0; t < m->nvis; t++) s[t] /= sum;
 }
 
-/* o_lat[h][c0:c1] = sum_t p[h, t] c_t[c0:c1] for every head, rows in order: blocks of PK_MLA_ROWS rows (in
- * L1) against every head's accumulator, 4 heads x 64 columns per pass (axpy64x4: each row slice loaded once
- * for 4 heads), other heads one by one (axpy64), a short last block of columns axpy per row. Each sum keeps
- * its order whatever the blocking, so the values are the same bits as before the head blocking, and do not
- * depend on how the columns are split between tasks. A task is one contiguous run of 64-column blocks per
- * thread (the 64-column blocks inside it, per block of rows): each thread then streams a contiguous quarter /
- * half of every row rather than 256 bytes of each 2,304 (8k / 32k: 116 / 290 -> 102 / 281 ms a token). */
-static void mla_values(const pk_mla *m, int64_t c0, int64_t c1) {
-    int64_t t0, t, h, i, cb, ce;
-    for (h = 0; h < m->H; h++)
-        for (i = c0; i < c1; i++) m->ol[h * m->R + i] = 0.0f;
-    for (t0 = 0; t0 < m->nvis; t0 += PK_MLA_ROWS) {
-        const int64_t nt = m->nvis - t0 < PK_MLA_ROWS ? m->nvis - t0 : PK_MLA_ROWS;
-        for (cb = c0; cb < c1; cb = ce) { /* the task's columns in blocks of 64 (a row block's slices in L1) */
-            const int64_t off = t0 * m->W + cb, nc = (ce = cb + 64 < c1 ? cb + 64 : c1) - cb;
-            h = 0;
-            if (nc == 64) /* four heads per pass over the block's row slices */
-                for (; h + 4 <= m->H; h += 4) {
-                    const float *p = m->s + h * m->N + t0;
-                    float *o = m->ol + h * m->R + cb;
-                    if (m->rows16)
-                        axpy64x4h_level(m->simd, p, m->N, m->rows16 + off, m->W, nt, o, m->R);
-                    else
-                        axpy64x4_level(m->simd, p, m->N, m->rows + off, m->W, nt, o, m->R);
-                }
-            for (; h < m->H; h++) {
-                const float *p = m->s + h * m->N + t0;
-                float *o = m->ol + h * m->R + cb;
-                if (m->rows16 && nc == 64)
-                    axpy64h_level(m->simd, p, m->rows16 + off, m->W, nt, o);
-                else if (m->rows16)
-                    for (t = 0; t < nt; t++) axpyh_level(m->simd, p[t], m->rows16 + off + t * m->W, o, nc);
-                else if (nc == 64)
-                    axpy64_level(m->simd, p, m->rows + off, m->W, nt, o);
-                else
-                    for (t = 0; t < nt; t++) axpy_level(m->simd, p[t], m->rows + off + t * m->W, o, nc);
-            }
+/* Split k: its chunks in order, each scored for every head, its probabilities exp(s - m) against the running
+ * max m (softmax16: when a chunk raises m, the split's sum l and -- in values16 -- its o_lat are scaled by
+ * exp(m_old - m_new), as the definition's softmax subtracts the max), then its rows' value sums (values16:
+ * the chunk's rows are still in L1 / L2). State k: o [G][R][16] (o_lat of each block of 16 heads,
+ * transposed) | m [G * 16] | l [G * 16] | corr [G * 16] | p [G][PK_MLA_CHUNK][16]. */
+static void mla_split(const pk_mla *m, int64_t k) {
+    const int64_t R = m->R, G = m->G, W = m->W, c0 = m->nchunk * k / m->nsplit;
+    const int64_t c1 = m->nchunk * (k + 1) / m->nsplit, ob = R * PK_HB; /* one block's o */
+    float *o = m->st + k * m->ss, *mx = o + G * ob, *l = mx + G * PK_HB, *corr = l + G * PK_HB;
+    float *p = corr + G * PK_HB;
+    int64_t c, g, h;
+    for (h = 0; h < G * PK_HB; h++) mx[h] = -INFINITY, l[h] = 0.0f;
+    for (c = c0; c < c1; c++) {
+        const int64_t t0 = c * PK_MLA_CHUNK, nt = m->nvis - t0 < PK_MLA_CHUNK ? m->nvis - t0 : PK_MLA_CHUNK;
+        mla_chunk_scores(m, m->qT, t0, nt, p);
+        for (g = 0; g < G; g++) {
+            float *pg = p + g * PK_MLA_CHUNK * PK_HB, *og = o + g * ob, *cg = corr + g * PK_HB;
+            int any = 0;
+            softmax16_level(m->simd, pg, nt, mx + g * PK_HB, l + g * PK_HB, cg);
+            for (h = 0; h < PK_HB; h++) any |= cg[h] != 1.0f;
+            if (c == c0 || !any) /* nothing to rescale: o starts fresh at the first chunk, or no max moved */
+                cg = NULL;
+            if (m->rows16)
+                values16h_level(m->simd, pg, m->rows16 + t0 * W, W, nt, R, og, cg, c == c0);
+            else
+                values16_level(m->simd, pg, m->rows + t0 * W, W, nt, R, og, cg, c == c0);
         }
     }
+}
+
+/* o_lat[h] = sum_k e^(m_k - M) o_k[h] / sum_k e^(m_k - M) l_k[h] over the splits in order (M: their max). */
+static void mla_merge(const pk_mla *m, int64_t h) {
+    const int64_t R = m->R, om = m->G * R * PK_HB, ol_ = om + m->G * PK_HB; /* offsets of m and l in a state */
+    const int64_t oh = (h / PK_HB) * R * PK_HB + h % PK_HB;                 /* head h's column 0 in o */
+    float *ol = m->ol + h * R, big = -INFINITY, L = 0.0f;
+    int64_t k, i;
+    for (k = 0; k < m->nsplit; k++) {
+        const float mk = m->st[k * m->ss + om + h];
+        big = mk > big ? mk : big;
+    }
+    for (i = 0; i < R; i++) ol[i] = 0.0f;
+    for (k = 0; k < m->nsplit; k++) {
+        const float *st = m->st + k * m->ss, *ok = st + oh;
+        const float wk = expf(st[om + h] - big);
+        L += wk * st[ol_ + h];
+        for (i = 0; i < R; i++) ol[i] += wk * ok[i * PK_HB];
+    }
+    for (i = 0; i < R; i++) ol[i] /= L;
 }
 
 /* o[h] = W_uv[h] o_lat[h]: one row of x through the matmul path (activation mode included). */
@@ -3295,24 +3599,32 @@ static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t
                        const float *kva, const float *ln, float eps, const float *inv_freq, int64_t pos,
                        void *rows, int cdt, int64_t n, int fmt, int act, const void *kvb, const float *kvb_scales,
                        float scale, float *out, float **scratch_out) {
-    const int64_t W = R + dr, N = n + 1, half = dr / 2;
+    const int64_t W = R + dr, N = n + 1, half = dr / 2, nvis = pos + 1 < N ? pos + 1 : N;
+    const int64_t nchunk = (nvis + PK_MLA_CHUNK - 1) / PK_MLA_CHUNK;
+    const int64_t nsplit = nchunk < PK_MLA_SPLITS ? nchunk : PK_MLA_SPLITS;
+    const int64_t G = (heads + PK_HB - 1) / PK_HB; /* blocks of 16 heads */
+    const int64_t sts = mla_align16(G * PK_HB * (R + 3 + PK_MLA_CHUNK)); /* one split's state */
+    /* qc [H][W] | qT [G][W][16] | ol [H][R] | cos, sin [dr] | the new row [W] | the splits' states, each
+     * 64-byte aligned */
+    const int64_t o_qT = mla_align16(heads * W), o_ol = o_qT + G * W * PK_HB, o_cs = o_ol + mla_align16(heads * R);
+    const int64_t o_nr = o_cs + mla_align16(dr), o_st = o_nr + mla_align16(W), total = o_st + nsplit * sts;
     float *scratch, *cs, *nr;
     double ss = 0.0;
     int64_t i;
-    /* qc [H][W] | s [H][N] | ol [H][R] | cos, sin [dr] | the new row [W] */
-    scratch = (float *)malloc(sizeof(float) * (size_t)(heads * (W + N + R) + dr + W + 1));
-    *scratch_out = scratch;
-    if (!scratch) return -1;
-    m->H = heads, m->dn = dn, m->dr = dr, m->dv = dv, m->R = R, m->W = W, m->N = N;
-    m->nvis = pos + 1 < N ? pos + 1 : N; /* causal: keys after the query's position are masked */
+    *scratch_out = (float *)malloc(sizeof(float) * (size_t)(total + 16));
+    if (!*scratch_out) return -1;
+    scratch = (float *)(((uintptr_t)*scratch_out + 63) & ~(uintptr_t)63);
+    m->H = heads, m->G = G, m->dn = dn, m->dr = dr, m->dv = dv, m->R = R, m->W = W, m->N = N;
+    m->nvis = nvis; /* causal: keys after the query's position are masked */
+    m->nchunk = nchunk, m->nsplit = nsplit, m->ss = sts;
     m->nbk = (R + PK_BLOCK - 1) / PK_BLOCK, m->rb = row_bytes_of(fmt, R);
     m->q = q, m->sc = kvb_scales, m->kvb = (const char *)kvb;
     m->rows = cdt ? NULL : (const float *)rows;
     m->rows16 = cdt ? (const uint16_t *)rows : NULL;
     m->scale = scale, m->out = out, m->fmt = fmt, m->act = act, m->simd = pk_get_simd();
-    m->qc = scratch, m->s = scratch + heads * W, m->ol = scratch + heads * (W + N);
-    cs = scratch + heads * (W + N + R); /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
-    nr = cs + dr;
+    m->qc = scratch, m->qT = scratch + o_qT, m->ol = scratch + o_ol, m->st = scratch + o_st;
+    cs = scratch + o_cs; /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
+    nr = scratch + o_nr;
     for (i = 0; i < half; i++) {
         const float a = (float)pos * inv_freq[i];
         cs[i] = cosf(a);
@@ -3336,9 +3648,12 @@ static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t
 
 /* See the header. Why: the absorbed decode was ~15 NumPy calls per layer and token around two kernel calls
  * (norm, RoPE twice, concatenation, scores, softmax, the value sum); at 27 layers that glue cost more than
- * the attention's arithmetic. One parallel region, five phases split between the threads: queries (per
- * head), scores (per block of cache rows), softmax (per head), values (per block of latent columns), outputs
- * (per head). NumPy twin: attention.mla_absorbed. */
+ * the attention's arithmetic. One parallel region, four phases split between the threads: queries (per
+ * head), their transposition (per line of qT), the one pass over the cache (per split of the rows,
+ * mla_split), the merge of the splits and the output (per head). Why one pass: 27 layers int4 on Zen 5 (2
+ * cores, f32 cache, bench_longctx, the same minutes) went from 104-114 / 287 ms a token at 8k / 32k cached to
+ * 64-70 / 128-131 ms; one layer's attention alone (32k, /tmp kernel timing) 8.7 -> 3.0 ms. NumPy twin:
+ * attention.mla_absorbed. */
 static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
                             const float *kva, const float *ln, float eps, const float *inv_freq, int64_t pos,
                             void *rows, int cdt, int64_t n, int fmt, int act, const void *kvb,
@@ -3346,7 +3661,6 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
     const int nth = pk_get_threads();
     pk_job oj; /* o_proj: y [out] = out [heads * dv] @ W_o^T (only with o_proj) */
     float *scratch = NULL;
-    int64_t nrb, ncb, nvt;
     pk_mla m;
     if (fmt < F_F32 || fmt > F_Q4 || cdt < 0 || cdt > 1) return -2;
     if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
@@ -3355,25 +3669,20 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
     if (mla_prepare(&m, heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, cdt, n, fmt, act, kvb,
                     kvb_scales, scale, out, &scratch))
         return -1;
-    nrb = (m.nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
-    ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
-    nvt = ncb < nth ? ncb : nth; /* value tasks: one contiguous run of 64-column blocks per thread */
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         int64_t k;
 #pragma omp for schedule(static)
         for (k = 0; k < heads; k++) mla_query(&m, k);
+#pragma omp for schedule(static)
+        for (k = 0; k < m.G * m.W; k++) mla_transpose(&m, k);
 #pragma omp for schedule(dynamic, 1)
-        for (k = 0; k < nrb; k++)
-            mla_scores(&m, k * PK_MLA_ROWS, (k + 1) * PK_MLA_ROWS < m.nvis ? (k + 1) * PK_MLA_ROWS : m.nvis);
+        for (k = 0; k < m.nsplit; k++) mla_split(&m, k);
 #pragma omp for schedule(static)
-        for (k = 0; k < heads; k++) mla_softmax(&m, k);
-#pragma omp for schedule(static)
-        for (k = 0; k < nvt; k++)
-            mla_values(&m, ncb * k / nvt * PK_MLA_COLS, ncb * (k + 1) / nvt * PK_MLA_COLS < R
-                                                            ? ncb * (k + 1) / nvt * PK_MLA_COLS : R);
-#pragma omp for schedule(static)
-        for (k = 0; k < heads; k++) mla_output(&m, k);
+        for (k = 0; k < heads; k++) {
+            mla_merge(&m, k);
+            mla_output(&m, k);
+        }
         if (o_proj) {
             /* o_proj in the same region: the job is kernels.matmul's for one row of x (run_jobs: prepared
              * once -- the activation quantization of its mode --, then its rows in chunks), so y equals
@@ -3529,8 +3838,8 @@ done:
 }
 
 /* ------------------------------------------------------ absorbed MLA attention of a decode batch (serve engine)
- * pk_mla_absorbed for B sequences, each against its own cache, in ONE parallel region: the five phases run
- * over (sequence, item) pairs, so a layer pays one fork and five barriers instead of B of each (on a shared
+ * pk_mla_absorbed for B sequences, each against its own cache, in ONE parallel region: the four phases run
+ * over (sequence, item) pairs, so a layer pays one fork and four barriers instead of B of each (on a shared
  * 2-core machine a barrier waits for a descheduled thread, which made 8 single calls cost ~25x their
  * arithmetic). Every item is the single call's function on that sequence's pk_mla, and the per-sequence setup
  * below is pk_mla_absorbed's, so each sequence's cache row and output are bit for bit those of
@@ -3541,10 +3850,10 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
                           void *const *rows, int cdt, const int64_t *n, int fmt, int act, const void *kvb,
                           const float *kvb_scales, float scale, float *out) {
     const int nth = pk_get_threads();
-    const int64_t W = R + dr, ncb = (R + PK_MLA_COLS - 1) / PK_MLA_COLS;
+    const int64_t W = R + dr;
     pk_mla *ms;
     float **scr;
-    int64_t *rb0, b, nrb_all = 0;
+    int64_t *sp0, b, nsp_all = 0;
     int rc = 0;
     if (fmt < F_F32 || fmt > F_Q4 || cdt < 0 || cdt > 1) return -2;
     if (B < 0 || heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2) return -3;
@@ -3552,8 +3861,8 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
         if (pos[b] < 0 || n[b] < 0) return -3;
     ms = (pk_mla *)calloc((size_t)B + 1, sizeof(pk_mla));
     scr = (float **)calloc((size_t)B + 1, sizeof(float *));
-    rb0 = (int64_t *)calloc((size_t)B + 1, sizeof(int64_t)); /* first score block of each sequence */
-    if (!ms || !scr || !rb0) {
+    sp0 = (int64_t *)calloc((size_t)B + 1, sizeof(int64_t)); /* first split of each sequence */
+    if (!ms || !scr || !sp0) {
         rc = -1;
         goto done;
     }
@@ -3564,30 +3873,27 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
             rc = -1;
             goto done;
         }
-        rb0[b] = nrb_all;
-        nrb_all += (ms[b].nvis + PK_MLA_ROWS - 1) / PK_MLA_ROWS;
+        sp0[b] = nsp_all;
+        nsp_all += ms[b].nsplit;
     }
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         int64_t k;
 #pragma omp for schedule(static)
         for (k = 0; k < B * heads; k++) mla_query(&ms[k / heads], k % heads);
+#pragma omp for schedule(static)
+        for (k = 0; k < B * ms[0].G * W; k++) mla_transpose(&ms[k / (ms[0].G * W)], k % (ms[0].G * W));
 #pragma omp for schedule(dynamic, 1)
-        for (k = 0; k < nrb_all; k++) {
-            int64_t s = 0, t0;
-            while (s + 1 < B && rb0[s + 1] <= k) s++;
-            t0 = (k - rb0[s]) * PK_MLA_ROWS;
-            mla_scores(&ms[s], t0, t0 + PK_MLA_ROWS < ms[s].nvis ? t0 + PK_MLA_ROWS : ms[s].nvis);
+        for (k = 0; k < nsp_all; k++) {
+            int64_t s = 0;
+            while (s + 1 < B && sp0[s + 1] <= k) s++;
+            mla_split(&ms[s], k - sp0[s]);
         }
 #pragma omp for schedule(static)
-        for (k = 0; k < B * heads; k++) mla_softmax(&ms[k / heads], k % heads);
-#pragma omp for schedule(static)
-        for (k = 0; k < B * ncb; k++) {
-            const int64_t c0 = (k % ncb) * PK_MLA_COLS;
-            mla_values(&ms[k / ncb], c0, c0 + PK_MLA_COLS < R ? c0 + PK_MLA_COLS : R);
+        for (k = 0; k < B * heads; k++) {
+            mla_merge(&ms[k / heads], k % heads);
+            mla_output(&ms[k / heads], k % heads);
         }
-#pragma omp for schedule(static)
-        for (k = 0; k < B * heads; k++) mla_output(&ms[k / heads], k % heads);
     }
     (void)nth;
 done:
@@ -3595,7 +3901,7 @@ done:
         for (b = 0; b < B; b++) free(scr[b]);
     free(scr);
     free(ms);
-    free(rb0);
+    free(sp0);
     return rc;
 }
 

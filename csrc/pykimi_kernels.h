@@ -124,7 +124,9 @@ int pk_swiglu_sum(int count, const pk_expert *experts, const float *x, int64_t d
  *                              h*(dn+dv) .. +dn, W_uv[h] the dv after them; act: W_uv's activation mode
  *   out  f32 [heads, dv]       o[h] = W_uv[h] sum_t softmax_t(scale * [q_nope W_uk[h] | rope(q_pe)] . rows[t])
  *                              rows[t][:R], over keys t <= pos
- * Heads run in parallel. Returns 0, -1 (no memory), -2 (bad format or cdt) or -3 (bad sizes). */
+ * One pass over the cache: its rows split between the threads in runs cut by the row count alone (online
+ * softmax, the runs merged per head), so the result does not depend on the thread count. Returns 0, -1 (no
+ * memory), -2 (bad format or cdt) or -3 (bad sizes). */
 int pk_mla_absorbed(int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q, const float *kva,
                     const float *ln, float eps, const float *inv_freq, int64_t pos, void *rows, int cdt, int64_t n,
                     int fmt, int act, const void *kvb, const float *kvb_scales, float scale, float *out);

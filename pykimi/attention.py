@@ -285,8 +285,8 @@ def mla_absorbed(q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n
     then row n is rounded to nearest even (weights.f32_to_bf16) and the keys are the widened rows, the new
     one included, as the C kernel reads them; kv_b: kv_b_proj [H * (dn + dv), R]
     in any stored form; dims = (H, dn, dr, dv, R). The W_uv products go through ``matmul`` (default
-    kernels.matmul; tests pass kernels.reference). Fast twin: kernels/fused.py (one C call, heads in parallel,
-    W_uk / W_uv read in the stored form)."""
+    kernels.matmul; tests pass kernels.reference). Fast twin: kernels/fused.py (one C call, one pass over the
+    cache with an online softmax, its rows split between the threads; W_uk / W_uv read in the stored form)."""
     H, dn, dr, dv, R = (int(d) for d in dims)
     check_absorbed(q, kva, rows, n, pos, kv_b, dims)
     mm = kernels.matmul if matmul is None else matmul

@@ -84,10 +84,12 @@ def test_decode_batch_rows_equal_single_decode(which, mode, quant_dirs, act_mode
 
 @pytest.mark.parametrize("which", ["demo", "tiny", "demo4"])
 @pytest.mark.parametrize("cache_dtype", ["bf16", "f32"])
-def test_mla_batch_equals_single_fused_calls_per_cache_dtype(which, cache_dtype, quant_dirs):
+@pytest.mark.parametrize("long", [False, True])
+def test_mla_batch_equals_single_fused_calls_per_cache_dtype(which, cache_dtype, long, quant_dirs):
     """pk_mla_absorbed_batch (engine._mla_batch) on B caches of either dtype == the single fused call per
     sequence, bit for bit: the output and the row it writes (the same q / kva go to both, so only the attention
-    kernel is compared; a bf16 cache holds bf16 bits)."""
+    kernel is compared; a bf16 cache holds bf16 bits). long: caches of up to 2,000 rows, whose splits hold
+    several chunks of rows each (the one-pass attention's online softmax), beside short ones."""
     from pykimi.attention import _inv_freq, mla_absorbed
     from pykimi.engine import _mla_batch
     if kernels.backend() != "c":
@@ -97,10 +99,10 @@ def test_mla_batch_equals_single_fused_calls_per_cache_dtype(which, cache_dtype,
     H, dn, dr, dv, R = t.num_attention_heads, t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim, t.kv_lora_rank
     rng = np.random.default_rng(3)
     B, layer = 5, 1
-    lens = [int(n) for n in rng.integers(0, 40, B)]
+    lens = [2000, 7, 1100, 0, 1500] if long else [int(n) for n in rng.integers(0, 40, B)]
     alone, batched = [], []
     for n in lens:                              # two caches holding the same rows
-        c, d = m.new_cache(capacity=48), m.new_cache(capacity=48)
+        c, d = m.new_cache(capacity=max(lens) + 8), m.new_cache(capacity=max(lens) + 8)
         for ly in range(t.num_hidden_layers):
             lat, kpe = rng.standard_normal((n, R)).astype(np.float32), rng.standard_normal((n, dr)).astype(np.float32)
             c.write(ly, lat, kpe)

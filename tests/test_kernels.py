@@ -709,6 +709,44 @@ def test_c_level_mla_absorbed_bf16_cache(simd_level, form):
         K.set_act_quant(prev_act)
 
 
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+@pytest.mark.parametrize("cache", ["f32", "bf16"])
+def test_c_level_mla_absorbed_long_cache(simd_level, cache):
+    """The one-pass attention over long caches: enough rows that the 32 splits hold several chunks of 32 rows
+    each (the online softmax rescales a split's sums when a later chunk raises a head's max: the rows' scale
+    grows along the cache here, so maxima move often), row counts off every tile (16 / 6 / 4 rows) and a
+    query before the cache's end; 16 heads at the real widths and 3 heads / R = 70 (a padded block of 16
+    heads, column tails): == the definition to the usual tolerance, and the same bits at 1 and 2 threads
+    (the splits are cut by the row count only)."""
+    prev, prev_act, prev_th = K.backend(), K.act_quant(), K.get_threads()
+    K.set_backend("c")
+    K.set_act_quant("none")
+    try:
+        rng = np.random.default_rng(85)
+        for H, dn, dr, dv, R, n, pos in [(16, 128, 64, 128, 512, 2093, 2093), (3, 16, 6, 12, 70, 1411, 1300),
+                                         (16, 128, 64, 128, 512, 1029, 1029)]:
+            q, kva, ln, inv, rows, kv_b = _mla_case(rng, "F32", H, dn, dr, dv, R, n)
+            rows[:n] *= np.linspace(0.5, 2.0, n, dtype=np.float32)[:, None]      # later rows score higher
+            if cache == "bf16":
+                rows = f32_to_bf16(rows)
+                rows[n:] = 0
+            outs = []
+            for th in (1, 2):
+                K.set_threads(th)
+                r = rows.copy()
+                outs.append(MLA(q, kva, ln, 1e-6, inv, pos, r, n, kv_b, 0.07, (H, dn, dr, dv, R)))
+            rows_ref = rows.copy()
+            want = mla_twin(q, kva, ln, 1e-6, inv, pos, rows_ref, n, kv_b, 0.07, (H, dn, dr, dv, R))
+            where = f"{cache} cache level={simd_level} H={H} R={R} n={n} pos={pos}"
+            assert _relerr(outs[1], want) < 2e-5, f"{where}: {_relerr(outs[1], want):.2e}"
+            np.testing.assert_array_equal(outs[0], outs[1], err_msg=f"{where}: 1 vs 2 threads")
+    finally:
+        K.set_backend(prev)
+        K.set_act_quant(prev_act)
+        K.set_threads(prev_th)
+
+
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
 def test_mla_absorbed_bf16_cache_every_backend(use_backend):
     """Every backend's fast twin on a bf16 cache == the definition; a cache of another dtype is a one-line

@@ -102,8 +102,9 @@ def _c_experts(experts, coefs, d: int):
 @twin_of("pykimi.attention.mla_absorbed")
 def mla_absorbed(definition, q, kva, ln, eps: float, inv_freq, pos: int, rows: np.ndarray, n: int, kv_b,
                  scale: float, dims, matmul=None) -> np.ndarray:
-    """One decode token's absorbed MLA attention in one C call (pk_mla_absorbed: heads in parallel, W_uk /
-    W_uv read in the stored form) with the C backend; otherwise the definition."""
+    """One decode token's absorbed MLA attention in one C call (pk_mla_absorbed: one pass over the cache, its
+    rows split between the threads, W_uk / W_uv read in the stored form) with the C backend; otherwise the
+    definition."""
     kind = _kind(kv_b)
     if backend() == "c" and kind in _C_KINDS and matmul is None:
         _checks()[0](q, kva, rows, n, pos, kv_b, dims)   # the definition's checks (C writes rows[n])
