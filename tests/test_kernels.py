@@ -636,74 +636,54 @@ MLA_DIMS = [(1, 8, 4, 8, 32, 0), (3, 16, 8, 12, 64, 5), (16, 128, 64, 128, 512, 
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 @pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
 @pytest.mark.parametrize("form", ["BF16", "F32", "q8", "q4"])
-def test_c_level_mla_absorbed(simd_level, form):
+@pytest.mark.parametrize("cache", ["f32", "bf16"])
+def test_c_level_mla_absorbed(simd_level, form, cache):
     """pk_mla_absorbed (one decode token's whole absorbed attention) at every level and stored form, real and
     odd head sizes (R not a multiple of 32), an empty cache and a query before the cache's end (keys after
-    it masked) == the twin: the output and the cache row it writes."""
+    it masked) == the twin: the output and the cache row it writes, nothing else written. A bf16 cache (rows
+    as uint16 bits) is read widened in registers and its new row stored rounded to nearest even, as the NumPy
+    definition does (weights.f32_to_bf16 / bf16_to_f32): the output to f32 rounding, the new row to at most one
+    bf16 step (the f32 row before rounding may differ in its last bits)."""
     prev, prev_act = K.backend(), K.act_quant()
     K.set_backend("c")
     try:
-        rng = np.random.default_rng(81)
+        rng = np.random.default_rng(81 if cache == "f32" else 83)
         for H, dn, dr, dv, R, n in MLA_DIMS:
             for pos, act in ((n, "none"), (max(n - 3, 0), "none"), (n, prev_act)):
                 K.set_act_quant(act)
                 q, kva, ln, inv, rows, kv_b = _mla_case(rng, form, H, dn, dr, dv, R, n)
+                if cache == "bf16":
+                    rows = f32_to_bf16(rows)
+                    rows[n:] = 0
                 rows_ref = rows.copy()
-                args = (1e-6, inv, pos)
-                got = MLA(q, kva, ln, *args, rows, n, kv_b, 0.07, (H, dn, dr, dv, R))
-                want = mla_twin(q, kva, ln, *args, rows_ref, n, kv_b, 0.07, (H, dn, dr, dv, R))
-                where = f"{form} act={act} level={simd_level} H={H} dn={dn} dr={dr} dv={dv} R={R} n={n} pos={pos}"
+                args = (q, kva, ln, 1e-6, inv, pos)
+                dims = (H, dn, dr, dv, R)
+                got = MLA(*args, rows, n, kv_b, 0.07, dims)
+                want = mla_twin(*args, rows_ref, n, kv_b, 0.07, dims)
+                where = f"{cache} cache {form} act={act} level={simd_level} H={H} dn={dn} dr={dr} dv={dv} R={R} " \
+                        f"n={n} pos={pos}"
                 # int8 activations of W_uv (Q4, default setting): the C and the twin sum the latent in a
                 # different order, so an activation can round to the neighbouring code -- one int8 step
                 tol = 4e-3 if (form == "q4" and act != "none") else 2e-5
                 assert got.shape == (H * dv,) and _relerr(got, want) < tol, f"{where}: {_relerr(got, want):.2e}"
-                assert _relerr(rows[n], rows_ref[n]) < 2e-6, f"{where}: cache row {_relerr(rows[n], rows_ref[n]):.2e}"
+                if cache == "f32":
+                    assert _relerr(rows[n], rows_ref[n]) < 2e-6, \
+                        f"{where}: cache row {_relerr(rows[n], rows_ref[n]):.2e}"
+                else:
+                    step = np.abs(rows[n].astype(np.int32) - rows_ref[n].astype(np.int32))
+                    # one step only where the two f32 rows straddle a rounding boundary: rare (a truncating or
+                    # mis-rounding store moves about half of them)
+                    assert step.max() <= 1 and (step > 0).mean() <= 0.01, \
+                        f"{where}: new row off by {step.max()} bf16 steps at {int(step.argmax())}, " \
+                        f"{int((step > 0).sum())} of {step.size} differ"
+                    # the same step on an f32 cache holding the same values: differs only by the new row's
+                    # rounding, so by a bf16-sized amount, not more (a misread row would be far off)
+                    r32 = weights.bf16_to_f32(rows_ref)
+                    r32[n:] = 0
+                    f32_out = MLA(*args, r32, n, kv_b, 0.07, dims)
+                    assert _relerr(got, f32_out) < 2 ** -7, f"{where}: bf16 vs f32 cache {_relerr(got, f32_out):.2e}"
                 np.testing.assert_array_equal(rows[:n], rows_ref[:n], err_msg=f"{where}: held rows changed")
                 assert not rows[n + 1:].any(), f"{where}: wrote past row {n}"
-    finally:
-        K.set_backend(prev)
-        K.set_act_quant(prev_act)
-
-
-@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
-@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
-@pytest.mark.parametrize("form", ["BF16", "F32", "q8", "q4"])
-def test_c_level_mla_absorbed_bf16_cache(simd_level, form):
-    """A bf16 cache (rows as uint16 bits): pk_mla_absorbed reads the rows widened in registers and stores the new
-    row rounded to nearest even, at every level and stored form == the NumPy definition on the same bf16 rows
-    (which rounds with weights.f32_to_bf16 and widens with bf16_to_f32): the output to f32 rounding, the new row
-    to at most one bf16 step (the f32 row before rounding may differ in its last bits), nothing else written."""
-    prev, prev_act = K.backend(), K.act_quant()
-    K.set_backend("c")
-    try:
-        rng = np.random.default_rng(83)
-        for H, dn, dr, dv, R, n in MLA_DIMS:
-            for pos, act in ((n, "none"), (max(n - 3, 0), "none"), (n, prev_act)):
-                K.set_act_quant(act)
-                q, kva, ln, inv, rows32, kv_b = _mla_case(rng, form, H, dn, dr, dv, R, n)
-                rows = f32_to_bf16(rows32)
-                rows[n:] = 0
-                rows_ref = rows.copy()
-                args = (q, kva, ln, 1e-6, inv, pos)
-                got = MLA(*args, rows, n, kv_b, 0.07, (H, dn, dr, dv, R))
-                want = mla_twin(*args, rows_ref, n, kv_b, 0.07, (H, dn, dr, dv, R))
-                where = f"bf16 cache {form} act={act} level={simd_level} H={H} R={R} dr={dr} n={n} pos={pos}"
-                tol = 4e-3 if (form == "q4" and act != "none") else 2e-5
-                assert got.shape == (H * dv,) and _relerr(got, want) < tol, f"{where}: {_relerr(got, want):.2e}"
-                step = np.abs(rows[n].astype(np.int32) - rows_ref[n].astype(np.int32))
-                # one step only where the two f32 rows straddle a rounding boundary: rare (a truncating or
-                # mis-rounding store moves about half of them)
-                assert step.max() <= 1 and (step > 0).mean() <= 0.01, \
-                    f"{where}: new row off by {step.max()} bf16 steps at {int(step.argmax())}, " \
-                    f"{int((step > 0).sum())} of {step.size} differ"
-                np.testing.assert_array_equal(rows[:n], rows_ref[:n], err_msg=f"{where}: held rows changed")
-                assert not rows[n + 1:].any(), f"{where}: wrote past row {n}"
-                # the same step on an f32 cache holding the same values: differs only by the new row's
-                # rounding, so by a bf16-sized amount, not more (a misread row would be far off)
-                r32 = weights.bf16_to_f32(rows_ref)
-                r32[n:] = 0
-                f32_out = MLA(*args, r32, n, kv_b, 0.07, (H, dn, dr, dv, R))
-                assert _relerr(got, f32_out) < 2 ** -7, f"{where}: bf16 vs f32 cache {_relerr(got, f32_out):.2e}"
     finally:
         K.set_backend(prev)
         K.set_act_quant(prev_act)
