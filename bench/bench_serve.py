@@ -38,6 +38,7 @@ import argparse
 import json
 import os
 import sys
+import threading
 import time
 BENCH = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(BENCH)
@@ -51,9 +52,14 @@ from pykimi.engine import Engine, SamplingParams, decode_batch  # noqa: E402
 
 def bandwidth() -> float:
     """Read bandwidth in GB/s: bench/bandwidth.py's C probe (streams a buffer the way decode reads weights),
-    best of 5 at 1 and 2 threads; the NumPy sum when that cannot be built."""
-    import bandwidth as bw
-    return float(bw.measure(gib=1.0, repeat=5)["gbs"])
+    best of 5 at 1 and 2 threads; the NumPy sum when that cannot be built. In a child process: the probe's
+    OpenMP threads would stay in this one as a second thread team beside the engine's, and with more OpenMP
+    threads than cores libgomp cuts its spinning to ~1 %, so every parallel region of the engine's step waits
+    for sleeping workers (27 layers int4, one stream: 45 against 38 ms a step)."""
+    import subprocess
+    out = subprocess.run([sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), "bandwidth.py"),
+                          "--gib", "1", "--repeat", "5", "--json"], capture_output=True, text=True, check=True)
+    return float(json.loads(out.stdout)["gbs"])
 
 
 def prompts(model, n: int, length: int, seed: int) -> list:
@@ -93,14 +99,20 @@ def one_round(model, c: int, prompt_len: int, tokens: int, seed: int) -> dict:
 
 
 def single_step_bytes(model, samples: int = 8) -> float:
-    """Median bytes of a one-sequence decode step (what each stream reads alone)."""
+    """Median bytes of a one-sequence decode step (what each stream reads alone). In a thread that then ends, so
+    that its OpenMP team goes with it (see bandwidth())."""
     out = []
-    for p in prompts(model, samples, 8, 99):
-        c = model.new_cache(capacity=16)
-        model.prefill(model.embed(p), c, all_logits=False)
-        st = {}
-        decode_batch(model, [int(p[0])], [c], st)
-        out.append(st.get("bytes_read", 0))
+
+    def steps():
+        for p in prompts(model, samples, 8, 99):
+            c = model.new_cache(capacity=16)
+            model.prefill(model.embed(p), c, all_logits=False)
+            st = {}
+            decode_batch(model, [int(p[0])], [c], st)
+            out.append(st.get("bytes_read", 0))
+    t = threading.Thread(target=steps)
+    t.start()
+    t.join()
     return float(np.median(out))
 
 
