@@ -241,6 +241,26 @@ class Request:
         self._done.set()
 
 
+def call_in_own_thread(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a new thread that ends when fn returns (its result returned, its exception raised).
+    For model calls made beside a running engine from a thread that lives on (a web server's worker pool): that
+    thread's OpenMP team of the C kernels ends with it, so the engine's team is again the only one (see the
+    module docstring: a second team left alive throttles libgomp's spinning for every step after)."""
+    out: dict = {}
+
+    def body():
+        try:
+            out["value"] = fn(*args, **kwargs)
+        except BaseException as e:  # noqa: BLE001 -- handed back to the caller
+            out["error"] = e
+    t = threading.Thread(target=body, name="pykimi-call", daemon=True)
+    t.start()
+    t.join()
+    if "error" in out:
+        raise out["error"]
+    return out["value"]
+
+
 # ---------------------------------------------------------------------------------------------------------
 # The batched decode step
 # ---------------------------------------------------------------------------------------------------------

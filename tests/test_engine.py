@@ -1,5 +1,6 @@
 """The serving engine (issue 20): batched decode == single decode bit for bit, greedy tokens identical alone
 and beside others, cancellation, cache budget, queue limit, image / prefix reuse, sampling options."""
+import os
 import time
 
 import numpy as np
@@ -337,3 +338,28 @@ def test_a_failing_request_does_not_stop_the_engine():
         assert eng.error is None and eng.metrics["requests_failed"] == 1
         assert eng.submit([9, 10], params=SamplingParams(max_new_tokens=3, stop_ids=())).result(TIMEOUT).ids
         assert eng.reserved == 0
+
+
+def test_call_in_own_thread_returns_raises_and_leaves_no_openmp_team():
+    """engine.call_in_own_thread: fn's value, fn's exception (the same object), and -- with the C backend -- no
+    thread left behind: the OpenMP team a kernel call makes in that thread ends with it (a team left beside the
+    engine's would throttle libgomp's spinning for every later step, the engine's docstring)."""
+    from pykimi.engine import call_in_own_thread
+    assert call_in_own_thread(lambda a, b=0: a + b, 2, b=3) == 5
+    boom = ValueError("boom")
+    with pytest.raises(ValueError) as info:
+        call_in_own_thread(lambda: (_ for _ in ()).throw(boom))
+    assert info.value is boom
+    if kernels.backend() != "c" or not os.path.isdir("/proc/self/task"):
+        pytest.skip("the team check needs the C backend and /proc")
+    from pykimi.quant import quantize_q4
+    W = quantize_q4(np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32))
+    x = np.ones((1, 256), np.float32)
+    kernels.matmul(x, W)                                   # this thread's own team exists before we count
+    before = len(os.listdir("/proc/self/task"))
+    got = call_in_own_thread(kernels.matmul, x, W)
+    np.testing.assert_array_equal(got, kernels.matmul(x, W))
+    deadline = time.monotonic() + 5.0
+    while len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
+        time.sleep(0.01)                                   # the ended thread's workers exit asynchronously
+    assert len(os.listdir("/proc/self/task")) == before, "the call's OpenMP team outlived its thread"

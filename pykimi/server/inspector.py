@@ -34,6 +34,7 @@ import weakref
 
 import numpy as np
 
+from ..engine import call_in_own_thread
 from ..errors import InputError, PykimiError
 from ..image import load_image, resized_size
 from ..trace import Trace
@@ -495,12 +496,14 @@ def register(app, ctx) -> None:
         # process-wide); an engine that can pause between steps (``engine.exclusive()``) avoids even that.
         engine = _get(ctx, "engine", None)
         pause = getattr(engine, "exclusive", None)
+        # in a thread that ends with the call: the server's worker threads live on, and the kernels' OpenMP team
+        # of one of them would stay beside the engine's and slow every later decode step (engine docstring)
         with lock, (pause() if callable(pause) else contextlib.nullcontext()):
-            return inspect_answer(model, processor, messages, answer=body.get("answer"),
-                                  answer_ids=body.get("answer_ids"), image=_field(body, "image", -1),
-                                  vision_block=body.get("vision_block"), vision_head=body.get("vision_head"),
-                                  vision_patch=body.get("vision_patch"), lm_layer=body.get("lm_layer"),
-                                  memo=memo)
+            return call_in_own_thread(
+                inspect_answer, model, processor, messages, answer=body.get("answer"),
+                answer_ids=body.get("answer_ids"), image=_field(body, "image", -1),
+                vision_block=body.get("vision_block"), vision_head=body.get("vision_head"),
+                vision_patch=body.get("vision_patch"), lm_layer=body.get("lm_layer"), memo=memo)
 
     async def inspect(request: Request):
         key = _get(ctx, "api_key", None)
