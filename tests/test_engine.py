@@ -83,6 +83,28 @@ def test_decode_batch_rows_equal_single_decode(which, mode, quant_dirs, act_mode
         assert batched_available(m), "the C backend should take the batched path"
 
 
+@pytest.mark.parametrize("which", ["demo", "tiny4"])
+def test_one_sequence_step_is_the_single_step_with_the_same_reads(which, quant_dirs):
+    """decode_batch of one sequence runs model.decode_step (the fused layer stack): its logits == the batched
+    path's for that row, bit for bit, and its stats (counted without the routing: k experts a layer) == the
+    batched path's (counted from the routing)."""
+    m = pykimi.load(_path(which, quant_dirs))
+    if not batched_available(m):
+        pytest.skip("the batched path needs the C backend")
+    rng = np.random.default_rng(5)
+    p = _ids(m, rng, 9)
+    a, b = m.new_cache(capacity=32), m.new_cache(capacity=32)
+    for c in (a, b):
+        m.prefill(m.embed(p), c, all_logits=False)
+    for step in range(3):
+        t = [int(_ids(m, rng, 1)[0])]
+        sa, sb = {}, {}
+        la = decode_batch(m, t, [a], sa)
+        lb = decode_batch(m, t, [b], sb, single_fused=False)
+        np.testing.assert_array_equal(la, lb, err_msg=f"{which} step {step}")
+        assert sa == sb, f"{which} step {step}: {sa} vs {sb}"
+
+
 @pytest.mark.parametrize("which", ["demo", "tiny", "demo4"])
 @pytest.mark.parametrize("cache_dtype", ["bf16", "f32"])
 @pytest.mark.parametrize("long", [False, True])
@@ -355,11 +377,17 @@ def test_call_in_own_thread_returns_raises_and_leaves_no_openmp_team():
     from pykimi.quant import quantize_q4
     W = quantize_q4(np.random.default_rng(0).standard_normal((512, 256)).astype(np.float32))
     x = np.ones((1, 256), np.float32)
-    kernels.matmul(x, W)                                   # this thread's own team exists before we count
-    before = len(os.listdir("/proc/self/task"))
-    got = call_in_own_thread(kernels.matmul, x, W)
+    kernels.matmul(x, W)                                   # this thread's own team exists before we look
+
+    def tids():
+        return set(os.listdir("/proc/self/task"))
+    before = tids()
+    seen = []
+    got = call_in_own_thread(lambda: (kernels.matmul(x, W), seen.append(tids()))[0])
     np.testing.assert_array_equal(got, kernels.matmul(x, W))
+    workers = kernels.backends()["c"].get("threads", 1) - 1          # the call's thread + its team's workers
+    assert len(seen[0] - before) >= 1 + min(workers, 1), "the call ran no thread of its own (with its team)"
     deadline = time.monotonic() + 5.0
-    while len(os.listdir("/proc/self/task")) > before and time.monotonic() < deadline:
+    while tids() - before and time.monotonic() < deadline:
         time.sleep(0.01)                                   # the ended thread's workers exit asynchronously
-    assert len(os.listdir("/proc/self/task")) == before, "the call's OpenMP team outlived its thread"
+    assert not tids() - before, f"threads {sorted(tids() - before)} outlived the call"
