@@ -3193,39 +3193,34 @@ PK_VA_AVX2_F32(6)
 PK_VA_AVX2_F32(1)
 PK_VA_AVX2_BF16(4)
 PK_VA_AVX2_BF16(1)
-static PK_AVX2 void values16_avx2(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R, float *o,
-                                  const float *corr, int fresh) {
-    int64_t c = 0;
-    for (; c + 6 <= R; c += 6) va_avx2_6(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
-    for (; c < R; c++) va_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
-}
-static PK_AVX2 void values16h_avx2(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R,
-                                   float *o, const float *corr, int fresh) {
-    int64_t c = 0;
-    for (; c + 4 <= R; c += 4) vah_avx2_4(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
-    for (; c < R; c++) vah_avx2_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
-}
+/* A block of 16 heads' value sums over the R columns: tiles of NC columns (VA##_##NC), then one at a time; per
+ * level and cache dtype T (f32 / bf16 bits). */
+#define PK_VALUES16(NAME, ATTR, T, VA, NC)                                                                   \
+    static ATTR void NAME(const float *p, const T *r, int64_t stride, int64_t nt, int64_t R, float *o,       \
+                          const float *corr, int fresh) {                                                    \
+        int64_t c = 0;                                                                                       \
+        for (; c + NC <= R; c += NC) VA##_##NC(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);             \
+        for (; c < R; c++) VA##_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);                         \
+    }
+PK_VALUES16(values16_avx2, PK_AVX2, float, va_avx2, 6)
+PK_VALUES16(values16h_avx2, PK_AVX2, uint16_t, vah_avx2, 4)
 
 PK_SC_AVX2_F32(6)
 PK_SC_AVX2_F32(1)
 PK_SC_AVX2_BF16(4)
 PK_SC_AVX2_BF16(1)
-static PK_AVX2 void scores16_avx2(const float *qT, const float *r, int64_t stride, int64_t W, int64_t nt, float *p,
-                                  float scale, int64_t avail, int64_t ahead) {
-    const __m256 sc = _mm256_set1_ps(scale);
-    int64_t t = 0;
-    (void)avail, (void)ahead;
-    for (; t + 6 <= nt; t += 6) sc_avx2_6(qT, r + t * stride, stride, W, p + PK_HB * t, sc);
-    for (; t < nt; t++) sc_avx2_1(qT, r + t * stride, stride, W, p + PK_HB * t, sc);
-}
-static PK_AVX2 void scores16h_avx2(const float *qT, const uint16_t *r, int64_t stride, int64_t W, int64_t nt,
-                                   float *p, float scale, int64_t avail, int64_t ahead) {
-    const __m256 sc = _mm256_set1_ps(scale);
-    int64_t t = 0;
-    (void)avail, (void)ahead;
-    for (; t + 4 <= nt; t += 4) sch_avx2_4(qT, r + t * stride, stride, W, p + PK_HB * t, sc);
-    for (; t < nt; t++) sch_avx2_1(qT, r + t * stride, stride, W, p + PK_HB * t, sc);
-}
+/* A chunk's scores: tiles of NR rows (SC##_##NR), then one at a time (no prefetch at this level). */
+#define PK_SCORES16_AVX2(NAME, T, SC, NR)                                                                    \
+    static PK_AVX2 void NAME(const float *qT, const T *r, int64_t stride, int64_t W, int64_t nt, float *p,     \
+                             float scale, int64_t avail, int64_t ahead) {                                    \
+        const __m256 sc = _mm256_set1_ps(scale);                                                             \
+        int64_t t = 0;                                                                                       \
+        (void)avail, (void)ahead;                                                                            \
+        for (; t + NR <= nt; t += NR) SC##_##NR(qT, r + t * stride, stride, W, p + PK_HB * t, sc);            \
+        for (; t < nt; t++) SC##_1(qT, r + t * stride, stride, W, p + PK_HB * t, sc);                        \
+    }
+PK_SCORES16_AVX2(scores16_avx2, float, sc_avx2, 6)
+PK_SCORES16_AVX2(scores16h_avx2, uint16_t, sch_avx2, 4)
 
 PK_AVX2_INLINE __m256 exp_avx2(__m256 x) {
     __m256 n, r, y;
@@ -3354,18 +3349,8 @@ PK_VA_AVX512_F32(16)
 PK_VA_AVX512_F32(1)
 PK_VA_AVX512_BF16(16)
 PK_VA_AVX512_BF16(1)
-static PK_AVX512 void values16_avx512(const float *p, const float *r, int64_t stride, int64_t nt, int64_t R,
-                                      float *o, const float *corr, int fresh) {
-    int64_t c = 0;
-    for (; c + 16 <= R; c += 16) va_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
-    for (; c < R; c++) va_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
-}
-static PK_AVX512 void values16h_avx512(const float *p, const uint16_t *r, int64_t stride, int64_t nt, int64_t R,
-                                       float *o, const float *corr, int fresh) {
-    int64_t c = 0;
-    for (; c + 16 <= R; c += 16) vah_avx512_16(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
-    for (; c < R; c++) vah_avx512_1(p, r + c, stride, nt, o + PK_HB * c, corr, fresh);
-}
+PK_VALUES16(values16_avx512, PK_AVX512, float, va_avx512, 16)
+PK_VALUES16(values16h_avx512, PK_AVX512, uint16_t, vah_avx512, 16)
 
 PK_SC_AVX512_F32(16)
 PK_SC_AVX512_F32(4)
