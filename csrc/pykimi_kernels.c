@@ -1230,7 +1230,8 @@ typedef struct {
     int xp_shared;    /* ... xp is a slice of run_jobs' buffer (not freed with the job) */
     int rows;         /* A_ROWS was asked: the per-row kernels only */
     int64_t mt;       /* ... tiles of 16 rows of x */
-    int64_t nbatch;   /* AVX2 int8 batch kernel (xp at level 1): rows [0, nbatch) of x run it, the rest the row kernels */
+    int64_t nbatch;   /* AVX2 int8 batch kernel (xp at level 1): rows [0, nbatch) of x run it, the rest the row
+                         kernels */
 } pk_job;
 
 static void job_free(pk_job *j) {
@@ -2458,9 +2459,9 @@ static void run_jobs(pk_job *jobs, int count) {
     int k;
 #if PK_X86
     {
-        /* All packed jobs' x (bf16a, VNNI / AVX2 int8 batch) in ONE buffer: a buffer per job (60 experts' gate and up in a prefill)
-         * came fresh from the OS every call, its page faults ~30 % of such a call (9k faults, 36 vs 26 ms for 60
-         * jobs of 64 rows); one allocation is reused by malloc from the second call on. */
+        /* All packed jobs' x (bf16a, VNNI / AVX2 int8 batch) in ONE buffer: a buffer per job (60 experts' gate
+         * and up in a prefill) came fresh from the OS every call, its page faults ~30 % of such a call (9k faults,
+         * 36 vs 26 ms for 60 jobs of 64 rows); one allocation is reused by malloc from the second call on. */
         int64_t need = 0, off = 0;
         for (k = 0; k < count; k++) {
             jobs[k].nb = (jobs[k].in + PK_BLOCK - 1) / PK_BLOCK;
@@ -3126,12 +3127,10 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
             _mm256_storeu_ps(p + PK_HB * j + 8, _mm256_mul_ps(acc[j][1], sc));                               \
         }                                                                                                    \
     }
-/* Values at AVX2: a tile of NC columns keeps 2 NC accumulators (f32: 6 columns; bf16: 4, two pairs). */
-#define PK_VA_AVX2_F32(NC)                                                                                   \
-    PK_AVX2_INLINE void va_avx2_##NC(const float *p, const float *r, int64_t stride, int64_t nt, float *o,  \
-                                     const float *corr, int fresh) {                                         \
-        __m256 acc[NC][2];                                                                                   \
-        int64_t t, j;                                                                                        \
+/* Values at AVX2: a tile of NC columns keeps 2 NC accumulators (f32: 6 columns; bf16: 4, two pairs), loaded from
+ * o (or zero for a split's first chunk) and rescaled by the online softmax's corr, stored back at the end. */
+#define PK_VA_AVX2_LOAD(NC)                                                                                  \
+    do {                                                                                                     \
         for (j = 0; j < NC; j++)                                                                             \
             acc[j][0] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j),                        \
             acc[j][1] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j + 8);                    \
@@ -3140,6 +3139,15 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
                 acc[j][0] = _mm256_mul_ps(acc[j][0], _mm256_loadu_ps(corr));                                 \
                 acc[j][1] = _mm256_mul_ps(acc[j][1], _mm256_loadu_ps(corr + 8));                             \
             }                                                                                                \
+    } while (0)
+#define PK_VA_AVX2_STORE(NC)                                                                                 \
+    for (j = 0; j < NC; j++) _mm256_storeu_ps(o + PK_HB * j, acc[j][0]), _mm256_storeu_ps(o + PK_HB * j + 8, acc[j][1])
+#define PK_VA_AVX2_F32(NC)                                                                                   \
+    PK_AVX2_INLINE void va_avx2_##NC(const float *p, const float *r, int64_t stride, int64_t nt, float *o,  \
+                                     const float *corr, int fresh) {                                         \
+        __m256 acc[NC][2];                                                                                   \
+        int64_t t, j;                                                                                        \
+        PK_VA_AVX2_LOAD(NC);                                                                                 \
         for (t = 0; t < nt; t++) {                                                                           \
             const __m256 p0 = _mm256_loadu_ps(p + PK_HB * t), p1 = _mm256_loadu_ps(p + PK_HB * t + 8);      \
             for (j = 0; j < NC; j++) {                                                                       \
@@ -3148,8 +3156,7 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
                 acc[j][1] = _mm256_fmadd_ps(p1, x, acc[j][1]);                                               \
             }                                                                                                \
         }                                                                                                    \
-        for (j = 0; j < NC; j++)                                                                             \
-            _mm256_storeu_ps(o + PK_HB * j, acc[j][0]), _mm256_storeu_ps(o + PK_HB * j + 8, acc[j][1]);      \
+        PK_VA_AVX2_STORE(NC);                                                                                \
     }
 #define PK_VA_AVX2_BF16(NC)                                                                                  \
     PK_AVX2_INLINE void vah_avx2_##NC(const float *p, const uint16_t *r, int64_t stride, int64_t nt,        \
@@ -3157,14 +3164,7 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
         const __m256i hm = _mm256_set1_epi32((int)0xFFFF0000u);                                              \
         __m256 acc[NC][2];                                                                                   \
         int64_t t, j;                                                                                        \
-        for (j = 0; j < NC; j++)                                                                             \
-            acc[j][0] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j),                        \
-            acc[j][1] = fresh ? _mm256_setzero_ps() : _mm256_loadu_ps(o + PK_HB * j + 8);                    \
-        if (corr && !fresh)                                                                                  \
-            for (j = 0; j < NC; j++) {                                                                       \
-                acc[j][0] = _mm256_mul_ps(acc[j][0], _mm256_loadu_ps(corr));                                 \
-                acc[j][1] = _mm256_mul_ps(acc[j][1], _mm256_loadu_ps(corr + 8));                             \
-            }                                                                                                \
+        PK_VA_AVX2_LOAD(NC);                                                                                 \
         for (t = 0; t < nt; t++) {                                                                           \
             const __m256 p0 = _mm256_loadu_ps(p + PK_HB * t), p1 = _mm256_loadu_ps(p + PK_HB * t + 8);      \
             for (j = 0; j + 2 <= NC; j += 2) {                                                               \
@@ -3186,8 +3186,7 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
                 acc[NC - 1][1] = _mm256_fmadd_ps(p1, x, acc[NC - 1][1]);                                     \
             }                                                                                                \
         }                                                                                                    \
-        for (j = 0; j < NC; j++)                                                                             \
-            _mm256_storeu_ps(o + PK_HB * j, acc[j][0]), _mm256_storeu_ps(o + PK_HB * j + 8, acc[j][1]);      \
+        PK_VA_AVX2_STORE(NC);                                                                                \
     }
 PK_VA_AVX2_F32(6)
 PK_VA_AVX2_F32(1)
