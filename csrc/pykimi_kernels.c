@@ -3068,6 +3068,14 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
 #define PK_LDV8_F32(x) _mm256_loadu_ps(x)
 #define PK_LDV8_BF16(x) \
     _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)(x))), 16))
+/* acc2 (two ymm: the 16 heads) += (qa, qb) * x */
+#define PK_FMA2(acc2, qa, qb, x)                                                                             \
+    ((acc2)[0] = _mm256_fmadd_ps((qa), (x), (acc2)[0]), (acc2)[1] = _mm256_fmadd_ps((qb), (x), (acc2)[1]))
+/* a score tile's NR rows, scaled, into p */
+#define PK_SC_AVX2_STORE(NR)                                                                                 \
+    for (j = 0; j < NR; j++)                                                                                 \
+    _mm256_storeu_ps(p + PK_HB * j, _mm256_mul_ps(acc[j][0], sc)),                                           \
+        _mm256_storeu_ps(p + PK_HB * j + 8, _mm256_mul_ps(acc[j][1], sc))
 /* Scores at AVX2: the 16 heads are two ymm, so a tile of NR rows keeps 2 NR accumulators (f32: 6 rows, 12
  * ymm + 2 query vectors + the broadcast; bf16: 4 rows, the pair trick of the AVX-512 tile below needing 4
  * query vectors). */
@@ -3081,14 +3089,10 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
             const __m256 q0 = _mm256_loadu_ps(qT + PK_HB * k), q1 = _mm256_loadu_ps(qT + PK_HB * k + 8);    \
             for (j = 0; j < NR; j++) {                                                                       \
                 const __m256 x = _mm256_broadcast_ss(r + j * stride + k);                                    \
-                acc[j][0] = _mm256_fmadd_ps(q0, x, acc[j][0]);                                               \
-                acc[j][1] = _mm256_fmadd_ps(q1, x, acc[j][1]);                                               \
+                PK_FMA2(acc[j], q0, q1, x);                                                                  \
             }                                                                                                \
         }                                                                                                    \
-        for (j = 0; j < NR; j++) {                                                                           \
-            _mm256_storeu_ps(p + PK_HB * j, _mm256_mul_ps(acc[j][0], sc));                                   \
-            _mm256_storeu_ps(p + PK_HB * j + 8, _mm256_mul_ps(acc[j][1], sc));                               \
-        }                                                                                                    \
+        PK_SC_AVX2_STORE(NR);                                                                                \
     }
 #define PK_SC_AVX2_BF16(NR)                                                                                  \
     PK_AVX2_INLINE void sch_avx2_##NR(const float *qT, const uint16_t *r, int64_t stride, int64_t W,        \
@@ -3107,25 +3111,19 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
                 memcpy(&d, r + j * stride + k, sizeof d);                                                    \
                 v = _mm256_set1_epi32((int)d);                                                               \
                 x = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); /* element k */                          \
-                acc[j][0] = _mm256_fmadd_ps(q0, x, acc[j][0]);                                               \
-                acc[j][1] = _mm256_fmadd_ps(q1, x, acc[j][1]);                                               \
+                PK_FMA2(acc[j], q0, q1, x);                                                                  \
                 x = _mm256_castsi256_ps(_mm256_and_si256(v, hm)); /* element k + 1 */                       \
-                acc[j][0] = _mm256_fmadd_ps(q2, x, acc[j][0]);                                               \
-                acc[j][1] = _mm256_fmadd_ps(q3, x, acc[j][1]);                                               \
+                PK_FMA2(acc[j], q2, q3, x);                                                                  \
             }                                                                                                \
         }                                                                                                    \
         if (k < W) {                                                                                         \
             const __m256 q0 = _mm256_loadu_ps(qT + PK_HB * k), q1 = _mm256_loadu_ps(qT + PK_HB * k + 8);    \
             for (j = 0; j < NR; j++) {                                                                       \
                 const __m256 x = _mm256_set1_ps(bf16_to_f32(r[j * stride + k]));                            \
-                acc[j][0] = _mm256_fmadd_ps(q0, x, acc[j][0]);                                               \
-                acc[j][1] = _mm256_fmadd_ps(q1, x, acc[j][1]);                                               \
+                PK_FMA2(acc[j], q0, q1, x);                                                                  \
             }                                                                                                \
         }                                                                                                    \
-        for (j = 0; j < NR; j++) {                                                                           \
-            _mm256_storeu_ps(p + PK_HB * j, _mm256_mul_ps(acc[j][0], sc));                                   \
-            _mm256_storeu_ps(p + PK_HB * j + 8, _mm256_mul_ps(acc[j][1], sc));                               \
-        }                                                                                                    \
+        PK_SC_AVX2_STORE(NR);                                                                                \
     }
 /* Values at AVX2: a tile of NC columns keeps 2 NC accumulators (f32: 6 columns; bf16: 4, two pairs), loaded from
  * o (or zero for a split's first chunk) and rescaled by the online softmax's corr, stored back at the end. */
@@ -3152,8 +3150,7 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
             const __m256 p0 = _mm256_loadu_ps(p + PK_HB * t), p1 = _mm256_loadu_ps(p + PK_HB * t + 8);      \
             for (j = 0; j < NC; j++) {                                                                       \
                 const __m256 x = _mm256_broadcast_ss(r + t * stride + j);                                    \
-                acc[j][0] = _mm256_fmadd_ps(p0, x, acc[j][0]);                                               \
-                acc[j][1] = _mm256_fmadd_ps(p1, x, acc[j][1]);                                               \
+                PK_FMA2(acc[j], p0, p1, x);                                                                  \
             }                                                                                                \
         }                                                                                                    \
         PK_VA_AVX2_STORE(NC);                                                                                \
@@ -3174,16 +3171,13 @@ static void softmax16_scalar(float *p, int64_t nt, float *m, float *l, float *co
                 memcpy(&d, r + t * stride + j, sizeof d);                                                    \
                 v = _mm256_set1_epi32((int)d);                                                               \
                 x = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16)); /* column j */                           \
-                acc[j][0] = _mm256_fmadd_ps(p0, x, acc[j][0]);                                               \
-                acc[j][1] = _mm256_fmadd_ps(p1, x, acc[j][1]);                                               \
+                PK_FMA2(acc[j], p0, p1, x);                                                                  \
                 x = _mm256_castsi256_ps(_mm256_and_si256(v, hm)); /* column j + 1 */                        \
-                acc[j + 1][0] = _mm256_fmadd_ps(p0, x, acc[j + 1][0]);                                       \
-                acc[j + 1][1] = _mm256_fmadd_ps(p1, x, acc[j + 1][1]);                                       \
+                PK_FMA2(acc[j + 1], p0, p1, x);                                                              \
             }                                                                                                \
             if (NC % 2) {                                                                                    \
                 const __m256 x = _mm256_set1_ps(bf16_to_f32(r[t * stride + NC - 1]));                        \
-                acc[NC - 1][0] = _mm256_fmadd_ps(p0, x, acc[NC - 1][0]);                                     \
-                acc[NC - 1][1] = _mm256_fmadd_ps(p1, x, acc[NC - 1][1]);                                     \
+                PK_FMA2(acc[NC - 1], p0, p1, x);                                                             \
             }                                                                                                \
         }                                                                                                    \
         PK_VA_AVX2_STORE(NC);                                                                                \
