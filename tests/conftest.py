@@ -24,6 +24,17 @@ def act_mode():
     K.set_act_quant(prev)
 
 
+def on_and_off(switch, fn) -> tuple:
+    """(fn() with a kernel switch on, fn() with it off), e.g. switch = c.set_vnni_batch; the switch is left on."""
+    switch(True)
+    on = fn()
+    switch(False)
+    try:
+        return on, fn()
+    finally:
+        switch(True)
+
+
 def bound_err(y, r, x, w) -> float:
     """max |y - r| relative to the largest possible |sum| (max row sum of |x| times max |w|), as test_kernels."""
     return float(np.max(np.abs(y - r)) / max(np.abs(x).sum(1).max() * np.abs(w).max(), 1e-30))

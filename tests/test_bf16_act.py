@@ -15,7 +15,7 @@ from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
-from conftest import bound_err
+from conftest import bound_err, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -243,11 +243,7 @@ def test_default_modes_unchanged(act_mode):
             act_mode(mode)
             for n in (1, 12, 40, 112, 200):
                 x = rng.standard_normal((n, 300)).astype(np.float32)
-                c.set_avx512bf16(True)
-                on = K.matmul(x, W)
-                c.set_avx512bf16(False)
-                off = K.matmul(x, W)
-                c.set_avx512bf16(True)
+                on, off = on_and_off(c.set_avx512bf16, lambda: K.matmul(x, W))
                 np.testing.assert_array_equal(on, off, err_msg=f"{mode} n={n}")
                 assert bound_err(on, ref.matmul(x, W), x, w) < 2e-6
     finally:

@@ -17,7 +17,7 @@ from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q4, quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
-from conftest import bound_err
+from conftest import bound_err, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -76,12 +76,9 @@ def test_kernel_matches_twins(vnni):
             wf = W.f32()
             for n in NS:
                 x = (rng.standard_normal((n, in_f)) * 3).astype(np.float32)
-                y = kern(x, W)
+                y, rows = on_and_off(vnni.set_vnni_batch, lambda: kern(x, W))
                 err = bound_err(y, twin(x, W), x, wf)
                 assert err < TOL, f"{kind} [{out_f}, {in_f}] n={n}: {err:.2e} vs the twin"
-                vnni.set_vnni_batch(False)
-                rows = kern(x, W)
-                vnni.set_vnni_batch(True)
                 if n < vnni.vnni_min(kind):
                     np.testing.assert_array_equal(y, rows, err_msg=f"{kind} [{out_f}, {in_f}] n={n} below the min")
                 else:
@@ -312,11 +309,7 @@ def test_default_modes_other_formats_unchanged(act_mode):
                     continue
                 for n in (1, 8, 12, 40, 112, 200):
                     x = rng.standard_normal((n, 300)).astype(np.float32)
-                    c.set_vnni_batch(True)
-                    on = K.matmul(x, W)
-                    c.set_vnni_batch(False)
-                    off = K.matmul(x, W)
-                    c.set_vnni_batch(True)
+                    on, off = on_and_off(c.set_vnni_batch, lambda: K.matmul(x, W))
                     np.testing.assert_array_equal(on, off, err_msg=f"{mode} {name} n={n}")
     finally:
         c.set_vnni_batch(True)
