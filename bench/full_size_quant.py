@@ -98,6 +98,9 @@ def main(argv=None) -> int:
                          "it; off by default only because its AMX buffer crashed on this model on the AMX machine")
     ap.add_argument("--rounds", type=int, default=1,
                     help="runs per engine, alternating, each after its own bandwidth sample (medians reported)")
+    ap.add_argument("--mlock", action="store_true",
+                    help="both engines pin their mapped weights in RAM (pykimi --mlock, llama.cpp use_mlock): no "
+                         "page-cache reclaim during the runs (RESULTS.md 'Page cache and --mlock')")
     ap.add_argument("--prepare-only", action="store_true", help="only make the checkpoints and GGUFs, time nothing")
     ap.add_argument("--out", default=os.path.join(OUT, "results-L27-quant.json"))
     args = ap.parse_args(argv)
@@ -128,12 +131,13 @@ def main(argv=None) -> int:
                 if who == "pykimi":
                     r = run.run_worker({"kind": "decode", "label": f"L27-decode-{mode}", "ckpt": ckpt, "threads": T,
                                         "prompt": 16, "tokens": args.tokens, "warmup": args.warmup,
-                                        "prefault": True})
+                                        "prefault": True, "mlock": args.mlock})
                     tok = r.get("tok_s")
                 else:
                     r = run.run_worker({"kind": "llamacpp", "label": f"L27-llamacpp-{mode}", "gguf": gg, "threads": T,
                                         "prompt": 16, "tokens": args.tokens, "warmup": args.warmup, "prefill": [],
-                                        "path": "", "extra_bufts": args.llamacpp_extra_bufts})
+                                        "path": "", "extra_bufts": args.llamacpp_extra_bufts,
+                                        "mlock": args.mlock})
                     tok = r.get("decode_tok_s")
                 one = {"warm_s": warm_s, "run": r, "bandwidth": bw, "tok_s": tok}
                 if tok and bw.get("gbs"):

@@ -264,9 +264,9 @@ def _timed_generate(model, prompt, n_new: int):
 def worker_decode(spec: dict) -> dict:
     import pykimi
 
-    model = pykimi.load(spec["ckpt"], threads=spec["threads"])
+    model = pykimi.load(spec["ckpt"], threads=spec["threads"], mlock=spec.get("mlock", False))
     from pykimi import kernels
-    out = {"backend": kernels.backend(),
+    out = {"backend": kernels.backend(), "mlock": model.memory_lock is not None,
            "prefault_s": prefault(model.ckpt) if spec.get("prefault", True) else None}
     prompt = _synthetic_prompt(spec["prompt"], model.text.vocab_size)
     _timed_generate(model, prompt, spec["warmup"])                             # warm-up (JIT, caches)

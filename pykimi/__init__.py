@@ -19,7 +19,7 @@ import os
 os.environ.setdefault("OPENBLAS_THREAD_TIMEOUT", "20")
 
 from .config import KimiVLConfig, load_config
-from .errors import CheckpointError, ConfigError, InputError, PykimiError, TokenizerError
+from .errors import CheckpointError, ConfigError, InputError, PykimiError, ResourceError, TokenizerError
 from . import trace
 from .trace import Trace
 from .weights import Checkpoint
@@ -27,7 +27,8 @@ from .weights import Checkpoint
 __version__ = "0.1.0"
 
 __all__ = ["load", "Processor", "trace", "Trace", "demo_checkpoint", "Checkpoint", "load_config",
-           "KimiVLConfig", "PykimiError", "CheckpointError", "ConfigError", "InputError", "TokenizerError"]
+           "KimiVLConfig", "PykimiError", "CheckpointError", "ConfigError", "InputError", "ResourceError",
+           "TokenizerError"]
 
 
 def load(path: str, **options):

@@ -488,6 +488,8 @@ def run_batch(src: str, out_path: str, model_dir: str, settings: Settings, promp
             from .processor import Processor
 
             model = load(model_dir, **(load_options or {}))
+            if model.memory_lock is not None and log:
+                log(model.memory_lock.describe())
             proc = Processor.from_pretrained(model_dir)
             rows = make_runner(model, proc, settings, parallel).run(todo, stop)
         try:

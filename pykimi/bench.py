@@ -38,8 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test (default 5)")
     p.add_argument("-t", "--threads", type=int, help="kernel threads (default: all cores)")
     p.add_argument("--backend", choices=["numpy", "numba", "c"], help="kernel backend (default: fastest available)")
-    from .cli import _add_cache_dtype_arg
+    from .cli import _add_cache_dtype_arg, _add_mlock_arg
     _add_cache_dtype_arg(p)
+    _add_mlock_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     p.set_defaults(fn=cmd_bench)
 
@@ -152,7 +153,8 @@ def describe(model, path: str) -> dict:
     return {"model": name + (f" {quant}" if quant else ""), "model_path": os.path.abspath(path),
             "size_bytes": int(model.ckpt.total_bytes()), "n_params": int(cfg.param_counts()["total"]),
             "backend": backend + (f"-{simd}" if simd else ""), "threads": int(threads),
-            "cache_dtype": getattr(model, "cache_dtype", "f32")}
+            "cache_dtype": getattr(model, "cache_dtype", "f32"),
+            "use_mlock": getattr(model, "memory_lock", None) is not None}      # llama.cpp's model parameter
 
 
 def run(model, path: str, n_prompt: list[int], n_gen: list[int], image_px: list[int], repetitions: int,
@@ -231,7 +233,10 @@ def cmd_bench(args) -> int:
     if not (n_prompt or n_gen or image_px):
         raise InputError("nothing to measure: give -p, -n or --image-px a number above 0")
     from .cli import _cache_dtype
-    model = load(path, backend=args.backend, threads=args.threads, cache_dtype=_cache_dtype(args) or "f32")
+    model = load(path, backend=args.backend, threads=args.threads, cache_dtype=_cache_dtype(args) or "f32",
+                 mlock=args.mlock)
+    if model.memory_lock is not None:
+        print(f"pykimi bench: {model.memory_lock.describe()}", file=sys.stderr, flush=True)
     if args.json:
         run(model, path, n_prompt, n_gen, image_px, args.repetitions,
             on_row=lambda r: (print(json.dumps(r)), sys.stdout.flush()))

@@ -99,7 +99,11 @@ def _load(args):
         opts["threads"] = args.threads
     if getattr(args, "max_context", None) is not None:
         opts["max_context"] = args.max_context
+    if getattr(args, "mlock", False):
+        opts["mlock"] = True
     model = load(path, **opts)
+    if model.memory_lock is not None:
+        print(f"pykimi: {model.memory_lock.describe()}", file=sys.stderr, flush=True)
     proc = Processor.from_pretrained(path)
     _apply_generation_defaults(args, path)
     return model, proc, path, time.perf_counter() - t0
@@ -700,7 +704,7 @@ def cmd_batch(args) -> int:
                         stop_ids=() if args.ignore_eos else None,
                         extra_stop_ids=tuple(int(i) for i in gen.get("stop_ids") or ()))
     _cache_dtype(args)
-    opts = {k: getattr(args, k) for k in ("backend", "threads", "max_context", "cache_dtype")
+    opts = {k: getattr(args, k) for k in ("backend", "threads", "max_context", "cache_dtype", "mlock")
             if getattr(args, k, None)}
     stop = threading.Event()
 
@@ -790,6 +794,13 @@ def _add_model_args(p):
                    help="refuse prompts + answers longer than this many tokens (default: the model's "
                         "max_position_embeddings)")
     _add_cache_dtype_arg(p)
+    _add_mlock_arg(p)
+
+
+def _add_mlock_arg(p):
+    p.add_argument("--mlock", action="store_true",
+                   help="keep the weights in RAM (mlock the mapped files): no stalls when the page cache is "
+                        "reclaimed; refused with a clear error when RAM or RLIMIT_MEMLOCK is too small")
 
 
 def _add_cache_dtype_arg(p):

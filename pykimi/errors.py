@@ -25,3 +25,8 @@ class TokenizerError(PykimiError):
 class NumericsError(PykimiError):
     """The model produced non-finite values (NaN / inf): the message names the first stage where they appear,
     so damaged weights or a bad setting are found instead of being turned into tokens."""
+
+
+class ResourceError(PykimiError):
+    """The machine cannot give what an option asks for (locked memory, RAM): the message says what is short and
+    what would do."""

@@ -285,6 +285,7 @@ class KimiVL:
         # stored form (kernels.heads_vecmat / heads_matvec)
         self.cache_absorbed = (kernels.backend() != "c") if cache_absorbed is None else bool(cache_absorbed)
         self.vision_cache_weights = vision_cache_weights
+        self.memory_lock = None                           # a memlock.MemoryLock after load(..., mlock=True)
         self._layers: dict[int, LayerWeights] = {}   # layer_weights() cache
         self._other: dict[str, object] = {}          # embedding, final norm, lm_head (see _kept)
         self._vision = None
@@ -479,7 +480,7 @@ class KimiVL:
 
 def load(path, backend: str | None = None, threads: int | None = None, max_context: int | None = None,
          prefill_chunk: int = 512, cache_absorbed: bool | None = None, vision_cache_weights: bool = False,
-         cache_dtype: str = "f32") -> KimiVL:
+         cache_dtype: str = "f32", mlock: bool = False) -> KimiVL:
     """``pykimi.load``: open a checkpoint directory (HF layout) -> :class:`KimiVL`.
 
     Weights stay memory-mapped. backend: 'numpy' | 'numba' | 'c' (default: $PYKIMI_BACKEND or the fastest
@@ -487,7 +488,9 @@ def load(path, backend: str | None = None, threads: int | None = None, max_conte
     prefill_chunk: prompt tokens per chunk; cache_absorbed: keep each layer's kv_b_proj widened to f32 for the
     absorbed decode (27 × 8 MB for the real model); default: only when the backend is not 'c', whose
     kernels read the stored kv_b_proj directly; cache_dtype: 'f32' (default) or 'bf16', the latent KV cache's
-    storage (bf16 halves it; see pykimi.cache and README "--cache-dtype" for the error bound).
+    storage (bf16 halves it; see pykimi.cache and README "--cache-dtype" for the error bound); mlock: keep the
+    mapped weights in RAM (pykimi.memlock; ``model.memory_lock`` says what was locked, else None) -- a
+    ResourceError when the machine cannot.
     """
     cache_dtype = cache_dtype_name(cache_dtype)         # a bad name fails here, before anything is opened
     if backend is not None:
@@ -509,5 +512,8 @@ def load(path, backend: str | None = None, threads: int | None = None, max_conte
     if max_context is not None and max_context > cfg.text.max_position_embeddings:
         raise InputError(f"max_context={max_context} exceeds max_position_embeddings="
                          f"{cfg.text.max_position_embeddings} of {path}")
-    return KimiVL(ckpt, cfg, max_context=max_context, prefill_chunk=prefill_chunk,
-                  cache_absorbed=cache_absorbed, vision_cache_weights=vision_cache_weights, cache_dtype=cache_dtype)
+    model = KimiVL(ckpt, cfg, max_context=max_context, prefill_chunk=prefill_chunk,
+                   cache_absorbed=cache_absorbed, vision_cache_weights=vision_cache_weights, cache_dtype=cache_dtype)
+    if mlock:
+        model.memory_lock = ckpt.lock_in_memory()      # after every check: a refused lock leaves nothing locked
+    return model

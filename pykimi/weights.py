@@ -561,6 +561,16 @@ class Checkpoint:
                                   f"expected one of {sorted(dtypes)}")
         return info
 
+    def lock_in_memory(self):
+        """mlock every file's mapping (pykimi.memlock: why, and the up-front checks) -> memlock.MemoryLock.
+        Raises ResourceError (one line) when RAM or RLIMIT_MEMLOCK cannot hold them; nothing is locked then."""
+        from .memlock import lock_mappings
+        return lock_mappings([f._map() for f in self._files.values()])
+
+    def unlock_memory(self) -> None:
+        from .memlock import unlock_mappings
+        unlock_mappings([f._mm for f in self._files.values() if f._mm is not None])
+
     def close(self):
         for f in self._files.values():
             f.close()

@@ -25,10 +25,11 @@ def unavailable() -> str | None:
     return None
 
 
-def _load(path: str, threads: int, n_ctx: int, n_batch: int, extra_bufts: bool = False):
+def _load(path: str, threads: int, n_ctx: int, n_batch: int, extra_bufts: bool = False, mlock: bool = False):
     """A Llama context. ``extra_bufts=False`` keeps every weight in the plain CPU buffer: on this machine
     llama.cpp's AMX buffer type (chosen automatically for Q8_0/Q4_0 weights on AMX CPUs) aborts in the
-    scheduler or segfaults on this model; the flag also turns off llama.cpp's REPACK layouts."""
+    scheduler or segfaults on this model; the flag also turns off llama.cpp's REPACK layouts. ``mlock``: its
+    --mlock (the mapped weights pinned in RAM; its REPACK copies are anonymous memory, resident anyway)."""
     import llama_cpp
     from llama_cpp import Llama
 
@@ -43,7 +44,8 @@ def _load(path: str, threads: int, n_ctx: int, n_batch: int, extra_bufts: bool =
     lib.llama_model_default_params = params          # Llama() reads its model params from this function
     try:
         return Llama(model_path=path, n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_batch, n_threads=threads,
-                     n_threads_batch=threads, logits_all=False, use_mmap=True, verbose=False, seed=0)
+                     n_threads_batch=threads, logits_all=False, use_mmap=True, use_mlock=mlock, verbose=False,
+                     seed=0)
     finally:
         lib.llama_model_default_params = default
 
@@ -85,8 +87,10 @@ def run(spec: dict) -> dict:
     n_max = max(spec["prefill"] + [spec["prompt"] + spec["tokens"] + spec["warmup"] + 8])
     t0 = time.perf_counter()
     extra = bool(spec.get("extra_bufts", False))
-    llm = _load(spec["gguf"], T, n_ctx=max(1024, n_max + 16), n_batch=max(spec["prefill"] + [64]), extra_bufts=extra)
+    llm = _load(spec["gguf"], T, n_ctx=max(1024, n_max + 16), n_batch=max(spec["prefill"] + [64]), extra_bufts=extra,
+                mlock=bool(spec.get("mlock", False)))
     out = {"version": llama_cpp.__version__, "load_s": time.perf_counter() - t0, "threads": T, "extra_bufts": extra,
+           "mlock": bool(spec.get("mlock", False)),
            "library": os.path.dirname(llama_cpp.__file__)}
     vocab = llm.n_vocab()
     prompt = _synthetic_prompt(spec["prompt"], vocab)
