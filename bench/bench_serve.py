@@ -117,7 +117,7 @@ def single_step_bytes(model, samples: int = 8) -> float:
 
 
 def bench_checkpoint(path: str, streams: list, args) -> dict:
-    model = pykimi.load(path)
+    model = pykimi.load(path, mlock=args.mlock)
     alone = single_step_bytes(model)
     runs = {c: [] for c in streams}
     for r in range(args.rounds):
@@ -184,6 +184,8 @@ def main(argv=None) -> int:
     ap.add_argument("--llama-server", help="llama.cpp's llama-server binary: also run it on --gguf (the peer)")
     ap.add_argument("--gguf", help="the GGUF of the last --ckpt's weights, for --llama-server")
     ap.add_argument("--threads", type=int, default=2, help="llama-server's threads (pykimi uses its default)")
+    ap.add_argument("--mlock", action="store_true",
+                    help="both servers pin their mapped weights in RAM (pykimi --mlock, llama-server --mlock)")
     ap.add_argument("--out", default=os.path.join(BENCH, "out", "serve.json"))
     args = ap.parse_args(argv)
     if bool(args.llama_server) != bool(args.gguf):
@@ -197,7 +199,7 @@ def main(argv=None) -> int:
     samples = [bandwidth()]
     load0 = os.getloadavg()[0]
     res = {"loadavg_1min_start": load0, "tokens": args.tokens, "prompt": args.prompt, "rounds": args.rounds,
-           "checkpoints": []}
+           "mlock": args.mlock, "checkpoints": []}
     for p in paths:
         print(f"[{p}]", flush=True)
         res["checkpoints"].append(bench_checkpoint(p, streams, args))
@@ -210,7 +212,7 @@ def main(argv=None) -> int:
         print(f"[llama-server {args.gguf}]", flush=True)
         res["llama_server"] = llamaserver_peer.bench(
             args.llama_server, args.gguf, streams, lambda c, seed: prompts(model, c, args.prompt, seed),
-            args.prompt, args.tokens, args.rounds, threads=args.threads)
+            args.prompt, args.tokens, args.rounds, threads=args.threads, extra=["--mlock"] if args.mlock else None)
         del model
         samples.append(bandwidth())
     gbs = max(samples)

@@ -141,16 +141,16 @@ def one_round(url: str, prompts: list, tokens: int, timeout: float = 3600.0) -> 
 
 
 def bench(binary: str, gguf: str, streams: list, prompts_for, prompt_len: int, tokens: int, rounds: int,
-          threads: int = 2) -> dict:
+          threads: int = 2, extra: list | None = None) -> dict:
     """llama-server at each stream count (a fresh server with -np c per count), ``rounds`` rounds alternating
     the order as bench_serve.py does; ``prompts_for(c, seed)`` gives the c token-id prompts (the same ones
-    pykimi gets). Returns {"rows": [...], "binary", "gguf"}."""
+    pykimi gets); ``extra``: more llama-server flags (e.g. --mlock). Returns {"rows": [...], "binary", "gguf"}."""
     runs = {c: [] for c in streams}
     load_s = {}
     ctx = prompt_len + tokens + 64
     for r in range(rounds):
         for c in (streams if r % 2 == 0 else streams[::-1]):
-            with Server(binary, gguf, parallel=c, ctx_per_slot=ctx, threads=threads) as srv:
+            with Server(binary, gguf, parallel=c, ctx_per_slot=ctx, threads=threads, extra=extra) as srv:
                 load_s[c] = srv.load_s
                 one_round(srv.url, prompts_for(c, 7), 4)                      # warm the slots once
                 res = one_round(srv.url, prompts_for(c, 1000 * r + c), tokens)
