@@ -13,7 +13,9 @@ for ``reference`` (the NumPy twin of exactly what matmul computes, which the tes
 For int8 / int4 weights the C GEMV quantizes the activation row once per call and uses integer block dot
 products (set_act_quant); at the AVX-512 level int8-activation batches from C_VNNI_MIN rows run the VNNI batch
 kernel instead of the row kernels (and, for Q8_32 in mode "all", instead of the exact f32 batch kernel / tiles), at
-the AVX2 level from C_VNNI_MIN_AVX2 rows its vpmaddubsw twin (instead of the row kernels and the widened tiles);
+the AVX2 level from C_VNNI_MIN_AVX2 rows its vpmaddubsw twin (instead of the row kernels and the widened tiles); in the
+default mode Q8_32 x int16 batches from C_VNNI16_MIN rows run the int16 batch kernel (vpdpwssd) at the AVX-512 level
+(instead of the int16 row kernel, the exact f32 batch kernel and the tiles);
 with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
 matmul_many runs several products in one C call (the selected experts);
 heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
@@ -86,6 +88,19 @@ C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 # 85, 11: 143 / 80, 12: 157 / 78, 17: 188 / 81; Q8 9: 125 / 102, 10: 129 / 108, 11: 130 / 110, 12: 125 / 107, 15: 140 /
 # 109. Two threads, when the other core was free: Q4 8 rows 337 / 154, Q8 64-512 rows 303-313 / 231 (tiles 163-223).
 C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
+# int16 activations for Q8_32 weights (the default mode "q4": Q8 x int16) at the AVX-512 level: from this many rows of
+# x the int16 batch kernel (csrc vnni16_rows, vpdpwssd; PK_VNNI16_MIN_Q8), however many rows -- no exact f32 batch
+# kernel (C_BATCH_ROWS_Q8), no widened tiles past it any more; below it the int16 row kernel (tile_q8w_avx512), as for
+# decode. Same twin (ref.matmul_act16_q8: the same int16 codes, exact integer block dots; only the f32 summation order
+# differs). Its own switch: c.set_vnni16_batch / PYKIMI_VNNI16_BATCH=0 (off: the old plan). Not with AMX, whose exact
+# tile product keeps Q8 batches from C_AMX_MIN_Q8 rows (not measured against this kernel). Rows past the last vector
+# of 16 run the row kernel when fewer than 6 (csrc vnni16_split, PK_VNNI16_REM; e.g. 17 = 16 + 1). Measured on AMD
+# EPYC Zen 5, 2 threads, GOP/s, best of 3 alternating rounds (host shared, +-10 %), [1408, 2048]: the kernel forced
+# onto few rows (-DPK_VNNI16_MIN_Q8=1) / the row kernel: 1: 27 / 162, 4: 107 / 256, 6: 161 / 255, 8: 202-215 / 229-240,
+# 9: 227 / 249, 10: 267 / 256, 11: 274 / 261, 12: 321 / 235, 16: 406-435 / 244; the remainder split (rows 16k + m):
+# 17: 367 without / 266 with two vectors, 19: 350 / 295, 21: 326-332 / 326, 23: 329 / 354, 33: 438 / 358, 39: 410 /
+# 427, 49: 465 / 367; in bench/bench_q8_batch.py (old plan / new plan) see bench/RESULTS-vnni16 in the commit log.
+C_VNNI16_MIN = {"q8_32": 10}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
@@ -185,12 +200,22 @@ def _vnni(kind: str) -> bool:
     return bool(c.get_vnni_batch())
 
 
+def _vnni16(kind: str) -> bool:
+    """int16-activation batches of this format run the int16 batch kernel (from C_VNNI16_MIN rows): Q8_32 in mode "i16"
+    (the default "q4") at the AVX-512 level, not with AMX (its exact tile product keeps its rows), the kernel on
+    (c.set_vnni16_batch, PYKIMI_VNNI16_BATCH)."""
+    c = _mods.get("c")
+    if c is None or kind not in C_VNNI16_MIN or _act_mode(kind) != "i16" or c.get_simd() != "avx512" or _c_amx():
+        return False
+    return bool(c.get_vnni16_batch())
+
+
 def _small_n(kind: str) -> int:
     """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
     if kind == "bf16" and _bf16_act():
         return 1 << 62                      # every bf16 batch on the AVX512_BF16 kernel, however many rows
-    if _vnni(kind):
-        return 1 << 62                      # every int8-activation batch on the batch kernel (or the row kernel)
+    if _vnni(kind) or _vnni16(kind):
+        return 1 << 62                      # every int8 / int16-activation batch on a batch kernel (or the row kernel)
     mode = _act_mode(kind)
     n = SMALL_N_ACT.get((kind, mode))
     if n is None or (kind == "bf16" and not _c_avx512()):
@@ -208,7 +233,9 @@ def _c_mode(kind: str, n: int) -> str:
     """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
     C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
     product (batch-vectorised kernel, AMX tiles) -- unless their int8 activations go to the int8 batch kernel
-    (_vnni: mode "all" at the AVX-512 level without AMX, or at the AVX2 level: "i8" at every n); bf16 weights:
+    (_vnni: mode "all" at the AVX-512 level without AMX, or at the AVX2 level: "i8" at every n) or their int16 ones
+    to the int16 batch kernel (_vnni16: the default mode at the AVX-512 level without AMX: "i16" at every n); bf16
+    weights:
     "bf16" from C_BF16A_MIN rows when _bf16_act(), else (and below that) "f32"."""
     if kind == "bf16":
         return "bf16" if n >= C_BF16A_MIN and _bf16_act() else "f32"
@@ -216,6 +243,8 @@ def _c_mode(kind: str, n: int) -> str:
         return "f32"
     if _vnni(kind):
         return "i8"                         # below C_VNNI_MIN(_AVX2) the row kernel, from it the batch kernel
+    if _vnni16(kind):
+        return "i16"                        # below C_VNNI16_MIN the int16 row kernel, from it the int16 batch kernel
     if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
                                             or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
         return "f32"
