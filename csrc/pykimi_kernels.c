@@ -29,6 +29,10 @@
  *    2 cores against ~0.35-0.45 for the row kernels). At the AVX2 level the same scheme on vpmaddubsw + vpmaddwd
  *    (avx2b_rows: 8 rows per vector, ~2.5x the row kernels on Q4, ~1.4x on Q8). The serve engine's row-wise calls
  *    stay on the row kernels.
+ *  - Q8 weights with int16 activations (the default mode's Q8), batches of PK_VNNI16_MIN_Q8 or more rows at the
+ *    AVX-512 level: the same scheme on vpdpwssd, 16 rows x 2 int16 k-elements per vector, the weights widened to
+ *    int16 pairs in L1 (vnni16_rows: ~500 GOP/s on 2 cores against ~250 for the int16 row kernel and 200-400 for
+ *    the exact f32 batch kernel / widened tiles it replaces).
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
  *    and non-x86 builds compile only the portable loops). The level is chosen at run time with
@@ -2139,6 +2143,11 @@ static int vnni16_prepare(pk_job *j, int simd) {
             memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \
         }                                                                                                 \
     }
+/* R x NV: 10 x 1, 6 x 2, 4 x 3 (as the VNNI kernel; 49..64 rows as 32 + the rest). Measured GOP/s on [1408, 2048] and
+ * [2048, 1408], 2 threads, AMD EPYC Zen 5, best of 4 calls x 2 runs, +-5-10 % between runs, at 12 / 16 / 32 / 48 /
+ * 64 / 512 rows: 10/6/4: 317-361 / 417-477 / 471-546 / 507-589 / 461-556 / 494-559; 12/7/5: 302-343 / 403-455 /
+ * 489-536 / 513-583 / 451-540 / 513-545; 8/5/3: 310-316 / 409-419 / 506-540 / 345-347 (3 x 3) / 487-551 / 518-551.
+ * (-D for measurements only.) */
 #ifndef PK_VW_R1
 #define PK_VW_R1 10
 #define PK_VW_R2 6

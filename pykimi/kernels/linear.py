@@ -47,6 +47,8 @@ SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 # keeps every int8-activation batch in C, C_VNNI_MIN_AVX2.)
 SMALL_N_ACT_AVX2: dict = {("q4_32", "i8"): 64}
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
+# (SMALL_N_ACT's Q8 x int16 entry and C_BATCH_ROWS_Q8 apply to the default mode only with the int16 batch kernel off,
+# PYKIMI_VNNI16_BATCH=0, or below the AVX-512 level: see C_VNNI16_MIN)
 C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
 C_AMX_MIN_Q8 = 32
 # bf16 activations (mode "all", AVX512_BF16): every bf16 batch from this many rows of x goes to the C kernel, however
@@ -95,11 +97,16 @@ C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
 # differs). Its own switch: c.set_vnni16_batch / PYKIMI_VNNI16_BATCH=0 (off: the old plan). Not with AMX, whose exact
 # tile product keeps Q8 batches from C_AMX_MIN_Q8 rows (not measured against this kernel). Rows past the last vector
 # of 16 run the row kernel when fewer than 6 (csrc vnni16_split, PK_VNNI16_REM; e.g. 17 = 16 + 1). Measured on AMD
-# EPYC Zen 5, 2 threads, GOP/s, best of 3 alternating rounds (host shared, +-10 %), [1408, 2048]: the kernel forced
-# onto few rows (-DPK_VNNI16_MIN_Q8=1) / the row kernel: 1: 27 / 162, 4: 107 / 256, 6: 161 / 255, 8: 202-215 / 229-240,
-# 9: 227 / 249, 10: 267 / 256, 11: 274 / 261, 12: 321 / 235, 16: 406-435 / 244; the remainder split (rows 16k + m):
-# 17: 367 without / 266 with two vectors, 19: 350 / 295, 21: 326-332 / 326, 23: 329 / 354, 33: 438 / 358, 39: 410 /
-# 427, 49: 465 / 367; in bench/bench_q8_batch.py (old plan / new plan) see bench/RESULTS-vnni16 in the commit log.
+# EPYC Zen 5, 2 threads, GOP/s, best of 3-5 alternating rounds (host shared, +-10 % between runs), [1408, 2048]: the
+# kernel forced onto few rows (-DPK_VNNI16_MIN_Q8=1) / the row kernel: 1: 27 / 162, 4: 107 / 256, 6: 161 / 255, 8:
+# 202-215 / 229-240, 9: 227 / 249, 10: 267 / 256, 11: 274 / 261, 12: 321 / 235, 16: 406-435 / 244 (break-even at 9-10
+# rows); the remainder split, rows 16k + m (split / two vectors): 17: 367 / 266, 19: 350 / 295, 21: 326-332 / 326,
+# 23: 329 / 354, 33: 438 / 358, 39: 410 / 427, 49: 465 / 367. The plans (bench/bench_q8_batch.py, 5 rounds), old
+# (row kernel to 23 rows, exact f32 batch kernel 24..112, then tiles + sgemm) / new, [1408, 2048] | [2048, 1408]:
+# 10: 229 / 274 | 232 / 277, 12: 276 / 329 | 260 / 329, 16: 247 / 435 | 261 / 438, 24: 302 / 385 | 245 / 382, 32:
+# 396 / 510 | 284 / 500, 64: 412 / 493 | 269 / 512, 128: 200 / 533 | 193 / 521, 512: 224 / 527 | 223 / 529 (1..8 rows
+# unchanged). 4-layer int8 prefill (synth-L4-q8-all, default mode, bench/bench_prefill_switch.py, best of 3
+# alternating rounds) of 64 / 128 / 512 tokens: off 342 / 288 / 283 -> on 463 / 544 / 508 tok/s.
 C_VNNI16_MIN = {"q8_32": 10}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
@@ -144,8 +151,10 @@ def set_act_quant(value) -> None:
     doing integer block dot products keeps them memory bound. For bf16 weights, prefill is compute bound and
     the CPU's vdpbf16ps (AVX512_BF16) does twice the multiplies of an f32 FMA -- on bf16 inputs.
       "q4" (default): Q8 weights x int16 activations (rounding ~1e-5 relative: numerically the float
-              product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
-              bf16 weights: the exact f32 product;
+              product) -- at the AVX-512 level in every batch, prefill included (the int16 batch kernel from
+              C_VNNI16_MIN rows; with PYKIMI_VNNI16_BATCH=0 batches of C_BATCH_ROWS_Q8 rows take the exact f32
+              batch kernel and larger ones the widened tiles) --, Q4 weights x int8 activations (~0.5 % rms per
+              matmul, small next to int4's own error); bf16 weights: the exact f32 product;
       "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0) -- at the AVX-512 level in
               every batch, prefill included (the int8 batch kernel from C_VNNI_MIN rows at the AVX-512 level,
               C_VNNI_MIN_AVX2 at the AVX2 level; with PYKIMI_VNNI_BATCH=0 Q8 batches past SMALL_N_ACT rows take
