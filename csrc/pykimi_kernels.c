@@ -31,7 +31,7 @@
  *    stay on the row kernels.
  *  - Q8 weights with int16 activations (the default mode's Q8), batches of PK_VNNI16_MIN_Q8 or more rows at the
  *    AVX-512 level: the same scheme on vpdpwssd, 16 rows x 2 int16 k-elements per vector, the weights widened to
- *    int16 pairs in L1 (vnni16_rows: ~500 GOP/s on 2 cores against ~250 for the int16 row kernel and 200-400 for
+ *    int16 pairs in L1 (vnni16_rows: ~600 GOP/s on 2 cores against ~250 for the int16 row kernel and 200-400 for
  *    the exact f32 batch kernel / widened tiles it replaces).
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
@@ -116,7 +116,7 @@
 #define PK_VNNI_MIN_Q4 8  /* C_VNNI_MIN mirrors both; below them the per-row kernels tile_act_avx512) */
 #endif
 #ifndef PK_VNNI16_MIN_Q8   /* (-D for measurements only: linear.C_VNNI16_MIN must agree) */
-#define PK_VNNI16_MIN_Q8 10 /* int16 activations (A_I16, the default for Q8_32), AVX-512: the int16 batch kernel
+#define PK_VNNI16_MIN_Q8 9 /* int16 activations (A_I16, the default for Q8_32), AVX-512: the int16 batch kernel
                               (vnni16_rows) from this many rows; below it the row kernel tile_q8w_avx512 */
 #endif
 #ifndef PK_AVX2B_MIN_Q8    /* (-D for measurements only: linear.C_VNNI_MIN_AVX2 must agree) */
@@ -2074,6 +2074,9 @@ static int vnni16_prepare(pk_job *j, int simd) {
 /* Weight rows [o0, o1) against rows t0 .. t0 + nn of x (as PK_VN_KERNEL: nn <= 16 NV in one group of 64, blocks of
  * R weight rows, R x NV f32 accumulators and per block R x NV int32 ones, results through yb). Per block of 32: 16
  * pairs, each NV loads of x and R broadcasts for R * NV vpdpwssd; then R * NV (convert, multiply the scales, FMA). */
+#ifndef PK_VW_UNROLL
+#define PK_VW_UNROLL _Pragma("GCC unroll 16")
+#endif
 #define PK_VW_KERNEL(NAME, R, NV)                                                                           \
     static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {         \
         const int64_t in = j->in, nb = j->nb, g0 = t0 - t0 % PK_TN_GROUP, lane = t0 - g0;                 \
@@ -2120,6 +2123,7 @@ static int vnni16_prepare(pk_job *j, int simd) {
                     __m512 dv[NV];                                                                        \
                     for (r = 0; r < (R); r++)                                                             \
                         for (v = 0; v < (NV); v++) ai[r][v] = _mm512_setzero_si512();                     \
+                    PK_VW_UNROLL                                                                          \
                     for (pr = 0; pr < 16; pr++) {                                                         \
                         const uint32_t *xk = xg + (b * 16 + pr) * gw;                                     \
                         for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_si512((const void *)(xk + 16 * v)); \
@@ -2143,11 +2147,13 @@ static int vnni16_prepare(pk_job *j, int simd) {
             memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \
         }                                                                                                 \
     }
-/* R x NV: 10 x 1, 6 x 2, 4 x 3 (as the VNNI kernel; 49..64 rows as 32 + the rest). Measured GOP/s on [1408, 2048] and
- * [2048, 1408], 2 threads, AMD EPYC Zen 5, best of 4 calls x 2 runs, +-5-10 % between runs, at 12 / 16 / 32 / 48 /
- * 64 / 512 rows: 10/6/4: 317-361 / 417-477 / 471-546 / 507-589 / 461-556 / 494-559; 12/7/5: 302-343 / 403-455 /
- * 489-536 / 513-583 / 451-540 / 513-545; 8/5/3: 310-316 / 409-419 / 506-540 / 345-347 (3 x 3) / 487-551 / 518-551.
- * (-D for measurements only.) */
+/* R x NV: 10 x 1, 6 x 2, 4 x 3 (as the VNNI kernel; 49..64 rows as 32 + the rest), the 16 pairs of a block unrolled
+ * (PK_VW_UNROLL: gcc 12 otherwise kept the loop and copied every int32 accumulator between registers each pair, 2
+ * moves per vpdpwssd; unrolled +10-20 %). Measured GOP/s on [1408, 2048] and [2048, 1408], 2 threads, AMD EPYC Zen
+ * 5, best of 4 calls x 2 runs, +-5 % between runs, at 10 / 12 / 16 / 32 / 48 / 64 / 512 rows: 10/6/4 295-307 /
+ * 356-365 / 468-483 / 589-609 / 569-608 / 532-589 / 573-597; 12/7/5 287-308 / 342-369 / 449-484 / 581-602 / 580-635 /
+ * 538-598 / 582-615; 14/6/4 288-299 / 345-358 / 453-474 / 583-612 / 565-636 / 532-591 / 572-597. Not unrolled, 10/6/4:
+ * 269-279 / 317-361 / 417-477 / 471-546 / 507-589 / 461-556 / 494-559 (8/5/3: 48 rows 345). (-D for measurements.) */
 #ifndef PK_VW_R1
 #define PK_VW_R1 10
 #define PK_VW_R2 6
@@ -2171,7 +2177,7 @@ static void vnni16_part(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int
  * so past the first vector the rows beyond the last multiple of 16 go to the row kernel when they are fewer than
  * PK_VNNI16_REM (e.g. 17 rows: 16 + 1 on the row kernel rather than two vectors). GOP/s in linear.C_VNNI16_MIN. */
 #ifndef PK_VNNI16_REM
-#define PK_VNNI16_REM 6
+#define PK_VNNI16_REM 5
 #endif
 static int64_t vnni16_split(const pk_job *j) {
     const int64_t rem = j->n % 16;

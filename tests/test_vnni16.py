@@ -26,11 +26,11 @@ LEVELS = c.simd_levels() if C_OK else []
 needs_avx512 = pytest.mark.skipif("avx512" not in LEVELS, reason="needs the C backend at the AVX-512 level")
 
 MIN = linear.C_VNNI16_MIN["q8_32"]
-REM = 6        # csrc PK_VNNI16_REM: past 16 rows, fewer than this past the last multiple of 16 run the row kernel
+REM = 5        # csrc PK_VNNI16_REM: past 16 rows, fewer than this past the last multiple of 16 run the row kernel
 TOL = 1e-6     # of max row sum |x| * max |w|: the row kernels' tolerance (tests/test_kernels.py, test_vnni_batch)
-# below / at the minimum, one vector and its edges, the remainder split (16 + 1..5 on the row kernel, 16 + 6 padded),
+# below / at the minimum, one vector and its edges, the remainder split (16 + 1..4 on the row kernel, 16 + 5 padded),
 # two / three vectors, 49..64 (two passes of <= 32), several groups of 64
-NS = (1, MIN - 1, MIN, 11, 15, 16, 17, 21, 22, 23, 31, 32, 33, 37, 38, 48, 49, 53, 54, 64, 65, 70, 71, 81, 100, 130)
+NS = (1, MIN - 1, MIN, 11, 15, 16, 17, 20, 21, 22, 23, 31, 32, 33, 36, 37, 38, 48, 49, 53, 54, 64, 65, 70, 71, 81, 100, 130)
 # `in` not a multiple of 32 (a partial last block) nor even, one element, real widths; `out` not a multiple of the
 # 10 / 6 / 4 weight rows of a block (nor of 4 blocks: the result buffer)
 SHAPES = ((13, 37), (37, 301), (70, 2048), (9, 1407), (1, 16), (17, 1), (33, 3), (23, 65), (41, 130))

@@ -96,18 +96,19 @@ C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
 # decode. Same twin (ref.matmul_act16_q8: the same int16 codes, exact integer block dots; only the f32 summation order
 # differs). Its own switch: c.set_vnni16_batch / PYKIMI_VNNI16_BATCH=0 (off: the old plan). Not with AMX, whose exact
 # tile product keeps Q8 batches from C_AMX_MIN_Q8 rows (not measured against this kernel). Rows past the last vector
-# of 16 run the row kernel when fewer than 6 (csrc vnni16_split, PK_VNNI16_REM; e.g. 17 = 16 + 1). Measured on AMD
-# EPYC Zen 5, 2 threads, GOP/s, best of 3-5 alternating rounds (host shared, +-10 % between runs), [1408, 2048]: the
-# kernel forced onto few rows (-DPK_VNNI16_MIN_Q8=1) / the row kernel: 1: 27 / 162, 4: 107 / 256, 6: 161 / 255, 8:
-# 202-215 / 229-240, 9: 227 / 249, 10: 267 / 256, 11: 274 / 261, 12: 321 / 235, 16: 406-435 / 244 (break-even at 9-10
-# rows); the remainder split, rows 16k + m (split / two vectors): 17: 367 / 266, 19: 350 / 295, 21: 326-332 / 326,
-# 23: 329 / 354, 33: 438 / 358, 39: 410 / 427, 49: 465 / 367. The plans (bench/bench_q8_batch.py, 5 rounds), old
-# (row kernel to 23 rows, exact f32 batch kernel 24..112, then tiles + sgemm) / new, [1408, 2048] | [2048, 1408]:
-# 10: 229 / 274 | 232 / 277, 12: 276 / 329 | 260 / 329, 16: 247 / 435 | 261 / 438, 24: 302 / 385 | 245 / 382, 32:
-# 396 / 510 | 284 / 500, 64: 412 / 493 | 269 / 512, 128: 200 / 533 | 193 / 521, 512: 224 / 527 | 223 / 529 (1..8 rows
-# unchanged). 4-layer int8 prefill (synth-L4-q8-all, default mode, bench/bench_prefill_switch.py, best of 3
-# alternating rounds) of 64 / 128 / 512 tokens: off 342 / 288 / 283 -> on 463 / 544 / 508 tok/s.
-C_VNNI16_MIN = {"q8_32": 10}
+# of 16 run the row kernel when fewer than 5 (csrc vnni16_split, PK_VNNI16_REM; e.g. 17 = 16 + 1). Measured on AMD
+# EPYC Zen 5, 2 threads, GOP/s, best of 5 alternating rounds (host shared, +-10 % between runs), [1408, 2048] then
+# [2048, 1408]: the kernel forced onto few rows (-DPK_VNNI16_MIN_Q8=1) / the row kernel: 6: 182-186 / 242-249, 7:
+# 214-219 / 233-256, 8: 241-253 / 234-243, 9: 273-287 / 234-244, 10: 301-320 / 233-235 (break-even at 8 rows, hence
+# 9); the remainder split, rows 16k + m (split at m < REM / one vector more): 17: 393-482 / 327-349, 19: 377-433 /
+# 366-382, 20: 368-417 / 385-400, 21: 346-384 / 402-424, 35: 461-519 / 434-478, 36: 457-511 / 447-491, 37: 436-489 /
+# 461-503, 53: 428-503 / 461-520. The plans (bench/bench_q8_batch.py), old (row kernel to 23 rows, exact f32 batch
+# kernel 24..112, then tiles + sgemm) / new, [1408, 2048] | [2048, 1408]: 9: 236 / 273 | 248 / 274, 10: 224 / 302 |
+# 253 / 306, 12: 240 / 363 | 231 / 370, 16: 238 / 478 | 232 / 489, 17: 232 / 399 | 230 / 439, 24: 294 / 456 | 251 /
+# 470, 32: 387 / 603 | 292 / 616, 64: 407 / 576 | 269 / 609, 128: 195 / 645 | 193 / 624, 512: 222 / 595 | 217 / 618
+# (1..8 rows the same kernel). 4-layer int8 prefill (synth-L4-q8-all, default mode, bench/bench_prefill_switch.py,
+# best of 3 alternating rounds) of 64 / 128 / 512 tokens: off 328 / 293 / 292 -> on 475 / 558 / 560 tok/s.
+C_VNNI16_MIN = {"q8_32": 9}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
