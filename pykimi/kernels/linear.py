@@ -107,7 +107,9 @@ C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
 # 253 / 306, 12: 240 / 363 | 231 / 370, 16: 238 / 478 | 232 / 489, 17: 232 / 399 | 230 / 439, 24: 294 / 456 | 251 /
 # 470, 32: 387 / 603 | 292 / 616, 64: 407 / 576 | 269 / 609, 128: 195 / 645 | 193 / 624, 512: 222 / 595 | 217 / 618
 # (1..8 rows the same kernel). 4-layer int8 prefill (synth-L4-q8-all, default mode, bench/bench_prefill_switch.py,
-# best of 3 alternating rounds) of 64 / 128 / 512 tokens: off 328 / 293 / 292 -> on 475 / 558 / 560 tok/s.
+# best of 3 alternating rounds) of 64 / 128 / 512 tokens: off 328 / 293 / 292 -> on 475 / 558 / 560 tok/s; bench/run.py
+# --only prefill --modes int8 (3 runs each, alternating): off 324-331 / 301-303 / 276-288 -> on 469-496 / 576-591 /
+# 578-590 tok/s (llama.cpp Q8_0 in bench/RESULTS.md: 320 / 357 / 345).
 C_VNNI16_MIN = {"q8_32": 9}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
