@@ -29,6 +29,10 @@
  *    2 cores against ~0.35-0.45 for the row kernels). At the AVX2 level the same scheme on vpmaddubsw + vpmaddwd
  *    (avx2b_rows: 8 rows per vector, ~2.5x the row kernels on Q4, ~1.4x on Q8). The serve engine's row-wise calls
  *    stay on the row kernels.
+ *  - Q8 weights with int16 activations (the default mode's Q8), batches of PK_VNNI16_MIN_Q8 or more rows at the
+ *    AVX-512 level: the same scheme on vpdpwssd, 16 rows x 2 int16 k-elements per vector, the weights widened to
+ *    int16 pairs in L1 (vnni16_rows: ~600 GOP/s on 2 cores against ~250 for the int16 row kernel and 200-400 for
+ *    the exact f32 batch kernel / widened tiles it replaces).
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
  *    and non-x86 builds compile only the portable loops). The level is chosen at run time with
@@ -110,6 +114,10 @@
 #ifndef PK_VNNI_MIN_Q8     /* (-D for measurements only: linear.C_VNNI_MIN must agree) */
 #define PK_VNNI_MIN_Q8 8  /* int8 activations (A_I8), AVX-512: the VNNI batch kernel from this many rows (linear.py */
 #define PK_VNNI_MIN_Q4 8  /* C_VNNI_MIN mirrors both; below them the per-row kernels tile_act_avx512) */
+#endif
+#ifndef PK_VNNI16_MIN_Q8   /* (-D for measurements only: linear.C_VNNI16_MIN must agree) */
+#define PK_VNNI16_MIN_Q8 9 /* int16 activations (A_I16, the default for Q8_32), AVX-512: the int16 batch kernel
+                              (vnni16_rows) from this many rows; below it the row kernel tile_q8w_avx512 */
 #endif
 #ifndef PK_AVX2B_MIN_Q8    /* (-D for measurements only: linear.C_VNNI_MIN_AVX2 must agree) */
 #define PK_AVX2B_MIN_Q8 7 /* ... at the AVX2 level: the maddubs twin of the VNNI batch kernel (avx2b_rows) from this */
@@ -316,6 +324,22 @@ void pk_set_vnni_batch(int on) { pk_vnni_req = on ? 1 : 0; }
 int pk_get_vnni_batch(void) {
     return env_switch(&pk_vnni_req, "PYKIMI_VNNI_BATCH") && PK_X86 && pk_get_simd() >= 1;
 }
+
+static int pk_vnni16_req = -2; /* -2 = not read yet (PYKIMI_VNNI16_BATCH), 0 = off, 1 = on */
+
+/* Use the int16 batch kernel (vnni16_rows: vpdpwssd) for int16-activation batches of Q8_32 weights (the default
+ * mode's Q8, A_I16) of >= PK_VNNI16_MIN_Q8 rows at the AVX-512 level (1, the default) or not (0;
+ * PYKIMI_VNNI16_BATCH=0 before the first call): off, they run their previous paths (the int16 row kernel, the
+ * exact f32 batch kernel / widened tiles that kernels/linear.py picks). A switch of its own, beside
+ * PYKIMI_VNNI_BATCH (the int8 batch kernels), so each can be compared with its old path alone. */
+void pk_set_vnni16_batch(int on) { pk_vnni16_req = on ? 1 : 0; }
+
+int pk_get_vnni16_batch(void) {
+    return env_switch(&pk_vnni16_req, "PYKIMI_VNNI16_BATCH") && PK_HAVE_AVX512 && pk_get_simd() >= 2;
+}
+
+/* Rows of x from which it takes a job at the current level; -1 = no such kernel (below the AVX-512 level). */
+int64_t pk_vnni16_min(void) { return pk_get_simd() >= 2 ? PK_VNNI16_MIN_Q8 : -1; }
 
 /* Rows of x from which the batch kernel of level simd takes a job of format fmt; -1 = no such kernel. */
 static int64_t vnni_min_level(int fmt, int simd) {
@@ -1963,6 +1987,217 @@ static void vnni_rows(const pk_job *j, int64_t o0, int64_t o1) {
         }
     }
 }
+
+/* Q8_32 weights x int16 activations, batches (A_I16 -- the default mode's Q8 -- with >= PK_VNNI16_MIN_Q8 rows of x
+ * at the AVX-512 level: prefill, the MoE's per-expert batches; twin ref.matmul_act16_q8). Why: the int16 row kernel
+ * (tile_q8w_avx512) re-reads and widens each weight row per 4 rows of x and loads a vector of x per vpmaddwd, and
+ * from 24 rows the exact f32 batch kernel / widened tiles + sgemm took over: all compute bound, ~250-400 GOP/s on 2
+ * cores. This is the VNNI kernel's scheme (vnni_rows) on vpdpwssd: x quantized once per job to the row kernel's
+ * int16 codes and block scales (quant_act16_level, qmax 32767), packed per group of 64 rows into lanes of 16 rows x
+ * 2 consecutive k (one int16 pair = one uint32 per row of x, the layout vpdpwssd reads); the weight rows decoded
+ * PK_VN_KB blocks at a time into an L1 buffer as int16 (sign-extended, 1 vpmovsxbw per 32 codes) and each pair of
+ * consecutive codes broadcast (32 bits) against NV such vectors: 16 vpdpwssd per block per (weight row, x vector),
+ * signed x signed, so no offset correction (unlike vpdpbusd's unsigned operand).
+ * Exactness: every product |code * xq| <= 128 * 32767 (weights -128..127, x codes -32767..32767), so each int32 lane
+ * -- the block dot of one (weight row, row of x) -- stays within 32 * 128 * 32767 = 134213632 < 2^31 at every
+ * partial sum: the int32 block dot is exact (the twin's int64 dot). Then, per block, y += float(dot) * (dx * dw) with
+ * an FMA, per row of x in block order: float(dot) is the twin's dots.astype(float32) (one rounding to nearest, |dot|
+ * may pass 2^24), and the rest is the twin's sum of the same f32 terms in another order (tests hold it to the row
+ * kernel's tolerance, 1e-6 of max row sum |x| * max |w|). Padding: the x codes past `in` are 0 (quant_act16_row),
+ * the weight codes past `in` are loaded as 0 (masked load), and padded rows of x are all 0. */
+
+/* uint32 elements of one packed group: [nb * 16 pairs][gw lanes] of x, [nb][gw] f32 scales (stride 64 lanes between
+ * groups, gw = 16 * ceil(rows in the group / 16) inside one). */
+static int64_t vnni16_group_elems(int64_t nb) { return nb * 17 * PK_TN_GROUP; }
+
+static int64_t vnni16_elems(const pk_job *j) {
+    return vnni16_group_elems((j->in + PK_BLOCK - 1) / PK_BLOCK) * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP);
+}
+
+/* Whether job j runs the int16 batch kernel: Q8_32 with int16 activations, enough rows, the AVX-512 level, the kernel
+ * on (pk_get_vnni16_batch); kernels/linear.py (_vnni16, C_VNNI16_MIN) mirrors it. */
+static int vnni16_takes(const pk_job *j, int simd) {
+    return !j->rows && j->act == A_I16 && j->fmt == F_Q8 && simd >= 2 && j->in > 0 && j->n >= PK_VNNI16_MIN_Q8 &&
+           pk_get_vnni16_batch();
+}
+
+/* Quantize and pack the rows of group g (the job's xp must be allocated): rows quantized one at a time into q / d
+ * (quant_act16_level: bit for bit the row kernel's codes and scales), then transposed into the group. */
+static void vnni16_pack_group(const pk_job *j, int64_t g, int simd) {
+    const int64_t in = j->in, nb = (in + PK_BLOCK - 1) / PK_BLOCK, t0 = g * PK_TN_GROUP;
+    const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
+    uint32_t *xg = j->xp + g * vnni16_group_elems(nb);
+    float *dg = (float *)(xg + nb * 16 * gw);
+    int16_t *q = (int16_t *)malloc(sizeof(int16_t) * (size_t)(nb * PK_BLOCK) * (size_t)gw + 64);
+    float *d = (float *)malloc(sizeof(float) * (size_t)(nb * gw) + 64);
+    int64_t t, p, b;
+    if (!q || !d) { /* no memory for the scratch: the slow, allocation-free way, block by block */
+        free(q);
+        free(d);
+        for (t = 0; t < gw; t++)
+            for (b = 0; b < nb; b++) {
+                int16_t rq[PK_BLOCK] = {0};
+                float rd = 0.0f;
+                if (t < nn) {
+                    const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+                    quant_act16_row(j->x + (t0 + t) * in + i0, i1 - i0, rq, &rd, 0);
+                }
+                for (p = 0; p < 16; p++) memcpy(xg + (b * 16 + p) * gw + t, rq + 2 * p, 4);
+                dg[b * gw + t] = rd;
+            }
+        return;
+    }
+    memset(q + nn * nb * PK_BLOCK, 0, sizeof(int16_t) * (size_t)((gw - nn) * nb * PK_BLOCK));
+    for (t = nn * nb; t < gw * nb; t++) d[t] = 0.0f;
+    quant_act16_level(simd, j->x + t0 * in, nn, in, q, d);
+    for (p = 0; p < nb * 16; p++) { /* pair p of every row: rows inner, the writes contiguous */
+        uint32_t *dst = xg + p * gw;
+        for (t = 0; t < gw; t++) memcpy(dst + t, q + t * nb * PK_BLOCK + 2 * p, 4);
+    }
+    for (b = 0; b < nb; b++)
+        for (t = 0; t < gw; t++) dg[b * gw + t] = d[t * nb + b];
+    free(q);
+    free(d);
+}
+
+/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
+static int vnni16_prepare(pk_job *j, int simd) {
+    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
+    int64_t g;
+    if (!j->xp) j->xp = (uint32_t *)malloc(sizeof(uint32_t) * (size_t)vnni16_elems(j));
+    if (!j->xp) return 0;
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
+    for (g = 0; g < ng; g++) vnni16_pack_group(j, g, simd);
+    return 1;
+}
+
+/* Weight rows [o0, o1) against rows t0 .. t0 + nn of x (as PK_VN_KERNEL: nn <= 16 NV in one group of 64, blocks of
+ * R weight rows, R x NV f32 accumulators and per block R x NV int32 ones, results through yb). Per block of 32: 16
+ * pairs, each NV loads of x and R broadcasts for R * NV vpdpwssd; then R * NV (convert, multiply the scales, FMA). */
+#ifndef PK_VW_UNROLL
+#define PK_VW_UNROLL _Pragma("GCC unroll 16")
+#endif
+#define PK_VW_KERNEL(NAME, R, NV)                                                                           \
+    static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {         \
+        const int64_t in = j->in, nb = j->nb, g0 = t0 - t0 % PK_TN_GROUP, lane = t0 - g0;                 \
+        const int64_t gn = j->n - g0 < PK_TN_GROUP ? j->n - g0 : PK_TN_GROUP, gw = 16 * ((gn + 15) / 16);   \
+        const uint32_t *xg = j->xp + (g0 / PK_TN_GROUP) * vnni16_group_elems(nb) + lane;                 \
+        const float *dg = (const float *)(j->xp + (g0 / PK_TN_GROUP) * vnni16_group_elems(nb) + nb * 16 * gw) + lane; \
+        float yb[16 * (NV) * 4 * (R)] __attribute__((aligned(64)));                                       \
+        uint32_t wb[(R) * PK_VN_KB * 16] __attribute__((aligned(64))); /* [r][block][16 pairs] */        \
+        const __m512i yi = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), \
+                                              _mm512_set1_epi32(4 * (R)));                                \
+        int64_t o, ob, oe, b, b0, be, t;                                                                  \
+        int r, v, pr;                                                                                     \
+        for (ob = o0; ob < o1; ob += 4 * (R)) {                                                           \
+        oe = o1 - ob < 4 * (R) ? o1 : ob + 4 * (R);                                                       \
+        for (o = ob; o < oe; o += (R)) {                                                                  \
+            const int rr = oe - o < (R) ? (int)(oe - o) : (R);                                            \
+            const char *wr[R], *nx[R];                                                                    \
+            const float *sr[R];                                                                           \
+            __m512 acc[R][NV];                                                                            \
+            for (r = 0; r < (R); r++) {                                                                   \
+                const int64_t row = o + (r < rr ? r : rr - 1);                                            \
+                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                       \
+                wr[r] = (const char *)j->w + row * j->row_bytes;                                          \
+                nx[r] = (const char *)j->w + on * j->row_bytes;                                           \
+                sr[r] = j->scales + row * nb;                                                             \
+                for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
+            }                                                                                             \
+            for (b0 = 0; b0 < nb; b0 += PK_VN_KB) {                                                       \
+                be = nb - b0 < PK_VN_KB ? nb : b0 + PK_VN_KB;                                             \
+                for (r = 0; r < (R); r++) /* decode blocks b0..be of the R rows into wb, as int16 */      \
+                    for (b = b0; b < be; b++) {                                                           \
+                        const int64_t left = in - b * PK_BLOCK; /* elements of the block in the row */    \
+                        const char *p = wr[r] + b * PK_BLOCK;                                             \
+                        __m256i c = left >= 32 ? _mm256_loadu_si256((const __m256i *)p)                   \
+                                               : _mm256_maskz_loadu_epi8((__mmask32)((1u << left) - 1u), p); \
+                        if (!(b & 1)) {                                                                   \
+                            _mm_prefetch(p + PK_PF, _MM_HINT_T0);                                         \
+                            _mm_prefetch(nx[r] + b * PK_BLOCK, _MM_HINT_T1);                              \
+                        }                                                                                 \
+                        _mm512_store_si512((void *)(wb + (r * PK_VN_KB + (b - b0)) * 16), _mm512_cvtepi8_epi16(c)); \
+                    }                                                                                     \
+                for (b = b0; b < be; b++) {                                                               \
+                    __m512i ai[R][NV], xv[NV];                                                            \
+                    __m512 dv[NV];                                                                        \
+                    for (r = 0; r < (R); r++)                                                             \
+                        for (v = 0; v < (NV); v++) ai[r][v] = _mm512_setzero_si512();                     \
+                    PK_VW_UNROLL                                                                          \
+                    for (pr = 0; pr < 16; pr++) {                                                         \
+                        const uint32_t *xk = xg + (b * 16 + pr) * gw;                                     \
+                        for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_si512((const void *)(xk + 16 * v)); \
+                        for (r = 0; r < (R); r++) {                                                       \
+                            const __m512i bw = _mm512_set1_epi32((int)wb[(r * PK_VN_KB + (b - b0)) * 16 + pr]); \
+                            for (v = 0; v < (NV); v++) ai[r][v] = _mm512_dpwssd_epi32(ai[r][v], bw, xv[v]); \
+                        }                                                                                 \
+                    }                                                                                     \
+                    for (v = 0; v < (NV); v++) dv[v] = _mm512_loadu_ps(dg + b * gw + 16 * v);             \
+                    for (r = 0; r < (R); r++) {                                                           \
+                        const __m512 s = _mm512_set1_ps(sr[r][b]);                                        \
+                        for (v = 0; v < (NV); v++)                                                        \
+                            acc[r][v] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(ai[r][v]), _mm512_mul_ps(dv[v], s), \
+                                                        acc[r][v]);                                       \
+                    }                                                                                     \
+                }                                                                                         \
+            }                                                                                             \
+            PK_YB_SCATTER(R, NV);                                                                         \
+        }                                                                                                 \
+        for (t = 0; t < nn; t++)                                                                          \
+            memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \
+        }                                                                                                 \
+    }
+/* R x NV: 10 x 1, 6 x 2, 4 x 3 (as the VNNI kernel; 49..64 rows as 32 + the rest), the 16 pairs of a block unrolled
+ * (PK_VW_UNROLL: gcc 12 otherwise kept the loop and copied every int32 accumulator between registers each pair, 2
+ * moves per vpdpwssd; unrolled +10-20 %). Measured GOP/s on [1408, 2048] and [2048, 1408], 2 threads, AMD EPYC Zen
+ * 5, best of 4 calls x 2 runs, +-5 % between runs, at 10 / 12 / 16 / 32 / 48 / 64 / 512 rows: 10/6/4 295-307 /
+ * 356-365 / 468-483 / 589-609 / 569-608 / 532-589 / 573-597; 12/7/5 287-308 / 342-369 / 449-484 / 581-602 / 580-635 /
+ * 538-598 / 582-615; 14/6/4 288-299 / 345-358 / 453-474 / 583-612 / 565-636 / 532-591 / 572-597. Not unrolled, 10/6/4:
+ * 269-279 / 317-361 / 417-477 / 471-546 / 507-589 / 461-556 / 494-559 (8/5/3: 48 rows 345). (-D for measurements.) */
+#ifndef PK_VW_R1
+#define PK_VW_R1 10
+#define PK_VW_R2 6
+#define PK_VW_R3 4
+#endif
+PK_VW_KERNEL(vnni16_1_avx512, PK_VW_R1, 1)
+PK_VW_KERNEL(vnni16_2_avx512, PK_VW_R2, 2)
+PK_VW_KERNEL(vnni16_3_avx512, PK_VW_R3, 3)
+#undef PK_VW_KERNEL
+
+/* Rows t0 .. t0 + nn (nn <= 48, inside one group) of x against the weight rows [o0, o1), NV = ceil(nn / 16). */
+static void vnni16_part(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {
+    switch ((nn + 15) / 16) {
+    case 1: vnni16_1_avx512(j, o0, o1, t0, nn); break;
+    case 2: vnni16_2_avx512(j, o0, o1, t0, nn); break;
+    default: vnni16_3_avx512(j, o0, o1, t0, nn); break;
+    }
+}
+
+/* Rows of x the int16 batch kernel runs: a vector of 16 rows costs it about the same however many of them are real,
+ * so past the first vector the rows beyond the last multiple of 16 go to the row kernel when they are fewer than
+ * PK_VNNI16_REM (e.g. 17 rows: 16 + 1 on the row kernel rather than two vectors). GOP/s in linear.C_VNNI16_MIN. */
+#ifndef PK_VNNI16_REM
+#define PK_VNNI16_REM 5
+#endif
+static int64_t vnni16_split(const pk_job *j) {
+    const int64_t rem = j->n % 16;
+    return j->n < 16 || rem >= PK_VNNI16_REM ? j->n : j->n - rem;
+}
+
+/* Rows [0, nbatch) of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1) (49..64
+ * rows: two passes of <= 32, as vnni_rows). */
+static void vnni16_rows(const pk_job *j, int64_t o0, int64_t o1) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->nbatch; t0 += PK_TN_GROUP) {
+        const int64_t nn = j->nbatch - t0 < PK_TN_GROUP ? j->nbatch - t0 : PK_TN_GROUP;
+        if (nn > 48) {
+            vnni16_part(j, o0, o1, t0, 32);
+            vnni16_part(j, o0, o1, t0 + 32, nn - 32);
+        } else {
+            vnni16_part(j, o0, o1, t0, nn);
+        }
+    }
+}
 #endif
 
 #if PK_X86
@@ -2174,6 +2409,13 @@ static void job_prepare(pk_job *j, int simd) {
         r0 = j->nbatch; /* AVX2: the rows past nbatch on the row kernels, their activations quantized below */
     }
 #endif
+#if PK_HAVE_AVX512
+    if (vnni16_takes(j, simd) && (j->xp_shared || vnni16_prepare(j, simd))) { /* xp_shared: run_jobs packed it */
+        j->nbatch = vnni16_split(j);
+        if (j->nbatch == j->n) return;
+        r0 = j->nbatch; /* the rows past nbatch on the int16 row kernel, their activations quantized below */
+    }
+#endif
 #if PK_HAVE_AMX
     if (simd >= 2 && !j->rows && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->act == A_F32 && j->n >= PK_AMX_MIN_Q8)) &&
         j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j))
@@ -2196,7 +2438,7 @@ static void job_prepare(pk_job *j, int simd) {
     if (j->act == A_I16) {
         j->xq16 = (int16_t *)malloc((size_t)len * sizeof(int16_t) + 4);
         if (!j->xq16 || !j->xd) goto fail;
-        quant_act16_level(simd, j->x, j->n, j->in, j->xq16, j->xd);
+        quant_act16_level(simd, j->x + r0 * j->in, j->n - r0, j->in, j->xq16 + r0 * nb * PK_BLOCK, j->xd + r0 * nb);
         return;
     }
     j->xq = (int8_t *)malloc((size_t)len + 4);
@@ -2363,12 +2605,18 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
     }
 #endif
 #if PK_HAVE_AVX512
-    if (j->xp && simd >= 2) { /* packed x: the AVX512_BF16 kernel (bf16 weights) or the VNNI one (Q8_32 / Q4_32) */
+    if (j->xp && simd >= 2) { /* packed x: the AVX512_BF16 kernel (bf16 weights) or a VNNI one (Q8_32 / Q4_32) */
 #if PK_HAVE_AVX512BF16
         if (j->fmt == F_BF16) bf16a_rows(j, o0, o1);
 #endif
-        if (j->fmt == F_Q8 || j->fmt == F_Q4) vnni_rows(j, o0, o1);
-        return;
+        if (j->fmt == F_Q8 && j->act == A_I16) { /* the int16 one (Q8_32): rows [0, nbatch) */
+            vnni16_rows(j, o0, o1);
+            if (j->nbatch >= j->n) return;
+            tb = j->nbatch; /* the rest (a few rows past the last vector of 16) on the row kernel below */
+        } else {
+            if (j->fmt == F_Q8 || j->fmt == F_Q4) vnni_rows(j, o0, o1);
+            return;
+        }
     }
 #endif
 #if PK_HAVE_AVX512
@@ -2429,12 +2677,18 @@ static int xpack_takes(const pk_job *j, int simd) {
 #if PK_HAVE_AVX512BF16
     if (bf16a_takes(j, simd)) return 1;
 #endif
+#if PK_HAVE_AVX512
+    if (vnni16_takes(j, simd)) return 1;
+#endif
     return vnni_takes(j, simd);
 }
 
 static int64_t xpack_elems(const pk_job *j) {
 #if PK_HAVE_AVX512BF16
     if (j->fmt == F_BF16) return bf16a_elems(j);
+#endif
+#if PK_HAVE_AVX512
+    if (j->act == A_I16) return vnni16_elems(j);
 #endif
     return vnni_elems(j);
 }
@@ -2443,6 +2697,12 @@ static void xpack_group(const pk_job *j, int64_t g, int simd) {
 #if PK_HAVE_AVX512BF16
     if (j->fmt == F_BF16) {
         bf16a_pack_group(j, g);
+        return;
+    }
+#endif
+#if PK_HAVE_AVX512
+    if (j->act == A_I16) {
+        vnni16_pack_group(j, g, simd);
         return;
     }
 #endif

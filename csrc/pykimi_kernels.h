@@ -56,6 +56,13 @@ int pk_get_avx512bf16(void);
 void pk_set_vnni_batch(int on);
 int pk_get_vnni_batch(void);
 int64_t pk_vnni_min(int fmt);
+/* The int16 batch kernel (vpdpwssd) for int16 activations (act 2, the default mode's Q8_32) at the AVX-512 level:
+ * jobs of >= PK_VNNI16_MIN_Q8 rows of x (pk_matmul_q8w, matmul_many). pk_set_vnni16_batch(0) / PYKIMI_VNNI16_BATCH=0
+ * turns it off (such jobs then run the int16 row kernel at every n); pk_get_vnni16_batch says whether it runs at the
+ * current level; pk_vnni16_min is the row count from which it takes a job (-1 below the AVX-512 level). */
+void pk_set_vnni16_batch(int on);
+int pk_get_vnni16_batch(void);
+int64_t pk_vnni16_min(void);
 
 void pk_matmul_f32(const float *x, int64_t n, int64_t in, const float *w, int64_t out, float *y);
 void pk_matmul_bf16(const float *x, int64_t n, int64_t in, const uint16_t *w, int64_t out, float *y);

@@ -322,13 +322,16 @@ def test_c_level_bf16_batches(simd_level):
 
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 def test_q8_batches_take_the_exact_path_at_avx512():
-    """matmul routes Q8 weights with C_BATCH_ROWS_Q8 rows of x to the exact batch-vectorised kernel at the
-    AVX-512 level (int16 activations elsewhere), and reference() names the twin of the path taken."""
+    """With the int16 batch kernel off (c.set_vnni16_batch(False), its old plan) matmul routes Q8 weights with
+    C_BATCH_ROWS_Q8 rows of x to the exact batch-vectorised kernel at the AVX-512 level (int16 activations
+    elsewhere), and reference() names the twin of the path taken. (On, every n keeps int16 activations:
+    tests/test_vnni16.py.)"""
     from pykimi.kernels import c
     if "avx512" not in c.simd_levels():
         pytest.skip("needs an AVX-512 (VNNI) CPU")
     prev = K.backend()
     K.set_backend("c")
+    c.set_vnni16_batch(False)
     try:
         rng = np.random.default_rng(82)
         w = rng.standard_normal((40, 300)).astype(np.float32)
@@ -346,6 +349,7 @@ def test_q8_batches_take_the_exact_path_at_avx512():
             other = ref.matmul_act16_q8(x, q8) if exact else ref.matmul(x, q8)
             assert np.max(np.abs(y - other)) / scale > 1e-7, n
     finally:
+        c.set_vnni16_batch(True)
         K.set_backend(prev)
 
 
@@ -525,6 +529,7 @@ def test_tiled_blas_path_matches(monkeypatch):
     monkeypatch.setattr(linear, "SMALL_N_ACT", {})
     monkeypatch.setattr(linear, "C_VNNI_MIN", {})      # ... and so do int8-activation batches on the VNNI kernel
     monkeypatch.setattr(linear, "C_VNNI_MIN_AVX2", {})  # ... and on its AVX2 twin
+    monkeypatch.setattr(linear, "C_VNNI16_MIN", {})     # ... and int16-activation Q8 batches on the int16 kernel
     rng = np.random.default_rng(5)
     w = rng.standard_normal((250, 37)).astype(np.float32)
     x = rng.standard_normal((40, 37)).astype(np.float32)

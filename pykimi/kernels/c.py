@@ -393,12 +393,32 @@ def vnni_min(kind: str) -> int:
     return int(lib.pk_vnni_min(FMT[kind]))
 
 
+def get_vnni16_batch() -> bool:
+    """Whether int16-activation batches of Q8_32 weights (the default mode's Q8, from vnni16_min() rows) run the int16
+    batch kernel (csrc vnni16_rows, vpdpwssd): at the AVX-512 level, not turned off by PYKIMI_VNNI16_BATCH=0 /
+    set_vnni16_batch(False)."""
+    return bool(lib.pk_get_vnni16_batch())
+
+
+def set_vnni16_batch(on: bool) -> bool:
+    """Turn the int16 batch kernel on or off (tests, benchmarks: off = the int16 row kernel at every n in C);
+    returns get_vnni16_batch()."""
+    lib.pk_set_vnni16_batch(1 if on else 0)
+    return get_vnni16_batch()
+
+
+def vnni16_min() -> int:
+    """Rows of x from which an int16-activation Q8_32 job takes the int16 batch kernel at the current level (csrc
+    PK_VNNI16_MIN_Q8, mirrored by linear.C_VNNI16_MIN; -1 below the AVX-512 level)."""
+    return int(lib.pk_vnni16_min())
+
+
 def info() -> dict:
     return {"openmp": bool(lib.pk_has_openmp()), "simd": _SIMD_NAMES[get_simd()],
             "simd_levels": simd_levels(), "threads": int(lib.pk_get_threads()),
             "amx": bool(lib.pk_amx_available()) and get_amx(),
             "avx512bf16": bool(lib.pk_avx512bf16_available()) and get_avx512bf16(),
-            "vnni_batch": get_vnni_batch()}
+            "vnni_batch": get_vnni_batch(), "vnni16_batch": get_vnni16_batch()}
 
 
 def force_scalar(on: bool) -> None:

@@ -13,7 +13,9 @@ for ``reference`` (the NumPy twin of exactly what matmul computes, which the tes
 For int8 / int4 weights the C GEMV quantizes the activation row once per call and uses integer block dot
 products (set_act_quant); at the AVX-512 level int8-activation batches from C_VNNI_MIN rows run the VNNI batch
 kernel instead of the row kernels (and, for Q8_32 in mode "all", instead of the exact f32 batch kernel / tiles), at
-the AVX2 level from C_VNNI_MIN_AVX2 rows its vpmaddubsw twin (instead of the row kernels and the widened tiles);
+the AVX2 level from C_VNNI_MIN_AVX2 rows its vpmaddubsw twin (instead of the row kernels and the widened tiles); in the
+default mode Q8_32 x int16 batches from C_VNNI16_MIN rows run the int16 batch kernel (vpdpwssd) at the AVX-512 level
+(instead of the int16 row kernel, the exact f32 batch kernel and the tiles);
 with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
 matmul_many runs several products in one C call (the selected experts);
 heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
@@ -45,6 +47,8 @@ SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 # keeps every int8-activation batch in C, C_VNNI_MIN_AVX2.)
 SMALL_N_ACT_AVX2: dict = {("q4_32", "i8"): 64}
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
+# (SMALL_N_ACT's Q8 x int16 entry and C_BATCH_ROWS_Q8 apply to the default mode only with the int16 batch kernel off,
+# PYKIMI_VNNI16_BATCH=0, or below the AVX-512 level: see C_VNNI16_MIN)
 C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
 C_AMX_MIN_Q8 = 32
 # bf16 activations (mode "all", AVX512_BF16): every bf16 batch from this many rows of x goes to the C kernel, however
@@ -86,6 +90,27 @@ C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 # 85, 11: 143 / 80, 12: 157 / 78, 17: 188 / 81; Q8 9: 125 / 102, 10: 129 / 108, 11: 130 / 110, 12: 125 / 107, 15: 140 /
 # 109. Two threads, when the other core was free: Q4 8 rows 337 / 154, Q8 64-512 rows 303-313 / 231 (tiles 163-223).
 C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
+# int16 activations for Q8_32 weights (the default mode "q4": Q8 x int16) at the AVX-512 level: from this many rows of
+# x the int16 batch kernel (csrc vnni16_rows, vpdpwssd; PK_VNNI16_MIN_Q8), however many rows -- no exact f32 batch
+# kernel (C_BATCH_ROWS_Q8), no widened tiles past it any more; below it the int16 row kernel (tile_q8w_avx512), as for
+# decode. Same twin (ref.matmul_act16_q8: the same int16 codes, exact integer block dots; only the f32 summation order
+# differs). Its own switch: c.set_vnni16_batch / PYKIMI_VNNI16_BATCH=0 (off: the old plan). Not with AMX, whose exact
+# tile product keeps Q8 batches from C_AMX_MIN_Q8 rows (not measured against this kernel). Rows past the last vector
+# of 16 run the row kernel when fewer than 5 (csrc vnni16_split, PK_VNNI16_REM; e.g. 17 = 16 + 1). Measured on AMD
+# EPYC Zen 5, 2 threads, GOP/s, best of 5 alternating rounds (host shared, +-10 % between runs), [1408, 2048] then
+# [2048, 1408]: the kernel forced onto few rows (-DPK_VNNI16_MIN_Q8=1) / the row kernel: 6: 182-186 / 242-249, 7:
+# 214-219 / 233-256, 8: 241-253 / 234-243, 9: 273-287 / 234-244, 10: 301-320 / 233-235 (break-even at 8 rows, hence
+# 9); the remainder split, rows 16k + m (split at m < REM / one vector more): 17: 393-482 / 327-349, 19: 377-433 /
+# 366-382, 20: 368-417 / 385-400, 21: 346-384 / 402-424, 35: 461-519 / 434-478, 36: 457-511 / 447-491, 37: 436-489 /
+# 461-503, 53: 428-503 / 461-520. The plans (bench/bench_q8_batch.py), old (row kernel to 23 rows, exact f32 batch
+# kernel 24..112, then tiles + sgemm) / new, [1408, 2048] | [2048, 1408]: 9: 236 / 273 | 248 / 274, 10: 224 / 302 |
+# 253 / 306, 12: 240 / 363 | 231 / 370, 16: 238 / 478 | 232 / 489, 17: 232 / 399 | 230 / 439, 24: 294 / 456 | 251 /
+# 470, 32: 387 / 603 | 292 / 616, 64: 407 / 576 | 269 / 609, 128: 195 / 645 | 193 / 624, 512: 222 / 595 | 217 / 618
+# (1..8 rows the same kernel). 4-layer int8 prefill (synth-L4-q8-all, default mode, bench/bench_prefill_switch.py,
+# best of 3 alternating rounds) of 64 / 128 / 512 tokens: off 328 / 293 / 292 -> on 475 / 558 / 560 tok/s; bench/run.py
+# --only prefill --modes int8 (3 runs each, alternating): off 324-331 / 301-303 / 276-288 -> on 469-496 / 576-591 /
+# 578-590 tok/s (llama.cpp Q8_0 in bench/RESULTS.md: 320 / 357 / 345).
+C_VNNI16_MIN = {"q8_32": 9}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
@@ -129,8 +154,10 @@ def set_act_quant(value) -> None:
     doing integer block dot products keeps them memory bound. For bf16 weights, prefill is compute bound and
     the CPU's vdpbf16ps (AVX512_BF16) does twice the multiplies of an f32 FMA -- on bf16 inputs.
       "q4" (default): Q8 weights x int16 activations (rounding ~1e-5 relative: numerically the float
-              product), Q4 weights x int8 activations (~0.5 % rms per matmul, small next to int4's own error);
-              bf16 weights: the exact f32 product;
+              product) -- at the AVX-512 level in every batch, prefill included (the int16 batch kernel from
+              C_VNNI16_MIN rows; with PYKIMI_VNNI16_BATCH=0 batches of C_BATCH_ROWS_Q8 rows take the exact f32
+              batch kernel and larger ones the widened tiles) --, Q4 weights x int8 activations (~0.5 % rms per
+              matmul, small next to int4's own error); bf16 weights: the exact f32 product;
       "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0) -- at the AVX-512 level in
               every batch, prefill included (the int8 batch kernel from C_VNNI_MIN rows at the AVX-512 level,
               C_VNNI_MIN_AVX2 at the AVX2 level; with PYKIMI_VNNI_BATCH=0 Q8 batches past SMALL_N_ACT rows take
@@ -185,12 +212,22 @@ def _vnni(kind: str) -> bool:
     return bool(c.get_vnni_batch())
 
 
+def _vnni16(kind: str) -> bool:
+    """int16-activation batches of this format run the int16 batch kernel (from C_VNNI16_MIN rows): Q8_32 in mode "i16"
+    (the default "q4") at the AVX-512 level, not with AMX (its exact tile product keeps its rows), the kernel on
+    (c.set_vnni16_batch, PYKIMI_VNNI16_BATCH)."""
+    c = _mods.get("c")
+    if c is None or kind not in C_VNNI16_MIN or _act_mode(kind) != "i16" or c.get_simd() != "avx512" or _c_amx():
+        return False
+    return bool(c.get_vnni16_batch())
+
+
 def _small_n(kind: str) -> int:
     """Rows of x up to which matmul uses the stored-form C kernel for this weight format (C backend)."""
     if kind == "bf16" and _bf16_act():
         return 1 << 62                      # every bf16 batch on the AVX512_BF16 kernel, however many rows
-    if _vnni(kind):
-        return 1 << 62                      # every int8-activation batch on the batch kernel (or the row kernel)
+    if _vnni(kind) or _vnni16(kind):
+        return 1 << 62                      # every int8 / int16-activation batch on a batch kernel (or the row kernel)
     mode = _act_mode(kind)
     n = SMALL_N_ACT.get((kind, mode))
     if n is None or (kind == "bf16" and not _c_avx512()):
@@ -208,7 +245,9 @@ def _c_mode(kind: str, n: int) -> str:
     """The activation mode a C call uses for n rows of x: the setting's, except Q8_32 weights with
     C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
     product (batch-vectorised kernel, AMX tiles) -- unless their int8 activations go to the int8 batch kernel
-    (_vnni: mode "all" at the AVX-512 level without AMX, or at the AVX2 level: "i8" at every n); bf16 weights:
+    (_vnni: mode "all" at the AVX-512 level without AMX, or at the AVX2 level: "i8" at every n) or their int16 ones
+    to the int16 batch kernel (_vnni16: the default mode at the AVX-512 level without AMX: "i16" at every n); bf16
+    weights:
     "bf16" from C_BF16A_MIN rows when _bf16_act(), else (and below that) "f32"."""
     if kind == "bf16":
         return "bf16" if n >= C_BF16A_MIN and _bf16_act() else "f32"
@@ -216,6 +255,8 @@ def _c_mode(kind: str, n: int) -> str:
         return "f32"
     if _vnni(kind):
         return "i8"                         # below C_VNNI_MIN(_AVX2) the row kernel, from it the batch kernel
+    if _vnni16(kind):
+        return "i16"                        # below C_VNNI16_MIN the int16 row kernel, from it the int16 batch kernel
     if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
                                             or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
         return "f32"

@@ -1,0 +1,305 @@
+"""The int16 batch kernel for Q8_32 weights x int16 activations (the default mode "q4"'s Q8; csrc vnni16_rows,
+vpdpwssd, AVX-512 level): against its twin ref.matmul_act16_q8 (the same int16 codes, exact integer block dots, f32
+sums in another order) and the int16 row kernel it replaces, the integer block dots exact at the extremes, the rows
+past the last vector of 16 on the row kernel (csrc vnni16_split), its switch (c.set_vnni16_batch /
+PYKIMI_VNNI16_BATCH) giving the old paths, matmul_many with mixed jobs, plan() per mode / n / SIMD level, the forced
+AVX2 level unchanged, and a prefill of the int8 golden checkpoint with the kernel on and off."""
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+import pykimi.kernels as K
+from pykimi.kernels import linear, ref
+from pykimi.quant import quantize_q4, quantize_q8
+from pykimi.weights import Stored, f32_to_bf16
+
+from conftest import bound_err, on_and_off
+
+C_OK = K.backends()["c"]["available"]
+if C_OK:
+    from pykimi.kernels import c
+
+LEVELS = c.simd_levels() if C_OK else []
+needs_avx512 = pytest.mark.skipif("avx512" not in LEVELS, reason="needs the C backend at the AVX-512 level")
+
+MIN = linear.C_VNNI16_MIN["q8_32"]
+REM = 5        # csrc PK_VNNI16_REM: past 16 rows, fewer than this past the last multiple of 16 run the row kernel
+TOL = 1e-6     # of max row sum |x| * max |w|: the row kernels' tolerance (tests/test_kernels.py, test_vnni_batch)
+# below / at the minimum, one vector and its edges, the remainder split (16 + 1..4 on the row kernel, 16 + 5 padded),
+# two / three vectors, 49..64 (two passes of <= 32), several groups of 64
+NS = (1, MIN - 1, MIN, 11, 15, 16, 17, 20, 21, 22, 23, 31, 32, 33, 36, 37, 38, 48, 49, 53, 54, 64, 65, 70, 71, 81, 100, 130)
+# `in` not a multiple of 32 (a partial last block) nor even, one element, real widths; `out` not a multiple of the
+# 10 / 6 / 4 weight rows of a block (nor of 4 blocks: the result buffer)
+SHAPES = ((13, 37), (37, 301), (70, 2048), (9, 1407), (1, 16), (17, 1), (33, 3), (23, 65), (41, 130))
+
+
+def nbatch(n: int) -> int:
+    """Rows the batch kernel takes (csrc vnni16_split); the rest run the row kernel."""
+    return n if n < 16 or n % 16 >= REM else n - n % 16
+
+
+@pytest.fixture
+def v16():
+    """The C backend at the AVX-512 level, the int16 batch kernel on, AMX off; restored afterwards."""
+    if "avx512" not in LEVELS:
+        pytest.skip("needs the C backend at the AVX-512 level")
+    prev_b, prev_amx = K.backend(), c.get_amx()
+    K.set_backend("c")
+    c.set_simd("avx512")
+    c.set_amx(False)
+    assert c.set_vnni16_batch(True)
+    yield c
+    c.set_vnni16_batch(True)
+    c.set_amx(prev_amx)
+    c.set_simd(None)
+    K.set_backend(prev_b)
+
+
+def q8w(cc, x, W):
+    return cc.matmul_q8w(x, W.q, W.scales)
+
+
+# ------------------------------------------------------------------------------------------------ the kernel
+def test_kernel_matches_twin_and_row_kernel(v16):
+    """pk_matmul_q8w with the batch kernel == ref.matmul_act16_q8 within TOL, and == the row kernel (switch off)
+    within TOL: bit for bit below the minimum, and for the rows past the last vector of 16 that the split leaves
+    to the row kernel; the batch rows differ (the kernel ran)."""
+    rng = np.random.default_rng(61)
+    assert v16.vnni16_min() == MIN
+    for out_f, in_f in SHAPES:
+        W = quantize_q8(rng.standard_normal((out_f, in_f)).astype(np.float32))
+        wf = W.f32()
+        for n in NS:
+            x = (rng.standard_normal((n, in_f)) * 3).astype(np.float32)
+            y, rows = on_and_off(v16.set_vnni16_batch, lambda: q8w(v16, x, W))
+            err = bound_err(y, ref.matmul_act16_q8(x, W), x, wf)
+            assert err < TOL, f"[{out_f}, {in_f}] n={n}: {err:.2e} vs the twin"
+            if n < MIN:
+                np.testing.assert_array_equal(y, rows, err_msg=f"[{out_f}, {in_f}] n={n} below the min")
+                continue
+            assert bound_err(y, rows, x, wf) < TOL, f"[{out_f}, {in_f}] n={n} vs the row kernel"
+            nbt = nbatch(n)
+            np.testing.assert_array_equal(y[nbt:], rows[nbt:], err_msg=f"[{out_f}, {in_f}] n={n}: the rest")
+            if in_f >= 64:
+                assert not np.array_equal(y[:nbt], rows[:nbt]), f"[{out_f}, {in_f}] n={n}: did the kernel run?"
+
+
+def test_integer_block_dots_exact(v16):
+    """Activation scales of exactly 1 (max |x| = 32767 in every block) and weight scales of 1: y == the int64 product
+    bit for bit wherever every partial sum is an f32 integer -- (a) the extremes of the int32 block dot: every x =
+    +-32767 (one sign per row) against codes -128 everywhere (|block dot| = 32 * 128 * 32767 = 134213632, near 2^27,
+    in long rows) or 127 everywhere (short rows); (b) random int8 codes (-128 included) against x whose first
+    element per block is +-32767 and the rest small (|block dot| < 2^23), rows of at most 2 blocks. At the batch
+    kernel's row counts, the split's remainders and several groups of 64."""
+    rng = np.random.default_rng(62)
+    for n in (MIN, 16, 17, 22, 33, 40, 64, 65, 130):
+        for out_f, in_f, code in ((37, 3200, -128), (9, 1001, -128), (6, 128, 127), (5, 97, 127)):
+            nb = -(-in_f // 32)
+            x = (32767 * rng.choice([-1, 1], (n, 1)) * np.ones((1, in_f))).astype(np.float32)
+            q8 = np.full((out_f, in_f), code, np.int8)
+            e = x.astype(np.int64) @ q8.astype(np.int64).T
+            assert np.abs(e).max() == 32767 * abs(code) * in_f
+            y = v16.matmul_q8w(x, q8, np.ones((out_f, nb), np.float32))
+            np.testing.assert_array_equal(y, e.astype(np.float32), err_msg=f"extreme {code} [{out_f}, {in_f}] n={n}")
+        for out_f, in_f in ((37, 64), (16, 33), (9, 1), (13, 50), (6, 32)):
+            nb = -(-in_f // 32)
+            x = rng.integers(-255, 256, (n, in_f)).astype(np.float32)
+            x[:, ::32] = 32767 * rng.choice([-1, 1], (n, nb))
+            q8 = rng.integers(-128, 128, (out_f, in_f), dtype=np.int8)
+            q8[:, ::7] = -128
+            e = x.astype(np.int64) @ q8.astype(np.int64).T
+            assert np.abs(e).max() < 2 ** 24
+            y = v16.matmul_q8w(x, q8, np.ones((out_f, nb), np.float32))
+            np.testing.assert_array_equal(y, e.astype(np.float32), err_msg=f"random [{out_f}, {in_f}] n={n}")
+
+
+def test_switch_and_levels(v16, act_mode):
+    """Switched off, int16-activation products are the row kernel's at every n and the plans are the old ones
+    (the row kernel, the exact f32 batch kernel for C_BATCH_ROWS_Q8, then the tiles); at the AVX2 and the scalar
+    level the kernel never runs (get_vnni16_batch() False, vnni16_min() -1) and those levels' plans do not change."""
+    act_mode("q4")
+    rng = np.random.default_rng(63)
+    W = quantize_q8(rng.standard_normal((29, 301)).astype(np.float32))
+    x = rng.standard_normal((70, 301)).astype(np.float32)
+    on = q8w(v16, x, W)
+    v16.set_vnni16_batch(False)
+    assert not v16.get_vnni16_batch()
+    off = q8w(v16, x, W)
+    (rows,) = v16.matmul_many([(x, "q8_32", W.q, W.scales, "i16")], rows=True)
+    np.testing.assert_array_equal(off, rows)
+    assert not np.array_equal(on, off)
+    lo, hi = linear.C_BATCH_ROWS_Q8
+    for n in (1, MIN, lo - 1, lo, 64, hi, hi + 1, 512):
+        want = ("c", "i16") if n < lo else ("c", "f32") if n <= hi else ("tiles", "f32")
+        assert linear.plan("q8_32", n) == want, n
+    v16.set_vnni16_batch(True)
+    assert all(linear.plan("q8_32", n) == ("c", "i16") for n in (1, MIN, lo, 64, hi + 1, 512, 4096))
+    for lv in ("avx2", "scalar"):
+        if lv not in LEVELS:
+            continue
+        v16.set_simd(lv)
+        assert not v16.get_vnni16_batch() and v16.vnni16_min() == -1, lv
+        plans = [linear.plan(k, n) for k in ("q8_32", "q4_32") for n in (1, MIN, 24, 64, 113, 512)]
+        v16.set_vnni16_batch(False)
+        assert plans == [linear.plan(k, n) for k in ("q8_32", "q4_32") for n in (1, MIN, 24, 64, 113, 512)], lv
+        v16.set_vnni16_batch(True)
+        assert bound_err(q8w(v16, x, W), ref.matmul_act16_q8(x, W), x, W.f32()) < TOL, lv
+    v16.set_simd("avx512")
+
+
+def test_in_matmul_many_mixed_jobs(v16):
+    """int16 batch jobs (with and without a remainder, several groups) in one pk_matmul_many call with int16 jobs
+    below the minimum, int8 (VNNI batch and row), exact f32 and bf16 jobs: each == its single call bit for bit,
+    == its twin; the int16 jobs asked for the row kernels (rows=True) == the row kernel (switch off) bit for bit."""
+    rng = np.random.default_rng(64)
+    spec = ((MIN, 37, 301, "q8_32", "i16"), (5, 20, 64, "q8_32", "i16"), (200, 70, 2048, "q8_32", "i16"),
+            (17, 9, 33, "q8_32", "i16"), (65, 13, 1407, "q8_32", "i16"), (40, 11, 97, "q8_32", "i8"),
+            (30, 17, 96, "q8_32", "f32"), (12, 21, 70, "bf16", "f32"), (64, 23, 65, "q8_32", "i16"),
+            (3, 19, 130, "q8_32", "i8"), (48, 31, 1, "q8_32", "i16"), (20, 27, 200, "q4_32", "i8"),
+            (38, 14, 99, "q8_32", "i16"))
+    jobs, twins = [], []
+    for n, out_f, in_f, kind, act in spec:
+        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+        x = rng.standard_normal((n, in_f)).astype(np.float32)
+        if kind == "bf16":
+            W = Stored("w", "BF16", f32_to_bf16(w))
+            jobs.append((x, kind, W.data, None, act))
+            twins.append(ref.matmul(x, W))
+            continue
+        W = quantize_q8(w) if kind == "q8_32" else quantize_q4(w)
+        jobs.append((x, kind, W.q, W.scales, act))
+        twins.append({"i16": ref.matmul_act16_q8, "f32": ref.matmul,
+                      "i8": ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4}[act](x, W))
+    ys = v16.matmul_many(jobs)
+    for k, (job, twin, y) in enumerate(zip(jobs, twins, ys)):
+        np.testing.assert_array_equal(y, v16.matmul_many([job])[0], err_msg=f"job {k}")
+        err = float(np.max(np.abs(y - twin)) / np.abs(twin).max())
+        assert err < 2e-5, f"job {k} ({job[1]}/{job[4]}, n={job[0].shape[0]}): {err:.2e}"
+    i16 = [j for j in jobs if j[4] == "i16" and j[0].shape[0] >= MIN]
+    assert len(i16) >= 5
+    ys = v16.matmul_many(i16, rows=True)
+    v16.set_vnni16_batch(False)
+    for k, (job, y) in enumerate(zip(i16, ys)):
+        np.testing.assert_array_equal(y, v16.matmul_many([job])[0], err_msg=f"rows job {k}")
+    v16.set_vnni16_batch(True)
+
+
+# ----------------------------------------------------------------------------------------- plan / reference
+def test_plan_per_mode_and_n(v16, act_mode):
+    """plan(kind, n), kernel on against off, at the AVX-512 level: Q8_32 in "q4" takes ("c", "i16") at every n (no
+    exact f32 batch kernel, no widened tiles); Q8_32 in "all" / "none" and Q4_32 in every mode as before. matmul and
+    matmul_many == reference(), reference() == ref.matmul_act16_q8 where the mode is i16."""
+    rng = np.random.default_rng(65)
+    w = rng.standard_normal((45, 70)).astype(np.float32)
+    ns = (1, 2, MIN - 1, MIN, 16, 17, 23, 24, 48, 64, 112, 113, 200, 512, 1000)
+    for kind, W in (("q8_32", quantize_q8(w)), ("q4_32", quantize_q4(w))):
+        for mode in ("q4", "all", "none"):
+            act_mode(mode)
+            v16.set_vnni16_batch(False)
+            old = [linear.plan(kind, n) for n in ns]
+            v16.set_vnni16_batch(True)
+            new = [linear.plan(kind, n) for n in ns]
+            uses = kind == "q8_32" and mode == "q4"
+            assert new == ([("c", "i16")] * len(ns) if uses else old), (kind, mode, new)
+            xs = []
+            for n in (1, 5, MIN, 17, 64, 200):
+                x = rng.standard_normal((n, 70)).astype(np.float32)
+                xs.append(x)
+                y, r = K.matmul(x, W), K.reference(x, W)
+                if uses:
+                    np.testing.assert_array_equal(r, ref.matmul_act16_q8(x, W))
+                assert bound_err(y, r, x, W.f32()) < TOL, f"{kind} {mode} n={n}: matmul vs reference"
+            for x, y in zip(xs, K.matmul_many(xs, [W] * len(xs))):
+                assert bound_err(y, K.reference(x, W), x, W.f32()) < TOL, f"{kind} {mode} matmul_many n={x.shape[0]}"
+
+
+def _env(**kw):
+    e = {k: v for k, v in os.environ.items()
+         if k not in ("PYKIMI_SIMD", "PYKIMI_ACT_QUANT", "PYKIMI_VNNI_BATCH", "PYKIMI_VNNI16_BATCH", "PYKIMI_AMX")}
+    return dict(e, PYKIMI_AMX="0", **kw)
+
+
+@pytest.mark.skipif("avx2" not in LEVELS, reason="needs the C backend at the AVX2 level")
+def test_forced_avx2_plans_unchanged():
+    """PYKIMI_SIMD=avx2 in a fresh process: get_vnni16_batch() False and the default mode's Q8_32 plans the old ones
+    (the row kernel to SMALL_N_ACT, then the tiles), whatever PYKIMI_VNNI16_BATCH says."""
+    code = ("import pykimi.kernels as K; from pykimi.kernels import c, linear; K.set_backend('c'); "
+            "print(c.get_vnni16_batch(), c.vnni16_min(), [linear.plan('q8_32', n) for n in (8, 64, 96, 97, 200)])")
+    want = ("False -1 [('c', 'i16'), ('c', 'i16'), ('c', 'i16'), ('tiles', 'f32'), ('tiles', 'f32')]")
+    for on in ("1", "0"):
+        got = subprocess.run([sys.executable, "-c", code], env=_env(PYKIMI_SIMD="avx2", PYKIMI_VNNI16_BATCH=on),
+                             capture_output=True, text=True)
+        assert got.stdout.strip() == want, f"{on}: {got.stdout!r} {got.stderr[-500:]}"
+
+
+@needs_avx512
+def test_env_switch_and_info():
+    """PYKIMI_VNNI16_BATCH=0 turns the kernel off at start-up (Q8_32 in the default mode then takes its old f32 batch
+    path at 64 rows); info() reports it; PYKIMI_VNNI_BATCH=0 (the int8 kernels' switch) leaves it on."""
+    code = ("from pykimi.kernels import c, linear; import pykimi.kernels as K; K.set_backend('c'); "
+            "print(c.get_vnni16_batch(), c.info()['vnni16_batch'], linear.plan('q8_32', 64)[1])")
+    for env, want in (({"PYKIMI_VNNI16_BATCH": "0"}, "False False f32"), ({}, "True True i16"),
+                      ({"PYKIMI_VNNI_BATCH": "0"}, "True True i16")):
+        out = subprocess.run([sys.executable, "-c", code], env=_env(**env), capture_output=True, text=True)
+        assert out.stdout.strip() == want, f"{env}: {out.stdout!r} {out.stderr[-500:]}"
+
+
+# ------------------------------------------------------------------------------------ prefill, end to end
+# The kernel changes only the f32 summation order of the scaled block dots (the same int16 codes, the same exact
+# integer dots): per product ~1e-7 of max |y| against the row kernel. Through a whole prefill that grows more than
+# the int8 kernel's (test_vnni_batch: 2e-7) because the next layer's int16 quantization is a step function: an input
+# moved by ~1e-7 now and then lands on the other side of a rounding boundary, one code step = 2^-15 of its block's
+# max (measured on the golden checkpoint repacked to int8, text_only: layer 0 o_proj input 1.8e-7 apart, its output
+# 3.5e-6, the rest of the model ~3e-5 to 1e-4 per product, all tokens from the third on). Logits against the row kernel
+# at every n: 7.3e-5 (text_only, 55 tokens) / 4.8e-5 (two_images, 116) of max |logit|; bound PREFILL_BOUND = 1e-4,
+# the greedy ids the same. Against the old path (the exact f32 batch kernel for 24..112 rows) the error against the
+# bf16 goldens (dominated by the int8 weights) is the same to 3 digits (0.24 / 0.211): asserted within GOLDEN_SLACK.
+PREFILL_BOUND = 1e-4
+GOLDEN_SLACK = 0.01
+
+
+@pytest.fixture(scope="module")
+def q8_all(tmp_path_factory):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import TINY
+    from pykimi.quant import quantize_checkpoint
+    out = str(tmp_path_factory.mktemp("vnni16") / "q8-all")
+    quantize_checkpoint(TINY, out, bits=8, what="all", progress=False)
+    return out
+
+
+@pytest.mark.parametrize("case", ["text_only", "two_images"])
+def test_prefill_on_vs_row_kernel(v16, act_mode, q8_all, case, monkeypatch):
+    sys.path.insert(0, os.path.dirname(__file__))
+    from test_model_golden import case_data
+    from pykimi.model import load
+    inputs, gold, _ = case_data(case)
+    act_mode("q4")
+    model = load(q8_all)
+    kw = {}
+    if "pixel_values" in inputs:
+        kw = dict(image_features=gold["multi_modal_projector"])
+    S = int(inputs["input_ids"].shape[0])
+    assert S >= MIN and linear.plan("q8_32", S) == ("c", "i16")
+    scale = float(np.max(np.abs(gold["logits"])))
+    on = model.forward(inputs["input_ids"], **kw)
+    ids_on = model.generate(inputs["input_ids"], max_new_tokens=4, stop_ids=[], **kw)
+    v16.set_vnni16_batch(False)
+    old = model.forward(inputs["input_ids"], **kw)                   # the previous paths
+    with monkeypatch.context() as m:                                 # int16 on the row kernel at every n
+        m.setattr(linear, "SMALL_N_ACT", {**linear.SMALL_N_ACT, ("q8_32", "i16"): 1 << 62})
+        m.setattr(linear, "C_BATCH_ROWS_Q8", (1 << 62, 1 << 62))
+        assert linear.plan("q8_32", S) == ("c", "i16")
+        rows = model.forward(inputs["input_ids"], **kw)
+        ids_rows = model.generate(inputs["input_ids"], max_new_tokens=4, stop_ids=[], **kw)
+    v16.set_vnni16_batch(True)
+    err = float(np.max(np.abs(on - rows)) / np.max(np.abs(rows)))
+    g_on, g_old = (float(np.max(np.abs(y - gold["logits"]))) / scale for y in (on, old))
+    print(f"q8 q4 {case}: logits vs the row kernel {err:.3g}; vs goldens {g_on:.3g} (old path {g_old:.3g})")
+    assert err <= PREFILL_BOUND, f"{case}: logits err {err:.3g} > {PREFILL_BOUND:g}"
+    assert err > 0, f"{case}: bit for bit the row kernel -- did it run?"
+    assert ids_on == ids_rows, f"{case}: greedy ids {ids_on} != {ids_rows}"
+    assert g_on <= g_old + GOLDEN_SLACK, f"{case}: vs goldens {g_on:.3g}, old path {g_old:.3g}"
