@@ -124,14 +124,9 @@ def torch_encode(torch, W: dict, cfg: KimiVLConfig, pv: np.ndarray, grids: np.nd
 # ---------------------------------------------------------------------------------------------------------
 def rss_anon() -> int:
     """This process's anonymous resident memory in bytes (RssAnon in /proc/self/status; 0 where absent)."""
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("RssAnon:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return 0
+    from pykimi.procfs import status_bytes
+
+    return status_bytes("RssAnon") or 0
 
 
 def peak_anon(fn, every: float = 0.005):

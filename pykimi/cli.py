@@ -27,16 +27,11 @@ CHAT_HELP = ("commands: /image PATH attaches an image to the next message, /vide
 
 def _mem() -> dict:
     """Peak resident set (includes memory-mapped weights paged in) and current anonymous memory, in MB."""
+    from .procfs import status_bytes
+
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-    anon = None
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("RssAnon:"):
-                    anon = int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return {"peak_rss_mb": round(peak, 1), "anon_mb": None if anon is None else round(anon, 1)}
+    anon = status_bytes("RssAnon")
+    return {"peak_rss_mb": round(peak, 1), "anon_mb": None if anon is None else round(anon / 2**20, 1)}
 
 
 class StreamText:

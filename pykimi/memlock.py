@@ -25,6 +25,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import ResourceError
+from .procfs import status_bytes, status_field
 
 RESERVE = 2 << 30          # RAM the lock must leave to the OS, the KV cache and the activations
 _CAP_IPC_LOCK = 14         # linux/capability.h: may lock any amount of memory, whatever RLIMIT_MEMLOCK says
@@ -86,13 +87,9 @@ def plan_lock(need: int, soft: int, hard: int, privileged: bool, ram: int | None
 
 def _privileged() -> bool:
     """CAP_IPC_LOCK in the effective set (Linux /proc/self/status CapEff); elsewhere: euid 0."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("CapEff:"):
-                    return bool(int(line.split()[1], 16) >> _CAP_IPC_LOCK & 1)
-    except OSError:
-        pass
+    caps = status_field("CapEff")
+    if caps is not None:
+        return bool(int(caps, 16) >> _CAP_IPC_LOCK & 1)
     return hasattr(os, "geteuid") and os.geteuid() == 0
 
 
@@ -155,11 +152,4 @@ def unlock_mappings(buffers: list) -> None:
 
 def locked_bytes() -> int | None:
     """This process's locked memory (VmLck of /proc/self/status) in bytes; None where there is no /proc."""
-    try:
-        with open("/proc/self/status") as fh:
-            for line in fh:
-                if line.startswith("VmLck:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return None
+    return status_bytes("VmLck")

@@ -38,3 +38,42 @@ def on_and_off(switch, fn) -> tuple:
 def bound_err(y, r, x, w) -> float:
     """max |y - r| relative to the largest possible |sum| (max row sum of |x| times max |w|), as test_kernels."""
     return float(np.max(np.abs(y - r)) / max(np.abs(x).sum(1).max() * np.abs(w).max(), 1e-30))
+
+
+def check_mixed_jobs(cmod, spec, seed: int, rows_jobs, switch, bf16_act: bool = False) -> None:
+    """One pk_matmul_many call over jobs built from ``spec`` rows (n, out, in, kind, act): each result == its single
+    call bit for bit and within 2e-5 of its NumPy twin; then the jobs ``rows_jobs(jobs)`` picks, asked for the row
+    kernels (rows=True, csrc A_ROWS), == their single calls with the kernel ``switch`` off, bit for bit.
+    bf16_act: the bf16 jobs of act "bf16" run the AVX512_BF16 kernel (twin ref.matmul_act_bf16)."""
+    from pykimi.kernels import ref
+    from pykimi.quant import quantize_q4, quantize_q8
+    from pykimi.weights import Stored, f32_to_bf16
+
+    rng = np.random.default_rng(seed)
+    jobs, twins = [], []
+    for n, out_f, in_f, kind, act in spec:
+        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+        x = rng.standard_normal((n, in_f)).astype(np.float32)
+        if kind == "bf16":
+            W = Stored("w", "BF16", f32_to_bf16(w))
+            jobs.append((x, kind, W.data, None, act))
+            twins.append(ref.matmul_act_bf16(x, W) if bf16_act and act == "bf16" else ref.matmul(x, W))
+            continue
+        W = quantize_q8(w) if kind == "q8_32" else quantize_q4(w)
+        jobs.append((x, kind, W.q, W.scales, act))
+        twins.append({"i16": ref.matmul_act16_q8, "f32": ref.matmul,
+                      "i8": ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4}[act](x, W))
+    ys = cmod.matmul_many(jobs)
+    for k, (job, twin, y) in enumerate(zip(jobs, twins, ys)):
+        np.testing.assert_array_equal(y, cmod.matmul_many([job])[0], err_msg=f"job {k}")
+        err = float(np.max(np.abs(y - twin)) / np.abs(twin).max())
+        assert err < 2e-5, f"job {k} ({job[1]}/{job[4]}, n={job[0].shape[0]}): {err:.2e}"
+    picked = rows_jobs(jobs)
+    assert len(picked) >= 4, f"only {len(picked)} jobs for the row-kernel check"
+    ys = cmod.matmul_many(picked, rows=True)
+    switch(False)
+    try:
+        for k, (job, y) in enumerate(zip(picked, ys)):
+            np.testing.assert_array_equal(y, cmod.matmul_many([job])[0], err_msg=f"rows job {k}")
+    finally:
+        switch(True)

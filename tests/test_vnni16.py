@@ -14,9 +14,8 @@ import pytest
 import pykimi.kernels as K
 from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q4, quantize_q8
-from pykimi.weights import Stored, f32_to_bf16
 
-from conftest import bound_err, on_and_off
+from conftest import bound_err, check_mixed_jobs, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -154,37 +153,13 @@ def test_in_matmul_many_mixed_jobs(v16):
     """int16 batch jobs (with and without a remainder, several groups) in one pk_matmul_many call with int16 jobs
     below the minimum, int8 (VNNI batch and row), exact f32 and bf16 jobs: each == its single call bit for bit,
     == its twin; the int16 jobs asked for the row kernels (rows=True) == the row kernel (switch off) bit for bit."""
-    rng = np.random.default_rng(64)
     spec = ((MIN, 37, 301, "q8_32", "i16"), (5, 20, 64, "q8_32", "i16"), (200, 70, 2048, "q8_32", "i16"),
             (17, 9, 33, "q8_32", "i16"), (65, 13, 1407, "q8_32", "i16"), (40, 11, 97, "q8_32", "i8"),
             (30, 17, 96, "q8_32", "f32"), (12, 21, 70, "bf16", "f32"), (64, 23, 65, "q8_32", "i16"),
             (3, 19, 130, "q8_32", "i8"), (48, 31, 1, "q8_32", "i16"), (20, 27, 200, "q4_32", "i8"),
             (38, 14, 99, "q8_32", "i16"))
-    jobs, twins = [], []
-    for n, out_f, in_f, kind, act in spec:
-        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
-        x = rng.standard_normal((n, in_f)).astype(np.float32)
-        if kind == "bf16":
-            W = Stored("w", "BF16", f32_to_bf16(w))
-            jobs.append((x, kind, W.data, None, act))
-            twins.append(ref.matmul(x, W))
-            continue
-        W = quantize_q8(w) if kind == "q8_32" else quantize_q4(w)
-        jobs.append((x, kind, W.q, W.scales, act))
-        twins.append({"i16": ref.matmul_act16_q8, "f32": ref.matmul,
-                      "i8": ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4}[act](x, W))
-    ys = v16.matmul_many(jobs)
-    for k, (job, twin, y) in enumerate(zip(jobs, twins, ys)):
-        np.testing.assert_array_equal(y, v16.matmul_many([job])[0], err_msg=f"job {k}")
-        err = float(np.max(np.abs(y - twin)) / np.abs(twin).max())
-        assert err < 2e-5, f"job {k} ({job[1]}/{job[4]}, n={job[0].shape[0]}): {err:.2e}"
-    i16 = [j for j in jobs if j[4] == "i16" and j[0].shape[0] >= MIN]
-    assert len(i16) >= 5
-    ys = v16.matmul_many(i16, rows=True)
-    v16.set_vnni16_batch(False)
-    for k, (job, y) in enumerate(zip(i16, ys)):
-        np.testing.assert_array_equal(y, v16.matmul_many([job])[0], err_msg=f"rows job {k}")
-    v16.set_vnni16_batch(True)
+    check_mixed_jobs(v16, spec, 64, lambda jobs: [j for j in jobs if j[4] == "i16" and j[0].shape[0] >= MIN],
+                     v16.set_vnni16_batch)
 
 
 # ----------------------------------------------------------------------------------------- plan / reference

@@ -17,7 +17,7 @@ from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q4, quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
-from conftest import bound_err, on_and_off
+from conftest import bound_err, check_mixed_jobs, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -142,38 +142,15 @@ def test_in_matmul_many_mixed_jobs(vnni):
     """Batch-kernel jobs in one pk_matmul_many call with row-kernel int8 jobs, int16, exact f32 and
     bf16-activation jobs: each == its single call == its twin; the same int8 jobs asked for the row kernels
     (rows=True, csrc A_ROWS) == the row kernels bit for bit."""
-    rng = np.random.default_rng(44)
-    jobs, twins = [], []
     spec = ((40, 37, 301, "q4_32", "i8"), (5, 20, 64, "q8_32", "i8"), (200, 70, 2048, "q8_32", "i8"),
             (16, 9, 33, "q4_32", "i8"), (65, 13, 1407, "q4_32", "i8"), (48, 11, 97, "q8_32", "i8"),
             (30, 17, 96, "q8_32", "i16"), (12, 21, 70, "bf16", "f32"), (64, 23, 65, "q8_32", "i8"),
             (20, 19, 130, "bf16", "bf16"), (MIN4, 31, 1, "q4_32", "i8"), (9, 27, 200, "q8_32", "i8"),
             (11, 14, 99, "q4_32", "i8"), (A4, 15, 64, "q4_32", "i8"), (A8, 16, 64, "q8_32", "i8"))
-    for n, out_f, in_f, kind, act in spec:
-        w = rng.standard_normal((out_f, in_f)).astype(np.float32)
-        x = rng.standard_normal((n, in_f)).astype(np.float32)
-        if kind == "bf16":
-            W = Stored("w", "BF16", f32_to_bf16(w))
-            jobs.append((x, kind, W.data, None, act))
-            bf16a = act == "bf16" and vnni.level == "avx512" and vnni.get_avx512bf16()   # else the exact f32 product
-            twins.append(ref.matmul_act_bf16(x, W) if bf16a else ref.matmul(x, W))
-            continue
-        W = quantize_q8(w) if kind == "q8_32" else quantize_q4(w)
-        jobs.append((x, kind, W.q, W.scales, act))
-        twins.append({"i16": ref.matmul_act16_q8, "i8": ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4
-                      }[act](x, W))
-    ys = vnni.matmul_many(jobs)
-    for k, (job, twin, y) in enumerate(zip(jobs, twins, ys)):
-        np.testing.assert_array_equal(y, vnni.matmul_many([job])[0], err_msg=f"job {k}")
-        err = float(np.max(np.abs(y - twin)) / np.abs(twin).max())
-        assert err < 2e-5, f"job {k} ({job[1]}/{job[4]}, n={job[0].shape[0]}): {err:.2e}"
-    rowjobs = [j for j in jobs if j[4] == "i8" and j[0].shape[0] >= linear.C_VNNI_MIN[j[1]]]
-    assert len(rowjobs) >= 4
-    ys = vnni.matmul_many(rowjobs, rows=True)
-    vnni.set_vnni_batch(False)
-    for k, (job, y) in enumerate(zip(rowjobs, ys)):
-        np.testing.assert_array_equal(y, vnni.matmul_many([job])[0], err_msg=f"rows job {k}")
-    vnni.set_vnni_batch(True)
+    bf16a = vnni.level == "avx512" and vnni.get_avx512bf16()          # else the bf16 jobs take the exact f32 product
+    check_mixed_jobs(vnni, spec, 44, lambda jobs: [j for j in jobs if j[4] == "i8"
+                                                   and j[0].shape[0] >= linear.C_VNNI_MIN[j[1]]],
+                     vnni.set_vnni_batch, bf16_act=bf16a)
 
 
 # ----------------------------------------------------------------------------------------- plan / reference
