@@ -77,3 +77,40 @@ def check_mixed_jobs(cmod, spec, seed: int, rows_jobs, switch, bf16_act: bool = 
             np.testing.assert_array_equal(y, cmod.matmul_many([job])[0], err_msg=f"rows job {k}")
     finally:
         switch(True)
+
+
+def check_prefill_switch(model, case: str, switch, row_patches: dict, label: str, bound: float, golden_slack: float,
+                         monkeypatch, plan_check=None) -> None:
+    """A batch kernel in a whole prefill of golden ``case``: on, against the row kernels at every row count
+    (``row_patches``: linear's attributes set so that the plan keeps the same mode on the row kernels) and against
+    the previous paths (the kernel ``switch`` off). The logits stay within ``bound`` of max |logit| of the row
+    kernels' and differ from them (the kernel ran), the greedy ids are the same, and the error against the goldens
+    is the previous paths' within ``golden_slack``. ``plan_check()`` asserts the plan while the patches hold."""
+    from pykimi.kernels import linear
+    from test_model_golden import case_data
+
+    inputs, gold, _ = case_data(case)
+    kw = dict(image_features=gold["multi_modal_projector"]) if "pixel_values" in inputs else {}
+    ids = inputs["input_ids"]
+    scale = float(np.max(np.abs(gold["logits"])))
+    on = model.forward(ids, **kw)
+    ids_on = model.generate(ids, max_new_tokens=4, stop_ids=[], **kw)
+    switch(False)
+    try:
+        old = model.forward(ids, **kw)                                  # the previous paths
+        with monkeypatch.context() as m:                                # the same mode on the row kernels at every n
+            for name, value in row_patches.items():
+                m.setattr(linear, name, value)
+            if plan_check:
+                plan_check()
+            rows = model.forward(ids, **kw)
+            ids_rows = model.generate(ids, max_new_tokens=4, stop_ids=[], **kw)
+    finally:
+        switch(True)
+    err = float(np.max(np.abs(on - rows)) / np.max(np.abs(rows)))
+    g_on, g_old = (float(np.max(np.abs(y - gold["logits"]))) / scale for y in (on, old))
+    print(f"{label}: logits vs the row kernels {err:.3g}; vs goldens {g_on:.3g} (old path {g_old:.3g})")
+    assert err <= bound, f"{label}: logits err {err:.3g} > {bound:g}"
+    assert err > 0, f"{label}: bit for bit the row kernels -- did the batch kernel run?"
+    assert ids_on == ids_rows, f"{label}: greedy ids {ids_on} != {ids_rows}"
+    assert g_on <= g_old + golden_slack, f"{label}: vs goldens {g_on:.3g}, old path {g_old:.3g}"

@@ -15,7 +15,7 @@ import pykimi.kernels as K
 from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q4, quantize_q8
 
-from conftest import bound_err, check_mixed_jobs, on_and_off
+from conftest import bound_err, check_mixed_jobs, check_prefill_switch, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -251,30 +251,12 @@ def test_prefill_on_vs_row_kernel(v16, act_mode, q8_all, case, monkeypatch):
     sys.path.insert(0, os.path.dirname(__file__))
     from test_model_golden import case_data
     from pykimi.model import load
-    inputs, gold, _ = case_data(case)
     act_mode("q4")
     model = load(q8_all)
-    kw = {}
-    if "pixel_values" in inputs:
-        kw = dict(image_features=gold["multi_modal_projector"])
-    S = int(inputs["input_ids"].shape[0])
+    S = int(case_data(case)[0]["input_ids"].shape[0])
     assert S >= MIN and linear.plan("q8_32", S) == ("c", "i16")
-    scale = float(np.max(np.abs(gold["logits"])))
-    on = model.forward(inputs["input_ids"], **kw)
-    ids_on = model.generate(inputs["input_ids"], max_new_tokens=4, stop_ids=[], **kw)
-    v16.set_vnni16_batch(False)
-    old = model.forward(inputs["input_ids"], **kw)                   # the previous paths
-    with monkeypatch.context() as m:                                 # int16 on the row kernel at every n
-        m.setattr(linear, "SMALL_N_ACT", {**linear.SMALL_N_ACT, ("q8_32", "i16"): 1 << 62})
-        m.setattr(linear, "C_BATCH_ROWS_Q8", (1 << 62, 1 << 62))
-        assert linear.plan("q8_32", S) == ("c", "i16")
-        rows = model.forward(inputs["input_ids"], **kw)
-        ids_rows = model.generate(inputs["input_ids"], max_new_tokens=4, stop_ids=[], **kw)
-    v16.set_vnni16_batch(True)
-    err = float(np.max(np.abs(on - rows)) / np.max(np.abs(rows)))
-    g_on, g_old = (float(np.max(np.abs(y - gold["logits"]))) / scale for y in (on, old))
-    print(f"q8 q4 {case}: logits vs the row kernel {err:.3g}; vs goldens {g_on:.3g} (old path {g_old:.3g})")
-    assert err <= PREFILL_BOUND, f"{case}: logits err {err:.3g} > {PREFILL_BOUND:g}"
-    assert err > 0, f"{case}: bit for bit the row kernel -- did it run?"
-    assert ids_on == ids_rows, f"{case}: greedy ids {ids_on} != {ids_rows}"
-    assert g_on <= g_old + GOLDEN_SLACK, f"{case}: vs goldens {g_on:.3g}, old path {g_old:.3g}"
+    check_prefill_switch(model, case, v16.set_vnni16_batch,
+                         {"SMALL_N_ACT": {**linear.SMALL_N_ACT, ("q8_32", "i16"): 1 << 62},
+                          "C_BATCH_ROWS_Q8": (1 << 62, 1 << 62)},
+                         f"q8 q4 {case}", PREFILL_BOUND, GOLDEN_SLACK, monkeypatch,
+                         plan_check=lambda: linear.plan("q8_32", S) == ("c", "i16") or pytest.fail("plan"))

@@ -17,7 +17,7 @@ from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q4, quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
-from conftest import bound_err, check_mixed_jobs, on_and_off
+from conftest import bound_err, check_mixed_jobs, check_prefill_switch, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -329,32 +329,13 @@ def test_prefill_on_vs_row_kernels(vnni, act_mode, quantized, bits, mode, case, 
     sys.path.insert(0, os.path.dirname(__file__))
     from test_model_golden import case_data
     from pykimi.model import load
-    inputs, gold, _ = case_data(case)
     act_mode(mode)
     model = load(quantized[bits])
-    kw = {}
-    if "pixel_values" in inputs:
-        kw = dict(image_features=gold["multi_modal_projector"])
-    S = int(inputs["input_ids"].shape[0])
+    S = int(case_data(case)[0]["input_ids"].shape[0])
     kind = "q4_32" if bits == 4 else "q8_32"
     assert S >= MINS[vnni.level][kind] and linear.plan(kind, S) == ("c", "i8")
-    scale = float(np.max(np.abs(gold["logits"])))
-    on = model.forward(inputs["input_ids"], **kw)
-    ids_on = model.generate(inputs["input_ids"], max_new_tokens=4, stop_ids=[], **kw)
-    vnni.set_vnni_batch(False)
-    old = model.forward(inputs["input_ids"], **kw)                   # the previous paths
-    with monkeypatch.context() as m:                                 # int8 on the row kernels at every n
-        m.setattr(linear, "SMALL_N_ACT", {**linear.SMALL_N_ACT, (kind, "i8"): 1 << 62})
-        m.setattr(linear, "C_BATCH_ROWS_Q8", (1 << 62, 1 << 62))
-        m.setattr(linear, "SMALL_N_ACT_AVX2", {(kind, "i8"): 1 << 62})
-        assert linear.plan(kind, S) == ("c", "i8")
-        rows = model.forward(inputs["input_ids"], **kw)
-        ids_rows = model.generate(inputs["input_ids"], max_new_tokens=4, stop_ids=[], **kw)
-    vnni.set_vnni_batch(True)
-    err = float(np.max(np.abs(on - rows)) / np.max(np.abs(rows)))
-    g_on, g_old = (float(np.max(np.abs(y - gold["logits"]))) / scale for y in (on, old))
-    print(f"q{bits} {mode} {case}: logits vs the row kernels {err:.3g}; vs goldens {g_on:.3g} (old path {g_old:.3g})")
-    assert err <= PREFILL_BOUND, f"q{bits} {mode} {case}: logits err {err:.3g} > {PREFILL_BOUND:g}"
-    assert err > 0, f"q{bits} {mode} {case}: bit for bit the row kernels -- did it run?"
-    assert ids_on == ids_rows, f"q{bits} {mode} {case}: greedy ids {ids_on} != {ids_rows}"
-    assert g_on <= g_old + GOLDEN_SLACK, f"q{bits} {mode} {case}: vs goldens {g_on:.3g}, old path {g_old:.3g}"
+    check_prefill_switch(model, case, vnni.set_vnni_batch,
+                         {"SMALL_N_ACT": {**linear.SMALL_N_ACT, (kind, "i8"): 1 << 62},
+                          "C_BATCH_ROWS_Q8": (1 << 62, 1 << 62), "SMALL_N_ACT_AVX2": {(kind, "i8"): 1 << 62}},
+                         f"q{bits} {mode} {case}", PREFILL_BOUND, GOLDEN_SLACK, monkeypatch,
+                         plan_check=lambda: linear.plan(kind, S) == ("c", "i8") or pytest.fail("plan"))
