@@ -56,6 +56,13 @@
 #include <immintrin.h>
 #define PK_AVX2 __attribute__((target("avx2,fma")))
 #define PK_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
+/* The batch kernels (PK_VN_KERNEL, PK_VW_KERNEL, PK_AB_KERNEL) start on a 64-byte boundary, so that where their hot
+ * loops fall in the fetch windows does not move with the code placed before them. Byte for byte the same int8 Q4
+ * kernels (vnni_q4_*, mode "all", 2 threads, AMD EPYC Zen 5, gcc 12), only moved by a change in the AVX2 kernel,
+ * measured [2048, 1408] 8 / 16 / 32 rows 377-379 / 766-771 / 941-947 GOP/s starting at 48 mod 64, 344 / 698-701 /
+ * 922-931 at 32, 386-388 / 785-789 / 953-955 at 0. Aligned, the int8 and int16 kernels measured as before the move
+ * (4-layer int4 prefill of 64 / 128 / 512 tokens 670-726 / 834-858 / 788-907 -> 663-731 / 810-878 / 817-904 tok/s). */
+#define PK_HOT __attribute__((aligned(64)))
 /* AVX-512 needs a compiler that knows the VNNI target and intrinsics: gcc >= 8, clang >= 8. */
 #if (defined(__clang__) && __clang_major__ >= 8) || (!defined(__clang__) && __GNUC__ >= 8)
 #define PK_HAVE_AVX512 1
@@ -1862,7 +1869,7 @@ static int vnni_prepare(pk_job *j, int simd) {
  * NV loads of x and R broadcasts for R * NV vpdpbusd; then R * NV (convert, multiply the scales, FMA).
  * Results through yb as in PK_BD_KERNEL (4 R weight rows x the group's rows of x). FMT: F_Q8 or F_Q4. */
 #define PK_VN_KERNEL(NAME, FMT, R, NV)                                                                      \
-    static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {         \
+    static PK_HOT PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {  \
         const int64_t in = j->in, nb = j->nb, g0 = t0 - t0 % PK_TN_GROUP, lane = t0 - g0;                 \
         const int64_t gn = j->n - g0 < PK_TN_GROUP ? j->n - g0 : PK_TN_GROUP, gw = 16 * ((gn + 15) / 16);   \
         const uint32_t *xg = j->xp + (g0 / PK_TN_GROUP) * vnni_group_elems(nb) + lane;                   \
@@ -1955,7 +1962,9 @@ static int vnni_prepare(pk_job *j, int simd) {
  * 5: 549, 7: 473; 48 rows R = 4: 556-583, 3: 326, 5: 516; 64 / 512 rows as one 3 x 4 pass 311 / 308, 4 x 4 (ai
  * and acc spill) 533 / 525 as 32 + 32, 48 + 16 449 / 440, 32 + 32 with 6 x 2: 518-533 / 503-525. Per quad NV loads
  * of x and R broadcasts feed R * NV vpdpbusd, and per block R * NV convert / multiply / FMA follow: 2 R NV + NV
- * registers live, so R NV of ~12 is all the 32 zmm hold. */
+ * registers live, so R NV of ~12 is all the 32 zmm hold. gcc 12 unrolls the 8-quad loop by itself (objdump: 80 / 96
+ * vpdpbusd per block in a straight line, ~1 register move per 5-10 of them, mostly the R NV copies of the correction
+ * that start ai), so it needs no "GCC unroll" (unlike PK_VW_KERNEL, PK_AB_KERNEL): with one the same instructions. */
 PK_VN_KERNEL(vnni_q8_1_avx512, F_Q8, 10, 1)
 PK_VN_KERNEL(vnni_q8_2_avx512, F_Q8, 6, 2)
 PK_VN_KERNEL(vnni_q8_3_avx512, F_Q8, 4, 3)
@@ -2078,7 +2087,7 @@ static int vnni16_prepare(pk_job *j, int simd) {
 #define PK_VW_UNROLL _Pragma("GCC unroll 16")
 #endif
 #define PK_VW_KERNEL(NAME, R, NV)                                                                           \
-    static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {         \
+    static PK_HOT PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {  \
         const int64_t in = j->in, nb = j->nb, g0 = t0 - t0 % PK_TN_GROUP, lane = t0 - g0;                 \
         const int64_t gn = j->n - g0 < PK_TN_GROUP ? j->n - g0 : PK_TN_GROUP, gw = 16 * ((gn + 15) / 16);   \
         const uint32_t *xg = j->xp + (g0 / PK_TN_GROUP) * vnni16_group_elems(nb) + lane;                 \
@@ -2237,8 +2246,14 @@ PK_AVX2_INLINE __m256i bcast32(const uint8_t *p) {
  * (rows past o1 repeat row o1 - 1: read, not stored), per chunk of PK_AB_KB blocks the R rows decoded into wb / wa,
  * then passes of 8 rows of x: per quad one load of x and R broadcasts for R vpmaddubsw (Q8: + R vpsignb, vpmaddwd,
  * vpaddd); per block R (widen, correct, convert, multiply the scales, FMA). FMT: F_Q8 or F_Q4. */
+#ifndef PK_AB_UNROLL
+#define PK_AB_UNROLL _Pragma("GCC unroll 8")
+#endif
+#ifndef PK_AB_PIN
+#define PK_AB_PIN(x) __asm__("" : "+x"(x))
+#endif
 #define PK_AB_KERNEL(NAME, FMT, R, NV)                                                                       \
-    static PK_AVX2 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {            \
+    static PK_HOT PK_AVX2 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {     \
         const int64_t gn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP; /* rows packed in the group */ \
         const int64_t in = j->in, nb = j->nb, gw = 16 * ((gn + 15) / 16), nv = (nn + 7) / 8;               \
         const uint32_t *xg = j->xp + (t0 / PK_TN_GROUP) * vnni_group_elems(nb);                            \
@@ -2309,6 +2324,7 @@ PK_AVX2_INLINE __m256i bcast32(const uint8_t *p) {
                     for (b = b0; b < be; b++) {                                                             \
                         const uint32_t *xk = xg + b * 8 * gw + 8 * v;                                       \
                         __m256i s[R][NV];                                                                   \
+                        PK_AB_UNROLL                                                                        \
                         for (qd = 0; qd < 8; qd++) {                                                        \
                             __m256i xv[NV];                                                                 \
                             for (u = 0; u < (NV); u++)                                                      \
@@ -2332,6 +2348,8 @@ PK_AVX2_INLINE __m256i bcast32(const uint8_t *p) {
                                     }                                                                       \
                                 }                                                                           \
                             }                                                                               \
+                            for (r = 0; r < (R); r++)                                                       \
+                                for (u = 0; u < (NV); u++) PK_AB_PIN(s[r][u]);                              \
                         }                                                                                   \
                         for (u = 0; u < (NV); u++) {                                                        \
                             const __m256 dv = _mm256_loadu_ps(dg + b * gw + 8 * (v + u));                   \
@@ -2362,7 +2380,18 @@ PK_AVX2_INLINE __m256i bcast32(const uint8_t *p) {
  * 165-170; 3 x 2: 172-173 / 179-181 / 176-177 (8 rows 87 against 135-145), 2 x 2: 142 / 149-154 / 129-150. The
  * accumulators of R > 6 do not all fit the 16 ymm (GCC keeps some on the stack), which costs less than the
  * extra x loads and broadcasts of a smaller R. The rows of a pass are 8 (NV 1) so that no pass is padded beyond the
- * last vector: the even-NV variants lost half their speed at 8 rows. */
+ * last vector: the even-NV variants lost half their speed at 8 rows. (R measured before the unroll below.)
+ * The quad loop is unrolled (PK_AB_UNROLL) with each quad's sums pinned to registers (PK_AB_PIN, an empty asm; the
+ * sums are exact integers, so any order gives the same bits). gcc 12 kept the loop rolled, with a register move per
+ * vpmaddubsw (the "qd ? add : p" select) and one sum through the stack per quad; unrolled alone it re-associated the
+ * 8-term add chains into trees, all 64 (Q4) products live and spilled, slower than rolled (Q4, [1408, 2048], 2
+ * threads, 8 / 64 / 512 rows: 282-289 / 358-362 / 374-381 against 302-344 / 395-417 / 417-440); pinned, a quad is one
+ * load of x and R (broadcast, vpmaddubsw, add), no moves, no spills. GOP/s rolled -> unrolled + pinned, [1408, 2048],
+ * ONE thread (best of 3, 2-3 alternating runs), 8 / 16 / 64 / 512 rows: Q4 199-203 / 217-221 / 226-228 / 230-235 ->
+ * 243-246 / 280-281 / 303 / 282-286, Q8 140-142 / 156-157 / 163-168 / 165-166 -> 149-151 / 171-174 / 187-189 /
+ * 180-183; two threads Q4 299-352 / 349-394 / 391-404 / 418-438 -> 362-401 / 446-477 / 499-508 / 523-538, Q8 227-247 /
+ * 263-273 / 286-294 / 297-309 -> 243-256 / 299-305 / 327-329 / 333-337 ([2048, 1408] alike; more in linear.py,
+ * C_VNNI_MIN_AVX2). */
 PK_AB_KERNEL(avx2b_q4, F_Q4, 8, 1)
 PK_AB_KERNEL(avx2b_q8, F_Q8, 5, 1)
 #undef PK_AB_KERNEL

@@ -89,6 +89,16 @@ C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 # 165 / 162 / 159). Break-even Q4 at 4 rows, Q8 at 7; with the remainder split (a second run) Q4 9: 163 / 79, 10: 155 /
 # 85, 11: 143 / 80, 12: 157 / 78, 17: 188 / 81; Q8 9: 125 / 102, 10: 129 / 108, 11: 130 / 110, 12: 125 / 107, 15: 140 /
 # 109. Two threads, when the other core was free: Q4 8 rows 337 / 154, Q8 64-512 rows 303-313 / 231 (tiles 163-223).
+# With the kernel's quad loop unrolled (csrc PK_AB_UNROLL / PK_AB_PIN; gcc 12 had kept it rolled, a register move per
+# vpmaddubsw): ONE thread, [1408, 2048], before -> after, 8 / 16 / 64 / 512 rows: Q4 199-203 / 217-221 / 226-228 /
+# 230-235 -> 243-246 / 280-281 / 303 / 282-286, Q8 140-142 / 156-157 / 163-168 / 165-166 -> 149-151 / 171-174 /
+# 187-189 / 180-183; two threads ([1408, 2048] | [2048, 1408]) Q4 8: 299-352 -> 362-401 | 298-312 -> 364-412, 64:
+# 391-404 -> 499-508 | 402-419 -> 514-515, 512: 418-438 -> 523-538 | 413-429 -> 524-543; Q8 8: 227-247 -> 243-256 |
+# 222-234 -> 244-257, 64: 286-294 -> 327-329 | 287-298 -> 325-328, 512: 297-309 -> 333-337 | 291-303 -> 328-332. The
+# break-even re-measured (one thread, kernel forced onto few rows after / before / row kernels): Q4 3: 88-94 / 72-76 /
+# 89-92, 4: 117-124 / 94-101 / 88-91; Q8 6: 106-115 / 102-108 / 116-119, 7: 124-134 / 119-125 / 119-121: the minima
+# stay. 4-layer int4 prefill (synth-L4-q4-all, default mode, PYKIMI_SIMD=avx2, 2 threads, best of 3, 4 alternating
+# runs) of 64 / 128 / 512 tokens: 433-443 / 485-494 / 496-517 -> 482-518 / 563-597 / 587-605 tok/s.
 C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
 # int16 activations for Q8_32 weights (the default mode "q4": Q8 x int16) at the AVX-512 level: from this many rows of
 # x the int16 batch kernel (csrc vnni16_rows, vpdpwssd; PK_VNNI16_MIN_Q8), however many rows -- no exact f32 batch
