@@ -100,26 +100,26 @@ C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 # stay. 4-layer int4 prefill (synth-L4-q4-all, default mode, PYKIMI_SIMD=avx2, 2 threads, best of 3, 4 alternating
 # runs) of 64 / 128 / 512 tokens: 433-443 / 485-494 / 496-517 -> 482-518 / 563-597 / 587-605 tok/s.
 C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
-# int16 activations for Q8_32 weights (the default mode "q4": Q8 x int16) at the AVX-512 level: from this many rows of
-# x the int16 batch kernel (csrc vnni16_rows, vpdpwssd; PK_VNNI16_MIN_Q8), however many rows -- no exact f32 batch
-# kernel (C_BATCH_ROWS_Q8), no widened tiles past it any more; below it the int16 row kernel (tile_q8w_avx512), as for
-# decode. Same twin (ref.matmul_act16_q8: the same int16 codes, exact integer block dots; only the f32 summation order
-# differs). Its own switch: c.set_vnni16_batch / PYKIMI_VNNI16_BATCH=0 (off: the old plan). Not with AMX, whose exact
-# tile product keeps Q8 batches from C_AMX_MIN_Q8 rows (not measured against this kernel). Rows past the last vector
-# of 16 run the row kernel when fewer than 5 (csrc vnni16_split, PK_VNNI16_REM; e.g. 17 = 16 + 1). Measured on AMD
-# EPYC Zen 5, 2 threads, GOP/s, best of 5 alternating rounds (host shared, +-10 % between runs), [1408, 2048] then
-# [2048, 1408]: the kernel forced onto few rows (-DPK_VNNI16_MIN_Q8=1) / the row kernel: 6: 182-186 / 242-249, 7:
-# 214-219 / 233-256, 8: 241-253 / 234-243, 9: 273-287 / 234-244, 10: 301-320 / 233-235 (break-even at 8 rows, hence
-# 9); the remainder split, rows 16k + m (split at m < REM / one vector more): 17: 393-482 / 327-349, 19: 377-433 /
-# 366-382, 20: 368-417 / 385-400, 21: 346-384 / 402-424, 35: 461-519 / 434-478, 36: 457-511 / 447-491, 37: 436-489 /
-# 461-503, 53: 428-503 / 461-520. The plans (bench/bench_q8_batch.py), old (row kernel to 23 rows, exact f32 batch
-# kernel 24..112, then tiles + sgemm) / new, [1408, 2048] | [2048, 1408]: 9: 236 / 273 | 248 / 274, 10: 224 / 302 |
-# 253 / 306, 12: 240 / 363 | 231 / 370, 16: 238 / 478 | 232 / 489, 17: 232 / 399 | 230 / 439, 24: 294 / 456 | 251 /
+# int16 activations for Q8_32 weights (the default mode "q4": Q8 x int16) at the AVX-512 level: from this many rows of x
+# the int16 batch kernel (csrc vnni16_rows, vpdpwssd; PK_VNNI16_MIN_Q8), however many rows -- no exact f32 batch kernel
+# (C_BATCH_ROWS_Q8), no widened tiles past it any more; below it the int16 row kernel (tile_q8w_avx512), as for decode.
+# Same twin (ref.matmul_act16_q8: the same int16 codes, exact integer block dots; only the f32 summation order differs).
+# Its own switch: c.set_vnni16_batch / PYKIMI_VNNI16_BATCH=0 (off: the old plan). Not with AMX, whose exact tile product
+# keeps Q8 batches from C_AMX_MIN_Q8 rows (not measured against this kernel). Rows past the last vector of 16 run the
+# row kernel when fewer than 5 (csrc vnni16_split, PK_VNNI16_REM; e.g. 17 = 16 + 1). Measured on AMD EPYC Zen 5, 2
+# threads, GOP/s, best of 5 alternating rounds (host shared, +-10 % between runs), [1408, 2048] then [2048, 1408]: the
+# kernel forced onto few rows (-DPK_VNNI16_MIN_Q8=1) / the row kernel: 6: 182-186 / 242-249, 7: 214-219 / 233-256, 8:
+# 241-253 / 234-243, 9: 273-287 / 234-244, 10: 301-320 / 233-235 (break-even at 8 rows, hence 9); the remainder split,
+# rows 16k + m (split at m < REM / one vector more): 17: 393-482 / 327-349, 19: 377-433 / 366-382, 20: 368-417 /
+# 385-400, 21: 346-384 / 402-424, 35: 461-519 / 434-478, 36: 457-511 / 447-491, 37: 436-489 / 461-503, 53: 428-503 /
+# 461-520. The plans (bench/bench_batch_kernels.py --kinds q8_32 --switch vnni16), old (row kernel to 23 rows, exact f32
+# batch kernel 24..112, then tiles + sgemm) / new, [1408, 2048] | [2048, 1408]: 9: 236 / 273 | 248 / 274, 10: 224 / 302
+# | 253 / 306, 12: 240 / 363 | 231 / 370, 16: 238 / 478 | 232 / 489, 17: 232 / 399 | 230 / 439, 24: 294 / 456 | 251 /
 # 470, 32: 387 / 603 | 292 / 616, 64: 407 / 576 | 269 / 609, 128: 195 / 645 | 193 / 624, 512: 222 / 595 | 217 / 618
-# (1..8 rows the same kernel). 4-layer int8 prefill (synth-L4-q8-all, default mode, bench/bench_prefill_switch.py,
-# best of 3 alternating rounds) of 64 / 128 / 512 tokens: off 328 / 293 / 292 -> on 475 / 558 / 560 tok/s; bench/run.py
-# --only prefill --modes int8 (3 runs each, alternating): off 324-331 / 301-303 / 276-288 -> on 469-496 / 576-591 /
-# 578-590 tok/s (llama.cpp Q8_0 in bench/RESULTS.md: 320 / 357 / 345).
+# (1..8 rows the same kernel). 4-layer int8 prefill (synth-L4-q8-all, default mode, bench/bench_prefill_ab.py, best of 3
+# alternating rounds) of 64 / 128 / 512 tokens: off 328 / 293 / 292 -> on 475 / 558 / 560 tok/s; bench/run.py --only
+# prefill --modes int8 (3 runs each, alternating): off 324-331 / 301-303 / 276-288 -> on 469-496 / 576-591 / 578-590
+# tok/s (llama.cpp Q8_0 in bench/RESULTS.md: 320 / 357 / 345).
 C_VNNI16_MIN = {"q8_32": 9}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
