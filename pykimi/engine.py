@@ -38,6 +38,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import operator
 import queue
 import threading
 import time
@@ -389,7 +390,7 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None, single_fus
     x = embed_rows(model.embed_table(), np.asarray(token_ids, dtype=np.int64))          # [B, D]
     plan = _batch_plan(model, caches)
     if plan is not None:
-        x, nbytes, n_experts = _layers_batched(plan, t, x, caches, stats)
+        x, nbytes, n_experts = _layers_batched(*plan, t, x, caches, stats)
     else:
         x, nbytes, n_experts = _layers_generic(model, x, caches, stats)
     hn = final_norm(x, model._kept(f"{LM}.norm.weight", lambda: model.ckpt.f32(f"{LM}.norm.weight")),
@@ -555,24 +556,19 @@ class _BatchLayer:
 
 
 def _batch_plan(model, caches):
-    """[(lw, _BatchLayer, _LayerRecord)] for every layer, or None when the step must take the stage-by-stage loop
-    (a layer or expert form the fused records do not take, caches of mixed or unknown dtypes)."""
+    """([(lw, _BatchLayer)] for every layer, the caches' rows) for _layers_batched, or None when the step must take
+    the stage-by-stage loop (a layer or expert form the fused records do not take, caches of mixed or unknown
+    dtypes). The rows: (pointers [L, B] of every layer's cache buffer, rows held [L, B], cdt), room made for the
+    new row in every layer (LatentCache.next_rows)."""
     c = _probe._mods.get("c")
     lib = getattr(c, "lib", None)
     if lib is None or not hasattr(lib, "pk_swiglu_batch") or not hasattr(lib, "pk_mla_absorbed_batch"):
         return None
     from .kernels.fused import _layer_record
     t = model.text
-    width = int(t.kv_lora_rank) + int(t.qk_rope_head_dim)
-    dt = None
-    for cache in caches:
-        rows, _ = cache.next_row(0)
-        if rows.dtype not in (np.float32, np.uint16) or (dt is not None and rows.dtype != dt) \
-                or getattr(cache, "n_layers", None) != t.num_hidden_layers or rows.shape[1] != width:
-            return None
-        dt = rows.dtype
+    L = t.num_hidden_layers
     plan = []
-    for layer in range(t.num_hidden_layers):
+    for layer in range(L):
         lw = model.layer_weights(layer)
         rec = _layer_record(lw, t)
         if rec is None or (rec.E and rec.table is None):
@@ -583,10 +579,39 @@ def _batch_plan(model, caches):
         if bl.E and bl.tab is not rec.table:
             bl.use_table(rec.table, c)
         plan.append((lw, bl))
-    return plan
+    rows = _cache_rows(caches, L, int(t.kv_lora_rank) + int(t.qk_rope_head_dim), c)
+    return None if rows is None else (plan, rows)
 
 
-def _layers_batched(plan, t, x, caches, stats):
+def _cache_rows(caches, L: int, width: int, c):
+    """(pointers uint64 [L, B] to every layer's buffer of every cache, rows held int64 [L, B], cdt) after
+    next_rows, or None when the caches are not LatentCaches of L layers of one dtype the C attention reads. A
+    cache's pointers are kept on it while its buffers stay the same (they change when it grows)."""
+    ptrs, ns, dt = [], [], None
+    for cache in caches:
+        next_rows = getattr(cache, "next_rows", None)
+        if next_rows is None or getattr(cache, "n_layers", None) != L:
+            return None
+        bufs, held = next_rows()
+        got = getattr(cache, "_c_rows", None)
+        if got is None or len(got[0]) != len(bufs) or not all(map(operator.is_, got[0], bufs)):
+            d0 = bufs[0].dtype
+            if d0 not in (np.float32, np.uint16) or any(
+                    b.dtype != d0 or not b.flags.c_contiguous or b.ndim != 2 or b.shape[1] != width for b in bufs):
+                return None
+            got = (tuple(bufs), np.array([int(c.ffi.cast("uintptr_t", c.ffi.from_buffer("char[]", b))) for b in bufs],
+                                         dtype=np.uint64), d0)
+            cache._c_rows = got
+        if dt is not None and got[2] != dt:
+            return None                                 # one cdt per call (an engine's caches share one dtype)
+        dt = got[2]
+        ptrs.append(got[1])
+        ns.append(held)
+    return (np.ascontiguousarray(np.stack(ptrs, axis=1)), np.ascontiguousarray(np.array(ns, dtype=np.int64).T),
+            0 if dt == np.float32 else 1)
+
+
+def _layers_batched(plan, rows, t, x, caches, stats):
     """_layers_generic with the arguments of _batch_plan. A layer is pk_matmul_many (q, kv_a),
     pk_mla_absorbed_batch, pk_matmul_many (o_proj), pk_add_rms_norm (residual + post-attention norm), pk_route
     and pk_swiglu_batch (or the dense MLP's pk_swiglu_batch), then the residual add fused with the next layer's
@@ -616,18 +641,10 @@ def _layers_batched(plan, t, x, caches, stats):
     xs_h, ys_qkv = ffi.new("float *[]", [hp, hp]), ffi.new("float *[]", [qp, kvap])
     xs_o, ys_att = ffi.new("float *[]", [op]), ffi.new("float *[]", [attp])
     ns = ffi.new("int64_t[]", [B, B])
-    # every layer's cache rows: row n of each buffer is written (next_row reserves room before any call)
-    rows_p = ffi.new("void *[]", L * B)
-    n_a = np.empty(L * B, dtype=np.int64)
-    i = 0
-    for layer in range(L):
-        for cache in caches:
-            rows, n = cache.next_row(layer)
-            rows_p[i] = ffi.cast("void *", fb("char[]", rows))
-            n_a[i] = n
-            i += 1
-    n_p = ffi.cast("int64_t *", fb("int64_t[]", n_a))
-    cdt = c.cache_dtype_code(caches[0].next_row(0)[0])
+    # every layer's cache rows (_batch_plan made room): sequence b's row n of layer l is written
+    rows_all, n_all, cdt = rows
+    rows_p = ffi.cast("void **", fb("char[]", rows_all))
+    n_p = ffi.cast("int64_t *", fb("int64_t[]", n_all))
     f_rms, f_add, f_mm, f_mla = lib.pk_rms_norm, lib.pk_add_rms_norm, lib.pk_matmul_many, lib.pk_mla_absorbed_batch
     f_route, f_swiglu = lib.pk_route, lib.pk_swiglu_batch
     moe: dict = {}                                 # (E, k, n_shared) -> the router's and the experts' buffers
@@ -706,9 +723,8 @@ def _layers_batched(plan, t, x, caches, stats):
                 n_experts.append(len(chosen))
         if rc != 0:
             raise (MemoryError if rc == -1 else ValueError)(f"pk_swiglu_batch failed ({rc})")
-    for layer in range(L):
-        for cache in caches:
-            cache.commit(layer)
+    for cache in caches:
+        cache.commit_rows()
     np.add(x1, mv, out=x1)
     if stats is not None and any_moe:
         stats["expert_bytes"] = stats.get("expert_bytes", 0) + eb

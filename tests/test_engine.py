@@ -183,24 +183,26 @@ def test_batched_step_reads_each_expert_once():
     assert n_chosen == sum(stats["experts_per_layer"])
 
 
-@pytest.mark.parametrize("which", ["demo", "tiny", "demo8", "tiny4"])
-def test_batched_layers_on_kept_arguments_equal_the_stage_by_stage_loop(which, quant_dirs, monkeypatch):
+@pytest.mark.parametrize("which,cache_dtype", [("demo", "f32"), ("tiny", "f32"), ("demo8", "bf16"), ("tiny4", "f32"),
+                                               ("tiny4", "bf16")])
+def test_batched_layers_on_kept_arguments_equal_the_stage_by_stage_loop(which, cache_dtype, quant_dirs, monkeypatch):
     """decode_batch's layers on the kept C arguments (engine._batch_plan / _layers_batched) == the stage-by-stage
-    loop (_layers_generic) bit for bit: logits, the cache rows written, and the stats of the reads."""
+    loop (_layers_generic) bit for bit: logits, the cache rows written, and the stats of the reads; the caches
+    grow during the steps (their kept row pointers must follow)."""
     from pykimi import engine
-    m = pykimi.load(_path(which, quant_dirs))
+    m = pykimi.load(_path(which, quant_dirs), cache_dtype=cache_dtype)
     if not batched_available(m):
         pytest.skip("the batched path needs the C backend")
     rng = np.random.default_rng(11)
     B = 5
-    a, b = [m.new_cache(capacity=48) for _ in range(B)], [m.new_cache(capacity=48) for _ in range(B)]
+    a, b = [m.new_cache(capacity=2) for _ in range(B)], [m.new_cache(capacity=2) for _ in range(B)]
     for ca, cb in zip(a, b):
         p = _ids(m, rng, rng.integers(2, 20))
         m.prefill(m.embed(p), ca, all_logits=False)
         m.prefill(m.embed(p), cb, all_logits=False)
     assert engine._batch_plan(m, a) is not None, "the kept-argument path declined these weights"
     toks = [int(v) for v in _ids(m, rng, B)]
-    for step in range(4):
+    for step in range(6):
         sa, sb = {}, {}
         la = decode_batch(m, toks, a, sa)
         with monkeypatch.context() as mp:
