@@ -562,9 +562,9 @@ class _BatchLayer:
 
 
 def _batch_plan(model, caches):
-    """([(lw, _BatchLayer, _LayerRecord)] for every layer, the caches' rows) for _layers_batched, or None when the step must take
-    the stage-by-stage loop (a layer or expert form the fused records do not take, caches of mixed or unknown
-    dtypes). The rows: (pointers [L, B] of every layer's cache buffer, rows held [L, B], cdt), room made for the
+    """([(lw, _BatchLayer, _LayerRecord)] for every layer, the caches' rows) for _layers_batched, or None when the
+    step must take the stage-by-stage loop (a layer or expert form the fused records do not take, caches of mixed
+    or unknown dtypes). The rows: (pointers [L, B] of every layer's cache buffer, rows held [L, B], cdt), room made for the
     new row in every layer (LatentCache.next_rows)."""
     c = _probe._mods.get("c")
     lib = getattr(c, "lib", None)
