@@ -1,8 +1,10 @@
 """Where a decode token's time goes outside the kernels (issue 25, item 4: "Python glue <= 2 ms per token").
 
     python bench/profile_decode.py CKPT_DIR [--tokens 32] [--threads 2] [--cprofile 4] [--json OUT] [--layers 27]
+                                   [--batch B] [--mlock]
 
-For N greedy decode tokens after a short prompt:
+For N greedy decode tokens after a short prompt (with --batch B >= 2: N steps of the serve engine's batched
+decode, engine.decode_batch, over B sequences with their own prompts; the numbers are per step):
   * step      ms per token, timed with nothing patched (mean / median / p99);
   * kernels   ms per token inside the kernel calls, timed in a second pass with every cffi ``lib.pk_*`` function,
               every Numba kernel and every BLAS product (kernels.matmul on an ndarray weight) wrapped in a
@@ -147,6 +149,54 @@ def decode(model, prompt: np.ndarray, n: int):
     return np.asarray(times)
 
 
+class Batch:
+    """--batch B: B sequences (prompts of different lengths) decoded together by engine.decode_batch; the same
+    interface as :func:`decode` (per-step seconds), so the passes below run either."""
+
+    def __init__(self, model, prompt: np.ndarray, B: int):
+        from pykimi.engine import decode_batch
+        self.decode_batch, self.B = decode_batch, B
+        self.prompts = [np.roll(prompt, b)[: max(4, prompt.size - b)] for b in range(B)]
+
+    def start(self, model, n: int):
+        caches = []
+        for p in self.prompts:
+            c = model.new_cache(capacity=p.size + n + 1)
+            model.prefill(model.embed(p), c, all_logits=False)
+            caches.append(c)
+        toks = [int(100 + 7 * b) for b in range(self.B)]
+        return caches, toks
+
+    def step(self, model, state):
+        caches, toks = state
+        logits = self.decode_batch(model, toks, caches)
+        state[1][:] = [int(i) for i in np.argmax(logits, axis=1)]
+        return logits
+
+    def __call__(self, model, prompt, n):
+        state = self.start(model, n)
+        times = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            self.step(model, state)
+            times.append(time.perf_counter() - t0)
+        return np.asarray(times)
+
+
+class Single:
+    """One sequence through model.decode_step (the default)."""
+
+    def start(self, model, n: int, prompt=None):
+        cache = model.new_cache(capacity=self.prompt.size + n + 1)
+        logits = model.prefill(model.embed(self.prompt), cache, all_logits=False)
+        return [cache, int(np.argmax(logits))]
+
+    def step(self, model, state):
+        logits = model.decode_step(state[1], state[0])
+        state[1] = int(np.argmax(logits))
+        return logits
+
+
 def stats(a_ms: np.ndarray) -> dict:
     return {"mean": float(a_ms.mean()), "median": float(np.median(a_ms)), "p99": float(np.percentile(a_ms, 99)),
             "min": float(a_ms.min())}
@@ -163,28 +213,36 @@ def main(argv=None) -> dict:
     ap.add_argument("--top", type=int, default=18)
     ap.add_argument("--json", default=None, help="write the numbers here too")
     ap.add_argument("--quiet", action="store_true", help="only the summary lines")
+    ap.add_argument("--batch", type=int, default=1,
+                    help="B >= 2: steps of engine.decode_batch over B sequences (numbers per step)")
+    ap.add_argument("--mlock", action="store_true", help="load with mlock=True (the weights pinned in RAM)")
     ap.add_argument("--layers", type=int, default=0,
                     help="run the checkpoint's layers as a deeper stack of this many (see deepen)")
     args = ap.parse_args(argv)
 
     import pykimi
-    model = pykimi.load(args.ckpt, backend="c", threads=args.threads)
+    model = pykimi.load(args.ckpt, backend="c", threads=args.threads, mlock=args.mlock)
     deepen(model, args.layers)
     L = model.text.num_hidden_layers
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, min(model.text.vocab_size, 50000), args.prompt).astype(np.int64)
+    if args.batch > 1:
+        run = Batch(model, prompt, args.batch)
+    else:
+        run = Single()
+        run.prompt = prompt
+    decode = run if args.batch > 1 else globals()["decode"]
     # pre-fault the mapped weights and compile everything once
     decode(model, prompt, args.warmup)
 
     step = decode(model, prompt, args.tokens) * 1e3                        # nothing patched
 
     if args.cprofile:
-        pcache = model.new_cache(capacity=args.prompt + args.cprofile + 1)
-        ptok = int(np.argmax(model.prefill(model.embed(prompt), pcache, all_logits=False)))
+        pstate = run.start(model, args.cprofile)
         pr = cProfile.Profile()
         pr.enable()
         for _ in range(args.cprofile):
-            ptok = int(np.argmax(model.decode_step(ptok, pcache)))
+            run.step(model, pstate)
         pr.disable()
         s = io.StringIO()
         pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(args.top)
@@ -193,16 +251,14 @@ def main(argv=None) -> dict:
     clock = Clock()
     instrument(clock)
     decode(model, prompt, 2)                                               # wrappers warm
-    cache = model.new_cache(capacity=args.prompt + args.tokens + 1)
-    logits = model.prefill(model.embed(prompt), cache, all_logits=False)
-    tok = int(np.argmax(logits))
+    state = run.start(model, args.tokens)
     inst, kern = [], []
     per_fn_t = {k: 0.0 for k in clock.t}
     for _ in range(args.tokens):
         clock.reset()
         clock.on = True
         t0 = time.perf_counter()
-        logits = model.decode_step(tok, cache)
+        run.step(model, state)
         dt = time.perf_counter() - t0
         clock.on = False
         inst.append(dt * 1e3)
@@ -210,11 +266,11 @@ def main(argv=None) -> dict:
         for k, v in clock.t.items():
             per_fn_t[k] = per_fn_t.get(k, 0.0) + v
         per_fn_n = dict(clock.n)                                           # calls per token (same every step)
-        tok = int(np.argmax(logits))
     inst, kern = np.asarray(inst), np.asarray(kern)
     glue = inst - kern
 
     res = {"ckpt": os.path.abspath(args.ckpt), "layers": L, "threads": args.threads, "tokens": args.tokens,
+           "batch": args.batch,
            "pykimi": os.path.dirname(os.path.abspath(pykimi.__file__)),
            "step_ms": stats(step), "instrumented_step_ms": stats(inst), "kernel_ms": stats(kern),
            "glue_ms": stats(glue), "glue_ms_per_layer": float(glue.mean() / L),
@@ -224,7 +280,8 @@ def main(argv=None) -> dict:
     if args.cprofile:
         res["cprofile_top"] = cprof
     f = lambda d: f"mean {d['mean']:.2f}  median {d['median']:.2f}  p99 {d['p99']:.2f}"   # noqa: E731
-    print(f"{args.ckpt}: {L} layers, {args.threads} threads, {args.tokens} tokens ({res['pykimi']})")
+    print(f"{args.ckpt}: {L} layers, {args.threads} threads, {args.tokens} "
+          f"{'tokens' if args.batch == 1 else f'steps of batch {args.batch} (ms per step)'} ({res['pykimi']})")
     print(f"  step         ms/token  {f(res['step_ms'])}")
     print(f"  instrumented ms/token  {f(res['instrumented_step_ms'])}")
     print(f"  kernels      ms/token  {f(res['kernel_ms'])}")

@@ -160,6 +160,22 @@ class LatentCache:
             raise InputError(f"cache layer {layer}: cannot commit {n_new} rows past its capacity")
         self._len[layer] += n_new
 
+    def next_rows(self):
+        """:meth:`next_row` of every layer at once (the serve engine's batched step writes one row in each):
+        (buffers, ns), lists of each layer's buffer [capacity, R + rope] and its held rows; the caller writes
+        row ns[l] of buffers[l], then :meth:`commit_rows`."""
+        for layer, n0 in enumerate(self._len):
+            if n0 + 1 > self._rows[layer].shape[0]:
+                self.reserve(n0 + 1)
+        return list(self._rows), list(self._len)
+
+    def commit_rows(self) -> None:
+        """:meth:`commit` of one row in every layer (after :meth:`next_rows`)."""
+        for layer, n0 in enumerate(self._len):
+            if n0 + 1 > self._rows[layer].shape[0]:
+                raise InputError(f"cache layer {layer}: cannot commit 1 row past its capacity")
+        self._len = [n0 + 1 for n0 in self._len]
+
     def truncate(self, n: int) -> None:
         """Forget positions >= n in every layer (e.g. to reuse a shared prompt prefix)."""
         self._len = [min(l, int(n)) for l in self._len]

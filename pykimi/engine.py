@@ -13,6 +13,12 @@ across the batch (``pk_swiglu_batch``) so that each chosen expert's weights are 
 join between steps; a prompt is prefilled one chunk per scheduler iteration, between decode steps, so running
 streams keep flowing.
 
+The step's Python between the kernels is kept small (~1.5 ms a step of 27 layers at B = 4, from ~8): the C
+arguments of a layer are made once and kept (:class:`_BatchLayer`, on the single step's own pk_layer record), a step
+allocates its buffers once, and puts every call's arguments together before the first layer (_layers_batched);
+weights, caches or experts those records do not take run the stage-by-stage loop (_layers_generic), the same
+kernels with the same results.
+
 Batching changes nothing: every product of the batched step runs kernels whose result for one row of x does not
 depend on the other rows (the C per-row kernels at any n, ``kernels.matmul_many(rowwise=True)``; the router is
 ``pk_route``, each row's GEMV alone, the arithmetic of a single step's ``pk_moe``), and the MoE kernel is bit for
@@ -38,6 +44,7 @@ from __future__ import annotations
 import collections
 import hashlib
 import itertools
+import operator
 import queue
 import threading
 import time
@@ -386,11 +393,32 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None, single_fus
                 stats[k] = stats.get(k, 0) + v if k != "experts_per_layer" else v
         return model.decode_step(int(token_ids[0]), caches[0])[None]
     t = model.text
+    x = embed_rows(model.embed_table(), np.asarray(token_ids, dtype=np.int64))          # [B, D]
+    plan = _batch_plan(model, caches)
+    if plan is not None:
+        x, nbytes, n_experts = _layers_batched(*plan, t, x, caches, stats)
+    else:
+        x, nbytes, n_experts = _layers_generic(model, x, caches, stats)
+    hn = final_norm(x, model._kept(f"{LM}.norm.weight", lambda: model.ckpt.f32(f"{LM}.norm.weight")),
+                    t.rms_norm_eps)
+    name = "language_model.lm_head.weight"
+    head = model._kept(name, lambda: model.ckpt.weight(name))
+    logits = rowwise_products([hn], [head])[0]                                         # [B, V]
+    if stats is not None:
+        stats["bytes_read"] = stats.get("bytes_read", 0) + nbytes + _nbytes(head)
+        stats["experts_per_layer"] = n_experts
+    return logits
+
+
+def _layers_generic(model, x, caches, stats):
+    """The decoder layers of decode_batch, stage by stage (the kernels' Python wrappers): the path for weights or
+    caches that _batch_plan does not take -> (x [B, D] after the last layer, bytes read, experts per layer)."""
+    t = model.text
+    B = len(caches)
     H, dn, dr, dv, R = t.num_attention_heads, t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim, t.kv_lora_rank
     from .attention import _inv_freq
     inv_freq = _inv_freq(dr, float(t.rope_theta))
     scale = t.qk_head_dim ** -0.5
-    x = embed_rows(model.embed_table(), np.asarray(token_ids, dtype=np.int64))          # [B, D]
     nbytes = 0
     n_experts = []
     for layer in range(t.num_hidden_layers):
@@ -412,47 +440,301 @@ def decode_batch(model, token_ids, caches, stats: dict | None = None, single_fus
         if stats is not None:
             nbytes += sum(_nbytes(w) for w in (a.q_proj, a.kv_a_proj_with_mqa, a.o_proj, a.kv_b_proj))
         # -- FFN
-        if not lw.is_moe:
-            # the single step's dense FFN is a one-expert swiglu_sum of weight 1 (model.ffn): the same call per
-            # row (pk_swiglu_batch, bit for bit pk_swiglu_sum of the row), so silu rounds the same
-            m = _moe_batch(h, [tuple(lw.mlp)], np.zeros((B, 1), np.int32), np.ones((B, 1), np.float32))
-            if stats is not None:
-                nbytes += sum(_nbytes(w) for w in lw.mlp)
-        else:
-            rule = lw.router if getattr(lw, "router", None) is not None else router_rule(t)
-            # the single decode step's router (pk_route: each row's logits a GEMV of that row alone, the same
-            # selection as its pk_moe), so a row's experts and weights are bit for bit decode_step's
-            rec = kernels.fast(route)(h, lw.gate_w, lw.gate_bias, rule)                     # [B, k] each
-            # per row: routed experts in ascending id order, as moe_forward's one-token path; sel indexes the
-            # step's distinct experts (chosen, ascending), each read once for all rows
-            ids = np.asarray(rec.topk_ids)
-            order = np.argsort(ids, axis=1, kind="stable")
-            ids = np.take_along_axis(ids, order, axis=1)
-            chosen = np.unique(ids)
-            sel = np.searchsorted(chosen, ids).astype(np.int32)                            # [B, k]
-            coefs = np.take_along_axis(np.asarray(rec.topk_weights, dtype=np.float32), order, axis=1)
-            experts = [tuple(lw.get_expert(int(e))) for e in chosen]
-            if lw.shared is not None:                                # the shared experts last, weight 1
-                experts.append(tuple(lw.shared))
-                sel = np.concatenate([sel, np.full((B, 1), len(experts) - 1, np.int32)], axis=1)
-                coefs = np.concatenate([coefs, np.ones((B, 1), np.float32)], axis=1)
-            m = _moe_batch(h, experts, sel, coefs)
-            if stats is not None:
-                eb = sum(_nbytes(w) for e in experts[:len(chosen)] for w in e)
-                stats["expert_bytes"] = stats.get("expert_bytes", 0) + eb
-                nbytes += eb + (sum(_nbytes(w) for w in lw.shared) if lw.shared is not None else 0)
-                nbytes += _nbytes(lw.gate_w)
-                n_experts.append(len(chosen))
+        m, nb = _ffn_generic(lw, t, h, stats, n_experts)
+        nbytes += nb
         x = x + m
-    hn = final_norm(x, model._kept(f"{LM}.norm.weight", lambda: model.ckpt.f32(f"{LM}.norm.weight")),
-                    t.rms_norm_eps)
-    name = "language_model.lm_head.weight"
-    head = model._kept(name, lambda: model.ckpt.weight(name))
-    logits = rowwise_products([hn], [head])[0]                                         # [B, V]
+    return x, nbytes, n_experts
+
+
+def _ffn_generic(lw, t, h, stats, n_experts):
+    """One layer's FFN on normalised h [B, D] through _moe_batch -> (m [B, D], bytes read besides the routed
+    experts'); the routed experts' bytes go to stats["expert_bytes"], their count to n_experts."""
+    B = h.shape[0]
+    nbytes = 0
+    if not lw.is_moe:
+        # the single step's dense FFN is a one-expert swiglu_sum of weight 1 (model.ffn): the same call per
+        # row (pk_swiglu_batch, bit for bit pk_swiglu_sum of the row), so silu rounds the same
+        m = _moe_batch(h, [tuple(lw.mlp)], np.zeros((B, 1), np.int32), np.ones((B, 1), np.float32))
+        if stats is not None:
+            nbytes += sum(_nbytes(w) for w in lw.mlp)
+        return m, nbytes
+    rule = lw.router if getattr(lw, "router", None) is not None else router_rule(t)
+    # the single decode step's router (pk_route: each row's logits a GEMV of that row alone, the same
+    # selection as its pk_moe), so a row's experts and weights are bit for bit decode_step's
+    rec = kernels.fast(route)(h, lw.gate_w, lw.gate_bias, rule)                     # [B, k] each
+    # per row: routed experts in ascending id order, as moe_forward's one-token path; sel indexes the
+    # step's distinct experts (chosen, ascending), each read once for all rows
+    ids = np.asarray(rec.topk_ids)
+    order = np.argsort(ids, axis=1, kind="stable")
+    ids = np.take_along_axis(ids, order, axis=1)
+    chosen = np.unique(ids)
+    sel = np.searchsorted(chosen, ids).astype(np.int32)                            # [B, k]
+    coefs = np.take_along_axis(np.asarray(rec.topk_weights, dtype=np.float32), order, axis=1)
+    experts = [tuple(lw.get_expert(int(e))) for e in chosen]
+    if lw.shared is not None:                                # the shared experts last, weight 1
+        experts.append(tuple(lw.shared))
+        sel = np.concatenate([sel, np.full((B, 1), len(experts) - 1, np.int32)], axis=1)
+        coefs = np.concatenate([coefs, np.ones((B, 1), np.float32)], axis=1)
+    m = _moe_batch(h, experts, sel, coefs)
     if stats is not None:
-        stats["bytes_read"] = stats.get("bytes_read", 0) + nbytes + _nbytes(head)
-        stats["experts_per_layer"] = n_experts
-    return logits
+        eb = sum(_nbytes(w) for e in experts[:len(chosen)] for w in e)
+        stats["expert_bytes"] = stats.get("expert_bytes", 0) + eb
+        nbytes += eb + (sum(_nbytes(w) for w in lw.shared) if lw.shared is not None else 0)
+        nbytes += _nbytes(lw.gate_w)
+        n_experts.append(len(chosen))
+    return m, nbytes
+
+
+# The batched step's layers with their C arguments made once. The stage-by-stage loop above rebuilt, every layer
+# of every step, what does not change between steps -- each weight's kind, plan and pointers, the norms' contiguous
+# copies, the experts' C records and their array, ~800 cffi pointers a step -- and came back to NumPy a dozen
+# times a layer for the routing's bookkeeping: ~7 ms a step of 27 layers at B = 4, against ~0.5 ms for the
+# single step's fused call. Below, a layer is seven C calls whose arguments come from the layer's pk_layer record
+# (kernels/fused.py _LayerRecord, the single step's own, made once and kept on the LayerWeights: the same weight
+# pointers, activation modes, norms, inv_freq and router), the buffers of a step are allocated once for all
+# layers, and the experts go to pk_swiglu_batch as the layer's whole table (records of the experts chosen so far,
+# the shared experts last), so the selection is the router's ids as they come. Same kernels, same arguments,
+# same order of the sums: bit for bit the stage-by-stage loop.
+class _BatchLayer:
+    """What a layer's batched step hands to C besides the step's buffers, made once from its _LayerRecord (and
+    kept on it, so a remade record -- other weight objects, another activation setting -- makes a new one):
+    the q / kv_a and o_proj jobs of pk_matmul_many on the per-row kernels (their one-row plan, c.ROWS), the
+    router's arguments, the dense MLP's record, and the bytes a step reads of the layer's weights besides the
+    routed experts. The routed experts: ``full``, a pk_expert array of the E routed experts (NULL records for
+    those not chosen yet) and the shared experts at E, filled from the layer's table of expert records
+    (fused._expert_table, shared with the single step) as rows choose them; it follows that table, which a new
+    read generation (read_counter.clear()) or activation setting replaces -- so an expert is resolved (read,
+    counted) the first time a token chooses it after a clear, as the single step and the stage-by-stage loop do."""
+
+    def __init__(self, rec, lw, c):
+        ffi = c.ffi
+        L = rec.rec
+        a = lw.attn
+        self.D, self.dq, self.dkv, self.do = int(L.D), int(L.H * (L.dn + L.dr)), int(L.R + L.dr), int(L.H * L.dv)
+        rows = c.ROWS
+        # pk_matmul_many's arguments before and after (xs, ns), and after ys, the step's buffers
+        self.qkv_head = (2, ffi.new("int[]", [L.q.fmt, L.kv_a.fmt]),
+                         ffi.new("int[]", [L.q.act | rows, L.kv_a.act | rows]))
+        self.qkv_tail = (ffi.new("int64_t[]", [L.q.n_in, L.kv_a.n_in]), ffi.new("void *[]", [L.q.w, L.kv_a.w]),
+                         ffi.new("float *[]", [L.q.scales, L.kv_a.scales]),
+                         ffi.new("int64_t[]", [L.q.n_out, L.kv_a.n_out]))
+        self.o_head = (1, ffi.new("int[]", [L.o.fmt]), ffi.new("int[]", [L.o.act | rows]))
+        self.o_tail = (ffi.new("int64_t[]", [L.o.n_in]), ffi.new("void *[]", [L.o.w]),
+                       ffi.new("float *[]", [L.o.scales]), ffi.new("int64_t[]", [L.o.n_out]))
+        self.mla = (L.H, L.dn, L.dr, L.dv, L.R)
+        self.kv = (L.kv_ln, L.kv_eps, L.inv_freq)
+        self.kvb = (L.kvb_fmt, L.kvb_act, L.kvb, L.kvb_scales, L.scale)
+        self.eps, self.in_ln, self.post_ln = L.eps, L.in_ln, L.post_ln
+        self.E = self.k = 0
+        self.tab = None
+        if rec.E:
+            from .kernels.fused import _rule_args
+            self.E, self.k = rec.E, rec.k
+            self.route = (rec.grec[0], L.bias if rec.bias is not None else ffi.NULL, rec.E) + _rule_args(rec.rule)
+            self.ffn_nbytes = _nbytes(lw.gate_w) + (sum(_nbytes(w) for w in lw.shared) if lw.shared is not None
+                                                    else 0)
+        else:
+            self.mlp = ffi.addressof(L, "mlp")
+            self.ffn_nbytes = sum(_nbytes(w) for w in lw.mlp)
+        self.nbytes = self.ffn_nbytes + sum(_nbytes(w) for w in (a.q_proj, a.kv_a_proj_with_mqa, a.o_proj,
+                                                                   a.kv_b_proj))
+
+    def use_table(self, tab, c) -> None:
+        """Start over from the layer's (new) table of expert records."""
+        self.tab = tab
+        self.n_shared = int(tab.n_shared)
+        self.full = c.ffi.new("pk_expert[]", self.E + self.n_shared)
+        if self.n_shared:
+            self.full[self.E] = tab.shared[0]
+        self.have: set = set()                                # routed records copied into full
+        self.ebytes = [0] * self.E                            # their weights' bytes
+
+    def add(self, e: int, lw, c) -> bool:
+        """Copy routed expert e's record into full, resolving it in the table first if nobody chose it since the
+        table was made; False when C cannot read its weights."""
+        tab = self.tab
+        if tab.arr[e].g == c.ffi.NULL and not tab.fill(e, lw.get_expert):
+            return False
+        self.full[e] = tab.arr[e]
+        self.have.add(e)
+        self.ebytes[e] = sum(_nbytes(w) for w in lw.get_expert(e))   # resolved above: kept, not read again
+        return True
+
+
+def _batch_plan(model, caches):
+    """([(lw, _BatchLayer, _LayerRecord)] for every layer, the caches' rows) for _layers_batched, or None when the
+    step must take the stage-by-stage loop (a layer or expert form the fused records do not take, caches of mixed
+    or unknown dtypes). The rows: (pointers [L, B] of every layer's cache buffer, rows held [L, B], cdt), room made for the
+    new row in every layer (LatentCache.next_rows)."""
+    c = _probe._mods.get("c")
+    lib = getattr(c, "lib", None)
+    if lib is None or not hasattr(lib, "pk_swiglu_batch") or not hasattr(lib, "pk_mla_absorbed_batch"):
+        return None
+    from .kernels.fused import _layer_record
+    t = model.text
+    L = t.num_hidden_layers
+    plan = []
+    for layer in range(L):
+        lw = model.layer_weights(layer)
+        rec = _layer_record(lw, t)
+        if rec is None or (rec.E and rec.table is None):
+            return None
+        bl = getattr(rec, "_batch", None)
+        if bl is None:
+            bl = rec._batch = _BatchLayer(rec, lw, c)
+        if bl.E and bl.tab is not rec.table:
+            bl.use_table(rec.table, c)
+        plan.append((lw, bl, rec))                     # rec: what bl's pointers point into, held for the step
+    rows = _cache_rows(caches, L, int(t.kv_lora_rank) + int(t.qk_rope_head_dim), c)
+    return None if rows is None else (plan, rows)
+
+
+def _cache_rows(caches, L: int, width: int, c):
+    """(pointers uint64 [L, B] to every layer's buffer of every cache, rows held int64 [L, B], cdt) after
+    next_rows, or None when the caches are not LatentCaches of L layers of one dtype the C attention reads. A
+    cache's pointers are kept on it while its buffers stay the same (they change when it grows)."""
+    ptrs, ns, dt = [], [], None
+    for cache in caches:
+        next_rows = getattr(cache, "next_rows", None)
+        if next_rows is None or getattr(cache, "n_layers", None) != L:
+            return None
+        bufs, held = next_rows()
+        got = getattr(cache, "_c_rows", None)
+        if got is None or len(got[0]) != len(bufs) or not all(map(operator.is_, got[0], bufs)):
+            d0 = bufs[0].dtype
+            if d0 not in (np.float32, np.uint16) or any(
+                    b.dtype != d0 or not b.flags.c_contiguous or b.ndim != 2 or b.shape[1] != width for b in bufs):
+                return None
+            got = (tuple(bufs), np.array([int(c.ffi.cast("uintptr_t", c.ffi.from_buffer("char[]", b))) for b in bufs],
+                                         dtype=np.uint64), d0)
+            cache._c_rows = got
+        if dt is not None and got[2] != dt:
+            return None                                 # one cdt per call (an engine's caches share one dtype)
+        dt = got[2]
+        ptrs.append(got[1])
+        ns.append(held)
+    return (np.ascontiguousarray(np.stack(ptrs, axis=1)), np.ascontiguousarray(np.array(ns, dtype=np.int64).T),
+            0 if dt == np.float32 else 1)
+
+
+def _layers_batched(plan, rows, t, x, caches, stats):
+    """_layers_generic with the arguments of _batch_plan. A layer is pk_matmul_many (q, kv_a),
+    pk_mla_absorbed_batch, pk_matmul_many (o_proj), pk_add_rms_norm (residual + post-attention norm), pk_route
+    and pk_swiglu_batch (or the dense MLP's pk_swiglu_batch), then the residual add fused with the next layer's
+    input norm (pk_add_rms_norm; pk_rms_norm before the first layer). The C norms are the Numba twins' loop bit
+    for bit (and the single step's fused call normalises with them). Every call's arguments are put together
+    before the first layer, while the Python objects they come from are still in the caches: between two
+    layers the CPU streams ~400 MB of weights (real model), after which each Python object touched is a miss."""
+    c = _probe._mods["c"]
+    lib, ffi = c.lib, c.ffi
+    fb = ffi.from_buffer
+    B, L = len(caches), len(plan)
+    bl0 = plan[0][1]
+    D, dq, dkv, do = bl0.D, bl0.dq, bl0.dkv, bl0.do
+    # the step's buffers, one allocation: the residual (x0: after the input norm's add, x1: after attention's)
+    # | h | q | kva | o | att | m
+    sizes = (D, D, D, dq, dkv, do, D, D)
+    buf = np.empty(B * sum(sizes), dtype=np.float32)
+    base = ffi.cast("float *", fb("float[]", buf))
+    views, ptrs, off = [], [], 0
+    for s in sizes:
+        views.append(buf[off * B:(off + s) * B].reshape(B, s))
+        ptrs.append(base + off * B)
+        off += s
+    x0, x1, hv, mv = views[0], views[1], views[2], views[7]
+    x0p, x1p, hp, qp, kvap, op, attp, mp = ptrs
+    x0[...] = x
+    xs_h, ys_qkv = ffi.new("float *[]", [hp, hp]), ffi.new("float *[]", [qp, kvap])
+    xs_o, ys_att = ffi.new("float *[]", [op]), ffi.new("float *[]", [attp])
+    ns = ffi.new("int64_t[]", [B, B])
+    # every layer's cache rows (_batch_plan made room): sequence b's row n of layer l is written
+    rows_all, n_all, cdt = rows
+    rows_p = ffi.cast("void **", fb("char[]", rows_all))
+    n_p = ffi.cast("int64_t *", fb("int64_t[]", n_all))
+    f_rms, f_add, f_mm, f_mla = lib.pk_rms_norm, lib.pk_add_rms_norm, lib.pk_matmul_many, lib.pk_mla_absorbed_batch
+    f_route, f_swiglu = lib.pk_route, lib.pk_swiglu_batch
+    moe: dict = {}                                 # (E, k, n_shared) -> the router's and the experts' buffers
+    dense = None
+    steps = []
+    for layer, (lw, bl, _) in enumerate(plan):
+        pre = ((f_rms, (x0p, B, D, bl.in_ln, bl.eps, hp)) if layer == 0 else
+               (f_add, (x1p, mp, B, D, bl.in_ln, bl.eps, x0p, hp)))
+        mla = (B,) + bl.mla + (qp, kvap) + bl.kv + (n_p + layer * B, rows_p + layer * B, cdt,
+                                                     n_p + layer * B) + bl.kvb + (op,)
+        post = (x0p, attp, B, D, bl.post_ln, bl.eps, x1p, hp)
+        if not bl.E:
+            if dense is None:                      # nsel 1, sel 0, coef 1 a row: the one expert of weight 1
+                arrs = (np.ones(B, np.int32), np.zeros(B, np.int32), np.ones(B, np.float32))
+                dense = (arrs, fb("int[]", arrs[0]), fb("int[]", arrs[1]), fb("float[]", arrs[2]))
+            ffn = (None, (1, bl.mlp, hp, B, D, 1) + dense[1:] + (mp,))
+        else:
+            E, k, n_sh = bl.E, bl.k, bl.n_shared
+            got = moe.get((E, k, n_sh))
+            if got is None:
+                kmax = k + n_sh
+                r_f = np.empty(B * (2 * E + k + 1), np.float32)           # logits | scores | weights | margin
+                ids = np.empty((B, k), np.int32)
+                sel = np.full((B, kmax), E, np.int32)                      # the shared experts: record E, last
+                coef = np.ones((B, kmax), np.float32)                      # ... of weight 1
+                nsel = np.full(B, kmax, np.int32)
+                rp = ffi.cast("float *", fb("float[]", r_f))
+                got = moe[(E, k, n_sh)] = (
+                    (ids, sel[:, :k], coef[:, :k], r_f[B * 2 * E:B * (2 * E + k)].reshape(B, k)),
+                    (rp, rp + B * E, fb("int[]", ids), rp + 2 * B * E, rp + B * (2 * E + k)),
+                    (kmax, fb("int[]", nsel), fb("int[]", sel), fb("float[]", coef)), (r_f, nsel, sel, coef))
+            ffn = (got[0], (B, hp, D) + bl.route + got[1], (hp, B, D) + got[2] + (mp,))
+        steps.append((lw, bl, pre, bl.qkv_head + (xs_h, ns) + bl.qkv_tail + (ys_qkv,), mla,
+                      bl.o_head + (xs_o, ns) + bl.o_tail + (ys_att,), post, ffn))
+    nbytes, eb, any_moe = 0, 0, False
+    n_experts = []
+    for layer, (lw, bl, pre, qkv, mla, o, post, ffn) in enumerate(steps):
+        pre[0](*pre[1])
+        rc = f_mm(*qkv)
+        if rc != 0:
+            raise MemoryError(f"pk_matmul_many failed ({rc})")
+        rc = f_mla(*mla)
+        if rc != 0:
+            raise (MemoryError if rc == -1 else ValueError)(f"pk_mla_absorbed_batch failed ({rc})")
+        rc = f_mm(*o)
+        if rc != 0:
+            raise MemoryError(f"pk_matmul_many failed ({rc})")
+        f_add(*post)
+        nbytes += bl.nbytes
+        if ffn[0] is None:                         # dense MLP
+            rc = f_swiglu(*ffn[1])
+        else:
+            any_moe = True
+            rc = f_route(*ffn[1])
+            if rc != 0:
+                raise (MemoryError if rc == -1 else ValueError)(f"pk_route failed ({rc})")
+            # per row the routed experts in ascending id order (pk_route writes them so: its contract, the
+            # order of the single step's pk_moe), then the shared experts
+            ids, sel_k, coef_k, wts = ffn[0]
+            sel_k[...] = ids
+            coef_k[...] = wts
+            chosen = set(ids.ravel().tolist())
+            if not bl.have.issuperset(chosen):
+                if not all(bl.add(e, lw, c) for e in sorted(chosen - bl.have)):
+                    # an expert C does not read: this layer's FFN stage by stage
+                    m, nb = _ffn_generic(lw, t, hv.copy(), stats, n_experts)
+                    if stats is not None:
+                        nbytes += nb - bl.ffn_nbytes  # the router's and shared experts' bytes are counted above
+                    mv[...] = m
+                    continue
+            rc = f_swiglu(bl.E + bl.n_shared, bl.full, *ffn[2])
+            if stats is not None:
+                e_b = sum(map(bl.ebytes.__getitem__, chosen))
+                eb += e_b
+                nbytes += e_b
+                n_experts.append(len(chosen))
+        if rc != 0:
+            raise (MemoryError if rc == -1 else ValueError)(f"pk_swiglu_batch failed ({rc})")
+    for cache in caches:
+        cache.commit_rows()
+    np.add(x1, mv, out=x1)
+    if stats is not None and any_moe:
+        stats["expert_bytes"] = stats.get("expert_bytes", 0) + eb
+    return x1, nbytes, n_experts
 
 
 _SINGLE_READS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()

@@ -107,3 +107,26 @@ def test_model_cache_dtype_is_the_default_of_new_cache_and_generate():
     f32 = load(TINY).generate(ids, max_new_tokens=6, stop_ids=[], cache_dtype="f32")
     assert load(TINY).generate(ids, max_new_tokens=6, stop_ids=[], cache_dtype="bf16") == bf
     assert bf == f32                     # this prompt's greedy ids do not move (margins >> the bf16 error)
+
+
+def test_next_rows_and_commit_rows_are_next_row_and_commit_of_every_layer():
+    """next_rows / commit_rows (the serve engine's batched step) == next_row / commit layer by layer, growth
+    included; commit_rows refuses a row past the capacity."""
+    a, b = LatentCache(3, 4, 2, capacity=2, max_len=9), LatentCache(3, 4, 2, capacity=2, max_len=9)
+    rng = np.random.default_rng(0)
+    for step in range(5):
+        bufs, ns = a.next_rows()
+        for layer in range(3):
+            rows, n = b.next_row(layer)
+            assert n == ns[layer] and rows.shape == bufs[layer].shape and bufs[layer] is a._rows[layer]
+            v = rng.standard_normal(6).astype(np.float32)
+            rows[n], bufs[layer][n] = v, v
+            b.commit(layer)
+        a.commit_rows()
+        assert len(a) == len(b) == step + 1 and a.capacity == b.capacity
+        for layer in range(3):
+            np.testing.assert_array_equal(a.rows(layer), b.rows(layer))
+    c = LatentCache(2, 4, 2, capacity=1)
+    c.commit_rows()
+    with pytest.raises(InputError, match="past its capacity"):
+        c.commit_rows()

@@ -183,6 +183,68 @@ def test_batched_step_reads_each_expert_once():
     assert n_chosen == sum(stats["experts_per_layer"])
 
 
+@pytest.mark.parametrize("which,cache_dtype", [("demo", "f32"), ("tiny", "f32"), ("demo8", "bf16"), ("tiny4", "f32"),
+                                               ("tiny4", "bf16")])
+def test_batched_layers_on_kept_arguments_equal_the_stage_by_stage_loop(which, cache_dtype, quant_dirs, monkeypatch):
+    """decode_batch's layers on the kept C arguments (engine._batch_plan / _layers_batched) == the stage-by-stage
+    loop (_layers_generic) bit for bit: logits, the cache rows written, and the stats of the reads; the caches
+    grow during the steps (their kept row pointers must follow)."""
+    from pykimi import engine
+    m = pykimi.load(_path(which, quant_dirs), cache_dtype=cache_dtype)
+    if not batched_available(m):
+        pytest.skip("the batched path needs the C backend")
+    rng = np.random.default_rng(11)
+    B = 5
+    a, b = [m.new_cache(capacity=2) for _ in range(B)], [m.new_cache(capacity=2) for _ in range(B)]
+    for ca, cb in zip(a, b):
+        p = _ids(m, rng, rng.integers(2, 20))
+        m.prefill(m.embed(p), ca, all_logits=False)
+        m.prefill(m.embed(p), cb, all_logits=False)
+    assert engine._batch_plan(m, a) is not None, "the kept-argument path declined these weights"
+    toks = [int(v) for v in _ids(m, rng, B)]
+    for step in range(6):
+        sa, sb = {}, {}
+        la = decode_batch(m, toks, a, sa)
+        with monkeypatch.context() as mp:
+            mp.setattr(engine, "_batch_plan", lambda *args: None)
+            lb = decode_batch(m, toks, b, sb)
+        np.testing.assert_array_equal(la, lb, err_msg=f"{which} step {step}")
+        assert sa == sb, f"{which} step {step}: {sa} vs {sb}"
+        for ca, cb in zip(a, b):
+            assert len(ca) == len(cb)
+            for ly in range(m.text.num_hidden_layers):
+                np.testing.assert_array_equal(ca.rows(ly), cb.rows(ly))
+        toks = [int(v) for v in la.argmax(axis=1)]
+
+
+def test_batched_step_reads_experts_again_after_read_counter_clear():
+    """The batched step's kept expert records follow the read generation: after read_counter.clear() every
+    expert a step chooses is resolved (read, counted) again, once; without a clear nothing is read again."""
+    m = pykimi.load(pykimi.demo_checkpoint())
+    if not batched_available(m):
+        pytest.skip("the batched path needs the C backend")
+    rng = np.random.default_rng(4)
+    cs = []
+    for _ in range(4):
+        c = m.new_cache(capacity=32)
+        m.prefill(m.embed(_ids(m, rng, 6)), c, all_logits=False)
+        cs.append(c)
+    toks = [int(t) for t in _ids(m, rng, 4)]
+    for step in range(3):
+        m.ckpt.read_counter.clear()
+        stats = {}
+        logits = decode_batch(m, toks, cs, stats)
+        counts = {k: v for k, v in m.ckpt.read_counter.items() if ".mlp.experts." in k}
+        assert counts and set(counts.values()) == {1}, (step, counts)
+        assert len({k.rsplit(".", 2)[0] for k in counts}) == sum(stats["experts_per_layer"]), step
+        toks = [int(v) for v in logits.argmax(axis=1)]
+    # more steps without a clear: an expert is read the first time it is chosen in the generation, never again
+    for _ in range(3):
+        toks = [int(v) for v in decode_batch(m, toks, cs, {}).argmax(axis=1)]
+    counts = {k: v for k, v in m.ckpt.read_counter.items() if ".mlp.experts." in k}
+    assert set(counts.values()) == {1}, counts
+
+
 def _scene_inputs(proc, seeds):
     out = []
     for seed in seeds:
