@@ -185,7 +185,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", help="the GGUF of the last --ckpt's weights, for --llama-server")
     ap.add_argument("--threads", type=int, default=2, help="llama-server's threads (pykimi uses its default)")
     ap.add_argument("--mlock", action="store_true",
-                    help="both servers pin their mapped weights in RAM (pykimi --mlock, llama-server --mlock)")
+                    help="both servers pin their mapped weights in RAM (pykimi --mlock, llama-server --load-mode "
+                         "mmap+mlock)")
     ap.add_argument("--out", default=os.path.join(BENCH, "out", "serve.json"))
     args = ap.parse_args(argv)
     if bool(args.llama_server) != bool(args.gguf):
@@ -212,7 +213,8 @@ def main(argv=None) -> int:
         print(f"[llama-server {args.gguf}]", flush=True)
         res["llama_server"] = llamaserver_peer.bench(
             args.llama_server, args.gguf, streams, lambda c, seed: prompts(model, c, args.prompt, seed),
-            args.prompt, args.tokens, args.rounds, threads=args.threads, extra=["--mlock"] if args.mlock else None)
+            args.prompt, args.tokens, args.rounds, threads=args.threads,
+            extra=["--load-mode", "mmap+mlock"] if args.mlock else None)     # its --mlock in this llama.cpp
         del model
         samples.append(bandwidth())
     gbs = max(samples)
