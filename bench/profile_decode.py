@@ -186,7 +186,10 @@ class Batch:
 class Single:
     """One sequence through model.decode_step (the default)."""
 
-    def start(self, model, n: int, prompt=None):
+    def __init__(self, prompt: np.ndarray):
+        self.prompt = prompt
+
+    def start(self, model, n: int):
         cache = model.new_cache(capacity=self.prompt.size + n + 1)
         logits = model.prefill(model.embed(self.prompt), cache, all_logits=False)
         return [cache, int(np.argmax(logits))]
@@ -226,11 +229,7 @@ def main(argv=None) -> dict:
     L = model.text.num_hidden_layers
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, min(model.text.vocab_size, 50000), args.prompt).astype(np.int64)
-    if args.batch > 1:
-        run = Batch(model, prompt, args.batch)
-    else:
-        run = Single()
-        run.prompt = prompt
+    run = Batch(model, prompt, args.batch) if args.batch > 1 else Single(prompt)
     decode = run if args.batch > 1 else globals()["decode"]
     # pre-fault the mapped weights and compile everything once
     decode(model, prompt, args.warmup)
