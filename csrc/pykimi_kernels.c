@@ -31,7 +31,7 @@
  *    stay on the row kernels.
  *  - Q8 weights with int16 activations (the default mode's Q8), batches of PK_VNNI16_MIN_Q8 or more rows at the
  *    AVX-512 level: the same scheme on vpdpwssd, 16 rows x 2 int16 k-elements per vector, the weights widened to
- *    int16 pairs in L1 (vnni16_rows: ~600 GOP/s on 2 cores against ~250 for the int16 row kernel and 200-400 for
+ *    int16 pairs in L1 (PK_VW_KERNEL: ~600 GOP/s on 2 cores against ~250 for the int16 row kernel and 200-400 for
  *    the exact f32 batch kernel / widened tiles it replaces).
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
@@ -124,7 +124,7 @@
 #endif
 #ifndef PK_VNNI16_MIN_Q8   /* (-D for measurements only: linear.C_VNNI16_MIN must agree) */
 #define PK_VNNI16_MIN_Q8 9 /* int16 activations (A_I16, the default for Q8_32), AVX-512: the int16 batch kernel
-                              (vnni16_rows) from this many rows; below it the row kernel tile_q8w_avx512 */
+                              (PK_VW_KERNEL) from this many rows; below it the row kernel tile_q8w_avx512 */
 #endif
 #ifndef PK_AVX2B_MIN_Q8    /* (-D for measurements only: linear.C_VNNI_MIN_AVX2 must agree) */
 #define PK_AVX2B_MIN_Q8 7 /* ... at the AVX2 level: the maddubs twin of the VNNI batch kernel (avx2b_rows) from this */
@@ -334,7 +334,7 @@ int pk_get_vnni_batch(void) {
 
 static int pk_vnni16_req = -2; /* -2 = not read yet (PYKIMI_VNNI16_BATCH), 0 = off, 1 = on */
 
-/* Use the int16 batch kernel (vnni16_rows: vpdpwssd) for int16-activation batches of Q8_32 weights (the default
+/* Use the int16 batch kernel (PK_VW_KERNEL: vpdpwssd) for int16-activation batches of Q8_32 weights (the default
  * mode's Q8, A_I16) of >= PK_VNNI16_MIN_Q8 rows at the AVX-512 level (1, the default) or not (0;
  * PYKIMI_VNNI16_BATCH=0 before the first call): off, they run their previous paths (the int16 row kernel, the
  * exact f32 batch kernel / widened tiles that kernels/linear.py picks). A switch of its own, beside
@@ -1973,29 +1973,6 @@ PK_VN_KERNEL(vnni_q4_2_avx512, F_Q4, 6, 2)
 PK_VN_KERNEL(vnni_q4_3_avx512, F_Q4, 4, 3)
 #undef PK_VN_KERNEL
 
-/* Rows t0 .. t0 + nn (nn <= 48, inside one group) of x against the weight rows [o0, o1), NV = ceil(nn / 16). */
-static void vnni_part(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {
-    const int q8 = j->fmt == F_Q8;
-    switch ((nn + 15) / 16) {
-    case 1: (q8 ? vnni_q8_1_avx512 : vnni_q4_1_avx512)(j, o0, o1, t0, nn); break;
-    case 2: (q8 ? vnni_q8_2_avx512 : vnni_q4_2_avx512)(j, o0, o1, t0, nn); break;
-    default: (q8 ? vnni_q8_3_avx512 : vnni_q4_3_avx512)(j, o0, o1, t0, nn); break;
-    }
-}
-
-/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
-static void vnni_rows(const pk_job *j, int64_t o0, int64_t o1) {
-    int64_t t0;
-    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP) {
-        const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP;
-        if (nn > 48) { /* two passes of <= 32 rows (see the measurements above) */
-            vnni_part(j, o0, o1, t0, 32);
-            vnni_part(j, o0, o1, t0 + 32, nn - 32);
-        } else {
-            vnni_part(j, o0, o1, t0, nn);
-        }
-    }
-}
 
 /* Q8_32 weights x int16 activations, batches (A_I16 -- the default mode's Q8 -- with >= PK_VNNI16_MIN_Q8 rows of x
  * at the AVX-512 level: prefill, the MoE's per-expert batches; twin ref.matmul_act16_q8). Why: the int16 row kernel
@@ -2173,12 +2150,14 @@ PK_VW_KERNEL(vnni16_2_avx512, PK_VW_R2, 2)
 PK_VW_KERNEL(vnni16_3_avx512, PK_VW_R3, 3)
 #undef PK_VW_KERNEL
 
-/* Rows t0 .. t0 + nn (nn <= 48, inside one group) of x against the weight rows [o0, o1), NV = ceil(nn / 16). */
-static void vnni16_part(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {
+/* Rows t0 .. t0 + nn (nn <= 48, inside one group) of x against the weight rows [o0, o1), NV = ceil(nn / 16): the
+ * int16 kernel (Q8_32, A_I16) or the int8 one (Q8_32 / Q4_32, A_I8). */
+static void vnni_part(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {
+    const int q8 = j->fmt == F_Q8, i16 = j->act == A_I16;
     switch ((nn + 15) / 16) {
-    case 1: vnni16_1_avx512(j, o0, o1, t0, nn); break;
-    case 2: vnni16_2_avx512(j, o0, o1, t0, nn); break;
-    default: vnni16_3_avx512(j, o0, o1, t0, nn); break;
+    case 1: (i16 ? vnni16_1_avx512 : q8 ? vnni_q8_1_avx512 : vnni_q4_1_avx512)(j, o0, o1, t0, nn); break;
+    case 2: (i16 ? vnni16_2_avx512 : q8 ? vnni_q8_2_avx512 : vnni_q4_2_avx512)(j, o0, o1, t0, nn); break;
+    default: (i16 ? vnni16_3_avx512 : q8 ? vnni_q8_3_avx512 : vnni_q4_3_avx512)(j, o0, o1, t0, nn); break;
     }
 }
 
@@ -2193,17 +2172,18 @@ static int64_t vnni16_split(const pk_job *j) {
     return j->n < 16 || rem >= PK_VNNI16_REM ? j->n : j->n - rem;
 }
 
-/* Rows [0, nbatch) of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1) (49..64
- * rows: two passes of <= 32, as vnni_rows). */
-static void vnni16_rows(const pk_job *j, int64_t o0, int64_t o1) {
+/* Rows [0, n) of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1); 49..64 rows
+ * of a group as two passes of <= 32 (see the int8 kernel's measurements). n: the job's rows (int8), or the rows the
+ * int16 kernel takes (nbatch: vnni16_split). */
+static void vnni_rows(const pk_job *j, int64_t o0, int64_t o1, int64_t n) {
     int64_t t0;
-    for (t0 = 0; t0 < j->nbatch; t0 += PK_TN_GROUP) {
-        const int64_t nn = j->nbatch - t0 < PK_TN_GROUP ? j->nbatch - t0 : PK_TN_GROUP;
+    for (t0 = 0; t0 < n; t0 += PK_TN_GROUP) {
+        const int64_t nn = n - t0 < PK_TN_GROUP ? n - t0 : PK_TN_GROUP;
         if (nn > 48) {
-            vnni16_part(j, o0, o1, t0, 32);
-            vnni16_part(j, o0, o1, t0 + 32, nn - 32);
+            vnni_part(j, o0, o1, t0, 32);
+            vnni_part(j, o0, o1, t0 + 32, nn - 32);
         } else {
-            vnni16_part(j, o0, o1, t0, nn);
+            vnni_part(j, o0, o1, t0, nn);
         }
     }
 }
@@ -2639,11 +2619,11 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
         if (j->fmt == F_BF16) bf16a_rows(j, o0, o1);
 #endif
         if (j->fmt == F_Q8 && j->act == A_I16) { /* the int16 one (Q8_32): rows [0, nbatch) */
-            vnni16_rows(j, o0, o1);
+            vnni_rows(j, o0, o1, j->nbatch);
             if (j->nbatch >= j->n) return;
             tb = j->nbatch; /* the rest (a few rows past the last vector of 16) on the row kernel below */
         } else {
-            if (j->fmt == F_Q8 || j->fmt == F_Q4) vnni_rows(j, o0, o1);
+            if (j->fmt == F_Q8 || j->fmt == F_Q4) vnni_rows(j, o0, o1, j->n);
             return;
         }
     }

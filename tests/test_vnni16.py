@@ -1,4 +1,4 @@
-"""The int16 batch kernel for Q8_32 weights x int16 activations (the default mode "q4"'s Q8; csrc vnni16_rows,
+"""The int16 batch kernel for Q8_32 weights x int16 activations (the default mode "q4"'s Q8; csrc PK_VW_KERNEL,
 vpdpwssd, AVX-512 level): against its twin ref.matmul_act16_q8 (the same int16 codes, exact integer block dots, f32
 sums in another order) and the int16 row kernel it replaces, the integer block dots exact at the extremes, the rows
 past the last vector of 16 on the row kernel (csrc vnni16_split), its switch (c.set_vnni16_batch /

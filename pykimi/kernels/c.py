@@ -395,7 +395,7 @@ def vnni_min(kind: str) -> int:
 
 def get_vnni16_batch() -> bool:
     """Whether int16-activation batches of Q8_32 weights (the default mode's Q8, from vnni16_min() rows) run the int16
-    batch kernel (csrc vnni16_rows, vpdpwssd): at the AVX-512 level, not turned off by PYKIMI_VNNI16_BATCH=0 /
+    batch kernel (csrc PK_VW_KERNEL, vpdpwssd): at the AVX-512 level, not turned off by PYKIMI_VNNI16_BATCH=0 /
     set_vnni16_batch(False)."""
     return bool(lib.pk_get_vnni16_batch())
 

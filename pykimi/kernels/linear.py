@@ -101,7 +101,7 @@ C_VNNI_MIN = {"q8_32": 8, "q4_32": 8}
 # runs) of 64 / 128 / 512 tokens: 433-443 / 485-494 / 496-517 -> 482-518 / 563-597 / 587-605 tok/s.
 C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
 # int16 activations for Q8_32 weights (the default mode "q4": Q8 x int16) at the AVX-512 level: from this many rows of x
-# the int16 batch kernel (csrc vnni16_rows, vpdpwssd; PK_VNNI16_MIN_Q8), however many rows -- no exact f32 batch kernel
+# the int16 batch kernel (csrc PK_VW_KERNEL, vpdpwssd; PK_VNNI16_MIN_Q8), however many rows -- no exact f32 batch kernel
 # (C_BATCH_ROWS_Q8), no widened tiles past it any more; below it the int16 row kernel (tile_q8w_avx512), as for decode.
 # Same twin (ref.matmul_act16_q8: the same int16 codes, exact integer block dots; only the f32 summation order differs).
 # Its own switch: c.set_vnni16_batch / PYKIMI_VNNI16_BATCH=0 (off: the old plan). Not with AMX, whose exact tile product
