@@ -114,3 +114,24 @@ def check_prefill_switch(model, case: str, switch, row_patches: dict, label: str
     assert err > 0, f"{label}: bit for bit the row kernels -- did the batch kernel run?"
     assert ids_on == ids_rows, f"{label}: greedy ids {ids_on} != {ids_rows}"
     assert g_on <= g_old + golden_slack, f"{label}: vs goldens {g_on:.3g}, old path {g_old:.3g}"
+
+
+def c_kernel_on(level: str, switch):
+    """Generator body of a fixture: the C backend at SIMD ``level`` with AMX off (its exact tiles would take the
+    batches) and the kernel ``switch`` (e.g. c.set_vnni_batch) on; yields pykimi.kernels.c and restores the
+    backend, AMX and the level afterwards (the switch is left on, its default)."""
+    import pykimi.kernels as K
+    from pykimi.kernels import c
+
+    prev_b, prev_amx = K.backend(), c.get_amx()
+    K.set_backend("c")
+    c.set_simd(level)
+    c.set_amx(False)
+    assert switch(True)
+    try:
+        yield c
+    finally:
+        switch(True)
+        c.set_amx(prev_amx)
+        c.set_simd(None)
+        K.set_backend(prev_b)

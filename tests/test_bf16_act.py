@@ -15,7 +15,7 @@ from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
-from conftest import bound_err, on_and_off
+from conftest import bound_err, c_kernel_on, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -44,16 +44,7 @@ needs_bf16dp = pytest.mark.skipif(not HAS, reason="needs the C backend at the AV
 @pytest.fixture
 def bf16dp():
     """The C backend at the AVX-512 level with the AVX512_BF16 kernel on (and AMX off: AMX keeps bf16 exact)."""
-    prev_b, prev_amx = K.backend(), c.get_amx()
-    K.set_backend("c")
-    c.set_simd("avx512")
-    c.set_amx(False)
-    assert c.set_avx512bf16(True)
-    yield c
-    c.set_avx512bf16(True)
-    c.set_amx(prev_amx)
-    c.set_simd(None)
-    K.set_backend(prev_b)
+    yield from c_kernel_on("avx512", c.set_avx512bf16)
 
 
 # ------------------------------------------------------------------------------------------------ the twin

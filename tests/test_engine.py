@@ -40,6 +40,16 @@ def _ids(m, rng, n):
     return rng.choice(pool, size=int(n))
 
 
+def _prefilled(m, rng, count: int, n: int) -> list:
+    """count caches (capacity 32), each holding a prompt of n random ids."""
+    caches = []
+    for _ in range(count):
+        c = m.new_cache(capacity=32)
+        m.prefill(m.embed(_ids(m, rng, n)), c, all_logits=False)
+        caches.append(c)
+    return caches
+
+
 CHECKPOINTS = ["demo", "tiny", "demo8", "demo4", "tiny8", "tiny4"]
 
 
@@ -169,11 +179,7 @@ def test_batched_step_reads_each_expert_once():
     if not batched_available(m):
         pytest.skip("the batched path needs the C backend")
     rng = np.random.default_rng(2)
-    cs = []
-    for _ in range(6):
-        c = m.new_cache(capacity=32)
-        m.prefill(m.embed(_ids(m, rng, 8)), c, all_logits=False)
-        cs.append(c)
+    cs = _prefilled(m, rng, 6, 8)
     m.ckpt.read_counter.clear()
     stats = {}
     decode_batch(m, [int(t) for t in _ids(m, rng, 6)], cs, stats)
@@ -224,11 +230,7 @@ def test_batched_step_reads_experts_again_after_read_counter_clear():
     if not batched_available(m):
         pytest.skip("the batched path needs the C backend")
     rng = np.random.default_rng(4)
-    cs = []
-    for _ in range(4):
-        c = m.new_cache(capacity=32)
-        m.prefill(m.embed(_ids(m, rng, 6)), c, all_logits=False)
-        cs.append(c)
+    cs = _prefilled(m, rng, 4, 6)
     toks = [int(t) for t in _ids(m, rng, 4)]
     for step in range(3):
         m.ckpt.read_counter.clear()

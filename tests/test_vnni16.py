@@ -15,7 +15,7 @@ import pykimi.kernels as K
 from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q4, quantize_q8
 
-from conftest import bound_err, check_mixed_jobs, check_prefill_switch, on_and_off
+from conftest import bound_err, c_kernel_on, check_mixed_jobs, check_prefill_switch, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -45,16 +45,7 @@ def v16():
     """The C backend at the AVX-512 level, the int16 batch kernel on, AMX off; restored afterwards."""
     if "avx512" not in LEVELS:
         pytest.skip("needs the C backend at the AVX-512 level")
-    prev_b, prev_amx = K.backend(), c.get_amx()
-    K.set_backend("c")
-    c.set_simd("avx512")
-    c.set_amx(False)
-    assert c.set_vnni16_batch(True)
-    yield c
-    c.set_vnni16_batch(True)
-    c.set_amx(prev_amx)
-    c.set_simd(None)
-    K.set_backend(prev_b)
+    yield from c_kernel_on("avx512", c.set_vnni16_batch)
 
 
 def q8w(cc, x, W):

@@ -17,7 +17,7 @@ from pykimi.kernels import linear, ref
 from pykimi.quant import quantize_q4, quantize_q8
 from pykimi.weights import Stored, f32_to_bf16
 
-from conftest import bound_err, check_mixed_jobs, check_prefill_switch, on_and_off
+from conftest import bound_err, c_kernel_on, check_mixed_jobs, check_prefill_switch, on_and_off
 
 C_OK = K.backends()["c"]["available"]
 if C_OK:
@@ -45,17 +45,8 @@ def vnni(request):
     on (AMX off: it keeps Q8 batches exact); the level is vnni.level."""
     if request.param not in LEVELS:
         pytest.skip(f"needs the C backend at the {request.param} level")
-    prev_b, prev_amx = K.backend(), c.get_amx()
-    K.set_backend("c")
-    c.set_simd(request.param)
-    c.set_amx(False)
-    assert c.set_vnni_batch(True)
     c.level = request.param
-    yield c
-    c.set_vnni_batch(True)
-    c.set_amx(prev_amx)
-    c.set_simd(None)
-    K.set_backend(prev_b)
+    yield from c_kernel_on(request.param, c.set_vnni_batch)
 
 
 def _kernels(cc):
