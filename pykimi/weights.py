@@ -44,6 +44,7 @@ _NP_TO_ST = {np.dtype("<f8"): "F64", np.dtype("<f4"): "F32", np.dtype("<f2"): "F
 MAX_HEADER = 100 * 1024 * 1024  # the official library's limit too
 TILE_ELEMS = 1 << 22            # widen / quantize at most 4M elements (16 MB of f32) per step
 QBLOCK = 32                     # the block of Q8_32 / Q4_32 along `in`: one f32 scale per 32 weights
+ALIGN = 64                      # SafetensorsWriter: data start and 64-byte-multiple tensors on this boundary
 META_KEY = "pykimi.quant"       # shard metadata of a repacked checkpoint: {NAME: {"format", "shape"}}
 
 
@@ -633,7 +634,14 @@ class SafetensorsWriter:
     ``write(name, array)`` in the same order; the header is written first and each tensor goes straight to
     disk. ``add(name, array)`` + ``close()`` is the simple path for small files (it keeps the arrays until
     close). The file appears under its final name only after ``close()`` succeeds (written to ``path.tmp``).
-    """
+
+    Alignment: the header is padded with spaces (as the format allows) so that the data starts 64 bytes into a
+    line, and in the data the tensors whose size is a multiple of 64 bytes come first (in the order given), the
+    rest after them; each write goes to its tensor's offset. So every such tensor -- every quantized and bf16
+    weight matrix of the family -- starts on a 64-byte boundary in the memory map, and the kernels' 64-byte loads
+    of a weight row do not straddle two cache lines (the official writer aligns to 8: rows of its files' Q4 weights
+    measured 4.8 cycles per 128 weights in L2 against 4.05 aligned, AMD EPYC Zen 5). The order of the data is
+    free in the format (readers sort the offsets and ask only that they tile the buffer)."""
 
     def __init__(self, path: str, metadata: dict | None = None):
         self.path = os.fspath(path)
@@ -661,6 +669,7 @@ class SafetensorsWriter:
         if n != name or d != st.dtype or tuple(st.shape) != shp:
             raise CheckpointError(f"{self.path}: writing {name!r} {st.dtype}{list(st.shape)}, but the plan "
                                   f"expects {n!r} {d}{list(shp)} next")
+        self._seek(n)
         self._fh.write(np.ascontiguousarray(st.data).tobytes(order="C"))
         self._next += 1
 
@@ -672,6 +681,7 @@ class SafetensorsWriter:
             raise CheckpointError(f"{self.path}: writing {name!r}, but the plan expects {n!r} next")
         need = int(np.prod(shp, dtype=np.int64)) * DTYPES[d].itemsize
         done = 0
+        self._seek(n)
         for part in parts:
             b = np.ascontiguousarray(part).tobytes()
             done += len(b)
@@ -684,22 +694,33 @@ class SafetensorsWriter:
         header: dict = {}
         if self.metadata:
             header["__metadata__"] = self.metadata
+        sizes = [int(np.prod(shp, dtype=np.int64)) * DTYPES[d].itemsize for _, d, shp in entries]
+        # the 64-byte multiples first, then the rest (class docstring: alignment)
+        order = sorted(range(len(entries)), key=lambda i: sizes[i] % ALIGN != 0)
+        self._offsets = {}
         off = 0
-        for n, d, shp in entries:
-            size = int(np.prod(shp, dtype=np.int64)) * DTYPES[d].itemsize
-            header[n] = {"dtype": d, "shape": list(shp), "data_offsets": [off, off + size]}
-            off += size
+        for i in order:
+            self._offsets[entries[i][0]] = off
+            off += sizes[i]
+        for (n, d, shp), size in zip(entries, sizes):
+            header[n] = {"dtype": d, "shape": list(shp),
+                         "data_offsets": [self._offsets[n], self._offsets[n] + size]}
         hb = json.dumps(header, separators=(",", ":")).encode("utf-8")
-        hb += b" " * ((8 - len(hb) % 8) % 8)  # align the data to 8 bytes, like the official writer
+        hb += b" " * (-(8 + len(hb)) % ALIGN)   # the data starts on a 64-byte boundary of the file
+        self._data0 = 8 + len(hb)
         os.makedirs(os.path.dirname(os.path.abspath(self.path)), exist_ok=True)
         self._fh = open(self.tmp, "wb")
         self._fh.write(struct.pack("<Q", len(hb)))
         self._fh.write(hb)
 
+    def _seek(self, name: str) -> None:
+        self._fh.seek(self._data0 + self._offsets[name])
+
     def close(self) -> None:
         if self._plan is None:
             self._open_and_write_header([(p.name, p.dtype, p.shape) for p in self._pending])
             for s in self._pending:
+                self._seek(s.name)
                 self._fh.write(np.ascontiguousarray(s.data).tobytes(order="C"))
         elif self._next != len(self._plan):
             self.abort()
