@@ -158,6 +158,52 @@ def test_mla_batch_equals_single_fused_calls_per_cache_dtype(which, cache_dtype,
         np.testing.assert_array_equal(batched[b].rows(layer), c.rows(layer), err_msg=f"{which} {cache_dtype} rows {b}")
 
 
+@pytest.mark.parametrize("which", ["demo8", "demo4", "tiny8", "tiny4"])
+@pytest.mark.parametrize("mode", ["q4", "all"])
+def test_mla_batch_equals_single_at_every_batch_size_and_level(which, mode, quant_dirs, act_mode):
+    """pk_mla_absorbed_batch == the single fused call bit for bit at B = 1..10 and every SIMD level, on a
+    quantized kv_b_proj in both activation modes: each head's W_uk rows are decoded once for a group of up to 8
+    sequences (register-blocked by 64 or 32 columns; demo R = 64, tiny R = 32) and W_uv runs one job of B rows per
+    head (the row kernels), which must give each sequence what it gets alone."""
+    from pykimi.attention import _inv_freq, mla_absorbed
+    from pykimi.engine import _mla_batch
+    if kernels.backend() != "c":
+        pytest.skip("the batched attention is a C kernel")
+    from pykimi.kernels import c as C
+    act_mode(mode)
+    m = pykimi.load(_path(which, quant_dirs))
+    t = m.text
+    H, dn, dr, dv, R = t.num_attention_heads, t.qk_nope_head_dim, t.qk_rope_head_dim, t.v_head_dim, t.kv_lora_rank
+    a, layer, inv = m.layer_weights(1).attn, 1, _inv_freq(dr, float(t.rope_theta))
+    rng = np.random.default_rng(17)
+    try:
+        for level in C.simd_levels():
+            C.set_simd(level)
+            for B in range(1, 11):
+                lens = [int(n) for n in rng.integers(0, 40, B)]
+                alone, batched = [], []
+                for n in lens:
+                    c, d = m.new_cache(capacity=48), m.new_cache(capacity=48)
+                    lat = rng.standard_normal((n, R)).astype(np.float32)
+                    kpe = rng.standard_normal((n, dr)).astype(np.float32)
+                    for cc in (c, d):
+                        cc.write(layer, lat, kpe)
+                    alone.append(c)
+                    batched.append(d)
+                q = rng.standard_normal((B, H * (dn + dr))).astype(np.float32)
+                kva = rng.standard_normal((B, R + dr)).astype(np.float32)
+                got = _mla_batch(q, kva, a, t, inv, batched, layer, t.qk_head_dim ** -0.5, (H, dn, dr, dv, R))
+                assert got is not None
+                for b, c in enumerate(alone):
+                    rows, n = c.next_row(layer)
+                    ref = kernels.fast(mla_absorbed)(q[b], kva[b], a.kv_a_layernorm, t.kv_a_layernorm_eps, inv, n,
+                                                     rows, n, a.kv_b_proj, t.qk_head_dim ** -0.5, (H, dn, dr, dv, R))
+                    c.commit(layer)
+                    np.testing.assert_array_equal(got[b], ref, err_msg=f"{which} {mode} {level} B={B} sequence {b}")
+    finally:
+        C.set_simd(None)
+
+
 def test_engine_cache_dtype_counts_bf16_bytes():
     """The engine's budget counts a bf16 cache's bytes (half an f32 one's); default: the model's cache dtype."""
     m32, m16 = pykimi.load(TINY), pykimi.load(TINY, cache_dtype="bf16")
