@@ -4006,14 +4006,26 @@ static void mla_output_batch(const pk_mla *ms, int64_t B, int64_t h, float *ol, 
     for (b = 0; b < B; b++) memcpy(ms[b].out + h * m->dv, y + b * m->dv, sizeof(float) * (size_t)m->dv);
 }
 
-/* Floats of one sequence's scratch (mla_prepare's layout, a multiple of 16): the batch's in one allocation. */
-static int64_t mla_scratch_floats(int64_t heads, int64_t dr, int64_t R, int64_t pos, int64_t n) {
+/* One sequence's scratch, in floats (mla_prepare's layout; the batch puts all of theirs in one allocation):
+ * qc [H][W] | qT [G][W][16] | ol [H][R] | cos, sin [dr] | the new row [W] | the splits' states, each region
+ * 64-byte aligned. o[0..4]: the offsets of qT, ol, cos, the new row and the states; returns the total, a
+ * multiple of 16. */
+static int64_t mla_layout(int64_t heads, int64_t dr, int64_t R, int64_t pos, int64_t n, int64_t o[5]) {
     const int64_t W = R + dr, N = n + 1, nvis = pos + 1 < N ? pos + 1 : N;
     const int64_t nchunk = (nvis + PK_MLA_CHUNK - 1) / PK_MLA_CHUNK;
     const int64_t nsplit = nchunk < PK_MLA_SPLITS ? nchunk : PK_MLA_SPLITS;
     const int64_t G = (heads + PK_HB - 1) / PK_HB;
-    return mla_align16(heads * W) + G * W * PK_HB + mla_align16(heads * R) + mla_align16(dr) + mla_align16(W) +
-           nsplit * mla_align16(G * PK_HB * (R + 3 + PK_MLA_CHUNK));
+    o[0] = mla_align16(heads * W);
+    o[1] = o[0] + G * W * PK_HB;
+    o[2] = o[1] + mla_align16(heads * R);
+    o[3] = o[2] + mla_align16(dr);
+    o[4] = o[3] + mla_align16(W);
+    return o[4] + nsplit * mla_align16(G * PK_HB * (R + 3 + PK_MLA_CHUNK));
+}
+
+static int64_t mla_scratch_floats(int64_t heads, int64_t dr, int64_t R, int64_t pos, int64_t n) {
+    int64_t o[5];
+    return mla_layout(heads, dr, R, pos, n, o);
 }
 
 /* One sequence's setup, shared by pk_mla_absorbed and pk_mla_absorbed_batch (so the batch is bit for bit the
@@ -4032,10 +4044,9 @@ static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t
     const int64_t nsplit = nchunk < PK_MLA_SPLITS ? nchunk : PK_MLA_SPLITS;
     const int64_t G = (heads + PK_HB - 1) / PK_HB; /* blocks of 16 heads */
     const int64_t sts = mla_align16(G * PK_HB * (R + 3 + PK_MLA_CHUNK)); /* one split's state */
-    /* qc [H][W] | qT [G][W][16] | ol [H][R] | cos, sin [dr] | the new row [W] | the splits' states, each
-     * 64-byte aligned */
-    const int64_t o_qT = mla_align16(heads * W), o_ol = o_qT + G * W * PK_HB, o_cs = o_ol + mla_align16(heads * R);
-    const int64_t o_nr = o_cs + mla_align16(dr), o_st = o_nr + mla_align16(W), total = o_st + nsplit * sts;
+    int64_t o[5];
+    const int64_t total = mla_layout(heads, dr, R, pos, n, o); /* qc | qT | ol | cos, sin | new row | states */
+    const int64_t o_qT = o[0], o_ol = o[1], o_cs = o[2], o_nr = o[3], o_st = o[4];
     float *scratch, *cs, *nr;
     double ss = 0.0;
     int64_t i;
