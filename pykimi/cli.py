@@ -741,7 +741,7 @@ def cmd_serve(args) -> int:
         from .server.app import create_app
     except ImportError as e:
         raise PykimiError(f"pykimi serve needs the 'serve' extra (pip install 'pykimi[serve]'): {e}") from None
-    from .engine import Engine
+    from .engine import Engine, freeze_heap
 
     if args.parallel < 1:
         raise PykimiError(f"--parallel {args.parallel}: expected an integer >= 1")
@@ -772,6 +772,7 @@ def cmd_serve(args) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     engine.start()
     engine.warmup()
+    freeze_heap()                              # after the warm-up: no full collection walks the model (engine.py)
     print(f"pykimi serve: {model_id} ({path}) loaded in {load_s:.1f} s; OpenAI API at "
           f"http://{args.host}:{args.port}/v1, {args.parallel} parallel sequences", file=sys.stderr, flush=True)
     try:

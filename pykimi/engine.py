@@ -42,6 +42,7 @@ admission waits while the sum would pass ``cache_budget_mb`` (kept prefixes are 
 from __future__ import annotations
 
 import collections
+import gc
 import hashlib
 import itertools
 import operator
@@ -367,6 +368,22 @@ def _mla_batch(q, kva, a, t, inv_freq, caches, layer: int, scale: float, dims):
 def batched_available(model) -> bool:
     """Whether :func:`decode_batch` takes the batched path (else it runs model.decode_step per sequence)."""
     return kernels.backend() == "c" and not trace_active() and not model.text.q_lora_rank
+
+
+def freeze_heap() -> int:
+    """Collect, then move every object alive now into the cyclic collector's permanent generation (gc.freeze);
+    returns how many there are. For a long-running server, once the model is loaded and warmed up.
+
+    Why: a loaded, warmed model holds ~166k tracked objects (weight records, their memoryviews and cffi
+    buffers, compiled kernels), and a full collection walks all of them. With the 27-layer int4 checkpoint
+    that took 47-62 ms (AMD EPYC Zen 5). Python starts one by itself now and then; in one run of 128 decode
+    steps, the step that ran into it took 81 ms against a median of 33 (in a batched step, every sequence
+    waits). After the freeze a full collection takes under 0.01 ms. Objects that are frozen and later become cyclic garbage are
+    never reclaimed (gc.unfreeze undoes it), so this belongs to a process that keeps its model for life --
+    ``pykimi serve`` calls it after its warm-up request -- not to a library call."""
+    gc.collect()
+    gc.freeze()
+    return gc.get_freeze_count()
 
 
 def decode_batch(model, token_ids, caches, stats: dict | None = None, single_fused: bool = True) -> np.ndarray:

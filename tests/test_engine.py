@@ -204,6 +204,32 @@ def test_mla_batch_equals_single_at_every_batch_size_and_level(which, mode, quan
         C.set_simd(None)
 
 
+def test_freeze_heap_collects_then_freezes_what_is_alive():
+    """engine.freeze_heap (pykimi serve, after its warm-up): cyclic garbage made before it is reclaimed, not frozen;
+    what is alive is frozen (gc.get_freeze_count), and a full collection no longer walks it. Undone at the end, so
+    the rest of the suite collects as usual."""
+    import gc
+    import weakref
+    from pykimi.engine import freeze_heap
+
+    class Node:
+        pass
+
+    garbage = Node()
+    garbage.me = garbage                                    # a cycle: only the cyclic collector reclaims it
+    gone = weakref.ref(garbage)
+    alive = [Node() for _ in range(1000)]
+    del garbage
+    try:
+        n = freeze_heap()
+        assert gone() is None, "the cycle made before the freeze was frozen instead of collected"
+        assert n == gc.get_freeze_count() and n >= len(alive), (n, gc.get_freeze_count())
+        assert not any(o is alive[0] for o in gc.get_objects()), "a live object is still walked by the collector"
+    finally:
+        gc.unfreeze()
+    assert gc.get_freeze_count() == 0
+
+
 def test_engine_cache_dtype_counts_bf16_bytes():
     """The engine's budget counts a bf16 cache's bytes (half an f32 one's); default: the model's cache dtype."""
     m32, m16 = pykimi.load(TINY), pykimi.load(TINY, cache_dtype="bf16")

@@ -376,6 +376,9 @@ def test_cli_serve_answers_and_logs_one_line_per_request(tmp_path):
                        json={"messages": user(scenes.QUESTION_COUNT, data_uri(img)), "max_tokens": 16})
         assert r.json()["choices"][0]["message"]["content"] == scenes.count_answer(shapes)
         assert httpx.post(url + "/v1/chat/completions", timeout=TIMEOUT, json={"messages": []}).status_code == 400
+        frozen = [ln for ln in httpx.get(url + "/metrics", timeout=TIMEOUT).text.splitlines()
+                  if ln.startswith("pykimi_heap_frozen_objects ")]
+        assert len(frozen) == 1 and int(frozen[0].split()[1]) > 10000, frozen    # the warmed-up heap (freeze_heap)
         # a second server on the same port: one line, exit status 2
         busy = subprocess.run([sys.executable, "-m", "pykimi.cli", "serve", "--port", str(port)], env=env,
                               capture_output=True, text=True, timeout=120)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import gc
 import io
 import json
 import logging
@@ -488,6 +489,8 @@ def create_app(model, processor, engine, model_id: str = "pykimi", api_key: str 
         metric("decode_tokens_per_second", "gauge", "aggregate decode tokens per second (recent steps)",
                round(e.decode_tps, 3))
         metric("last_step_batch", "gauge", "sequences in the last decode step", e.last_step.get("batch", 0))
+        metric("heap_frozen_objects", "gauge", "objects the cyclic garbage collector no longer walks "
+               "(pykimi serve freezes the warmed-up heap: engine.freeze_heap)", gc.get_freeze_count())
         metric("last_step_bytes_read", "gauge", "weight bytes the last decode step read",
                e.last_step.get("bytes_read", 0))
         metric("cache_reserved_bytes", "gauge", "latent cache reserved by running sequences", e.reserved)
