@@ -47,7 +47,7 @@ sys.path.insert(0, BENCH)
 
 import pykimi  # noqa: F401,E402 -- before NumPy, as the `pykimi` command does (OPENBLAS_THREAD_TIMEOUT)
 import numpy as np  # noqa: E402
-from pykimi.engine import Engine, SamplingParams, decode_batch  # noqa: E402
+from pykimi.engine import Engine, SamplingParams, decode_batch, freeze_heap  # noqa: E402
 
 
 def bandwidth() -> float:
@@ -72,6 +72,7 @@ def one_round(model, c: int, prompt_len: int, tokens: int, seed: int) -> dict:
     eng = Engine(model, parallel=c, prefix_cache=False).start()
     try:
         eng.warmup()
+        freeze_heap()                                  # as `pykimi serve` does after its warm-up
         step_stats = []
         orig = eng._decode
 
