@@ -378,9 +378,9 @@ def freeze_heap() -> int:
     buffers, compiled kernels), and a full collection walks all of them. With the 27-layer int4 checkpoint
     that took 47-62 ms (AMD EPYC Zen 5). Python starts one by itself now and then; in one run of 128 decode
     steps, the step that ran into it took 81 ms against a median of 33 (in a batched step, every sequence
-    waits). After the freeze a full collection takes under 0.01 ms. Objects that are frozen and later become cyclic garbage are
-    never reclaimed (gc.unfreeze undoes it), so this belongs to a process that keeps its model for life --
-    ``pykimi serve`` calls it after its warm-up request -- not to a library call."""
+    waits). After the freeze a full collection takes under 0.01 ms. Objects that are frozen and later become
+    cyclic garbage are never reclaimed (gc.unfreeze undoes it), so this belongs to a process that keeps its
+    model for life -- ``pykimi serve`` calls it after its warm-up request -- not to a library call."""
     gc.collect()
     gc.freeze()
     return gc.get_freeze_count()

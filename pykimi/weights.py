@@ -635,13 +635,14 @@ class SafetensorsWriter:
     disk. ``add(name, array)`` + ``close()`` is the simple path for small files (it keeps the arrays until
     close). The file appears under its final name only after ``close()`` succeeds (written to ``path.tmp``).
 
-    Alignment: the header is padded with spaces (as the format allows) so that the data starts 64 bytes into a
-    line, and in the data the tensors whose size is a multiple of 64 bytes come first (in the order given), the
-    rest after them; each write goes to its tensor's offset. So every such tensor -- every quantized and bf16
-    weight matrix of the family -- starts on a 64-byte boundary in the memory map, and the kernels' 64-byte loads
-    of a weight row do not straddle two cache lines (the official writer aligns to 8: rows of its files' Q4 weights
-    measured 4.8 cycles per 128 weights in L2 against 4.05 aligned, AMD EPYC Zen 5). The order of the data is
-    free in the format (readers sort the offsets and ask only that they tile the buffer)."""
+    Alignment: the header is padded with spaces (as the format allows) so that the data starts on a 64-byte
+    boundary of the file, and in the data the tensors whose size is a multiple of 64 bytes come first (in the
+    order given), the rest after them; each write goes to its tensor's offset. So every such tensor -- every
+    quantized and bf16 weight matrix of the family -- starts on a 64-byte boundary in the memory map, and the
+    kernels' 64-byte loads of a weight row do not straddle two cache lines (the official writer aligns to 8:
+    rows of its files' Q4 weights measured 4.8 cycles per 128 weights in L2 against 4.05 aligned, AMD EPYC
+    Zen 5). The order of the data is free in the format (readers sort the offsets and ask only that they tile
+    the buffer)."""
 
     def __init__(self, path: str, metadata: dict | None = None):
         self.path = os.fspath(path)
