@@ -4029,35 +4029,25 @@ static int64_t mla_scratch_floats(int64_t heads, int64_t dr, int64_t R, int64_t 
 }
 
 /* One sequence's setup, shared by pk_mla_absorbed and pk_mla_absorbed_batch (so the batch is bit for bit the
- * single calls): the pk_mla record over scratch -- buf (mla_scratch_floats, 64-byte aligned), or when it is NULL
- * allocated here into *scratch_out, freed by the caller -- and the new cache row n.
+ * single calls): the pk_mla record over the caller's scratch buf (mla_scratch_floats floats, 64-byte aligned)
+ * and the new cache row n.
  * The row is built in f32 -- the kv_a_layernorm'ed latent (f32 statistics, spec §8.2) | the rotated k_pe
  * (spec §8.3) -- then stored as it is (f32 cache) or rounded to nearest even (bf16 cache, cdt 1); the scores
- * read it back from the cache like every other row, so the new token sees its own key as cached.
- * Returns 0 or -1 (no memory). */
-static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
+ * read it back from the cache like every other row, so the new token sees its own key as cached. */
+static void mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t dv, int64_t R, const float *q,
                        const float *kva, const float *ln, float eps, const float *inv_freq, int64_t pos,
                        void *rows, int cdt, int64_t n, int fmt, int act, const void *kvb, const float *kvb_scales,
-                       float scale, float *out, float *buf, float **scratch_out) {
+                       float scale, float *out, float *buf) {
     const int64_t W = R + dr, N = n + 1, half = dr / 2, nvis = pos + 1 < N ? pos + 1 : N;
     const int64_t nchunk = (nvis + PK_MLA_CHUNK - 1) / PK_MLA_CHUNK;
     const int64_t nsplit = nchunk < PK_MLA_SPLITS ? nchunk : PK_MLA_SPLITS;
     const int64_t G = (heads + PK_HB - 1) / PK_HB; /* blocks of 16 heads */
     const int64_t sts = mla_align16(G * PK_HB * (R + 3 + PK_MLA_CHUNK)); /* one split's state */
-    int64_t o[5];
-    const int64_t total = mla_layout(heads, dr, R, pos, n, o); /* qc | qT | ol | cos, sin | new row | states */
-    const int64_t o_qT = o[0], o_ol = o[1], o_cs = o[2], o_nr = o[3], o_st = o[4];
-    float *scratch, *cs, *nr;
+    int64_t o[5]; /* offsets in buf of qT, ol, cos / sin, the new row, the states (qc at 0) */
+    float *cs, *nr;
     double ss = 0.0;
     int64_t i;
-    *scratch_out = NULL;
-    if (buf) {
-        scratch = buf;
-    } else {
-        *scratch_out = (float *)malloc(sizeof(float) * (size_t)(total + 16));
-        if (!*scratch_out) return -1;
-        scratch = (float *)(((uintptr_t)*scratch_out + 63) & ~(uintptr_t)63);
-    }
+    mla_layout(heads, dr, R, pos, n, o);
     m->H = heads, m->G = G, m->dn = dn, m->dr = dr, m->dv = dv, m->R = R, m->W = W, m->N = N;
     m->nvis = nvis; /* causal: keys after the query's position are masked */
     m->nchunk = nchunk, m->nsplit = nsplit, m->ss = sts;
@@ -4066,9 +4056,9 @@ static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t
     m->rows = cdt ? NULL : (const float *)rows;
     m->rows16 = cdt ? (const uint16_t *)rows : NULL;
     m->scale = scale, m->out = out, m->fmt = fmt, m->act = act, m->simd = pk_get_simd();
-    m->qc = scratch, m->qT = scratch + o_qT, m->ol = scratch + o_ol, m->st = scratch + o_st;
-    cs = scratch + o_cs; /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
-    nr = scratch + o_nr;
+    m->qc = buf, m->qT = buf + o[0], m->ol = buf + o[1], m->st = buf + o[4];
+    cs = buf + o[2]; /* cos [half] | sin [half] of angle_i = pos * inv_freq_i (f32) */
+    nr = buf + o[3];
     for (i = 0; i < half; i++) {
         const float a = (float)pos * inv_freq[i];
         cs[i] = cosf(a);
@@ -4087,7 +4077,6 @@ static int mla_prepare(pk_mla *m, int64_t heads, int64_t dn, int64_t dr, int64_t
     } else {
         memcpy((float *)rows + n * W, nr, sizeof(float) * (size_t)W);
     }
-    return 0;
 }
 
 /* See the header. Why: the absorbed decode was ~15 NumPy calls per layer and token around two kernel calls
@@ -4110,9 +4099,10 @@ static int mla_absorbed_run(int64_t heads, int64_t dn, int64_t dr, int64_t dv, i
     if (heads < 1 || R < 1 || dn < 1 || dv < 1 || dr < 0 || dr % 2 || pos < 0 || n < 0) return -3;
     if (o_proj && (o_proj->fmt < F_F32 || o_proj->fmt > F_Q4)) return -2;
     if (o_proj && (o_proj->n_in != heads * dv || o_proj->n_out < 0)) return -3;
-    if (mla_prepare(&m, heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, cdt, n, fmt, act, kvb,
-                    kvb_scales, scale, out, NULL, &scratch))
-        return -1;
+    scratch = (float *)pk_amalloc(sizeof(float) * (size_t)mla_scratch_floats(heads, dr, R, pos, n));
+    if (!scratch) return -1;
+    mla_prepare(&m, heads, dn, dr, dv, R, q, kva, ln, eps, inv_freq, pos, rows, cdt, n, fmt, act, kvb, kvb_scales,
+                scale, out, scratch);
 #pragma omp parallel num_threads(nth) if (nth > 1)
     {
         int64_t k;
@@ -4301,7 +4291,7 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
     const int nth = pk_get_threads();
     const int64_t W = R + dr, per = B * (mla_align16(R) + mla_align16(dv)); /* a thread's ol [B][R] | y [B][dv] */
     pk_mla *ms;
-    float **scr, *tmp = NULL, *all = NULL;
+    float *tmp = NULL, *all = NULL;
     int64_t *sp0, b, nsp_all = 0, nall = 0;
     int rc = 0;
     if (fmt < F_F32 || fmt > F_Q4 || cdt < 0 || cdt > 1) return -2;
@@ -4310,25 +4300,20 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
         if (pos[b] < 0 || n[b] < 0) return -3;
     if (B == 0) return 0;
     ms = (pk_mla *)calloc((size_t)B + 1, sizeof(pk_mla));
-    scr = (float **)calloc((size_t)B + 1, sizeof(float *));
     sp0 = (int64_t *)calloc((size_t)B + 1, sizeof(int64_t)); /* first split of each sequence */
     tmp = (float *)pk_amalloc(sizeof(float) * (size_t)(per * nth));
     for (b = 0; b < B; b++) nall += mla_scratch_floats(heads, dr, R, pos[b], n[b]);
     /* the sequences' scratch in ONE allocation: B of ~180 KB each (16 heads, R 512, short caches) were trimmed
      * from the heap and faulted in again every call -- one layer at 8 sequences, 1 thread: 0.77 -> 0.41 ms */
     all = (float *)pk_amalloc(sizeof(float) * (size_t)nall);
-    if (!ms || !scr || !sp0 || !tmp || !all) {
+    if (!ms || !sp0 || !tmp || !all) {
         rc = -1;
         goto done;
     }
     nall = 0;
     for (b = 0; b < B; b++) { /* pk_mla_absorbed's setup, per sequence */
-        if (mla_prepare(&ms[b], heads, dn, dr, dv, R, q + b * heads * (dn + dr), kva + b * W, ln, eps, inv_freq,
-                        pos[b], rows[b], cdt, n[b], fmt, act, kvb, kvb_scales, scale, out + b * heads * dv,
-                        all + nall, &scr[b])) {
-            rc = -1;
-            goto done;
-        }
+        mla_prepare(&ms[b], heads, dn, dr, dv, R, q + b * heads * (dn + dr), kva + b * W, ln, eps, inv_freq, pos[b],
+                    rows[b], cdt, n[b], fmt, act, kvb, kvb_scales, scale, out + b * heads * dv, all + nall);
         nall += mla_scratch_floats(heads, dr, R, pos[b], n[b]);
         sp0[b] = nsp_all;
         nsp_all += ms[b].nsplit;
@@ -4356,9 +4341,6 @@ int pk_mla_absorbed_batch(int64_t B, int64_t heads, int64_t dn, int64_t dr, int6
     }
     (void)nth;
 done:
-    if (scr)
-        for (b = 0; b < B; b++) free(scr[b]);
-    free(scr);
     free(ms);
     free(sp0);
     free(tmp);
