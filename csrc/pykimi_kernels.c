@@ -203,6 +203,8 @@ static void *pk_amalloc(size_t bytes) {
 #endif
 }
 
+#define PK_UP64(b) (((size_t)(b) + 63) & ~(size_t)63) /* bytes rounded up to whole cache lines */
+
 static void *pk_acalloc(size_t n, size_t size) {
     const size_t bytes = n * size;
     void *p = pk_amalloc(bytes);
@@ -1286,6 +1288,9 @@ typedef struct {
     uint16_t *xb;     /* x as AMX B tiles, bf16 high and low parts (bf16 batches, AMX; see amx_prepare) */
     uint32_t *xp;     /* x rounded to bf16 as pairs, per group of 64 rows (A_BF16; see bf16a_prepare) */
     int xp_shared;    /* ... xp is a slice of run_jobs' buffer (not freed with the job) */
+    int act_asked;    /* act as job_set got it (job_prepare may change act) */
+    void *abuf;       /* the one allocation xq .. xcor are slices of */
+    int lent;         /* xq .. xcor are another job's (run_jobs: the same x, quantized once; not freed here) */
     int rows;         /* A_ROWS was asked: the per-row kernels only */
     int64_t mt;       /* ... tiles of 16 rows of x */
     int64_t nbatch;   /* AVX2 int8 batch kernel (xp at level 1): rows [0, nbatch) of x run it, the rest the row
@@ -1299,13 +1304,9 @@ static void job_free(pk_job *j) {
     j->xb = NULL;
     if (!j->xp_shared) free(j->xp);
     j->xp = NULL;
-    free(j->xq);
-    free(j->xqp);
-    free(j->xq16);
-    free(j->xd);
-    free(j->xs);
-    free(j->xds);
-    free(j->xcor);
+    if (!j->lent) free(j->abuf); /* xq .. xcor: slices of it (job_prepare) */
+    j->abuf = NULL;
+    j->lent = 0;
     j->xq = j->xqp = NULL;
     j->xq16 = NULL;
     j->xd = NULL;
@@ -1323,7 +1324,7 @@ static void job_set(pk_job *j, int fmt, int act, const float *x, int64_t n, int6
                     const float *scales, int64_t out, float *y) {
     memset(j, 0, sizeof *j);
     j->fmt = fmt;
-    j->act = act & ~A_ROWS;
+    j->act = j->act_asked = act & ~A_ROWS;
     j->rows = (act & A_ROWS) != 0;
     j->x = x;
     j->n = n;
@@ -2424,6 +2425,36 @@ static int64_t avx2b_split(const pk_job *j) {
 
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
  * failure fall back to the f32 path. */
+#if PK_HAVE_AVX512
+/* One row of x in row_q4a_avx512's order: per group g of 4 blocks, the even elements of blocks 0..3 (16 bytes
+ * each) then their odd ones, and xcor[b] = -8 * sum(block b) * xd[b]. Why vector code: the byte loop it replaces
+ * was ~1 us per job at in = 2048, paid serially before the parallel region by each of the ~25 one-row jobs a
+ * decoder layer runs (the MoE's gate, up and down of 8 experts). Same bytes and the same floats as that loop:
+ * a shuffle per 16 bytes ([evens | odds]) and a 64-bit permute gather the blocks' halves; the block sums are
+ * exact integer sums (vpsadbw of x + 128, less 32 * 128). */
+static PK_AVX512 void q4a_pack_avx512(const int8_t *xr, const float *xd, int64_t ng, int8_t *pr, float *xcor) {
+    const __m512i eo = _mm512_broadcast_i32x4(_mm_setr_epi8(0, 2, 4, 6, 8, 10, 12, 14, 1, 3, 5, 7, 9, 11, 13, 15));
+    const __m512i qidx = _mm512_setr_epi64(0, 2, 4, 6, 1, 3, 5, 7);
+    const __m512i bias = _mm512_set1_epi8((char)0x80);
+    int64_t g, k;
+    int h;
+    for (g = 0; g < ng; g++)
+        for (h = 0; h < 2; h++) { /* blocks 4g + 2h and 4g + 2h + 1: 64 bytes */
+            const __m512i v = _mm512_loadu_si512((const void *)(xr + g * 128 + h * 64));
+            const __m512i p = _mm512_permutexvar_epi64(qidx, _mm512_shuffle_epi8(v, eo));
+            int64_t q[8]; /* per 8 bytes: sum of (x + 128) */
+            _mm512_storeu_si512((void *)q, _mm512_sad_epu8(_mm512_xor_si512(v, bias), _mm512_setzero_si512()));
+            _mm256_storeu_si256((__m256i *)(pr + g * 128 + h * 32), _mm512_castsi512_si256(p));
+            _mm256_storeu_si256((__m256i *)(pr + g * 128 + 64 + h * 32), _mm512_extracti64x4_epi64(p, 1));
+            for (k = 0; k < 2; k++) {
+                const int32_t sum = (int32_t)(q[4 * k] + q[4 * k + 1] + q[4 * k + 2] + q[4 * k + 3]) - 32 * 128;
+                const int64_t b = 4 * g + 2 * h + k;
+                xcor[b] = (float)(-8 * sum) * xd[b];
+            }
+        }
+}
+#endif
+
 static void job_prepare(pk_job *j, int simd) {
     const int64_t nb = j->nb, len = j->n * nb * PK_BLOCK;
     int64_t r0 = 0; /* the first row of x the row kernels take (> 0: the rest of an AVX2 int8 batch job) */
@@ -2470,21 +2501,39 @@ static void job_prepare(pk_job *j, int simd) {
     }
 #endif
     if (j->act == A_F32) return;
-    j->xd = (float *)pk_amalloc((size_t)(j->n * nb) * sizeof(float) + 4);
+    {
+        /* every buffer of the row kernels' activations in one allocation, each on a 64-byte boundary (a decoder
+         * layer runs ~40 one-row jobs: 5 allocations and frees each were ~15 us a layer) */
+        const int q4 = j->fmt == F_Q4 && j->act == A_I8 && simd >= 1, wide = q4 && simd >= 2;
+        const size_t nbk = (size_t)(j->n * nb), sd = PK_UP64(nbk * sizeof(float) + 4),
+                     sq = PK_UP64(j->act == A_I16 ? (size_t)len * sizeof(int16_t) + 4 : (size_t)len + 4),
+                     sp = q4 ? PK_UP64((size_t)len + 4) : 0,
+                     ss = q4 && !wide ? PK_UP64(nbk * sizeof(int32_t) + 4) : 0,
+                     sds = wide ? PK_UP64(sizeof(float) * (nbk * 4 + 1)) : 0,
+                     scor = wide ? PK_UP64(sizeof(float) * (nbk + 1)) : 0;
+        char *b = (char *)pk_amalloc(sd + sq + sp + ss + sds + scor);
+        if (!b) goto fail;
+        j->abuf = b;
+        j->xd = (float *)b;
+        if (j->act == A_I16)
+            j->xq16 = (int16_t *)(b + sd);
+        else
+            j->xq = (int8_t *)(b + sd);
+        if (sp) j->xqp = (int8_t *)(b + sd + sq);
+        if (ss) j->xs = (int32_t *)(b + sd + sq + sp);
+        if (sds) j->xds = (float *)(b + sd + sq + sp);
+        if (scor) {
+            j->xcor = (float *)(b + sd + sq + sp + sds);
+            memset(j->xcor, 0, scor);
+        }
+    }
     if (j->act == A_I16) {
-        j->xq16 = (int16_t *)pk_amalloc((size_t)len * sizeof(int16_t) + 4);
-        if (!j->xq16 || !j->xd) goto fail;
         quant_act16_level(simd, j->x + r0 * j->in, j->n - r0, j->in, j->xq16 + r0 * nb * PK_BLOCK, j->xd + r0 * nb);
         return;
     }
-    j->xq = (int8_t *)pk_amalloc((size_t)len + 4);
-    if (!j->xq || !j->xd) goto fail;
     quant_act_level(simd, j->x + r0 * j->in, j->n - r0, j->in, j->xq + r0 * nb * PK_BLOCK, j->xd + r0 * nb);
     if (j->fmt == F_Q4 && simd == 1) {
         int64_t r, k;
-        j->xqp = (int8_t *)pk_amalloc((size_t)len + 4);
-        j->xs = (int32_t *)pk_amalloc((size_t)(j->n * nb) * sizeof(int32_t) + 4);
-        if (!j->xqp || !j->xs) goto fail;
         for (r = r0 * nb; r < j->n * nb; r++) { /* block r of all rows of x */
             const int8_t *src = j->xq + r * PK_BLOCK;
             int8_t *dst = j->xqp + r * PK_BLOCK;
@@ -2500,15 +2549,15 @@ static void job_prepare(pk_job *j, int simd) {
         /* Per group of 4 full blocks of each row of x: [even elements of blocks 0..3 | odd elements of
          * blocks 0..3], 16 bytes each (see row_q4a_avx512); blocks past the last full group are not read. */
         const int64_t ng = j->in / 128;
-        int64_t t, g, k, e;
-        j->xqp = (int8_t *)pk_amalloc((size_t)len + 4);
-        j->xds = (float *)pk_amalloc(sizeof(float) * (size_t)(j->n * nb * 4 + 1));
-        j->xcor = (float *)pk_acalloc((size_t)(j->n * nb) + 1, sizeof(float));
-        if (!j->xqp || !j->xds || !j->xcor) goto fail;
+        int64_t t, k;
         for (k = 0; k < j->n * nb * 4; k++) j->xds[k] = j->xd[k / 4];
         for (t = 0; t < j->n; t++) {
             const int8_t *xr = j->xq + t * nb * PK_BLOCK;
             int8_t *pr = j->xqp + t * nb * PK_BLOCK;
+#if PK_HAVE_AVX512
+            q4a_pack_avx512(xr, j->xd + t * nb, ng, pr, j->xcor + t * nb);
+#else
+            int64_t g, e;
             for (g = 0; g < ng; g++)
                 for (k = 0; k < 4; k++) {
                     const int8_t *src = xr + (4 * g + k) * PK_BLOCK;
@@ -2520,6 +2569,7 @@ static void job_prepare(pk_job *j, int simd) {
                     }
                     j->xcor[t * nb + 4 * g + k] = (float)(-8 * s) * j->xd[t * nb + 4 * g + k];
                 }
+#endif
         }
     }
     return;
@@ -2746,6 +2796,30 @@ static void xpack_group(const pk_job *j, int64_t g, int simd) {
 }
 #endif
 
+/* Give jobs[k] the quantized activations of an earlier job prepared from the same x (the same rows, width, format
+ * and mode: job_prepare's result depends on nothing else) that took the row kernels; 1 when it did. Why: a decode
+ * step's MoE runs gate and up of 8 experts as 16 one-row jobs on the same h, and each quantized and packed h
+ * again (~1 us a job, serially before the parallel region: ~25 us a layer with the packing below). The shared
+ * buffers are only read by the kernels; the owner frees them. */
+static int job_borrow(pk_job *jobs, int k) {
+    pk_job *j = &jobs[k];
+    int p;
+    if (j->act_asked == A_F32) return 0;
+    for (p = 0; p < k; p++) {
+        const pk_job *o = &jobs[p];
+        if (o->lent || o->x != j->x || o->n != j->n || o->in != j->in || o->fmt != j->fmt ||
+            o->act_asked != j->act_asked || o->rows != j->rows)
+            continue;
+        if (o->act == A_F32 || o->xt || o->xb || o->xp || o->nbatch) return 0; /* batch kernels: its own */
+        j->act = o->act;
+        j->xq = o->xq, j->xqp = o->xqp, j->xq16 = o->xq16, j->xd = o->xd, j->xs = o->xs;
+        j->xds = o->xds, j->xcor = o->xcor, j->abuf = o->abuf;
+        j->lent = 1;
+        return 1;
+    }
+    return 0;
+}
+
 static void run_jobs(pk_job *jobs, int count) {
     const int simd = pk_get_simd();
     const int nth = pk_get_threads();
@@ -2790,7 +2864,7 @@ static void run_jobs(pk_job *jobs, int count) {
 #endif
     for (k = 0; k < count; k++) {
         jobs[k].nb = (jobs[k].in + PK_BLOCK - 1) / PK_BLOCK;
-        job_prepare(&jobs[k], simd);
+        if (!job_borrow(jobs, k)) job_prepare(&jobs[k], simd);
         total += (double)(jobs[k].n > 0 ? jobs[k].n : 1) * (double)(jobs[k].in > 0 ? jobs[k].in : 1) * (double)jobs[k].out;
         rows += jobs[k].out;
     }

@@ -233,6 +233,42 @@ def test_c_level_matches_twins(simd_level):
 
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 @pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_jobs_on_one_x_share_its_quantization(simd_level):
+    """Jobs of one pk_matmul_many call on the same x array (a decode step's gate and up of every expert on one h)
+    quantize x once (csrc job_borrow): each result == its own single call bit for bit and near its NumPy twin,
+    with jobs in other formats / modes, and a view of fewer rows at the same address, on that x in between --
+    those must not borrow (another mode's codes, or the wrong rows, are far off)."""
+    from pykimi.kernels import c
+    rng = np.random.default_rng(77)
+    # first a view of x's first row (same address, fewer rows), then x itself in every format and mode, the
+    # int8-activation Q8 job before the Q4 ones (whose packed codes it does not make)
+    kinds = [("q4_32", "i8"), ("q8_32", "i8"), ("q4_32", "i8"), ("q4_32", "i8"), ("q8_32", "i16"), ("bf16", "f32"),
+             ("q8_32", "i16"), ("q8_32", "i8")]
+    jobs, twins = [], []
+    for n, in_f in ((1, 2048), (3, 1408), (2, 101), (4, 2048), (40, 2048)):
+        x = (rng.standard_normal((n, in_f)) * 3).astype(np.float32)
+        for k, (kind, act) in enumerate(kinds):
+            xk = x[:1] if k == 0 else x
+            w = rng.standard_normal((24 + 8 * k, in_f)).astype(np.float32)
+            if kind == "bf16":
+                W = Stored("w", "BF16", f32_to_bf16(w))
+                jobs.append((xk, kind, W.data, None, act))
+                twins.append((ref.matmul(xk, W), 1e-5, np.abs(xk).sum(1).max() * np.abs(w).max()))
+                continue
+            W = quantize_q8(w) if kind == "q8_32" else quantize_q4(w)
+            jobs.append((xk, kind, W.q, W.scales, act))
+            twin = {"i16": ref.matmul_act16_q8, "i8": ref.matmul_act_q8 if kind == "q8_32" else ref.matmul_act_q4}
+            twins.append((twin[act](xk, W), 1e-6, np.abs(xk).sum(1).max() * np.abs(w).max()))
+    ys = c.matmul_many(jobs)
+    for k, (job, (twin, tol, scale), y) in enumerate(zip(jobs, twins, ys)):
+        where = f"job {k} ({job[1]}/{job[4]}, n={job[0].shape[0]}, in={job[0].shape[1]}) level={simd_level}"
+        np.testing.assert_array_equal(y, c.matmul_many([job])[0], err_msg=where)
+        err = float(np.max(np.abs(y - twin)) / scale)
+        assert err < tol, f"{where}: {err:.2e} of the bound"
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
 def test_c_level_integer_dots_exact(simd_level):
     """The integer block dots are exact at every level: with activation scales of exactly 1 (each block's
     max |x| is the format's qmax), weight scales of 1 and sums below 2^24, every float step is exact too,
