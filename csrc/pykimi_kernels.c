@@ -2977,7 +2977,11 @@ int pk_swiglu_sum(int count, const pk_expert *experts, const float *x, int64_t d
         job_set(&jobs[2 * k + 1], e->fmt, e->act, x, 1, d, e->u, e->su, e->inter, gu + total + off);
     }
     run_jobs(jobs, 2 * count);
-    for (i = 0; i < total; i++) { /* silu(g) * u, in place over g: x / (1 + e^-x) as moe.silu */
+    /* silu(g) * u, in place over g: x / (1 + e^-x) as moe.silu. On the threads: one token's 8 experts are 11264
+     * expf, which alone took 18-22 us a layer between the two parallel calls (12-14 us split in two; the same
+     * values) */
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (total >= 4096 && pk_get_threads() > 1)
+    for (i = 0; i < total; i++) {
         const float g = gu[i];
         gu[i] = g / (1.0f + expf(-g)) * gu[total + i];
     }
