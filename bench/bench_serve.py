@@ -35,6 +35,7 @@ Results: a table on stdout and ``bench/out/serve.json``.
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import sys
@@ -87,6 +88,7 @@ def one_round(model, c: int, prompt_len: int, tokens: int, seed: int) -> dict:
         wall = time.perf_counter() - t0
     finally:
         eng.stop()
+        gc.unfreeze()      # the engine is done with: its objects must be collectable again (freeze_heap's note)
     m = eng.metrics
     dec_tokens = sum(s["batch"] for s in step_stats)
     full = [s for s in step_stats if s["batch"] == c] or step_stats
@@ -140,6 +142,10 @@ def bench_checkpoint(path: str, streams: list, args) -> dict:
     base = rows[0]["decode_tps"] if rows else 0.0
     for row in rows:
         row["speedup"] = row["decode_tps"] / base if base else 0.0
+    if model.memory_lock is not None:
+        # unlock before the next server maps its own copy: two locked 27-layer models (and llama.cpp's
+        # repacked weights) do not fit 24 GiB, and the kernel's OOM killer picks the peer
+        model.ckpt.unlock_memory()
     return {"path": path, "layers": model.text.num_hidden_layers, "rows": rows}
 
 
