@@ -125,7 +125,9 @@ def bench_checkpoint(path: str, streams: list, args) -> dict:
     runs = {c: [] for c in streams}
     for r in range(args.rounds):
         for c in (streams if r % 2 == 0 else streams[::-1]):
+            gbs = bandwidth() if args.sample_each else None      # the host's bandwidth right before this round
             runs[c].append(one_round(model, c, args.prompt, args.tokens, seed=1000 * r + c))
+            runs[c][-1]["bandwidth_gbs"] = gbs
             print(f"  round {r} streams {c}: decode {runs[c][-1]['decode_tps']:.1f} tok/s", flush=True)
     rows = []
     for c in streams:
@@ -139,6 +141,10 @@ def bench_checkpoint(path: str, streams: list, args) -> dict:
                      "ttft_p50_ms": float(np.percentile(ttft, 50)), "ttft_p95_ms": float(np.percentile(ttft, 95)),
                      "step_ms": 1e3 * step_s, "step_bytes": step_b, "alone_bytes": c * alone,
                      "experts_per_layer": float(np.median([x["experts_per_layer"] for x in rs]))})
+        own = [x["bandwidth_gbs"] for x in rs if x.get("bandwidth_gbs")]
+        if own:       # this row's bound from the samples taken right before its own rounds
+            rows[-1]["own_gbs"] = float(np.median(own))
+            rows[-1]["own_bound_fraction"] = step_b / (rows[-1]["own_gbs"] * 1e9) / step_s
     base = rows[0]["decode_tps"] if rows else 0.0
     for row in rows:
         row["speedup"] = row["decode_tps"] / base if base else 0.0
@@ -194,6 +200,9 @@ def main(argv=None) -> int:
     ap.add_argument("--mlock", action="store_true",
                     help="both servers pin their mapped weights in RAM (pykimi --mlock, llama-server --load-mode "
                          "mmap+mlock)")
+    ap.add_argument("--sample-each", action="store_true",
+                    help="also sample the bandwidth right before every round, and give each row the bound of its own "
+                         "samples beside the run's best (on hosts whose bandwidth jumps between states)")
     ap.add_argument("--out", default=os.path.join(BENCH, "out", "serve.json"))
     args = ap.parse_args(argv)
     if bool(args.llama_server) != bool(args.gguf):
@@ -239,13 +248,17 @@ def main(argv=None) -> int:
     print(f"\nbandwidth {gbs:.1f} GB/s (best of {', '.join(f'{x:.1f}' for x in samples)}); load average {load0:.1f} -> {res['loadavg_1min_end']:.1f}")
     for ck in res["checkpoints"]:
         print(f"\n{ck['path']} ({ck['layers']} layers)")
+        own = any("own_gbs" in r for r in ck["rows"])
         print("| streams | decode tok/s | x one stream | wall tok/s | TTFT p50 / p95 ms | step ms | step MB read "
-              "| alone MB | bound ms | of bound | experts/layer |")
-        print("| ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+              "| alone MB | bound ms | of bound |" + (" own samples GB/s | of own bound |" if own else "")
+              + " experts/layer |")
+        print("| ---: " * (13 if own else 11) + "|")
         for r in ck["rows"]:
+            mine = (f" {r['own_gbs']:.1f} | {100 * r['own_bound_fraction']:.0f} % |" if "own_gbs" in r else
+                    " | |") if own else ""
             print(f"| {r['streams']} | {r['decode_tps']:.1f} | {r['speedup']:.2f} | {r['wall_tps']:.1f} | "
                   f"{r['ttft_p50_ms']:.0f} / {r['ttft_p95_ms']:.0f} | {r['step_ms']:.1f} | {r['step_bytes'] / 1e6:.1f} | "
-                  f"{r['alone_bytes'] / 1e6:.1f} | {r['bound_ms']:.1f} | {100 * r['bound_fraction']:.0f} % | "
+                  f"{r['alone_bytes'] / 1e6:.1f} | {r['bound_ms']:.1f} | {100 * r['bound_fraction']:.0f} % |{mine} "
                   f"{r['experts_per_layer']:.1f} |")
     if "llama_server" in res:
         print(f"\nllama-server on {args.gguf} (-np = streams)")
