@@ -132,6 +132,15 @@ C_VNNI16_MIN = {"q8_32": 9}
 # 6: 107-108 / 93-94, 7: 126 / 96, 8: 143-144 / 96, 16: 165-168 / 97-98; two threads 4: 126 / 180, 5: 155-158 /
 # 170-171, 6: 188 / 178-180, 7: 218 / 182-183, 8: 247-249 / 184-186, 16: 305 / 190 ([2048, 1408] alike: 5: 91 / 89-91
 # and 158-159 / 171, 6: 109 / 92-95 and 186-187 / 177-178). Break-even at 5 rows (one thread) to 6 (two), hence 6.
+# The plans (bench/bench_batch_kernels.py --kinds q8_32 --switch vnni16, PYKIMI_SIMD=avx2, 2 threads, best of 5 rounds x
+# 2 runs), old (row kernel to SMALL_N_ACT, then tiles + sgemm) / new, [1408, 2048] | [2048, 1408]: 8: 186 / 238-242 |
+# 182-190 / 245-246, 16: 189-193 / 292-297 | 188-197 / 299-305, 32: 193-194 / 311-324 | 192-199 / 327-332, 64: 192-195 /
+# 314-323 | 192-199 / 329-349, 128: 194-198 / 330-333 | 194-195 / 344-357, 512: 222-226 / 321-330 | 220-227 / 340-353.
+# 4-layer int8 prefill (synth-L4-q8-all, default mode, PYKIMI_SIMD=avx2, bench/bench_prefill_ab.py --switch vnni16, best
+# of 5 alternating rounds) of 64 / 128 / 512 tokens: off 238 / 254 / 267 -> on 323 / 382 / 379 tok/s; bench/run.py
+# --only prefill --modes int8 against llama.cpp Q8_0 built for AVX2 only (3 runs each, alternating; the host shared,
+# load 1.1-1.5): off 235-239 / 251-258 / 256-269 (0.79-0.83x / 0.76-0.87x / 0.79-0.87x) -> on 212-346 / 327-384 /
+# 339-382 tok/s (0.73-1.18x / 1.07-1.26x / 1.08-1.21x; llama.cpp 281-303 / 297-329 / 303-329).
 C_VNNI16_MIN_AVX2 = {"q8_32": 6}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
