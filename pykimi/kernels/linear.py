@@ -138,9 +138,10 @@ C_VNNI16_MIN = {"q8_32": 9}
 # 314-323 | 192-199 / 329-349, 128: 194-198 / 330-333 | 194-195 / 344-357, 512: 222-226 / 321-330 | 220-227 / 340-353.
 # 4-layer int8 prefill (synth-L4-q8-all, default mode, PYKIMI_SIMD=avx2, bench/bench_prefill_ab.py --switch vnni16, best
 # of 5 alternating rounds) of 64 / 128 / 512 tokens: off 238 / 254 / 267 -> on 323 / 382 / 379 tok/s; bench/run.py
-# --only prefill --modes int8 against llama.cpp Q8_0 built for AVX2 only (3 runs each, alternating; the host shared,
-# load 1.1-1.5): off 235-239 / 251-258 / 256-269 (0.79-0.83x / 0.76-0.87x / 0.79-0.87x) -> on 212-346 / 327-384 /
-# 339-382 tok/s (0.73-1.18x / 1.07-1.26x / 1.08-1.21x; llama.cpp 281-303 / 297-329 / 303-329).
+# --only prefill --modes int8 against llama.cpp Q8_0 built for AVX2 only (4 runs each, alternating; the host shared,
+# load 1.1-1.6; best of 2 calls, 64 tokens the noisiest): off 225-239 / 240-258 / 256-269 (0.77-0.83x / 0.76-0.87x /
+# 0.79-0.87x) -> on 212-346 / 327-384 / 339-385 tok/s (0.73-1.18x, two of four runs 1.16-1.18x / 1.07-1.26x /
+# 1.08-1.26x; llama.cpp 281-303 / 297-329 / 303-329).
 C_VNNI16_MIN_AVX2 = {"q8_32": 6}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
