@@ -6,9 +6,10 @@
 Each cell is 2 * n * out * in / t of ``kernels.matmul`` (the plan linear.py picks for n rows in activation mode
 --mode: "q4" the default, "all", "none"), best of --rounds rounds, every configuration once per round in turn (the
 host is shared: a busy minute slows them alike). --switch NAME also times the same calls with c.set_NAME_batch off
-(vnni: the int8 batch kernels; vnni16: the int16 one), alternating in the same process. --direct calls the C job
+(vnni: the int8 batch kernels; vnni16: the int16 ones), alternating in the same process. --direct calls the C job
 itself (c.matmul_many at the mode's activation for the format) instead of the plan: with the switch off that is the
-row kernels at every n, and a build with -DPK_VNNI16_MIN_Q8=1 (or PK_VNNI_MIN_*) forces a batch kernel onto few rows.
+row kernels at every n, and a build with -DPK_VNNI16_MIN_Q8=1 (or PK_AVX2W_MIN_Q8, PK_VNNI_MIN_*, PK_AVX2B_MIN_*)
+forces a batch kernel onto few rows (PYKIMI_SIMD=avx2 for the AVX2 ones).
 For two builds, run it alternately with PYTHONPATH on each tree (one process per build: the .so is loaded once) and
 keep the best per cell; --json appends one line per (kind, shape, rows, switch) to FILE for that. Threads:
 PYKIMI_THREADS / the package default. Nothing here is asserted."""

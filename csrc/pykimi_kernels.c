@@ -32,7 +32,9 @@
  *  - Q8 weights with int16 activations (the default mode's Q8), batches of PK_VNNI16_MIN_Q8 or more rows at the
  *    AVX-512 level: the same scheme on vpdpwssd, 16 rows x 2 int16 k-elements per vector, the weights widened to
  *    int16 pairs in L1 (PK_VW_KERNEL: ~600 GOP/s on 2 cores against ~250 for the int16 row kernel and 200-400 for
- *    the exact f32 batch kernel / widened tiles it replaces).
+ *    the exact f32 batch kernel / widened tiles it replaces). At the AVX2 level the same scheme on vpmaddwd + vpaddd
+ *    (PK_AW_KERNEL: 8 rows per vector, ~1.3x the int16 row kernel at 8 rows, ~1.6x from 16, ~1.5x the widened tiles
+ *    at 512).
  *  - Every kernel has a portable scalar loop beside an AVX2/FMA and an AVX-512 (F/BW/VL + VNNI) version,
  *    each compiled with a per-function target attribute (no -march=native: one binary runs on any x86-64,
  *    and non-x86 builds compile only the portable loops). The level is chosen at run time with
@@ -59,9 +61,9 @@
 #include <immintrin.h>
 #define PK_AVX2 __attribute__((target("avx2,fma")))
 #define PK_AVX2_INLINE static inline __attribute__((always_inline, target("avx2,fma")))
-/* The batch kernels (PK_VN_KERNEL, PK_VW_KERNEL, PK_AB_KERNEL) start on a 64-byte boundary, so that where their hot
- * loops fall in the fetch windows does not move with the code placed before them. Byte for byte the same int8 Q4
- * kernels (vnni_q4_*, mode "all", 2 threads, AMD EPYC Zen 5, gcc 12), only moved by a change in the AVX2 kernel,
+/* The batch kernels (PK_VN_KERNEL, PK_VW_KERNEL, PK_AB_KERNEL, PK_AW_KERNEL) start on a 64-byte boundary, so that where
+ * their hot loops fall in the fetch windows does not move with the code placed before them. Byte for byte the same int8
+ * Q4 kernels (vnni_q4_*, mode "all", 2 threads, AMD EPYC Zen 5, gcc 12), only moved by a change in the AVX2 kernel,
  * measured [2048, 1408] 8 / 16 / 32 rows 377-379 / 766-771 / 941-947 GOP/s starting at 48 mod 64, 344 / 698-701 /
  * 922-931 at 32, 386-388 / 785-789 / 953-955 at 0. Aligned, the int8 and int16 kernels measured as before the move
  * (4-layer int4 prefill of 64 / 128 / 512 tokens 670-726 / 834-858 / 788-907 -> 663-731 / 810-878 / 817-904 tok/s). */
@@ -128,6 +130,10 @@
 #ifndef PK_VNNI16_MIN_Q8   /* (-D for measurements only: linear.C_VNNI16_MIN must agree) */
 #define PK_VNNI16_MIN_Q8 9 /* int16 activations (A_I16, the default for Q8_32), AVX-512: the int16 batch kernel
                               (PK_VW_KERNEL) from this many rows; below it the row kernel tile_q8w_avx512 */
+#endif
+#ifndef PK_AVX2W_MIN_Q8    /* (-D for measurements only: linear.C_VNNI16_MIN_AVX2 must agree) */
+#define PK_AVX2W_MIN_Q8 6 /* ... at the AVX2 level: its vpmaddwd twin (PK_AW_KERNEL) from this many rows; below it
+                             (and for the rows past the last vector of 8 below it) the row kernel tile_q8w_avx2 */
 #endif
 #ifndef PK_AVX2B_MIN_Q8    /* (-D for measurements only: linear.C_VNNI_MIN_AVX2 must agree) */
 #define PK_AVX2B_MIN_Q8 7 /* ... at the AVX2 level: the maddubs twin of the VNNI batch kernel (avx2b_rows) from this */
@@ -363,19 +369,24 @@ int pk_get_vnni_batch(void) {
 
 static int pk_vnni16_req = -2; /* -2 = not read yet (PYKIMI_VNNI16_BATCH), 0 = off, 1 = on */
 
-/* Use the int16 batch kernel (PK_VW_KERNEL: vpdpwssd) for int16-activation batches of Q8_32 weights (the default
- * mode's Q8, A_I16) of >= PK_VNNI16_MIN_Q8 rows at the AVX-512 level (1, the default) or not (0;
- * PYKIMI_VNNI16_BATCH=0 before the first call): off, they run their previous paths (the int16 row kernel, the
- * exact f32 batch kernel / widened tiles that kernels/linear.py picks). A switch of its own, beside
- * PYKIMI_VNNI_BATCH (the int8 batch kernels), so each can be compared with its old path alone. */
+/* Use the int16 batch kernels for int16-activation batches of Q8_32 weights (the default mode's Q8, A_I16) (1, the
+ * default) or not (0; PYKIMI_VNNI16_BATCH=0 before the first call): at the AVX-512 level PK_VW_KERNEL (vpdpwssd)
+ * from PK_VNNI16_MIN_Q8 rows, at the AVX2 level its vpmaddwd twin PK_AW_KERNEL from PK_AVX2W_MIN_Q8 rows. Off, they
+ * run their previous paths (the int16 row kernel, the exact f32 batch kernel / widened tiles that kernels/linear.py
+ * picks). A switch of its own, beside PYKIMI_VNNI_BATCH (the int8 batch kernels), so each can be compared with its
+ * old path alone. */
 void pk_set_vnni16_batch(int on) { pk_vnni16_req = on ? 1 : 0; }
 
 int pk_get_vnni16_batch(void) {
-    return env_switch(&pk_vnni16_req, "PYKIMI_VNNI16_BATCH") && PK_HAVE_AVX512 && pk_get_simd() >= 2;
+    return env_switch(&pk_vnni16_req, "PYKIMI_VNNI16_BATCH") && PK_X86 && pk_get_simd() >= 1;
 }
 
-/* Rows of x from which it takes a job at the current level; -1 = no such kernel (below the AVX-512 level). */
-int64_t pk_vnni16_min(void) { return pk_get_simd() >= 2 ? PK_VNNI16_MIN_Q8 : -1; }
+/* Rows of x from which the int16 batch kernel of level simd takes a job; -1 = no such kernel (the portable level). */
+static int64_t vnni16_min_level(int simd) {
+    return simd >= 2 ? PK_VNNI16_MIN_Q8 : simd == 1 ? PK_AVX2W_MIN_Q8 : -1;
+}
+
+int64_t pk_vnni16_min(void) { return vnni16_min_level(pk_get_simd()); }
 
 /* Rows of x from which the batch kernel of level simd takes a job of format fmt; -1 = no such kernel. */
 static int64_t vnni_min_level(int fmt, int simd) {
@@ -1293,8 +1304,8 @@ typedef struct {
     int lent;         /* xq .. xcor are another job's (run_jobs: the same x, quantized once; not freed here) */
     int rows;         /* A_ROWS was asked: the per-row kernels only */
     int64_t mt;       /* ... tiles of 16 rows of x */
-    int64_t nbatch;   /* AVX2 int8 batch kernel (xp at level 1): rows [0, nbatch) of x run it, the rest the row
-                         kernels */
+    int64_t nbatch;   /* the AVX2 batch kernels and the int16 ones (xp): rows [0, nbatch) of x run them, the rest
+                         the row kernels */
 } pk_job;
 
 static void job_free(pk_job *j) {
@@ -1886,6 +1897,73 @@ static int vnni_prepare(pk_job *j, int simd) {
     for (g = 0; g < ng; g++) vnni_pack_group(j, g, simd);
     return 1;
 }
+
+/* The int16 batch kernels' packed x (PK_VW_KERNEL at the AVX-512 level, PK_AW_KERNEL at the AVX2 level: one layout,
+ * which the AVX2 kernel reads 8 lanes at a time). uint32 elements of one packed group: [nb * 16 pairs][gw lanes] of
+ * x, [nb][gw] f32 scales (stride 64 lanes between groups, gw = 16 * ceil(rows in the group / 16) inside one). */
+static int64_t vnni16_group_elems(int64_t nb) { return nb * 17 * PK_TN_GROUP; }
+
+static int64_t vnni16_elems(const pk_job *j) {
+    return vnni16_group_elems((j->in + PK_BLOCK - 1) / PK_BLOCK) * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP);
+}
+
+/* Whether job j runs an int16 batch kernel: Q8_32 with int16 activations, enough rows for the level's kernel
+ * (vnni16_min_level: PK_VW_KERNEL at the AVX-512 level, PK_AW_KERNEL at the AVX2 level), the kernels on
+ * (pk_get_vnni16_batch); kernels/linear.py (_vnni16, C_VNNI16_MIN, C_VNNI16_MIN_AVX2) mirrors it. */
+static int vnni16_takes(const pk_job *j, int simd) {
+    const int64_t m = vnni16_min_level(simd);
+    return !j->rows && j->act == A_I16 && j->fmt == F_Q8 && m > 0 && j->in > 0 && j->n >= m && pk_get_vnni16_batch();
+}
+
+/* Quantize and pack the rows of group g (the job's xp must be allocated): rows quantized one at a time into q / d
+ * (quant_act16_level: bit for bit the row kernel's codes and scales), then transposed into the group. */
+static void vnni16_pack_group(const pk_job *j, int64_t g, int simd) {
+    const int64_t in = j->in, nb = (in + PK_BLOCK - 1) / PK_BLOCK, t0 = g * PK_TN_GROUP;
+    const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
+    uint32_t *xg = j->xp + g * vnni16_group_elems(nb);
+    float *dg = (float *)(xg + nb * 16 * gw);
+    int16_t *q = (int16_t *)malloc(sizeof(int16_t) * (size_t)(nb * PK_BLOCK) * (size_t)gw + 64);
+    float *d = (float *)malloc(sizeof(float) * (size_t)(nb * gw) + 64);
+    int64_t t, p, b;
+    if (!q || !d) { /* no memory for the scratch: the slow, allocation-free way, block by block */
+        free(q);
+        free(d);
+        for (t = 0; t < gw; t++)
+            for (b = 0; b < nb; b++) {
+                int16_t rq[PK_BLOCK] = {0};
+                float rd = 0.0f;
+                if (t < nn) {
+                    const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
+                    quant_act16_row(j->x + (t0 + t) * in + i0, i1 - i0, rq, &rd, 0);
+                }
+                for (p = 0; p < 16; p++) memcpy(xg + (b * 16 + p) * gw + t, rq + 2 * p, 4);
+                dg[b * gw + t] = rd;
+            }
+        return;
+    }
+    memset(q + nn * nb * PK_BLOCK, 0, sizeof(int16_t) * (size_t)((gw - nn) * nb * PK_BLOCK));
+    for (t = nn * nb; t < gw * nb; t++) d[t] = 0.0f;
+    quant_act16_level(simd, j->x + t0 * in, nn, in, q, d);
+    for (p = 0; p < nb * 16; p++) { /* pair p of every row: rows inner, the writes contiguous */
+        uint32_t *dst = xg + p * gw;
+        for (t = 0; t < gw; t++) memcpy(dst + t, q + t * nb * PK_BLOCK + 2 * p, 4);
+    }
+    for (b = 0; b < nb; b++)
+        for (t = 0; t < gw; t++) dg[b * gw + t] = d[t * nb + b];
+    free(q);
+    free(d);
+}
+
+/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
+static int vnni16_prepare(pk_job *j, int simd) {
+    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
+    int64_t g;
+    if (!j->xp) j->xp = (uint32_t *)pk_amalloc(sizeof(uint32_t) * (size_t)vnni16_elems(j));
+    if (!j->xp) return 0;
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
+    for (g = 0; g < ng; g++) vnni16_pack_group(j, g, simd);
+    return 1;
+}
 #endif
 
 #if PK_HAVE_AVX512
@@ -2019,71 +2097,6 @@ PK_VN_KERNEL(vnni_q4_3_avx512, F_Q4, 4, 3)
  * may pass 2^24), and the rest is the twin's sum of the same f32 terms in another order (tests hold it to the row
  * kernel's tolerance, 1e-6 of max row sum |x| * max |w|). Padding: the x codes past `in` are 0 (quant_act16_row),
  * the weight codes past `in` are loaded as 0 (masked load), and padded rows of x are all 0. */
-
-/* uint32 elements of one packed group: [nb * 16 pairs][gw lanes] of x, [nb][gw] f32 scales (stride 64 lanes between
- * groups, gw = 16 * ceil(rows in the group / 16) inside one). */
-static int64_t vnni16_group_elems(int64_t nb) { return nb * 17 * PK_TN_GROUP; }
-
-static int64_t vnni16_elems(const pk_job *j) {
-    return vnni16_group_elems((j->in + PK_BLOCK - 1) / PK_BLOCK) * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP);
-}
-
-/* Whether job j runs the int16 batch kernel: Q8_32 with int16 activations, enough rows, the AVX-512 level, the kernel
- * on (pk_get_vnni16_batch); kernels/linear.py (_vnni16, C_VNNI16_MIN) mirrors it. */
-static int vnni16_takes(const pk_job *j, int simd) {
-    return !j->rows && j->act == A_I16 && j->fmt == F_Q8 && simd >= 2 && j->in > 0 && j->n >= PK_VNNI16_MIN_Q8 &&
-           pk_get_vnni16_batch();
-}
-
-/* Quantize and pack the rows of group g (the job's xp must be allocated): rows quantized one at a time into q / d
- * (quant_act16_level: bit for bit the row kernel's codes and scales), then transposed into the group. */
-static void vnni16_pack_group(const pk_job *j, int64_t g, int simd) {
-    const int64_t in = j->in, nb = (in + PK_BLOCK - 1) / PK_BLOCK, t0 = g * PK_TN_GROUP;
-    const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
-    uint32_t *xg = j->xp + g * vnni16_group_elems(nb);
-    float *dg = (float *)(xg + nb * 16 * gw);
-    int16_t *q = (int16_t *)malloc(sizeof(int16_t) * (size_t)(nb * PK_BLOCK) * (size_t)gw + 64);
-    float *d = (float *)malloc(sizeof(float) * (size_t)(nb * gw) + 64);
-    int64_t t, p, b;
-    if (!q || !d) { /* no memory for the scratch: the slow, allocation-free way, block by block */
-        free(q);
-        free(d);
-        for (t = 0; t < gw; t++)
-            for (b = 0; b < nb; b++) {
-                int16_t rq[PK_BLOCK] = {0};
-                float rd = 0.0f;
-                if (t < nn) {
-                    const int64_t i0 = b * PK_BLOCK, i1 = i0 + PK_BLOCK < in ? i0 + PK_BLOCK : in;
-                    quant_act16_row(j->x + (t0 + t) * in + i0, i1 - i0, rq, &rd, 0);
-                }
-                for (p = 0; p < 16; p++) memcpy(xg + (b * 16 + p) * gw + t, rq + 2 * p, 4);
-                dg[b * gw + t] = rd;
-            }
-        return;
-    }
-    memset(q + nn * nb * PK_BLOCK, 0, sizeof(int16_t) * (size_t)((gw - nn) * nb * PK_BLOCK));
-    for (t = nn * nb; t < gw * nb; t++) d[t] = 0.0f;
-    quant_act16_level(simd, j->x + t0 * in, nn, in, q, d);
-    for (p = 0; p < nb * 16; p++) { /* pair p of every row: rows inner, the writes contiguous */
-        uint32_t *dst = xg + p * gw;
-        for (t = 0; t < gw; t++) memcpy(dst + t, q + t * nb * PK_BLOCK + 2 * p, 4);
-    }
-    for (b = 0; b < nb; b++)
-        for (t = 0; t < gw; t++) dg[b * gw + t] = d[t * nb + b];
-    free(q);
-    free(d);
-}
-
-/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
-static int vnni16_prepare(pk_job *j, int simd) {
-    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
-    int64_t g;
-    if (!j->xp) j->xp = (uint32_t *)pk_amalloc(sizeof(uint32_t) * (size_t)vnni16_elems(j));
-    if (!j->xp) return 0;
-#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
-    for (g = 0; g < ng; g++) vnni16_pack_group(j, g, simd);
-    return 1;
-}
 
 /* Weight rows [o0, o1) against rows t0 .. t0 + nn of x (as PK_VN_KERNEL: nn <= 16 NV in one group of 64, blocks of
  * R weight rows, R x NV f32 accumulators and per block R x NV int32 ones, results through yb). Per block of 32: 16
@@ -2421,6 +2434,166 @@ static int64_t avx2b_split(const pk_job *j) {
     const int64_t rem = j->n % 8;
     return rem >= vnni_min_level(j->fmt, 1) ? j->n : j->n - rem;
 }
+
+/* Q8_32 weights x int16 activations, batches at the AVX2 level (A_I16 -- the default mode's Q8 -- with >=
+ * PK_AVX2W_MIN_Q8 rows of x: prefill, the MoE's per-expert batches; twin ref.matmul_act16_q8). Why: the AVX2 class
+ * (AMD Zen 3: no AVX-512, no AVX-VNNI) ran the default mode's Q8 batches on the int16 row kernel (tile_q8w_avx2),
+ * which re-widens each weight row per 4 rows of x, loads a vector of x per vpmaddwd and pays a convert + FMA per 16
+ * products and a horizontal sum per output, and past SMALL_N_ACT rows on widened tiles + sgemm. This is the AVX-512
+ * int16 kernel's scheme (PK_VW_KERNEL) on AVX2 instructions: the same packed x (vnni16_pack_group: the row kernel's
+ * int16 codes and block scales, one int16 pair of consecutive k per row of x in a uint32) read 8 rows to a ymm; the
+ * weight rows widened to int16 PK_AW_KB blocks at a time into an L1 buffer, each pair of consecutive codes broadcast
+ * (32 bits) against the vector of x: vpmaddwd (vpdpwssd without the accumulate) + vpaddd, 16 of each per block per
+ * (weight row, vector of x), signed x signed as there (no offset correction).
+ * Exactness, as PK_VW_KERNEL: a vpmaddwd lane is w1 x1 + w2 x2 with |.| <= 2 * 128 * 32767 = 8388352 (its one
+ * saturating case, both products -32768 * -32768, cannot occur: x codes are -32767..32767), and the int32 sum of a
+ * block's 16 pairs stays within 32 * 128 * 32767 = 134213632 < 2^31 at every partial sum: the block dot is the exact
+ * integer (the twin's int64 dot), whatever the order of the vpaddd. Only then is it converted: per block y +=
+ * float(dot) * (dx * dw) with an FMA, per row of x in block order, float(dot) the twin's dots.astype(float32) (one
+ * rounding to nearest; |dot| may pass 2^24) and the rest the twin's sum of the same f32 terms in another order (tests
+ * hold it to the row kernel's tolerance, tests/test_vnni16.py). Padding: the x codes past `in` are 0
+ * (quant_act16_row), the codes of a partial last weight block are copied into a zeroed buffer (no read past the row),
+ * padded rows of x are all 0.
+ * Measured (PYKIMI_SIMD=avx2 on an AMD EPYC Zen 5, 2 threads; details below and in linear.C_VNNI16_MIN_AVX2): 240-350
+ * GOP/s from 8 to 512 rows against 185-225 for the row kernel / widened tiles it replaces; 4-layer int8 prefill of 64
+ * / 128 / 512 tokens 238 / 254 / 267 -> 323 / 382 / 379 tok/s. */
+#ifndef PK_AW_KB
+#define PK_AW_KB 16 /* weight blocks (of 32) widened per chunk into the L1 buffer: 64 bytes a block and row */
+#endif
+#ifndef PK_AW_UNROLL
+#define PK_AW_UNROLL _Pragma("GCC unroll 16")
+#endif
+
+/* Weight rows [o0, o1) against the rows t0 .. t0 + nn (nn <= 64) of the group starting at t0 (as PK_AB_KERNEL: steps
+ * of R weight rows, the rows past o1 repeating row o1 - 1, read, not stored; passes of 8 NV rows of x, whose f32
+ * accumulators stay in ab between chunks): per pair NV loads of x and R broadcasts for R * NV (vpmaddwd, vpaddd);
+ * per block R * NV (convert, multiply the scales, FMA). */
+#define PK_AW_KERNEL(NAME, R, NV)                                                                                    \
+    static PK_HOT PK_AVX2 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {               \
+        const int64_t gn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP; /* rows packed in the group */         \
+        const int64_t in = j->in, nb = j->nb, gw = 16 * ((gn + 15) / 16), nv = (nn + 7) / 8;                         \
+        const uint32_t *xg = j->xp + (t0 / PK_TN_GROUP) * vnni16_group_elems(nb);                                    \
+        const float *dg = (const float *)(xg + nb * 16 * gw);                                                        \
+        int16_t wb[(R) * PK_AW_KB * 32] __attribute__((aligned(32))); /* [r][block][32 codes] */                     \
+        float ab[(R) * PK_TN_GROUP] __attribute__((aligned(32)));                                                    \
+        int64_t o, b0, be, b, v, t;                                                                                  \
+        int r, u, pr;                                                                                                \
+        for (o = o0; o < o1; o += (R)) {                                                                             \
+            const int rr = o1 - o < (R) ? (int)(o1 - o) : (R);                                                       \
+            const int8_t *wr[R], *nx[R];                                                                             \
+            const float *sr[R];                                                                                      \
+            for (r = 0; r < (R); r++) {                                                                              \
+                const int64_t row = o + (r < rr ? r : rr - 1);                                                       \
+                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                                  \
+                wr[r] = (const int8_t *)j->w + row * j->row_bytes;                                                   \
+                nx[r] = (const int8_t *)j->w + on * j->row_bytes;                                                    \
+                sr[r] = j->scales + row * nb;                                                                        \
+            }                                                                                                        \
+            for (b0 = 0; b0 < nb; b0 += PK_AW_KB) {                                                                  \
+                be = nb - b0 < PK_AW_KB ? nb : b0 + PK_AW_KB;                                                        \
+                for (r = 0; r < (R); r++) /* widen blocks b0..be of the R rows to int16 */                           \
+                    for (b = b0; b < be; b++) {                                                                      \
+                        const int8_t *p = wr[r] + b * PK_BLOCK;                                                      \
+                        int16_t *dst = wb + (r * PK_AW_KB + (b - b0)) * 32;                                          \
+                        __m128i c0, c1;                                                                              \
+                        if ((b + 1) * PK_BLOCK <= in) {                                                              \
+                            c0 = _mm_loadu_si128((const __m128i *)p);                                                \
+                            c1 = _mm_loadu_si128((const __m128i *)(p + 16));                                         \
+                        } else { /* the partial last block: zero-padded, codes 0 against x = 0 */                    \
+                            int8_t tmp[32] = {0};                                                                    \
+                            memcpy(tmp, p, (size_t)(in - b * PK_BLOCK));                                             \
+                            c0 = _mm_loadu_si128((const __m128i *)tmp);                                              \
+                            c1 = _mm_loadu_si128((const __m128i *)(tmp + 16));                                       \
+                        }                                                                                            \
+                        if (!(b & 1)) _mm_prefetch((const char *)(nx[r] + b * PK_BLOCK), _MM_HINT_T0);               \
+                        _mm256_store_si256((__m256i *)dst, _mm256_cvtepi8_epi16(c0));                                \
+                        _mm256_store_si256((__m256i *)(dst + 16), _mm256_cvtepi8_epi16(c1));                         \
+                    }                                                                                                \
+                for (v = 0; v < nv; v += (NV)) { /* a pass: rows 8 v .. 8 (v + NV) - 1 of the group */               \
+                    __m256 acc[R][NV];                                                                               \
+                    for (r = 0; r < (R); r++)                                                                        \
+                        for (u = 0; u < (NV); u++)                                                                   \
+                            acc[r][u] = b0 == 0 ? _mm256_setzero_ps()                                                \
+                                                : _mm256_load_ps(ab + r * PK_TN_GROUP + 8 * (v + u));                \
+                    for (b = b0; b < be; b++) {                                                                      \
+                        const uint32_t *xk = xg + b * 16 * gw + 8 * v;                                               \
+                        const int16_t *wk = wb + (b - b0) * 32;                                                      \
+                        __m256i s[R][NV];                                                                            \
+                        PK_AW_UNROLL                                                                                 \
+                        for (pr = 0; pr < 16; pr++) {                                                                \
+                            __m256i xv[NV];                                                                          \
+                            for (u = 0; u < (NV); u++)                                                               \
+                                xv[u] = _mm256_loadu_si256((const __m256i *)(xk + pr * gw + 8 * u));                 \
+                            for (r = 0; r < (R); r++) {                                                              \
+                                const __m256i bw = bcast32((const uint8_t *)(wk + r * PK_AW_KB * 32 + 2 * pr));      \
+                                for (u = 0; u < (NV); u++) {                                                         \
+                                    const __m256i p = _mm256_madd_epi16(bw, xv[u]);                                  \
+                                    s[r][u] = pr ? _mm256_add_epi32(s[r][u], p) : p;                                 \
+                                }                                                                                    \
+                            }                                                                                        \
+                            for (r = 0; r < (R); r++)                                                                \
+                                for (u = 0; u < (NV); u++) PK_AB_PIN(s[r][u]);                                       \
+                        }                                                                                            \
+                        for (u = 0; u < (NV); u++) {                                                                 \
+                            const __m256 dv = _mm256_loadu_ps(dg + b * gw + 8 * (v + u));                            \
+                            for (r = 0; r < (R); r++)                                                                \
+                                acc[r][u] = _mm256_fmadd_ps(_mm256_cvtepi32_ps(s[r][u]),                             \
+                                                            _mm256_mul_ps(dv, _mm256_set1_ps(sr[r][b])), acc[r][u]); \
+                        }                                                                                            \
+                    }                                                                                                \
+                    for (r = 0; r < (R); r++)                                                                        \
+                        for (u = 0; u < (NV); u++) _mm256_store_ps(ab + r * PK_TN_GROUP + 8 * (v + u), acc[r][u]);   \
+                }                                                                                                    \
+            }                                                                                                        \
+            for (t = 0; t < nn; t++)                                                                                 \
+                for (r = 0; r < rr; r++) j->y[(t0 + t) * j->out + o + r] = ab[r * PK_TN_GROUP + t];                  \
+        }                                                                                                            \
+    }
+/* R x NV: 10 x 1, PK_AW_KB 16. Measured GOP/s on [1408, 2048] at the AVX2 level (PYKIMI_SIMD=avx2 on an AMD EPYC Zen
+ * 5, gcc 12), ONE thread, best of 3 rounds x 2 runs, 8 / 16 / 64 / 512 rows: NV 1, R = 4: 139-143 / 160-166 / 157-164
+ * / 153-163, 5: 141-148 / 167-172 / 168-177 / 168-176, 6: 141-147 / 167-173 / 176-184 / 175-184, 7: 145-150 / 169-176 /
+ * 185-186 / 180-187, 8: 144-148 / 169-174 / 179-183 / 177-186, 10: 152-153 / 178 / 188-189 / 187; NV 2: 3 x 2 88-92 /
+ * 174-183 / 186-194 / 184-194, 4 x 2 89-93 / 176-184 / 191-200 / 190-200 (8 rows: half of each pass padding, as in
+ * PK_AB_KERNEL). Two threads, [1408, 2048] | [2048, 1408]: R = 5: 239-260 / 293-308 / 297-310 / 306-330 | 242-266 /
+ * 286-310 / 312-326 / 318-329; 7 (KB 32): 265 / 313-314 / 328-334 / 350-361 | 267-269 / 313-315 / 343-344 / 348-356;
+ * 10: 266-268 / 318-319 / 332-334 / 348-354 | 272 / 323 / 354-356 / 365; 10 (KB 32): 265-280 / 313-330 / 330-343 /
+ * 349-368 | 267-284 / 320-335 / 354-371 / 364-376; 12 (KB 32): 244-256 / 291-305 / 306-321 / 320-331 | 263-269 /
+ * 311-323 / 351-360 / 356-368. The int16 row kernel it replaces: ~95 GOP/s on one thread, ~185 on two (more in
+ * linear.C_VNNI16_MIN_AVX2). At R = 10 the 10 int32 sums, x and the broadcast stay in registers through the 16
+ * unrolled pairs (objdump: 160 vpmaddwd, 150 vpaddd a block, no vector spill); 6 of the 10 f32 accumulators sit on the
+ * stack, touched once per block (a memory-operand FMA), which costs less than the x loads a smaller R repeats per
+ * weight row. KB 16 rather than 32 (alike here): a chunk's weights (10 rows x 16 blocks x 64 bytes) and x (8 KB per
+ * pass) stay within the 32 KB L1d of Zen 3, the AVX2 class's own CPU. (-D for measurements.) */
+#ifndef PK_AW_R
+#define PK_AW_R 10
+#define PK_AW_NV 1
+#endif
+PK_AW_KERNEL(avx2w_q8, PK_AW_R, PK_AW_NV)
+#undef PK_AW_KERNEL
+
+/* Rows [0, nbatch) of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
+static void avx2w_rows(const pk_job *j, int64_t o0, int64_t o1) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->nbatch; t0 += PK_TN_GROUP)
+        avx2w_q8(j, o0, o1, t0, j->nbatch - t0 < PK_TN_GROUP ? j->nbatch - t0 : PK_TN_GROUP);
+}
+
+/* Rows of x the AVX2 int16 kernel runs: a vector of 8 rows costs it the same however many of them are real, so past
+ * the first vector the rows beyond the last multiple of 8 go to the row kernel when they are fewer than PK_AVX2W_REM
+ * (e.g. 12 rows: 8 + 4 on the row kernel rather than two vectors). Measured GOP/s (as PK_AW_KERNEL's R x NV; [1408,
+ * 2048] | [2048, 1408]), rows 8k + m split at m < 4 / 5 / 6: ONE thread 12: 129-133 / 127 / 127-131 | 128-132 /
+ * 126-128 / 127, 13: 138-144 / 139 / 121-126 | 138-143 / 139-140 / 121-122, 21: 151-156 / 151-152 / 137-139 |
+ * 153-158 / 154-155 / 140-143, 29: 162-167 / 162-163 / 151-157 | 163-164 / 163-169 / 157-158; two threads 12: 230-238 /
+ * 233-238 / 234 | 234-243 / 236-240 / 235-236, 13: 251-258 / 255-260 / 222-224 | 254-263 / 256-261 / 225-227, 21:
+ * 268-274 / 273-278 / 250-254 | 279-290 / 282-289 / 262-264: 5 rows are cheaper as a padded vector, 4 a tie. (The
+ * minimum for a job, PK_AVX2W_MIN_Q8, is the break-even of one vector alone against the row kernel.) */
+#ifndef PK_AVX2W_REM
+#define PK_AVX2W_REM 5
+#endif
+static int64_t avx2w_split(const pk_job *j) {
+    const int64_t rem = j->n % 8;
+    return j->n < 8 || rem >= PK_AVX2W_REM ? j->n : j->n - rem;
+}
 #endif
 
 /* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
@@ -2475,10 +2648,12 @@ static void job_prepare(pk_job *j, int simd) {
         if (j->nbatch == j->n) return;
         r0 = j->nbatch; /* AVX2: the rows past nbatch on the row kernels, their activations quantized below */
     }
-#endif
-#if PK_HAVE_AVX512
     if (vnni16_takes(j, simd) && (j->xp_shared || vnni16_prepare(j, simd))) { /* xp_shared: run_jobs packed it */
-        j->nbatch = vnni16_split(j);
+#if PK_HAVE_AVX512
+        j->nbatch = simd >= 2 ? vnni16_split(j) : avx2w_split(j);
+#else
+        j->nbatch = avx2w_split(j);
+#endif
         if (j->nbatch == j->n) return;
         r0 = j->nbatch; /* the rows past nbatch on the int16 row kernel, their activations quantized below */
     }
@@ -2684,8 +2859,8 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
     }
 #endif
 #if PK_X86
-    if (j->xp && simd == 1) { /* packed x at the AVX2 level: the int8 batch kernel (Q8_32 / Q4_32) */
-        avx2b_rows(j, o0, o1);
+    if (j->xp && simd == 1) { /* packed x at the AVX2 level: the int16 (Q8_32) or the int8 batch kernel */
+        (j->act == A_I16 ? avx2w_rows : avx2b_rows)(j, o0, o1);
         if (j->nbatch >= j->n) return;
         tb = j->nbatch; /* the rest (fewer than 8 rows) on the row kernels below */
     }
@@ -2763,9 +2938,7 @@ static int xpack_takes(const pk_job *j, int simd) {
 #if PK_HAVE_AVX512BF16
     if (bf16a_takes(j, simd)) return 1;
 #endif
-#if PK_HAVE_AVX512
     if (vnni16_takes(j, simd)) return 1;
-#endif
     return vnni_takes(j, simd);
 }
 
@@ -2773,9 +2946,7 @@ static int64_t xpack_elems(const pk_job *j) {
 #if PK_HAVE_AVX512BF16
     if (j->fmt == F_BF16) return bf16a_elems(j);
 #endif
-#if PK_HAVE_AVX512
     if (j->act == A_I16) return vnni16_elems(j);
-#endif
     return vnni_elems(j);
 }
 
@@ -2786,12 +2957,10 @@ static void xpack_group(const pk_job *j, int64_t g, int simd) {
         return;
     }
 #endif
-#if PK_HAVE_AVX512
     if (j->act == A_I16) {
         vnni16_pack_group(j, g, simd);
         return;
     }
-#endif
     vnni_pack_group(j, g, simd);
 }
 #endif

@@ -56,10 +56,11 @@ int pk_get_avx512bf16(void);
 void pk_set_vnni_batch(int on);
 int pk_get_vnni_batch(void);
 int64_t pk_vnni_min(int fmt);
-/* The int16 batch kernel (vpdpwssd) for int16 activations (act 2, the default mode's Q8_32) at the AVX-512 level:
- * jobs of >= PK_VNNI16_MIN_Q8 rows of x (pk_matmul_q8w, matmul_many). pk_set_vnni16_batch(0) / PYKIMI_VNNI16_BATCH=0
- * turns it off (such jobs then run the int16 row kernel at every n); pk_get_vnni16_batch says whether it runs at the
- * current level; pk_vnni16_min is the row count from which it takes a job (-1 below the AVX-512 level). */
+/* The int16 batch kernel for int16 activations (act 2, the default mode's Q8_32): at the AVX-512 level on vpdpwssd,
+ * jobs of >= PK_VNNI16_MIN_Q8 rows of x; at the AVX2 level its vpmaddwd twin, jobs of >= PK_AVX2W_MIN_Q8 rows
+ * (pk_matmul_q8w, matmul_many). pk_set_vnni16_batch(0) / PYKIMI_VNNI16_BATCH=0 turns both off (such jobs then run the
+ * int16 row kernel at every n); pk_get_vnni16_batch says whether it runs at the current level; pk_vnni16_min is the
+ * row count from which it takes a job at the current level (-1 at the portable level). */
 void pk_set_vnni16_batch(int on);
 int pk_get_vnni16_batch(void);
 int64_t pk_vnni16_min(void);

@@ -566,6 +566,7 @@ def test_tiled_blas_path_matches(monkeypatch):
     monkeypatch.setattr(linear, "C_VNNI_MIN", {})      # ... and so do int8-activation batches on the VNNI kernel
     monkeypatch.setattr(linear, "C_VNNI_MIN_AVX2", {})  # ... and on its AVX2 twin
     monkeypatch.setattr(linear, "C_VNNI16_MIN", {})     # ... and int16-activation Q8 batches on the int16 kernel
+    monkeypatch.setattr(linear, "C_VNNI16_MIN_AVX2", {})  # ... and on its AVX2 twin
     rng = np.random.default_rng(5)
     w = rng.standard_normal((250, 37)).astype(np.float32)
     x = rng.standard_normal((40, 37)).astype(np.float32)

@@ -1,9 +1,11 @@
-"""The int16 batch kernel for Q8_32 weights x int16 activations (the default mode "q4"'s Q8; csrc PK_VW_KERNEL,
-vpdpwssd, AVX-512 level): against its twin ref.matmul_act16_q8 (the same int16 codes, exact integer block dots, f32
-sums in another order) and the int16 row kernel it replaces, the integer block dots exact at the extremes, the rows
-past the last vector of 16 on the row kernel (csrc vnni16_split), its switch (c.set_vnni16_batch /
-PYKIMI_VNNI16_BATCH) giving the old paths, matmul_many with mixed jobs, plan() per mode / n / SIMD level, the forced
-AVX2 level unchanged, and a prefill of the int8 golden checkpoint with the kernel on and off."""
+"""The int16 batch kernels for Q8_32 weights x int16 activations (the default mode "q4"'s Q8): csrc PK_VW_KERNEL
+(vpdpwssd) at the AVX-512 level and its vpmaddwd twin PK_AW_KERNEL (avx2w_rows) at the AVX2 level, each against the
+twin ref.matmul_act16_q8 (the same int16 codes, exact integer block dots, f32 sums in another order) and the int16 row
+kernel it replaces, the integer block dots exact at the extremes, the rows past the last vector (16 / 8 rows) on the
+row kernel (csrc vnni16_split / avx2w_split), the switch (c.set_vnni16_batch / PYKIMI_VNNI16_BATCH) giving the old
+paths, matmul_many with mixed jobs, plan() per mode / n / SIMD level, the plans of a forced AVX2 level, and a prefill
+of the int8 golden checkpoint with the kernel on and off. The level-parametrized tests skip a level the CPU (or the
+build) cannot run."""
 import os
 import subprocess
 import sys
@@ -25,27 +27,36 @@ LEVELS = c.simd_levels() if C_OK else []
 needs_avx512 = pytest.mark.skipif("avx512" not in LEVELS, reason="needs the C backend at the AVX-512 level")
 
 MIN = linear.C_VNNI16_MIN["q8_32"]
+MIN2 = linear.C_VNNI16_MIN_AVX2["q8_32"]
+MINS = {"avx512": MIN, "avx2": MIN2}      # the kernel's first row count, per level
 REM = 5        # csrc PK_VNNI16_REM: past 16 rows, fewer than this past the last multiple of 16 run the row kernel
+REM2 = 5       # csrc PK_AVX2W_REM: the same past 8 rows and their multiples at the AVX2 level
 TOL = 1e-6     # of max row sum |x| * max |w|: the row kernels' tolerance (tests/test_kernels.py, test_vnni_batch)
 # below / at the minimum, one vector and its edges, the remainder split (16 + 1..4 on the row kernel, 16 + 5 padded),
-# two / three vectors, 49..64 (two passes of <= 32), several groups of 64
-NS = (1, MIN - 1, MIN, 11, 15, 16, 17, 20, 21, 22, 23, 31, 32, 33, 36, 37, 38, 48, 49, 53, 54, 64, 65, 70, 71, 81, 100, 130)
+# two / three vectors, 49..64 (two passes of <= 32), several groups of 64; AVX2: vectors of 8 rows, the rows past them
+# on the row kernel below REM2 (8 + 1..4) or padded (8 + 5..7), row counts not multiples of 8 across groups of 64
+NS = tuple(sorted({1, MIN - 1, MIN, MIN2 - 1, MIN2, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 20, 21, 22, 23, 24, 31,
+                   32, 33, 36, 37, 38, 47, 48, 49, 53, 54, 63, 64, 65, 70, 71, 72, 79, 81, 100, 130}))
 # `in` not a multiple of 32 (a partial last block) nor even, one element, real widths; `out` not a multiple of the
-# 10 / 6 / 4 weight rows of a block (nor of 4 blocks: the result buffer)
-SHAPES = ((13, 37), (37, 301), (70, 2048), (9, 1407), (1, 16), (17, 1), (33, 3), (23, 65), (41, 130))
+# 10 / 6 / 4 (AVX2: PK_AW_R) weight rows of a block (nor of 4 blocks: the result buffer)
+SHAPES = ((13, 37), (37, 301), (70, 2048), (9, 1407), (1, 16), (17, 1), (33, 3), (23, 65), (41, 130), (11, 2047))
 
 
-def nbatch(n: int) -> int:
-    """Rows the batch kernel takes (csrc vnni16_split); the rest run the row kernel."""
+def nbatch(n: int, level: str) -> int:
+    """Rows the batch kernel takes (csrc vnni16_split / avx2w_split); the rest run the row kernel."""
+    if level == "avx2":
+        return n if n < 8 or n % 8 >= REM2 else n - n % 8
     return n if n < 16 or n % 16 >= REM else n - n % 16
 
 
-@pytest.fixture
-def v16():
-    """The C backend at the AVX-512 level, the int16 batch kernel on, AMX off; restored afterwards."""
-    if "avx512" not in LEVELS:
-        pytest.skip("needs the C backend at the AVX-512 level")
-    yield from c_kernel_on("avx512", c.set_vnni16_batch)
+@pytest.fixture(params=["avx512", "avx2"])
+def v16(request):
+    """The C backend at the AVX-512 level (PK_VW_KERNEL) or the AVX2 level (PK_AW_KERNEL), the int16 batch kernel on,
+    AMX off; restored afterwards. The level is v16.level."""
+    if request.param not in LEVELS:
+        pytest.skip(f"needs the C backend at the {request.param} level")
+    c.level = request.param
+    yield from c_kernel_on(request.param, c.set_vnni16_batch)
 
 
 def q8w(cc, x, W):
@@ -58,7 +69,8 @@ def test_kernel_matches_twin_and_row_kernel(v16):
     within TOL: bit for bit below the minimum, and for the rows past the last vector of 16 that the split leaves
     to the row kernel; the batch rows differ (the kernel ran)."""
     rng = np.random.default_rng(61)
-    assert v16.vnni16_min() == MIN
+    lmin = MINS[v16.level]
+    assert v16.vnni16_min() == lmin
     for out_f, in_f in SHAPES:
         W = quantize_q8(rng.standard_normal((out_f, in_f)).astype(np.float32))
         wf = W.f32()
@@ -67,11 +79,11 @@ def test_kernel_matches_twin_and_row_kernel(v16):
             y, rows = on_and_off(v16.set_vnni16_batch, lambda: q8w(v16, x, W))
             err = bound_err(y, ref.matmul_act16_q8(x, W), x, wf)
             assert err < TOL, f"[{out_f}, {in_f}] n={n}: {err:.2e} vs the twin"
-            if n < MIN:
+            if n < lmin:
                 np.testing.assert_array_equal(y, rows, err_msg=f"[{out_f}, {in_f}] n={n} below the min")
                 continue
             assert bound_err(y, rows, x, wf) < TOL, f"[{out_f}, {in_f}] n={n} vs the row kernel"
-            nbt = nbatch(n)
+            nbt = nbatch(n, v16.level)
             np.testing.assert_array_equal(y[nbt:], rows[nbt:], err_msg=f"[{out_f}, {in_f}] n={n}: the rest")
             if in_f >= 64:
                 assert not np.array_equal(y[:nbt], rows[:nbt]), f"[{out_f}, {in_f}] n={n}: did the kernel run?"
@@ -85,7 +97,7 @@ def test_integer_block_dots_exact(v16):
     element per block is +-32767 and the rest small (|block dot| < 2^23), rows of at most 2 blocks. At the batch
     kernel's row counts, the split's remainders and several groups of 64."""
     rng = np.random.default_rng(62)
-    for n in (MIN, 16, 17, 22, 33, 40, 64, 65, 130):
+    for n in (MINS[v16.level], 8, 15, 16, 17, 22, 23, 33, 40, 64, 65, 71, 130):
         for out_f, in_f, code in ((37, 3200, -128), (9, 1001, -128), (6, 128, 127), (5, 97, 127)):
             nb = -(-in_f // 32)
             x = (32767 * rng.choice([-1, 1], (n, 1)) * np.ones((1, in_f))).astype(np.float32)
@@ -108,9 +120,16 @@ def test_integer_block_dots_exact(v16):
 
 def test_switch_and_levels(v16, act_mode):
     """Switched off, int16-activation products are the row kernel's at every n and the plans are the old ones
-    (the row kernel, the exact f32 batch kernel for C_BATCH_ROWS_Q8, then the tiles); at the AVX2 and the scalar
-    level the kernel never runs (get_vnni16_batch() False, vnni16_min() -1) and those levels' plans do not change."""
+    (AVX-512: the row kernel, the exact f32 batch kernel for C_BATCH_ROWS_Q8, then the tiles; AVX2: the row kernel to
+    SMALL_N_ACT, then the tiles); on, ("c", "i16") at every n. The C minima agree with linear.C_VNNI16_MIN /
+    C_VNNI16_MIN_AVX2 per level; at the scalar level the kernel never runs (get_vnni16_batch() False, vnni16_min()
+    -1) and the plans do not change."""
     act_mode("q4")
+    for lv in ("avx512", "avx2"):
+        if lv in LEVELS:
+            v16.set_simd(lv)
+            assert v16.vnni16_min() == MINS[lv] and v16.get_vnni16_batch(), lv
+    v16.set_simd(v16.level)
     rng = np.random.default_rng(63)
     W = quantize_q8(rng.standard_normal((29, 301)).astype(np.float32))
     x = rng.standard_normal((70, 301)).astype(np.float32)
@@ -122,22 +141,24 @@ def test_switch_and_levels(v16, act_mode):
     np.testing.assert_array_equal(off, rows)
     assert not np.array_equal(on, off)
     lo, hi = linear.C_BATCH_ROWS_Q8
-    for n in (1, MIN, lo - 1, lo, 64, hi, hi + 1, 512):
-        want = ("c", "i16") if n < lo else ("c", "f32") if n <= hi else ("tiles", "f32")
+    small = linear.SMALL_N_ACT[("q8_32", "i16")]
+    for n in (1, MIN2, MIN, lo - 1, lo, 64, small, small + 1, hi, hi + 1, 512):
+        if v16.level == "avx512":
+            want = ("c", "i16") if n < lo else ("c", "f32") if n <= hi else ("tiles", "f32")
+        else:
+            want = ("c", "i16") if n <= small else ("tiles", "f32")
         assert linear.plan("q8_32", n) == want, n
     v16.set_vnni16_batch(True)
-    assert all(linear.plan("q8_32", n) == ("c", "i16") for n in (1, MIN, lo, 64, hi + 1, 512, 4096))
-    for lv in ("avx2", "scalar"):
-        if lv not in LEVELS:
-            continue
-        v16.set_simd(lv)
-        assert not v16.get_vnni16_batch() and v16.vnni16_min() == -1, lv
+    assert all(linear.plan("q8_32", n) == ("c", "i16") for n in (1, MIN2, MIN, lo, 64, small + 1, hi + 1, 512, 4096))
+    if "scalar" in LEVELS:
+        v16.set_simd("scalar")
+        assert not v16.get_vnni16_batch() and v16.vnni16_min() == -1
         plans = [linear.plan(k, n) for k in ("q8_32", "q4_32") for n in (1, MIN, 24, 64, 113, 512)]
         v16.set_vnni16_batch(False)
-        assert plans == [linear.plan(k, n) for k in ("q8_32", "q4_32") for n in (1, MIN, 24, 64, 113, 512)], lv
+        assert plans == [linear.plan(k, n) for k in ("q8_32", "q4_32") for n in (1, MIN, 24, 64, 113, 512)]
         v16.set_vnni16_batch(True)
-        assert bound_err(q8w(v16, x, W), ref.matmul_act16_q8(x, W), x, W.f32()) < TOL, lv
-    v16.set_simd("avx512")
+        assert bound_err(q8w(v16, x, W), ref.matmul_act16_q8(x, W), x, W.f32()) < TOL
+    v16.set_simd(v16.level)
 
 
 def test_in_matmul_many_mixed_jobs(v16):
@@ -148,19 +169,21 @@ def test_in_matmul_many_mixed_jobs(v16):
             (17, 9, 33, "q8_32", "i16"), (65, 13, 1407, "q8_32", "i16"), (40, 11, 97, "q8_32", "i8"),
             (30, 17, 96, "q8_32", "f32"), (12, 21, 70, "bf16", "f32"), (64, 23, 65, "q8_32", "i16"),
             (3, 19, 130, "q8_32", "i8"), (48, 31, 1, "q8_32", "i16"), (20, 27, 200, "q4_32", "i8"),
-            (38, 14, 99, "q8_32", "i16"))
-    check_mixed_jobs(v16, spec, 64, lambda jobs: [j for j in jobs if j[4] == "i16" and j[0].shape[0] >= MIN],
+            (38, 14, 99, "q8_32", "i16"), (MIN2, 12, 100, "q8_32", "i16"), (15, 10, 250, "q8_32", "i16"),
+            (MIN2 - 1, 8, 40, "q8_32", "i16"), (8, 16, 64, "q8_32", "i8"))
+    lmin = MINS[v16.level]
+    check_mixed_jobs(v16, spec, 64, lambda jobs: [j for j in jobs if j[4] == "i16" and j[0].shape[0] >= lmin],
                      v16.set_vnni16_batch)
 
 
 # ----------------------------------------------------------------------------------------- plan / reference
 def test_plan_per_mode_and_n(v16, act_mode):
-    """plan(kind, n), kernel on against off, at the AVX-512 level: Q8_32 in "q4" takes ("c", "i16") at every n (no
-    exact f32 batch kernel, no widened tiles); Q8_32 in "all" / "none" and Q4_32 in every mode as before. matmul and
-    matmul_many == reference(), reference() == ref.matmul_act16_q8 where the mode is i16."""
+    """plan(kind, n), kernel on against off, at the AVX-512 and the AVX2 level: Q8_32 in "q4" takes ("c", "i16") at
+    every n (no exact f32 batch kernel, no widened tiles); Q8_32 in "all" / "none" and Q4_32 in every mode as before.
+    matmul and matmul_many == reference(), reference() == ref.matmul_act16_q8 where the mode is i16."""
     rng = np.random.default_rng(65)
     w = rng.standard_normal((45, 70)).astype(np.float32)
-    ns = (1, 2, MIN - 1, MIN, 16, 17, 23, 24, 48, 64, 112, 113, 200, 512, 1000)
+    ns = (1, 2, MIN2 - 1, MIN2, MIN - 1, MIN, 16, 17, 23, 24, 48, 64, 96, 97, 112, 113, 200, 512, 1000)
     for kind, W in (("q8_32", quantize_q8(w)), ("q4_32", quantize_q4(w))):
         for mode in ("q4", "all", "none"):
             act_mode(mode)
@@ -171,7 +194,7 @@ def test_plan_per_mode_and_n(v16, act_mode):
             uses = kind == "q8_32" and mode == "q4"
             assert new == ([("c", "i16")] * len(ns) if uses else old), (kind, mode, new)
             xs = []
-            for n in (1, 5, MIN, 17, 64, 200):
+            for n in (1, 5, MIN2, MIN, 17, 64, 200):
                 x = rng.standard_normal((n, 70)).astype(np.float32)
                 xs.append(x)
                 y, r = K.matmul(x, W), K.reference(x, W)
@@ -189,27 +212,34 @@ def _env(**kw):
 
 
 @pytest.mark.skipif("avx2" not in LEVELS, reason="needs the C backend at the AVX2 level")
-def test_forced_avx2_plans_unchanged():
-    """PYKIMI_SIMD=avx2 in a fresh process: get_vnni16_batch() False and the default mode's Q8_32 plans the old ones
-    (the row kernel to SMALL_N_ACT, then the tiles), whatever PYKIMI_VNNI16_BATCH says."""
+def test_forced_avx2_plans():
+    """PYKIMI_SIMD=avx2 in a fresh process: the kernel on (get_vnni16_batch() True, vnni16_min() C_VNNI16_MIN_AVX2),
+    the default mode's Q8_32 in C with int16 activations at every n; with PYKIMI_VNNI16_BATCH=0 the old plans (the row
+    kernel to SMALL_N_ACT, then the tiles)."""
     code = ("import pykimi.kernels as K; from pykimi.kernels import c, linear; K.set_backend('c'); "
             "print(c.get_vnni16_batch(), c.vnni16_min(), [linear.plan('q8_32', n) for n in (8, 64, 96, 97, 200)])")
-    want = ("False -1 [('c', 'i16'), ('c', 'i16'), ('c', 'i16'), ('tiles', 'f32'), ('tiles', 'f32')]")
-    for on in ("1", "0"):
+    wants = {"1": f"True {MIN2} [" + ", ".join(["('c', 'i16')"] * 5) + "]",
+             "0": f"False {MIN2} [('c', 'i16'), ('c', 'i16'), ('c', 'i16'), ('tiles', 'f32'), ('tiles', 'f32')]"}
+    for on, want in wants.items():
         got = subprocess.run([sys.executable, "-c", code], env=_env(PYKIMI_SIMD="avx2", PYKIMI_VNNI16_BATCH=on),
                              capture_output=True, text=True)
         assert got.stdout.strip() == want, f"{on}: {got.stdout!r} {got.stderr[-500:]}"
 
 
-@needs_avx512
-def test_env_switch_and_info():
-    """PYKIMI_VNNI16_BATCH=0 turns the kernel off at start-up (Q8_32 in the default mode then takes its old f32 batch
-    path at 64 rows); info() reports it; PYKIMI_VNNI_BATCH=0 (the int8 kernels' switch) leaves it on."""
+@pytest.mark.parametrize("level", ["avx512", "avx2"])
+def test_env_switch_and_info(level):
+    """PYKIMI_VNNI16_BATCH=0 turns the kernel off at start-up (Q8_32 in the default mode then takes its old path at
+    200 rows: the widened tiles); info() reports it; PYKIMI_VNNI_BATCH=0 (the int8 kernels' switch) leaves it on. At
+    the AVX-512 level and at a forced AVX2 level."""
+    if level not in LEVELS:
+        pytest.skip(f"needs the C backend at the {level} level")
     code = ("from pykimi.kernels import c, linear; import pykimi.kernels as K; K.set_backend('c'); "
-            "print(c.get_vnni16_batch(), c.info()['vnni16_batch'], linear.plan('q8_32', 64)[1])")
-    for env, want in (({"PYKIMI_VNNI16_BATCH": "0"}, "False False f32"), ({}, "True True i16"),
-                      ({"PYKIMI_VNNI_BATCH": "0"}, "True True i16")):
-        out = subprocess.run([sys.executable, "-c", code], env=_env(**env), capture_output=True, text=True)
+            "print(c.get_vnni16_batch(), c.info()['vnni16_batch'], linear.plan('q8_32', 200))")
+    on = "True True ('c', 'i16')"
+    for env, want in (({"PYKIMI_VNNI16_BATCH": "0"}, "False False ('tiles', 'f32')"), ({}, on),
+                      ({"PYKIMI_VNNI_BATCH": "0"}, on)):
+        out = subprocess.run([sys.executable, "-c", code], env=_env(PYKIMI_SIMD=level, **env), capture_output=True,
+                             text=True)
         assert out.stdout.strip() == want, f"{env}: {out.stdout!r} {out.stderr[-500:]}"
 
 
@@ -245,7 +275,7 @@ def test_prefill_on_vs_row_kernel(v16, act_mode, q8_all, case, monkeypatch):
     act_mode("q4")
     model = load(q8_all)
     S = int(case_data(case)[0]["input_ids"].shape[0])
-    assert S >= MIN and linear.plan("q8_32", S) == ("c", "i16")
+    assert S >= MINS[v16.level] and linear.plan("q8_32", S) == ("c", "i16")
     check_prefill_switch(model, case, v16.set_vnni16_batch,
                          {"SMALL_N_ACT": {**linear.SMALL_N_ACT, ("q8_32", "i16"): 1 << 62},
                           "C_BATCH_ROWS_Q8": (1 << 62, 1 << 62)},

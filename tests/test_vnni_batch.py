@@ -189,21 +189,21 @@ def test_plan_per_mode_n_and_level(vnni, act_mode):
 def test_forced_avx2_plans(act_mode):
     """PYKIMI_SIMD=avx2 in a fresh process: the plans of Q8_32 / Q4_32 per mode at the AVX2 level -- the int8 batch
     kernel (get_vnni_batch() True): int8 activations in C at every n; with PYKIMI_VNNI_BATCH=0 the old plans (int4 to
-    the tiles past SMALL_N_ACT_AVX2, Q8 x int8 past SMALL_N_ACT)."""
+    the tiles past SMALL_N_ACT_AVX2, Q8 x int8 past SMALL_N_ACT). Q8_32 in "q4" (int16 activations) is the int16
+    batch kernel's (on by default: in C at every n, whatever this switch; tests/test_vnni16.py)."""
     code = ("import pykimi.kernels as K; from pykimi.kernels import c, linear; K.set_backend('c'); "
             "print(c.get_vnni_batch(), [linear.plan(k, n) for k in ('q8_32', 'q4_32') for n in (8, 64, 65, 200)])")
-    e = {k: v for k, v in os.environ.items() if k not in ("PYKIMI_SIMD", "PYKIMI_ACT_QUANT", "PYKIMI_VNNI_BATCH")}
+    e = {k: v for k, v in os.environ.items() if k not in ("PYKIMI_SIMD", "PYKIMI_ACT_QUANT", "PYKIMI_VNNI_BATCH",
+                                                          "PYKIMI_VNNI16_BATCH")}
     for mode in ("q4", "all"):
         for on in (True, False):
             env = dict(e, PYKIMI_SIMD="avx2", PYKIMI_ACT_QUANT=mode, PYKIMI_VNNI_BATCH="1" if on else "0")
             got = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
             q8 = "i16" if mode == "q4" else "i8"
             if on:
-                q8s = f"('c', '{q8}'), ('c', '{q8}'), ('c', '{q8}'), ('tiles', 'f32')" if mode == "q4" else \
-                    ", ".join(["('c', 'i8')"] * 4)
-                want = f"True [{q8s}, " + ", ".join(["('c', 'i8')"] * 4) + "]"
+                want = "True [" + ", ".join([f"('c', '{q8}')"] * 4 + ["('c', 'i8')"] * 4) + "]"
             elif mode == "q4":
-                want = (f"False [('c', '{q8}'), ('c', '{q8}'), ('c', '{q8}'), ('tiles', 'f32'), ('c', 'i8'), "
+                want = (f"False [('c', '{q8}'), ('c', '{q8}'), ('c', '{q8}'), ('c', '{q8}'), ('c', 'i8'), "
                         f"('c', 'i8'), ('tiles', 'f32'), ('tiles', 'f32')]")
             else:             # Q8 x int8 at the AVX2 level: the row kernels up to SMALL_N_ACT (48), then the tiles
                 want = ("False [('c', 'i8'), ('tiles', 'f32'), ('tiles', 'f32'), ('tiles', 'f32'), ('c', 'i8'), "

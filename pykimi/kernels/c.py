@@ -395,21 +395,22 @@ def vnni_min(kind: str) -> int:
 
 def get_vnni16_batch() -> bool:
     """Whether int16-activation batches of Q8_32 weights (the default mode's Q8, from vnni16_min() rows) run the int16
-    batch kernel (csrc PK_VW_KERNEL, vpdpwssd): at the AVX-512 level, not turned off by PYKIMI_VNNI16_BATCH=0 /
-    set_vnni16_batch(False)."""
+    batch kernel of the level (csrc PK_VW_KERNEL, vpdpwssd, at the AVX-512 level; its vpmaddwd twin PK_AW_KERNEL at
+    the AVX2 level): at either level, not turned off by PYKIMI_VNNI16_BATCH=0 / set_vnni16_batch(False)."""
     return bool(lib.pk_get_vnni16_batch())
 
 
 def set_vnni16_batch(on: bool) -> bool:
-    """Turn the int16 batch kernel on or off (tests, benchmarks: off = the int16 row kernel at every n in C);
-    returns get_vnni16_batch()."""
+    """Turn the int16 batch kernels (both levels) on or off (tests, benchmarks: off = the int16 row kernel at every n
+    in C); returns get_vnni16_batch()."""
     lib.pk_set_vnni16_batch(1 if on else 0)
     return get_vnni16_batch()
 
 
 def vnni16_min() -> int:
-    """Rows of x from which an int16-activation Q8_32 job takes the int16 batch kernel at the current level (csrc
-    PK_VNNI16_MIN_Q8, mirrored by linear.C_VNNI16_MIN; -1 below the AVX-512 level)."""
+    """Rows of x from which an int16-activation Q8_32 job takes the int16 batch kernel at the current level (AVX-512:
+    csrc PK_VNNI16_MIN_Q8, mirrored by linear.C_VNNI16_MIN; AVX2: PK_AVX2W_MIN_Q8, linear.C_VNNI16_MIN_AVX2; -1 at the
+    portable level)."""
     return int(lib.pk_vnni16_min())
 
 

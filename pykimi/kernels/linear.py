@@ -15,7 +15,8 @@ products (set_act_quant); at the AVX-512 level int8-activation batches from C_VN
 kernel instead of the row kernels (and, for Q8_32 in mode "all", instead of the exact f32 batch kernel / tiles), at
 the AVX2 level from C_VNNI_MIN_AVX2 rows its vpmaddubsw twin (instead of the row kernels and the widened tiles); in the
 default mode Q8_32 x int16 batches from C_VNNI16_MIN rows run the int16 batch kernel (vpdpwssd) at the AVX-512 level
-(instead of the int16 row kernel, the exact f32 batch kernel and the tiles);
+(instead of the int16 row kernel, the exact f32 batch kernel and the tiles), at the AVX2 level from C_VNNI16_MIN_AVX2
+rows its vpmaddwd twin (instead of the int16 row kernel and the tiles);
 with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
 matmul_many runs several products in one C call (the selected experts);
 heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
@@ -48,7 +49,7 @@ SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 SMALL_N_ACT_AVX2: dict = {("q4_32", "i8"): 64}
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
 # (SMALL_N_ACT's Q8 x int16 entry and C_BATCH_ROWS_Q8 apply to the default mode only with the int16 batch kernel off,
-# PYKIMI_VNNI16_BATCH=0, or below the AVX-512 level: see C_VNNI16_MIN)
+# PYKIMI_VNNI16_BATCH=0, or at the portable level: see C_VNNI16_MIN, C_VNNI16_MIN_AVX2)
 C_AMX_ROWS = 512              # AMX: bf16 batches (from 8 rows) and Q8_32 ones (from C_AMX_MIN_Q8) stay in C
 C_AMX_MIN_Q8 = 32
 # bf16 activations (mode "all", AVX512_BF16): every bf16 batch from this many rows of x goes to the C kernel, however
@@ -121,6 +122,27 @@ C_VNNI_MIN_AVX2 = {"q8_32": 7, "q4_32": 4}
 # prefill --modes int8 (3 runs each, alternating): off 324-331 / 301-303 / 276-288 -> on 469-496 / 576-591 / 578-590
 # tok/s (llama.cpp Q8_0 in bench/RESULTS.md: 320 / 357 / 345).
 C_VNNI16_MIN = {"q8_32": 9}
+# ... and at the AVX2 level (AMD Zen 3) the same scheme on vpmaddwd + vpaddd, 8 rows of x per ymm (csrc PK_AW_KERNEL,
+# avx2w_rows; PK_AVX2W_MIN_Q8; the same switch, PYKIMI_VNNI16_BATCH): from this many rows, however many -- no widened
+# tiles past SMALL_N_ACT any more; below it the int16 row kernel (tile_q8w_avx2). Same twin. Like the AVX2 int8 kernel
+# its cost is that of ceil(n / 8) * 8 rows, so the rows past the last multiple of 8 run the row kernel when fewer than
+# 5 (csrc avx2w_split, PK_AVX2W_REM). Measured with PYKIMI_SIMD=avx2 on an AMD EPYC Zen 5 (bench/bench_batch_kernels.py
+# --kinds q8_32 --direct --switch vnni16, a build with -DPK_AVX2W_MIN_Q8=1; best of 3 rounds x 2 runs), GOP/s kernel
+# forced onto every n / the row kernel, [1408, 2048]: ONE thread 1: 18 / 69, 2: 36 / 88, 4: 72-73 / 96, 5: 90-91 / 90,
+# 6: 107-108 / 93-94, 7: 126 / 96, 8: 143-144 / 96, 16: 165-168 / 97-98; two threads 4: 126 / 180, 5: 155-158 /
+# 170-171, 6: 188 / 178-180, 7: 218 / 182-183, 8: 247-249 / 184-186, 16: 305 / 190 ([2048, 1408] alike: 5: 91 / 89-91
+# and 158-159 / 171, 6: 109 / 92-95 and 186-187 / 177-178). Break-even at 5 rows (one thread) to 6 (two), hence 6.
+# The plans (bench/bench_batch_kernels.py --kinds q8_32 --switch vnni16, PYKIMI_SIMD=avx2, 2 threads, best of 5 rounds x
+# 2 runs), old (row kernel to SMALL_N_ACT, then tiles + sgemm) / new, [1408, 2048] | [2048, 1408]: 8: 186 / 238-242 |
+# 182-190 / 245-246, 16: 189-193 / 292-297 | 188-197 / 299-305, 32: 193-194 / 311-324 | 192-199 / 327-332, 64: 192-195 /
+# 314-323 | 192-199 / 329-349, 128: 194-198 / 330-333 | 194-195 / 344-357, 512: 222-226 / 321-330 | 220-227 / 340-353.
+# 4-layer int8 prefill (synth-L4-q8-all, default mode, PYKIMI_SIMD=avx2, bench/bench_prefill_ab.py --switch vnni16, best
+# of 5 alternating rounds) of 64 / 128 / 512 tokens: off 238 / 254 / 267 -> on 323 / 382 / 379 tok/s; bench/run.py
+# --only prefill --modes int8 against llama.cpp Q8_0 built for AVX2 only (4 runs each, alternating; the host shared,
+# load 1.1-1.6; best of 2 calls, 64 tokens the noisiest): off 225-239 / 240-258 / 256-269 (0.77-0.83x / 0.76-0.87x /
+# 0.79-0.87x) -> on 212-346 / 327-384 / 339-385 tok/s (0.73-1.18x, two of four runs 1.16-1.18x / 1.07-1.26x /
+# 1.08-1.26x; llama.cpp 281-303 / 297-329 / 303-329).
+C_VNNI16_MIN_AVX2 = {"q8_32": 6}
 TASK_ELEMS = 1 << 19          # widened tile per worker task: 2 MB of f32, within L2 between widening and sgemm
 
 _C_KINDS = ("bf16", "q8_32", "q4_32", "f32")      # the weights.KINDS the C kernels read (a Stored F32 too)
@@ -164,10 +186,11 @@ def set_act_quant(value) -> None:
     doing integer block dot products keeps them memory bound. For bf16 weights, prefill is compute bound and
     the CPU's vdpbf16ps (AVX512_BF16) does twice the multiplies of an f32 FMA -- on bf16 inputs.
       "q4" (default): Q8 weights x int16 activations (rounding ~1e-5 relative: numerically the float
-              product) -- at the AVX-512 level in every batch, prefill included (the int16 batch kernel from
-              C_VNNI16_MIN rows; with PYKIMI_VNNI16_BATCH=0 batches of C_BATCH_ROWS_Q8 rows take the exact f32
-              batch kernel and larger ones the widened tiles) --, Q4 weights x int8 activations (~0.5 % rms per
-              matmul, small next to int4's own error); bf16 weights: the exact f32 product;
+              product) -- at the AVX-512 and the AVX2 level in every batch, prefill included (the int16 batch
+              kernel from C_VNNI16_MIN rows at the AVX-512 level, C_VNNI16_MIN_AVX2 at the AVX2 level; with
+              PYKIMI_VNNI16_BATCH=0 batches of C_BATCH_ROWS_Q8 rows take the exact f32 batch kernel at the AVX-512
+              level and batches past SMALL_N_ACT rows the widened tiles) --, Q4 weights x int8 activations (~0.5 %
+              rms per matmul, small next to int4's own error); bf16 weights: the exact f32 product;
       "all":  int8 activations for Q8 and Q4 (fastest; like llama.cpp's Q8_0 x Q8_0) -- at the AVX-512 level in
               every batch, prefill included (the int8 batch kernel from C_VNNI_MIN rows at the AVX-512 level,
               C_VNNI_MIN_AVX2 at the AVX2 level; with PYKIMI_VNNI_BATCH=0 Q8 batches past SMALL_N_ACT rows take
@@ -223,11 +246,17 @@ def _vnni(kind: str) -> bool:
 
 
 def _vnni16(kind: str) -> bool:
-    """int16-activation batches of this format run the int16 batch kernel (from C_VNNI16_MIN rows): Q8_32 in mode "i16"
-    (the default "q4") at the AVX-512 level, not with AMX (its exact tile product keeps its rows), the kernel on
-    (c.set_vnni16_batch, PYKIMI_VNNI16_BATCH)."""
+    """int16-activation batches of this format run the int16 batch kernel: Q8_32 in mode "i16" (the default "q4") at
+    the AVX-512 level (vpdpwssd, from C_VNNI16_MIN rows; not with AMX, whose exact tile product keeps its rows) or the
+    AVX2 level (its vpmaddwd twin, from C_VNNI16_MIN_AVX2 rows), the kernel on (c.set_vnni16_batch,
+    PYKIMI_VNNI16_BATCH)."""
     c = _mods.get("c")
-    if c is None or kind not in C_VNNI16_MIN or _act_mode(kind) != "i16" or c.get_simd() != "avx512" or _c_amx():
+    if c is None or _act_mode(kind) != "i16":
+        return False
+    level = c.get_simd()
+    if kind not in (C_VNNI16_MIN if level == "avx512" else C_VNNI16_MIN_AVX2 if level == "avx2" else {}):
+        return False
+    if level == "avx512" and _c_amx():
         return False
     return bool(c.get_vnni16_batch())
 
@@ -256,8 +285,8 @@ def _c_mode(kind: str, n: int) -> str:
     C_BATCH_ROWS_Q8 rows at the AVX-512 level (or C_AMX_MIN_Q8..C_AMX_ROWS with AMX), which run the exact f32
     product (batch-vectorised kernel, AMX tiles) -- unless their int8 activations go to the int8 batch kernel
     (_vnni: mode "all" at the AVX-512 level without AMX, or at the AVX2 level: "i8" at every n) or their int16 ones
-    to the int16 batch kernel (_vnni16: the default mode at the AVX-512 level without AMX: "i16" at every n); bf16
-    weights:
+    to the int16 batch kernel (_vnni16: the default mode at the AVX-512 level without AMX, or at the AVX2 level: "i16"
+    at every n); bf16 weights:
     "bf16" from C_BF16A_MIN rows when _bf16_act(), else (and below that) "f32"."""
     if kind == "bf16":
         return "bf16" if n >= C_BF16A_MIN and _bf16_act() else "f32"
@@ -266,7 +295,7 @@ def _c_mode(kind: str, n: int) -> str:
     if _vnni(kind):
         return "i8"                         # below C_VNNI_MIN(_AVX2) the row kernel, from it the batch kernel
     if _vnni16(kind):
-        return "i16"                        # below C_VNNI16_MIN the int16 row kernel, from it the int16 batch kernel
+        return "i16"                        # below C_VNNI16_MIN(_AVX2) the int16 row kernel, from it the batch kernel
     if kind == "q8_32" and _c_avx512() and (C_BATCH_ROWS_Q8[0] <= n <= C_BATCH_ROWS_Q8[1]
                                             or (C_AMX_MIN_Q8 <= n <= C_AMX_ROWS and _c_amx())):
         return "f32"
