@@ -3116,6 +3116,8 @@ int pk_matmul_many(int count, const int *fmts, const int *acts, const float *con
     return 0;
 }
 
+static void silu_mul(int simd, float *g, const float *u, int64_t n);
+
 /* The decode step's MoE FFN in one call (see the header): why -- between the gate/up products and the down
  * products the Python path computed silu(g) * u per expert and built a second call, and at 27 layers that
  * glue was a large part of the time a token spends outside the kernels. NumPy twin: ref.swiglu_sum. */
@@ -3146,14 +3148,7 @@ int pk_swiglu_sum(int count, const pk_expert *experts, const float *x, int64_t d
         job_set(&jobs[2 * k + 1], e->fmt, e->act, x, 1, d, e->u, e->su, e->inter, gu + total + off);
     }
     run_jobs(jobs, 2 * count);
-    /* silu(g) * u, in place over g: x / (1 + e^-x) as moe.silu. On the threads: one token's 8 experts are 11264
-     * expf, which alone took 18-22 us a layer between the two parallel calls (12-14 us split in two; the same
-     * values) */
-#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (total >= 4096 && pk_get_threads() > 1)
-    for (i = 0; i < total; i++) {
-        const float g = gu[i];
-        gu[i] = g / (1.0f + expf(-g)) * gu[total + i];
-    }
+    silu_mul(pk_get_simd(), gu, gu + total, total); /* silu(g) * u, in place over g */
     for (k = 0, off = 0; k < count; off += experts[k].inter, k++) {
         const pk_expert *e = &experts[k];
         job_set(&jobs[k], e->fmt, e->act, gu + off, 1, e->inter, e->d, e->sd, d, ys + k * d);
@@ -3862,6 +3857,18 @@ PK_AVX2_INLINE __m256 exp_avx2(__m256 x) {
     e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23); /* 2^n */
     return _mm256_mul_ps(y, _mm256_castsi256_ps(e));
 }
+
+/* silu_mul_avx512 on 8 lanes (exp_avx2: below -87.3 it gives the smallest normal, 1 + e^-g is 1 either way) */
+static PK_AVX2 void silu_mul_avx2(float *g, const float *u, int64_t n) {
+    const __m256 one = _mm256_set1_ps(1.0f), hi = _mm256_set1_ps(88.7228394f);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 x = _mm256_loadu_ps(g + i);
+        const __m256 e = exp_avx2(_mm256_min_ps(hi, _mm256_sub_ps(_mm256_setzero_ps(), x)));
+        _mm256_storeu_ps(g + i, _mm256_mul_ps(_mm256_div_ps(x, _mm256_add_ps(one, e)), _mm256_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
 static PK_AVX2 void softmax16_avx2(float *p, int64_t nt, float *m, float *l, float *corr) {
     int64_t t, g;
     for (g = 0; g < PK_HB; g += 8) { /* the two halves of the block */
@@ -4015,6 +4022,21 @@ PK_AVX512_INLINE __m512 exp_avx512(__m512 x) {
     y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
     return _mm512_scalef_ps(y, n); /* y 2^n, to the denormal / 0 below 2^-126 */
 }
+
+/* g[i] = g[i] / (1 + e^-g[i]) * u[i], i < n: moe.silu(g) * u, the MoE's SwiGLU, with exp_avx512 (~1 ulp, as glibc's
+ * expf). -g is clamped above at ln(FLT_MAX) (NaN stays NaN): e^-g is then inf where expf overflows, and g / inf the
+ * -0 it gives. Why: one token's 8 experts are 11264 values a layer, 18-22 us with expf one at a time between the
+ * MoE's two parallel calls (4 sequences: 45k, ~130 us). */
+static PK_AVX512 void silu_mul_avx512(float *g, const float *u, int64_t n) {
+    const __m512 one = _mm512_set1_ps(1.0f), hi = _mm512_set1_ps(88.7228394f);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 x = _mm512_loadu_ps(g + i);
+        const __m512 e = exp_avx512(_mm512_min_ps(hi, _mm512_sub_ps(_mm512_setzero_ps(), x)));
+        _mm512_storeu_ps(g + i, _mm512_mul_ps(_mm512_div_ps(x, _mm512_add_ps(one, e)), _mm512_loadu_ps(u + i)));
+    }
+    for (; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
 static PK_AVX512 void softmax16_avx512(float *p, int64_t nt, float *m, float *l, float *corr) {
     const __m512 mo = _mm512_loadu_ps(m);
     __m512 cm = mo, s = _mm512_setzero_ps(), c;
@@ -4031,6 +4053,14 @@ static PK_AVX512 void softmax16_avx512(float *p, int64_t nt, float *m, float *l,
     _mm512_storeu_ps(m, cm);
 }
 #endif
+
+static void silu_mul_scalar(float *g, const float *u, int64_t n) {
+    int64_t i;
+    for (i = 0; i < n; i++) g[i] = g[i] / (1.0f + expf(-g[i])) * u[i];
+}
+
+/* silu(g) * u in place over g (moe.silu's x / (1 + e^-x)) at SIMD level simd; see silu_mul_avx512 */
+static void silu_mul(int simd, float *g, const float *u, int64_t n) { PK_LEVEL_CALL(simd, silu_mul, (g, u, n)); }
 
 static void values16_level(int simd, const float *p, const float *r, int64_t W, int64_t nt, int64_t R, float *o,
                            const float *corr, int fresh) {
@@ -4480,17 +4510,12 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
             job_set(&jobs[nj++], e->fmt, e->act | A_ROWS, xk, nrows[k], d, e->u, e->su, e->inter, u);
         }
         run_jobs(jobs, (int)nj);
-        /* silu(g) * u, in place over g, as pk_swiglu_sum: per expert on the threads (4 sequences' 32 expert rows are
-         * 45k expf a layer, which one thread did while the other waited) */
-#pragma omp parallel for schedule(dynamic, 1) num_threads(pk_get_threads()) if (tot_gu >= 8192 && pk_get_threads() > 1)
+        /* silu(g) * u, in place over g, as pk_swiglu_sum; per expert on the threads from 4 sequences' worth (32
+         * expert rows: 45k values a layer) */
+#pragma omp parallel for schedule(dynamic, 1) num_threads(pk_get_threads()) if (tot_gu >= 65536 && pk_get_threads() > 1)
         for (k = 0; k < count; k++) {
             float *g = gu + goff[k];
-            const float *u = g + nrows[k] * experts[k].inter;
-            int64_t q;
-            for (q = 0; q < nrows[k] * experts[k].inter; q++) {
-                const float gv = g[q];
-                g[q] = gv / (1.0f + expf(-gv)) * u[q];
-            }
+            silu_mul(pk_get_simd(), g, g + nrows[k] * experts[k].inter, nrows[k] * experts[k].inter);
         }
         nj = 0;
         for (k = 0; k < count; k++) {

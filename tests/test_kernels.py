@@ -419,6 +419,32 @@ def test_c_level_swiglu_sum(simd_level, form):
         K.set_backend(prev)
 
 
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_swiglu_extreme_gates(simd_level):
+    """pk_swiglu_sum's vector silu (csrc silu_mul: e^-g by a polynomial, -g clamped at ln(FLT_MAX)) on gates from
+    -120 to 120, where e^-g under- and overflows f32, and exactly 0, 70 of them (a 6-lane tail) == the twin (NumPy's
+    exp, inf where it overflows) within the 2e-5 of the other SwiGLU checks."""
+    prev = K.backend()
+    K.set_backend("c")
+    try:
+        rng = np.random.default_rng(73)
+        d, inter = 64, 70
+        gates = np.concatenate([np.linspace(-120, 120, inter - 1), [0.0]]).astype(np.float32)
+        wg = np.zeros((inter, d), np.float32)
+        wg[np.arange(inter), np.arange(inter) % d] = gates                   # g = gates for x = 1
+        wu = rng.standard_normal((inter, d)).astype(np.float32) / 8
+        wd = rng.standard_normal((d, inter)).astype(np.float32) / 8
+        x = np.ones(d, np.float32)
+        experts = [(Stored("g", "F32", wg), Stored("u", "F32", wu), Stored("d", "F32", wd))]
+        got, want = SWIGLU(x, experts, [1.0]), swiglu_twin(x, experts, [1.0])
+        assert np.isfinite(got).all(), f"level={simd_level}: non-finite outputs {got[~np.isfinite(got)]}"
+        err = np.max(np.abs(got - want)) / np.abs(want).max()
+        assert err < 2e-5, f"level={simd_level}: {err:.2e}"
+    finally:
+        K.set_backend(prev)
+
+
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
 def test_swiglu_sum_matches_reference_and_checks_shapes(use_backend):
     rng = np.random.default_rng(72)
