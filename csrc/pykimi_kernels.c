@@ -142,6 +142,7 @@
 #define PK_KC 256        /* columns of weights it decodes into L1 at a time */
 #define PK_BLOCK 32      /* quantization block along `in` */
 #define PK_PAR_MIN 65536 /* below this many multiply-adds a thread team costs more than it saves */
+#define PK_PREP_PAR_MIN 32768 /* run_jobs prepares jobs on the threads from this many elements of x to quantize */
 
 enum { F_F32 = 0, F_BF16 = 1, F_Q8 = 2, F_Q4 = 3 };
 
@@ -2970,15 +2971,18 @@ static void xpack_group(const pk_job *j, int64_t g, int simd) {
  * step's MoE runs gate and up of 8 experts as 16 one-row jobs on the same h, and each quantized and packed h
  * again (~1 us a job, serially before the parallel region: ~25 us a layer with the packing below). The shared
  * buffers are only read by the kernels; the owner frees them. */
+static int same_x(const pk_job *o, const pk_job *j) {
+    return o->x == j->x && o->n == j->n && o->in == j->in && o->fmt == j->fmt && o->act_asked == j->act_asked &&
+           o->rows == j->rows;
+}
+
 static int job_borrow(pk_job *jobs, int k) {
     pk_job *j = &jobs[k];
     int p;
     if (j->act_asked == A_F32) return 0;
     for (p = 0; p < k; p++) {
         const pk_job *o = &jobs[p];
-        if (o->lent || o->x != j->x || o->n != j->n || o->in != j->in || o->fmt != j->fmt ||
-            o->act_asked != j->act_asked || o->rows != j->rows)
-            continue;
+        if (o->lent || !same_x(o, j)) continue;
         if (o->act == A_F32 || o->xt || o->xb || o->xp || o->nbatch) return 0; /* batch kernels: its own */
         j->act = o->act;
         j->xq = o->xq, j->xqp = o->xqp, j->xq16 = o->xq16, j->xd = o->xd, j->xs = o->xs;
@@ -3031,9 +3035,38 @@ static void run_jobs(pk_job *jobs, int count) {
         }
     }
 #endif
+    {
+        /* Prepare the jobs: first those that quantize their own x (no earlier job on the same x: see job_borrow), on
+         * the threads when there is enough of that work, then the others, which take an earlier job's. Why: a
+         * batched decode step's MoE runs one job per chosen expert with its own rows of x; at 4 sequences ~45 x
+         * quantized a layer took ~60 us on one thread while the other waited. */
+        char fstack[256], *own = count <= 256 ? fstack : (char *)malloc((size_t)count);
+        double work = 0.0;
+        int nown = 0;
+        for (k = 0; k < count; k++) {
+            int p = 0;
+            jobs[k].nb = (jobs[k].in + PK_BLOCK - 1) / PK_BLOCK;
+            if (jobs[k].act_asked != A_F32 && own)
+                for (p = 0; p < k; p++)
+                    if (own[p] && same_x(&jobs[p], &jobs[k])) break; /* an earlier job on the same x */
+            if (own) own[k] = jobs[k].act_asked == A_F32 || p == k;
+            if (!own || own[k]) nown++, work += (double)jobs[k].n * (double)jobs[k].in;
+        }
+        if (own && nth > 1 && nown > 1 && work >= (double)PK_PREP_PAR_MIN) {
+            /* the switches job_prepare reads, read once before the threads (each caches its environment variable) */
+            (void)pk_get_vnni_batch(), (void)pk_get_vnni16_batch(), (void)pk_get_avx512bf16(), (void)pk_get_amx();
+#pragma omp parallel for schedule(dynamic, 1) num_threads(nth)
+            for (k = 0; k < count; k++)
+                if (own[k]) job_prepare(&jobs[k], simd);
+        } else {
+            for (k = 0; k < count; k++)
+                if (!own || own[k]) job_prepare(&jobs[k], simd);
+        }
+        for (k = 0; k < count; k++) /* in order: an earlier job is prepared (or lent) when a later one looks */
+            if (own && !own[k] && !job_borrow(jobs, k)) job_prepare(&jobs[k], simd);
+        if (own != fstack) free(own);
+    }
     for (k = 0; k < count; k++) {
-        jobs[k].nb = (jobs[k].in + PK_BLOCK - 1) / PK_BLOCK;
-        if (!job_borrow(jobs, k)) job_prepare(&jobs[k], simd);
         total += (double)(jobs[k].n > 0 ? jobs[k].n : 1) * (double)(jobs[k].in > 0 ? jobs[k].in : 1) * (double)jobs[k].out;
         rows += jobs[k].out;
     }
