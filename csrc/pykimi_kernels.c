@@ -4479,7 +4479,7 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
     int64_t *nrows = NULL, *first = NULL, *slot = NULL, *goff = NULL;
     float *xg = NULL, *gu = NULL, *ys = NULL;
     pk_job *jobs = NULL;
-    int64_t b, i, tot_rows = 0, tot_gu = 0, njobs = 0;
+    int64_t b, tot_rows = 0, tot_gu = 0, njobs = 0;
     int k, j, rc = 0;
     if (count < 0 || B < 0 || d < 0 || kmax < 0) return -3;
     nrows = (int64_t *)calloc((size_t)count + 1, sizeof(int64_t));
@@ -4559,13 +4559,18 @@ int pk_swiglu_batch(int count, const pk_expert *experts, const float *x, int64_t
         }
         run_jobs(jobs, (int)nj);
     }
-    for (b = 0; b < B; b++) { /* weighted sum per row in its experts' order (as pk_swiglu_sum) */
+    /* weighted sum per row in its experts' order (as pk_swiglu_sum); the rows on the threads (12-19 us a layer at
+     * 4 sequences on one) */
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (B > 1 && pk_get_threads() > 1)
+    for (b = 0; b < B; b++) {
         float *o = out + b * d;
-        for (i = 0; i < d; i++) o[i] = 0.0f;
-        for (j = 0; j < nsel[b]; j++) {
-            const float c = coef[b * kmax + j];
-            const float *y = ys + (first[sel[b * kmax + j]] + slot[b * kmax + j]) * d;
-            for (i = 0; i < d; i++) o[i] += c * y[i];
+        int64_t q;
+        int jj;
+        for (q = 0; q < d; q++) o[q] = 0.0f;
+        for (jj = 0; jj < nsel[b]; jj++) {
+            const float c = coef[b * kmax + jj];
+            const float *y = ys + (first[sel[b * kmax + jj]] + slot[b * kmax + jj]) * d;
+            for (q = 0; q < d; q++) o[q] += c * y[q];
         }
     }
 done:
