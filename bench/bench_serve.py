@@ -143,7 +143,7 @@ def bench_checkpoint(path: str, streams: list, args) -> dict:
                      "experts_per_layer": float(np.median([x["experts_per_layer"] for x in rs]))})
         own = [x["bandwidth_gbs"] for x in rs if x.get("bandwidth_gbs")]
         if own:       # this row's bound from the samples taken right before its own rounds
-            rows[-1]["own_gbs"] = float(np.median(own))
+            rows[-1]["own_gbs"], rows[-1]["own_samples_gbs"] = float(np.median(own)), own
             rows[-1]["own_bound_fraction"] = step_b / (rows[-1]["own_gbs"] * 1e9) / step_s
     base = rows[0]["decode_tps"] if rows else 0.0
     for row in rows:
