@@ -212,6 +212,23 @@ static void *pk_amalloc(size_t bytes) {
 
 #define PK_UP64(b) (((size_t)(b) + 63) & ~(size_t)63) /* bytes rounded up to whole cache lines */
 
+/* In a batch kernel (PK_VN_KERNEL, PK_VW_KERNEL, PK_AB_KERNEL, PK_AW_KERNEL) of job j: the step of R weight rows
+ * from row o, up to row end (rows past it repeat the last one before it: read, not stored). Declares rr (the rows
+ * stored), wr (the rows, as T), nx (the rows R further on, which the step prefetches; past the matrix, its last row)
+ * and sr (their block scales); uses the kernel's r. */
+#define PK_STEP_ROWS(T, end, R)                                                  \
+    const int rr = (end) - o < (R) ? (int)((end) - o) : (R);                     \
+    T wr[R];                                                                     \
+    T nx[R];                                                                     \
+    const float *sr[R];                                                          \
+    for (r = 0; r < (R); r++) {                                                  \
+        const int64_t row = o + (r < rr ? r : rr - 1);                           \
+        const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;      \
+        wr[r] = (T)j->w + row * j->row_bytes;                                    \
+        nx[r] = (T)j->w + on * j->row_bytes;                                     \
+        sr[r] = j->scales + row * j->nb;                                         \
+    }
+
 static void *pk_acalloc(size_t n, size_t size) {
     const size_t bytes = n * size;
     void *p = pk_amalloc(bytes);
@@ -1993,18 +2010,10 @@ static int vnni16_prepare(pk_job *j, int simd) {
         for (ob = o0; ob < o1; ob += 4 * (R)) {                                                           \
         oe = o1 - ob < 4 * (R) ? o1 : ob + 4 * (R);                                                       \
         for (o = ob; o < oe; o += (R)) {                                                                  \
-            const int rr = oe - o < (R) ? (int)(oe - o) : (R);                                            \
-            const char *wr[R], *nx[R];                                                                    \
-            const float *sr[R];                                                                           \
             __m512 acc[R][NV];                                                                            \
-            for (r = 0; r < (R); r++) {                                                                   \
-                const int64_t row = o + (r < rr ? r : rr - 1);                                            \
-                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                       \
-                wr[r] = (const char *)j->w + row * j->row_bytes;                                          \
-                nx[r] = (const char *)j->w + on * j->row_bytes;                                           \
-                sr[r] = j->scales + row * nb;                                                             \
+            PK_STEP_ROWS(const char *, oe, R);                                                            \
+            for (r = 0; r < (R); r++)                                                                     \
                 for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
-            }                                                                                             \
             for (b0 = 0; b0 < nb; b0 += PK_VN_KB) {                                                       \
                 be = nb - b0 < PK_VN_KB ? nb : b0 + PK_VN_KB;                                             \
                 for (r = 0; r < (R); r++) /* decode blocks b0..be of the R rows into wb */                \
@@ -2120,18 +2129,10 @@ PK_VN_KERNEL(vnni_q4_3_avx512, F_Q4, 4, 3)
         for (ob = o0; ob < o1; ob += 4 * (R)) {                                                           \
         oe = o1 - ob < 4 * (R) ? o1 : ob + 4 * (R);                                                       \
         for (o = ob; o < oe; o += (R)) {                                                                  \
-            const int rr = oe - o < (R) ? (int)(oe - o) : (R);                                            \
-            const char *wr[R], *nx[R];                                                                    \
-            const float *sr[R];                                                                           \
             __m512 acc[R][NV];                                                                            \
-            for (r = 0; r < (R); r++) {                                                                   \
-                const int64_t row = o + (r < rr ? r : rr - 1);                                            \
-                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                       \
-                wr[r] = (const char *)j->w + row * j->row_bytes;                                          \
-                nx[r] = (const char *)j->w + on * j->row_bytes;                                           \
-                sr[r] = j->scales + row * nb;                                                             \
+            PK_STEP_ROWS(const char *, oe, R);                                                            \
+            for (r = 0; r < (R); r++)                                                                     \
                 for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
-            }                                                                                             \
             for (b0 = 0; b0 < nb; b0 += PK_VN_KB) {                                                       \
                 be = nb - b0 < PK_VN_KB ? nb : b0 + PK_VN_KB;                                             \
                 for (r = 0; r < (R); r++) /* decode blocks b0..be of the R rows into wb, as int16 */      \
@@ -2289,16 +2290,7 @@ PK_AVX2_INLINE __m256i bcast32(const uint8_t *p) {
         int64_t o, b0, be, b, v, t;                                                                         \
         int r, u, qd;                                                                                       \
         for (o = o0; o < o1; o += (R)) {                                                                    \
-            const int rr = o1 - o < (R) ? (int)(o1 - o) : (R);                                              \
-            const uint8_t *wr[R], *nx[R];                                                                   \
-            const float *sr[R];                                                                             \
-            for (r = 0; r < (R); r++) {                                                                     \
-                const int64_t row = o + (r < rr ? r : rr - 1);                                              \
-                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                         \
-                wr[r] = (const uint8_t *)j->w + row * j->row_bytes;                                         \
-                nx[r] = (const uint8_t *)j->w + on * j->row_bytes;                                          \
-                sr[r] = j->scales + row * nb;                                                               \
-            }                                                                                               \
+            PK_STEP_ROWS(const uint8_t *, o1, R);                                                           \
             for (b0 = 0; b0 < nb; b0 += PK_AB_KB) {                                                         \
                 be = nb - b0 < PK_AB_KB ? nb : b0 + PK_AB_KB;                                               \
                 for (r = 0; r < (R); r++) { /* decode blocks b0..be of the R rows */                        \
@@ -2480,16 +2472,7 @@ static int64_t avx2b_split(const pk_job *j) {
         int64_t o, b0, be, b, v, t;                                                                                  \
         int r, u, pr;                                                                                                \
         for (o = o0; o < o1; o += (R)) {                                                                             \
-            const int rr = o1 - o < (R) ? (int)(o1 - o) : (R);                                                       \
-            const int8_t *wr[R], *nx[R];                                                                             \
-            const float *sr[R];                                                                                      \
-            for (r = 0; r < (R); r++) {                                                                              \
-                const int64_t row = o + (r < rr ? r : rr - 1);                                                       \
-                const int64_t on = o + (R) + r < j->out ? o + (R) + r : j->out - 1;                                  \
-                wr[r] = (const int8_t *)j->w + row * j->row_bytes;                                                   \
-                nx[r] = (const int8_t *)j->w + on * j->row_bytes;                                                    \
-                sr[r] = j->scales + row * nb;                                                                        \
-            }                                                                                                        \
+            PK_STEP_ROWS(const int8_t *, o1, R);                                                                     \
             for (b0 = 0; b0 < nb; b0 += PK_AW_KB) {                                                                  \
                 be = nb - b0 < PK_AW_KB ? nb : b0 + PK_AW_KB;                                                        \
                 for (r = 0; r < (R); r++) /* widen blocks b0..be of the R rows to int16 */                           \
