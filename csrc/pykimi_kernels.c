@@ -1315,7 +1315,7 @@ typedef struct {
     float *xcor;      /* per block -8 * xd * sum(x block) (Q4, AVX-512 level) */
     float *xt;        /* x transposed and zero-padded, [in][16 * ceil(n / 16)] (bf16 batches, AVX-512) */
     uint16_t *xb;     /* x as AMX B tiles, bf16 high and low parts (bf16 batches, AMX; see amx_prepare) */
-    uint32_t *xp;     /* x rounded to bf16 as pairs, per group of 64 rows (A_BF16; see bf16a_prepare) */
+    uint32_t *xp;     /* x rounded to bf16 as pairs, per group of 64 rows (A_BF16; see bf16a_pack_group) */
     int xp_shared;    /* ... xp is a slice of run_jobs' buffer (not freed with the job) */
     int act_asked;    /* act as job_set got it (job_prepare may change act) */
     void *abuf;       /* the one allocation xq .. xcor are slices of */
@@ -1692,17 +1692,6 @@ static int bf16a_takes(const pk_job *j, int simd) {
            pk_get_avx512bf16();
 }
 
-/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
-static int bf16a_prepare(pk_job *j) {
-    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
-    int64_t g;
-    if (!j->xp) j->xp = (uint32_t *)pk_amalloc(sizeof(uint32_t) * (size_t)bf16a_elems(j));
-    if (!j->xp) return 0;
-#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
-    for (g = 0; g < ng; g++) bf16a_pack_group(j, g);
-    return 1;
-}
-
 /* Weight rows [o0, o1) against rows t0 .. t0 + nn of x (nn <= 16 NV, all in one group of 64, t0 any multiple of 16
  * in it: its lanes start at t0 % 64): blocks of R weight rows, R x NV
  * accumulators of 16 rows of x each; per pair p, NV loads of x pairs, R broadcasts of a stored weight pair,
@@ -1905,17 +1894,6 @@ static void vnni_pack_group(const pk_job *j, int64_t g, int simd) {
     free(d);
 }
 
-/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
-static int vnni_prepare(pk_job *j, int simd) {
-    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
-    int64_t g;
-    if (!j->xp) j->xp = (uint32_t *)pk_amalloc(sizeof(uint32_t) * (size_t)vnni_elems(j));
-    if (!j->xp) return 0;
-#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
-    for (g = 0; g < ng; g++) vnni_pack_group(j, g, simd);
-    return 1;
-}
-
 /* The int16 batch kernels' packed x (PK_VW_KERNEL at the AVX-512 level, PK_AW_KERNEL at the AVX2 level: one layout,
  * which the AVX2 kernel reads 8 lanes at a time). uint32 elements of one packed group: [nb * 16 pairs][gw lanes] of
  * x, [nb][gw] f32 scales (stride 64 lanes between groups, gw = 16 * ceil(rows in the group / 16) inside one). */
@@ -1972,16 +1950,6 @@ static void vnni16_pack_group(const pk_job *j, int64_t g, int simd) {
     free(d);
 }
 
-/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation); 0 when there is no memory. */
-static int vnni16_prepare(pk_job *j, int simd) {
-    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
-    int64_t g;
-    if (!j->xp) j->xp = (uint32_t *)pk_amalloc(sizeof(uint32_t) * (size_t)vnni16_elems(j));
-    if (!j->xp) return 0;
-#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
-    for (g = 0; g < ng; g++) vnni16_pack_group(j, g, simd);
-    return 1;
-}
 #endif
 
 #if PK_HAVE_AVX512
@@ -2580,8 +2548,52 @@ static int64_t avx2w_split(const pk_job *j) {
 }
 #endif
 
-/* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
- * failure fall back to the f32 path. */
+#if PK_X86
+/* Jobs whose x is packed per group of 64 rows (xp): the AVX512_BF16 kernel's and the int8 and int16 batch
+ * kernels'. */
+static int xpack_takes(const pk_job *j, int simd) {
+#if PK_HAVE_AVX512BF16
+    if (bf16a_takes(j, simd)) return 1;
+#endif
+    if (vnni16_takes(j, simd)) return 1;
+    return vnni_takes(j, simd);
+}
+
+static int64_t xpack_elems(const pk_job *j) {
+#if PK_HAVE_AVX512BF16
+    if (j->fmt == F_BF16) return bf16a_elems(j);
+#endif
+    if (j->act == A_I16) return vnni16_elems(j);
+    return vnni_elems(j);
+}
+
+static void xpack_group(const pk_job *j, int64_t g, int simd) {
+#if PK_HAVE_AVX512BF16
+    if (j->fmt == F_BF16) {
+        bf16a_pack_group(j, g);
+        return;
+    }
+#endif
+    if (j->act == A_I16) {
+        vnni16_pack_group(j, g, simd);
+        return;
+    }
+    vnni_pack_group(j, g, simd);
+}
+
+/* Pack x into j->xp (a slice run_jobs handed over, else its own allocation) for the batch kernel xpack_takes names;
+ * 0 when there is no memory. */
+static int xpack_prepare(pk_job *j, int simd) {
+    const int64_t ng = (j->n + PK_TN_GROUP - 1) / PK_TN_GROUP;
+    int64_t g;
+    if (!j->xp) j->xp = (uint32_t *)pk_amalloc(sizeof(uint32_t) * (size_t)xpack_elems(j));
+    if (!j->xp) return 0;
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (ng > 1)
+    for (g = 0; g < ng; g++) xpack_group(j, g, simd);
+    return 1;
+}
+#endif
+
 #if PK_HAVE_AVX512
 /* One row of x in row_q4a_avx512's order: per group g of 4 blocks, the even elements of blocks 0..3 (16 bytes
  * each) then their odd ones, and xcor[b] = -8 * sum(block b) * xd[b]. Why vector code: the byte loop it replaces
@@ -2612,6 +2624,8 @@ static PK_AVX512 void q4a_pack_avx512(const int8_t *xr, const float *xd, int64_t
 }
 #endif
 
+/* Quantize the activations the job's mode needs, in the layout the level's Q4 kernel reads; on allocation
+ * failure fall back to the f32 path. */
 static void job_prepare(pk_job *j, int simd) {
     const int64_t nb = j->nb, len = j->n * nb * PK_BLOCK;
     int64_t r0 = 0; /* the first row of x the row kernels take (> 0: the rest of an AVX2 int8 batch job) */
@@ -2619,20 +2633,20 @@ static void job_prepare(pk_job *j, int simd) {
         /* bf16 activations where the AVX512_BF16 kernel takes the job (bf16a_takes); otherwise -- or without
          * memory -- the exact f32 product */
 #if PK_HAVE_AVX512BF16
-        if (bf16a_takes(j, simd) && (j->xp_shared || bf16a_prepare(j))) return; /* xp_shared: packed by run_jobs */
+        if (bf16a_takes(j, simd) && (j->xp_shared || xpack_prepare(j, simd))) return; /* xp_shared: packed by run_jobs */
 #endif
         j->act = A_F32;
     }
     if (j->fmt != F_Q8 && j->fmt != F_Q4) j->act = A_F32;
     if (j->fmt == F_Q4 && j->act == A_I16) j->act = A_I8; /* no int16 x int4 kernel: int8 it is */
 #if PK_X86
-    if (vnni_takes(j, simd) && (j->xp_shared || vnni_prepare(j, simd))) { /* xp_shared: packed by run_jobs */
+    if (vnni_takes(j, simd) && (j->xp_shared || xpack_prepare(j, simd))) { /* xp_shared: packed by run_jobs */
         if (simd >= 2) return;
         j->nbatch = avx2b_split(j);
         if (j->nbatch == j->n) return;
         r0 = j->nbatch; /* AVX2: the rows past nbatch on the row kernels, their activations quantized below */
     }
-    if (vnni16_takes(j, simd) && (j->xp_shared || vnni16_prepare(j, simd))) { /* xp_shared: run_jobs packed it */
+    if (vnni16_takes(j, simd) && (j->xp_shared || xpack_prepare(j, simd))) { /* xp_shared: run_jobs packed it */
 #if PK_HAVE_AVX512
         j->nbatch = simd >= 2 ? vnni16_split(j) : avx2w_split(j);
 #else
@@ -2916,38 +2930,6 @@ static void jobs_cost_range(const pk_job *jobs, int count, double a, double b, i
     }
 }
 
-#if PK_X86
-/* Jobs whose x is packed per group of 64 rows (xp): the AVX512_BF16 kernel's and the int8 batch kernels'. */
-static int xpack_takes(const pk_job *j, int simd) {
-#if PK_HAVE_AVX512BF16
-    if (bf16a_takes(j, simd)) return 1;
-#endif
-    if (vnni16_takes(j, simd)) return 1;
-    return vnni_takes(j, simd);
-}
-
-static int64_t xpack_elems(const pk_job *j) {
-#if PK_HAVE_AVX512BF16
-    if (j->fmt == F_BF16) return bf16a_elems(j);
-#endif
-    if (j->act == A_I16) return vnni16_elems(j);
-    return vnni_elems(j);
-}
-
-static void xpack_group(const pk_job *j, int64_t g, int simd) {
-#if PK_HAVE_AVX512BF16
-    if (j->fmt == F_BF16) {
-        bf16a_pack_group(j, g);
-        return;
-    }
-#endif
-    if (j->act == A_I16) {
-        vnni16_pack_group(j, g, simd);
-        return;
-    }
-    vnni_pack_group(j, g, simd);
-}
-#endif
 
 /* Give jobs[k] the quantized activations of an earlier job prepared from the same x (the same rows, width, format
  * and mode: job_prepare's result depends on nothing else) that took the row kernels; 1 when it did. Why: a decode
