@@ -10,8 +10,8 @@
  *  - For a small batch (n up to ~32 rows of x) the same weight row is reused for a tile of up to PK_NT
  *    rows of x: the row is decoded once per tile, and a block of PK_RB rows stays in L1/L2 between tiles,
  *    so memory traffic is still one pass over W.  (Large n goes to BLAS on widened tiles instead; see
- *    kernels/__init__.py.)  bf16 and Q8 at the AVX-512 level with 12 (Q8: 24) to 128 rows of x (a
- *    prefill's tokens per expert) vectorise over the rows of x instead (bf16_tn_avx512; Q8 with f32
+ *    kernels/__init__.py.)  bf16 from 12 rows of x and Q8 with 24 to 128 at the AVX-512 level (a prefill's
+ *    tokens per expert, a dense prefill) vectorise over the rows of x instead (bf16_tn_avx512; Q8 with f32
  *    activations only, the exact product -- kernels/__init__.py asks for it in that range).
  *  - OpenMP splits the output rows (by cost, across all matrices of one call -- see "the drivers"): each
  *    thread streams its own contiguous slab of W, and a call pays one fork/join however many matrices.
@@ -120,8 +120,10 @@
 #define PK_NT 4          /* rows of x sharing one decoded weight row */
 #define PK_TN_MIN 12     /* bf16, AVX-512: from this many rows of x, the batch-vectorised kernel */
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
-#define PK_TN_MAX 128    /* ... up to this many, in groups of PK_TN_GROUP rows (4 vectors of 16) */
+#define PK_TN_MAX 128    /* ... Q8 up to this many (bf16 however many), in groups of PK_TN_GROUP rows (4 vectors of 16) */
 #define PK_TN_GROUP 64
+#define PK_BD_XPF 128  /* elements of a row of x the x packings prefetch ahead (bf16a_pack_group, tr_cols): 60
+                          jobs of 64 rows from DRAM 12.6 -> 4.3 ms (256: 5.0) */
 #define PK_BF16A_MIN 8   /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
 #ifndef PK_VNNI_MIN_Q8     /* (-D for measurements only: linear.C_VNNI_MIN must agree) */
 #define PK_VNNI_MIN_Q8 8  /* int8 activations (A_I8), AVX-512: the VNNI batch kernel from this many rows (linear.py */
@@ -928,6 +930,58 @@ PK_AVX512_INLINE __m512 bf16x16(const uint16_t *p) {
 /* 16 int8 -> 16 f32 */
 PK_AVX512_INLINE __m512 i8x16(__m128i v) { return _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(v)); }
 
+/* The 16 x 16 block r (r[i] = row i) transposed in place (r[c] = column c): 32-bit interleave of row pairs, 64-bit
+ * interleave of those within 128-bit lanes (u[4 q + j] = rows 4 q .. 4 q + 3 of the columns 4 L + j, lane L), then
+ * the 128-bit lanes gathered per column (vshuff32x4 0x88: lanes 0, 2 of a and of b; 0xDD: lanes 1, 3). */
+PK_AVX512_INLINE void tr16x16(__m512 r[16]) {
+    __m512 t[16], u[16];
+    int i, q, jj;
+    for (i = 0; i < 8; i++) {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);     /* per lane: a0 b0 a1 b1 */
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]); /* a2 b2 a3 b3 */
+    }
+    for (q = 0; q < 4; q++) {
+        u[4 * q] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0x44);         /* a0 b0 c0 d0 */
+        u[4 * q + 1] = _mm512_shuffle_ps(t[4 * q], t[4 * q + 2], 0xEE);     /* a1 b1 c1 d1 */
+        u[4 * q + 2] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0x44); /* a2 b2 c2 d2 */
+        u[4 * q + 3] = _mm512_shuffle_ps(t[4 * q + 1], t[4 * q + 3], 0xEE); /* a3 b3 c3 d3 */
+    }
+    for (jj = 0; jj < 4; jj++) {
+        const __m512 v = _mm512_shuffle_f32x4(u[jj], u[4 + jj], 0x88), w = _mm512_shuffle_f32x4(u[jj], u[4 + jj], 0xDD);
+        const __m512 v2 = _mm512_shuffle_f32x4(u[8 + jj], u[12 + jj], 0x88);
+        const __m512 w2 = _mm512_shuffle_f32x4(u[8 + jj], u[12 + jj], 0xDD);
+        r[jj] = _mm512_shuffle_f32x4(v, v2, 0x88);
+        r[8 + jj] = _mm512_shuffle_f32x4(v, v2, 0xDD);
+        r[4 + jj] = _mm512_shuffle_f32x4(w, w2, 0x88);
+        r[12 + jj] = _mm512_shuffle_f32x4(w, w2, 0xDD);
+    }
+}
+
+/* dst[c * gw + t] = src[t * stride + c] (32-bit elements) for the rows t < gw (a multiple of 16; the rows from nrows
+ * on as zeros) and the columns c < ncols: 16 x 16 blocks transposed in registers, each column's 16 rows stored as
+ * one line (a batch kernel's packed x: the columns are k, or k-pairs / k-quads of x's codes, the rows its rows).
+ * Why not element by element: the rows of x are a power of two apart (2048 int16 = 4 KiB), so a loop down one
+ * column touched 64 lines of one L1 set; the int16 packing of 512 x 2048 took ~0.5 ms on 2 threads, a tenth of the
+ * product. The rows are prefetched PK_BD_XPF elements ahead (x may come from DRAM). */
+static PK_AVX512 void tr_cols(const uint32_t *src, int64_t stride, int64_t nrows, int64_t gw, int64_t ncols,
+                              uint32_t *dst) {
+    int64_t tb, c0;
+    int i;
+    for (tb = 0; tb < gw; tb += 16)
+        for (c0 = 0; c0 < ncols; c0 += 16) {
+            const int64_t left = ncols - c0, cols = left < 16 ? left : 16;
+            const __mmask16 m = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
+            __m512 r[16];
+            for (i = 0; i < 16; i++) {
+                const uint32_t *sr = src + (tb + i) * stride + c0;
+                if (tb + i < nrows && left > 2 * PK_BD_XPF) _mm_prefetch((const char *)(sr + PK_BD_XPF), _MM_HINT_T0);
+                r[i] = tb + i < nrows ? _mm512_castsi512_ps(_mm512_maskz_loadu_epi32(m, sr)) : _mm512_setzero_ps();
+            }
+            tr16x16(r);
+            for (i = 0; i < cols; i++) _mm512_storeu_ps((float *)dst + (c0 + i) * gw + tb, r[i]);
+        }
+}
+
 /* Full block `blk` (32 weights) of one row into d[0..1], scale folded in (see decode32). */
 PK_AVX512_INLINE void decode32_512(int fmt, const void *w, const float *sc, int64_t blk, __m512 d[2]) {
     if (fmt == F_F32) {
@@ -1313,9 +1367,9 @@ typedef struct {
     int32_t *xs;      /* per-block sums of int8 activations (Q4 offset, AVX2 level) */
     float *xds;       /* per block [xd, xd, xd, xd] (Q4, AVX-512 level; see row_q4a_avx512) */
     float *xcor;      /* per block -8 * xd * sum(x block) (Q4, AVX-512 level) */
-    float *xt;        /* x transposed and zero-padded, [in][16 * ceil(n / 16)] (bf16 batches, AVX-512) */
     uint16_t *xb;     /* x as AMX B tiles, bf16 high and low parts (bf16 batches, AMX; see amx_prepare) */
-    uint32_t *xp;     /* x rounded to bf16 as pairs, per group of 64 rows (A_BF16; see bf16a_pack_group) */
+    uint32_t *xp;     /* x packed per group of 64 rows for a batch kernel (xpack_takes): bf16 pairs (A_BF16,
+                         bf16a_pack_group), int8 / int16 lanes, f32 columns (A_F32, tn_pack_group) */
     int xp_shared;    /* ... xp is a slice of run_jobs' buffer (not freed with the job) */
     int act_asked;    /* act as job_set got it (job_prepare may change act) */
     void *abuf;       /* the one allocation xq .. xcor are slices of */
@@ -1327,8 +1381,6 @@ typedef struct {
 } pk_job;
 
 static void job_free(pk_job *j) {
-    free(j->xt);
-    j->xt = NULL;
     free(j->xb);
     j->xb = NULL;
     if (!j->xp_shared) free(j->xp);
@@ -1645,35 +1697,38 @@ static void rows_by_group(const pk_job *j, int64_t o0, int64_t o1, const pk_grou
  * rows] array the kernel's loads for consecutive pairs are 4 n bytes apart, a power of two at 512 rows (2 KiB)
  * that maps the group's x onto 1/8 of the L2 sets, so it streamed from L3: 512 rows ran at 412 GFLOP/s against
  * 826 at 64 rows ([1408, 2048], 2 threads; a group now is one contiguous block read at 256-byte steps).
- * 32 elements of a row at a time: one conversion (vcvtne2ps2bf16), its 16 pairs scattered down the group's
- * rows; rows inner, so the 16 lines written stay in L1 (row-outer, packing 512 x 2048 took 2.4 ms, a third of
- * the product). Groups are shared between the threads. Returns 0 (nothing allocated) when there is no memory. */
-/* floats of a row of x the packing prefetches ahead: 60 jobs of 64 rows from DRAM 12.6 -> 4.3 ms (256: 5.0) */
-#define PK_BD_XPF 128
+ * 32 elements of a row at a time: one conversion (vcvtne2ps2bf16) gives its 16 pairs; 16 rows' worth transposed
+ * in registers (tr16x16) and each pair's 16 rows stored as one line. (Rows inner, the 16 pairs scattered down the
+ * group's rows: 512 x 2048 took ~0.12 ms on 2 threads, a 16-element scatter ~50 cycles on AMD Zen 5; row-outer,
+ * before that, 2.4 ms, a third of the product.) Groups are shared between the threads. */
 static PK_AVX512BF16 void bf16a_pack_group(const pk_job *j, int64_t g) {
     const int64_t in = j->in, np = (in + 1) / 2, t0 = g * PK_TN_GROUP;
     const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
-    const __m512i idx = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0),
-                                           _mm512_set1_epi32((int)gw)); /* pair p -> u32 offset p * gw */
     uint32_t *xg = j->xp + g * np * PK_TN_GROUP;
-    int64_t t, k0, p;
-    if (nn < gw)
-        for (p = 0; p < np; p++) memset(xg + p * gw + nn, 0, sizeof(uint32_t) * (size_t)(gw - nn)); /* pad rows */
-    for (k0 = 0; k0 < in; k0 += 32) {
-        const int64_t left = in - k0, pairs = left >= 32 ? 16 : (left + 1) / 2;
-        const __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
-        const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
-        for (t = 0; t < nn; t++) {
-            const float *xr = j->x + (t0 + t) * in + k0;
-            const __m512 a = _mm512_maskz_loadu_ps(m0, xr), b = _mm512_maskz_loadu_ps(m1, xr + 16);
-            if (left > PK_BD_XPF + 32) { /* the rows are read 128 bytes at a time, 64 streams: prefetch them */
-                _mm_prefetch((const char *)(xr + PK_BD_XPF), _MM_HINT_T0);
-                _mm_prefetch((const char *)(xr + PK_BD_XPF + 16), _MM_HINT_T0);
+    int64_t tb, k0;
+    int i;
+    for (tb = 0; tb < nn; tb += 16)
+        for (k0 = 0; k0 < in; k0 += 32) {
+            const int64_t left = in - k0, pairs = left >= 32 ? 16 : (left + 1) / 2;
+            const __mmask16 m0 = left >= 16 ? 0xFFFF : (__mmask16)((1u << left) - 1u);
+            const __mmask16 m1 = left >= 32 ? 0xFFFF : left <= 16 ? 0 : (__mmask16)((1u << (left - 16)) - 1u);
+            __m512 r[16];
+            for (i = 0; i < 16; i++) {
+                const float *xr = j->x + (t0 + tb + i) * in + k0;
+                if (tb + i < nn) {
+                    const __m512 a = _mm512_maskz_loadu_ps(m0, xr), b = _mm512_maskz_loadu_ps(m1, xr + 16);
+                    if (left > PK_BD_XPF + 32) { /* 16 rows read 128 bytes at a time: prefetch them */
+                        _mm_prefetch((const char *)(xr + PK_BD_XPF), _MM_HINT_T0);
+                        _mm_prefetch((const char *)(xr + PK_BD_XPF + 16), _MM_HINT_T0);
+                    }
+                    r[i] = (__m512)_mm512_cvtne2ps_pbh(b, a); /* words 0..15 from a, 16..31 from b */
+                } else {
+                    r[i] = _mm512_setzero_ps(); /* the pad rows */
+                }
             }
-            const __m512i pr = (__m512i)_mm512_cvtne2ps_pbh(b, a); /* words 0..15 from a, 16..31 from b */
-            _mm512_mask_i32scatter_epi32(xg + (k0 / 2) * gw + t, (__mmask16)((1u << pairs) - 1u), idx, pr, 4);
+            tr16x16(r); /* r[p] = pair k0 / 2 + p of the 16 rows */
+            for (i = 0; i < pairs; i++) _mm512_storeu_ps((float *)xg + (k0 / 2 + i) * gw + tb, r[i]);
         }
-    }
 }
 
 /* uint32 elements of a job's packed x (whole groups of 64 rows). */
@@ -1834,6 +1889,23 @@ static void q4_even_odd(int8_t *blk) {
     memcpy(blk, tmp, sizeof tmp);
 }
 
+/* dst[c * gw + t] = src[t * cols + c] (32-bit elements), rows t < gw, columns c < cols: the packed x of the int8 and
+ * int16 batch kernels from the rows' codes; tr_cols at the AVX-512 level, else a column at a time (rows inner, the
+ * writes contiguous). */
+static void pack_cols(int simd, const uint32_t *src, int64_t cols, int64_t gw, uint32_t *dst) {
+    int64_t c, t;
+#if PK_HAVE_AVX512
+    if (simd >= 2) {
+        tr_cols(src, cols, gw, gw, cols, dst);
+        return;
+    }
+#else
+    (void)simd;
+#endif
+    for (c = 0; c < cols; c++)
+        for (t = 0; t < gw; t++) memcpy(dst + c * gw + t, src + t * cols + c, 4);
+}
+
 /* Quantize and pack the rows of group g (the job's xp must be allocated): rows quantized one at a time into q /
  * d (quant_act_level: bit for bit the row kernels' codes and scales), then transposed into the group (Q4 at the
  * AVX2 level: each block in q4_even_odd order). */
@@ -1878,12 +1950,9 @@ static void vnni_pack_group(const pk_job *j, int64_t g, int simd) {
     quant_act_level(simd, j->x + t0 * in, nn, in, q, d);
     if (eo)
         for (t = 0; t < nn * nb; t++) q4_even_odd(q + t * PK_BLOCK);
-    for (p = 0; p < nb * 8; p++) { /* quad p of every row: rows inner, the writes contiguous */
-        uint32_t *dst = xg + p * gw;
-        for (t = 0; t < gw; t++) memcpy(dst + t, q + t * nb * PK_BLOCK + 4 * p, 4);
-    }
-    for (b = 0; b < nb; b++)
-        for (t = 0; t < gw; t++) {
+    pack_cols(simd, (const uint32_t *)q, nb * 8, gw, xg); /* quad p of row t -> xg[p * gw + t] */
+    for (t = 0; t < gw; t++) /* rows outer: q read in order (its rows are a power of two apart) */
+        for (b = 0; b < nb; b++) {
             const int8_t *src = q + t * nb * PK_BLOCK + b * PK_BLOCK;
             int32_t s = 0;
             for (e = 0; e < PK_BLOCK; e++) s += src[e];
@@ -1940,12 +2009,9 @@ static void vnni16_pack_group(const pk_job *j, int64_t g, int simd) {
     memset(q + nn * nb * PK_BLOCK, 0, sizeof(int16_t) * (size_t)((gw - nn) * nb * PK_BLOCK));
     for (t = nn * nb; t < gw * nb; t++) d[t] = 0.0f;
     quant_act16_level(simd, j->x + t0 * in, nn, in, q, d);
-    for (p = 0; p < nb * 16; p++) { /* pair p of every row: rows inner, the writes contiguous */
-        uint32_t *dst = xg + p * gw;
-        for (t = 0; t < gw; t++) memcpy(dst + t, q + t * nb * PK_BLOCK + 2 * p, 4);
-    }
-    for (b = 0; b < nb; b++)
-        for (t = 0; t < gw; t++) dg[b * gw + t] = d[t * nb + b];
+    pack_cols(simd, (const uint32_t *)q, nb * 16, gw, xg); /* pair p of row t -> xg[p * gw + t] */
+    for (t = 0; t < gw; t++)
+        for (b = 0; b < nb; b++) dg[b * gw + t] = d[t * nb + b];
     free(q);
     free(d);
 }
@@ -2548,18 +2614,53 @@ static int64_t avx2w_split(const pk_job *j) {
 }
 #endif
 
+#if PK_HAVE_AVX512
+/* Whether job j runs the exact batch kernel bf16_tn_avx512 (f32 activations): bf16 weights from PK_TN_MIN rows of
+ * x, Q8_32 from PK_TN_MIN_Q8 to PK_TN_MAX, at the AVX-512 level, unless AMX takes it (amx_prepare, job_prepare). */
+static int tn_takes(const pk_job *j, int simd) {
+    if (simd < 2 || j->rows || j->act != A_F32 || j->in <= 0) return 0;
+#if PK_HAVE_AMX
+    if (j->n >= PK_AMX_MIN && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->n >= PK_AMX_MIN_Q8)) && pk_get_amx())
+        return 0;
+#endif
+    return j->fmt == F_BF16 ? j->n >= PK_TN_MIN : j->fmt == F_Q8 && j->n >= PK_TN_MIN_Q8 && j->n <= PK_TN_MAX;
+}
+
+/* floats of a job's packed x: in columns of 64 rows per group (the last group padded to 64 too) */
+static int64_t tn_elems(const pk_job *j) { return j->in * PK_TN_GROUP * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP); }
+
+/* j->xp as floats = x per group of PK_TN_GROUP (64) rows: group g at g * in * 64, laid out [in][16 lanes per 16 rows
+ * of the group], rows past n zero. Why per group (it was one [in][16 * ceil(n / 16)] array, transposed by a scalar
+ * loop before the threads started): the kernel's loads for consecutive k were 4 * 16 ceil(n / 16) bytes apart, 512
+ * at 128 rows, and the group's x spread over twice the lines; [1408, 2048] on 2 threads ran 407 GFLOP/s at 64 rows
+ * but 276 at 128 (and the widened tiles + sgemm, 210-220, took over from 113 rows). tr_cols: rows past n as zeros
+ * (the pad). (Scattering each row's 16 elements down the columns instead took ~0.9 ms for 512 x 2048 on 2
+ * threads, 12 % of the product: a 16-element scatter costs ~50 cycles on AMD Zen 5.) */
+static void tn_pack_group(const pk_job *j, int64_t g) {
+    const int64_t in = j->in, t0 = g * PK_TN_GROUP;
+    const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
+    tr_cols((const uint32_t *)(j->x + t0 * in), in, nn, gw, in, j->xp + g * in * PK_TN_GROUP);
+}
+#endif
+
 #if PK_X86
-/* Jobs whose x is packed per group of 64 rows (xp): the AVX512_BF16 kernel's and the int8 and int16 batch
- * kernels'. */
+/* Jobs whose x is packed per group of 64 rows (xp): the AVX512_BF16 kernel's, the exact bf16 / Q8 batch kernel's
+ * (f32 columns) and the int8 and int16 batch kernels'. */
 static int xpack_takes(const pk_job *j, int simd) {
 #if PK_HAVE_AVX512BF16
     if (bf16a_takes(j, simd)) return 1;
+#endif
+#if PK_HAVE_AVX512
+    if (tn_takes(j, simd)) return 1;
 #endif
     if (vnni16_takes(j, simd)) return 1;
     return vnni_takes(j, simd);
 }
 
 static int64_t xpack_elems(const pk_job *j) {
+#if PK_HAVE_AVX512
+    if (j->act == A_F32) return tn_elems(j);
+#endif
 #if PK_HAVE_AVX512BF16
     if (j->fmt == F_BF16) return bf16a_elems(j);
 #endif
@@ -2568,6 +2669,12 @@ static int64_t xpack_elems(const pk_job *j) {
 }
 
 static void xpack_group(const pk_job *j, int64_t g, int simd) {
+#if PK_HAVE_AVX512
+    if (j->act == A_F32) {
+        tn_pack_group(j, g);
+        return;
+    }
+#endif
 #if PK_HAVE_AVX512BF16
     if (j->fmt == F_BF16) {
         bf16a_pack_group(j, g);
@@ -2662,16 +2769,7 @@ static void job_prepare(pk_job *j, int simd) {
         return;
 #endif
 #if PK_HAVE_AVX512
-    if (simd >= 2 && !j->rows && j->act == A_F32 && j->n <= PK_TN_MAX && j->in > 0 &&
-        j->n >= (j->fmt == F_BF16 ? PK_TN_MIN : j->fmt == F_Q8 ? PK_TN_MIN_Q8 : PK_TN_MAX + 1)) {
-        const int64_t w16 = 16 * ((j->n + 15) / 16);
-        j->xt = (float *)pk_acalloc((size_t)(j->in * w16), sizeof(float)); /* NULL: the row kernels run */
-        if (j->xt) {
-            int64_t t, k;
-            for (t = 0; t < j->n; t++)
-                for (k = 0; k < j->in; k++) j->xt[k * w16 + t] = j->x[t * j->in + k];
-        }
-    }
+    if (tn_takes(j, simd) && (j->xp_shared || xpack_prepare(j, simd))) return; /* no memory: the row kernels */
 #endif
     if (j->act == A_F32) return;
     {
@@ -2754,23 +2852,32 @@ fail:
 #define PK_RB 16 /* weight rows per tile: amortises the call, and stays in L1/L2 for the next x tile */
 
 #if PK_HAVE_AVX512
-/* bf16 (12..128 rows of x) or Q8_32 (24..128) weights x a batch (prefill: the tokens one expert got). The
- * row kernels above load a vector of x for every FMA and decode each weight row once per 4 rows of x; here
- * the batch is vectorised instead: x is transposed once per call (j->xt: [in][16 lanes per group of 16
- * rows of x]), a block of R weight rows is decoded to f32 KC columns at a time into an L1 buffer, and each
- * weight is broadcast against 16 rows of x per FMA, with R x NV accumulators of 16 lanes (NV = rows of x
+/* bf16 (from 12 rows of x) or Q8_32 (24..128) weights x a batch (prefill: the tokens one expert got, or a dense
+ * projection's). The row kernels above load a vector of x for every FMA and decode each weight row once per 4 rows
+ * of x; here the batch is vectorised instead: x is packed once per call (tn_pack_group: per group of 64 rows,
+ * [in][16 lanes per 16 rows]), a block of R weight rows is decoded to f32 KC columns at a time into an L1 buffer,
+ * and each weight is broadcast against 16 rows of x per FMA, with R x NV accumulators of 16 lanes (NV = rows of x
  * / 16, at most 4 per group of 64 rows).
- * Per (row of x, weight row) the products are summed in k order in one f32 chain. */
+ * Per (row of x, weight row) the products are summed in k order in one f32 chain.
+ * Results go through yb as in PK_BD_KERNEL (4 R weight rows x the group's rows of x, a masked scatter per
+ * accumulator, then into y a row of x at a time): stored straight into y, a block's values for one row of x
+ * landed 4 * out bytes apart, for out = 2048 all in one L1 set ([2048, 1408] ran 270 GFLOP/s at 64 rows against
+ * 407 for [1408, 2048]). */
 
 #define PK_TN_KERNEL(NAME, R, NV)                                                                          \
     static PK_AVX512 void NAME(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {         \
-        const int64_t in = j->in, w16 = 16 * ((j->n + 15) / 16);                                          \
+        const int64_t in = j->in, gw = 16 * ((nn + 15) / 16);                                             \
+        const float *xg = (const float *)j->xp + (t0 / PK_TN_GROUP) * in * PK_TN_GROUP; /* t0's group */  \
         float wbuf[(R) * PK_KC] __attribute__((aligned(64)));                                             \
-        float tmp[16] __attribute__((aligned(64)));                                                       \
-        int64_t o, k0, k, t;                                                                              \
+        float yb[16 * (NV) * 4 * (R)] __attribute__((aligned(64))); /* [rows of x][4 R weight rows] */     \
+        const __m512i yi = _mm512_mullo_epi32(_mm512_set_epi32(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0), \
+                                              _mm512_set1_epi32(4 * (R)));                                \
+        int64_t o, ob, oe, k0, k, t;                                                                      \
         int r, v;                                                                                         \
-        for (o = o0; o < o1; o += (R)) {                                                                  \
-            const int rr = o1 - o < (R) ? (int)(o1 - o) : (R);                                            \
+        for (ob = o0; ob < o1; ob += 4 * (R)) {                                                           \
+        oe = o1 - ob < 4 * (R) ? o1 : ob + 4 * (R);                                                       \
+        for (o = ob; o < oe; o += (R)) {                                                                  \
+            const int rr = oe - o < (R) ? (int)(oe - o) : (R);                                            \
             __m512 acc[R][NV];                                                                            \
             for (r = 0; r < (R); r++)                                                                     \
                 for (v = 0; v < (NV); v++) acc[r][v] = _mm512_setzero_ps();                               \
@@ -2802,20 +2909,19 @@ fail:
                     }                                                                                     \
                 }                                                                                         \
                 for (k = 0; k < kc; k++) {                                                                \
-                    const float *xk = j->xt + (k0 + k) * w16 + t0;                                        \
+                    const float *xk = xg + (k0 + k) * gw;                                                 \
                     __m512 xv[NV];                                                                        \
-                    for (v = 0; v < (NV); v++) xv[v] = _mm512_loadu_ps(xk + 16 * v);                      \
+                    for (v = 0; v < (NV); v++) xv[v] = _mm512_load_ps(xk + 16 * v);                       \
                     for (r = 0; r < (R); r++) {                                                           \
                         const __m512 b = _mm512_set1_ps(wbuf[r * PK_KC + k]);                             \
                         for (v = 0; v < (NV); v++) acc[r][v] = _mm512_fmadd_ps(b, xv[v], acc[r][v]);      \
                     }                                                                                     \
                 }                                                                                         \
             }                                                                                             \
-            for (r = 0; r < rr; r++)                                                                      \
-                for (v = 0; v < (NV); v++) {                                                              \
-                    _mm512_store_ps(tmp, acc[r][v]);                                                      \
-                    for (t = 0; t < 16 && 16 * v + t < nn; t++) j->y[(t0 + 16 * v + t) * j->out + o + r] = tmp[t]; \
-                }                                                                                         \
+            PK_YB_SCATTER(R, NV);                                                                         \
+        }                                                                                                 \
+        for (t = 0; t < nn; t++)                                                                          \
+            memcpy(j->y + (t0 + t) * j->out + ob, yb + t * 4 * (R), sizeof(float) * (size_t)(oe - ob));   \
         }                                                                                                 \
     }
 /* R x NV: 16 x 1 (16 accumulators; 8 x 1 measured 89-96 GFLOP/s at 12 rows of x and 118-128 at 16, 16 x 1
@@ -2824,7 +2930,7 @@ fail:
 PK_TN_KERNEL(bf16_tn1_avx512, 16, 1)
 PK_TN_KERNEL(bf16_tn2_avx512, 8, 2)
 PK_TN_KERNEL(bf16_tn3_avx512, 4, 3)
-PK_TN_KERNEL(bf16_tn4_avx512, 4, 4)
+PK_TN_KERNEL(bf16_tn4_avx512, 6, 4)
 #undef PK_TN_KERNEL
 
 static const pk_group_kernel bf16_tn_kernels[4] = {bf16_tn1_avx512, bf16_tn2_avx512, bf16_tn3_avx512,
@@ -2864,6 +2970,10 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
     }
 #endif
 #if PK_HAVE_AVX512
+    if (j->xp && simd >= 2 && j->act == A_F32) { /* packed x, f32 activations: the exact batch kernel */
+        bf16_tn_avx512(j, o0, o1);
+        return;
+    }
     if (j->xp && simd >= 2) { /* packed x: the AVX512_BF16 kernel (bf16 weights) or a VNNI one (Q8_32 / Q4_32) */
 #if PK_HAVE_AVX512BF16
         if (j->fmt == F_BF16) bf16a_rows(j, o0, o1);
@@ -2876,12 +2986,6 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
             if (j->fmt == F_Q8 || j->fmt == F_Q4) vnni_rows(j, o0, o1, j->n);
             return;
         }
-    }
-#endif
-#if PK_HAVE_AVX512
-    if (j->xt) {
-        bf16_tn_avx512(j, o0, o1);
-        return;
     }
 #endif
     memset(&tl, 0, sizeof tl);
@@ -2948,7 +3052,7 @@ static int job_borrow(pk_job *jobs, int k) {
     for (p = 0; p < k; p++) {
         const pk_job *o = &jobs[p];
         if (o->lent || !same_x(o, j)) continue;
-        if (o->act == A_F32 || o->xt || o->xb || o->xp || o->nbatch) return 0; /* batch kernels: its own */
+        if (o->act == A_F32 || o->xb || o->xp || o->nbatch) return 0; /* batch kernels: its own */
         j->act = o->act;
         j->xq = o->xq, j->xqp = o->xqp, j->xq16 = o->xq16, j->xd = o->xd, j->xs = o->xs;
         j->xds = o->xds, j->xcor = o->xcor, j->abuf = o->abuf;

@@ -331,17 +331,18 @@ def test_c_level_matmul_many(simd_level):
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
 @pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
 def test_c_level_bf16_batches(simd_level):
-    """bf16 weights x 1..129 rows of x: from 12 to 128 rows the AVX-512 level vectorises over the rows of x
-    (bf16_tn_avx512: x transposed once per call, groups of up to 64 rows, weights decoded 256 columns at a
-    time, 16 / 8 / 4 weight rows per block); odd `in` (partial 16- and 256-column blocks), `out` not a
-    multiple of the block, several threads' row ranges, alone and inside one matmul_many call."""
+    """bf16 weights x 1..300 rows of x: from 12 rows the AVX-512 level vectorises over the rows of x
+    (bf16_tn_avx512: x packed per group of 64 rows by 16 x 16 transposes, weights decoded 256 columns at a
+    time, 16 / 8 / 4 / 6 weight rows per block, results through a buffer of 4 blocks); odd `in` (partial 16- and
+    256-column blocks), `out` not a multiple of the block, row counts not a multiple of 16 or 64 (several groups,
+    a partial last one), several threads' row ranges, alone and inside one matmul_many call."""
     from pykimi.kernels import c
     rng = np.random.default_rng(81)
     for out_f, in_f in ((13, 37), (37, 300), (70, 2048), (9, 1408), (1, 16)):
         w = rng.standard_normal((out_f, in_f)).astype(np.float32)
         bits = f32_to_bf16(w)
         wf = ref.bf16_to_f32(bits)
-        for n in (1, 7, 11, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 76, 112, 128, 129):
+        for n in (1, 7, 11, 12, 15, 16, 17, 31, 32, 33, 47, 48, 49, 63, 64, 65, 76, 112, 128, 129, 200, 300):
             x = rng.standard_normal((n, in_f)).astype(np.float32)
             y, r = c.matmul_bf16(x, bits), x @ wf.T
             err = np.max(np.abs(y - r)) / (np.abs(x).sum(1).max() * np.abs(wf).max())

@@ -39,8 +39,12 @@ SMALL_N = 32              # rows of x up to which the stored-form kernels beat w
 # per (weight format, activation mode), C backend: quantized activations make the stored-form kernel cheaper
 # per row than sgemm on widened tiles (int4 never goes to the tiles); bf16 at the AVX-512 level (x-batched)
 MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62,
-                        ("bf16", "f32"): 112}
+                        ("bf16", "f32"): 1 << 62}
 SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
+# bf16 x f32 at the AVX-512 level: every batch on the C kernel (bf16_tn_avx512) since x is packed per group of 64
+# rows: [1408, 2048] | [2048, 1408] | [11264, 2048], 2 threads, AMD EPYC Zen 5, GFLOP/s C kernel old / new at 128
+# rows 280 / 421-444 | 232 / 436 | 249 / 421-426, at 512 183 / 439 | 189 / 425-427 | 179 / 414-444, against
+# 207-243 for the widened tiles + sgemm that took over from 113 rows (with AMX, C_AMX_ROWS still applies).
 # ... at the AVX2 level (no AVX-512), where the int4 x int8 row kernel is compute-bound: from 65 rows the widened
 # tiles + sgemm win (4-layer prefill, AMD EPYC Zen 3, alternating in one process, best of 3: 512 tokens 130 ->
 # 156 tok/s with 64, 150 with 32; 64 / 128 tokens unchanged; bench/RESULTS.md, AVX2 class). q8 (96) and bf16
@@ -274,7 +278,7 @@ def _small_n(kind: str) -> int:
     if not _c_avx512() and (kind, mode) in SMALL_N_ACT_AVX2:
         return min(n, SMALL_N_ACT_AVX2[(kind, mode)])
     if kind in ("bf16", "q8_32") and _c_amx():
-        return max(n, C_AMX_ROWS)
+        return C_AMX_ROWS if kind == "bf16" else max(n, C_AMX_ROWS)
     if kind == "q8_32" and _c_avx512() and n >= C_BATCH_ROWS_Q8[0]:
         n = max(n, C_BATCH_ROWS_Q8[1])
     return n
