@@ -139,14 +139,24 @@ def _wants_probs(layer: int | None) -> bool:
 # ---------------------------------------------------------------------------------------------------------
 # Expanded form (prefill)
 # ---------------------------------------------------------------------------------------------------------
+# Queries per score block of mla_prefill. Why blocks: a query at position p sees keys 0..p only, so a block of
+# queries needs the keys up to its last position -- about half the score and value products of a fresh prompt are
+# never computed (at 512 tokens in blocks of 128: 1280 of 2048 key columns) -- and the scores held at once are
+# [H, QUERY_BLOCK, keys] instead of [H, S, keys] (16 heads x 4096 x 4096 f32 was 1 GiB, and the softmax as much
+# again). Per query the same products and the same softmax over its own row as one block of all queries.
+QUERY_BLOCK = 128
+
+
 def mla_prefill(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg,
-                key_block: int = 4096) -> np.ndarray:
+                key_block: int = 4096, query_block: int = QUERY_BLOCK) -> np.ndarray:
     """MLA over new tokens ``x`` [S, D] at ``positions`` (contiguous, continuing the cache), expanded form.
 
     Writes the new latent rows into ``cache`` (layer ``layer``), then attends over every cached position.
-    Returns the o_proj output [S, D] (before the residual add). When more than ``key_block`` positions are
-    cached, keys/values are expanded and attended block by block with a running (online) softmax, so memory
-    stays O(S × key_block) instead of O(S × N) scores plus an [N, H, 256] expansion.
+    Returns the o_proj output [S, D] (before the residual add). Queries go in blocks of ``query_block``, each
+    against the keys up to its last position (QUERY_BLOCK). When more than ``key_block`` positions are cached,
+    keys/values are expanded and attended block by block with a running (online) softmax, so memory stays
+    O(query_block × key_block) instead of O(S × N) scores plus an [N, H, 256] expansion. A trace that asks for
+    ``attn_probs`` gets them whole: [H, S, N] in one block.
     """
     positions = np.asarray(positions)
     S = x.shape[0]
@@ -159,35 +169,53 @@ def mla_prefill(x: np.ndarray, w: MLAWeights, cache, layer: int, positions, cfg,
     qn = q_nope.transpose(1, 0, 2)                                               # [H, S, dn]
     qp = q_pe.transpose(1, 0, 2)                                                 # [H, S, dr]
 
-    def block(k0, k1):
-        """Scores [H, S, n] (scaled, causally masked) and values [H, n, dv] of cached positions k0..k1-1."""
+    def expand(k0, k1):
+        """Keys k0..k1-1: k_nope [H, dn, n], k_pe [dr, n] and values [H, n, dv]."""
         rows = cache.rows_f32(layer, k0, k1)                                     # [n, R + dr] (bf16 widened per block)
         kv = kernels.matmul(rows[:, :R], w.kv_b_proj).reshape(k1 - k0, H, dn + dv)   # [n, H, dn+dv]
-        s = np.matmul(qn, kv[..., :dn].transpose(1, 2, 0))                       # [H, S, n]  q_nope·k_nope
-        s += np.matmul(qp, rows[:, R:].T)                                        # + q_pe·k_pe (k_pe shared)
+        return kv[..., :dn].transpose(1, 2, 0), rows[:, R:].T, kv[..., dn:].transpose(1, 0, 2)
+
+    def scores(keys, k0, n, q0, q1):
+        """Scores [H, q1-q0, n] (scaled, causally masked) of queries q0..q1-1 and the first n keys of a block."""
+        kn, kp, _ = keys
+        s = np.matmul(qn[:, q0:q1], kn[..., :n])                                 # q_nope·k_nope
+        s += np.matmul(qp[:, q0:q1], kp[:, :n])                                  # + q_pe·k_pe (k_pe shared)
         s *= scale
-        s[:, np.arange(k0, k1)[None, :] > positions[:, None]] = -np.inf          # causal mask
-        return s, kv[..., dn:].transpose(1, 0, 2)                                # [H, n, dv]
+        s[:, np.arange(k0, k0 + n)[None, :] > positions[q0:q1, None]] = -np.inf  # causal mask
+        return s
 
     wants = _wants_probs(layer)
+    qb = S if wants else max(1, int(query_block))
+    o = np.empty((H, S, dv), dtype=np.float32)
     if N <= key_block or wants:
-        s, v = block(0, N)
-        p = softmax(s)                                                           # fp32, [H, S, N]
-        if wants:
-            p = emit(f"language_model.model.layers.{layer}.self_attn.attn_probs", p)
-        o = np.matmul(p, v)                                                      # [H, S, dv]
+        keys = expand(0, N)
+        for q0 in range(0, S, qb):
+            q1 = min(S, q0 + qb)
+            n = N if wants else min(N, int(positions[q0:q1].max()) + 1)          # keys this block can see
+            p = softmax(scores(keys, 0, n, q0, q1))                              # fp32, [H, q, n]
+            if wants:
+                p = emit(f"language_model.model.layers.{layer}.self_attn.attn_probs", p)
+            o[:, q0:q1] = np.matmul(p, keys[2][:, :n])                           # [H, q, dv]
     else:
         m = np.full((H, S, 1), -np.inf, dtype=np.float32)                        # running max
         l = np.zeros((H, S, 1), dtype=np.float32)                                # running sum of exp
-        o = np.zeros((H, S, dv), dtype=np.float32)                               # running numerator
+        o[...] = 0.0                                                             # running numerator
         for k0 in range(0, min(N, int(positions.max()) + 1), key_block):         # fully-future blocks skipped
-            s, v = block(k0, min(N, k0 + key_block))
-            m_new = np.maximum(m, s.max(axis=-1, keepdims=True))                # finite: key 0 is in block 0
-            corr = np.exp(m - m_new)
-            p = np.exp(s - m_new)
-            l = l * corr + p.sum(axis=-1, keepdims=True)
-            o = o * corr + np.matmul(p, v)
-            m = m_new
+            k1 = min(N, k0 + key_block)
+            keys = expand(k0, k1)
+            for q0 in range(0, S, qb):
+                q1 = min(S, q0 + qb)
+                n = min(k1, int(positions[q0:q1].max()) + 1) - k0               # keys of the block it can see
+                if n <= 0:
+                    continue                                                     # the whole block is its future
+                s = scores(keys, k0, n, q0, q1)
+                mq = m[:, q0:q1]
+                m_new = np.maximum(mq, s.max(axis=-1, keepdims=True))           # finite: key 0 is in block 0
+                corr = np.exp(mq - m_new)
+                p = np.exp(s - m_new)
+                l[:, q0:q1] = l[:, q0:q1] * corr + p.sum(axis=-1, keepdims=True)
+                o[:, q0:q1] = o[:, q0:q1] * corr + np.matmul(p, keys[2][:, :n])
+                m[:, q0:q1] = m_new
         o /= l
     o = o.transpose(1, 0, 2).reshape(S, H * dv)                                  # [S, H*dv]
     return kernels.matmul(o, w.o_proj)                                           # [S, D]

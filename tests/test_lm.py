@@ -171,6 +171,41 @@ def test_blocked_keys_online_softmax_equals_one_block(tiny):
     np.testing.assert_allclose(one, naive_mla(x, w, cfg), rtol=0, atol=2e-5 * np.abs(one).max())
 
 
+def test_query_blocks_equal_one_block(tiny):
+    """mla_prefill's query blocks (each against the keys up to its last position) == all queries in one block,
+    with and without a cached prefix, with one key block and with the online softmax over several (query blocks
+    that see none of a key block skip it); and the blocks really skip the future: a block of queries never reads
+    a key past its last position (the last token's NaN key and value reach only its own row; in one block of all
+    queries its masked NaN value reaches every row through 0 x NaN)."""
+    cfg = tiny.config.text
+    rng = np.random.default_rng(8)
+    w = random_mla(cfg, rng)
+    S = 13
+    x = rng.standard_normal((S, cfg.hidden_size)).astype(np.float32)
+    for key_block in (4096, 5, 3):
+        c0 = LatentCache.for_config(cfg, 32)
+        ref = np.concatenate([mla_prefill(x[:4], w, c0, 0, np.arange(4), cfg, key_block=key_block, query_block=4),
+                              mla_prefill(x[4:], w, c0, 0, np.arange(4, S), cfg, key_block=key_block,
+                                          query_block=S)])
+        for qb in (1, 2, 3, 5, 8):
+            c = LatentCache.for_config(cfg, 32)
+            got = np.concatenate([mla_prefill(x[:4], w, c, 0, np.arange(4), cfg, key_block=key_block,
+                                              query_block=qb),
+                                  mla_prefill(x[4:], w, c, 0, np.arange(4, S), cfg, key_block=key_block,
+                                              query_block=qb)])
+            err = np.abs(got - ref).max() / np.abs(ref).max()
+            assert err < 2e-6, f"key_block {key_block}, query_block {qb}: {err:.2e} from one block"
+    xn = x.copy()
+    xn[-1] = np.nan                                                      # the last token's key and value are NaN
+    for key_block in (4096, 5):
+        blocked = mla_prefill(xn, w, LatentCache.for_config(cfg, 32), 0, np.arange(S), cfg, key_block=key_block,
+                              query_block=4)
+        assert np.isfinite(blocked[:-1]).all() and np.isnan(blocked[-1]).all(), \
+            f"key_block {key_block}: a block of queries read a key in its future"
+    whole = mla_prefill(xn, w, LatentCache.for_config(cfg, 32), 0, np.arange(S), cfg, query_block=S)
+    assert np.isnan(whole).all()                                         # one block: 0 x NaN in p @ v everywhere
+
+
 @pytest.mark.parametrize("kernel_backend", ["c", "numpy"])
 def test_bf16_cache_every_mla_path_agrees(tiny, kernel_backend):
     """With a bf16 latent cache every MLA path reads the same rounded rows: prefill (one key block and blocked),
