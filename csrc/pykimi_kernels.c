@@ -4767,6 +4767,21 @@ void pk_rms_norm(const float *x, int64_t rows, int64_t d, const float *w, float 
     for (r = 0; r < rows; r++) rms_row(x + r * d, d, w, eps, out + r * d);
 }
 
+/* See the header. Chunks of PK_SILU_CHUNK values on the threads from PK_PAR_MIN values: a prefill's experts are
+ * [tokens, 1408] each, 64 of them a layer (33 ms of a 512-token 4-layer prefill in NumPy's exp, one thread). */
+#define PK_SILU_CHUNK 16384
+void pk_silu_mul(const float *g, const float *u, int64_t n, float *out) {
+    const int simd = pk_get_simd();
+    const int64_t nch = (n + PK_SILU_CHUNK - 1) / PK_SILU_CHUNK;
+    int64_t c;
+#pragma omp parallel for schedule(static) num_threads(pk_get_threads()) if (n >= PK_PAR_MIN && nch > 1)
+    for (c = 0; c < nch; c++) {
+        const int64_t i0 = c * PK_SILU_CHUNK, len = n - i0 < PK_SILU_CHUNK ? n - i0 : PK_SILU_CHUNK;
+        if (out + i0 != g + i0) memcpy(out + i0, g + i0, sizeof(float) * (size_t)len);
+        silu_mul(simd, out + i0, u + i0, len);
+    }
+}
+
 void pk_add_rms_norm(const float *x, const float *a, int64_t rows, int64_t d, const float *w, float eps, float *xo,
                      float *out) {
     int64_t r;

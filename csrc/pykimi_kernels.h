@@ -195,6 +195,10 @@ void pk_rms_norm(const float *x, int64_t rows, int64_t d, const float *w, float 
 void pk_add_rms_norm(const float *x, const float *a, int64_t rows, int64_t d, const float *w, float eps, float *xo,
                      float *out);
 
+/* out[i] = g[i] / (1 + e^-g[i]) * u[i], i < n: SwiGLU's silu(g) * u (ops.silu_mul), with the vector exp the decode
+ * MoE uses (~1 ulp); out may be g. */
+void pk_silu_mul(const float *g, const float *u, int64_t n, float *out);
+
 /* Everything one decoder layer needs for a decode token (spec §8.2-8.4), made once per layer by the caller
  * (kernels/fused.py) and kept: dims, norms, each linear's record, kv_b_proj, and the FFN -- a dense SwiGLU
  * (moe = 0: mlp, one expert of weight 1) or the router + the table of routed experts + the shared experts as

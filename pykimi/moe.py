@@ -20,7 +20,7 @@ import numpy as np
 
 from . import kernels
 from .errors import ConfigError
-from .ops import sigmoid, silu, softmax
+from .ops import sigmoid, silu, silu_mul, softmax
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -30,7 +30,7 @@ def dense_mlp(h: np.ndarray, gate_w, up_w, down_w) -> np.ndarray:
     """``down(silu(gate(h)) ⊙ up(h))``   # h [S, D] -> [S, D]; gate/up [I, D], down [D, I] (spec §8.4)."""
     g = kernels.matmul(h, gate_w)                                   # [S, I]
     u = kernels.matmul(h, up_w)                                     # [S, I]
-    return kernels.matmul(silu(g) * u, down_w)                      # [S, D]
+    return kernels.matmul(kernels.fast(silu_mul)(g, u), down_w)     # [S, D]
 
 
 def swiglu_sum(x: np.ndarray, experts, coefs, matmul=None) -> np.ndarray:
@@ -272,7 +272,7 @@ def moe_forward(h: np.ndarray, record: RoutingRecord, get_expert: ExpertGetter,
     xs = [h[g[1]] for g in groups]                                          # [n_e, D] each
     gu = kernels.matmul_many([x for x in xs for _ in (0, 1)],
                              [w for g in groups for w in (g[2], g[3])])     # gate, up of every group
-    acts = [silu(gu[2 * i]) * gu[2 * i + 1] for i in range(len(groups))]    # [n_e, I]
+    acts = [kernels.fast(silu_mul)(gu[2 * i], gu[2 * i + 1]) for i in range(len(groups))]   # [n_e, I]
     ys = kernels.matmul_many(acts, [g[4] for g in groups])                  # [n_e, D]
     out = np.zeros((S, D), dtype=np.float32)
     for g, y in zip(groups, ys):

@@ -5,6 +5,7 @@
     layer_norm(x, w, b, eps)   [..., C] -> [..., C]   MoonViT and the projector (spec §6.3, §7)
     softmax(x, axis)           max subtracted first, fp32 (spec §8.3)
     sigmoid(x), silu(x)        the router's scores and SwiGLU's gate (spec §8.4)
+    silu_mul(g, u)             SwiGLU's silu(g) * u (spec §8.4)
     gelu_tanh(x)               the vision MLP's GELU (spec §6.3)
     gelu_erf(x), erf, erfc     the projector's exact GELU (spec §7)
     apply_rope(x, angles)      interleaved-pair rotation, LM and vision (spec §6.4, §8.3)
@@ -76,6 +77,11 @@ def silu(x: np.ndarray) -> np.ndarray:
     """``x · sigmoid(x)`` in fp32, as ``x / (1 + exp(-x))`` (the C kernels' form; -0 for very negative x)."""
     with np.errstate(over="ignore"):
         return x / (np.float32(1.0) + np.exp(-x))
+
+
+def silu_mul(g: np.ndarray, u: np.ndarray) -> np.ndarray:
+    """SwiGLU's ``silu(g) ⊙ u`` in fp32   # g, u [..., I] -> [..., I] (spec §8.4)."""
+    return silu(g) * u
 
 
 def gelu_tanh(x: np.ndarray) -> np.ndarray:

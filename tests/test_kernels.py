@@ -446,6 +446,40 @@ def test_c_level_swiglu_extreme_gates(simd_level):
         K.set_backend(prev)
 
 
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_silu_mul_twin(simd_level):
+    """kernels.fast(ops.silu_mul) (pk_silu_mul: chunks on the threads, the vector exp) == ops.silu_mul to 4 ulp-ish
+    (2e-6 of each value's scale) on a prefill-sized [300, 1408] (several chunks, a tail) and small odd shapes, with
+    gates from -120 to 120 (e^-g under- and overflows) and exact zeros; inputs untouched; anything else (f64, a
+    shape mismatch) goes to the definition."""
+    from pykimi import ops
+    prev = K.backend()
+    K.set_backend("c")
+    try:
+        rng = np.random.default_rng(74)
+        fast = K.fast(ops.silu_mul)
+        for shape in ((300, 1408), (3, 7), (1, 16), (0, 5)):
+            g = (rng.standard_normal(shape) * 8).astype(np.float32)
+            if g.size:
+                g.flat[: min(g.size, 241)] = np.linspace(-120, 120, min(g.size, 241))
+                g.flat[-1] = 0.0
+            u = rng.standard_normal(shape).astype(np.float32)
+            g0, u0 = g.copy(), u.copy()
+            got, want = fast(g, u), ops.silu_mul(g, u)
+            assert got.shape == want.shape and got.dtype == np.float32
+            np.testing.assert_array_equal(g, g0)
+            np.testing.assert_array_equal(u, u0)
+            assert np.isfinite(got).all(), f"level={simd_level} {shape}: non-finite {got[~np.isfinite(got)][:4]}"
+            scale = np.maximum(np.abs(g), 1.0) * np.abs(u) + 1e-30
+            err = np.max(np.abs(got - want) / scale) if g.size else 0.0
+            assert err < 2e-6, f"level={simd_level} {shape}: {err:.2e}"
+        g64 = rng.standard_normal((4, 5))
+        np.testing.assert_array_equal(fast(g64, g64), ops.silu_mul(g64, g64))
+    finally:
+        K.set_backend(prev)
+
+
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
 def test_swiglu_sum_matches_reference_and_checks_shapes(use_backend):
     rng = np.random.default_rng(72)
