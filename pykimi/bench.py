@@ -38,8 +38,9 @@ def add_parser(sub) -> None:
     p.add_argument("-r", "--repetitions", type=int, default=5, help="timed repetitions per test (default 5)")
     p.add_argument("-t", "--threads", type=int, help="kernel threads (default: all cores)")
     p.add_argument("--backend", choices=["numpy", "numba", "c"], help="kernel backend (default: fastest available)")
-    from .cli import _add_cache_dtype_arg, _add_mlock_arg
+    from .cli import _add_act_quant_arg, _add_cache_dtype_arg, _add_mlock_arg
     _add_cache_dtype_arg(p)
+    _add_act_quant_arg(p)
     _add_mlock_arg(p)
     p.add_argument("--json", action="store_true", help="one JSON object per line instead of the table")
     p.set_defaults(fn=cmd_bench)
@@ -153,7 +154,7 @@ def describe(model, path: str) -> dict:
     return {"model": name + (f" {quant}" if quant else ""), "model_path": os.path.abspath(path),
             "size_bytes": int(model.ckpt.total_bytes()), "n_params": int(cfg.param_counts()["total"]),
             "backend": backend + (f"-{simd}" if simd else ""), "threads": int(threads),
-            "cache_dtype": getattr(model, "cache_dtype", "f32"),
+            "cache_dtype": getattr(model, "cache_dtype", "f32"), "act_quant": kernels.act_quant(),
             "use_mlock": getattr(model, "memory_lock", None) is not None}      # llama.cpp's model parameter
 
 
@@ -208,7 +209,8 @@ COLUMNS = ("model", "size", "params", "backend", "threads", "test", "t/s")
 
 def table_row(r: dict) -> list[str]:
     unit = "" if r["unit"] == "tok/s" else f" {r['unit']}"
-    test = r["test"] + (f" kv={r['cache_dtype']}" if r.get("cache_dtype", "f32") != "f32" else "")
+    test = r["test"] + (f" kv={r['cache_dtype']}" if r.get("cache_dtype", "f32") != "f32" else "") \
+        + (f" act={r['act_quant']}" if r.get("act_quant", "q4") != "q4" else "")
     return [r["model"], _size(r["size_bytes"]), _params(r["n_params"]), r["backend"], str(r["threads"]), test,
             f"{r['avg_ts']:.2f} ± {r['stddev_ts']:.2f}{unit}"]
 
@@ -232,9 +234,9 @@ def cmd_bench(args) -> int:
     image_px = _int_list(args.image_px, "--image-px")
     if not (n_prompt or n_gen or image_px):
         raise InputError("nothing to measure: give -p, -n or --image-px a number above 0")
-    from .cli import _cache_dtype
+    from .cli import _act_quant, _cache_dtype
     model = load(path, backend=args.backend, threads=args.threads, cache_dtype=_cache_dtype(args) or "f32",
-                 mlock=args.mlock)
+                 mlock=args.mlock, act_quant=_act_quant(args))
     if model.memory_lock is not None:
         print(f"pykimi bench: {model.memory_lock.describe()}", file=sys.stderr, flush=True)
     if args.json:

@@ -79,6 +79,16 @@ def _cache_dtype(args) -> str | None:
     return v
 
 
+def _act_quant(args) -> str | None:
+    """--act-quant checked here (one line, as --cache-dtype): None when not given."""
+    from .kernels.linear import _ACT_MODES
+
+    v = getattr(args, "act_quant", None)
+    if v is not None and v not in _ACT_MODES:
+        raise InputError(f"--act-quant {v}: expected one of {', '.join(_ACT_MODES)}")
+    return v
+
+
 def _load(args):
     from . import load
     from .processor import Processor
@@ -96,6 +106,8 @@ def _load(args):
         opts["max_context"] = args.max_context
     if getattr(args, "mlock", False):
         opts["mlock"] = True
+    if _act_quant(args):
+        opts["act_quant"] = args.act_quant
     model = load(path, **opts)
     if model.memory_lock is not None:
         print(f"pykimi: {model.memory_lock.describe()}", file=sys.stderr, flush=True)
@@ -699,7 +711,8 @@ def cmd_batch(args) -> int:
                         stop_ids=() if args.ignore_eos else None,
                         extra_stop_ids=tuple(int(i) for i in gen.get("stop_ids") or ()))
     _cache_dtype(args)
-    opts = {k: getattr(args, k) for k in ("backend", "threads", "max_context", "cache_dtype", "mlock")
+    _act_quant(args)
+    opts = {k: getattr(args, k) for k in ("backend", "threads", "max_context", "cache_dtype", "mlock", "act_quant")
             if getattr(args, k, None)}
     stop = threading.Event()
 
@@ -756,6 +769,7 @@ def cmd_serve(args) -> int:
     if args.max_context is not None and args.max_context < 2:
         raise PykimiError(f"--max-context {args.max_context}: expected an integer >= 2")
     _cache_dtype(args)
+    _act_quant(args)
     try:                                    # a taken port is a one-line error, before the model loads
         fam = socket.AF_INET6 if ":" in args.host else socket.AF_INET
         with socket.socket(fam, socket.SOCK_STREAM) as s:
@@ -791,6 +805,15 @@ def _add_model_args(p):
                         "max_position_embeddings)")
     _add_cache_dtype_arg(p)
     _add_mlock_arg(p)
+    _add_act_quant_arg(p)
+
+
+def _add_act_quant_arg(p):
+    p.add_argument("--act-quant", metavar="{q4,all,none}",
+                   help="how the kernels treat activations: q4 (default) int16 for int8 weights, int8 for int4, "
+                        "exact f32 for bf16; all: rounded as llama.cpp and PyTorch round them (int8; bf16 for bf16 "
+                        "batches where the CPU has AVX512_BF16), fastest; none: exact f32 products everywhere "
+                        "(default: PYKIMI_ACT_QUANT, README 'Kernels')")
 
 
 def _add_mlock_arg(p):

@@ -480,7 +480,7 @@ class KimiVL:
 
 def load(path, backend: str | None = None, threads: int | None = None, max_context: int | None = None,
          prefill_chunk: int = 512, cache_absorbed: bool | None = None, vision_cache_weights: bool = False,
-         cache_dtype: str = "f32", mlock: bool = False) -> KimiVL:
+         cache_dtype: str = "f32", mlock: bool = False, act_quant: str | None = None) -> KimiVL:
     """``pykimi.load``: open a checkpoint directory (HF layout) -> :class:`KimiVL`.
 
     Weights stay memory-mapped. backend: 'numpy' | 'numba' | 'c' (default: $PYKIMI_BACKEND or the fastest
@@ -490,9 +490,16 @@ def load(path, backend: str | None = None, threads: int | None = None, max_conte
     kernels read the stored kv_b_proj directly; cache_dtype: 'f32' (default) or 'bf16', the latent KV cache's
     storage (bf16 halves it; see pykimi.cache and README "--cache-dtype" for the error bound); mlock: keep the
     mapped weights in RAM (pykimi.memlock; ``model.memory_lock`` says what was locked, else None) -- a
-    ResourceError when the machine cannot.
+    ResourceError when the machine cannot; act_quant: how the C kernels treat activations, for the whole process
+    as backend and threads are (kernels.set_act_quant: 'q4' the default, 'all' rounded as llama.cpp and PyTorch
+    round them, 'none' exact f32 products; default: $PYKIMI_ACT_QUANT, else 'q4').
     """
     cache_dtype = cache_dtype_name(cache_dtype)         # a bad name fails here, before anything is opened
+    if act_quant is not None:
+        try:
+            kernels.set_act_quant(act_quant)
+        except ValueError:
+            raise InputError(f"act_quant={act_quant!r}: expected one of q4, all, none") from None
     if backend is not None:
         try:
             kernels.set_backend(backend)

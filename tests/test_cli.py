@@ -67,15 +67,42 @@ def test_errors_are_one_line_exit_2(model_dir, args, msg):
 
 
 @pytest.mark.parametrize("cmd", ["run", "chat", "serve", "batch", "bench"])
-def test_bad_cache_dtype_is_one_line_exit_2(model_dir, tmp_path, cmd):
-    """--cache-dtype takes f32 or bf16; anything else is the one-line error (not argparse's usage block), before
-    a model is loaded or a port taken."""
+@pytest.mark.parametrize("flag, value, msg", [("--cache-dtype", "f16", "expected one of f32, bf16"),
+                                              ("--act-quant", "fast", "expected one of q4, all, none")])
+def test_bad_cache_dtype_or_act_quant_is_one_line_exit_2(model_dir, tmp_path, cmd, flag, value, msg):
+    """--cache-dtype takes f32 or bf16, --act-quant q4, all or none; anything else is the one-line error (not
+    argparse's usage block), before a model is loaded or a port taken."""
     extra = {"run": ["-p", "x"], "chat": [], "serve": ["--port", "0"],
              "batch": [str(tmp_path), "-o", str(tmp_path / "out.jsonl")], "bench": ["-p", "0", "-n", "2"]}[cmd]
-    r = cli(cmd, "-m", model_dir, "--cache-dtype", "f16", *extra, stdin="")
+    r = cli(cmd, "-m", model_dir, flag, value, *extra, stdin="")
     assert r.returncode == 2, (r.returncode, r.stderr)
     lines = r.stderr.strip().splitlines()
-    assert lines == ["pykimi: error: --cache-dtype f16: expected one of f32, bf16"], r.stderr
+    assert lines == [f"pykimi: error: {flag} {value}: {msg}"], r.stderr
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def test_run_act_quant_matches_api(model_dir):
+    """`pykimi run --act-quant all` answers as pykimi.load(..., act_quant="all") does (the process-wide setting;
+    on this CPU's kernels "all" may round differently from the default), and `pykimi bench --json` names the mode."""
+    import pykimi as pk
+    from pykimi import kernels
+
+    r = cli("run", "-m", model_dir, "-p", "abc", "-n", "7", "--json", "--act-quant", "all")
+    assert r.returncode == 0, r.stderr
+    prev = kernels.act_quant()
+    try:
+        model = pk.load(model_dir, act_quant="all")
+        assert kernels.act_quant() == "all"
+        inputs = pk.Processor.from_pretrained(model_dir).prepare([{"role": "user", "content": "abc"}])
+        assert model.generate(inputs["input_ids"], max_new_tokens=7) == json.loads(r.stdout)["ids"]
+        with pytest.raises(pk.InputError, match=r"act_quant='fast': expected one of q4, all, none"):
+            pk.load(model_dir, act_quant="fast")
+        assert kernels.act_quant() == "all"                 # a refused value leaves the setting alone
+    finally:
+        kernels.set_act_quant(prev)
+    b = cli("bench", "-m", model_dir, "-p", "8", "-n", "0", "-r", "1", "--json", "--act-quant", "none")
+    assert b.returncode == 0, b.stderr
+    assert json.loads(b.stdout.splitlines()[0])["act_quant"] == "none"
 
 
 def test_run_bf16_cache_matches_api(model_dir):
