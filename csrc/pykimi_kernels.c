@@ -120,7 +120,7 @@
 #define PK_NT 4          /* rows of x sharing one decoded weight row */
 #define PK_TN_MIN 12     /* bf16, AVX-512: from this many rows of x, the batch-vectorised kernel */
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
-#define PK_TN_MAX 128    /* ... Q8 up to this many (bf16 however many), in groups of PK_TN_GROUP rows (4 vectors of 16) */
+#define PK_TN_MAX 128    /* ... Q8 up to this many (bf16 however many), in groups of PK_TN_GROUP rows (4 x 16) */
 #define PK_TN_GROUP 64
 #define PK_BD_XPF 128  /* elements of a row of x the x packings prefetch ahead (bf16a_pack_group, tr_cols): 60
                           jobs of 64 rows from DRAM 12.6 -> 4.3 ms (256: 5.0) */
@@ -2925,8 +2925,10 @@ fail:
         }                                                                                                 \
     }
 /* R x NV: 16 x 1 (16 accumulators; 8 x 1 measured 89-96 GFLOP/s at 12 rows of x and 118-128 at 16, 16 x 1
- * 108-117 and 147-156, [1408, 2048] on 2 threads), 8 x 2 (12 x 2 no faster), 4 x 3, 4 x 4; 3 x 5 and 2 x 6
- * ran below the widened tiles, hence groups of at most 64 rows of x. */
+ * 108-117 and 147-156, [1408, 2048] on 2 threads), 8 x 2 (12 x 2 no faster), 4 x 3, 6 x 4; 3 x 5 and 2 x 6
+ * ran below the widened tiles, hence groups of at most 64 rows of x. With x packed per group (AMD Zen 5, 2 threads,
+ * GFLOP/s at 64 / 512 rows): 6 x 4 383-388 / 401-431 against 4 x 4's 373-374 / 390-406 on [1408, 2048]; 24 x 1
+ * (16 / 12 rows: 200-226 / 148-166 against 289-317 / 211-239) and 12 x 2 no better; 8 x 3 within 4 %. */
 PK_TN_KERNEL(bf16_tn1_avx512, 16, 1)
 PK_TN_KERNEL(bf16_tn2_avx512, 8, 2)
 PK_TN_KERNEL(bf16_tn3_avx512, 4, 3)
