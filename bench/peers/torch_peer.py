@@ -164,10 +164,13 @@ def lm_bench(spec: dict) -> dict:
     for n in spec["prefill"]:
         from run import _synthetic_prompt as sp
         ids_n = torch.from_numpy(sp(n, text.vocab_size, seed=2))[None]
-        t = time.perf_counter()
-        model(input_ids=ids_n, use_cache=True, logits_to_keep=1)
-        dt = time.perf_counter() - t
-        out["prefill"][str(n)] = {"seconds": dt, "tok_s": n / dt}
+        best = None
+        for _ in range(2):                  # best of 2, as pykimi's and llama.cpp's prefills are timed
+            t = time.perf_counter()
+            model(input_ids=ids_n, use_cache=True, logits_to_keep=1)
+            dt = time.perf_counter() - t
+            best = dt if best is None else min(best, dt)
+        out["prefill"][str(n)] = {"seconds": best, "tok_s": n / best}
     return out
 
 
