@@ -2615,15 +2615,18 @@ static int64_t avx2w_split(const pk_job *j) {
 #endif
 
 #if PK_HAVE_AVX512
-/* Whether job j runs the exact batch kernel bf16_tn_avx512 (f32 activations): bf16 weights from PK_TN_MIN rows of
- * x, Q8_32 from PK_TN_MIN_Q8 to PK_TN_MAX, at the AVX-512 level, unless AMX takes it (amx_prepare, job_prepare). */
+/* Whether job j runs the exact batch kernel bf16_tn_avx512 (f32 activations): bf16 and f32 weights from PK_TN_MIN
+ * rows of x, Q8_32 from PK_TN_MIN_Q8 to PK_TN_MAX, at the AVX-512 level, unless AMX takes it (amx_prepare,
+ * job_prepare). f32 weights take the same kernel so that a checkpoint stored in f32 gives the bits of the same
+ * values stored in bf16 (the vision tower multiplies its mapped weights with it). */
 static int tn_takes(const pk_job *j, int simd) {
     if (simd < 2 || j->rows || j->act != A_F32 || j->in <= 0) return 0;
 #if PK_HAVE_AMX
     if (j->n >= PK_AMX_MIN && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->n >= PK_AMX_MIN_Q8)) && pk_get_amx())
         return 0;
 #endif
-    return j->fmt == F_BF16 ? j->n >= PK_TN_MIN : j->fmt == F_Q8 && j->n >= PK_TN_MIN_Q8 && j->n <= PK_TN_MAX;
+    if (j->fmt == F_BF16 || j->fmt == F_F32) return j->n >= PK_TN_MIN;
+    return j->fmt == F_Q8 && j->n >= PK_TN_MIN_Q8 && j->n <= PK_TN_MAX;
 }
 
 /* floats of a job's packed x: in columns of 64 rows per group (the last group padded to 64 too) */
@@ -2852,7 +2855,7 @@ fail:
 #define PK_RB 16 /* weight rows per tile: amortises the call, and stays in L1/L2 for the next x tile */
 
 #if PK_HAVE_AVX512
-/* bf16 (from 12 rows of x) or Q8_32 (24..128) weights x a batch (prefill: the tokens one expert got, or a dense
+/* bf16 or f32 (from 12 rows of x) or Q8_32 (24..128) weights x a batch (prefill: the tokens one expert got, or a dense
  * projection's). The row kernels above load a vector of x for every FMA and decode each weight row once per 4 rows
  * of x; here the batch is vectorised instead: x is packed once per call (tn_pack_group: per group of 64 rows,
  * [in][16 lanes per 16 rows]), a block of R weight rows is decoded to f32 KC columns at a time into an L1 buffer,
@@ -2895,6 +2898,9 @@ fail:
                             const uint32_t u = (uint32_t)wr[k] << 16;                                     \
                             memcpy(dst + k, &u, 4);                                                       \
                         }                                                                                 \
+                    } else if (r < rr && j->fmt == F_F32) {                                               \
+                        const char *wf = (const char *)j->w + (o + r) * j->row_bytes + 4 * k0;            \
+                        memcpy(dst, wf, sizeof(float) * (size_t)kc);                                      \
                     } else if (r < rr) { /* Q8_32: code * block scale, as decode1 */                      \
                         const int8_t *wr = (const int8_t *)j->w + (o + r) * j->row_bytes + k0;            \
                         const float *sr = j->scales + (o + r) * j->nb + k0 / PK_BLOCK;                    \

@@ -36,6 +36,9 @@ PROJ = "multi_modal_projector"
 # the short names of one block's tensors, under f"vision_tower.encoder.blocks.{i}."
 BLOCK_KEYS = ("norm0.weight", "norm0.bias", "wqkv.weight", "wqkv.bias", "wo.weight", "wo.bias",
               "norm1.weight", "norm1.bias", "mlp.fc0.weight", "mlp.fc0.bias", "mlp.fc1.weight", "mlp.fc1.bias")
+# ... of which the four matrices: float32 arrays (multiplied by NumPy in row chunks) or stored weights (bf16 as
+# mapped: kernels.matmul, one call per matrix over all rows -- see vision_block)
+MATRIX_KEYS = ("wqkv.weight", "wo.weight", "mlp.fc0.weight", "mlp.fc1.weight")
 PROJ_KEYS = ("pre_norm.weight", "pre_norm.bias", "linear_1.weight", "linear_1.bias",
              "linear_2.weight", "linear_2.bias")
 
@@ -52,6 +55,10 @@ ATTN_MIN_ROWS = 256
 # single-threaded sgemm runs near full speed, small enough to share out (4 tasks per 448 px image; the
 # measurements are in bench/RESULTS.md, "Measurements behind the code").
 ROW_CHUNK = 256
+# rows of x per product when the block's matrices are stored weights (vision_block: kernels.matmul): the [rows, 4304]
+# MLP activations and the kernel's packed copy of x stay ~18 MB each however big the image (a 16,384-patch image
+# whole was ~280 MB each); at 1024 rows the kernel runs at its full speed.
+MM_ROWS = 1024
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -223,10 +230,34 @@ def _vcfg(cfg):
     return getattr(cfg, "vision", cfg)      # accept KimiVLConfig or VisionConfig
 
 
-def _row_chunks(L: int) -> list:
-    """[(r0, r1)] row ranges of ROW_CHUNK rows. Independent of the thread count on purpose: sgemm's rounding
-    can depend on the number of rows it is given, and the result must not depend on --threads."""
-    return [(r0, min(L, r0 + ROW_CHUNK)) for r0 in range(0, L, ROW_CHUNK)]
+def _row_chunks(L: int, start: int = 0) -> list:
+    """[(r0, r1)] row ranges of ROW_CHUNK rows from start to L. Independent of the thread count on purpose: sgemm's
+    rounding can depend on the number of rows it is given, and the result must not depend on --threads."""
+    return [(r0, min(L, r0 + ROW_CHUNK)) for r0 in range(start, L, ROW_CHUNK)]
+
+
+def _block_setup(x, angles, cfg):
+    """vision_block's shapes and inputs: (x f32, L, C, H, D, eps, RoPE angles [L, D/2], the row chunks)."""
+    vc = _vcfg(cfg)
+    L, C = x.shape
+    H = vc.num_attention_heads
+    ang = np.concatenate(angles, axis=0) if isinstance(angles, (list, tuple)) else angles
+    return (np.asarray(x, dtype=np.float32), L, C, H, C // H, getattr(vc, "layer_norm_eps", 1e-5), ang,
+            _row_chunks(L))
+
+
+def _block_attention(q, k, v, grid_hws, name, block_q):
+    """vision_block's attention of the rotated q, k and v [L, H, D] -> [L, C], with its trace names (q_rope,
+    k_rope, and attn_probs [H, L, L], 0 across images, when a trace asks)."""
+    if name is not None:
+        q = trace.emit(name + ".q_rope", q)
+        k = trace.emit(name + ".k_rope", k)
+    cu = cu_seqlens(grid_hws)
+    if name is not None and trace.active() and _wants_attn_probs(name):
+        att, probs = vision_attention(q, k, v, cu, block_q=block_q, return_probs=True)
+        trace.emit(name + ".attn_probs", probs)
+        return att
+    return vision_attention(q, k, v, cu, block_q=block_q)
 
 
 def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None = None,
@@ -236,21 +267,21 @@ def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None
         x1 = x + wo(attn(rope(q), rope(k), v))     q | k | v = wqkv(LN0(x))   (contiguous thirds)
         out = x1 + fc1(gelu_tanh(fc0(LN1(x1))))
 
-    w: the block's tensors as float32 arrays keyed by their short checkpoint names (BLOCK_KEYS);
+    w: the block's tensors keyed by their short checkpoint names (BLOCK_KEYS): float32 arrays, or for the four
+    matrices (MATRIX_KEYS) stored weights as the checkpoint maps them (pykimi.weights.Stored, bf16), which go to
+    kernels.matmul -- one call per matrix over all L rows, the C kernels multiplying the bf16 weights in place
+    (the exact f32 product) at the AVX-512 level's ~430 GFLOP/s on 2 Zen 5 cores, where NumPy's sgemm on the widened
+    weights ran ~200 (OpenBLAS's AVX2 kernels on that CPU) and the widening cost a pass over the weights more;
     angles: per-image RoPE angle tables (rope_angles) or one concatenated f32[L, D/2]; cfg: Kimi-VL or vision
     config; name: the trace prefix (``vision_tower.encoder.blocks.{i}``) for the optional q/k/probs captures.
 
     Everything but the attention is row-local, so it runs in chunks of ROW_CHUNK tokens, one worker task each
-    (kernels.parallel_for: single-threaded sgemm + the elementwise ops while the chunk is in cache); the
-    attention runs one task per (image, head). Same operations, in the same order, as the whole-array form."""
-    vc = _vcfg(cfg)
-    L, C = x.shape
-    H = vc.num_attention_heads
-    D = C // H
-    eps = getattr(vc, "layer_norm_eps", 1e-5)
-    ang = np.concatenate(angles, axis=0) if isinstance(angles, (list, tuple)) else angles   # [L, D/2]
-    x = np.asarray(x, dtype=np.float32)
-    chunks = _row_chunks(L)
+    (kernels.parallel_for: single-threaded sgemm + the elementwise ops while the chunk is in cache; with stored
+    matrices only the elementwise ops, between the whole-array products); the attention runs one task per
+    (image, head). Same operations, in the same order, as the whole-array form."""
+    if not all(isinstance(w[k], np.ndarray) for k in MATRIX_KEYS):
+        return _vision_block_stored(x, w, grid_hws, angles, cfg, name, block_q)
+    x, L, C, H, D, eps, ang, chunks = _block_setup(x, angles, cfg)
 
     qkv = np.empty((L, 3 * C), dtype=np.float32)                         # q | k | v contiguous thirds
     q = np.empty((L, H, D), dtype=np.float32)
@@ -267,15 +298,7 @@ def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None
 
     kernels.parallel_for(front, chunks)
     v = qkv[:, 2 * C:].reshape(L, H, D)                                  # [L, H, D] view
-    if name is not None:
-        q = trace.emit(name + ".q_rope", q)
-        k = trace.emit(name + ".k_rope", k)
-    cu = cu_seqlens(grid_hws)
-    if name is not None and trace.active() and _wants_attn_probs(name):
-        att, probs = vision_attention(q, k, v, cu, block_q=block_q, return_probs=True)
-        trace.emit(name + ".attn_probs", probs)                             # [H, L, L], 0 across images
-    else:
-        att = vision_attention(q, k, v, cu, block_q=block_q)                # [L, C]
+    att = _block_attention(q, k, v, grid_hws, name, block_q)           # [L, C]
 
     out = np.empty((L, C), dtype=np.float32)
 
@@ -293,6 +316,69 @@ def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None
         x1 += o                                                            # residual 2
 
     kernels.parallel_for(back, chunks)
+    return out
+
+
+def _vision_block_stored(x, w, grid_hws, angles, cfg, name, block_q) -> np.ndarray:
+    """vision_block with its matrices as stored weights: each product a kernels.matmul over MM_ROWS rows at a time
+    (on the kernels' threads), the row-local rest in ROW_CHUNK tasks between them. Per element the operations of
+    vision_block's f32 form, but each product's sum is the kernel's (the exact f32 product of the bf16 weights,
+    summed in its own order: ~1e-6 of the scale from NumPy's sgemm)."""
+    x, L, C, H, D, eps, ang, _ = _block_setup(x, angles, cfg)
+    qkv = np.empty((L, 3 * C), dtype=np.float32)                         # q | k | v contiguous thirds
+    q = np.empty((L, H, D), dtype=np.float32)
+    k = np.empty((L, H, D), dtype=np.float32)
+    spans = [(b0, min(L, b0 + MM_ROWS)) for b0 in range(0, L, MM_ROWS)]
+    for b0, b1 in spans:
+        h = np.empty((b1 - b0, C), dtype=np.float32)
+        sub = _row_chunks(b1, b0)
+
+        def norm0(rc):
+            h[rc[0] - b0:rc[1] - b0] = layer_norm(x[rc[0]:rc[1]], w["norm0.weight"], w["norm0.bias"], eps)
+
+        kernels.parallel_for(norm0, sub)
+        qkv[b0:b1] = kernels.matmul(h, w["wqkv.weight"], exact=True)      # [rows, 3C]
+
+        def rope(rc):
+            r0, r1 = rc
+            t = qkv[r0:r1]
+            t += w["wqkv.bias"]
+            a = ang[r0:r1, None, :]
+            q[r0:r1] = apply_rope(t[:, :C].reshape(-1, H, D), a)
+            k[r0:r1] = apply_rope(t[:, C:2 * C].reshape(-1, H, D), a)
+
+        kernels.parallel_for(rope, sub)
+    v = qkv[:, 2 * C:].reshape(L, H, D)
+    att = _block_attention(q, k, v, grid_hws, name, block_q)           # [L, C]
+    out = np.empty((L, C), dtype=np.float32)
+    for b0, b1 in spans:
+        sub = _row_chunks(b1, b0)
+        o = kernels.matmul(att[b0:b1], w["wo.weight"], exact=True)      # [rows, C]
+        h = np.empty((b1 - b0, C), dtype=np.float32)
+
+        def norm1(rc):
+            r0, r1 = rc[0] - b0, rc[1] - b0
+            o[r0:r1] += w["wo.bias"]
+            x1 = np.add(x[rc[0]:rc[1]], o[r0:r1], out=out[rc[0]:rc[1]])   # residual 1
+            h[r0:r1] = layer_norm(x1, w["norm1.weight"], w["norm1.bias"], eps)
+
+        kernels.parallel_for(norm1, sub)
+        f = kernels.matmul(h, w["mlp.fc0.weight"], exact=True)          # [rows, F]
+
+        def gelu(rc):
+            r0, r1 = rc[0] - b0, rc[1] - b0
+            f[r0:r1] += w["mlp.fc0.bias"]
+            f[r0:r1] = gelu_tanh(f[r0:r1])
+
+        kernels.parallel_for(gelu, sub)
+        o = kernels.matmul(f, w["mlp.fc1.weight"], exact=True)          # [rows, C]
+
+        def residual(rc):
+            r0, r1 = rc[0] - b0, rc[1] - b0
+            o[r0:r1] += w["mlp.fc1.bias"]
+            out[rc[0]:rc[1]] += o[r0:r1]                                  # residual 2
+
+        kernels.parallel_for(residual, sub)
     return out
 
 
@@ -323,7 +409,7 @@ def projector(merged: np.ndarray, w: dict, eps: float = 1e-5) -> np.ndarray:
     h = layer_norm(merged, w["pre_norm.weight"], w["pre_norm.bias"], eps)  # [T, 4, C]
     h = trace.emit(f"{PROJ}.pre_norm", h)
     h = h.reshape(T, S * C)                                                 # [T, 4C] TL|TR|BL|BR
-    h = kernels.matmul(h, w["linear_1.weight"])                             # row tiles on the worker threads
+    h = kernels.matmul(h, w["linear_1.weight"], exact=True)                 # stored or f32: C, or row tiles
     h += w["linear_1.bias"]
     h = trace.emit(f"{PROJ}.linear_1", h)                                  # [T, 4C] before the GELU
     g = np.empty(h.shape, dtype=np.float32)
@@ -332,7 +418,7 @@ def projector(merged: np.ndarray, w: dict, eps: float = 1e-5) -> np.ndarray:
         g[rc[0]:rc[1]] = gelu_erf(h[rc[0]:rc[1]])
 
     kernels.parallel_for(gelu_rows, _row_chunks(T))
-    out = kernels.matmul(g, w["linear_2.weight"])                           # [T, text_hidden]
+    out = kernels.matmul(g, w["linear_2.weight"], exact=True)               # [T, text_hidden]
     out += w["linear_2.bias"]
     return trace.emit(PROJ, out)
 
@@ -340,6 +426,15 @@ def projector(merged: np.ndarray, w: dict, eps: float = 1e-5) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------------------
 # the tower
 # ---------------------------------------------------------------------------------------------------------
+def _stored_products() -> bool:
+    """Whether the tower hands its matrices to kernels.matmul as mapped: where a C kernel multiplies bf16 batches
+    of MM_ROWS rows in place (the AVX-512 level; AMX takes bf16 batches only up to C_AMX_ROWS). Elsewhere the C
+    backend would widen row tiles for sgemm per call, which ran a 448 px image 9 % slower (AVX2 level, Zen 5)
+    than NumPy's products on the block's matrices widened once."""
+    from .kernels import linear
+    return kernels.backend() == "c" and linear.plan("bf16", MM_ROWS)[0] == "c"
+
+
 def _expected_shapes(cfg) -> dict:
     from .layout import projector_tensors, vision_tensors
     return dict(vision_tensors(cfg) + projector_tensors(cfg))
@@ -384,16 +479,23 @@ class VisionTower:
     def block_weights(self, i: int) -> dict:
         """Block i's tensors as float32, keyed by the short names (BLOCK_KEYS).
 
-        Without cache_weights they are widened (kernels.widen: row tiles on the worker threads) into ONE set
-        of scratch arrays that every block reuses (~61 MB for the real tower), valid until the next call
-        (fresh arrays per block were slower: bench/RESULTS.md, "Measurements behind the code")."""
+        Without cache_weights, where the C kernels multiply bf16 batches in place (_stored_products) the four
+        matrices are the checkpoint's stored tensors as mapped (vision_block multiplies them with kernels.matmul,
+        nothing widened); otherwise they are widened
+        (kernels.widen: row tiles on the worker threads) into ONE set of scratch arrays that every block reuses
+        (~61 MB for the real tower), valid until the next call (fresh arrays per block were slower:
+        bench/RESULTS.md, "Measurements behind the code"). The small vectors are always widened."""
         p = f"{VT}.encoder.blocks.{i}."
         if self.cache_weights or not hasattr(self.ckpt, "tensor"):
             return {k: self._f32(p + k) for k in BLOCK_KEYS}
+        stored = _stored_products()
         out = {}
         for k in BLOCK_KEYS:
             st = self.ckpt.tensor(p + k)
             self._check_shape(p + k, st.shape)
+            if stored and k in MATRIX_KEYS:
+                out[k] = st
+                continue
             buf = self._scratch.get(k)
             if buf is None or buf.shape != tuple(st.shape):
                 buf = self._scratch[k] = np.empty(st.shape, dtype=np.float32)
@@ -401,7 +503,18 @@ class VisionTower:
         return out
 
     def projector_weights(self) -> dict:
-        return {k: self._f32(f"{PROJ}.{k}") for k in PROJ_KEYS}
+        """The projector's tensors keyed by PROJ_KEYS: float32, but without cache_weights where the C kernels multiply
+        bf16 in place (_stored_products) its two matrices as mapped (widening linear_1 alone was ~20 M values an
+        image)."""
+        stored = _stored_products() and not self.cache_weights and hasattr(self.ckpt, "tensor")
+        out = {}
+        for k in PROJ_KEYS:
+            if stored and k in ("linear_1.weight", "linear_2.weight"):
+                st = out[k] = self.ckpt.tensor(f"{PROJ}.{k}")
+                self._check_shape(f"{PROJ}.{k}", st.shape)
+            else:
+                out[k] = self._f32(f"{PROJ}.{k}")
+        return out
 
     def clear_cache(self) -> None:
         self._cache.clear()

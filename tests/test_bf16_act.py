@@ -274,6 +274,35 @@ NEAR_TIE = 1e-3
 
 
 @needs_bf16dp
+def test_exact_products_and_the_vision_tower_ignore_all(bf16dp, act_mode):
+    """matmul(..., exact=True) is the f32 product in every mode: under "all" it gives the bits of the default mode
+    where the plain call rounds x to bf16; the vision tower (its stored matrices and the projector's, exact=True)
+    encodes the same bits under "all" as by default, and differs from its f32-array form (NumPy's products) only
+    by summation order."""
+    sys.path.insert(0, os.path.dirname(__file__))
+    from conftest import TINY
+    from test_vision import _load_case
+    from pykimi.model import load
+    from pykimi import vision
+    rng = np.random.default_rng(13)
+    W = Stored("w", "BF16", f32_to_bf16(rng.standard_normal((45, 70)).astype(np.float32)))
+    x = rng.standard_normal((40, 70)).astype(np.float32)
+    act_mode("q4")
+    want = K.matmul(x, W)
+    model = load(TINY)
+    pv, grids, _, _ = _load_case("two_images")
+    feats = model.encode_images(pv, grids)
+    act_mode("all")
+    assert linear.plan("bf16", 40) == ("c", "bf16")
+    np.testing.assert_array_equal(K.matmul(x, W, exact=True), want)
+    assert not np.array_equal(K.matmul(x, W), want)                    # the plain call rounds x to bf16 here
+    np.testing.assert_array_equal(model.encode_images(pv, grids), feats)
+    cached = vision.VisionTower(model.ckpt, model.config, cache_weights=True).encode(pv, grids)
+    err = np.abs(cached - feats).max() / np.abs(feats).max()
+    assert err < 2e-6, f"stored vs f32-array tower: {err:.2e}"
+
+
+@needs_bf16dp
 @pytest.mark.parametrize("case", ["text_only", "one_image", "two_images"])
 def test_prefill_all_mode_within_bound(bf16dp, act_mode, case):
     sys.path.insert(0, os.path.dirname(__file__))

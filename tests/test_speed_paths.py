@@ -254,6 +254,38 @@ def test_vision_block_chunked_equals_whole_array(monkeypatch, threads, row_chunk
     assert np.array_equal(outs[0], outs[1])               # same chunks whoever computes them
 
 
+@pytest.mark.parametrize("row_chunk,mm_rows", [(128, 1 << 20), (16, 32), (7, 20)])
+def test_vision_block_stored_matrices_equal_the_f32_block(monkeypatch, threads, row_chunk, mm_rows):
+    """vision_block with its four matrices stored as bf16 (the C backend's default: kernels.matmul over MM_ROWS rows
+    at a time, the elementwise parts in ROW_CHUNK tasks) == the spec's float64 block on the same bf16-rounded
+    weights, and == vision_block's f32-array form to its summation order, whatever MM_ROWS (one product for all
+    rows, several, a short last one) and the threads; the input is not modified."""
+    if K.backend() != "c":
+        pytest.skip("the stored-matrix path is the C backend's")
+    C, F, H = 32, 48, VC.num_attention_heads
+    grids = np.array([[4, 6], [2, 2], [6, 4]])
+    L = int((grids[:, 0] * grids[:, 1]).sum())
+    ang = np.concatenate(vision.rope_angles(grids, C // H))
+    w = _block_weights(C, F)
+    bits = {k: f32_to_bf16(w[k]) for k in vision.MATRIX_KEYS}
+    wf = dict(w, **{k: ref.bf16_to_f32(b) for k, b in bits.items()})          # the values bf16 can hold
+    ws = dict(w, **{k: Stored(k, "BF16", b) for k, b in bits.items()})
+    x = np.random.default_rng(5).standard_normal((L, C)).astype(np.float32)
+    want = _block_reference(x, wf, grids, ang, H)
+    f32_form = vision.vision_block(x, wf, grids, ang, VC)
+    monkeypatch.setattr(vision, "ROW_CHUNK", row_chunk)
+    monkeypatch.setattr(vision, "MM_ROWS", mm_rows)
+    for n in (1, 2):
+        threads(n)
+        x_in = x.copy()
+        y = vision.vision_block(x_in, ws, grids, ang, VC)
+        assert np.array_equal(x_in, x)
+        err = np.abs(y - want).max() / np.abs(want).max()
+        assert err < 2e-6, f"threads={n}: {err:.2e} from the float64 block"
+        err = np.abs(y - f32_form).max() / np.abs(f32_form).max()
+        assert err < 2e-6, f"threads={n}: {err:.2e} from the f32-array form"
+
+
 def test_vision_attention_strided_inputs_and_tiles(threads):
     threads(2)
     rng = np.random.default_rng(4)

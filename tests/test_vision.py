@@ -112,22 +112,45 @@ def test_bf16_and_f32_checkpoints_agree(ckpts):
     assert np.array_equal(a, b)        # the widening is exact: same float32 weights, same results
 
 
-def test_default_path_reuses_its_widened_block_weights(ckpts, tower):
-    """Without cache_weights every block is widened into one reused set of scratch arrays: the features equal
-    the cached tower's exactly, image after image, and no block's arrays are kept."""
+@pytest.mark.parametrize("backend", ["numpy", "c"])
+def test_default_path_reuses_its_widened_block_weights(ckpts, tower, backend):
+    """Without cache_weights every block's vectors (and, unless the C kernels multiply bf16 batches in place, its
+    matrices) are widened into one reused set of scratch arrays, and no block's arrays are kept; where they do
+    (the AVX-512 level) the four matrices are the mapped bf16 tensors themselves (kernels.matmul multiplies
+    them: nothing widened). The features equal the cached tower's (f32 arrays, NumPy's products) exactly on
+    the widened path, image after image, and to the summation order of the C kernel's exact product on the other."""
+    import pykimi.kernels as K
+    if backend not in K.backends() or not K.backends()[backend]["available"]:
+        pytest.skip(f"backend {backend} not available")
     ck = ckpts["bf16"]
-    plain = vision.VisionTower(ck, ck.config)
-    w0 = plain.block_weights(0)
-    w0_copy = {k: v.copy() for k, v in w0.items()}
-    w1 = plain.block_weights(1)
-    assert all(w1[k] is w0[k] for k in vision.BLOCK_KEYS)                     # the same buffers ...
-    assert any(not np.array_equal(w1[k], w0_copy[k]) for k in vision.BLOCK_KEYS)   # ... refilled
-    for k in vision.BLOCK_KEYS:
-        np.testing.assert_array_equal(w1[k], tower.block_weights(1)[k], err_msg=k)
-    for case in ("one_image", "two_images", "one_image"):
-        pv, grids, _, _ = _load_case(case)
-        np.testing.assert_array_equal(plain.encode(pv, grids), tower.encode(pv, grids), err_msg=case)
-    assert plain._cache == {}
+    prev = K.backend()
+    K.set_backend(backend)
+    try:
+        plain = vision.VisionTower(ck, ck.config)
+        w0 = plain.block_weights(0)
+        stored = vision._stored_products()
+        assert stored == (backend == "c" and K.linear.plan("bf16", vision.MM_ROWS)[0] == "c")
+        widened = [k for k in vision.BLOCK_KEYS if not stored or k not in vision.MATRIX_KEYS]
+        for k in vision.BLOCK_KEYS:
+            assert isinstance(w0[k], np.ndarray) == (k in widened), k
+        w0_copy = {k: w0[k].copy() for k in widened}
+        w1 = plain.block_weights(1)
+        assert all(w1[k] is w0[k] for k in widened)                                 # the same buffers ...
+        assert any(not np.array_equal(w1[k], w0_copy[k]) for k in widened)         # ... refilled
+        for k in vision.BLOCK_KEYS:
+            got = w1[k] if k in widened else K.widen(w1[k])
+            np.testing.assert_array_equal(got, tower.block_weights(1)[k], err_msg=k)
+        for case in ("one_image", "two_images", "one_image"):
+            pv, grids, _, _ = _load_case(case)
+            got, want = plain.encode(pv, grids), tower.encode(pv, grids)
+            if stored:
+                err = np.abs(got - want).max() / np.abs(want).max()
+                assert 0 < err < 2e-6, f"{case}: {err:.2e} from the f32 tower's"   # 0: the C kernels did run
+            else:
+                np.testing.assert_array_equal(got, want, err_msg=case)
+        assert plain._cache == {}
+    finally:
+        K.set_backend(prev)
 
 
 # ---------------------------------------------------------------------------------------------------------

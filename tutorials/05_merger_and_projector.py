@@ -167,7 +167,7 @@ pad = model.config.media_placeholder_token_id
 where = np.flatnonzero(ids == pad)                                    # [T]
 show(placeholder_positions=where, inputs_embeds=embeds)
 print(f"placeholders at positions {where[0]}..{where[-1]} ({len(where)} of {len(ids)})")
-print("rows replaced by the image features:", np.array_equal(embeds[where], feats))
+print("rows replaced by the image features:", np.array_equal(embeds[where], t["multi_modal_projector"]))
 
 # %%
 norms = np.linalg.norm(embeds, axis=1)                                # [S]

@@ -39,12 +39,13 @@ SMALL_N = 32              # rows of x up to which the stored-form kernels beat w
 # per (weight format, activation mode), C backend: quantized activations make the stored-form kernel cheaper
 # per row than sgemm on widened tiles (int4 never goes to the tiles); bf16 at the AVX-512 level (x-batched)
 MEASURED_SMALL_N_ACT = {("q8_32", "i16"): 96, ("q8_32", "i8"): 48, ("q4_32", "i8"): 1 << 62,
-                        ("bf16", "f32"): 1 << 62}
+                        ("bf16", "f32"): 1 << 62, ("f32", "f32"): 1 << 62}
 SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 # bf16 x f32 at the AVX-512 level: every batch on the C kernel (bf16_tn_avx512) since x is packed per group of 64
 # rows: [1408, 2048] | [2048, 1408] | [11264, 2048], 2 threads, AMD EPYC Zen 5, GFLOP/s C kernel old / new at 128
 # rows 280 / 421-444 | 232 / 436 | 249 / 421-426, at 512 183 / 439 | 189 / 425-427 | 179 / 414-444, against
-# 207-243 for the widened tiles + sgemm that took over from 113 rows (with AMX, C_AMX_ROWS still applies).
+# 207-243 for the widened tiles + sgemm that took over from 113 rows (with AMX, C_AMX_ROWS still applies). f32
+# weights take the same kernel (csrc tn_takes), so a tensor stored in f32 gives the bits of its bf16 twin.
 # ... at the AVX2 level (no AVX-512), where the int4 x int8 row kernel is compute-bound: from 65 rows the widened
 # tiles + sgemm win (4-layer prefill, AMD EPYC Zen 3, alternating in one process, best of 3: 512 tokens 130 ->
 # 156 tok/s with 64, 150 with 32; 64 / 128 tokens unchanged; bench/RESULTS.md, AVX2 class). q8 (96) and bf16
@@ -273,7 +274,7 @@ def _small_n(kind: str) -> int:
         return 1 << 62                      # every int8 / int16-activation batch on a batch kernel (or the row kernel)
     mode = _act_mode(kind)
     n = SMALL_N_ACT.get((kind, mode))
-    if n is None or (kind == "bf16" and not _c_avx512()):
+    if n is None or (kind in ("bf16", "f32") and not _c_avx512()):
         return SMALL_N
     if not _c_avx512() and (kind, mode) in SMALL_N_ACT_AVX2:
         return min(n, SMALL_N_ACT_AVX2[(kind, mode)])
@@ -450,8 +451,10 @@ def _check_features(x: np.ndarray, w, who: str, label="W") -> tuple[int, int]:
     return out_f, in_f
 
 
-def matmul(x, w) -> np.ndarray:
-    """x @ W.T in float32. x [n, in] or [in] (any leading dims are flattened); W [out, in] in any stored form."""
+def matmul(x, w, exact: bool = False) -> np.ndarray:
+    """x @ W.T in float32. x [n, in] or [in] (any leading dims are flattened); W [out, in] in any stored form.
+    exact: the f32 product of the stored values whatever act_quant() says (the C kernels' f32 activation mode;
+    the vision tower's products, which PYKIMI_ACT_QUANT=all would otherwise round to bf16 / int8)."""
     x = np.asarray(x)
     kind = _kind(w)
     out_f, in_f = _check_features(x, w, "matmul: x")
@@ -459,6 +462,8 @@ def matmul(x, w) -> np.ndarray:
     x2 = np.ascontiguousarray(x.reshape(-1, in_f), dtype=np.float32)
     n = x2.shape[0]
     path, act = plan(kind, n)
+    if exact and path == "c":
+        act = "f32"
     if path == "blas":
         y = x2 @ np.asarray(w, dtype=np.float32).T
     elif path == "tiles":
