@@ -37,7 +37,7 @@ PROJ = "multi_modal_projector"
 BLOCK_KEYS = ("norm0.weight", "norm0.bias", "wqkv.weight", "wqkv.bias", "wo.weight", "wo.bias",
               "norm1.weight", "norm1.bias", "mlp.fc0.weight", "mlp.fc0.bias", "mlp.fc1.weight", "mlp.fc1.bias")
 # ... of which the four matrices: float32 arrays (multiplied by NumPy in row chunks) or stored weights (bf16 as
-# mapped: kernels.matmul, one call per matrix over all rows -- see vision_block)
+# mapped: kernels.matmul, one call per matrix and MM_ROWS rows -- see vision_block)
 MATRIX_KEYS = ("wqkv.weight", "wo.weight", "mlp.fc0.weight", "mlp.fc1.weight")
 PROJ_KEYS = ("pre_norm.weight", "pre_norm.bias", "linear_1.weight", "linear_1.bias",
              "linear_2.weight", "linear_2.bias")
@@ -269,7 +269,7 @@ def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None
 
     w: the block's tensors keyed by their short checkpoint names (BLOCK_KEYS): float32 arrays, or for the four
     matrices (MATRIX_KEYS) stored weights as the checkpoint maps them (pykimi.weights.Stored, bf16), which go to
-    kernels.matmul -- one call per matrix over all L rows, the C kernels multiplying the bf16 weights in place
+    kernels.matmul -- one call per matrix and MM_ROWS rows, the C kernels multiplying the bf16 weights in place
     (the exact f32 product) at the AVX-512 level's ~430 GFLOP/s on 2 Zen 5 cores, where NumPy's sgemm on the widened
     weights ran ~200 (OpenBLAS's AVX2 kernels on that CPU) and the widening cost a pass over the weights more;
     angles: per-image RoPE angle tables (rope_angles) or one concatenated f32[L, D/2]; cfg: Kimi-VL or vision
@@ -277,7 +277,7 @@ def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None
 
     Everything but the attention is row-local, so it runs in chunks of ROW_CHUNK tokens, one worker task each
     (kernels.parallel_for: single-threaded sgemm + the elementwise ops while the chunk is in cache; with stored
-    matrices only the elementwise ops, between the whole-array products); the attention runs one task per
+    matrices only the elementwise ops, between the MM_ROWS-row products); the attention runs one task per
     (image, head). Same operations, in the same order, as the whole-array form."""
     if not all(isinstance(w[k], np.ndarray) for k in MATRIX_KEYS):
         return _vision_block_stored(x, w, grid_hws, angles, cfg, name, block_q)
