@@ -499,7 +499,8 @@ def load(path, backend: str | None = None, threads: int | None = None, max_conte
         try:
             kernels.set_act_quant(act_quant)
         except ValueError:
-            raise InputError(f"act_quant={act_quant!r}: expected one of q4, all, none") from None
+            raise InputError(f"act_quant={act_quant!r}: expected one of {', '.join(kernels.linear._ACT_MODES)}") \
+                from None
     if backend is not None:
         try:
             kernels.set_backend(backend)
