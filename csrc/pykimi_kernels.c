@@ -4172,6 +4172,76 @@ static void silu_mul_scalar(float *g, const float *u, int64_t n) {
 /* silu(g) * u in place over g (moe.silu's x / (1 + e^-x)) at SIMD level simd; see silu_mul_avx512 */
 static void silu_mul(int simd, float *g, const float *u, int64_t n) { PK_LEVEL_CALL(simd, silu_mul, (g, u, n)); }
 
+/* ------------------------------------------------------------------- the vision attention's softmax (spec §6.3)
+ * One row of scores in place: s = e^(s - max(s)), returns the sum (ops.exp_rows, unnormalised: vision_attention
+ * divides P.V by it). Two passes over the row (max; exp, store and sum) instead of NumPy's four (max, subtract,
+ * exp, sum), the exp the decode's vector one (~1 ulp). Why: at 896 px (4096 patches) NumPy's four passes over a
+ * [256, 4096] tile took 366 of 948 ms of a block's attention on one thread (Intel Ice Lake); the two products
+ * around it are BLAS. The sum is in f64 (lanes, then across them), rounded once: in f32 lanes a 4096-wide row's sum
+ * was 3e-6 (one lane: 1.6e-5) from NumPy's pairwise one; converting costs little next to the exp. */
+#if PK_HAVE_AVX512
+static PK_AVX512 float exp_row_avx512(float *s, int64_t n) {
+    __m512 m = _mm512_set1_ps(-INFINITY);
+    __m512d a0 = _mm512_setzero_pd(), a1 = _mm512_setzero_pd();
+    float mx;
+    double sum;
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) m = _mm512_max_ps(m, _mm512_loadu_ps(s + i));
+    mx = _mm512_reduce_max_ps(m);
+    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    m = _mm512_set1_ps(mx);
+    for (i = 0; i + 16 <= n; i += 16) {
+        const __m512 e = exp_avx512(_mm512_sub_ps(_mm512_loadu_ps(s + i), m));
+        _mm512_storeu_ps(s + i, e);
+        a0 = _mm512_add_pd(a0, _mm512_cvtps_pd(_mm512_castps512_ps256(e)));
+        a1 = _mm512_add_pd(a1, _mm512_cvtps_pd(_mm256_castpd_ps(_mm512_extractf64x4_pd(_mm512_castps_pd(e), 1))));
+    }
+    sum = _mm512_reduce_add_pd(_mm512_add_pd(a0, a1));
+    for (; i < n; i++) sum += (double)(s[i] = expf(s[i] - mx));
+    return (float)sum;
+}
+#endif
+#if PK_X86
+static PK_AVX2 float exp_row_avx2(float *s, int64_t n) {
+    __m256 m = _mm256_set1_ps(-INFINITY);
+    __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
+    float mx, lanes[8];
+    double sum, dl[4];
+    int64_t i = 0;
+    int k;
+    for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
+    _mm256_storeu_ps(lanes, m);
+    mx = lanes[0];
+    for (k = 1; k < 8; k++) mx = lanes[k] > mx ? lanes[k] : mx;
+    for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    m = _mm256_set1_ps(mx);
+    for (i = 0; i + 8 <= n; i += 8) {
+        const __m256 e = exp_avx2(_mm256_sub_ps(_mm256_loadu_ps(s + i), m));
+        _mm256_storeu_ps(s + i, e);
+        a0 = _mm256_add_pd(a0, _mm256_cvtps_pd(_mm256_castps256_ps128(e)));
+        a1 = _mm256_add_pd(a1, _mm256_cvtps_pd(_mm256_extractf128_ps(e, 1)));
+    }
+    _mm256_storeu_pd(dl, _mm256_add_pd(a0, a1));
+    sum = (dl[0] + dl[1]) + (dl[2] + dl[3]);
+    for (; i < n; i++) sum += (double)(s[i] = expf(s[i] - mx));
+    return (float)sum;
+}
+#endif
+static float exp_row_scalar(float *s, int64_t n) {
+    float mx = -INFINITY;
+    double sum = 0.0;
+    int64_t i;
+    for (i = 0; i < n; i++) mx = s[i] > mx ? s[i] : mx;
+    for (i = 0; i < n; i++) sum += (double)(s[i] = expf(s[i] - mx));
+    return (float)sum;
+}
+
+void pk_exp_rows(float *s, int64_t rows, int64_t n, int64_t stride, float *den) {
+    const int simd = pk_get_simd();
+    int64_t r;
+    for (r = 0; r < rows; r++) den[r] = PK_LEVEL_CALL(simd, exp_row, (s + r * stride, n));
+}
+
 static void values16_level(int simd, const float *p, const float *r, int64_t W, int64_t nt, int64_t R, float *o,
                            const float *corr, int fresh) {
     PK_LEVEL_CALL(simd, values16, (p, r, W, nt, R, o, corr, fresh));

@@ -199,6 +199,11 @@ void pk_add_rms_norm(const float *x, const float *a, int64_t rows, int64_t d, co
  * MoE uses (~1 ulp); out may be g. */
 void pk_silu_mul(const float *g, const float *u, int64_t n, float *out);
 
+/* Rows of scores in place, row r at s + r * stride, n values each: s = e^(s - max over the row), den[r] = the row's
+ * sum (ops.exp_rows: the vision attention's unnormalised softmax), with the decode's vector exp (~1 ulp). One
+ * thread (the vision attention calls it from its own worker threads); a NaN in a row makes its sum NaN. */
+void pk_exp_rows(float *s, int64_t rows, int64_t n, int64_t stride, float *den);
+
 /* Everything one decoder layer needs for a decode token (spec §8.2-8.4), made once per layer by the caller
  * (kernels/fused.py) and kept: dims, norms, each linear's record, kv_b_proj, and the FFN -- a dense SwiGLU
  * (moe = 0: mlp, one expert of weight 1) or the router + the table of routed experts + the shared experts as

@@ -4,6 +4,7 @@
     add_rms_norm(x, a, w, eps) -> (x + a, rms_norm(x + a))   a residual add and the next pre-norm
     layer_norm(x, w, b, eps)   [..., C] -> [..., C]   MoonViT and the projector (spec §6.3, §7)
     softmax(x, axis)           max subtracted first, fp32 (spec §8.3)
+    exp_rows(s)                in place s = exp(s - rowmax), returns the row sums: an unnormalised softmax (§6.3)
     sigmoid(x), silu(x)        the router's scores and SwiGLU's gate (spec §8.4)
     silu_mul(g, u)             SwiGLU's silu(g) * u (spec §8.4)
     gelu_tanh(x)               the vision MLP's GELU (spec §6.3)
@@ -64,6 +65,16 @@ def softmax(x: np.ndarray, axis: int = -1) -> np.ndarray:
     x = np.asarray(x, dtype=np.float32)
     e = np.exp(x - np.max(x, axis=axis, keepdims=True))
     return e / np.sum(e, axis=axis, keepdims=True)
+
+
+def exp_rows(s: np.ndarray) -> np.ndarray:
+    """In place ``s = exp(s - max(s))`` per row, returns the row sums   # s f32[b, n] -> f32[b, 1].
+
+    softmax without its division: the vision attention divides P·V ([b, D], D << n) by the sums instead of the
+    [b, n] probabilities (spec §6.3). In place because s is a worker's score tile, reused tile after tile."""
+    s -= s.max(axis=-1, keepdims=True)
+    np.exp(s, out=s)
+    return s.sum(axis=-1, keepdims=True)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:

@@ -480,6 +480,50 @@ def test_c_level_silu_mul_twin(simd_level):
         K.set_backend(prev)
 
 
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_exp_rows_twin(simd_level):
+    """kernels.fast(ops.exp_rows) (pk_exp_rows: max, then exp and sum, a row at a time) == ops.exp_rows in place to
+    ~1 ulp of the row's largest value (1) and its sums to 1e-6 relative, on a vision-attention tile [256, 4096],
+    odd widths (a tail past the last vector), a strided view of rows (a tile in a bigger buffer, as the attention's
+    last tile is), rows 60 apart in scale (exp underflows to ~0) and a row of one value; anything else (f64, a
+    non-unit last stride) goes to the definition."""
+    from pykimi import ops
+    prev = K.backend()
+    K.set_backend("c")
+    try:
+        rng = np.random.default_rng(75)
+        fast = K.fast(ops.exp_rows)
+        for shape in ((256, 4096), (5, 37), (3, 1), (1, 16), (0, 8)):
+            s = (rng.standard_normal(shape) * 4).astype(np.float32)
+            if s.shape[0] > 2 and s.shape[1] > 1:
+                s[1, : s.shape[1] // 2] -= 60.0                       # half a row ~e^-60 below the rest
+                s[2] = 7.5                                            # all equal: each e^0 = 1
+            got, want = s.copy(), s.copy()
+            dg, dw = fast(got), ops.exp_rows(want)
+            assert dg.shape == dw.shape == (shape[0], 1) and dg.dtype == np.float32
+            if not s.size:
+                continue
+            err = np.max(np.abs(got - want))
+            assert err < 3e-7, f"level={simd_level} {shape}: values differ by {err:.2e}"
+            rel = np.max(np.abs(dg - dw) / dw)
+            assert rel < 1e-6, f"level={simd_level} {shape}: sums differ by {rel:.2e} relative"
+        big = (rng.standard_normal((8, 200)) * 4).astype(np.float32)
+        before = big.copy()
+        view, ref = big[::2, :131], big[::2, :131].copy()          # rows 1600 bytes apart, 131 used of each
+        dg, dw = fast(view), ops.exp_rows(ref)
+        np.testing.assert_allclose(view, ref, rtol=0, atol=3e-7, err_msg=f"level={simd_level}: strided rows")
+        np.testing.assert_allclose(dg, dw, rtol=1e-6, err_msg=f"level={simd_level}: strided rows' sums")
+        np.testing.assert_array_equal(big[1::2], before[1::2], err_msg="rows between the view's were written")
+        np.testing.assert_array_equal(big[::2, 131:], before[::2, 131:], err_msg="columns past the view written")
+        s64 = rng.standard_normal((3, 9))
+        a, b = s64.copy(), s64.copy()
+        np.testing.assert_array_equal(fast(a), ops.exp_rows(b))
+        np.testing.assert_array_equal(a, b)
+    finally:
+        K.set_backend(prev)
+
+
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
 def test_swiglu_sum_matches_reference_and_checks_shapes(use_backend):
     rng = np.random.default_rng(72)

@@ -152,6 +152,20 @@ def silu_mul(definition, g, u) -> np.ndarray:
     return out
 
 
+@twin_of("pykimi.ops.exp_rows")
+def exp_rows(definition, s) -> np.ndarray:
+    """The C backend's pk_exp_rows (two passes a row, the vector exp, one thread: the vision attention calls it
+    from its worker threads) on f32 [b, n] rows with a unit last stride; the definition otherwise."""
+    c = _mods.get("c") if backend() == "c" else None
+    if c is None or not isinstance(s, np.ndarray) or s.dtype != np.float32 or s.ndim != 2 \
+            or s.strides[1] != 4 or s.strides[0] % 4 or not s.flags.writeable or 0 in s.shape:
+        return definition(s)
+    den = np.empty((s.shape[0], 1), dtype=np.float32)
+    c.lib.pk_exp_rows(c.ffi.cast("float *", s.ctypes.data), s.shape[0], s.shape[1], s.strides[0] // 4,
+                      c.ffi.cast("float *", den.ctypes.data))
+    return den
+
+
 @twin_of("pykimi.ops.add_rms_norm")
 def add_rms_norm(definition, x, a, weight, eps: float):
     """(x + a, rms_norm(x + a, weight, eps)) in one Numba pass   # x, a [..., d] (without Numba, the C
