@@ -11,7 +11,12 @@ decode, engine.decode_batch, over B sequences with their own prompts; the number
               perf_counter accumulator -- reported per function (calls and ms per token);
   * glue      step - kernels of that instrumented pass, per token and per decoder layer (the wrappers add
               ~0.2 us a call, counted as glue);
-  * the top Python costs of a few steps under cProfile (tottime: the function's own time).
+  * the top Python costs of a few steps under cProfile (tottime: the function's own time);
+  * with --stalls, a third pass that keeps, for every step, what else happened in it: page faults (minor / major),
+              context switches (voluntary / involuntary), the process's CPU seconds (all threads), the guest's steal
+              time (/proc/stat, what the host took from this VM), and Python's garbage collections; then lists the
+              steps slower than 1.3x the median (issue 25's p99 limit) beside the typical step's counts, so a stall
+              can be told apart: faults (pages not resident), steal (the host), a collection (Python), or none.
 
 Nothing here is a test. Run it with the pykimi under test first on PYTHONPATH (a side-by-side comparison runs
 this same file against two worktrees): ``PYTHONPATH=/path/to/tree python bench/profile_decode.py ...``.
@@ -29,6 +34,9 @@ import time
 
 import pykimi  # noqa: F401 -- before NumPy, as the `pykimi` command does (OPENBLAS_THREAD_TIMEOUT)
 import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from run import prefault, steal_ticks  # noqa: E402  (bench/run.py)
 
 
 class Clock:
@@ -200,6 +208,55 @@ class Single:
         return logits
 
 
+class Stalls:
+    """Per-step counters beside the step's wall time (--stalls): what a slow step had that a typical one did not."""
+
+    FIELDS = ("ms", "cpu_ms", "minflt", "majflt", "nvcsw", "nivcsw", "steal_ms", "gc")
+
+    def __init__(self):
+        import gc
+        self.gcs = 0
+        gc.callbacks.append(self._gc)
+        self.rows: list = []
+
+    def _gc(self, phase, info):
+        if phase == "start":
+            self.gcs += 1
+
+    @staticmethod
+    def _sample():
+        import resource
+        r = resource.getrusage(resource.RUSAGE_SELF)
+        return (time.perf_counter(), r.ru_utime + r.ru_stime, r.ru_minflt, r.ru_majflt, r.ru_nvcsw, r.ru_nivcsw,
+                steal_ticks())
+
+    def run(self, model, run, n: int) -> None:
+        tick = os.sysconf("SC_CLK_TCK")
+        state = run.start(model, n)
+        for _ in range(n):
+            g0, a = self.gcs, self._sample()
+            run.step(model, state)
+            b = self._sample()
+            self.rows.append(((b[0] - a[0]) * 1e3, (b[1] - a[1]) * 1e3, b[2] - a[2], b[3] - a[3], b[4] - a[4],
+                              b[5] - a[5], (b[6] - a[6]) * 1e3 / tick, self.gcs - g0))
+
+    def report(self, limit: float = 1.3) -> dict:
+        a = np.asarray(self.rows, dtype=np.float64)                 # [steps, FIELDS]
+        med = np.median(a, axis=0)
+        slow = a[:, 0] > limit * med[0]
+        out = {"median": dict(zip(self.FIELDS, map(float, med))), "limit": limit, "slow_steps": int(slow.sum()),
+               "slow": [dict(zip(("step",) + self.FIELDS, (int(i),) + tuple(map(float, a[i]))))
+                        for i in np.flatnonzero(slow)]}
+        print(f"  stalls: {int(slow.sum())} of {len(a)} steps above {limit}x the median step "
+              f"({med[0]:.2f} ms)")
+        head = "    step " + " ".join(f"{k:>8s}" for k in self.FIELDS)
+        print(head)
+        print("  median " + " ".join(f"{v:8.1f}" for v in med))
+        for i in np.flatnonzero(slow):
+            print(f"    {i:4d} " + " ".join(f"{v:8.1f}" for v in a[i]))
+        return out
+
+
 def stats(a_ms: np.ndarray) -> dict:
     return {"mean": float(a_ms.mean()), "median": float(np.median(a_ms)), "p99": float(np.percentile(a_ms, 99)),
             "min": float(a_ms.min())}
@@ -221,11 +278,17 @@ def main(argv=None) -> dict:
     ap.add_argument("--mlock", action="store_true", help="load with mlock=True (the weights pinned in RAM)")
     ap.add_argument("--layers", type=int, default=0,
                     help="run the checkpoint's layers as a deeper stack of this many (see deepen)")
+    ap.add_argument("--prefault", action="store_true",
+                    help="touch every language-model weight page first (bench/run.py's prefault, as its decode does)")
+    ap.add_argument("--stalls", action="store_true",
+                    help="a pass that keeps each step's faults, context switches, steal time and collections")
     args = ap.parse_args(argv)
 
     import pykimi
     model = pykimi.load(args.ckpt, backend="c", threads=args.threads, mlock=args.mlock)
     deepen(model, args.layers)
+    if args.prefault:
+        prefault(model.ckpt)
     L = model.text.num_hidden_layers
     rng = np.random.default_rng(0)
     prompt = rng.integers(100, min(model.text.vocab_size, 50000), args.prompt).astype(np.int64)
@@ -235,6 +298,10 @@ def main(argv=None) -> dict:
     decode(model, prompt, args.warmup)
 
     step = decode(model, prompt, args.tokens) * 1e3                        # nothing patched
+    stall = None
+    if args.stalls:                                                        # before any wrapper is installed
+        stall = Stalls()
+        stall.run(model, run, args.tokens)
 
     if args.cprofile:
         pstate = run.start(model, args.cprofile)
@@ -285,6 +352,8 @@ def main(argv=None) -> dict:
     print(f"  instrumented ms/token  {f(res['instrumented_step_ms'])}")
     print(f"  kernels      ms/token  {f(res['kernel_ms'])}")
     print(f"  glue         ms/token  {f(res['glue_ms'])}   ({res['glue_ms_per_layer']:.3f} ms a layer)")
+    if stall is not None:
+        res["stalls"] = stall.report()
     if not args.quiet:
         print("  kernel calls per token:")
         for k, v in res["kernels"].items():

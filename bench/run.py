@@ -251,13 +251,28 @@ class HookPatch:
         return False
 
 
-def _timed_generate(model, prompt, n_new: int):
-    """Greedy decode of n_new tokens -> (seconds of each decode step, token ids, model.last_stats)."""
-    ids, stamps = [], []
+def steal_ticks() -> int:
+    """The guest's steal time so far (/proc/stat's cpu line, clock ticks: time the host ran something else while
+    this VM's vCPUs wanted to run); 0 where there is none to read."""
+    try:
+        with open("/proc/stat") as fh:
+            f = fh.readline().split()
+        return int(f[8]) if f[0] == "cpu" and len(f) > 8 else 0
+    except OSError:
+        return 0
+
+
+def _timed_generate(model, prompt, n_new: int, steal: list | None = None):
+    """Greedy decode of n_new tokens -> (seconds of each decode step, token ids, model.last_stats); with ``steal``
+    a list, it gets each step's steal ticks (steal_ticks), so a slow step can be told to be the host's."""
+    ids, stamps, ticks = [], [], []
     for tok in model.generate(prompt, max_new_tokens=n_new, stream=True, stop_ids=[]):
         stamps.append(time.perf_counter())
+        ticks.append(steal_ticks() if steal is not None else 0)
         ids.append(int(tok))
     steps = np.diff(stamps)                                   # the first yield comes after the prefill
+    if steal is not None:
+        steal[:] = np.diff(ticks).tolist()
     return steps, ids, dict(model.last_stats)
 
 
@@ -270,7 +285,11 @@ def worker_decode(spec: dict) -> dict:
            "prefault_s": prefault(model.ckpt) if spec.get("prefault", True) else None}
     prompt = _synthetic_prompt(spec["prompt"], model.text.vocab_size)
     _timed_generate(model, prompt, spec["warmup"])                             # warm-up (JIT, caches)
-    steps, ids, stats = _timed_generate(model, prompt, spec["tokens"] + 1)
+    steal: list = []
+    steps, ids, stats = _timed_generate(model, prompt, spec["tokens"] + 1, steal)
+    slow = steps > 1.3 * np.median(steps)                                     # issue 25: p99 <= 1.3x the median
+    out.update(slow_steps=int(slow.sum()), slow_steps_with_steal=int(sum(1 for s, t in zip(slow, steal) if s and t)),
+               steal_ms=float(sum(steal) * 1e3 / os.sysconf("SC_CLK_TCK")))
     out.update(tok_s=float(len(steps) / steps.sum()), ms_per_token=float(1e3 * steps.mean()),
                ms_per_token_median=float(1e3 * np.median(steps)),
                ms_per_token_p99=float(1e3 * np.percentile(steps, 99)), steps=len(steps), token_ids=ids,
@@ -800,6 +819,8 @@ def summarize(res: dict) -> None:
         if "ms_per_token_p99" in d:        # stalls show as a p99 far above the median (issue 25: <= 1.3x)
             note += (f"; step mean / median / p99 {d['ms_per_token']:.1f} / {d['ms_per_token_median']:.1f} / "
                      f"{d['ms_per_token_p99']:.1f} ms")
+        if "slow_steps" in d:              # how many steps over 1.3x the median, and how many of them the host stole
+            note += f" ({d['slow_steps']} over 1.3x median, {d['slow_steps_with_steal']} with host steal)"
         entry = {"tok_s": d["tok_s"], "active_bytes": ab, "ms_median": d.get("ms_per_token_median"),
                  "ms_p99": d.get("ms_per_token_p99"), "peak_anon": d["memory"]["peak_anon"],
                  "peak_rss": d["memory"]["peak_rss"], "kv_cache_bytes": d.get("kv_cache_bytes")}
