@@ -4236,6 +4236,45 @@ static float exp_row_scalar(float *s, int64_t n) {
     return (float)sum;
 }
 
+/* The vision MLP's GELU, tanh form (spec §6 item 3, ops.gelu_tanh): 0.5 x (1 + tanh(u)), u = sqrt(2/pi) (x + 0.044715
+ * x^3), computed as x / (1 + e^(-2u)) (the same function: 1 + tanh(u) = 2 / (1 + e^(-2u))) with the vector exp,
+ * -2u clamped at ln(FLT_MAX) as silu_mul does (e^(-2u) = inf: x / inf, the -0 or 0 the limit is). Why: NumPy's
+ * definition makes eight passes and a tanh over the [rows, 4304] activations, 84 ms a block at 896 px on one thread
+ * (Intel Ice Lake). */
+#define PK_GELU_C 0.7978845608028654f /* sqrt(2 / pi) */
+#if PK_HAVE_AVX512
+static PK_AVX512 void gelu_tanh_avx512(const float *x, int64_t n, float *out) {
+    const __m512 one = _mm512_set1_ps(1.0f), hi = _mm512_set1_ps(88.7228394f), k = _mm512_set1_ps(0.044715f);
+    const __m512 m2c = _mm512_set1_ps(-2.0f * PK_GELU_C);
+    int64_t i = 0;
+    for (; i + 16 <= n; i += 16) {
+        const __m512 v = _mm512_loadu_ps(x + i);
+        const __m512 u = _mm512_mul_ps(m2c, _mm512_fmadd_ps(_mm512_mul_ps(k, v), _mm512_mul_ps(v, v), v));
+        _mm512_storeu_ps(out + i, _mm512_div_ps(v, _mm512_add_ps(one, exp_avx512(_mm512_min_ps(hi, u)))));
+    }
+    for (; i < n; i++) out[i] = x[i] / (1.0f + expf(-2.0f * PK_GELU_C * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+}
+#endif
+#if PK_X86
+static PK_AVX2 void gelu_tanh_avx2(const float *x, int64_t n, float *out) {
+    const __m256 one = _mm256_set1_ps(1.0f), hi = _mm256_set1_ps(88.7228394f), k = _mm256_set1_ps(0.044715f);
+    const __m256 m2c = _mm256_set1_ps(-2.0f * PK_GELU_C);
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        const __m256 v = _mm256_loadu_ps(x + i);
+        const __m256 u = _mm256_mul_ps(m2c, _mm256_fmadd_ps(_mm256_mul_ps(k, v), _mm256_mul_ps(v, v), v));
+        _mm256_storeu_ps(out + i, _mm256_div_ps(v, _mm256_add_ps(one, exp_avx2(_mm256_min_ps(hi, u)))));
+    }
+    for (; i < n; i++) out[i] = x[i] / (1.0f + expf(-2.0f * PK_GELU_C * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+}
+#endif
+static void gelu_tanh_scalar(const float *x, int64_t n, float *out) {
+    int64_t i;
+    for (i = 0; i < n; i++) out[i] = x[i] / (1.0f + expf(-2.0f * PK_GELU_C * (x[i] + 0.044715f * x[i] * x[i] * x[i])));
+}
+
+void pk_gelu_tanh(const float *x, int64_t n, float *out) { PK_LEVEL_CALL(pk_get_simd(), gelu_tanh, (x, n, out)); }
+
 void pk_exp_rows(float *s, int64_t rows, int64_t n, int64_t stride, float *den) {
     const int simd = pk_get_simd();
     int64_t r;

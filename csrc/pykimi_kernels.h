@@ -204,6 +204,10 @@ void pk_silu_mul(const float *g, const float *u, int64_t n, float *out);
  * thread (the vision attention calls it from its own worker threads); a NaN in a row makes its sum NaN. */
 void pk_exp_rows(float *s, int64_t rows, int64_t n, int64_t stride, float *den);
 
+/* out[i] = gelu_tanh(x[i]), i < n (ops.gelu_tanh, the vision MLP's), as x / (1 + e^(-2u)) with the vector exp; one
+ * thread (the vision block calls it from its worker threads); out may be x. */
+void pk_gelu_tanh(const float *x, int64_t n, float *out);
+
 /* Everything one decoder layer needs for a decode token (spec §8.2-8.4), made once per layer by the caller
  * (kernels/fused.py) and kept: dims, norms, each linear's record, kv_b_proj, and the FFN -- a dense SwiGLU
  * (moe = 0: mlp, one expert of weight 1) or the router + the table of routed experts + the shared experts as

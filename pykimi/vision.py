@@ -285,6 +285,7 @@ def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None
     if not all(isinstance(w[k], np.ndarray) for k in MATRIX_KEYS):
         return _vision_block_stored(x, w, grid_hws, angles, cfg, name, block_q)
     x, L, C, H, D, eps, ang, chunks = _block_setup(x, angles, cfg)
+    fast_gelu = kernels.fast(gelu_tanh)
 
     qkv = np.empty((L, 3 * C), dtype=np.float32)                         # q | k | v contiguous thirds
     q = np.empty((L, H, D), dtype=np.float32)
@@ -313,7 +314,7 @@ def vision_block(x: np.ndarray, w: dict, grid_hws, angles, cfg, name: str | None
         h = layer_norm(x1, w["norm1.weight"], w["norm1.bias"], eps)
         f = h @ w["mlp.fc0.weight"].T                                      # [r, F]
         f += w["mlp.fc0.bias"]
-        f = gelu_tanh(f)
+        f = fast_gelu(f)                                                   # ops.gelu_tanh (C twin on C)
         o = f @ w["mlp.fc1.weight"].T                                      # [r, C]
         o += w["mlp.fc1.bias"]
         x1 += o                                                            # residual 2
@@ -328,6 +329,7 @@ def _vision_block_stored(x, w, grid_hws, angles, cfg, name, block_q) -> np.ndarr
     vision_block's f32 form, but each product's sum is the kernel's (the exact f32 product of the bf16 weights,
     summed in its own order: ~1e-6 of the scale from NumPy's sgemm)."""
     x, L, C, H, D, eps, ang, _ = _block_setup(x, angles, cfg)
+    fast_gelu = kernels.fast(gelu_tanh)                                  # ops.gelu_tanh (C twin on C)
     qkv = np.empty((L, 3 * C), dtype=np.float32)                         # q | k | v contiguous thirds
     q = np.empty((L, H, D), dtype=np.float32)
     k = np.empty((L, H, D), dtype=np.float32)
@@ -371,7 +373,7 @@ def _vision_block_stored(x, w, grid_hws, angles, cfg, name, block_q) -> np.ndarr
         def gelu(rc):
             r0, r1 = rc[0] - b0, rc[1] - b0
             f[r0:r1] += w["mlp.fc0.bias"]
-            f[r0:r1] = gelu_tanh(f[r0:r1])
+            f[r0:r1] = fast_gelu(f[r0:r1])
 
         kernels.parallel_for(gelu, sub)
         o = kernels.matmul(f, w["mlp.fc1.weight"], exact=True)          # [rows, C]

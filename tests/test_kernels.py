@@ -524,6 +524,38 @@ def test_c_level_exp_rows_twin(simd_level):
         K.set_backend(prev)
 
 
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+@pytest.mark.parametrize("simd_level", C_LEVELS, indirect=True)
+def test_c_level_gelu_tanh_twin(simd_level):
+    """kernels.fast(ops.gelu_tanh) (pk_gelu_tanh: x / (1 + e^(-2u)), the vector exp) == ops.gelu_tanh to 1e-6 of
+    max(|x|, 1) on the vision MLP's [rows, 4304] and odd shapes, with x from -60 to 60 (e^(-2u) over- and
+    underflows, the tanh form cancels), exact zeros; input untouched; f64 and non-contiguous go to the definition."""
+    from pykimi import ops
+    prev = K.backend()
+    K.set_backend("c")
+    try:
+        rng = np.random.default_rng(76)
+        fast = K.fast(ops.gelu_tanh)
+        for shape in ((64, 4304), (3, 7), (1, 16), (0, 5)):
+            x = (rng.standard_normal(shape) * 3).astype(np.float32)
+            if x.size:
+                x.flat[: min(x.size, 241)] = np.linspace(-60, 60, min(x.size, 241))
+                x.flat[-1] = 0.0
+            x0 = x.copy()
+            got, want = fast(x), ops.gelu_tanh(x)
+            assert got.shape == want.shape and got.dtype == np.float32
+            np.testing.assert_array_equal(x, x0)
+            assert np.isfinite(got).all(), f"level={simd_level} {shape}: non-finite {got[~np.isfinite(got)][:4]}"
+            err = np.max(np.abs(got - want) / np.maximum(np.abs(x), 1.0)) if x.size else 0.0
+            assert err < 1e-6, f"level={simd_level} {shape}: {err:.2e}"
+        x64 = rng.standard_normal((4, 5))
+        np.testing.assert_array_equal(fast(x64), ops.gelu_tanh(x64))
+        xt = rng.standard_normal((6, 4)).astype(np.float32).T                     # not C-contiguous
+        np.testing.assert_array_equal(fast(xt), ops.gelu_tanh(xt))
+    finally:
+        K.set_backend(prev)
+
+
 @pytest.mark.parametrize("use_backend", AVAILABLE, indirect=True)
 def test_swiglu_sum_matches_reference_and_checks_shapes(use_backend):
     rng = np.random.default_rng(72)

@@ -166,6 +166,20 @@ def exp_rows(definition, s) -> np.ndarray:
     return den
 
 
+@twin_of("pykimi.ops.gelu_tanh")
+def gelu_tanh(definition, x) -> np.ndarray:
+    """The C backend's pk_gelu_tanh (one pass, the vector exp, one thread: the vision block calls it from its
+    worker threads) on a contiguous f32 array; the definition otherwise."""
+    c = _mods.get("c") if backend() == "c" else None
+    if c is None or not isinstance(x, np.ndarray) or x.dtype != np.float32 or not x.flags.c_contiguous:
+        return definition(x)
+    out = np.empty_like(x)
+    if x.size:
+        p = c.ffi.from_buffer
+        c.lib.pk_gelu_tanh(p("float[]", x), x.size, p("float[]", out))
+    return out
+
+
 @twin_of("pykimi.ops.add_rms_norm")
 def add_rms_norm(definition, x, a, weight, eps: float):
     """(x + a, rms_norm(x + a, weight, eps)) in one Numba pass   # x, a [..., d] (without Numba, the C
