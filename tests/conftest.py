@@ -79,21 +79,54 @@ def check_mixed_jobs(cmod, spec, seed: int, rows_jobs, switch, bf16_act: bool = 
         switch(True)
 
 
+NEAR_TIE_SWITCH = 1e-4   # router margin under which two summation orders may pick different experts (check_prefill_switch)
+
+
+def _int8_code_flips(model, t_a, t_b):
+    """The first position where the MoE input of some layer (h = RMSNorm(x + attention), rebuilt from the traces of
+    two prefills) quantizes to different int8 codes in the two runs (blocks of 32, scale max|block| / 127, as the
+    kernels' int8 activations), or None."""
+    from pykimi.model import LM
+    from pykimi.ops import add_rms_norm
+    first = None
+    for layer in range(1, model.text.num_hidden_layers):
+        prev, att = f"{LM}.layers.{layer - 1}", f"{LM}.layers.{layer}.self_attn"
+        if prev not in t_b or att not in t_b:
+            continue
+        w = model.layer_weights(layer).post_attention_layernorm
+        codes = []
+        for t in (t_a, t_b):
+            h = add_rms_norm(np.asarray(t[prev]), np.asarray(t[att]), w, model.text.rms_norm_eps)[1]
+            if h.shape[1] % 32:
+                return first
+            hb = h.reshape(h.shape[0], -1, 32).astype(np.float64)
+            d = np.abs(hb).max(axis=2, keepdims=True) / 127.0
+            codes.append(np.rint(hb / np.where(d > 0, d, 1.0)))
+        rows = np.flatnonzero((codes[0] != codes[1]).any(axis=(1, 2)))
+        if rows.size:
+            first = int(rows[0]) if first is None else min(first, int(rows[0]))
+    return first
+
+
 def check_prefill_switch(model, case: str, switch, row_patches: dict, label: str, bound: float, golden_slack: float,
-                         monkeypatch, plan_check=None) -> None:
+                         monkeypatch, plan_check=None, int8_acts: bool = False) -> None:
     """A batch kernel in a whole prefill of golden ``case``: on, against the row kernels at every row count
     (``row_patches``: linear's attributes set so that the plan keeps the same mode on the row kernels) and against
     the previous paths (the kernel ``switch`` off). The logits stay within ``bound`` of max |logit| of the row
     kernels' and differ from them (the kernel ran), the greedy ids are the same, and the error against the goldens
-    is the previous paths' within ``golden_slack``. ``plan_check()`` asserts the plan while the patches hold."""
+    is the previous paths' within ``golden_slack``. ``plan_check()`` asserts the plan while the patches hold.
+    ``int8_acts``: the products quantize activations to int8 (then a code flip may move later positions)."""
     from pykimi.kernels import linear
     from test_model_golden import case_data
+
+    from pykimi.trace import Trace
 
     inputs, gold, _ = case_data(case)
     kw = dict(image_features=gold["multi_modal_projector"]) if "pixel_values" in inputs else {}
     ids = inputs["input_ids"]
     scale = float(np.max(np.abs(gold["logits"])))
-    on = model.forward(ids, **kw)
+    with Trace(model) as t_on:
+        on = model.forward(ids, **kw)
     ids_on = model.generate(ids, max_new_tokens=4, stop_ids=[], **kw)
     switch(False)
     try:
@@ -103,13 +136,39 @@ def check_prefill_switch(model, case: str, switch, row_patches: dict, label: str
                 m.setattr(linear, name, value)
             if plan_check:
                 plan_check()
-            rows = model.forward(ids, **kw)
+            with Trace(model) as t_rows:
+                rows = model.forward(ids, **kw)
             ids_rows = model.generate(ids, max_new_tokens=4, stop_ids=[], **kw)
     finally:
         switch(True)
-    err = float(np.max(np.abs(on - rows)) / np.max(np.abs(rows)))
+    # A router near-tie may flip with the summation order (the position then moves by O(1)): allowed only where the
+    # row kernels' own margin is below NEAR_TIE_SWITCH, at one position at most, and that position is left out of the
+    # logits bound. (Seen on an Intel Ice Lake at the AVX2 level: int4 "q4" two_images, one position, 6e-3 of
+    # max |logit|; AMD Zen 5 had none.)
+    flipped = np.zeros(on.shape[0], bool)
+    for name in t_rows.keys():
+        if name.endswith(".mlp.topk_ids"):
+            moved = (t_on[name] != t_rows[name]).any(axis=1)
+            margin = t_rows[name.replace("topk_ids", "topk_margin")]
+            bad = np.flatnonzero(moved & (margin >= NEAR_TIE_SWITCH))
+            assert bad.size == 0, (f"{label} {name}: routing moved at position {int(bad[0])}, margin "
+                                   f"{float(margin[bad[0]]):.2g} >= {NEAR_TIE_SWITCH:g}: not a near-tie")
+            flipped |= moved
+    assert flipped.sum() <= 1, f"{label}: {int(flipped.sum())} positions re-routed"
+    keep = ~flipped
+    # An int8 activation code may flip too: the two orders give the MoE input h values ~1e-7 apart, and where one
+    # sits at a rounding boundary of its block's int8 grid (x / (max|block| / 127) at a half) the two runs quantize it
+    # to neighbouring codes -- one code moves that expert input by 1/127 of its block's max, the layer's output by
+    # ~1e-3, and through the attention every later position. Positions from the first such flip on are left out of
+    # the bound (the greedy ids and the golden error below still hold for all). (Seen on an Intel Ice Lake at the AVX2
+    # level: int4 "q4" two_images, layer 1 position 101; AMD Zen 5 had none.)
+    qflip = _int8_code_flips(model, t_on, t_rows) if int8_acts else None
+    if qflip is not None:
+        keep[qflip:] = False
+    err = float(np.max(np.abs(on[keep] - rows[keep])) / np.max(np.abs(rows)))
     g_on, g_old = (float(np.max(np.abs(y - gold["logits"]))) / scale for y in (on, old))
-    print(f"{label}: logits vs the row kernels {err:.3g}; vs goldens {g_on:.3g} (old path {g_old:.3g})")
+    print(f"{label}: logits vs the row kernels {err:.3g} ({int(flipped.sum())} re-routed at a near-tie, first int8 "
+          f"code flip at position {qflip}); vs goldens {g_on:.3g} (old path {g_old:.3g})")
     assert err <= bound, f"{label}: logits err {err:.3g} > {bound:g}"
     assert err > 0, f"{label}: bit for bit the row kernels -- did the batch kernel run?"
     assert ids_on == ids_rows, f"{label}: greedy ids {ids_on} != {ids_rows}"

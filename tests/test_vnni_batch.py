@@ -329,4 +329,4 @@ def test_prefill_on_vs_row_kernels(vnni, act_mode, quantized, bits, mode, case, 
                          {"SMALL_N_ACT": {**linear.SMALL_N_ACT, (kind, "i8"): 1 << 62},
                           "C_BATCH_ROWS_Q8": (1 << 62, 1 << 62), "SMALL_N_ACT_AVX2": {(kind, "i8"): 1 << 62}},
                          f"q{bits} {mode} {case}", PREFILL_BOUND, GOLDEN_SLACK, monkeypatch,
-                         plan_check=lambda: linear.plan(kind, S) == ("c", "i8") or pytest.fail("plan"))
+                         plan_check=lambda: linear.plan(kind, S) == ("c", "i8") or pytest.fail("plan"), int8_acts=True)
