@@ -1,7 +1,8 @@
-"""GOP/s of quantized matmul by rows of x (the batch kernels' crossovers), best of alternating rounds.
+"""GOP/s of quantized (or bf16) matmul by rows of x (the batch kernels' crossovers), best of alternating rounds.
 
     python bench/bench_batch_kernels.py --kinds q8_32 --mode q4 --switch vnni16     # the int16 batch kernel off / on
     python bench/bench_batch_kernels.py --kinds q4_32,q8_32 --mode all --rows 8,16,32,64,128,512 [--json FILE]
+    PYKIMI_SIMD=avx2 python bench/bench_batch_kernels.py --kinds bf16 --mode none     # the exact bf16 product
 
 Each cell is 2 * n * out * in / t of ``kernels.matmul`` (the plan linear.py picks for n rows in activation mode
 --mode: "q4" the default, "all", "none"), best of --rounds rounds, every configuration once per round in turn (the
@@ -26,6 +27,14 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import pykimi.kernels as K  # noqa: E402
 from pykimi.kernels import c, linear  # noqa: E402
 from pykimi.quant import quantize_q4, quantize_q8  # noqa: E402
+from pykimi.weights import Stored, f32_to_bf16  # noqa: E402
+
+
+def _weight(kind: str, w0: np.ndarray):
+    """w0 in the stored form `kind` ("bf16": the bits as a Stored tensor)."""
+    if kind == "bf16":
+        return Stored("w", "BF16", f32_to_bf16(w0))
+    return (quantize_q4 if kind == "q4_32" else quantize_q8)(w0, "w")
 
 
 def best_time(fn, min_time: float) -> float:
@@ -63,7 +72,7 @@ def main():
     for shp in a.shapes.split(","):
         out_f, in_f = map(int, shp.split("x"))
         w0 = rng.standard_normal((out_f, in_f)).astype(np.float32)
-        ws = {k: (quantize_q4 if k == "q4_32" else quantize_q8)(w0, "w") for k in kinds}
+        ws = {k: _weight(k, w0) for k in kinds}
         xs = {n: rng.standard_normal((n, in_f)).astype(np.float32) for n in rows}
         best = {(k, n, s): float("inf") for k in kinds for n in rows for s in states}
         for _ in range(a.rounds):
@@ -74,7 +83,8 @@ def main():
                     act = linear._act_mode(k)
                     for n in rows:
                         x, w = xs[n], ws[k]
-                        fn = ((lambda: c.matmul_many([(x, k, w.q, w.scales, act)])) if a.direct  # noqa: E731
+                        cj = (x, k, w.data, None, act) if k == "bf16" else (x, k, w.q, w.scales, act)
+                        fn = ((lambda: c.matmul_many([cj])) if a.direct  # noqa: E731
                               else (lambda: K.matmul(x, w)))                                      # noqa: E731
                         best[(k, n, s)] = min(best[(k, n, s)], best_time(fn, a.min_time))
         if switch:

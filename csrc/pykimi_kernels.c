@@ -12,7 +12,8 @@
  *    so memory traffic is still one pass over W.  (Large n goes to BLAS on widened tiles instead; see
  *    kernels/__init__.py.)  bf16 from 12 rows of x and Q8 with 24 to 128 at the AVX-512 level (a prefill's
  *    tokens per expert, a dense prefill) vectorise over the rows of x instead (bf16_tn_avx512; Q8 with f32
- *    activations only, the exact product -- kernels/__init__.py asks for it in that range).
+ *    activations only, the exact product -- kernels/__init__.py asks for it in that range), and so does bf16
+ *    from 12 rows at the AVX2 level (bf16_tn_avx2, the same bits; kernels/linear.py sends it up to 192 rows).
  *  - OpenMP splits the output rows (by cost, across all matrices of one call -- see "the drivers"): each
  *    thread streams its own contiguous slab of W, and a call pays one fork/join however many matrices.
  *  - int8/int4 weights: the activation row is quantized once per call (int16 for Q8, int8 for Q4) and each
@@ -122,6 +123,9 @@
 #define PK_TN_MIN_Q8 24  /* Q8 (below it the int16 row kernel is as fast); kernels/__init__.py mirrors it */
 #define PK_TN_MAX 128    /* ... Q8 up to this many (bf16 however many), in groups of PK_TN_GROUP rows (4 x 16) */
 #define PK_TN_GROUP 64
+#ifndef PK_TN_MIN_AVX2   /* (-D for measurements only) */
+#define PK_TN_MIN_AVX2 12 /* bf16, AVX2: from this many rows of x its twin bf16_tn_avx2 (below it tile_avx2) */
+#endif
 #define PK_BD_XPF 128  /* elements of a row of x the x packings prefetch ahead (bf16a_pack_group, tr_cols): 60
                           jobs of 64 rows from DRAM 12.6 -> 4.3 ms (256: 5.0) */
 #define PK_BF16A_MIN 8   /* bf16 activations (A_BF16): the AVX512_BF16 kernel from this many rows (linear.py) */
@@ -2614,13 +2618,16 @@ static int64_t avx2w_split(const pk_job *j) {
 }
 #endif
 
-#if PK_HAVE_AVX512
-/* Whether job j runs the exact batch kernel bf16_tn_avx512 (f32 activations): bf16 and f32 weights from PK_TN_MIN
- * rows of x, Q8_32 from PK_TN_MIN_Q8 to PK_TN_MAX, at the AVX-512 level, unless AMX takes it (amx_prepare,
- * job_prepare). f32 weights take the same kernel so that a checkpoint stored in f32 gives the bits of the same
- * values stored in bf16 (the vision tower multiplies its mapped weights with it). */
+#if PK_X86
+/* Whether job j runs an exact batch kernel (f32 activations): at the AVX-512 level bf16_tn_avx512 for bf16 and f32
+ * weights from PK_TN_MIN rows of x, Q8_32 from PK_TN_MIN_Q8 to PK_TN_MAX, unless AMX takes it (amx_prepare,
+ * job_prepare); at the AVX2 level its twin bf16_tn_avx2 for bf16 weights from PK_TN_MIN_AVX2 rows. f32 weights take
+ * the AVX-512 kernel so that a checkpoint stored in f32 gives the bits of the same values stored in bf16 (the vision
+ * tower multiplies its mapped weights with it); at the AVX2 level they (and Q8_32) keep the row kernels / widened
+ * tiles (not measured against the kernel). */
 static int tn_takes(const pk_job *j, int simd) {
-    if (simd < 2 || j->rows || j->act != A_F32 || j->in <= 0) return 0;
+    if (simd < 1 || j->rows || j->act != A_F32 || j->in <= 0) return 0;
+    if (simd == 1) return j->fmt == F_BF16 && j->n >= PK_TN_MIN_AVX2;
 #if PK_HAVE_AMX
     if (j->n >= PK_AMX_MIN && (j->fmt == F_BF16 || (j->fmt == F_Q8 && j->n >= PK_AMX_MIN_Q8)) && pk_get_amx())
         return 0;
@@ -2632,17 +2639,72 @@ static int tn_takes(const pk_job *j, int simd) {
 /* floats of a job's packed x: in columns of 64 rows per group (the last group padded to 64 too) */
 static int64_t tn_elems(const pk_job *j) { return j->in * PK_TN_GROUP * ((j->n + PK_TN_GROUP - 1) / PK_TN_GROUP); }
 
+/* The 8 x 8 block r[i] (row i) transposed in place: r[c] = column c. */
+PK_AVX2_INLINE void tr8x8(__m256 r[8]) {
+    __m256 t[8], u[8];
+    int i;
+    for (i = 0; i < 4; i++) {
+        t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);     /* per 128-bit lane: a0 b0 a1 b1 */
+        t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]); /* a2 b2 a3 b3 */
+    }
+    for (i = 0; i < 2; i++) {
+        u[4 * i] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0x44);         /* a0 b0 c0 d0 */
+        u[4 * i + 1] = _mm256_shuffle_ps(t[4 * i], t[4 * i + 2], 0xEE);     /* a1 b1 c1 d1 */
+        u[4 * i + 2] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0x44); /* a2 b2 c2 d2 */
+        u[4 * i + 3] = _mm256_shuffle_ps(t[4 * i + 1], t[4 * i + 3], 0xEE); /* a3 b3 c3 d3 */
+    }
+    for (i = 0; i < 4; i++) {
+        r[i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x20);     /* columns 0..3: the low lanes of rows 0-3, 4-7 */
+        r[4 + i] = _mm256_permute2f128_ps(u[i], u[4 + i], 0x31); /* columns 4..7: the high lanes */
+    }
+}
+
+/* tr_cols at the AVX2 level: dst[c * gw + t] = src[t * stride + c] (32-bit elements) for the rows t < gw (a multiple
+ * of 8; the rows from nrows on as zeros) and the columns c < ncols, by 8 x 8 blocks transposed in registers (the
+ * last columns' block by masked loads). The rows are prefetched PK_BD_XPF elements ahead. Why not a column at a time
+ * (pack_cols' portable loop): x's rows are a power of two apart (2048 floats = 8 KiB), so a loop down one column
+ * touches one L1 set for every row. */
+static PK_AVX2 void tr8_cols(const uint32_t *src, int64_t stride, int64_t nrows, int64_t gw, int64_t ncols,
+                             uint32_t *dst) {
+    int64_t tb, c0;
+    int i;
+    for (tb = 0; tb < gw; tb += 8)
+        for (c0 = 0; c0 < ncols; c0 += 8) {
+            const int64_t left = ncols - c0, cols = left < 8 ? left : 8;
+            const __m256i m = _mm256_cmpgt_epi32(_mm256_set1_epi32((int)cols), /* lanes c < cols */
+                                                 _mm256_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7));
+            __m256 r[8];
+            for (i = 0; i < 8; i++) {
+                const float *sr = (const float *)src + (tb + i) * stride + c0;
+                if (tb + i < nrows && left > 2 * PK_BD_XPF) _mm_prefetch((const char *)(sr + PK_BD_XPF), _MM_HINT_T0);
+                r[i] = tb + i >= nrows ? _mm256_setzero_ps()
+                       : cols == 8     ? _mm256_loadu_ps(sr)
+                                       : _mm256_maskload_ps(sr, m);
+            }
+            tr8x8(r);
+            for (i = 0; i < cols; i++) _mm256_storeu_ps((float *)dst + (c0 + i) * gw + tb, r[i]);
+        }
+}
+
 /* j->xp as floats = x per group of PK_TN_GROUP (64) rows: group g at g * in * 64, laid out [in][16 lanes per 16 rows
- * of the group], rows past n zero. Why per group (it was one [in][16 * ceil(n / 16)] array, transposed by a scalar
- * loop before the threads started): the kernel's loads for consecutive k were 4 * 16 ceil(n / 16) bytes apart, 512
- * at 128 rows, and the group's x spread over twice the lines; [1408, 2048] on 2 threads ran 407 GFLOP/s at 64 rows
- * but 276 at 128 (and the widened tiles + sgemm, 210-220, took over from 113 rows). tr_cols: rows past n as zeros
- * (the pad). (Scattering each row's 16 elements down the columns instead took ~0.9 ms for 512 x 2048 on 2
- * threads, 12 % of the product: a 16-element scatter costs ~50 cycles on AMD Zen 5.) */
-static void tn_pack_group(const pk_job *j, int64_t g) {
+ * of the group], rows past n zero (the AVX2 kernel reads each 16 rows as two ymm). Why per group (it was one
+ * [in][16 * ceil(n / 16)] array, transposed by a scalar loop before the threads started): the kernel's loads for
+ * consecutive k were 4 * 16 ceil(n / 16) bytes apart, 512 at 128 rows, and the group's x spread over twice the lines;
+ * [1408, 2048] on 2 threads ran 407 GFLOP/s at 64 rows but 276 at 128 (and the widened tiles + sgemm, 210-220, took
+ * over from 113 rows). tr_cols / tr8_cols: rows past n as zeros (the pad). (Scattering each row's 16 elements down
+ * the columns instead took ~0.9 ms for 512 x 2048 on 2 threads, 12 % of the product: a 16-element scatter costs ~50
+ * cycles on AMD Zen 5.) */
+static void tn_pack_group(const pk_job *j, int64_t g, int simd) {
     const int64_t in = j->in, t0 = g * PK_TN_GROUP;
     const int64_t nn = j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP, gw = 16 * ((nn + 15) / 16);
-    tr_cols((const uint32_t *)(j->x + t0 * in), in, nn, gw, in, j->xp + g * in * PK_TN_GROUP);
+#if PK_HAVE_AVX512
+    if (simd >= 2) {
+        tr_cols((const uint32_t *)(j->x + t0 * in), in, nn, gw, in, j->xp + g * in * PK_TN_GROUP);
+        return;
+    }
+#endif
+    (void)simd;
+    tr8_cols((const uint32_t *)(j->x + t0 * in), in, nn, gw, in, j->xp + g * in * PK_TN_GROUP);
 }
 #endif
 
@@ -2653,17 +2715,13 @@ static int xpack_takes(const pk_job *j, int simd) {
 #if PK_HAVE_AVX512BF16
     if (bf16a_takes(j, simd)) return 1;
 #endif
-#if PK_HAVE_AVX512
     if (tn_takes(j, simd)) return 1;
-#endif
     if (vnni16_takes(j, simd)) return 1;
     return vnni_takes(j, simd);
 }
 
 static int64_t xpack_elems(const pk_job *j) {
-#if PK_HAVE_AVX512
     if (j->act == A_F32) return tn_elems(j);
-#endif
 #if PK_HAVE_AVX512BF16
     if (j->fmt == F_BF16) return bf16a_elems(j);
 #endif
@@ -2672,12 +2730,10 @@ static int64_t xpack_elems(const pk_job *j) {
 }
 
 static void xpack_group(const pk_job *j, int64_t g, int simd) {
-#if PK_HAVE_AVX512
     if (j->act == A_F32) {
-        tn_pack_group(j, g);
+        tn_pack_group(j, g, simd);
         return;
     }
-#endif
 #if PK_HAVE_AVX512BF16
     if (j->fmt == F_BF16) {
         bf16a_pack_group(j, g);
@@ -2771,7 +2827,7 @@ static void job_prepare(pk_job *j, int simd) {
         j->n >= PK_AMX_MIN && j->in > 0 && pk_get_amx() && amx_prepare(j))
         return;
 #endif
-#if PK_HAVE_AVX512
+#if PK_X86
     if (tn_takes(j, simd) && (j->xp_shared || xpack_prepare(j, simd))) return; /* no memory: the row kernels */
 #endif
     if (j->act == A_F32) return;
@@ -2947,6 +3003,121 @@ static const pk_group_kernel bf16_tn_kernels[4] = {bf16_tn1_avx512, bf16_tn2_avx
 static void bf16_tn_avx512(const pk_job *j, int64_t o0, int64_t o1) { rows_by_group(j, o0, o1, bf16_tn_kernels); }
 #endif
 
+#if PK_X86
+/* bf16 weights x a batch at the AVX2 level (from PK_TN_MIN_AVX2 rows of x; f32 activations, the exact product): the
+ * twin of bf16_tn_avx512 on 8-lane ymm and 16 registers. Why: the AVX2 class ran these batches on the row kernel
+ * (tile_avx2: a weight row decoded per 4 rows of x, a load of x per FMA, a horizontal sum per output) and past
+ * SMALL_N rows on widened tiles + sgemm (a pass widening every weight to f32 in memory, then OpenBLAS). Here, as at
+ * the AVX-512 level, x is packed once per call (tn_pack_group: per group of 64 rows, [in][16 lanes per 16 rows],
+ * read as two ymm per 16 rows), the R weight rows of a step are widened PK_TA_KC columns at a time into an L1
+ * buffer, and each weight is broadcast against 8 rows of x per FMA. A group's up to 8 vectors of rows do not fit the
+ * registers with the weight rows, so they run as passes of NV vectors (R x NV accumulators, NV loads of x and R
+ * broadcasts per k) whose accumulators stay in ab between chunks of columns.
+ * Numerics: per (row of x, weight row) the products are summed in k order in ONE f32 chain (an FMA per k, from 0,
+ * stored and reloaded exactly between chunks), as bf16_tn_avx512 does: the same bits as the AVX-512 level
+ * (tests/test_kernels.py checks it).
+ * Measured (PYKIMI_SIMD=avx2 on an Intel Xeon Ice Lake @ 2.80GHz, 2 cores, gcc 12; the host shared, best of 3-6
+ * alternating runs; bench/bench_batch_kernels.py --kinds bf16), GFLOP/s [1408, 2048] | [2048, 1408], the old plan
+ * (row kernel tile_avx2 to SMALL_N rows, then widened tiles + sgemm) / this kernel: 12 rows 92-100 / 105 | 89-98 /
+ * 104, 16: 97 / 124 | 76 / 124, 32: 75 / 142 | 73 / 142, 64: 93-106 / 156-160 | 95-106 / 148-163, 128: 133-135 /
+ * 150-155 | 130-140 / 150-164, 160: 153 / 160 | 153 / 168, 192: 166 / 162 | 164 / 166, 224: 167 / 162 | 164 / 165,
+ * 256: 164-171 / 155-157 | 161-171 / 158-160, 512: 181-185 / 156-157 | 174-182 / 156-161: sgemm's kernel wins from
+ * ~200 rows (linear.C_TN_ROWS_AVX2). Forced onto few rows (-DPK_TN_MIN_AVX2=1) against the row kernel: 8 rows 81 /
+ * 73-98, 10: 86-89 / 73-96, 12: 100-105 / 89-100, hence 12 (a vector of 8 rows costs the same however many are
+ * real). One thread: 68-84 at 16-512 rows. R x NV: 6 x 2 (12 accumulators, 2 x, a broadcast: 15 ymm; per k 8 loads
+ * for 12 FMAs); 4 x 3 (7 loads) ran 10-25 % slower (a group's 8 vectors as passes of 3 + 3 + 2), and unrolling the k
+ * loop by 4 no faster. PK_TA_KC 64 rather than the AVX-512 kernel's 256: a group's x chunk (64 rows x 64 columns,
+ * 16 KiB) stays in L1 across the passes and steps, also on Zen 3's 32 KiB: 1-3 % faster here (128: alike). */
+#ifndef PK_TA_KC
+#define PK_TA_KC 64 /* columns of weights widened into the L1 buffer at a time */
+#endif
+#ifndef PK_TA_R
+#define PK_TA_R 6  /* weight rows per step */
+#define PK_TA_NV 2 /* vectors of 8 rows of x per pass */
+#endif
+
+/* One pass: the weight rows widened in wb (R rows, PK_TA_KC apart) against NV vectors of 8 rows of x (xk: the first
+ * column's, a column every gw floats), kc columns, the accumulators from / into ab ([R][PK_TN_GROUP]; first: from
+ * 0). */
+#define PK_TA_PASS(NAME, R, NV)                                                                                      \
+    PK_AVX2_INLINE void NAME(const float *xk, int64_t gw, const float *wb, int64_t kc, float *ab, int first) {       \
+        __m256 acc[R][NV];                                                                                           \
+        int64_t k;                                                                                                   \
+        int r, u;                                                                                                    \
+        for (r = 0; r < (R); r++)                                                                                    \
+            for (u = 0; u < (NV); u++)                                                                               \
+                acc[r][u] = first ? _mm256_setzero_ps() : _mm256_load_ps(ab + r * PK_TN_GROUP + 8 * u);              \
+        for (k = 0; k < kc; k++) {                                                                                   \
+            __m256 xv[NV];                                                                                           \
+            for (u = 0; u < (NV); u++) xv[u] = _mm256_load_ps(xk + k * gw + 8 * u);                                  \
+            for (r = 0; r < (R); r++) {                                                                              \
+                const __m256 b = _mm256_broadcast_ss(wb + r * PK_TA_KC + k);                                         \
+                for (u = 0; u < (NV); u++) acc[r][u] = _mm256_fmadd_ps(b, xv[u], acc[r][u]);                         \
+            }                                                                                                        \
+        }                                                                                                            \
+        for (r = 0; r < (R); r++)                                                                                    \
+            for (u = 0; u < (NV); u++) _mm256_store_ps(ab + r * PK_TN_GROUP + 8 * u, acc[r][u]);                     \
+    }
+PK_TA_PASS(ta_pass_full, PK_TA_R, PK_TA_NV)
+#if PK_TA_NV > 1
+PK_TA_PASS(ta_pass_1, PK_TA_R, 1)
+#endif
+#if PK_TA_NV > 2
+PK_TA_PASS(ta_pass_2, PK_TA_R, 2)
+#endif
+#undef PK_TA_PASS
+
+/* Weight rows [o0, o1) against the rows t0 .. t0 + nn (nn <= 64) of the group starting at t0: steps of R rows (rows
+ * past o1 widened as zeros, not stored), per chunk of PK_TA_KC columns the R rows widened into wb, then the passes. */
+static PK_HOT PK_AVX2 void bf16_tn_group_avx2(const pk_job *j, int64_t o0, int64_t o1, int64_t t0, int64_t nn) {
+    const int64_t in = j->in, gw = 16 * ((nn + 15) / 16), nv = (nn + 7) / 8;
+    const float *xg = (const float *)j->xp + (t0 / PK_TN_GROUP) * in * PK_TN_GROUP; /* t0's group */
+    float wb[PK_TA_R * PK_TA_KC] __attribute__((aligned(32)));
+    float ab[PK_TA_R * PK_TN_GROUP] __attribute__((aligned(32))); /* [weight row][row of the group] */
+    int64_t o, k0, k, v, t;
+    int r;
+    for (o = o0; o < o1; o += PK_TA_R) {
+        const int rr = o1 - o < PK_TA_R ? (int)(o1 - o) : PK_TA_R;
+        for (k0 = 0; k0 < in; k0 += PK_TA_KC) {
+            const int64_t kc = in - k0 < PK_TA_KC ? in - k0 : PK_TA_KC;
+            for (r = 0; r < PK_TA_R; r++) {
+                float *dst = wb + r * PK_TA_KC;
+                if (r < rr) {
+                    const uint16_t *wr = (const uint16_t *)((const char *)j->w + (o + r) * j->row_bytes) + k0;
+                    for (k = 0; k + 8 <= kc; k += 8) {
+                        if (!(k & 31)) _mm_prefetch((const char *)(wr + k) + 1024, _MM_HINT_T0);
+                        _mm256_store_ps(dst + k, bf16x8(wr + k));
+                    }
+                    for (; k < kc; k++) {
+                        const uint32_t u = (uint32_t)wr[k] << 16;
+                        memcpy(dst + k, &u, 4);
+                    }
+                } else {
+                    for (k = 0; k < kc; k++) dst[k] = 0.0f;
+                }
+            }
+            for (v = 0; v + PK_TA_NV <= nv; v += PK_TA_NV)
+                ta_pass_full(xg + k0 * gw + 8 * v, gw, wb, kc, ab + 8 * v, k0 == 0);
+#if PK_TA_NV == 2
+            if (v < nv) ta_pass_1(xg + k0 * gw + 8 * v, gw, wb, kc, ab + 8 * v, k0 == 0);
+#elif PK_TA_NV == 3
+            if (nv - v == 2) ta_pass_2(xg + k0 * gw + 8 * v, gw, wb, kc, ab + 8 * v, k0 == 0);
+            if (nv - v == 1) ta_pass_1(xg + k0 * gw + 8 * v, gw, wb, kc, ab + 8 * v, k0 == 0);
+#endif
+        }
+        for (t = 0; t < nn; t++)
+            for (r = 0; r < rr; r++) j->y[(t0 + t) * j->out + o + r] = ab[r * PK_TN_GROUP + t];
+    }
+}
+
+/* Rows of x in groups of up to PK_TN_GROUP (64), each group a pass over the weight rows [o0, o1). */
+static void bf16_tn_avx2(const pk_job *j, int64_t o0, int64_t o1) {
+    int64_t t0;
+    for (t0 = 0; t0 < j->n; t0 += PK_TN_GROUP)
+        bf16_tn_group_avx2(j, o0, o1, t0, j->n - t0 < PK_TN_GROUP ? j->n - t0 : PK_TN_GROUP);
+}
+#endif
+
 /* Output rows [o0, o1) of one job at SIMD level `simd`: blocks of PK_RB weight rows, each block against
  * every x tile of PK_NT rows in turn (the block is still in cache for the second tile). */
 static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
@@ -2971,6 +3142,10 @@ static void job_rows(const pk_job *j, int64_t o0, int64_t o1, int simd) {
     }
 #endif
 #if PK_X86
+    if (j->xp && simd == 1 && j->act == A_F32) { /* packed x, f32 activations: the exact batch kernel (bf16) */
+        bf16_tn_avx2(j, o0, o1);
+        return;
+    }
     if (j->xp && simd == 1) { /* packed x at the AVX2 level: the int16 (Q8_32) or the int8 batch kernel */
         (j->act == A_I16 ? avx2w_rows : avx2b_rows)(j, o0, o1);
         if (j->nbatch >= j->n) return;

@@ -333,9 +333,11 @@ def test_c_level_matmul_many(simd_level):
 def test_c_level_bf16_batches(simd_level):
     """bf16 weights x 1..300 rows of x: from 12 rows the AVX-512 level vectorises over the rows of x
     (bf16_tn_avx512: x packed per group of 64 rows by 16 x 16 transposes, weights decoded 256 columns at a
-    time, 16 / 8 / 4 / 6 weight rows per block, results through a buffer of 4 blocks); odd `in` (partial 16- and
-    256-column blocks), `out` not a multiple of the block, row counts not a multiple of 16 or 64 (several groups,
-    a partial last one), several threads' row ranges, alone and inside one matmul_many call."""
+    time, 16 / 8 / 4 / 6 weight rows per block, results through a buffer of 4 blocks), and so does the AVX2 level
+    from 12 rows (bf16_tn_avx2: 8 x 8 transposes into the same layout, 6 weight rows per step, passes of 2 / 1
+    vectors of 8 rows); odd `in` (partial 8-, 16- and 256-column blocks), `out` not a multiple of the block, row
+    counts not a multiple of 8, 16 or 64 (several groups, a partial last one), several threads' row ranges, alone
+    and inside one matmul_many call."""
     from pykimi.kernels import c
     rng = np.random.default_rng(81)
     for out_f, in_f in ((13, 37), (37, 300), (70, 2048), (9, 1408), (1, 16)):
@@ -355,6 +357,48 @@ def test_c_level_bf16_batches(simd_level):
             y8, r8 = c.matmul_q8(x, q8.q, q8.scales), x @ q8.f32().T
             err8 = np.max(np.abs(y8 - r8)) / (np.abs(x).sum(1).max() * np.abs(q8.f32()).max())
             assert err8 < 2e-6, f"q8 {out_f}x{in_f} n={n} level={simd_level}: {err8:.2e}"
+
+
+@pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")
+def test_bf16_batch_kernels_same_bits_at_avx2_and_avx512():
+    """The AVX2 exact bf16 batch kernel (bf16_tn_avx2) sums each (row of x, weight row) in k order in one f32 chain,
+    as bf16_tn_avx512 does, so both levels give the same bits for the same inputs: from 12 rows of x (both
+    kernels' minimum), `in` below, at and past a 256-column chunk and not a multiple of 8 / 16, `out` not a multiple
+    of either kernel's block of weight rows, row counts not a multiple of 8 / 16 / 64 (passes of one vector, partial
+    groups), 1 and 2 threads (other row ranges per thread), and through kernels.matmul where the plan keeps the rows in
+    C at both levels (up to linear.C_TN_ROWS_AVX2 at the AVX2 level; past it the widened tiles)."""
+    from pykimi.kernels import c
+    if "avx512" not in c.simd_levels():
+        pytest.skip("needs an AVX-512 (VNNI) CPU")
+    prev, prev_th, prev_amx = K.backend(), K.get_threads(), c.get_amx()
+    c.set_amx(False)   # AMX's tile product is another summation order
+    K.set_backend("c")
+    rng = np.random.default_rng(83)
+    try:
+        for out_f, in_f in ((13, 37), (37, 300), (70, 2048), (9, 513), (50, 256), (7, 1)):
+            w = rng.standard_normal((out_f, in_f)).astype(np.float32)
+            bits = f32_to_bf16(w)
+            sw = Stored("t.bf16", "BF16", bits)
+            for n in (12, 13, 17, 23, 24, 31, 40, 64, 65, 100, 129, 192, 200):
+                x = rng.standard_normal((n, in_f)).astype(np.float32)
+                for th in (1, 2):
+                    K.set_threads(th)
+                    got = {}
+                    for lv in ("avx512", "avx2"):
+                        c.set_simd(lv)
+                        got[lv] = (c.matmul_bf16(x, bits), K.matmul(x, sw))
+                    assert K.plan("bf16", n)[0] == ("c" if n <= linear.C_TN_ROWS_AVX2 else "tiles"), n
+                    for k in range(2 if n <= linear.C_TN_ROWS_AVX2 else 1):
+                        a, b = got["avx512"][k], got["avx2"][k]
+                        bad = np.argwhere(a != b)
+                        assert bad.size == 0, (f"{out_f}x{in_f} n={n} threads={th} {('c', 'matmul')[k]}: "
+                                               f"{len(bad)} differ, first {tuple(bad[0])}: avx512 "
+                                               f"{a[tuple(bad[0])]!r} avx2 {b[tuple(bad[0])]!r}")
+    finally:
+        c.set_simd(None)
+        c.set_amx(prev_amx)
+        K.set_threads(prev_th)
+        K.set_backend(prev)
 
 
 @pytest.mark.skipif("c" not in AVAILABLE, reason="C extension not built")

@@ -17,7 +17,9 @@ the AVX2 level from C_VNNI_MIN_AVX2 rows its vpmaddubsw twin (instead of the row
 default mode Q8_32 x int16 batches from C_VNNI16_MIN rows run the int16 batch kernel (vpdpwssd) at the AVX-512 level
 (instead of the int16 row kernel, the exact f32 batch kernel and the tiles), at the AVX2 level from C_VNNI16_MIN_AVX2
 rows its vpmaddwd twin (instead of the int16 row kernel and the tiles);
-with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel.
+with PYKIMI_ACT_QUANT=all bf16 batches round x to bf16 for the AVX512_BF16 kernel. bf16 weights x f32 activations (the
+exact product) run an exact batch kernel from 12 rows in C, however many rows at the AVX-512 level, up to
+C_TN_ROWS_AVX2 at the AVX2 level (then the widened tiles).
 matmul_many runs several products in one C call (the selected experts);
 heads_vecmat / heads_matvec run per-head row blocks of one stored weight in one call (the absorbed MLA's
 W_uk / W_uv on kv_b_proj, so decode never widens kv_b_proj).
@@ -49,9 +51,24 @@ SMALL_N_ACT: dict = dict(MEASURED_SMALL_N_ACT)
 # ... at the AVX2 level (no AVX-512), where the int4 x int8 row kernel is compute-bound: from 65 rows the widened
 # tiles + sgemm win (4-layer prefill, AMD EPYC Zen 3, alternating in one process, best of 3: 512 tokens 130 ->
 # 156 tok/s with 64, 150 with 32; 64 / 128 tokens unchanged; bench/RESULTS.md, AVX2 class). q8 (96) and bf16
-# (SMALL_N) measured there too and kept. (Both apply only with the int8 batch kernel off, PYKIMI_VNNI_BATCH=0: it
-# keeps every int8-activation batch in C, C_VNNI_MIN_AVX2.)
+# (SMALL_N; since the AVX2 exact batch kernel: C_TN_ROWS_AVX2) measured there too and kept. (Both apply only with
+# the int8 batch kernel off, PYKIMI_VNNI_BATCH=0: it keeps every int8-activation batch in C, C_VNNI_MIN_AVX2.)
 SMALL_N_ACT_AVX2: dict = {("q4_32", "i8"): 64}
+# bf16 x f32 at the AVX2 level: up to this many rows of x the C kernels -- the row kernel (tile_avx2) below 12 rows,
+# from 12 the exact batch kernel bf16_tn_avx2 (csrc PK_TN_MIN_AVX2; the AVX-512 kernel's scheme on ymm, the same bits)
+# --, past it the widened tiles + sgemm, whose OpenBLAS kernel runs closer to the FMA peak than the 6 x 2 ymm kernel
+# once the widening is spread over enough rows. Measured with PYKIMI_SIMD=avx2 on an Intel Xeon Ice Lake @ 2.80GHz, 2
+# threads, GFLOP/s old plan (the row kernel to SMALL_N, then the tiles) / the batch kernel, [1408, 2048] | [2048,
+# 1408]: 64 rows 93-106 / 156-160 | 95-106 / 148-163, 128: 133-135 / 150-155 | 130-140 / 150-164, 160: 153 / 160 |
+# 153 / 168, 192: 166 / 162 | 164 / 166, 224: 167 / 162 | 164 / 165, 256: 164-171 / 155-157 | 161-171 / 158-160, 512:
+# 181-185 / 156-157 | 174-182 / 156-161 (more in csrc bf16_tn_avx2); the model's dense shapes alike at 256 / 512 rows,
+# tiles / kernel: [3072, 2048] 182-195 / 151-158, [2048, 2048] 174-193 / 159-160, [4096, 512] 158-191 / 159-165,
+# [11264, 2048] 176-197 / 156-157, [2048, 11264] 118-126 / 96-97. 4-layer bf16 prefill (synth-L4, bench_prefill_ab,
+# best of 2, alternating) of 64 / 128 / 512 tokens: old plan 105-108 / 127-137 / 162-178, this 125-131 / 158-163 /
+# 199-205 tok/s; every batch on the kernel instead (no tiles) at 512 tokens 208-211 vs 199-201 in one pair of
+# alternations, 158-173 vs 162-163 in another (the host busy): not a clear win, so the per-product crossover stays.
+# f32 weights keep SMALL_N (not measured).
+C_TN_ROWS_AVX2 = 192
 C_BATCH_ROWS_Q8 = (24, 112)   # AVX-512: Q8_32 rows run batch-vectorised as the exact f32 product (csrc PK_TN_*)
 # (SMALL_N_ACT's Q8 x int16 entry and C_BATCH_ROWS_Q8 apply to the default mode only with the int16 batch kernel off,
 # PYKIMI_VNNI16_BATCH=0, or at the portable level: see C_VNNI16_MIN, C_VNNI16_MIN_AVX2)
@@ -274,6 +291,8 @@ def _small_n(kind: str) -> int:
         return 1 << 62                      # every int8 / int16-activation batch on a batch kernel (or the row kernel)
     mode = _act_mode(kind)
     n = SMALL_N_ACT.get((kind, mode))
+    if kind == "bf16" and _c_level() == "avx2":
+        return C_TN_ROWS_AVX2               # the exact batch kernel from 12 rows, then the tiles
     if n is None or (kind in ("bf16", "f32") and not _c_avx512()):
         return SMALL_N
     if not _c_avx512() and (kind, mode) in SMALL_N_ACT_AVX2:
@@ -307,9 +326,14 @@ def _c_mode(kind: str, n: int) -> str:
     return _act_mode(kind)
 
 
-def _c_avx512() -> bool:
+def _c_level() -> str | None:
+    """The C kernels' SIMD level ("scalar" | "avx2" | "avx512"), None without the C extension."""
     c = _mods.get("c")
-    return c is not None and c.get_simd() == "avx512"
+    return None if c is None else c.get_simd()
+
+
+def _c_avx512() -> bool:
+    return _c_level() == "avx512"
 
 
 def _c_amx() -> bool:
