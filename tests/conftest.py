@@ -117,8 +117,7 @@ def check_prefill_switch(model, case: str, switch, row_patches: dict, label: str
     is the previous paths' within ``golden_slack``. ``plan_check()`` asserts the plan while the patches hold.
     ``int8_acts``: the products quantize activations to int8 (then a code flip may move later positions)."""
     from pykimi.kernels import linear
-    from test_model_golden import case_data
-
+    from test_model_golden import case_data, rerouted
     from pykimi.trace import Trace
 
     inputs, gold, _ = case_data(case)
@@ -145,15 +144,7 @@ def check_prefill_switch(model, case: str, switch, row_patches: dict, label: str
     # row kernels' own margin is below NEAR_TIE_SWITCH, at one position at most, and that position is left out of the
     # logits bound. (Seen on an Intel Ice Lake at the AVX2 level: int4 "q4" two_images, one position, 6e-3 of
     # max |logit|; AMD Zen 5 had none.)
-    flipped = np.zeros(on.shape[0], bool)
-    for name in t_rows.keys():
-        if name.endswith(".mlp.topk_ids"):
-            moved = (t_on[name] != t_rows[name]).any(axis=1)
-            margin = t_rows[name.replace("topk_ids", "topk_margin")]
-            bad = np.flatnonzero(moved & (margin >= NEAR_TIE_SWITCH))
-            assert bad.size == 0, (f"{label} {name}: routing moved at position {int(bad[0])}, margin "
-                                   f"{float(margin[bad[0]]):.2g} >= {NEAR_TIE_SWITCH:g}: not a near-tie")
-            flipped |= moved
+    flipped = rerouted(t_on, t_rows, on.shape[0], NEAR_TIE_SWITCH, label)   # against the row kernels' margins
     assert flipped.sum() <= 1, f"{label}: {int(flipped.sum())} positions re-routed"
     keep = ~flipped
     # An int8 activation code may flip too: the two orders give the MoE input h values ~1e-7 apart, and where one

@@ -187,9 +187,9 @@ NEAR_TIE = 1e-4
 
 
 def rerouted(t, gold, S: int, near_tie: float, where: str) -> np.ndarray:
-    """bool[S]: positions whose routed experts (the trace t's .mlp.topk_ids) differ from the golden ones in any
-    layer; fails, naming layer and position, where one moved at a golden router margin >= near_tie (not a
-    near-tie: a real routing difference, not rounding)."""
+    """bool[S]: positions whose routed experts (the trace t's .mlp.topk_ids) differ from the golden ones (or another
+    trace's) in any layer; fails, naming layer and position, where one moved at a reference router margin >=
+    near_tie (not a near-tie: a real routing difference, not rounding)."""
     flipped = np.zeros(S, bool)
     for name in gold:
         if name.endswith(".mlp.topk_ids"):
