@@ -36,7 +36,7 @@ import pykimi  # noqa: F401 -- before NumPy, as the `pykimi` command does (OPENB
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from run import prefault, steal_ticks  # noqa: E402  (bench/run.py)
+from run import clock_ticks, prefault, steal_ticks  # noqa: E402  (bench/run.py)
 
 
 class Clock:
@@ -231,7 +231,7 @@ class Stalls:
                 steal_ticks())
 
     def run(self, model, run, n: int) -> None:
-        tick = os.sysconf("SC_CLK_TCK")
+        tick = clock_ticks()
         state = run.start(model, n)
         for _ in range(n):
             g0, a = self.gcs, self._sample()

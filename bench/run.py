@@ -262,6 +262,11 @@ def steal_ticks() -> int:
         return 0
 
 
+def clock_ticks() -> int:
+    """Clock ticks a second (/proc/stat's unit; 100 where the OS does not say)."""
+    return os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
 def _timed_generate(model, prompt, n_new: int, steal: list | None = None):
     """Greedy decode of n_new tokens -> (seconds of each decode step, token ids, model.last_stats); with ``steal``
     a list, it gets each step's steal ticks (steal_ticks), so a slow step can be told to be the host's."""
@@ -289,7 +294,7 @@ def worker_decode(spec: dict) -> dict:
     steps, ids, stats = _timed_generate(model, prompt, spec["tokens"] + 1, steal)
     slow = steps > 1.3 * np.median(steps)                                     # issue 25: p99 <= 1.3x the median
     out.update(slow_steps=int(slow.sum()), slow_steps_with_steal=int(sum(1 for s, t in zip(slow, steal) if s and t)),
-               steal_ms=float(sum(steal) * 1e3 / os.sysconf("SC_CLK_TCK")))
+               steal_ms=float(sum(steal) * 1e3 / clock_ticks()))
     out.update(tok_s=float(len(steps) / steps.sum()), ms_per_token=float(1e3 * steps.mean()),
                ms_per_token_median=float(1e3 * np.median(steps)),
                ms_per_token_p99=float(1e3 * np.percentile(steps, 99)), steps=len(steps), token_ids=ids,
