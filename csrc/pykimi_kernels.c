@@ -474,6 +474,14 @@ PK_AVX2_INLINE float hsum8(__m256 v) {
     return _mm_cvtss_f32(s);
 }
 
+/* the largest of the 8 lanes (the halves, then pairs, as hsum8) */
+PK_AVX2_INLINE float hmax8(__m256 v) {
+    __m128 h = _mm_max_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
+    h = _mm_max_ss(h, _mm_movehdup_ps(h));
+    return _mm_cvtss_f32(h);
+}
+
 /* 8 bf16 -> 8 f32: zero-extend to 32 bits and shift into the high half. */
 PK_AVX2_INLINE __m256 bf16x8(const uint16_t *p) {
     __m256i u = _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p));
@@ -1228,16 +1236,12 @@ static PK_AVX512 void tile_q8w_avx512(const pk_tile *tl) {
 PK_AVX2_INLINE float quant32_avx2(const float *x, float qmax, __m256i q[4]) {
     const __m256 absmask = _mm256_castsi256_ps(_mm256_set1_epi32(0x7FFFFFFF));
     __m256 v[4], a;
-    __m128 h;
     float amax, d, id;
     int k;
     for (k = 0; k < 4; k++) v[k] = _mm256_loadu_ps(x + 8 * k);
     a = _mm256_max_ps(_mm256_max_ps(_mm256_and_ps(v[0], absmask), _mm256_and_ps(v[1], absmask)),
                       _mm256_max_ps(_mm256_and_ps(v[2], absmask), _mm256_and_ps(v[3], absmask)));
-    h = _mm_max_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
-    h = _mm_max_ps(h, _mm_movehl_ps(h, h));
-    h = _mm_max_ss(h, _mm_movehdup_ps(h));
-    amax = _mm_cvtss_f32(h);
+    amax = hmax8(a);
     d = amax / qmax;
     id = d > 0.0f ? 1.0f / d : 0.0f;
     for (k = 0; k < 4; k++) {
@@ -4380,14 +4384,11 @@ static PK_AVX512 float exp_row_avx512(float *s, int64_t n) {
 static PK_AVX2 float exp_row_avx2(float *s, int64_t n) {
     __m256 m = _mm256_set1_ps(-INFINITY);
     __m256d a0 = _mm256_setzero_pd(), a1 = _mm256_setzero_pd();
-    float mx, lanes[8];
+    float mx;
     double sum, dl[4];
     int64_t i = 0;
-    int k;
     for (; i + 8 <= n; i += 8) m = _mm256_max_ps(m, _mm256_loadu_ps(s + i));
-    _mm256_storeu_ps(lanes, m);
-    mx = lanes[0];
-    for (k = 1; k < 8; k++) mx = lanes[k] > mx ? lanes[k] : mx;
+    mx = hmax8(m);
     for (; i < n; i++) mx = s[i] > mx ? s[i] : mx;
     m = _mm256_set1_ps(mx);
     for (i = 0; i + 8 <= n; i += 8) {
